@@ -1,0 +1,56 @@
+# cycles-lite: `make demo` and `make test` need nothing but python3.
+# Dev tools (ruff, mypy, coverage, PyYAML, runcycles) go into throwaway venvs here.
+
+PYTHON ?= python3
+DEV_VENV ?= .venv-dev
+BENCH_VENV ?= .venv-bench
+TESTS = test_cycles_lite_server test_cycles_lite
+PYENV_ROOT ?= $(HOME)/.pyenv
+PY_VERSIONS = 3.8 3.9 3.10 3.11 3.12 3.13
+
+.PHONY: demo test test-all lint bench conformance package clean
+
+demo:
+	$(PYTHON) examples/demo.py
+
+test:
+	$(PYTHON) -W error -m unittest $(TESTS)
+
+# Every Python 3.8-3.13 found under pyenv (or on PATH as pythonX.Y).
+test-all:
+	@found=0; for v in $(PY_VERSIONS); do \
+	  py=$$(ls -d $(PYENV_ROOT)/versions/$$v.*/bin/python 2>/dev/null | tail -n 1); \
+	  [ -n "$$py" ] || py=$$(command -v python$$v || true); \
+	  if [ -z "$$py" ]; then echo "== python $$v: not found, skipped"; continue; fi; \
+	  found=$$((found+1)); echo "== python $$v ($$py)"; \
+	  $$py -W error -m unittest $(TESTS) || exit 1; \
+	done; [ $$found -gt 0 ] || { echo "no Python 3.8-3.13 found"; exit 1; }
+
+$(DEV_VENV)/.ok:
+	$(PYTHON) -m venv $(DEV_VENV)
+	$(DEV_VENV)/bin/python -m pip install -q --disable-pip-version-check ruff mypy coverage pyyaml pytest
+	touch $@
+
+lint: $(DEV_VENV)/.ok
+	$(DEV_VENV)/bin/ruff check .
+	$(DEV_VENV)/bin/mypy --strict cycles_lite.py cycles_lite_server.py
+
+$(BENCH_VENV)/.ok:
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q --disable-pip-version-check runcycles==0.5.3
+	touch $@
+
+bench: $(BENCH_VENV)/.ok
+	$(BENCH_VENV)/bin/python bench_cycles_lite.py
+
+# pip install . and a wheel build, in a throwaway venv.
+package:
+	rm -rf build dist /tmp/cycles-lite-pkg && $(PYTHON) -m venv /tmp/cycles-lite-pkg
+	/tmp/cycles-lite-pkg/bin/python -m pip install -q --disable-pip-version-check build
+	/tmp/cycles-lite-pkg/bin/python -m build -q --wheel --outdir dist .
+	/tmp/cycles-lite-pkg/bin/python -m pip install -q --disable-pip-version-check dist/*.whl
+	cd /tmp && /tmp/cycles-lite-pkg/bin/python -c "import cycles_lite, cycles_lite_server; print('installed', cycles_lite.__version__)"
+	rm -rf build *.egg-info
+
+clean:
+	rm -rf $(DEV_VENV) $(BENCH_VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache __pycache__
