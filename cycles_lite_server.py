@@ -1,0 +1,2927 @@
+# Copyright 2026 the cycles-lite authors
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""A local, in-memory, spec-faithful Cycles budget-authority server.
+
+It implements the runtime plane of ``cycles-protocol-v0.yaml`` (0.1.25.16):
+reserve, commit, release, extend, decide, events, balances, list and get,
+with the reference server's choices wherever the spec is silent. It uses
+the standard library only and never imports ``cycles_lite``: it is a second,
+independent reading of the spec.
+
+Use it in tests and demos::
+
+    from cycles_lite_server import LocalCyclesServer
+
+    with LocalCyclesServer(
+        api_keys={"key-acme": "acme"},
+        budgets=[{"scope": "tenant:acme", "unit": "USD_MICROCENTS",
+                  "allocated": 1_000_000}],
+    ) as srv:
+        print(srv.url)                  # http://127.0.0.1:<free port>
+        ...                             # talk HTTP to it
+        srv.clock.advance(70_000)       # expire reservations without sleeping
+        print(srv.balance("tenant:acme"))
+
+or next to your own agent::
+
+    python3 -m cycles_lite_server --port 7878 --api-key KEY=acme \\
+        --budget tenant:acme=USD_MICROCENTS:100000000
+
+Choices where the spec is silent (the reference server's, "[R]", unless noted):
+
+* A subject without ``tenant`` is budgeted under the effective tenant: the
+  stored subject gets ``tenant`` filled in and every scope starts with it.
+  ``subject.tenant`` must equal the key's tenant exactly (else 403).
+* Scope values are lower-cased; ``Balance.scope`` is the leaf segment, and
+  a Balance omits zero ``debt``/``overdraft_limit`` and a false
+  ``is_over_limit``. Caps come from the deepest budgeted scope that has any.
+* Unknown request fields, nulls, floats, booleans, out-of-range integers,
+  subject values outside ``[a-zA-Z0-9_.-]``, a Content-Type other than
+  application/json and a header/body idempotency key mismatch are all 400
+  INVALID_REQUEST. Bodies over ``max_body_bytes`` are 413; an unknown path
+  is 404 NOT_FOUND, a known path with the wrong method 405.
+* Reserve checks run in this order: replay, closed tenant, no budget
+  (UNIT_MISMATCH if another unit exists, else 404), then across all
+  budgeted scopes over-limit, frozen/closed, debt (only where
+  ``overdraft_limit == 0``), remaining < estimate.
+* Overdraft arithmetic uses the unfunded *shortfall*: on a short scope,
+  ``spent`` grows by what ``remaining`` could still fund, ``debt`` by the
+  rest, and ``remaining`` drops by the whole overage, so
+  ``remaining == allocated - spent - reserved - debt`` always holds. Scopes
+  without an overdraft limit cap the overage like ALLOW_IF_AVAILABLE.
+* TTL is the request's, else the tenant default, silently clamped to the
+  tenant maximum; extends are not clamped.
+* Expiry is lazy: every operation first expires reservations whose
+  ``expires_at_ms + grace_period_ms`` has passed and returns their budget.
+* Idempotency is keyed on (tenant, operation, reservation id or "", key),
+  compares a SHA-256 of the canonical JSON body, and binds only successful
+  outcomes (dry-run and decide DENY included). Live and dry-run create share
+  one namespace. Everything runs under one lock, so concurrent same-key
+  requests converge on one outcome.
+* An API key wins over an admin key when a request carries both; an admin
+  release of a closed tenant's reservation is still TENANT_CLOSED.
+* Blank query values count as unset. List cursors are keyset cursors bound
+  to the tenant, filters, windows and sort (not ``include``); balances
+  cursors are bound to their filters. Without ``sort_by`` the list is
+  newest first.
+* A tenant status of ``MALFORMED`` simulates an unreadable tenant record:
+  every guarded call (reserve, dry-run, decide, commit, release, extend,
+  event) fails closed with 500; reads still work (this server's own hook).
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import contextlib
+import copy
+import heapq
+import json
+import os
+import re
+import selectors
+import socket
+import socketserver
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import (
+    IO,
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Deque,
+    Dict,
+    Iterable,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    Union,
+)
+from urllib.parse import parse_qs, unquote, urlsplit
+
+if TYPE_CHECKING:  # pragma: no cover
+    import ssl
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FAULT_KINDS",
+    "OPERATIONS",
+    "Clock",
+    "Fault",
+    "LocalCyclesServer",
+    "LoggedRequest",
+    "main",
+]
+
+JsonObject = Dict[str, Any]
+# (tenant, operation, reservation id or "", idempotency key)
+_Slot = Tuple[str, str, str, str]
+# a list row's sort value plus its creation sequence number as tie-breaker
+_SortKey = Tuple[Union[str, int], int]
+
+# =============================================================================
+# Constants
+# =============================================================================
+
+SUBJECT_LEVELS = ("tenant", "workspace", "app", "workflow", "agent", "toolset")
+UNITS = ("USD_MICROCENTS", "TOKENS", "CREDITS", "RISK_POINTS")
+OVERAGE_POLICIES = ("REJECT", "ALLOW_IF_AVAILABLE", "ALLOW_WITH_OVERDRAFT")
+RESERVATION_STATUSES = ("ACTIVE", "COMMITTED", "RELEASED", "EXPIRED")
+BUDGET_STATUSES = ("ACTIVE", "FROZEN", "CLOSED")
+# MALFORMED simulates a tenant record whose status cannot be read: the
+# closed-tenant guard then fails closed with 500 INTERNAL_ERROR.
+TENANT_STATUSES = ("ACTIVE", "SUSPENDED", "CLOSED", "MALFORMED")
+
+OPERATIONS = (
+    "create", "commit", "release", "extend", "decide", "event",
+    "balances", "list", "get", "evidence", "jwks", "unknown",
+)
+FAULT_KINDS = (
+    "lost_response", "drop", "delay", "status", "nonconformant",
+    "malformed", "html", "redirect", "trickle", "close_after",
+)
+
+INT64_MAX = 2**63 - 1
+DEFAULT_TTL_MS = 60_000
+DEFAULT_MAX_TTL_MS = 3_600_000
+DEFAULT_GRACE_MS = 5_000
+DEFAULT_MAX_EXTENSIONS = 10
+DEFAULT_OVERAGE_POLICY = "ALLOW_IF_AVAILABLE"
+DEFAULT_UNIT = "USD_MICROCENTS"
+MAX_BODY_BYTES = 1 << 20
+MAX_LOGGED_REQUESTS = 10_000
+LIST_DEFAULT_LIMIT = 50
+LIST_MAX_LIMIT = 200
+
+_TTL_RANGE = (1_000, 86_400_000)
+_GRACE_RANGE = (0, 60_000)
+_EXTEND_RANGE = (1, 86_400_000)
+_TLS_HANDSHAKE_TIMEOUT_S = 10.0
+_STOP_JOIN_TIMEOUT_S = 2.0
+_MAX_DRAIN_BYTES = 16 << 20
+_SECRET_HEADERS = frozenset({"x-cycles-api-key", "x-admin-api-key"})
+
+_SUBJECT_VALUE_RE = re.compile(r"[a-zA-Z0-9_.-]+")
+_TRACEPARENT_RE = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
+_TRACE_ID_RE = re.compile(r"[0-9a-f]{32}")
+_EVIDENCE_ID_RE = re.compile(r"[0-9a-f]{64}")
+_LIMIT_RE = re.compile(r"[0-9]{1,4}")
+_DATETIME_RE = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
+    r"(?:([Zz])|([+-])(\d{2}):?(\d{2}))"
+)
+
+# =============================================================================
+# Errors and validation
+# =============================================================================
+
+_DEFAULT_ERROR_CODES = {
+    400: "INVALID_REQUEST",
+    401: "UNAUTHORIZED",
+    403: "FORBIDDEN",
+    404: "NOT_FOUND",
+    410: "RESERVATION_EXPIRED",
+    413: "INVALID_REQUEST",
+    429: "LIMIT_EXCEEDED",
+}
+
+
+def _default_error_code(status: int) -> Optional[str]:
+    if status >= 500:
+        return "INTERNAL_ERROR"
+    return _DEFAULT_ERROR_CODES.get(status)
+
+
+class ApiError(Exception):
+    """A protocol error: becomes an ErrorResponse with this status and code."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: Optional[JsonObject] = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+def _invalid(message: str) -> ApiError:
+    return ApiError(400, "INVALID_REQUEST", message)
+
+
+class _SchemaError(Exception):
+    """A value that breaks its schema; ``str()`` names the field."""
+
+
+_Check = Callable[[Any, str], None]
+
+
+def _join(path: str, name: str) -> str:
+    return name if not path else path + "." + name
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _integer(minimum: int = 0, maximum: int = INT64_MAX) -> _Check:
+    def check(value: Any, path: str) -> None:
+        if not _is_int(value):
+            raise _SchemaError(f"{path} must be an integer")
+        if not minimum <= value <= maximum:
+            raise _SchemaError(f"{path} must be between {minimum} and {maximum}")
+
+    return check
+
+
+def _string(
+    max_length: int, min_length: int = 0, pattern: Optional[re.Pattern[str]] = None
+) -> _Check:
+    def check(value: Any, path: str) -> None:
+        if not isinstance(value, str):
+            raise _SchemaError(f"{path} must be a string")
+        if not min_length <= len(value) <= max_length:
+            raise _SchemaError(
+                f"{path} must be {min_length} to {max_length} characters long"
+            )
+        if pattern is not None and not pattern.fullmatch(value):
+            raise _SchemaError(f"{path} must match {pattern.pattern}")
+
+    return check
+
+
+def _boolean() -> _Check:
+    def check(value: Any, path: str) -> None:
+        if not isinstance(value, bool):
+            raise _SchemaError(f"{path} must be a boolean")
+
+    return check
+
+
+def _one_of(values: Sequence[str]) -> _Check:
+    def check(value: Any, path: str) -> None:
+        if not isinstance(value, str) or value not in values:
+            raise _SchemaError(f"{path} must be one of {', '.join(values)}")
+
+    return check
+
+
+def _array(item: _Check, max_items: Optional[int] = None) -> _Check:
+    def check(value: Any, path: str) -> None:
+        if not isinstance(value, list):
+            raise _SchemaError(f"{path} must be an array")
+        if max_items is not None and len(value) > max_items:
+            raise _SchemaError(f"{path} must have at most {max_items} items")
+        for index, element in enumerate(value):
+            item(element, f"{path}[{index}]")
+
+    return check
+
+
+def _any_object() -> _Check:
+    def check(value: Any, path: str) -> None:
+        if not isinstance(value, dict):
+            raise _SchemaError(f"{path} must be a JSON object")
+
+    return check
+
+
+def _string_map(max_value_length: int, max_properties: int) -> _Check:
+    value_check = _string(max_value_length)
+
+    def check(value: Any, path: str) -> None:
+        if not isinstance(value, dict):
+            raise _SchemaError(f"{path} must be a JSON object")
+        if len(value) > max_properties:
+            raise _SchemaError(f"{path} must have at most {max_properties} properties")
+        for key, item in value.items():
+            value_check(item, _join(path, key))
+
+    return check
+
+
+def _object(
+    properties: Mapping[str, _Check],
+    required: Sequence[str] = (),
+    rule: Optional[_Check] = None,
+) -> _Check:
+    """An object schema with additionalProperties: false."""
+
+    def check(value: Any, path: str) -> None:
+        if not isinstance(value, dict):
+            raise _SchemaError(f"{path or 'request body'} must be a JSON object")
+        for name in required:
+            if name not in value:
+                raise _SchemaError(f"{_join(path, name)} is required")
+        for name, item in value.items():
+            checker = properties.get(name)
+            if checker is None:
+                raise _SchemaError(f"{_join(path, name)} is not a known field")
+            checker(item, _join(path, name))
+        if rule is not None:
+            rule(value, path)
+
+    return check
+
+
+def _require_standard_field(value: Any, path: str) -> None:
+    if not any(level in value for level in SUBJECT_LEVELS):
+        raise _SchemaError(
+            f"{path} must contain at least one of {', '.join(SUBJECT_LEVELS)}"
+        )
+
+
+_IDEMPOTENCY_KEY = _string(256, min_length=1)
+_AMOUNT = _object({"unit": _one_of(UNITS), "amount": _integer()}, ("unit", "amount"))
+_SUBJECT_PROPERTIES: Dict[str, _Check] = {
+    level: _string(128, 1, _SUBJECT_VALUE_RE) for level in SUBJECT_LEVELS
+}
+_SUBJECT_PROPERTIES["dimensions"] = _string_map(256, 16)
+_SUBJECT = _object(_SUBJECT_PROPERTIES, rule=_require_standard_field)
+_ACTION = _object(
+    {"kind": _string(64), "name": _string(256), "tags": _array(_string(64), 10)},
+    ("kind", "name"),
+)
+_CAPS = _object(
+    {
+        "max_tokens": _integer(),
+        "max_steps_remaining": _integer(),
+        "tool_allowlist": _array(_string(256)),
+        "tool_denylist": _array(_string(256)),
+        "cooldown_ms": _integer(),
+    }
+)
+_METRICS = _object(
+    {
+        "tokens_input": _integer(),
+        "tokens_output": _integer(),
+        "latency_ms": _integer(),
+        "model_version": _string(128),
+        "custom": _any_object(),
+    }
+)
+
+_CREATE_REQUEST = _object(
+    {
+        "idempotency_key": _IDEMPOTENCY_KEY,
+        "subject": _SUBJECT,
+        "action": _ACTION,
+        "estimate": _AMOUNT,
+        "ttl_ms": _integer(*_TTL_RANGE),
+        "grace_period_ms": _integer(*_GRACE_RANGE),
+        "overage_policy": _one_of(OVERAGE_POLICIES),
+        "dry_run": _boolean(),
+        "metadata": _any_object(),
+    },
+    ("idempotency_key", "subject", "action", "estimate"),
+)
+_DECIDE_REQUEST = _object(
+    {
+        "idempotency_key": _IDEMPOTENCY_KEY,
+        "subject": _SUBJECT,
+        "action": _ACTION,
+        "estimate": _AMOUNT,
+        "metadata": _any_object(),
+    },
+    ("idempotency_key", "subject", "action", "estimate"),
+)
+_COMMIT_REQUEST = _object(
+    {
+        "idempotency_key": _IDEMPOTENCY_KEY,
+        "actual": _AMOUNT,
+        "metrics": _METRICS,
+        "metadata": _any_object(),
+    },
+    ("idempotency_key", "actual"),
+)
+_RELEASE_REQUEST = _object(
+    {"idempotency_key": _IDEMPOTENCY_KEY, "reason": _string(256)},
+    ("idempotency_key",),
+)
+_EXTEND_REQUEST = _object(
+    {
+        "idempotency_key": _IDEMPOTENCY_KEY,
+        "extend_by_ms": _integer(*_EXTEND_RANGE),
+        "metadata": _any_object(),
+    },
+    ("idempotency_key", "extend_by_ms"),
+)
+_EVENT_REQUEST = _object(
+    {
+        "idempotency_key": _IDEMPOTENCY_KEY,
+        "subject": _SUBJECT,
+        "action": _ACTION,
+        "actual": _AMOUNT,
+        "overage_policy": _one_of(OVERAGE_POLICIES),
+        "metrics": _METRICS,
+        "client_time_ms": _integer(),
+        "metadata": _any_object(),
+    },
+    ("idempotency_key", "subject", "action", "actual"),
+)
+
+
+def _reject_json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _parse_json(raw: bytes) -> Any:
+    """Strict JSON: UTF-8, no NaN/Infinity. Raises ValueError."""
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_json_constant)
+    except RecursionError as exc:
+        raise ValueError("JSON nested too deeply") from exc
+
+
+def _canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _payload_hash(value: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(_canonical_json(value).encode("utf-8")).hexdigest()
+
+
+def _parse_scope(scope: str) -> str:
+    """Normalise a seeding scope like "tenant:Acme/agent:bot"; ValueError if bad."""
+    if not isinstance(scope, str) or not scope:
+        raise ValueError("scope must be a non-empty string like 'tenant:acme'")
+    segments = []
+    last_level = -1
+    for part in scope.split("/"):
+        level, sep, value = part.partition(":")
+        if not sep or level not in SUBJECT_LEVELS or not _SUBJECT_VALUE_RE.fullmatch(value):
+            raise ValueError(f"scope {scope!r}: bad segment {part!r}")
+        index = SUBJECT_LEVELS.index(level)
+        if index <= last_level:
+            raise ValueError(f"scope {scope!r}: levels must follow {'/'.join(SUBJECT_LEVELS)}")
+        last_level = index
+        segments.append(f"{level}:{value.lower()}")
+    if not segments[0].startswith("tenant:"):
+        raise ValueError(f"scope {scope!r} must start with a tenant segment")
+    return "/".join(segments)
+
+
+def _derive_scopes(subject: Mapping[str, Any]) -> List[str]:
+    """Canonical cumulative scope ids; levels absent from the subject are skipped."""
+    scopes: List[str] = []
+    for level in SUBJECT_LEVELS:
+        value = subject.get(level)
+        if value:
+            segment = f"{level}:{str(value).lower()}"
+            scopes.append(segment if not scopes else scopes[-1] + "/" + segment)
+    return scopes
+
+
+def _parse_datetime_ms(text: str) -> int:
+    """ISO-8601 / RFC 3339 date-time with an offset -> epoch ms; ValueError if bad."""
+    import datetime as dt
+
+    match = _DATETIME_RE.fullmatch(text)
+    if match is None:
+        raise ValueError(text)
+    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+    fraction = (match.group(7) or "").ljust(3, "0")[:3]
+    offset = dt.timedelta(0)
+    if match.group(9):
+        offset = dt.timedelta(hours=int(match.group(10)), minutes=int(match.group(11)))
+        if match.group(9) == "-":
+            offset = -offset
+    moment = dt.datetime(year, month, day, hour, minute, second, tzinfo=dt.timezone.utc)
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+    return (moment - offset - epoch) // dt.timedelta(milliseconds=1) + int(fraction)
+
+
+def _extract_trace_id(traceparent: Optional[str], flat: Optional[str]) -> str:
+    """traceparent > X-Cycles-Trace-Id > generated; malformed headers are ignored."""
+    zero = "0" * 32
+    if traceparent is not None:
+        match = _TRACEPARENT_RE.fullmatch(traceparent.strip())
+        if match and match.group(1) != zero and match.group(2) != "0" * 16:
+            return match.group(1)
+    if flat is not None:
+        candidate = flat.strip()
+        if _TRACE_ID_RE.fullmatch(candidate) and candidate != zero:
+            return candidate
+    while True:
+        generated = os.urandom(16).hex()
+        if generated != zero:
+            return generated
+
+
+# =============================================================================
+# Ledger and state (the pure core: one lock, no HTTP)
+# =============================================================================
+
+
+class Clock:
+    """Server time in epoch ms: the wall clock plus an offset tests can advance."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._offset_ms = 0
+        self._frozen_at: Optional[int] = None
+
+    def now_ms(self) -> int:
+        with self._lock:
+            if self._frozen_at is not None:
+                return self._frozen_at + self._offset_ms
+            return int(time.time() * 1000) + self._offset_ms
+
+    def advance(self, ms: int) -> int:
+        """Jump forward by ``ms`` milliseconds; returns the new now_ms()."""
+        if not _is_int(ms) or ms < 0:
+            raise ValueError("ms must be a non-negative integer")
+        with self._lock:
+            self._offset_ms += ms
+        return self.now_ms()
+
+    def freeze(self) -> int:
+        """Stop real time from flowing (advance() still works); returns now_ms()."""
+        with self._lock:
+            if self._frozen_at is None:
+                self._frozen_at = int(time.time() * 1000)
+        return self.now_ms()
+
+    def unfreeze(self) -> None:
+        """Let real time flow again from the frozen instant."""
+        with self._lock:
+            if self._frozen_at is not None:
+                self._offset_ms += self._frozen_at - int(time.time() * 1000)
+                self._frozen_at = None
+
+    def __repr__(self) -> str:
+        return f"Clock(now_ms={self.now_ms()}, offset_ms={self._offset_ms})"
+
+
+@dataclass
+class _Tenant:
+    name: str
+    status: str = "ACTIVE"
+    default_ttl_ms: Optional[int] = None
+    max_ttl_ms: Optional[int] = None
+    max_extensions: Optional[int] = None
+    default_overage_policy: Optional[str] = None
+    default_grace_ms: Optional[int] = None
+
+
+@dataclass
+class _Policy:
+    """A tenant's reservation policy with the server defaults filled in."""
+
+    default_ttl_ms: int
+    max_ttl_ms: int
+    max_extensions: int
+    default_overage_policy: str
+    default_grace_ms: int
+
+
+_POLICY_FIELDS = (
+    "default_ttl_ms", "max_ttl_ms", "max_extensions", "default_overage_policy",
+    "default_grace_ms",
+)
+
+
+@dataclass
+class _Budget:
+    scope: str
+    unit: str
+    allocated: int
+    spent: int = 0
+    reserved: int = 0
+    debt: int = 0
+    remaining: int = 0
+    overdraft_limit: int = 0
+    status: str = "ACTIVE"
+    caps: Optional[JsonObject] = None
+    is_over_limit: bool = False
+
+    @property
+    def tenant_segment(self) -> str:
+        return self.scope.split("/", 1)[0]
+
+    def snapshot(self) -> JsonObject:
+        """The wire Balance; [R] omits zero debt/overdraft and a false flag."""
+        def amount(value: int) -> JsonObject:
+            return {"unit": self.unit, "amount": value}
+
+        balance: JsonObject = {
+            "scope": self.scope.rsplit("/", 1)[-1],
+            "scope_path": self.scope,
+            "remaining": amount(self.remaining),
+            "reserved": amount(self.reserved),
+            "spent": amount(self.spent),
+            "allocated": amount(self.allocated),
+        }
+        if self.debt:
+            balance["debt"] = amount(self.debt)
+        if self.overdraft_limit:
+            balance["overdraft_limit"] = amount(self.overdraft_limit)
+        if self.is_over_limit:
+            balance["is_over_limit"] = True
+        return balance
+
+    def as_dict(self) -> JsonObject:
+        return {
+            "scope": self.scope,
+            "unit": self.unit,
+            "allocated": self.allocated,
+            "spent": self.spent,
+            "reserved": self.reserved,
+            "debt": self.debt,
+            "remaining": self.remaining,
+            "overdraft_limit": self.overdraft_limit,
+            "is_over_limit": self.is_over_limit,
+            "status": self.status,
+            "caps": copy.deepcopy(self.caps),
+        }
+
+
+@dataclass
+class _Reservation:
+    reservation_id: str
+    seq: int
+    tenant: str
+    subject: JsonObject
+    action: JsonObject
+    unit: str
+    amount: int
+    overage_policy: str
+    idempotency_key: str
+    metadata: Optional[JsonObject]
+    grace_ms: int
+    created_at_ms: int
+    expires_at_ms: int
+    scope_path: str
+    affected_scopes: List[str]
+    budget_keys: List[Tuple[str, str]]
+    max_extensions: int
+    status: str = "ACTIVE"
+    extension_count: int = 0
+    finalized_at_ms: Optional[int] = None
+    committed: Optional[int] = None
+    committed_metadata: Optional[JsonObject] = None
+    finalized_by: Optional[str] = None
+    release_reason: Optional[str] = None
+
+    def view(self, include: Iterable[str] = ("metadata", "committed_metadata")) -> JsonObject:
+        """ReservationDetail / ReservationSummary with the requested heavy fields."""
+        row: JsonObject = {
+            "reservation_id": self.reservation_id,
+            "status": self.status,
+            "idempotency_key": self.idempotency_key,
+            "subject": copy.deepcopy(self.subject),
+            "action": copy.deepcopy(self.action),
+            "reserved": {"unit": self.unit, "amount": self.amount},
+            "created_at_ms": self.created_at_ms,
+            "expires_at_ms": self.expires_at_ms,
+            "scope_path": self.scope_path,
+            "affected_scopes": list(self.affected_scopes),
+        }
+        if self.finalized_at_ms is not None:
+            row["finalized_at_ms"] = self.finalized_at_ms
+        if self.status == "COMMITTED" and self.committed is not None:
+            row["committed"] = {"unit": self.unit, "amount": self.committed}
+        wanted = set(include)
+        if "metadata" in wanted and self.metadata is not None:
+            row["metadata"] = copy.deepcopy(self.metadata)
+        if "committed_metadata" in wanted and self.committed_metadata is not None:
+            row["committed_metadata"] = copy.deepcopy(self.committed_metadata)
+        return row
+
+    def sort_value(self, sort_by: str) -> Union[str, int]:
+        if sort_by == "tenant":
+            return str(self.subject.get("tenant", self.tenant))
+        if sort_by == "reserved":
+            return self.amount
+        value: Union[str, int] = getattr(self, sort_by)
+        return value
+
+    def as_dict(self) -> JsonObject:
+        return {
+            "reservation_id": self.reservation_id,
+            "tenant": self.tenant,
+            "status": self.status,
+            "subject": copy.deepcopy(self.subject),
+            "action": copy.deepcopy(self.action),
+            "unit": self.unit,
+            "reserved": self.amount,
+            "committed": self.committed,
+            "overage_policy": self.overage_policy,
+            "idempotency_key": self.idempotency_key,
+            "metadata": copy.deepcopy(self.metadata),
+            "committed_metadata": copy.deepcopy(self.committed_metadata),
+            "grace_period_ms": self.grace_ms,
+            "created_at_ms": self.created_at_ms,
+            "expires_at_ms": self.expires_at_ms,
+            "finalized_at_ms": self.finalized_at_ms,
+            "extension_count": self.extension_count,
+            "max_extensions": self.max_extensions,
+            "finalized_by": self.finalized_by,
+            "release_reason": self.release_reason,
+            "scope_path": self.scope_path,
+            "affected_scopes": list(self.affected_scopes),
+            "budgeted_scopes": [scope for scope, _ in self.budget_keys],
+        }
+
+
+@dataclass
+class _Stored:
+    """A bound idempotency key: the payload hash and the successful response."""
+
+    payload_hash: str
+    status: int
+    body: JsonObject
+
+
+@dataclass
+class _Outcome:
+    status: int
+    body: JsonObject
+    applied: bool = False
+
+
+@dataclass
+class _Caller:
+    """Who is calling: a tenant (API key) or an admin (no effective tenant)."""
+
+    tenant: Optional[str]
+    admin: bool = False
+
+
+@dataclass
+class _ListQuery:
+    tenant: str
+    status: Optional[str]
+    idempotency_key: Optional[str]
+    segments: List[str]
+    windows: List[Tuple[str, Optional[int], Optional[int]]]
+    sort_by: str
+    descending: bool
+    limit: int
+    after: Optional[_SortKey]
+    include: Set[str]
+
+
+@dataclass
+class _Evaluation:
+    budgets: List[_Budget]
+    reason: Optional[str] = None
+    reason_scope: str = ""
+    caps: Optional[JsonObject] = None
+
+
+_DENIAL_MESSAGES = {
+    "OVERDRAFT_LIMIT_EXCEEDED": "Scope {scope} is over its overdraft limit",
+    "BUDGET_FROZEN": "Budget for scope {scope} is frozen",
+    "BUDGET_CLOSED": "Budget for scope {scope} is closed",
+    "DEBT_OUTSTANDING": "Scope {scope} has outstanding debt",
+    "BUDGET_EXCEEDED": "Insufficient remaining budget for scope {scope}",
+}
+
+
+def _denial_error(reason: str, scope: str) -> ApiError:
+    message = _DENIAL_MESSAGES[reason].format(scope=scope)
+    return ApiError(409, reason, message, {"scope": scope})
+
+
+class _Ledger:
+    """All server state behind one lock; every operation is atomic.
+
+    Operations take validated request bodies, return an _Outcome or raise
+    ApiError, and keep ``remaining == allocated - spent - reserved - debt``
+    for every budget and ``reserved == sum of its ACTIVE reservations``.
+    """
+
+    def __init__(
+        self,
+        clock: Clock,
+        default_ttl_ms: int,
+        max_ttl_ms: int,
+        default_grace_ms: int,
+        max_extensions: int,
+        default_overage_policy: str,
+    ) -> None:
+        self._lock = threading.RLock()
+        self._clock = clock
+        self._defaults = _Policy(
+            default_ttl_ms=default_ttl_ms,
+            max_ttl_ms=max_ttl_ms,
+            max_extensions=max_extensions,
+            default_overage_policy=default_overage_policy,
+            default_grace_ms=default_grace_ms,
+        )
+        self._tenants: Dict[str, _Tenant] = {}
+        self._api_keys: Dict[str, str] = {}
+        self._admin_keys: Set[str] = set()
+        self._budgets: Dict[Tuple[str, str], _Budget] = {}
+        self._units_by_scope: Dict[str, Set[str]] = {}
+        self._reservations: Dict[str, _Reservation] = {}
+        self._by_tenant: Dict[str, List[_Reservation]] = {}
+        self._expiry_heap: List[Tuple[int, int, str]] = []
+        self._idempotency: Dict[_Slot, _Stored] = {}
+        self._events: List[JsonObject] = []
+        self._seq = 0
+
+    # -- seeding and inspection ------------------------------------------------
+
+    def add_tenant(self, name: str, status: str = "ACTIVE", **policy: Any) -> None:
+        if not isinstance(name, str) or not _SUBJECT_VALUE_RE.fullmatch(name):
+            raise ValueError("tenant must match ^[a-zA-Z0-9_.-]+$")
+        _check_choice("status", status, TENANT_STATUSES)
+        tenant = _Tenant(name=name, status=status)
+        for key, value in policy.items():
+            if key in ("default_ttl_ms", "max_ttl_ms", "default_grace_ms", "max_extensions"):
+                _check_amount(key, value)
+            elif key == "default_overage_policy":
+                _check_choice(key, value, OVERAGE_POLICIES)
+            else:
+                raise ValueError(f"unknown tenant policy field {key!r}; known: {_POLICY_FIELDS}")
+            setattr(tenant, key, value)
+        with self._lock:
+            self._tenants[name] = tenant
+
+    def ensure_tenant(self, name: str) -> None:
+        with self._lock:
+            if name not in self._tenants:
+                self.add_tenant(name)
+
+    def set_tenant_status(self, name: str, status: str) -> None:
+        _check_choice("status", status, TENANT_STATUSES)
+        with self._lock:
+            if name not in self._tenants:
+                raise KeyError(f"unknown tenant {name!r}")
+            self._tenants[name].status = status
+
+    def add_api_key(self, key: str, tenant: str) -> None:
+        if not isinstance(key, str) or not key:
+            raise ValueError("api key must be a non-empty string")
+        with self._lock:
+            self.ensure_tenant(tenant)
+            self._api_keys[key] = tenant
+
+    def remove_api_key(self, key: str) -> None:
+        with self._lock:
+            self._api_keys.pop(key, None)
+
+    def add_admin_key(self, key: str) -> None:
+        if not isinstance(key, str) or not key:
+            raise ValueError("admin key must be a non-empty string")
+        with self._lock:
+            self._admin_keys.add(key)
+
+    def remove_admin_key(self, key: str) -> None:
+        with self._lock:
+            self._admin_keys.discard(key)
+
+    def add_budget(self, scope: str, unit: str, allocated: int, **fields: Any) -> None:
+        scope = _parse_scope(scope)
+        _check_choice("unit", unit, UNITS)
+        _check_amount("allocated", allocated)
+        budget = _Budget(scope=scope, unit=unit, allocated=allocated)
+        _apply_budget_fields(budget, fields)
+        budget.remaining = budget.allocated - budget.spent - budget.reserved - budget.debt
+        with self._lock:
+            if (scope, unit) in self._budgets:
+                raise ValueError(f"budget {scope} {unit} already exists")
+            self.ensure_tenant(budget.tenant_segment.split(":", 1)[1])
+            self._budgets[(scope, unit)] = budget
+            self._units_by_scope.setdefault(scope, set()).add(unit)
+
+    def set_budget(self, scope: str, unit: str, fields: Mapping[str, Any]) -> None:
+        with self._lock:
+            budget = self._budget(scope, unit)
+            _apply_budget_fields(budget, fields)
+            budget.remaining = budget.allocated - budget.spent - budget.reserved - budget.debt
+
+    def fund(self, scope: str, unit: str, amount: int) -> None:
+        """Add funds: repay debt first (moving it to spent), then raise remaining."""
+        _check_amount("amount", amount)
+        with self._lock:
+            budget = self._budget(scope, unit)
+            repaid = min(amount, budget.debt)
+            budget.allocated += amount
+            budget.debt -= repaid
+            budget.spent += repaid
+            budget.remaining += amount
+            if budget.is_over_limit and budget.debt <= budget.overdraft_limit:
+                budget.is_over_limit = False
+
+    def balance(self, scope: str, unit: str) -> JsonObject:
+        with self._lock:
+            self._sweep(self._clock.now_ms())
+            return self._budget(scope, unit).as_dict()
+
+    def reservation(self, reservation_id: str) -> Optional[JsonObject]:
+        with self._lock:
+            self._sweep(self._clock.now_ms())
+            found = self._reservations.get(reservation_id)
+            return found.as_dict() if found else None
+
+    def events(self) -> List[JsonObject]:
+        with self._lock:
+            return copy.deepcopy(self._events)
+
+    def check_invariants(self) -> None:
+        with self._lock:
+            held: Dict[Tuple[str, str], int] = {}
+            for reservation in self._reservations.values():
+                if reservation.status == "ACTIVE":
+                    for key in reservation.budget_keys:
+                        held[key] = held.get(key, 0) + reservation.amount
+            for key, budget in self._budgets.items():
+                expected = budget.allocated - budget.spent - budget.reserved - budget.debt
+                if budget.remaining != expected:
+                    raise AssertionError(
+                        f"{budget.scope} {budget.unit}: remaining {budget.remaining} != "
+                        f"allocated - spent - reserved - debt = {expected}"
+                    )
+                if budget.reserved != held.get(key, 0):
+                    raise AssertionError(
+                        f"{budget.scope} {budget.unit}: reserved {budget.reserved} != "
+                        f"sum of active reservations {held.get(key, 0)}"
+                    )
+                if min(budget.spent, budget.reserved, budget.debt) < 0:
+                    raise AssertionError(f"{budget.scope} {budget.unit}: negative counter")
+
+    # -- authentication --------------------------------------------------------
+
+    def tenant_for_key(self, key: str) -> Optional[str]:
+        with self._lock:
+            return self._api_keys.get(key)
+
+    def is_admin_key(self, key: str) -> bool:
+        with self._lock:
+            return key in self._admin_keys
+
+    # -- createReservation / decide --------------------------------------------
+
+    def create(self, tenant: str, request: JsonObject, payload_hash: str) -> _Outcome:
+        with self._lock:
+            now = self._clock.now_ms()
+            self._sweep(now)
+            slot = (tenant, "create", "", request["idempotency_key"])
+            replay = self._replay(slot, payload_hash, now)
+            if replay is not None:
+                return replay
+            closed = self._tenant_is_closed(tenant)
+            subject = _subject_for(request["subject"], tenant)
+            scopes = _derive_scopes(subject)
+            estimate = request["estimate"]
+            if request.get("dry_run", False):
+                body = self._dry_run_body(closed, scopes, estimate)
+                self._idempotency[slot] = _Stored(payload_hash, 200, copy.deepcopy(body))
+                return _Outcome(200, body)
+            if closed:
+                raise ApiError(409, "TENANT_CLOSED", f"Tenant {tenant} is closed")
+            evaluation = self._evaluate(scopes, estimate["unit"], estimate["amount"])
+            if evaluation.reason == "BUDGET_NOT_FOUND":
+                raise ApiError(
+                    404, "NOT_FOUND", f"Budget not found for provided scope: {scopes[-1]}"
+                )
+            if evaluation.reason is not None:
+                raise _denial_error(evaluation.reason, evaluation.reason_scope)
+            reservation = self._open_reservation(tenant, request, subject, scopes, evaluation, now)
+            body = {
+                "decision": "ALLOW_WITH_CAPS" if evaluation.caps else "ALLOW",
+                "reservation_id": reservation.reservation_id,
+                "reserved": dict(estimate),
+                "expires_at_ms": reservation.expires_at_ms,
+                "remaining_ttl_ms": max(0, reservation.expires_at_ms - now),
+                "scope_path": reservation.scope_path,
+                "affected_scopes": list(scopes),
+                "balances": [b.snapshot() for b in evaluation.budgets],
+            }
+            if evaluation.caps:
+                body["caps"] = copy.deepcopy(evaluation.caps)
+            self._idempotency[slot] = _Stored(payload_hash, 200, copy.deepcopy(body))
+            return _Outcome(200, body, applied=True)
+
+    def decide(self, tenant: str, request: JsonObject, payload_hash: str) -> _Outcome:
+        with self._lock:
+            now = self._clock.now_ms()
+            self._sweep(now)
+            slot = (tenant, "decide", "", request["idempotency_key"])
+            replay = self._replay(slot, payload_hash, now)
+            if replay is not None:
+                return replay
+            closed = self._tenant_is_closed(tenant)
+            scopes = _derive_scopes(_subject_for(request["subject"], tenant))
+            body = self._dry_run_body(closed, scopes, request["estimate"])
+            decision: JsonObject = {"decision": body["decision"]}
+            for name in ("caps", "reason_code", "affected_scopes"):
+                if name in body:
+                    decision[name] = body[name]
+            self._idempotency[slot] = _Stored(payload_hash, 200, copy.deepcopy(decision))
+            return _Outcome(200, decision)
+
+    def _dry_run_body(self, closed: bool, scopes: List[str], estimate: JsonObject) -> JsonObject:
+        """A non-mutating evaluation: denials become 200 DENY with a reason_code."""
+        body: JsonObject = {"decision": "DENY", "affected_scopes": list(scopes)}
+        body["scope_path"] = scopes[-1]
+        if closed:
+            body["reason_code"] = "TENANT_CLOSED"
+            return body
+        evaluation = self._evaluate(scopes, estimate["unit"], estimate["amount"])
+        if evaluation.budgets:
+            body["balances"] = [b.snapshot() for b in evaluation.budgets]
+        if evaluation.reason is not None:
+            body["reason_code"] = evaluation.reason
+            return body
+        body["decision"] = "ALLOW_WITH_CAPS" if evaluation.caps else "ALLOW"
+        body["reserved"] = dict(estimate)
+        if evaluation.caps:
+            body["caps"] = copy.deepcopy(evaluation.caps)
+        return body
+
+    def _evaluate(self, scopes: List[str], unit: str, amount: int) -> _Evaluation:
+        """Reserve checks in order: unit, over-limit, frozen/closed, debt, remaining."""
+        budgets = [self._budgets[(s, unit)] for s in scopes if (s, unit) in self._budgets]
+        if not budgets:
+            elsewhere = [s for s in scopes if self._units_by_scope.get(s)]
+            if elsewhere:
+                scope = elsewhere[-1]
+                expected = sorted(self._units_by_scope[scope])
+                raise ApiError(
+                    400,
+                    "UNIT_MISMATCH",
+                    f"No budget in {unit} for scope {scope}; budgets exist in "
+                    f"{', '.join(expected)}",
+                    {"scope": scope, "requested_unit": unit, "expected_units": expected},
+                )
+            return _Evaluation([], "BUDGET_NOT_FOUND", scopes[-1])
+        checks: List[Tuple[str, Callable[[_Budget], bool]]] = [
+            ("OVERDRAFT_LIMIT_EXCEEDED", lambda b: b.is_over_limit),
+            ("BUDGET_FROZEN", lambda b: b.status == "FROZEN"),
+            ("BUDGET_CLOSED", lambda b: b.status == "CLOSED"),
+            ("DEBT_OUTSTANDING", lambda b: b.debt > 0 and b.overdraft_limit == 0),
+            ("BUDGET_EXCEEDED", lambda b: b.remaining < amount),
+        ]
+        for reason, failed in checks:
+            for budget in budgets:
+                if failed(budget):
+                    return _Evaluation(budgets, reason, budget.scope)
+        caps = next((b.caps for b in reversed(budgets) if b.caps), None)
+        return _Evaluation(budgets, caps=caps)
+
+    def _open_reservation(
+        self,
+        tenant: str,
+        request: JsonObject,
+        subject: JsonObject,
+        scopes: List[str],
+        evaluation: _Evaluation,
+        now: int,
+    ) -> _Reservation:
+        policy = self._policy(tenant)
+        ttl = min(int(request.get("ttl_ms", policy.default_ttl_ms)), policy.max_ttl_ms)
+        amount = request["estimate"]["amount"]
+        for budget in evaluation.budgets:
+            budget.reserved += amount
+            budget.remaining -= amount
+        self._seq += 1
+        reservation = _Reservation(
+            reservation_id=str(uuid.uuid4()),
+            seq=self._seq,
+            tenant=tenant,
+            subject=subject,
+            action=copy.deepcopy(request["action"]),
+            unit=request["estimate"]["unit"],
+            amount=amount,
+            overage_policy=str(request.get("overage_policy", policy.default_overage_policy)),
+            idempotency_key=request["idempotency_key"],
+            metadata=copy.deepcopy(request.get("metadata")),
+            grace_ms=int(request.get("grace_period_ms", policy.default_grace_ms)),
+            created_at_ms=now,
+            expires_at_ms=now + ttl,
+            scope_path=scopes[-1],
+            affected_scopes=list(scopes),
+            budget_keys=[(b.scope, b.unit) for b in evaluation.budgets],
+            max_extensions=policy.max_extensions,
+        )
+        self._reservations[reservation.reservation_id] = reservation
+        self._by_tenant.setdefault(tenant, []).append(reservation)
+        self._schedule_expiry(reservation)
+        return reservation
+
+    # -- commit / release / extend ---------------------------------------------
+
+    def commit(
+        self, caller: _Caller, reservation_id: str, request: JsonObject, payload_hash: str
+    ) -> _Outcome:
+        with self._lock:
+            now = self._clock.now_ms()
+            self._sweep(now)
+            reservation = self._owned(caller, reservation_id, admin_allowed=False)
+            slot = (reservation.tenant, "commit", reservation_id, request["idempotency_key"])
+            replay = self._replay(slot, payload_hash, now)
+            if replay is not None:
+                return replay
+            self._guard_mutation(reservation.tenant)
+            self._require_settleable(reservation, now)
+            actual = request["actual"]
+            if actual["unit"] != reservation.unit:
+                raise ApiError(
+                    400,
+                    "UNIT_MISMATCH",
+                    f"actual.unit {actual['unit']} does not match the reservation unit "
+                    f"{reservation.unit}",
+                )
+            held = reservation.amount
+            if actual["amount"] > held and reservation.overage_policy == "REJECT":
+                raise ApiError(
+                    409,
+                    "BUDGET_EXCEEDED",
+                    f"actual {actual['amount']} exceeds reserved {held} under REJECT",
+                )
+            budgets = self._budgets_of(reservation)
+            charged = _settle(budgets, held, actual["amount"], reservation.overage_policy)
+            reservation.status = "COMMITTED"
+            reservation.finalized_at_ms = now
+            reservation.finalized_by = "api_key"
+            reservation.committed = charged
+            reservation.committed_metadata = copy.deepcopy(request.get("metadata"))
+            body: JsonObject = {
+                "status": "COMMITTED",
+                "charged": {"unit": reservation.unit, "amount": charged},
+            }
+            if actual["amount"] < held:
+                body["released"] = {"unit": reservation.unit, "amount": held - actual["amount"]}
+            body["balances"] = [b.snapshot() for b in budgets]
+            self._idempotency[slot] = _Stored(payload_hash, 200, copy.deepcopy(body))
+            return _Outcome(200, body, applied=True)
+
+    def release(
+        self, caller: _Caller, reservation_id: str, request: JsonObject, payload_hash: str
+    ) -> _Outcome:
+        with self._lock:
+            now = self._clock.now_ms()
+            self._sweep(now)
+            reservation = self._owned(caller, reservation_id, admin_allowed=True)
+            slot = (reservation.tenant, "release", reservation_id, request["idempotency_key"])
+            replay = self._replay(slot, payload_hash, now)
+            if replay is not None:
+                return replay
+            self._guard_mutation(reservation.tenant)
+            self._require_settleable(reservation, now)
+            budgets = self._budgets_of(reservation)
+            for budget in budgets:
+                budget.reserved -= reservation.amount
+                budget.remaining += reservation.amount
+            reservation.status = "RELEASED"
+            reservation.finalized_at_ms = now
+            # The spec's audit entry for admin releases lives on the admin
+            # plane; locally it is recorded on the reservation.
+            reservation.finalized_by = "admin_on_behalf_of" if caller.admin else "api_key"
+            reservation.release_reason = request.get("reason")
+            body = {
+                "status": "RELEASED",
+                "released": {"unit": reservation.unit, "amount": reservation.amount},
+                "balances": [b.snapshot() for b in budgets],
+            }
+            self._idempotency[slot] = _Stored(payload_hash, 200, copy.deepcopy(body))
+            return _Outcome(200, body, applied=True)
+
+    def extend(
+        self, caller: _Caller, reservation_id: str, request: JsonObject, payload_hash: str
+    ) -> _Outcome:
+        with self._lock:
+            now = self._clock.now_ms()
+            self._sweep(now)
+            reservation = self._owned(caller, reservation_id, admin_allowed=False)
+            slot = (reservation.tenant, "extend", reservation_id, request["idempotency_key"])
+            replay = self._replay(slot, payload_hash, now)
+            if replay is not None:
+                return replay
+            self._guard_mutation(reservation.tenant)
+            self._require_active(reservation)
+            if now > reservation.expires_at_ms:
+                raise ApiError(
+                    410,
+                    "RESERVATION_EXPIRED",
+                    f"Reservation {reservation_id} expired at {reservation.expires_at_ms} "
+                    "(extend has no grace period)",
+                )
+            if reservation.extension_count >= reservation.max_extensions:
+                raise ApiError(
+                    409,
+                    "MAX_EXTENSIONS_EXCEEDED",
+                    f"Reservation {reservation_id} reached its limit of "
+                    f"{reservation.max_extensions} extensions",
+                )
+            reservation.expires_at_ms += request["extend_by_ms"]
+            reservation.extension_count += 1
+            self._schedule_expiry(reservation)
+            body = {
+                "status": "ACTIVE",
+                "expires_at_ms": reservation.expires_at_ms,
+                "remaining_ttl_ms": max(0, reservation.expires_at_ms - now),
+                "balances": [b.snapshot() for b in self._budgets_of(reservation)],
+            }
+            self._idempotency[slot] = _Stored(payload_hash, 200, copy.deepcopy(body))
+            return _Outcome(200, body, applied=True)
+
+    # -- createEvent -----------------------------------------------------------
+
+    def event(self, tenant: str, request: JsonObject, payload_hash: str) -> _Outcome:
+        with self._lock:
+            now = self._clock.now_ms()
+            self._sweep(now)
+            slot = (tenant, "event", "", request["idempotency_key"])
+            replay = self._replay(slot, payload_hash, now)
+            if replay is not None:
+                return replay
+            self._guard_mutation(tenant)
+            subject = _subject_for(request["subject"], tenant)
+            scopes = _derive_scopes(subject)
+            actual = request["actual"]
+            budgets = self._event_budgets(scopes, actual["unit"])
+            policy = request.get("overage_policy", self._policy(tenant).default_overage_policy)
+            if policy == "REJECT":
+                for budget in budgets:
+                    if budget.remaining < actual["amount"]:
+                        raise _denial_error("BUDGET_EXCEEDED", budget.scope)
+            charged = _settle(budgets, 0, actual["amount"], str(policy))
+            event_id = "evt_" + uuid.uuid4().hex
+            self._events.append(
+                {
+                    "event_id": event_id,
+                    "tenant": tenant,
+                    "subject": subject,
+                    "action": copy.deepcopy(request["action"]),
+                    "actual": dict(actual),
+                    "charged": {"unit": actual["unit"], "amount": charged},
+                    "overage_policy": policy,
+                    "metrics": copy.deepcopy(request.get("metrics")),
+                    "metadata": copy.deepcopy(request.get("metadata")),
+                    "client_time_ms": request.get("client_time_ms"),
+                    "idempotency_key": request["idempotency_key"],
+                    "scope_path": scopes[-1],
+                    "affected_scopes": list(scopes),
+                    "created_at_ms": now,
+                }
+            )
+            body: JsonObject = {"status": "APPLIED", "event_id": event_id}
+            if charged < actual["amount"]:
+                body["charged"] = {"unit": actual["unit"], "amount": charged}
+            body["balances"] = [b.snapshot() for b in budgets]
+            self._idempotency[slot] = _Stored(payload_hash, 201, copy.deepcopy(body))
+            return _Outcome(201, body, applied=True)
+
+    def _event_budgets(self, scopes: List[str], unit: str) -> List[_Budget]:
+        budgets = [self._budgets[(s, unit)] for s in scopes if (s, unit) in self._budgets]
+        if not budgets:
+            evaluation = self._evaluate(scopes, unit, 0)  # raises UNIT_MISMATCH
+            raise ApiError(
+                404, "NOT_FOUND", f"Budget not found for provided scope: {evaluation.reason_scope}"
+            )
+        for budget in budgets:
+            if budget.status in ("FROZEN", "CLOSED"):
+                raise _denial_error("BUDGET_" + budget.status, budget.scope)
+        return budgets
+
+    # -- reads -----------------------------------------------------------------
+
+    def get(self, caller: _Caller, reservation_id: str) -> _Outcome:
+        with self._lock:
+            self._sweep(self._clock.now_ms())
+            reservation = self._owned(caller, reservation_id, admin_allowed=True)
+            if reservation.status == "EXPIRED":
+                raise ApiError(
+                    410, "RESERVATION_EXPIRED", f"Reservation {reservation_id} has expired"
+                )
+            return _Outcome(200, reservation.view())
+
+    def list(self, query: _ListQuery) -> Tuple[List[JsonObject], Optional[_SortKey]]:
+        """One page of rows plus the sort key of the last row when more follow."""
+        with self._lock:
+            self._sweep(self._clock.now_ms())
+            rows = [r for r in self._by_tenant.get(query.tenant, []) if _matches(r, query)]
+
+            def key(r: _Reservation) -> _SortKey:
+                return (r.sort_value(query.sort_by), r.seq)
+
+            if query.after is not None:
+                after = query.after
+                if query.descending:
+                    rows = [r for r in rows if key(r) < after]
+                else:
+                    rows = [r for r in rows if key(r) > after]
+            rows.sort(key=key, reverse=query.descending)
+            page = rows[: query.limit]
+            views = [r.view(query.include) for r in page]
+            more = len(rows) > query.limit
+            return views, (key(page[-1]) if more else None)
+
+    def balances(
+        self, tenant: str, segments: List[str], limit: int, after: Optional[Tuple[str, str]]
+    ) -> Tuple[List[JsonObject], Optional[Tuple[str, str]]]:
+        with self._lock:
+            self._sweep(self._clock.now_ms())
+            root = "tenant:" + tenant.lower()
+            found = []
+            for budget in self._budgets.values():
+                parts = budget.scope.split("/")
+                if parts[0] != root or not all(s in parts for s in segments):
+                    continue
+                if after is not None and (budget.scope, budget.unit) <= after:
+                    continue
+                found.append(budget)
+            found.sort(key=lambda b: (b.scope, b.unit))
+            page = found[:limit]
+            more = len(found) > limit
+            last = (page[-1].scope, page[-1].unit) if more else None
+            return [b.snapshot() for b in page], last
+
+    # -- helpers (call with the lock held) ---------------------------------------
+
+    def _budget(self, scope: str, unit: str) -> _Budget:
+        key = (_parse_scope(scope), unit)
+        if key not in self._budgets:
+            raise KeyError(f"no budget for {key[0]} in {unit}")
+        return self._budgets[key]
+
+    def _budgets_of(self, reservation: _Reservation) -> List[_Budget]:
+        return [self._budgets[key] for key in reservation.budget_keys]
+
+    def _policy(self, tenant: str) -> _Policy:
+        """The tenant's policy with server defaults filled in."""
+        record = self._tenants.get(tenant)
+        merged = copy.copy(self._defaults)
+        for name in _POLICY_FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                setattr(merged, name, value)
+        return merged
+
+    def _tenant_is_closed(self, tenant: str) -> bool:
+        record = self._tenants.get(tenant)
+        if record is None:
+            return False
+        if record.status == "MALFORMED":
+            raise ApiError(
+                500, "INTERNAL_ERROR", f"Tenant record for {tenant} is unreadable; failing closed"
+            )
+        return record.status == "CLOSED"
+
+    def _guard_mutation(self, tenant: str) -> None:
+        if self._tenant_is_closed(tenant):
+            raise ApiError(409, "TENANT_CLOSED", f"Tenant {tenant} is closed")
+
+    def _owned(self, caller: _Caller, reservation_id: str, admin_allowed: bool) -> _Reservation:
+        """404 for an unknown id before 403 for another tenant's reservation."""
+        reservation = self._reservations.get(reservation_id)
+        if reservation is None:
+            raise ApiError(404, "NOT_FOUND", f"Reservation {reservation_id} not found")
+        if caller.admin and admin_allowed:
+            return reservation
+        if caller.tenant != reservation.tenant:
+            raise ApiError(
+                403, "FORBIDDEN", f"Reservation {reservation_id} belongs to another tenant"
+            )
+        return reservation
+
+    def _require_active(self, reservation: _Reservation) -> None:
+        if reservation.status == "EXPIRED":
+            raise ApiError(
+                410, "RESERVATION_EXPIRED", f"Reservation {reservation.reservation_id} has expired"
+            )
+        if reservation.status != "ACTIVE":
+            raise ApiError(
+                409,
+                "RESERVATION_FINALIZED",
+                f"Reservation {reservation.reservation_id} is already {reservation.status}",
+            )
+
+    def _require_settleable(self, reservation: _Reservation, now: int) -> None:
+        self._require_active(reservation)
+        if now > reservation.expires_at_ms + reservation.grace_ms:
+            self._expire(reservation)
+            self._require_active(reservation)
+
+    def _replay(self, slot: _Slot, payload_hash: str, now: int) -> Optional[_Outcome]:
+        stored = self._idempotency.get(slot)
+        if stored is None:
+            return None
+        if stored.payload_hash != payload_hash:
+            raise ApiError(
+                409,
+                "IDEMPOTENCY_MISMATCH",
+                "idempotency_key was already used with a different request payload",
+            )
+        body = copy.deepcopy(stored.body)
+        if "remaining_ttl_ms" in body:
+            operation, reservation_id = slot[1], slot[2]
+            if operation == "create":
+                reservation_id = str(body.get("reservation_id", ""))
+            reservation = self._reservations.get(reservation_id)
+            live = reservation is not None and reservation.status == "ACTIVE"
+            body["remaining_ttl_ms"] = max(0, int(body["expires_at_ms"]) - now) if live else 0
+        return _Outcome(stored.status, body)
+
+    def _schedule_expiry(self, reservation: _Reservation) -> None:
+        deadline = reservation.expires_at_ms + reservation.grace_ms
+        heapq.heappush(self._expiry_heap, (deadline, reservation.seq, reservation.reservation_id))
+
+    def _sweep(self, now: int) -> None:
+        """Lazily expire reservations past expires_at_ms + grace; O(log n) each."""
+        heap = self._expiry_heap
+        while heap and heap[0][0] < now:
+            _, _, reservation_id = heapq.heappop(heap)
+            reservation = self._reservations[reservation_id]
+            deadline = reservation.expires_at_ms + reservation.grace_ms
+            if reservation.status == "ACTIVE" and deadline < now:
+                self._expire(reservation)
+
+    def _expire(self, reservation: _Reservation) -> None:
+        for budget in self._budgets_of(reservation):
+            budget.reserved -= reservation.amount
+            budget.remaining += reservation.amount
+        reservation.status = "EXPIRED"
+
+
+def _settle(budgets: List[_Budget], held: int, actual: int, policy: str) -> int:
+    """Charge ``actual`` to budgets that hold ``held`` for it; returns the charge.
+
+    A covered overage is charged in full. Otherwise ALLOW_IF_AVAILABLE caps
+    the overage to the smallest non-negative remaining and flags the scopes
+    that fell short as over-limit (never debt). ALLOW_WITH_OVERDRAFT turns
+    the shortfall into debt on scopes with an overdraft_limit (409 if that
+    would pass the limit) and treats scopes without one like
+    ALLOW_IF_AVAILABLE. The caller has already handled REJECT.
+    """
+    overage = max(0, actual - held)
+    if all(b.remaining >= overage for b in budgets):
+        cappers: List[_Budget] = []
+        debtors: List[_Budget] = []
+    elif policy == "ALLOW_WITH_OVERDRAFT":
+        cappers = [b for b in budgets if b.overdraft_limit == 0]
+        debtors = [b for b in budgets if b.overdraft_limit > 0]
+    else:
+        cappers, debtors = list(budgets), []
+    granted = min([overage] + [max(b.remaining, 0) for b in cappers])
+    capper_ids = {id(b) for b in cappers}
+    debtor_ids = {id(b) for b in debtors}
+    for budget in debtors:
+        shortfall = granted - max(budget.remaining, 0)
+        if shortfall > 0 and budget.debt + shortfall > budget.overdraft_limit:
+            raise _denial_error("OVERDRAFT_LIMIT_EXCEEDED", budget.scope)
+    charged = min(actual, held) + granted
+    for budget in budgets:
+        funded = min(granted, max(budget.remaining, 0))
+        if id(budget) in capper_ids and budget.remaining < overage:
+            budget.is_over_limit = True
+        budget.reserved -= held
+        budget.spent += charged - granted + funded
+        budget.debt += granted - funded
+        budget.remaining += held - charged
+        if id(budget) in debtor_ids and budget.debt > budget.overdraft_limit:
+            budget.is_over_limit = True
+    return charged
+
+
+def _matches(reservation: _Reservation, query: _ListQuery) -> bool:
+    if query.status is not None and reservation.status != query.status:
+        return False
+    if query.idempotency_key is not None and reservation.idempotency_key != query.idempotency_key:
+        return False
+    if query.segments:
+        parts = reservation.scope_path.split("/")
+        if not all(segment in parts for segment in query.segments):
+            return False
+    for attribute, low, high in query.windows:
+        value: Optional[int] = getattr(reservation, attribute)
+        if value is None:
+            return False
+        if (low is not None and value < low) or (high is not None and value > high):
+            return False
+    return True
+
+
+def _subject_for(subject: JsonObject, tenant: str) -> JsonObject:
+    """The stored subject: as sent, with the effective tenant filled in."""
+    filled = copy.deepcopy(subject)
+    filled.setdefault("tenant", tenant)
+    return filled
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+
+
+def _check_amount(name: str, value: Any, minimum: int = 0) -> None:
+    if not _is_int(value) or not minimum <= value <= INT64_MAX:
+        raise ValueError(f"{name} must be an integer between {minimum} and {INT64_MAX}")
+
+
+def _apply_budget_fields(budget: _Budget, fields: Mapping[str, Any]) -> None:
+    for name, value in fields.items():
+        if name in ("allocated", "spent", "debt", "overdraft_limit"):
+            _check_amount(name, value)
+        elif name == "status":
+            _check_choice(name, value, BUDGET_STATUSES)
+        elif name == "is_over_limit":
+            if not isinstance(value, bool):
+                raise ValueError("is_over_limit must be a boolean")
+        elif name == "caps":
+            if value is not None:
+                try:
+                    _CAPS(value, "caps")
+                except _SchemaError as exc:
+                    raise ValueError(str(exc)) from None
+                value = copy.deepcopy(value)
+        else:
+            raise ValueError(f"unknown budget field {name!r}")
+        setattr(budget, name, value)
+
+
+# =============================================================================
+# Request handling per endpoint
+# =============================================================================
+
+
+@dataclass(repr=False)  # its headers hold the API key: never print them
+class _Request:
+    method: str
+    path: str
+    query: Dict[str, List[str]]
+    headers: Dict[str, str]
+    raw_body: bytes
+    request_id: str
+    trace_id: str
+    target: str = ""
+
+
+@dataclass
+class _Response:
+    status: int
+    body: Optional[JsonObject] = None
+    raw: Optional[bytes] = None
+    content_type: str = "application/json"
+    headers: List[Tuple[str, str]] = field(default_factory=list)
+    tenant: Optional[str] = None
+    applied: bool = False
+
+    def payload(self) -> bytes:
+        if self.raw is not None:
+            return self.raw
+        if self.body is None:
+            return b""
+        return json.dumps(self.body, separators=(",", ":")).encode("utf-8")
+
+
+@dataclass
+class _Route:
+    operation: str
+    allowed_methods: Tuple[str, ...]
+    reservation_id: Optional[str] = None
+    evidence_id: Optional[str] = None
+
+
+_RESERVATION_PATH_RE = re.compile(r"/v1/reservations/([^/]+)(?:/(commit|release|extend))?")
+_EVIDENCE_PATH_RE = re.compile(r"/v1/evidence/([^/]+)")
+_FIXED_ROUTES = {
+    "/v1/reservations": ("create", ("POST",), "list", ("GET",)),
+    "/v1/decide": ("decide", ("POST",), "", ()),
+    "/v1/events": ("event", ("POST",), "", ()),
+    "/v1/balances": ("", (), "balances", ("GET",)),
+    "/v1/.well-known/cycles-jwks.json": ("", (), "jwks", ("GET",)),
+}
+
+
+def _resolve_route(method: str, path: str) -> Optional[_Route]:
+    """The route for a path; operation "unknown" if the method does not fit."""
+    fixed = _FIXED_ROUTES.get(path)
+    if fixed is not None:
+        post_op, post_methods, get_op, get_methods = fixed
+        allowed = post_methods + get_methods
+        if method in post_methods:
+            return _Route(post_op, allowed)
+        if method in get_methods:
+            return _Route(get_op, allowed)
+        return _Route("unknown", allowed)
+    match = _RESERVATION_PATH_RE.fullmatch(path)
+    if match:
+        reservation_id = unquote(match.group(1))
+        action = match.group(2)
+        methods = ("GET",) if action is None else ("POST",)
+        operation = (action or "get") if method in methods else "unknown"
+        return _Route(operation, methods, reservation_id=reservation_id)
+    match = _EVIDENCE_PATH_RE.fullmatch(path)
+    if match:
+        operation = "evidence" if method == "GET" else "unknown"
+        return _Route(operation, ("GET",), evidence_id=unquote(match.group(1)))
+    return None
+
+
+def _error_response(
+    status: int,
+    code: str,
+    message: str,
+    request: _Request,
+    details: Optional[JsonObject] = None,
+    tenant: Optional[str] = None,
+) -> _Response:
+    body: JsonObject = {
+        "error": code,
+        "message": message,
+        "request_id": request.request_id,
+        "trace_id": request.trace_id,
+    }
+    if details:
+        body["details"] = details
+    return _Response(status, body, tenant=tenant)
+
+
+_LIST_WINDOWS = (
+    ("from", "to", "created_at_ms"),
+    ("expires_from", "expires_to", "expires_at_ms"),
+    ("finalized_from", "finalized_to", "finalized_at_ms"),
+)
+_SORT_FIELDS = (
+    "reservation_id", "tenant", "scope_path", "status", "reserved",
+    "created_at_ms", "expires_at_ms",
+)
+_INCLUDE_TOKENS = ("metadata", "committed_metadata", "evidence")
+
+
+class _Api:
+    """Authenticates, validates and maps each endpoint onto the ledger."""
+
+    def __init__(self, ledger: _Ledger) -> None:
+        self._ledger = ledger
+
+    def handle(self, route: _Route, request: _Request) -> _Response:
+        caller: Optional[_Caller] = None
+        try:
+            if route.operation == "unknown":
+                allow = ", ".join(route.allowed_methods)
+                response = _error_response(
+                    405, "INVALID_REQUEST", f"{request.method} is not allowed on {request.path}",
+                    request,
+                )
+                response.headers.append(("Allow", allow))
+                return response
+            if route.operation in ("evidence", "jwks"):
+                return self._evidence(route, request)
+            caller = self._authenticate(route.operation, request)
+            outcome = self._dispatch(route, request, caller)
+            return _Response(
+                outcome.status, outcome.body, tenant=caller.tenant, applied=outcome.applied
+            )
+        except ApiError as error:
+            return _error_response(
+                error.status, error.code, error.message, request, error.details,
+                tenant=caller.tenant if caller else None,
+            )
+
+    def _authenticate(self, operation: str, request: _Request) -> _Caller:
+        api_key = request.headers.get("x-cycles-api-key")
+        if api_key:
+            tenant = self._ledger.tenant_for_key(api_key)
+            if tenant is None:
+                raise ApiError(401, "UNAUTHORIZED", "Invalid API key")
+            return _Caller(tenant)
+        admin_key = request.headers.get("x-admin-api-key")
+        if admin_key and operation in ("list", "get", "release"):
+            if not self._ledger.is_admin_key(admin_key):
+                raise ApiError(401, "UNAUTHORIZED", "Invalid admin API key")
+            return _Caller(None, admin=True)
+        raise ApiError(401, "UNAUTHORIZED", "Missing X-Cycles-API-Key header")
+
+    def _dispatch(self, route: _Route, request: _Request, caller: _Caller) -> _Outcome:
+        operation = route.operation
+        if operation == "list":
+            return self._list(request, caller)
+        if operation == "balances":
+            return self._balances(request, caller)
+        reservation_id = route.reservation_id or ""
+        if route.reservation_id is not None and not 1 <= len(reservation_id) <= 128:
+            raise _invalid("reservation_id must be 1 to 128 characters long")
+        if operation == "get":
+            return self._ledger.get(caller, reservation_id)
+        schema = {
+            "create": _CREATE_REQUEST,
+            "decide": _DECIDE_REQUEST,
+            "commit": _COMMIT_REQUEST,
+            "release": _RELEASE_REQUEST,
+            "extend": _EXTEND_REQUEST,
+            "event": _EVENT_REQUEST,
+        }[operation]
+        body = _validated_body(request, schema)
+        digest = _payload_hash(body)
+        if operation in ("create", "decide", "event"):
+            _check_subject_tenant(body["subject"], str(caller.tenant))
+        ledger = self._ledger
+        if operation == "create":
+            return ledger.create(str(caller.tenant), body, digest)
+        if operation == "decide":
+            return ledger.decide(str(caller.tenant), body, digest)
+        if operation == "event":
+            return ledger.event(str(caller.tenant), body, digest)
+        if operation == "commit":
+            return ledger.commit(caller, reservation_id, body, digest)
+        if operation == "release":
+            return ledger.release(caller, reservation_id, body, digest)
+        return ledger.extend(caller, reservation_id, body, digest)
+
+    def _evidence(self, route: _Route, request: _Request) -> _Response:
+        if route.operation == "evidence":
+            if not _EVIDENCE_ID_RE.fullmatch(route.evidence_id or ""):
+                raise _invalid("evidence_id must be 64 lowercase hex characters")
+            message = "Evidence not found: this server does not emit CyclesEvidence"
+        else:
+            message = "This server does not publish a CyclesEvidence JWK Set"
+        return _error_response(404, "NOT_FOUND", message, request)
+
+    def _list(self, request: _Request, caller: _Caller) -> _Outcome:
+        params = _QueryParams(request.query)
+        tenant = _resolve_tenant_filter(params, caller, list_endpoint=True)
+        status = params.optional("status")
+        if status is not None and status not in RESERVATION_STATUSES:
+            raise _invalid(f"status must be one of {', '.join(RESERVATION_STATUSES)}")
+        key = params.optional("idempotency_key")
+        if key is not None and len(key) > 256:
+            raise _invalid("idempotency_key must be 1 to 256 characters long")
+        windows = []
+        for low_name, high_name, attribute in _LIST_WINDOWS:
+            low, high = params.datetime_ms(low_name), params.datetime_ms(high_name)
+            if low is not None and high is not None and low > high:
+                raise _invalid(f"{low_name} must not be after {high_name}")
+            if low is not None or high is not None:
+                windows.append((attribute, low, high))
+        sort_by = params.optional("sort_by") or "created_at_ms"
+        if sort_by not in _SORT_FIELDS:
+            raise _invalid(f"sort_by must be one of {', '.join(_SORT_FIELDS)}")
+        sort_dir = params.optional("sort_dir") or "desc"
+        if sort_dir not in ("asc", "desc"):
+            raise _invalid("sort_dir must be asc or desc")
+        include = {token.strip() for value in request.query.get("include", [])
+                   for token in value.split(",")} & set(_INCLUDE_TOKENS)
+        segments = _segment_filters(params)
+        binding = _payload_hash(
+            [tenant, status, key, segments, windows, sort_by, sort_dir]
+        )
+        cursor = params.cursor(binding)
+        after: Optional[Tuple[Union[str, int], int]] = None
+        if cursor is not None:
+            value, seq = cursor
+            numeric = sort_by in ("reserved", "created_at_ms", "expires_at_ms")
+            value_ok = _is_int(value) if numeric else isinstance(value, str)
+            if not value_ok or not _is_int(seq):
+                raise _invalid("cursor is not valid for this sort")
+            after = (value, seq)
+        query = _ListQuery(
+            tenant=tenant,
+            status=status,
+            idempotency_key=key,
+            segments=segments,
+            windows=windows,
+            sort_by=sort_by,
+            descending=sort_dir == "desc",
+            limit=params.limit(),
+            after=after,
+            include=include,
+        )
+        rows, last = self._ledger.list(query)
+        body: JsonObject = {"reservations": rows, "has_more": last is not None}
+        if last is not None:
+            body["next_cursor"] = _encode_cursor(binding, list(last))
+        return _Outcome(200, body)
+
+    def _balances(self, request: _Request, caller: _Caller) -> _Outcome:
+        params = _QueryParams(request.query)
+        if not any(params.optional(level) for level in SUBJECT_LEVELS):
+            raise _invalid(
+                "at least one of tenant, workspace, app, workflow, agent, toolset is required"
+            )
+        tenant = _resolve_tenant_filter(params, caller, list_endpoint=False)
+        segments = _segment_filters(params)
+        binding = _payload_hash([tenant, segments])
+        cursor = params.cursor(binding)
+        after: Optional[Tuple[str, str]] = None
+        if cursor is not None:
+            if not all(isinstance(part, str) for part in cursor):
+                raise _invalid("cursor is not valid for this query")
+            after = (str(cursor[0]), str(cursor[1]))
+        rows, last = self._ledger.balances(tenant, segments, params.limit(), after)
+        body: JsonObject = {"balances": rows, "has_more": last is not None}
+        if last is not None:
+            body["next_cursor"] = _encode_cursor(binding, list(last))
+        return _Outcome(200, body)
+
+
+class _QueryParams:
+    """Query-string access; blank values count as unset."""
+
+    def __init__(self, query: Mapping[str, List[str]]) -> None:
+        self._query = query
+
+    def optional(self, name: str) -> Optional[str]:
+        values = self._query.get(name)
+        if not values or values[0] == "":
+            return None
+        return values[0]
+
+    def datetime_ms(self, name: str) -> Optional[int]:
+        text = self.optional(name)
+        if text is None:
+            return None
+        try:
+            return _parse_datetime_ms(text)
+        except ValueError:
+            raise _invalid(f"{name} must be an ISO-8601 date-time with an offset") from None
+
+    def limit(self) -> int:
+        text = self.optional("limit")
+        if text is None:
+            return LIST_DEFAULT_LIMIT
+        if not _LIMIT_RE.fullmatch(text) or not 1 <= int(text) <= LIST_MAX_LIMIT:
+            raise _invalid(f"limit must be an integer between 1 and {LIST_MAX_LIMIT}")
+        return int(text)
+
+    def cursor(self, binding: str) -> Optional[List[Any]]:
+        text = self.optional("cursor")
+        if text is None:
+            return None
+        try:
+            decoded = _parse_json(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+        except ValueError:
+            raise _invalid("cursor is malformed") from None
+        if (
+            not isinstance(decoded, dict)
+            or not isinstance(decoded.get("k"), list)
+            or len(decoded["k"]) != 2
+        ):
+            raise _invalid("cursor is malformed")
+        if decoded.get("b") != binding:
+            raise _invalid("cursor does not match this query's filters, windows or sort")
+        key: List[Any] = decoded["k"]
+        return key
+
+
+def _encode_cursor(binding: str, key: List[Any]) -> str:
+    raw = json.dumps({"b": binding, "k": key}, separators=(",", ":")).encode("utf-8")
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def _resolve_tenant_filter(params: _QueryParams, caller: _Caller, list_endpoint: bool) -> str:
+    """The tenant whose data is read: a check under ApiKeyAuth, a filter for admins."""
+    requested = params.optional("tenant")
+    if caller.admin:
+        if requested is None:
+            raise _invalid("tenant query parameter is required when using admin key authentication")
+        return requested
+    tenant = str(caller.tenant)
+    if requested is not None and requested != tenant:
+        what = "reservations" if list_endpoint else "balances"
+        raise ApiError(403, "FORBIDDEN", f"Cannot read another tenant's {what}")
+    return tenant
+
+
+def _segment_filters(params: _QueryParams) -> List[str]:
+    segments = []
+    for level in SUBJECT_LEVELS[1:]:
+        value = params.optional(level)
+        if value is not None:
+            segments.append(f"{level}:{value.lower()}")
+    return segments
+
+
+def _validated_body(request: _Request, schema: _Check) -> JsonObject:
+    content_type = request.headers.get("content-type", "")
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise _invalid("Content-Type must be application/json")
+    if not request.raw_body:
+        raise _invalid("request body is required")
+    try:
+        body = _parse_json(request.raw_body)
+    except ValueError:
+        raise _invalid("request body is not valid JSON") from None
+    try:
+        schema(body, "")
+    except _SchemaError as exc:
+        raise _invalid(str(exc)) from None
+    header_key = request.headers.get("x-idempotency-key")
+    if header_key is not None and header_key != body["idempotency_key"]:
+        raise _invalid("X-Idempotency-Key header does not match idempotency_key in request body")
+    result: JsonObject = body
+    return result
+
+
+def _check_subject_tenant(subject: JsonObject, tenant: str) -> None:
+    requested = subject.get("tenant")
+    if requested is not None and requested != tenant:
+        raise ApiError(
+            403, "FORBIDDEN", f"subject.tenant {requested!r} does not match the API key's tenant"
+        )
+
+
+# =============================================================================
+# Fault injection
+# =============================================================================
+
+_FAULT_PARAMS: Dict[str, Tuple[str, ...]] = {
+    "lost_response": (),
+    "drop": (),
+    "delay": ("delay_ms",),
+    "status": ("status", "headers", "body", "error", "message", "content_type"),
+    "nonconformant": ("status", "drop_fields", "set_fields", "headers"),
+    "malformed": ("apply", "status"),
+    "html": ("status",),
+    "redirect": ("status", "location"),
+    "trickle": ("interval_ms",),
+    "close_after": (),
+}
+
+_PROXY_PAGE = (
+    "<html>\r\n<head><title>{status} Bad Gateway</title></head>\r\n<body>\r\n"
+    "<center><h1>{status} Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n"
+    "</body>\r\n</html>\r\n"
+)
+
+
+class Fault:
+    """One injected fault: applies to ``times`` matching requests after ``skip``."""
+
+    def __init__(
+        self, operation: str, kind: str, times: Optional[int], skip: int, params: Dict[str, Any]
+    ) -> None:
+        self.operation = operation
+        self.kind = kind
+        self.times = times
+        self.skip = skip
+        self.params = params
+        self.hits = 0
+        self._skipped = 0
+
+    @property
+    def exhausted(self) -> bool:
+        return self.times is not None and self.hits >= self.times
+
+    def _claim(self) -> bool:
+        """Count one matching request; True if the fault applies to it."""
+        if self._skipped < self.skip:
+            self._skipped += 1
+            return False
+        self.hits += 1
+        return True
+
+    def __repr__(self) -> str:
+        return (
+            f"Fault(operation={self.operation!r}, kind={self.kind!r}, times={self.times}, "
+            f"skip={self.skip}, hits={self.hits})"
+        )
+
+
+def _validate_fault(operation: str, kind: str, times: Optional[int], skip: int,
+                    params: Mapping[str, Any]) -> None:
+    if operation != "*" and operation not in OPERATIONS:
+        raise ValueError(f"operation must be '*' or one of {', '.join(OPERATIONS)}")
+    if kind not in FAULT_KINDS:
+        raise ValueError(f"fault must be one of {', '.join(FAULT_KINDS)}")
+    if times is not None and (not _is_int(times) or times < 1):
+        raise ValueError("times must be a positive integer or None (forever)")
+    if not _is_int(skip) or skip < 0:
+        raise ValueError("skip must be a non-negative integer")
+    unknown = set(params) - set(_FAULT_PARAMS[kind])
+    if unknown:
+        raise ValueError(f"unknown parameters for fault {kind!r}: {', '.join(sorted(unknown))}")
+    status = params.get("status")
+    if status is not None and (not _is_int(status) or not 100 <= status <= 599):
+        raise ValueError("status must be an HTTP status code")
+    if kind == "status":
+        if status is None:
+            raise ValueError("fault 'status' needs status=")
+        needs_code = params.get("body") is None and status >= 400 and not params.get("error")
+        if needs_code and _default_error_code(status) is None:
+            raise ValueError(f"fault 'status' with status {status} needs error=")
+    if kind == "delay" and (not _is_int(params.get("delay_ms")) or params["delay_ms"] < 0):
+        raise ValueError("fault 'delay' needs delay_ms= (a non-negative integer)")
+    interval = params.get("interval_ms", 0)
+    if kind == "trickle" and (not _is_int(interval) or interval < 0):
+        raise ValueError("interval_ms must be a non-negative integer")
+
+
+class _FaultRegistry:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._faults: List[Fault] = []
+
+    def add(self, fault: Fault) -> None:
+        with self._lock:
+            self._faults.append(fault)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def take(self, operation: str) -> Optional[Fault]:
+        """The fault that applies to this request, if any (first registered wins)."""
+        with self._lock:
+            for fault in self._faults:
+                if fault.exhausted or fault.operation not in ("*", operation):
+                    continue
+                if fault._claim():
+                    return fault
+            self._faults = [f for f in self._faults if not f.exhausted]
+            return None
+
+
+@dataclass
+class _Plan:
+    """What the HTTP layer writes: a response (or nothing) and how."""
+
+    response: Optional[_Response]
+    applied: bool = False
+    close_after: bool = False
+    trickle_interval_ms: Optional[int] = None
+
+
+def _plan_response(
+    fault: Optional[Fault],
+    run: Callable[[], _Response],
+    request: _Request,
+    location_base: str,
+    wait: Callable[[float], bool],
+) -> _Plan:
+    """Apply ``fault`` (or none) around running the operation."""
+    if fault is None:
+        response = run()
+        return _Plan(response, applied=response.applied)
+    kind, params = fault.kind, fault.params
+    if kind == "drop":
+        return _Plan(None)
+    if kind == "status":
+        return _Plan(_status_fault_response(params, request))
+    if kind == "html":
+        status = int(params.get("status", 502))
+        page = _PROXY_PAGE.format(status=status).encode("ascii")
+        return _Plan(_Response(status, raw=page, content_type="text/html"))
+    if kind == "redirect":
+        status = int(params.get("status", 307))
+        target = str(params.get("location") or location_base + (request.target or request.path))
+        return _Plan(_Response(status, raw=b"", headers=[("Location", target)]))
+    if kind == "delay":
+        wait(int(params["delay_ms"]) / 1000.0)
+    if kind == "malformed" and not params.get("apply", True):
+        response = _Response(200, raw=b"", applied=False)
+    else:
+        response = run()
+    applied = response.applied
+    if kind == "lost_response":
+        return _Plan(None, applied=applied)
+    if kind == "nonconformant":
+        body = dict(response.body or {})
+        for name in params.get("drop_fields") or ():
+            body.pop(name, None)
+        body.update(params.get("set_fields") or {})
+        response.body = body
+        response.status = int(params.get("status", response.status))
+        response.headers.extend((params.get("headers") or {}).items())
+    if kind == "malformed":
+        whole = response.payload() or b'{"status":"COMMITTED","charged":{"unit":"USD'
+        response.raw = whole[: max(1, len(whole) // 2)]
+        response.status = int(params.get("status", 200))
+        response.content_type = "application/json"
+    if kind == "trickle":
+        return _Plan(response, applied, trickle_interval_ms=int(params.get("interval_ms", 100)))
+    return _Plan(response, applied, close_after=kind == "close_after")
+
+
+def _status_fault_response(params: Mapping[str, Any], request: _Request) -> _Response:
+    status = int(params["status"])
+    headers = list((params.get("headers") or {}).items())
+    body = params.get("body")
+    content_type = str(params.get("content_type") or "application/json")
+    if body is None and status >= 400:
+        code = params.get("error") or _default_error_code(status) or "INTERNAL_ERROR"
+        message = params.get("message") or f"Injected {status} response"
+        response = _error_response(status, str(code), str(message), request)
+        response.headers = headers
+        return response
+    if body is None:
+        return _Response(status, raw=b"", headers=headers, content_type=content_type)
+    if isinstance(body, dict):
+        return _Response(
+            status, body=copy.deepcopy(body), headers=headers, content_type=content_type
+        )
+    raw = body.encode("utf-8") if isinstance(body, str) else bytes(body)
+    return _Response(status, raw=raw, headers=headers, content_type=content_type)
+
+
+# =============================================================================
+# HTTP layer
+# =============================================================================
+
+
+@dataclass(repr=False)
+class LoggedRequest:
+    """One request as the server saw it (secret header values are redacted in repr)."""
+
+    method: str
+    path: str
+    query: Dict[str, str]
+    headers: Dict[str, str]
+    body: Any
+    raw_body: bytes
+    status: Optional[int]
+    response_body: Any
+    operation: str
+    fault: Optional[str]
+    applied: bool
+    time_ms: int
+    request_id: str = ""
+    trace_id: str = ""
+    tenant: Optional[str] = None
+
+    def __repr__(self) -> str:
+        shown = {k: ("<redacted>" if k in _SECRET_HEADERS else v) for k, v in self.headers.items()}
+        return (
+            f"LoggedRequest(method={self.method!r}, path={self.path!r}, "
+            f"operation={self.operation!r}, status={self.status!r}, fault={self.fault!r}, "
+            f"applied={self.applied!r}, headers={shown!r}, body={self.body!r})"
+        )
+
+
+class _BodyError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class _Connection:
+    """A client socket and whether it sits idle between requests."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lock = threading.Lock()
+        self.idle = True
+
+    def shutdown(self) -> None:
+        # socket.socket.shutdown, not SSLSocket.shutdown: leave the TLS object
+        # to the handler thread that may be blocked reading it.
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 128
+    allow_reuse_address = True
+    timeout = 1.0  # bounds handle_request()'s own wait should readiness be spurious
+
+    def __init__(self, address: Tuple[str, int], owner: LocalCyclesServer) -> None:
+        self.owner = owner
+        self.connections: Dict[int, _Connection] = {}
+        self.handler_threads: Set[threading.Thread] = set()
+        self.registry_lock = threading.Lock()
+        self.accepted = 0
+        self._stop_requested = False
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, _Handler)
+        self._wake_reader, self._wake_writer = socket.socketpair()
+
+    def serve_until_stopped(self) -> None:
+        """Accept connections until request_stop(); never polls while idle."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.socket, selectors.EVENT_READ)
+            selector.register(self._wake_reader, selectors.EVENT_READ)
+            while not self._stop_requested:
+                for key, _ in selector.select():
+                    if key.fileobj is self.socket and not self._stop_requested:
+                        self.handle_request()  # the socket is readable: accepts at once
+
+    def request_stop(self) -> None:
+        self._stop_requested = True
+        with contextlib.suppress(OSError):
+            self._wake_writer.send(b"x")
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._wake_reader.close()
+        self._wake_writer.close()
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind resolves the host's FQDN, which can stall on DNS.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        connection = _Connection(request)
+        thread = threading.Thread(
+            target=self._serve_connection,
+            args=(request, client_address),
+            name=f"cycles-lite-conn-{self.accepted + 1}",
+            daemon=True,
+        )
+        with self.registry_lock:
+            self.accepted += 1
+            self.connections[id(request)] = connection
+            self.handler_threads.add(thread)
+        thread.start()
+
+    def _serve_connection(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:  # a broken connection must not kill the server
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            with self.registry_lock:
+                self.connections.pop(id(request), None)
+                self.handler_threads.discard(threading.current_thread())
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            return
+        self.owner._log_line(f"internal error while serving {client_address}: {error!r}")
+
+    def connection_for(self, request: Any) -> _Connection:
+        with self.registry_lock:
+            return self.connections.get(id(request)) or _Connection(request)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    server_version = "cycles-lite-server/" + __version__
+    sys_version = ""
+    server: _HTTPServer
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    def setup(self) -> None:
+        self.conn = self.server.connection_for(self.request)
+        self.tls_failed = False
+        context = self.server.owner._ssl_context
+        if context is not None:
+            raw = self.request
+            try:
+                raw.settimeout(_TLS_HANDSHAKE_TIMEOUT_S)
+                self.request = context.wrap_socket(raw, server_side=True)
+                self.request.settimeout(None)
+                self.conn.sock = self.request
+            except (OSError, ValueError):
+                self.tls_failed = True
+                self.request = raw
+        super().setup()
+
+    def handle(self) -> None:
+        if not self.tls_failed:
+            super().handle()
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            if self.server.owner._ssl_context is not None and not self.tls_failed:
+                self.request.close()
+
+    def parse_request(self) -> bool:
+        with self.conn.lock:
+            self.conn.idle = False
+        return bool(super().parse_request())
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Silence http.server's stderr logging; requests are logged by _serve."""
+
+    def do_GET(self) -> None:
+        self._serve()
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_GET
+
+    def send_error(
+        self, code: int, message: Optional[str] = None, explain: Optional[str] = None
+    ) -> None:
+        """Errors raised by http.server itself (bad request line, ...) as ErrorResponses."""
+        self.close_connection = True
+        headers = getattr(self, "headers", None)
+        request = _Request(
+            method=getattr(self, "command", None) or "",
+            path="",
+            query={},
+            headers={},
+            raw_body=b"",
+            request_id=str(uuid.uuid4()),
+            trace_id=_extract_trace_id(
+                headers.get("traceparent") if headers else None,
+                headers.get("x-cycles-trace-id") if headers else None,
+            ),
+        )
+        code_name = _default_error_code(code) or "INVALID_REQUEST"
+        response = _error_response(code, code_name, message or "Bad request", request)
+        with contextlib.suppress(OSError):
+            self._write(response, request)
+
+    # -- request cycle ---------------------------------------------------------
+
+    def _serve(self) -> None:
+        owner = self.server.owner
+        started = time.perf_counter()
+        split = urlsplit(self.path)
+        headers: Dict[str, str] = {}
+        for name, value in self.headers.items():
+            headers.setdefault(name.lower(), value)
+        request = _Request(
+            method=self.command,
+            path=split.path,
+            query=parse_qs(split.query, keep_blank_values=True),
+            headers=headers,
+            raw_body=b"",
+            request_id=str(uuid.uuid4()),
+            trace_id=_extract_trace_id(
+                headers.get("traceparent"), headers.get("x-cycles-trace-id")
+            ),
+            target=self.path,
+        )
+        route = _resolve_route(self.command, split.path)
+        entry = LoggedRequest(
+            method=self.command,
+            path=split.path,
+            query={name: values[0] for name, values in request.query.items()},
+            headers=dict(headers),
+            body=None,
+            raw_body=b"",
+            status=None,
+            response_body=None,
+            operation=route.operation if route else "unknown",
+            fault=None,
+            applied=False,
+            time_ms=owner.clock.now_ms(),
+            request_id=request.request_id,
+            trace_id=request.trace_id,
+        )
+        try:
+            plan = self._plan(route, request, entry)
+        except Exception as error:  # answer 500, never kill the thread
+            owner._log_line(f"internal error on {self.command} {split.path}: {error!r}")
+            plan = _Plan(_error_response(500, "INTERNAL_ERROR", "Internal server error", request))
+        response = plan.response
+        entry.applied = plan.applied
+        if response is not None:
+            entry.status = response.status
+            entry.tenant = response.tenant
+            entry.response_body = _logged_json(response)
+        owner._record(entry, (time.perf_counter() - started) * 1000.0)
+        if response is None:
+            self.close_connection = True
+            return
+        self._write(response, request, plan.trickle_interval_ms)
+        if plan.close_after:
+            self.close_connection = True
+
+    def _plan(self, route: Optional[_Route], request: _Request, entry: LoggedRequest) -> _Plan:
+        owner = self.server.owner
+        try:
+            request.raw_body = self._read_body()
+        except _BodyError as error:
+            self.close_connection = True
+            return _Plan(_error_response(error.status, "INVALID_REQUEST", error.message, request))
+        entry.raw_body = request.raw_body
+        entry.body = _try_json(request.raw_body)
+        fault = owner._faults.take(entry.operation)
+        entry.fault = fault.kind if fault else None
+
+        def run() -> _Response:
+            if route is None:
+                return _error_response(404, "NOT_FOUND", f"No route for {request.path}", request)
+            return owner._api.handle(route, request)
+
+        return _plan_response(fault, run, request, owner._redirect_base(), owner._stopping.wait)
+
+    def _read_body(self) -> bytes:
+        limit = self.server.owner._max_body_bytes
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return self._read_chunked(limit)
+        length_text = self.headers.get("Content-Length")
+        if length_text is None:
+            return b""
+        if not length_text.strip().isdigit():
+            raise _BodyError(400, "Content-Length is not a valid number")
+        length = int(length_text)
+        if length > limit:
+            # Drain a moderately oversized body so the client reads the 413
+            # instead of a TCP reset; give up on anything huge.
+            if length <= _MAX_DRAIN_BYTES:
+                while length > 0:
+                    chunk = self.rfile.read(min(length, 65536))
+                    if not chunk:
+                        break
+                    length -= len(chunk)
+            raise _BodyError(413, f"request body exceeds {limit} bytes")
+        data = self.rfile.read(length)
+        if len(data) != length:
+            raise _BodyError(400, "request body ended early")
+        return data
+
+    def _read_chunked(self, limit: int) -> bytes:
+        chunks: List[bytes] = []
+        total = 0
+        while True:
+            line = self.rfile.readline(1026)
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise _BodyError(400, "malformed chunked body") from None
+            if size == 0:
+                while self.rfile.readline(1026) not in (b"\r\n", b"\n", b""):
+                    pass
+                return b"".join(chunks)
+            total += size
+            if total > limit:
+                raise _BodyError(413, f"request body exceeds {limit} bytes")
+            chunk = self.rfile.read(size)
+            if len(chunk) != size or self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                raise _BodyError(400, "malformed chunked body")
+            chunks.append(chunk)
+
+    def _write(
+        self, response: _Response, request: _Request, trickle_interval_ms: Optional[int] = None
+    ) -> None:
+        payload = response.payload()
+        self.send_response(response.status)
+        header_names = {name.lower() for name, _ in response.headers}
+        defaults = [
+            ("Content-Type", response.content_type),
+            ("Content-Length", str(len(payload))),
+            ("X-Request-Id", request.request_id),
+            ("X-Cycles-Trace-Id", request.trace_id),
+            ("X-RateLimit-Remaining", "-1"),
+            ("X-RateLimit-Reset", "0"),
+        ]
+        if response.tenant is not None:
+            defaults.append(("X-Cycles-Tenant", response.tenant))
+        for name, value in defaults:
+            if name.lower() not in header_names:
+                self.send_header(name, value)
+        for name, value in response.headers:
+            self.send_header(name, str(value))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        if self.command == "HEAD":
+            payload = b""
+        try:
+            if trickle_interval_ms is not None and len(payload) > 1:
+                self.end_headers()
+                payload = self._trickle(payload, trickle_interval_ms / 1000.0)
+                with self.conn.lock:
+                    self.wfile.write(payload)
+                    self.conn.idle = True
+                return
+            with self.conn.lock:
+                self.end_headers()
+                self.wfile.write(payload)
+                self.conn.idle = True
+        except OSError:
+            self.close_connection = True
+
+    def _trickle(self, payload: bytes, interval_s: float) -> bytes:
+        """Send all but the last byte slowly; returns what is left to send."""
+        stopping = self.server.owner._stopping
+        for index in range(len(payload) - 1):
+            if stopping.wait(interval_s):
+                raise ConnectionAbortedError("server stopping")
+            self.wfile.write(payload[index:index + 1])
+        return payload[-1:]
+
+
+def _try_json(raw: bytes) -> Any:
+    if not raw:
+        return None
+    try:
+        return _parse_json(raw)
+    except ValueError:
+        return None
+
+
+def _logged_json(response: _Response) -> Any:
+    if response.raw is not None:
+        return _try_json(response.raw)
+    return copy.deepcopy(response.body)
+
+
+# =============================================================================
+# Public API: LocalCyclesServer
+# =============================================================================
+
+
+class LocalCyclesServer:
+    """An in-memory Cycles server on a background thread; see the module docstring.
+
+    Tenants: ``{"acme": "ACTIVE"}`` or ``{"acme": {"status": "CLOSED",
+    "default_ttl_ms": ..., "max_ttl_ms": ..., "max_extensions": ...,
+    "default_overage_policy": ..., "default_grace_ms": ...}}``. Budgets: a list
+    of ``{"scope", "unit", "allocated", ...}`` dicts with the keyword fields
+    of :meth:`add_budget`.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        ssl_context: Optional[ssl.SSLContext] = None,
+        api_keys: Optional[Mapping[str, str]] = None,
+        admin_keys: Optional[Iterable[str]] = None,
+        tenants: Optional[Mapping[str, Union[str, Mapping[str, Any]]]] = None,
+        budgets: Optional[Iterable[Mapping[str, Any]]] = None,
+        default_ttl_ms: int = DEFAULT_TTL_MS,
+        max_ttl_ms: int = DEFAULT_MAX_TTL_MS,
+        default_grace_ms: int = DEFAULT_GRACE_MS,
+        max_extensions: int = DEFAULT_MAX_EXTENSIONS,
+        default_overage_policy: str = DEFAULT_OVERAGE_POLICY,
+        log_stream: Optional[IO[str]] = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        max_logged_requests: int = MAX_LOGGED_REQUESTS,
+    ) -> None:
+        _check_amount("default_ttl_ms", default_ttl_ms, minimum=1)
+        _check_amount("max_ttl_ms", max_ttl_ms, minimum=1)
+        _check_amount("default_grace_ms", default_grace_ms)
+        _check_amount("max_extensions", max_extensions)
+        _check_amount("max_body_bytes", max_body_bytes, minimum=1)
+        _check_amount("max_logged_requests", max_logged_requests)
+        _check_choice("default_overage_policy", default_overage_policy, OVERAGE_POLICIES)
+        self._host = host
+        self._requested_port = port
+        self._ssl_context = ssl_context
+        self._log_stream = log_stream
+        self._max_body_bytes = max_body_bytes
+        self.clock = Clock()
+        self._ledger = _Ledger(
+            self.clock, default_ttl_ms, max_ttl_ms, default_grace_ms, max_extensions,
+            default_overage_policy,
+        )
+        self._api = _Api(self._ledger)
+        self._faults = _FaultRegistry()
+        self._log_lock = threading.Lock()
+        self._requests: Deque[LoggedRequest] = collections.deque(maxlen=max_logged_requests)
+        self._stopping = threading.Event()
+        self._httpd: Optional[_HTTPServer] = None
+        self._thread: Optional[threading.Thread] = None
+        for name, spec in (tenants or {}).items():
+            if isinstance(spec, str):
+                self.add_tenant(name, spec)
+            else:
+                policy = dict(spec)
+                self.add_tenant(name, policy.pop("status", "ACTIVE"), **policy)
+        for key, tenant in (api_keys or {}).items():
+            self.add_api_key(key, tenant)
+        for key in admin_keys or ():
+            self.add_admin_key(key)
+        for spec in budgets or ():
+            fields = dict(spec)
+            if "scope" not in fields:
+                raise ValueError("every budget needs a scope")
+            self.add_budget(fields.pop("scope"), fields.pop("unit", DEFAULT_UNIT),
+                            fields.pop("allocated", 0), **fields)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> LocalCyclesServer:
+        """Bind and serve on a daemon thread; returns self."""
+        if self._httpd is not None:
+            raise RuntimeError("server already started")
+        self._stopping.clear()
+        httpd = _HTTPServer((self._host, self._requested_port), self)
+        self._httpd = httpd
+        self._thread = threading.Thread(
+            target=httpd.serve_until_stopped, name="cycles-lite-server", daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, close every socket and wait briefly for handler threads."""
+        httpd, thread = self._httpd, self._thread
+        if httpd is None or thread is None:
+            return
+        self._stopping.set()
+        httpd.request_stop()
+        thread.join()
+        httpd.server_close()
+        deadline = time.monotonic() + _STOP_JOIN_TIMEOUT_S
+        with httpd.registry_lock:
+            connections = list(httpd.connections.values())
+            threads = list(httpd.handler_threads)
+        for connection in connections:
+            connection.shutdown()
+        for handler in threads:
+            handler.join(max(0.0, deadline - time.monotonic()))
+        self._httpd = None
+        self._thread = None
+
+    def __enter__(self) -> LocalCyclesServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        if self._httpd is not None:
+            return int(self._httpd.server_address[1])
+        return self._requested_port
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self._ssl_context is not None else "http"
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"{scheme}://{host}:{self.port}"
+
+    def __repr__(self) -> str:
+        state = "running" if self._httpd is not None else "stopped"
+        return f"LocalCyclesServer(url={self.url!r}, {state})"
+
+    # -- connections -----------------------------------------------------------
+
+    @property
+    def connections_accepted(self) -> int:
+        """TCP connections accepted since start."""
+        httpd = self._httpd
+        if httpd is None:
+            return 0
+        with httpd.registry_lock:
+            return httpd.accepted
+
+    def close_idle_connections(self) -> int:
+        """Close every kept-alive connection waiting for its next request."""
+        httpd = self._httpd
+        if httpd is None:
+            return 0
+        with httpd.registry_lock:
+            connections = list(httpd.connections.values())
+        closed = 0
+        for connection in connections:
+            with connection.lock:
+                if connection.idle:
+                    connection.shutdown()
+                    closed += 1
+        return closed
+
+    # -- request log -----------------------------------------------------------
+
+    @property
+    def requests(self) -> List[LoggedRequest]:
+        with self._log_lock:
+            return list(self._requests)
+
+    def requests_for(self, operation: str) -> List[LoggedRequest]:
+        with self._log_lock:
+            return [r for r in self._requests if r.operation == operation]
+
+    def clear_requests(self) -> None:
+        with self._log_lock:
+            self._requests.clear()
+
+    def _record(self, entry: LoggedRequest, elapsed_ms: float) -> None:
+        with self._log_lock:
+            self._requests.append(entry)
+        status = "dropped" if entry.status is None else str(entry.status)
+        extras = f" fault={entry.fault}" if entry.fault else ""
+        self._log_line(
+            f"{entry.method} {entry.path} {status} op={entry.operation} "
+            f"tenant={entry.tenant or '-'} {elapsed_ms:.1f}ms id={entry.request_id}{extras}"
+        )
+
+    def _log_line(self, line: str) -> None:
+        stream = self._log_stream
+        if stream is None:
+            return
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+        with self._log_lock:
+            try:
+                stream.write(f"{stamp}Z {line}\n")
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+
+    # -- fault injection -------------------------------------------------------
+
+    def inject(
+        self, operation: str, fault: str, *, times: Optional[int] = 1, skip: int = 0, **params: Any
+    ) -> Fault:
+        """Apply ``fault`` to the next ``times`` ``operation`` requests after ``skip``."""
+        _validate_fault(operation, fault, times, skip, params)
+        injected = Fault(operation, fault, times, skip, dict(params))
+        self._faults.add(injected)
+        return injected
+
+    def clear_faults(self) -> None:
+        self._faults.clear()
+
+    def _redirect_base(self) -> str:
+        scheme = "https" if self._ssl_context is not None else "http"
+        return f"{scheme}://127.0.0.2:{self.port}"
+
+    # -- seeding and inspection ------------------------------------------------
+
+    def add_tenant(self, tenant: str, status: str = "ACTIVE", **policy: Any) -> None:
+        self._ledger.add_tenant(tenant, status, **policy)
+
+    def set_tenant_status(self, tenant: str, status: str) -> None:
+        self._ledger.set_tenant_status(tenant, status)
+
+    def add_api_key(self, key: str, tenant: str) -> None:
+        self._ledger.add_api_key(key, tenant)
+
+    def remove_api_key(self, key: str) -> None:
+        self._ledger.remove_api_key(key)
+
+    def add_admin_key(self, key: str) -> None:
+        self._ledger.add_admin_key(key)
+
+    def remove_admin_key(self, key: str) -> None:
+        self._ledger.remove_admin_key(key)
+
+    def add_budget(
+        self,
+        scope: str,
+        unit: str = DEFAULT_UNIT,
+        allocated: int = 0,
+        *,
+        overdraft_limit: int = 0,
+        status: str = "ACTIVE",
+        caps: Optional[Mapping[str, Any]] = None,
+        debt: int = 0,
+        spent: int = 0,
+        is_over_limit: bool = False,
+    ) -> None:
+        self._ledger.add_budget(
+            scope, unit, allocated, overdraft_limit=overdraft_limit, status=status,
+            caps=dict(caps) if caps is not None else None, debt=debt, spent=spent,
+            is_over_limit=is_over_limit,
+        )
+
+    def set_budget(self, scope: str, unit: str = DEFAULT_UNIT, **fields: Any) -> None:
+        """Overwrite budget fields (status, allocated, caps, debt, spent,
+        overdraft_limit, is_over_limit); remaining is recomputed."""
+        self._ledger.set_budget(scope, unit, fields)
+
+    def fund(self, scope: str, amount: int, unit: str = DEFAULT_UNIT) -> None:
+        """Add funds the way the admin plane does: debt is repaid first."""
+        self._ledger.fund(scope, unit, amount)
+
+    def balance(self, scope: str, unit: str = DEFAULT_UNIT) -> JsonObject:
+        return self._ledger.balance(scope, unit)
+
+    def reservation(self, reservation_id: str) -> Optional[JsonObject]:
+        return self._ledger.reservation(reservation_id)
+
+    @property
+    def events(self) -> List[JsonObject]:
+        return self._ledger.events()
+
+    def check_invariants(self) -> None:
+        """AssertionError unless every budget keeps the ledger invariant."""
+        self._ledger.check_invariants()
+
+
+# =============================================================================
+# Command line
+# =============================================================================
+
+
+def _parse_budget_flag(text: str) -> JsonObject:
+    scope, sep, rest = text.partition("=")
+    if not sep:
+        raise ValueError(f"--budget {text!r}: expected SCOPE=UNIT:AMOUNT")
+    unit, _, amount = rest.rpartition(":")
+    if not amount.isdigit():
+        raise ValueError(f"--budget {text!r}: amount must be a non-negative integer")
+    return {"scope": scope, "unit": unit or DEFAULT_UNIT, "allocated": int(amount)}
+
+
+def _build_from_cli(argv: Optional[Sequence[str]], stream: IO[str]) -> LocalCyclesServer:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python3 -m cycles_lite_server",
+        description="Run a local in-memory Cycles server.",
+    )
+    parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="port (default 7878; 0 = any)")
+    parser.add_argument("--config", help="JSON file with LocalCyclesServer arguments")
+    parser.add_argument("--api-key", action="append", default=[], metavar="KEY=TENANT",
+                        help="visible in the process list; prefer --config for real keys")
+    parser.add_argument("--admin-key", action="append", default=[], metavar="KEY")
+    parser.add_argument("--tenant", action="append", default=[], metavar="TENANT[=STATUS]")
+    parser.add_argument("--budget", action="append", default=[], metavar="SCOPE=UNIT:AMOUNT")
+    parser.add_argument("--default-ttl-ms", type=int)
+    parser.add_argument("--max-ttl-ms", type=int)
+    parser.add_argument("--grace-ms", type=int, dest="default_grace_ms")
+    parser.add_argument("--max-extensions", type=int)
+    parser.add_argument("--quiet", action="store_true", help="do not log requests")
+    args = parser.parse_args(argv)
+
+    config: JsonObject = {}
+    if args.config:
+        with open(args.config, encoding="utf-8") as handle:
+            loaded = json.load(handle)
+        if not isinstance(loaded, dict):
+            parser.error("--config must hold a JSON object")
+        config = loaded
+    tenants: Dict[str, Any] = dict(config.pop("tenants", {}))
+    for text in args.tenant:
+        name, _, status = text.partition("=")
+        tenants[name] = status or "ACTIVE"
+    api_keys: Dict[str, str] = dict(config.pop("api_keys", {}))
+    for text in args.api_key:
+        key, sep, tenant = text.rpartition("=")
+        if not sep or not key or not tenant:
+            parser.error("--api-key expects KEY=TENANT")
+        api_keys[key] = tenant
+    budgets = list(config.pop("budgets", []))
+    try:
+        budgets.extend(_parse_budget_flag(text) for text in args.budget)
+    except ValueError as exc:
+        parser.error(str(exc))
+    admin_keys = list(config.pop("admin_keys", [])) + list(args.admin_key)
+    for name in ("default_ttl_ms", "max_ttl_ms", "default_grace_ms", "max_extensions"):
+        if getattr(args, name) is not None:
+            config[name] = getattr(args, name)
+    host = args.host or config.pop("host", "127.0.0.1")
+    port = args.port if args.port is not None else config.pop("port", 7878)
+    config.pop("host", None)
+    config.pop("port", None)
+    return LocalCyclesServer(
+        host, port, api_keys=api_keys, admin_keys=admin_keys, tenants=tenants,
+        budgets=budgets, log_stream=None if args.quiet else stream, **config,
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the server until Ctrl-C or SIGTERM; returns the exit status."""
+    import signal
+
+    stream = sys.stdout
+    try:
+        server = _build_from_cli(argv, stream)
+    except (ValueError, TypeError, KeyError, OSError) as exc:
+        print(f"cycles_lite_server: {exc}", file=sys.stderr)
+        return 2
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        server.start()
+    except OSError as exc:
+        print(f"cycles_lite_server: cannot listen: {exc}", file=sys.stderr)
+        return 2
+    print(f"Cycles local server listening on {server.url} (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        # A second Ctrl-C or SIGTERM must not interrupt the clean shutdown.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        server.stop()
+        signal.signal(signal.SIGTERM, previous)
+    print("Cycles local server stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
