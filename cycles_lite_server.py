@@ -2849,7 +2849,11 @@ def _build_from_cli(argv: Optional[Sequence[str]], stream: IO[str]) -> LocalCycl
     parser.add_argument("--grace-ms", type=int, dest="default_grace_ms")
     parser.add_argument("--max-extensions", type=int)
     parser.add_argument("--quiet", action="store_true", help="do not log requests")
+    parser.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate chain")
+    parser.add_argument("--tls-key", metavar="PEM", help="private key for --tls-cert")
     args = parser.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
 
     config: JsonObject = {}
     if args.config:
@@ -2881,10 +2885,20 @@ def _build_from_cli(argv: Optional[Sequence[str]], stream: IO[str]) -> LocalCycl
     port = args.port if args.port is not None else config.pop("port", 7878)
     config.pop("host", None)
     config.pop("port", None)
+    if args.tls_cert:
+        config["ssl_context"] = _server_tls_context(args.tls_cert, args.tls_key)
     return LocalCyclesServer(
         host, port, api_keys=api_keys, admin_keys=admin_keys, tenants=tenants,
         budgets=budgets, log_stream=None if args.quiet else stream, **config,
     )
+
+
+def _server_tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    import ssl as ssl_module
+
+    context = ssl_module.SSLContext(ssl_module.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    return context
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -2894,7 +2908,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     stream = sys.stdout
     try:
         server = _build_from_cli(argv, stream)
-    except (ValueError, TypeError, KeyError, OSError) as exc:
+    except (ValueError, TypeError, KeyError, OSError) as exc:  # ssl.SSLError is an OSError
         print(f"cycles_lite_server: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,359 @@
+#!/usr/bin/env python3
+"""Benchmark cycles_lite against the official client ``runcycles`` in the same run.
+
+Run it with ``make bench`` (which installs runcycles into a throwaway venv). Every
+number is measured in this run, on this machine, against one local
+``cycles_lite_server`` started as a separate process, so that the client's CPU time
+is the client's alone. Results are ratios, never absolute targets.
+
+What is measured:
+
+- import time of each client in a fresh interpreter (median of several runs);
+- N sequential create+commit pairs through each client's low-level API, over HTTP
+  and HTTPS, with a floor: the same requests sent with raw ``http.client`` on one
+  kept-alive connection;
+- N decorated calls (``@cycles`` on a trivial function): latency, client CPU and
+  threads started per call, with and without the commit journal.
+
+Usage: ``python bench_cycles_lite.py [--pairs N] [--calls N] [--json FILE]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+API_KEY = "bench-key"
+TENANT = "bench"
+CLIENTS = ("cycles_lite", "runcycles")
+
+
+# ---------------------------------------------------------------------------
+# Workers: each runs in a fresh interpreter and prints one JSON line.
+# ---------------------------------------------------------------------------
+
+def _import_client(name: str) -> Any:
+    if name == "cycles_lite":
+        sys.path.insert(0, HERE)
+    return __import__(name)
+
+
+def _worker_import(name: str) -> Dict[str, Any]:
+    before = set(sys.modules)
+    start = time.perf_counter()
+    _import_client(name)
+    elapsed = time.perf_counter() - start
+    return {"seconds": elapsed, "modules": len(set(sys.modules) - before)}
+
+
+def _config(lib: Any, url: str, journal: bool) -> Any:
+    return lib.CyclesConfig(
+        base_url=url, api_key=API_KEY, tenant=TENANT,
+        journal_enabled=journal, journal_dir=tempfile.mkdtemp(prefix="bench-journal-"),
+    )
+
+
+def _worker_pairs(name: str, url: str, pairs: int) -> Dict[str, Any]:
+    lib = _import_client(name)
+    client = lib.CyclesClient(_config(lib, url, journal=False))
+    subject = lib.Subject(tenant=TENANT, agent="bench")
+    action = lib.Action(kind="llm.completion", name="bench-model")
+
+    def one_pair(i: int) -> None:
+        created = client.create_reservation(lib.ReservationCreateRequest(
+            idempotency_key=f"{name}-c-{i}-{time.time_ns()}", subject=subject, action=action,
+            estimate=lib.Amount(unit=lib.Unit.USD_MICROCENTS, amount=1000), ttl_ms=60_000,
+        ))
+        rid = created.get_body_attribute("reservation_id")
+        committed = client.commit_reservation(rid, lib.CommitRequest(
+            idempotency_key=f"{name}-m-{i}-{time.time_ns()}",
+            actual=lib.Amount(unit=lib.Unit.USD_MICROCENTS, amount=900),
+        ))
+        if not committed.is_success:
+            raise RuntimeError(f"commit failed: {committed.status} {committed.body}")
+
+    return _timed_loop(one_pair, pairs, close=client.close)
+
+
+def _worker_decorated(name: str, url: str, calls: int, journal: bool) -> Dict[str, Any]:
+    import threading
+
+    lib = _import_client(name)
+    client = lib.CyclesClient(_config(lib, url, journal=journal))
+    started = [0]
+    original_start = threading.Thread.start
+
+    def counting_start(self: threading.Thread) -> None:
+        started[0] += 1
+        original_start(self)
+
+    threading.Thread.start = counting_start  # type: ignore[method-assign]
+
+    @lib.cycles(estimate=1000, actual=900, action_kind="llm.completion",
+                action_name="bench-model", agent="bench", client=client)
+    def guarded() -> str:
+        return "ok"
+
+    result = _timed_loop(lambda i: guarded(), calls, close=client.close, count=started)
+    result["threads_per_call"] = result.pop("counted") / calls
+    return result
+
+
+def _worker_raw(url: str, pairs: int) -> Dict[str, Any]:
+    import http.client
+    import ssl
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            parts.hostname or "", parts.port, context=ssl.create_default_context())
+    else:
+        conn = http.client.HTTPConnection(parts.hostname or "", parts.port)
+    headers = {"Content-Type": "application/json", "X-Cycles-API-Key": API_KEY}
+
+    def post(path: str, body: Dict[str, Any]) -> Dict[str, Any]:
+        conn.request("POST", path, json.dumps(body).encode(), headers)
+        response = conn.getresponse()
+        data: Dict[str, Any] = json.loads(response.read())
+        return data
+
+    def one_pair(i: int) -> None:
+        stamp = time.time_ns()
+        created = post("/v1/reservations", {
+            "idempotency_key": f"raw-c-{i}-{stamp}",
+            "subject": {"tenant": TENANT, "agent": "bench"},
+            "action": {"kind": "llm.completion", "name": "bench-model"},
+            "estimate": {"unit": "USD_MICROCENTS", "amount": 1000}, "ttl_ms": 60_000,
+        })
+        post(f"/v1/reservations/{created['reservation_id']}/commit", {
+            "idempotency_key": f"raw-m-{i}-{stamp}",
+            "actual": {"unit": "USD_MICROCENTS", "amount": 900},
+        })
+
+    return _timed_loop(one_pair, pairs, close=conn.close)
+
+
+def _timed_loop(step: Any, n: int, close: Any, count: Optional[List[int]] = None) -> Dict[str, Any]:
+    for i in range(min(20, n)):  # warm-up: connections, lazy imports, first-call caches
+        step(-1 - i)
+    if count is not None:
+        count[0] = 0
+    latencies = []
+    cpu_start = time.process_time()
+    wall_start = time.perf_counter()
+    for i in range(n):
+        t0 = time.perf_counter()
+        step(i)
+        latencies.append(time.perf_counter() - t0)
+    wall = time.perf_counter() - wall_start
+    cpu = time.process_time() - cpu_start
+    close()
+    result = {
+        "median_ms": statistics.median(latencies) * 1000,
+        "p90_ms": sorted(latencies)[int(0.9 * (n - 1))] * 1000,
+        "cpu_ms_per_op": cpu / n * 1000,
+        "wall_s": wall,
+    }
+    if count is not None:
+        result["counted"] = count[0]
+    return result
+
+
+def _worker_main(argv: Sequence[str]) -> int:
+    kind, *rest = argv
+    if kind == "import":
+        out = _worker_import(rest[0])
+    elif kind == "pairs":
+        out = _worker_pairs(rest[0], rest[1], int(rest[2]))
+    elif kind == "decorated":
+        out = _worker_decorated(rest[0], rest[1], int(rest[2]), rest[3] == "journal")
+    elif kind == "raw":
+        out = _worker_raw(rest[0], int(rest[1]))
+    else:
+        raise SystemExit(f"unknown worker {kind}")
+    print(json.dumps(out))
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------
+
+def _run_worker(args: Sequence[str], env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    cmd = [sys.executable, "-E", "-s", os.path.abspath(__file__), "--worker", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {args} failed:\n{done.stderr[-3000:]}")
+    result: Dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+class _Server:
+    """cycles_lite_server in its own process, so client CPU is measured alone."""
+
+    def __init__(self, tls: Optional[tuple] = None) -> None:
+        cmd = [sys.executable, "-m", "cycles_lite_server", "--port", "0", "--quiet",
+               "--api-key", f"{API_KEY}={TENANT}",
+               "--budget", f"tenant:{TENANT}=USD_MICROCENTS:{10**15}"]
+        if tls:
+            cmd += ["--tls-cert", tls[0], "--tls-key", tls[1]]
+        self.proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        self.url = next(word for word in line.split() if word.startswith("http"))
+        if tls:  # the certificate is issued for "localhost"
+            self.url = self.url.replace("127.0.0.1", "localhost")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+
+def _make_cert(directory: str) -> Optional[tuple]:
+    if not shutil.which("openssl"):
+        return None
+    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+         "-keyout", key, "-out", cert],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+def _median_of(runs: List[Dict[str, Any]], key: str) -> float:
+    return statistics.median(run[key] for run in runs)
+
+
+def _compare(label: str, measure: Any, rounds: int) -> Dict[str, Dict[str, float]]:
+    """Alternate the clients round by round so drift hits both alike."""
+    runs: Dict[str, List[Dict[str, Any]]] = {name: [] for name in CLIENTS}
+    for _ in range(rounds):
+        for name in CLIENTS:
+            runs[name].append(measure(name))
+    summary = {}
+    for name in CLIENTS:
+        summary[name] = {key: _median_of(runs[name], key) for key in runs[name][0]}
+    print(f"  {label}: " + ", ".join(
+        f"{name} {summary[name].get('median_ms', summary[name].get('seconds', 0)):.3f}"
+        for name in CLIENTS), file=sys.stderr)
+    return summary
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "n/a"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--worker":
+        return _worker_main(argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=300)
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", help="also write the raw results to this file")
+    parser.add_argument("--skip-decorated", action="store_true",
+                        help="measure the low-level client only")
+    args = parser.parse_args(argv)
+    try:
+        import runcycles  # noqa: F401
+    except ImportError:
+        print("runcycles is not installed: run `make bench`", file=sys.stderr)
+        return 2
+
+    results: Dict[str, Any] = {}
+    rows: List[str] = []
+    print("measuring import time", file=sys.stderr)
+    imports = _compare("import", lambda name: _run_worker(["import", name]), rounds=7)
+    results["import"] = imports
+    rows.append(_row("import time (ms)", imports["cycles_lite"]["seconds"] * 1000,
+                     imports["runcycles"]["seconds"] * 1000))
+    rows.append(_row("modules loaded by import", imports["cycles_lite"]["modules"],
+                     imports["runcycles"]["modules"], digits=0))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tls = _make_cert(tmp)
+        schemes = [("http", None)] + ([("https", tls)] if tls else [])
+        for scheme, tls_files in schemes:
+            server = _Server(tls_files)
+            env = dict(os.environ, SSL_CERT_FILE=tls_files[0]) if tls_files else None
+            try:
+                print(f"measuring {scheme} create+commit pairs", file=sys.stderr)
+                pairs_args = ["pairs", "", server.url, str(args.pairs)]
+                pairs = _compare(
+                    f"{scheme} pairs",
+                    lambda name, a=pairs_args, e=env: _run_worker([a[0], name, *a[2:]], e),
+                    args.rounds)
+                floor = [_run_worker(["raw", server.url, str(args.pairs)], env)
+                         for _ in range(args.rounds)]
+                pairs["raw http.client"] = {"median_ms": _median_of(floor, "median_ms"),
+                                            "cpu_ms_per_op": _median_of(floor, "cpu_ms_per_op")}
+                results[f"pairs_{scheme}"] = pairs
+                rows.append(_row(f"create+commit over {scheme.upper()}, median ms",
+                                 pairs["cycles_lite"]["median_ms"], pairs["runcycles"]["median_ms"],
+                                 floor=pairs["raw http.client"]["median_ms"]))
+                rows.append(_row(f"create+commit over {scheme.upper()}, client CPU ms",
+                                 pairs["cycles_lite"]["cpu_ms_per_op"],
+                                 pairs["runcycles"]["cpu_ms_per_op"],
+                                 floor=pairs["raw http.client"]["cpu_ms_per_op"]))
+                if scheme == "http" and not args.skip_decorated:
+                    _decorated_rows(server.url, args, results, rows)
+            finally:
+                server.close()
+
+    table = _table(rows)
+    print(table)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2)
+    return 0
+
+
+def _decorated_rows(url: str, args: argparse.Namespace, results: Dict[str, Any],
+                    rows: List[str]) -> None:
+    for journal in ("journal", "nojournal"):
+        print(f"measuring decorated calls ({journal})", file=sys.stderr)
+        decorated = _compare(
+            f"decorated {journal}",
+            lambda name, j=journal: _run_worker(["decorated", name, url, str(args.calls), j]),
+            args.rounds)
+        results[f"decorated_{journal}"] = decorated
+        label = "with journal" if journal == "journal" else "journal off"
+        lite, official = decorated["cycles_lite"], decorated["runcycles"]
+        rows.append(_row(f"@cycles call ({label}), median ms",
+                         lite["median_ms"], official["median_ms"]))
+        rows.append(_row(f"@cycles call ({label}), client CPU ms",
+                         lite["cpu_ms_per_op"], official["cpu_ms_per_op"]))
+        rows.append(_row(f"@cycles call ({label}), threads started per call",
+                         lite["threads_per_call"], official["threads_per_call"], digits=2))
+
+
+def _row(label: str, lite: float, official: float, floor: Optional[float] = None,
+         digits: int = 3) -> str:
+    floor_cell = f"{floor:.{digits}f}" if floor is not None else ""
+    return (f"| {label} | {lite:.{digits}f} | {official:.{digits}f} | "
+            f"{_ratio(lite, official)} | {floor_cell} |")
+
+
+def _table(rows: List[str]) -> str:
+    head = ("| measure | cycles_lite | runcycles 0.5.3 | lite / official "
+            "| raw http.client floor |\n|---|---:|---:|---:|---:|")
+    return "\n".join([head, *rows])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
