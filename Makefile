@@ -7,6 +7,8 @@ BENCH_VENV ?= .venv-bench
 TESTS = test_cycles_lite_server test_cycles_lite
 PYENV_ROOT ?= $(HOME)/.pyenv
 PY_VERSIONS = 3.8 3.9 3.10 3.11 3.12 3.13
+SHARED ?= ../shared
+CONFORMANCE_VENV ?= .venv-conformance
 
 .PHONY: demo test test-all lint bench conformance package clean
 
@@ -43,6 +45,18 @@ $(BENCH_VENV)/.ok:
 bench: $(BENCH_VENV)/.ok
 	$(BENCH_VENV)/bin/python bench_cycles_lite.py
 
+$(CONFORMANCE_VENV)/.ok:
+	$(PYTHON) -m venv $(CONFORMANCE_VENV)
+	$(CONFORMANCE_VENV)/bin/python -m pip install -q --disable-pip-version-check pyyaml
+	touch $@
+
+# The protocol's official client-recovery runner (it needs PyYAML, from a throwaway
+# venv) runs our adapter once per scenario; the adapter runs the mapped native tests.
+conformance: $(CONFORMANCE_VENV)/.ok
+	$(CONFORMANCE_VENV)/bin/python $(SHARED)/reference/official/scripts/run_client_recovery_conformance.py \
+	  --claim durable --report-json recovery-conformance.json \
+	  --adapter $(PYTHON) conformance/cycles_lite_recovery_adapter.py
+
 # pip install . and a wheel build, in a throwaway venv.
 package:
 	rm -rf build dist /tmp/cycles-lite-pkg && $(PYTHON) -m venv /tmp/cycles-lite-pkg
@@ -53,4 +67,4 @@ package:
 	rm -rf build *.egg-info
 
 clean:
-	rm -rf $(DEV_VENV) $(BENCH_VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache __pycache__
+	rm -rf $(DEV_VENV) $(BENCH_VENV) $(CONFORMANCE_VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache __pycache__

@@ -46,6 +46,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote, urlencode, urlsplit
+import contextlib
+import stat
+import atexit
+import contextvars
+import functools
+import heapq
+import inspect
+import itertools
+import weakref
 
 # typing is for the type checker only: importing it would cost more than the
 # rest of this module's own setup (annotations are strings, never evaluated).
@@ -74,6 +83,16 @@ if TYPE_CHECKING:  # pragma: no cover
     # A field check: (dotted path, value, tolerant) -> normalised value, or _FieldError.
     _Check = Callable[[str, Any, bool], Any]
     _M = TypeVar("_M", bound="_Model")
+    from typing import Union
+    from typing import Generator
+
+    _T = TypeVar("_T")
+    _Guard = TypeVar("_Guard", bound="_Reservation")
+    _F = TypeVar("_F", bound=Callable[..., Any])
+    # A lifecycle step generator: yields effects, receives their results, returns _T.
+    _Steps = Generator["_Effect", Any, _T]
+    # CyclesClient._send's signature: (operation, method, path, *, body=None, ...).
+    _SendFn = Callable[..., "CyclesResponse"]
 
 __version__ = "0.1.0"
 
@@ -83,11 +102,18 @@ __all__ = [  # noqa: RUF022 - grouped as in runcycles
     "AsyncCyclesClient",
     # Config
     "CyclesConfig",
+    # Decorator
+    "cycles",
+    "set_default_client",
+    "set_default_config",
     # Context
     "CyclesContext",
+    "get_cycles_context",
     # Response
     "CyclesResponse",
     # Streaming
+    "StreamReservation",
+    "AsyncStreamReservation",
     "StreamUsage",
     # Exceptions
     "CyclesError",
@@ -137,18 +163,19 @@ __all__ = [  # noqa: RUF022 - grouped as in runcycles
     "BalanceResponse",
     # Beyond runcycles
     "ReservationEvidence",
-    # The guarded-execution issue adds the rest of runcycles' names:
-    # "cycles", "set_default_client", "set_default_config", "get_cycles_context",
-    # "StreamReservation", "AsyncStreamReservation".
+    "ReservationGuard",
+    "AsyncReservationGuard",
+    "RecoverySummary",
+    "flush",
 ]
 
 _log = logging.getLogger(__name__)
 _log.addHandler(logging.NullHandler())
 
 
-# ---------------------------------------------------------------------------
+# ===========================================================================
 # Constants
-# ---------------------------------------------------------------------------
+# ===========================================================================
 
 PROTOCOL_VERSION = "0.1.25.16"
 
@@ -249,9 +276,9 @@ def _new_key() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-# ---------------------------------------------------------------------------
+# ===========================================================================
 # Errors
-# ---------------------------------------------------------------------------
+# ===========================================================================
 
 
 class CyclesError(Exception):
@@ -417,9 +444,9 @@ def _is_int(value: Any, lo: int, hi: int) -> bool:
     return type(value) is int and lo <= value <= hi
 
 
-# ---------------------------------------------------------------------------
+# ===========================================================================
 # Models
-# ---------------------------------------------------------------------------
+# ===========================================================================
 
 
 class Unit(str, enum.Enum):
@@ -1361,7 +1388,11 @@ class CyclesContext:
     """The reservation a guarded call runs under (``get_cycles_context()``).
 
     ``metrics`` and ``commit_metadata`` are written by the guarded code and go
-    into the commit.
+    into the commit.  Beyond runcycles, the heartbeat reports on the lease here:
+    ``heartbeat_error`` is the last failed extend (None again after a success),
+    ``heartbeat_stopped`` why the heartbeat gave up (None while it runs), and
+    ``lease_lost`` is True once it gave up: the reservation will lapse (or already
+    did) if the work goes on.  Settlement still runs (heartbeat policy ``warn``).
     """
 
     reservation_id: str
@@ -1375,6 +1406,12 @@ class CyclesContext:
     balances: list[Balance] | None = None
     metrics: CyclesMetrics | None = None
     commit_metadata: dict[str, Any] | None = None
+    heartbeat_error: str | None = None
+    heartbeat_stopped: str | None = None
+
+    @property
+    def lease_lost(self) -> bool:
+        return self.heartbeat_stopped is not None
 
     def has_caps(self) -> bool:
         return self.caps is not None
@@ -1596,9 +1633,9 @@ def _is_schema_valid(operation: str, response: CyclesResponse) -> bool:
         return False
 
 
-# ---------------------------------------------------------------------------
+# ===========================================================================
 # Config
-# ---------------------------------------------------------------------------
+# ===========================================================================
 
 _TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 _FALSE_WORDS = frozenset({"0", "false", "no", "off"})
@@ -1753,6 +1790,11 @@ class CyclesConfig:
       current one (or None), sent on every request; ``trace_id``: a flat 32-hex id
       sent as ``X-Cycles-Trace-Id``.  Invalid values from the callable are dropped.
     * ``pool_maxsize``: idle keep-alive connections kept (0 disables keep-alive).
+    * ``commit_retry``: ``"background"`` (default: commit retries after the first
+      attempt run on one shared worker thread) or ``"inline"`` (every retry runs on
+      the caller before the guarded call returns; for AWS Lambda).
+    * ``journal_fsync``: fsync journal records and their directory (survives an OS
+      crash, not just a process crash; costs a disk flush per guarded call).
     """
 
     base_url: str
@@ -1787,6 +1829,8 @@ class CyclesConfig:
     traceparent: str | Callable[[], str | None] | None = None
     trace_id: str | None = None
     pool_maxsize: int = DEFAULT_POOL_MAXSIZE
+    commit_retry: str = "background"
+    journal_fsync: bool = False
 
     def __post_init__(self) -> None:
         _parse_base_url(self.base_url)
@@ -1822,6 +1866,11 @@ class CyclesConfig:
         )
         self.journal_enabled = _flag("journal_enabled", self.journal_enabled)
         self.journal_dir = _optional_path("journal_dir", self.journal_dir)
+        self.journal_fsync = _flag("journal_fsync", self.journal_fsync)
+        if self.commit_retry not in ("background", "inline"):
+            raise ValueError(
+                f"commit_retry: must be 'background' or 'inline', got {self.commit_retry!r}"
+            )
         self._check_transport_options()
 
     def _check_transport_options(self) -> None:
@@ -1871,7 +1920,7 @@ class CyclesConfig:
         RETRY_INITIAL_DELAY, RETRY_MULTIPLIER, RETRY_MAX_DELAY, RETRY_FLUSH_TIMEOUT,
         JOURNAL_ENABLED, JOURNAL_DIR, and beyond runcycles ADMIN_API_KEY,
         REQUEST_TIMEOUT, CA_BUNDLE, PROXY, USER_AGENT, TRACEPARENT, TRACE_ID,
-        POOL_MAXSIZE.  Empty values count as unset; booleans accept
+        POOL_MAXSIZE, COMMIT_RETRY, JOURNAL_FSYNC.  Empty values count as unset; booleans accept
         true/false/1/0/yes/no/on/off; a malformed value raises ValueError naming the variable.
         """
         env = _EnvReader(os.environ if environ is None else environ, prefix)
@@ -1911,6 +1960,8 @@ class CyclesConfig:
             traceparent=env.text("TRACEPARENT"),
             trace_id=env.text("TRACE_ID"),
             pool_maxsize=env.integer("POOL_MAXSIZE", DEFAULT_POOL_MAXSIZE),
+            commit_retry=env.text("COMMIT_RETRY") or "background",
+            journal_fsync=env.flag("JOURNAL_FSYNC", False),
         )
 
 
@@ -1962,9 +2013,9 @@ class _EnvReader:
         raise self._fail(name, "one of true/false/1/0/yes/no/on/off")
 
 
-# ---------------------------------------------------------------------------
+# ===========================================================================
 # Transport
-# ---------------------------------------------------------------------------
+# ===========================================================================
 #
 # Why not urllib.request's opener: it forces ``Connection: close`` (no keep-alive),
 # installs file:/ftp:/data: handlers, follows redirects while copying every header
@@ -2424,9 +2475,9 @@ def _perform(
     return _read_response(status, headers, body)
 
 
-# ---------------------------------------------------------------------------
+# ===========================================================================
 # Client
-# ---------------------------------------------------------------------------
+# ===========================================================================
 
 
 class _Call:
@@ -2684,6 +2735,18 @@ class CyclesClient:
         """Close idle pooled connections; the client cannot be used afterwards."""
         self._transport.close()
 
+    def recover(self, timeout: float | None = 30.0) -> RecoverySummary:
+        """Settle what the commit journal still holds for this client's identity (bounded)."""
+        return _recover(self, timeout)
+
+    def reserve(self, estimate: int | Amount, **options: Any) -> ReservationGuard:
+        """``with client.reserve(estimate, action_kind=..., ...) as r:`` (see ReservationGuard)."""
+        return ReservationGuard(self, estimate, **options)
+
+    def stream_reservation(self, **options: Any) -> StreamReservation:
+        """runcycles' ``with client.stream_reservation(...) as s:`` (see StreamReservation)."""
+        return StreamReservation(self, **options)
+
     def __enter__(self) -> CyclesClient:
         return self
 
@@ -2731,9 +2794,9 @@ class CyclesClient:
         return _perform(self._transport, prepared, deadline)
 
 
-# ---------------------------------------------------------------------------
+# ===========================================================================
 # Async client
-# ---------------------------------------------------------------------------
+# ===========================================================================
 
 _ASYNC_MAX_WORKERS = 8
 
@@ -2825,6 +2888,18 @@ class AsyncCyclesClient:
         if executor is not None:
             executor.shutdown(wait=False)
 
+    async def recover(self, timeout: float | None = 30.0) -> RecoverySummary:
+        """``CyclesClient.recover``, off the event loop."""
+        return await _recover_async(self, timeout)
+
+    def reserve(self, estimate: int | Amount, **options: Any) -> AsyncReservationGuard:
+        """``async with client.reserve(estimate, ...) as r:`` (see AsyncReservationGuard)."""
+        return AsyncReservationGuard(self, estimate, **options)
+
+    def stream_reservation(self, **options: Any) -> AsyncStreamReservation:
+        """runcycles' ``async with client.stream_reservation(...)`` (see AsyncStreamReservation)."""
+        return AsyncStreamReservation(self, **options)
+
     async def __aenter__(self) -> AsyncCyclesClient:
         return self
 
@@ -2883,30 +2958,3134 @@ class AsyncCyclesClient:
             return self._executor
 
 
-# ---------------------------------------------------------------------------
+# ===========================================================================
 # Guard and heartbeat
-# ---------------------------------------------------------------------------
-
-# Next issue: the reservation guard (``with client.reserve(...)``) and its heartbeat.
-
+# ===========================================================================
 
 # ---------------------------------------------------------------------------
+# Heartbeat scheduler (protocol HEARTBEAT GUIDANCE, v0.1.25.16)
+#
+# A pure state object: the driver feeds it monotonic timestamps (ms) and the
+# outcome of each create/extend attempt; it answers with the next beat.
+# ---------------------------------------------------------------------------
+
+_PERMANENT_EXTEND_CODES = frozenset(
+    {
+        "RESERVATION_EXPIRED",
+        "RESERVATION_FINALIZED",
+        "MAX_EXTENSIONS_EXCEEDED",
+        "TENANT_CLOSED",
+        "NOT_FOUND",
+    }
+)
+_MAX_TRANSIENT_RETRY_MS = 30_000
+# Timers beyond ~24.8 days overflow some platform wait primitives. Beating
+# earlier than needed is always safe, so longer delays are cut to this.
+_MAX_TIMER_DELAY_MS = 2**31 - 1
+_FALLBACK_MIN_CADENCE_MS = 1000
+_FALLBACK_MAX_HELD_MS = 30_000
+
+
+def _classify_extend(status: int, error_code: Optional[str], schema_valid: bool) -> str:
+    """"success" | "transient" | "rate_limited" | "terminal" | "rejected".
+
+    Only a schema-valid HTTP 200 is success. Transport errors (status -1),
+    5xx and any other 2xx (ambiguous) are transient; 429 or LIMIT_EXCEEDED is
+    rate_limited; 404, 410 and the permanent codes are terminal; every other
+    status (other 4xx, 3xx, 1xx, out of range) is rejected: a request or
+    configuration problem that an unchanged retry cannot fix.
+    """
+    if status == 200 and schema_valid:
+        return "success"
+    if status < 0 or 500 <= status <= 599 or 200 <= status <= 299:
+        return "transient"
+    if status == 429 or error_code == "LIMIT_EXCEEDED":
+        return "rate_limited"
+    if 400 <= status <= 499 and (status in (404, 410) or error_code in _PERMANENT_EXTEND_CODES):
+        return "terminal"
+    return "rejected"
+
+
+@dataclass(frozen=True)
+class _Beat:
+    """Next heartbeat action.
+
+    ``action``: "extend" (a fresh beat with a NEW idempotency key), "retry"
+    (resend the pending extend with the SAME key) or "stop". ``delay_ms``
+    counts from ``received_ms`` for ``after_success`` and from ``now_ms`` for
+    ``after_failure``.
+    """
+
+    action: str
+    delay_ms: int
+    reason: str
+
+
+def _ceil_elapsed_ms(start_ms: Optional[float], end_ms: float) -> Optional[int]:
+    """end - start rounded up, or None when timing is unknown or unreliable."""
+    if start_ms is None:
+        return None
+    elapsed = end_ms - start_ms
+    if not math.isfinite(elapsed) or elapsed < 0:
+        return None
+    return math.ceil(elapsed)
+
+
+class _HeartbeatPlan:
+    """Schedule of one reservation's heartbeat.
+
+    ``extend_by_ms`` is the requested ttl (every extend asks for it; the
+    plan never accumulates it). ``attempt_budget_ms`` is the transport's
+    enforced whole-attempt deadline for one extend; None means unknown or
+    unbounded, which the spec treats as infinite (next_delay is then always
+    0, so only the one immediate fresh extend of the zero-delay guard runs).
+
+    Primary path (a response carries ``remaining_ttl_ms``): exactly the
+    normative algorithm, in integer milliseconds (Python ints cannot wrap;
+    budgets and margins round up, leads and delays round down).
+    Fallback path (a response without ``remaining_ttl_ms``): the spec's
+    non-normative measured-grant heuristic, preferring over-beating to a lapse.
+    """
+
+    def __init__(self, extend_by_ms: int, attempt_budget_ms: Optional[int]) -> None:
+        if isinstance(extend_by_ms, bool) or extend_by_ms < 1:
+            raise ValueError("extend_by_ms must be a positive integer")
+        if attempt_budget_ms is not None and attempt_budget_ms < 0:
+            raise ValueError("attempt_budget_ms must be >= 0 or None")
+        self._extend_by_ms = extend_by_ms
+        self._timeout_budget_ms = attempt_budget_ms
+        self._max_rtt_ms = 0
+        # Primary path: the last lead floor and when its response arrived.
+        self._lead_floor_ms: Optional[int] = None
+        self._lead_anchor_ms: Optional[float] = None
+        self._zero_delay_used = False
+        self._prev_failure_window_ms: Optional[int] = None
+        # Fallback path: expiry differences in the server frame.
+        self._fallback = False
+        self._reserve_received_ms: Optional[float] = None
+        self._first_expires_at_ms: Optional[int] = None
+        self._last_expires_at_ms: Optional[int] = None
+        self._last_success_ms: Optional[float] = None
+        self._last_grant_ms: Optional[int] = None
+        self._stopped_reason: Optional[str] = None
+        self._lease_lost = False
+
+    # -- observable state ---------------------------------------------------
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped_reason is not None
+
+    @property
+    def stopped_reason(self) -> Optional[str]:
+        return self._stopped_reason
+
+    @property
+    def lease_lost(self) -> bool:
+        """True once the heartbeat gave up on its own (any stop except close())."""
+        return self._lease_lost
+
+    @property
+    def fallback(self) -> bool:
+        """True while scheduling on the non-normative fallback path."""
+        return self._fallback
+
+    @property
+    def max_rtt_ms(self) -> int:
+        return self._max_rtt_ms
+
+    def close(self, reason: str = "closed") -> None:
+        """Owner stop (settlement started): every later result is ignored."""
+        if self._stopped_reason is None:
+            self._stopped_reason = reason
+
+    # -- budgets --------------------------------------------------------------
+
+    def _attempt_budget(self) -> Optional[int]:
+        """None means +infinity (unknown or unbounded request timeout)."""
+        if self._timeout_budget_ms is None:
+            return None
+        return max(self._timeout_budget_ms, 1000, 2 * self._max_rtt_ms)
+
+    def _safety_margin(self) -> int:
+        return max(1000, 2 * self._max_rtt_ms)
+
+    def _stop(self, reason: str) -> _Beat:
+        if self._stopped_reason is None:
+            self._stopped_reason = reason
+            self._lease_lost = True
+        return _Beat("stop", 0, self._stopped_reason)
+
+    # -- success --------------------------------------------------------------
+
+    def after_success(
+        self,
+        *,
+        remaining_ttl_ms: Optional[int],
+        expires_at_ms: Optional[int],
+        sent_ms: float,
+        received_ms: float,
+    ) -> _Beat:
+        """A schema-valid 200 from create (the first call) or from an extend."""
+        if self._stopped_reason is not None:
+            return _Beat("stop", 0, self._stopped_reason)
+        self._prev_failure_window_ms = None
+        rtt = _ceil_elapsed_ms(sent_ms, received_ms)
+        if rtt is not None:
+            self._max_rtt_ms = max(self._max_rtt_ms, rtt)
+        grant, since_last = self._track_expiry(expires_at_ms, received_ms)
+        if remaining_ttl_ms is None and expires_at_ms is not None:
+            self._fallback = True
+            return self._fallback_after_success(grant, since_last, received_ms)
+        self._fallback = False
+        return self._primary_after_success(remaining_ttl_ms, rtt, received_ms)
+
+    def _track_expiry(
+        self, expires_at_ms: Optional[int], received_ms: float
+    ) -> Tuple[Optional[int], Optional[int]]:
+        """Record the server-frame expiry; return (grant, elapsed since last success)."""
+        grant: Optional[int] = None
+        since_last = _ceil_elapsed_ms(self._last_success_ms, received_ms)
+        if self._reserve_received_ms is None:
+            self._reserve_received_ms = received_ms
+        if expires_at_ms is not None:
+            if self._first_expires_at_ms is None:
+                self._first_expires_at_ms = expires_at_ms
+            elif self._last_expires_at_ms is not None:
+                grant = expires_at_ms - self._last_expires_at_ms
+                self._last_grant_ms = grant
+            self._last_expires_at_ms = expires_at_ms
+        self._last_success_ms = received_ms
+        return grant, since_last
+
+    def _primary_after_success(
+        self, remaining_ttl_ms: Optional[int], rtt: Optional[int], received_ms: float
+    ) -> _Beat:
+        budget = self._attempt_budget()
+        if rtt is None or remaining_ttl_ms is None:
+            lead_floor = 0  # unknown timing is never "zero elapsed"
+        else:
+            lead_floor = max(0, remaining_ttl_ms - rtt)
+        if budget is None or rtt is None:
+            next_delay = 0  # an unbounded timeout or unknown timing proves no safe delay
+        else:
+            next_delay = max(0, lead_floor - (2 * budget + self._safety_margin()))
+        self._lead_floor_ms = lead_floor
+        self._lead_anchor_ms = received_ms if math.isfinite(received_ms) else None
+        if next_delay > 0:
+            self._zero_delay_used = False
+            return _Beat("extend", min(next_delay, _MAX_TIMER_DELAY_MS), "scheduled")
+        if self._zero_delay_used:
+            return self._stop("lease_shorter_than_retry_budget")
+        self._zero_delay_used = True
+        return _Beat("extend", 0, "zero_delay_immediate")
+
+    def _held_cadence_ms(self) -> int:
+        return max(1, min(self._extend_by_ms // 2, _FALLBACK_MAX_HELD_MS))
+
+    def _fallback_after_success(
+        self, grant: Optional[int], since_last: Optional[int], received_ms: float
+    ) -> _Beat:
+        if grant is None:
+            # The reserve response: no create field bounds the initial lease, so
+            # the first extend fires immediately (the spec's stated trade-off).
+            return _Beat("extend", 0, "fallback_prime")
+        ttl = self._extend_by_ms
+        if 10 * grant >= 9 * ttl:
+            cadence, reason = max(grant // 2, _FALLBACK_MIN_CADENCE_MS), "fallback_normal"
+        elif grant <= 0 or (
+            since_last is not None and 3 * since_last <= 4 * grant <= 5 * since_last
+        ):
+            # The grant mirrors our own call spacing: maximum-lead clamping.
+            # Hold a bounded cadence; MAX_EXTENSIONS_EXCEEDED ends it.
+            cadence, reason = self._held_cadence_ms(), "fallback_clamped"
+        else:
+            # A per-extend delta clamp: a smaller grant is a smaller lease.
+            cadence, reason = max(grant // 2, _FALLBACK_MIN_CADENCE_MS), "fallback_small_grant"
+        delay = cadence * self._beats_until_lead_low(grant, cadence, received_ms)
+        return _Beat("extend", min(delay, _MAX_TIMER_DELAY_MS), reason)
+
+    def _beats_until_lead_low(self, grant: int, cadence: int, received_ms: float) -> int:
+        """Skip beats while lead_min >= 1.5 x last grant (closed form).
+
+        lead_min(t) = sum(grants) - (t - reserve receipt) only decreases between
+        successes, so the beat that would not be skipped is the first k >= 1
+        with 2 * lead_min(received + k * cadence) < 3 * grant.
+        """
+        if grant <= 0 or self._first_expires_at_ms is None or self._last_expires_at_ms is None:
+            return 1
+        elapsed = _ceil_elapsed_ms(self._reserve_received_ms, received_ms)
+        if elapsed is None:
+            return 1
+        lead_min = (self._last_expires_at_ms - self._first_expires_at_ms) - elapsed
+        excess = 2 * lead_min - 3 * grant
+        if excess < 0:
+            return 1
+        return excess // (2 * cadence) + 1
+
+    # -- failure --------------------------------------------------------------
+
+    def after_failure(
+        self, *, kind: str, retry_after_ms: Optional[int], now_ms: float
+    ) -> _Beat:
+        """A failed extend attempt; ``kind`` comes from ``_classify_extend``.
+
+        ``retry_after_ms`` must be parsed without the one-hour cap
+        (``_parse_retry_after_ms(value, cap_ms=None)``).
+        """
+        if self._stopped_reason is not None:
+            return _Beat("stop", 0, self._stopped_reason)
+        if kind == "terminal":
+            return self._stop("terminal")
+        if kind == "rejected":
+            return self._stop("rejected")
+        if kind not in ("transient", "rate_limited"):
+            raise ValueError("kind must be transient, rate_limited, terminal or rejected")
+        if self._fallback:
+            return self._fallback_after_failure(kind, retry_after_ms)
+        if self._lead_floor_ms is None:
+            return self._stop("no_valid_lease")
+        return self._primary_after_failure(kind, retry_after_ms, now_ms)
+
+    def current_lead_estimate_ms(self, now_ms: float) -> int:
+        """max(0, last lead_floor - elapsed since its response), rounded down."""
+        if self._lead_floor_ms is None:
+            return 0
+        elapsed = _ceil_elapsed_ms(self._lead_anchor_ms, now_ms)
+        if elapsed is None:
+            return 0
+        return max(0, self._lead_floor_ms - elapsed)
+
+    def _primary_after_failure(
+        self, kind: str, retry_after_ms: Optional[int], now_ms: float
+    ) -> _Beat:
+        budget = self._attempt_budget()
+        if budget is None:
+            return self._stop("no_retry_window")
+        estimate = self.current_lead_estimate_ms(now_ms)
+        window = estimate - budget - self._safety_margin()  # deliberately not clamped
+        if window < 0:
+            return self._stop("no_retry_window")
+        previous = self._prev_failure_window_ms
+        if previous is not None and window >= previous:
+            # Neither elapsed time nor the window moved (this also ends the
+            # single immediate retry a zero window allows).
+            return self._stop("no_progress")
+        self._prev_failure_window_ms = window
+        if kind == "rate_limited":
+            if retry_after_ms is None or retry_after_ms < 0:
+                return self._stop("retry_after_missing")
+            if retry_after_ms > window:
+                return self._stop("retry_after_exceeds_window")
+            return _Beat("retry", retry_after_ms, "rate_limited")
+        delay = min(_MAX_TRANSIENT_RETRY_MS, estimate // 4, window)
+        return _Beat("retry", delay, "transient")
+
+    def _fallback_after_failure(self, kind: str, retry_after_ms: Optional[int]) -> _Beat:
+        """Non-normative: keep retrying the same key at a bounded cadence.
+
+        A fieldless client cannot prove a lapse, so it over-beats; the
+        server's 410/NOT_FOUND (terminal) or the owner's close() ends it.
+        """
+        delay = self._held_cadence_ms()
+        grant = self._last_grant_ms
+        if grant is not None and grant > 0:
+            delay = min(delay, grant // 4)
+        delay = max(delay, _FALLBACK_MIN_CADENCE_MS)
+        if kind == "rate_limited" and retry_after_ms is not None and retry_after_ms >= 0:
+            delay = max(delay, retry_after_ms)
+        return _Beat("retry", min(delay, _MAX_TIMER_DELAY_MS), "fallback_" + kind)
+
+
+# ---------------------------------------------------------------------------
+# The reservation lifecycle: one object, three faces
+# ---------------------------------------------------------------------------
+
+# One reservation, three faces.  ``@cycles``, ``client.reserve(...)`` and
+# ``client.stream_reservation(...)`` all drive one ``_Reservation``:
+# create -> (heartbeat) -> commit | release | event fallback.  Its logic is
+# written once, as generators that *yield* the effects they need (an HTTP
+# attempt, a sleep, blocking file I/O, starting or stopping the heartbeat) and
+# receive their results.  ``_drive`` performs effects on the calling thread,
+# ``_drive_async`` awaits them, and the sync heartbeat has a third driver, a
+# chain of daemon timers.  Sync and async differ only in the driver.
+
+_current_context: contextvars.ContextVar[Optional[CyclesContext]] = contextvars.ContextVar(
+    "cycles_lite_context", default=None
+)
+
+
+def get_cycles_context() -> Optional[CyclesContext]:
+    """The reservation the current guarded call runs under, or None outside one."""
+    return _current_context.get()
+
+
+# -- effects and drivers -------------------------------------------------------
+
+
+class _Effect:
+    """What a lifecycle step asks its driver to do; the driver sends back the result."""
+
+    __slots__ = ()
+
+
+class _Send(_Effect):
+    """One POST attempt; the result is a CyclesResponse (never an exception)."""
+
+    __slots__ = ("body", "operation", "path")
+
+    def __init__(self, operation: str, path: str, body: Dict[str, Any]) -> None:
+        self.operation = operation
+        self.path = path
+        self.body = body
+
+
+class _Sleep(_Effect):
+    __slots__ = ("seconds",)
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+
+class _Blocking(_Effect):
+    """Blocking work (journal file I/O): inline when sync, on a worker thread when async."""
+
+    __slots__ = ("work",)
+
+    def __init__(self, work: Callable[[], Any]) -> None:
+        self.work = work
+
+
+class _StartHeartbeat(_Effect):
+    """Run ``steps`` in the background; the result is a handle for _StopHeartbeat."""
+
+    __slots__ = ("steps",)
+
+    def __init__(self, steps: _Steps[None]) -> None:
+        self.steps = steps
+
+
+class _StopHeartbeat(_Effect):
+    """Stop a heartbeat for good, waiting for a beat in flight."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+
+def _drive(send: _SendFn, steps: _Steps[_T]) -> _T:
+    """The blocking driver: perform each effect on the calling thread.
+
+    An exception from an effect (KeyboardInterrupt in a sleep, say) is thrown
+    into the steps, which may react (hand a settlement to the worker) and re-raise.
+    """
+    reply: Any = None
+    error: Optional[BaseException] = None
+    try:
+        while True:
+            try:
+                effect = steps.send(reply) if error is None else steps.throw(error)
+            except StopIteration as done:
+                result: _T = done.value
+                return result
+            try:
+                reply, error = _perform_effect(send, effect), None
+            except BaseException as exc:  # thrown into the steps on the next turn
+                reply, error = None, exc
+    finally:
+        steps.close()
+
+
+def _perform_effect(send: _SendFn, effect: _Effect) -> Any:
+    if isinstance(effect, _Send):
+        return _send_safely(send, effect)
+    if isinstance(effect, _Sleep):
+        time.sleep(effect.seconds)
+        return None
+    if isinstance(effect, _Blocking):
+        return effect.work()
+    if isinstance(effect, _StartHeartbeat):
+        return _TimerHeartbeat(send, effect.steps).start()
+    if isinstance(effect, _StopHeartbeat):
+        effect.handle.stop()
+        return None
+    raise TypeError(f"unknown effect {effect!r}")
+
+
+def _send_safely(send: _SendFn, effect: _Send) -> CyclesResponse:
+    """A closed client or a bug becomes a transport error (``send`` itself never raises
+    for HTTP trouble)."""
+    try:
+        return send(effect.operation, "POST", effect.path, body=effect.body)
+    except Exception as exc:
+        return CyclesResponse.transport_error(exc)
+
+
+async def _drive_async(client: AsyncCyclesClient, steps: _Steps[_T]) -> _T:
+    """The asyncio driver: the same steps, each effect awaited (never blocking the loop)."""
+    reply: Any = None
+    error: Optional[BaseException] = None
+    try:
+        while True:
+            try:
+                effect = steps.send(reply) if error is None else steps.throw(error)
+            except StopIteration as done:
+                result: _T = done.value
+                return result
+            try:
+                reply, error = await _perform_effect_async(client, effect), None
+            except BaseException as exc:  # CancelledError included: the steps see it
+                reply, error = None, exc
+    finally:
+        steps.close()
+
+
+async def _perform_effect_async(client: AsyncCyclesClient, effect: _Effect) -> Any:
+    import asyncio
+
+    if isinstance(effect, _Send):
+        try:
+            return await client._send(effect.operation, "POST", effect.path, body=effect.body)
+        except Exception as exc:
+            return CyclesResponse.transport_error(exc)
+    if isinstance(effect, _Sleep):
+        await asyncio.sleep(effect.seconds)
+        return None
+    loop = asyncio.get_running_loop()
+    if isinstance(effect, _Blocking):
+        return await loop.run_in_executor(client._io_executor(), effect.work)
+    if isinstance(effect, _StartHeartbeat):
+        return loop.create_task(_drive_async(client, effect.steps))
+    if isinstance(effect, _StopHeartbeat):
+        task = effect.handle
+        task.cancel()
+        await asyncio.wait({task})  # never raises the task's own CancelledError
+        if not task.cancelled() and task.exception() is not None:
+            _log.error("heartbeat task failed", exc_info=task.exception())
+        return None
+    raise TypeError(f"unknown effect {effect!r}")
+
+
+class _TimerHeartbeat:
+    """The sync heartbeat driver: a chain of daemon ``threading.Timer``s, one armed at a time.
+
+    Each timer runs one beat on its own thread (the extend attempt is bounded by
+    the transport's whole-attempt deadline: no thread per attempt) and arms the
+    next.  ``stop()`` is final (a heartbeat is never restarted): it cancels the
+    armed timer and waits for a beat in flight, so no extend is on the wire when
+    the commit goes out and no heartbeat thread outlives the guarded call; a
+    result that arrives after ``stop()`` is never fed to the schedule.
+    """
+
+    def __init__(self, send: _SendFn, steps: _Steps[None]) -> None:
+        self._send = send
+        self._steps = steps
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._timers: List[threading.Timer] = []  # the armed timer and the one that armed it
+
+    def start(self) -> _TimerHeartbeat:
+        self._run_until_sleep(None)
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            timers, self._timers = self._timers, []
+            self._steps.close()
+        for timer in timers:
+            timer.cancel()
+            if timer is not threading.current_thread():
+                timer.join()
+
+    def _beat(self) -> None:
+        self._run_until_sleep(None)
+
+    def _run_until_sleep(self, reply: Any) -> None:
+        effect = self._resume(reply)
+        while isinstance(effect, _Send):
+            effect = self._resume(_send_safely(self._send, effect))
+        if isinstance(effect, _Sleep):
+            self._arm(effect.seconds)
+
+    def _resume(self, reply: Any) -> Optional[_Effect]:
+        with self._lock:
+            if self._stopped:
+                return None  # stopped meanwhile: a late extend result is dropped
+            try:
+                return self._steps.send(reply)
+            except StopIteration:
+                return None
+            except Exception:  # a bug must not kill the thread with a traceback
+                _log.exception("heartbeat stopped by an internal error")
+                return None
+
+    def _arm(self, seconds: float) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            timer = threading.Timer(seconds, self._beat)
+            timer.daemon = True
+            timer.name = "cycles-lite-heartbeat"
+            self._timers = [*self._timers[-1:], timer]
+            timer.start()
+
+
+def _monotonic_ms() -> float:
+    return time.monotonic() * 1000.0
+
+
+def _error_code(response: CyclesResponse) -> Optional[str]:
+    """The ``error`` string read straight from a JSON object body (None otherwise)."""
+    body = response.body
+    code = body.get("error") if isinstance(body, dict) else None
+    return code if isinstance(code, str) else None
+
+
+def _describe(response: CyclesResponse) -> str:
+    """A log-safe summary of a failed attempt (never a body or a header value)."""
+    if response.is_transport_error:
+        return f"transport error: {response.error_message}"
+    code = _error_code(response)
+    text = f"status={response.status}" + (f" error={code}" if code else "")
+    return text + (" (not the expected answer)" if response.is_success else "")
+
+
+# -- create ----------------------------------------------------------------------
+
+
+def _send_resending_once(
+    operation: str, path: str, body: Dict[str, Any]
+) -> _Steps[Tuple[CyclesResponse, float, float]]:
+    """One attempt, and one immediate resend with the same key if the outcome is ambiguous.
+
+    Ambiguous: a transport error, a 5xx, or a 2xx that is not the operation's
+    schema-valid answer.  Returns the last response with its monotonic send and
+    receive times (ms), which the heartbeat schedule starts from.
+    """
+    sent_ms = _monotonic_ms()
+    response = yield _Send(operation, path, body)
+    received_ms = _monotonic_ms()
+    if _is_ambiguous(operation, response):
+        _log.warning(
+            "%s: ambiguous outcome (%s); resending once with the same idempotency key",
+            operation,
+            _describe(response),
+        )
+        sent_ms = _monotonic_ms()
+        response = yield _Send(operation, path, body)
+        received_ms = _monotonic_ms()
+    return response, sent_ms, received_ms
+
+
+def _is_ambiguous(operation: str, response: CyclesResponse) -> bool:
+    if _is_schema_valid(operation, response):
+        return False
+    return response.is_transport_error or response.is_server_error or response.is_success
+
+
+def _create_steps(body: Dict[str, Any]) -> _Steps[Tuple[ReservationCreateResponse, float, float]]:
+    """POST /v1/reservations; a denial or a lasting failure raises the typed exception."""
+    response, sent_ms, received_ms = yield from _send_resending_once(
+        "create", RESERVATIONS_PATH, body
+    )
+    if not _is_schema_valid("create", response):
+        if response.is_success:
+            raise CyclesProtocolError(
+                "Create reservation did not produce a schema-valid HTTP 200 response",
+                status=response.status,
+                request_id=response.request_id,
+                trace_id=response.trace_id,
+            )
+        raise _protocol_error(response, "Failed to create reservation")
+    try:
+        created = ReservationCreateResponse.model_validate(response.body)
+    except ValueError as exc:
+        raise CyclesProtocolError(
+            f"Create reservation answer is malformed: {exc}", status=response.status
+        ) from None
+    if created.decision == Decision.DENY:
+        prefix = "Dry-run denied" if body.get("dry_run") else "Reservation denied"
+        raise _protocol_error(response, prefix)
+    return created, sent_ms, received_ms
+
+
+# -- the create body, validated before anything is sent -------------------------
+
+_ttl_check = _int_check(MIN_TTL_MS, MAX_TTL_MS)
+_grace_check = _int_check(0, MAX_GRACE_PERIOD_MS)
+_reason_check = _str_check(256)
+
+
+def _subject_with_defaults(
+    config: CyclesConfig,
+    values: Mapping[str, Optional[str]],
+    dimensions: Optional[Mapping[str, str]],
+) -> Dict[str, Any]:
+    """Subject fields; a missing (falsy) one falls back to the config's default."""
+    subject: Dict[str, Any] = {}
+    for name in SUBJECT_FIELDS:
+        value = values.get(name) or getattr(config, name)
+        if value:
+            subject[name] = value
+    if dimensions:
+        subject["dimensions"] = dict(dimensions)
+    return subject
+
+
+def _action_body(
+    kind: Optional[str], name: Optional[str], tags: Optional[List[str]]
+) -> Dict[str, Any]:
+    action: Dict[str, Any] = {"kind": kind or "unknown", "name": name or "unknown"}
+    if tags:
+        action["tags"] = list(tags)
+    return action
+
+
+def _reservation_body(
+    *,
+    estimate: Any,
+    unit: Any,
+    subject: Mapping[str, Any],
+    action: Mapping[str, Any],
+    ttl_ms: Any,
+    grace_period_ms: Any,
+    overage_policy: Any,
+    metadata: Optional[Mapping[str, Any]] = None,
+    idempotency_key: Optional[str] = None,
+    dry_run: bool = False,
+) -> Dict[str, Any]:
+    """The create body; ValueError naming the field, in runcycles' order (estimate, ttl,
+    subject, grace), then every other field."""
+    _int64("estimate", estimate, False)
+    _ttl_check("ttl_ms", ttl_ms, False)
+    subject_model = _subject("subject", dict(subject), False)
+    if not subject_model.has_at_least_one_standard_field():
+        raise _FieldError("subject", "must have at least one of " + ", ".join(SUBJECT_FIELDS))
+    if grace_period_ms is not None:
+        _grace_check("grace_period_ms", grace_period_ms, False)
+    checked_metadata = _commit_metadata(metadata) if metadata else None
+    request = ReservationCreateRequest(
+        idempotency_key=_new_key() if idempotency_key is None else idempotency_key,
+        subject=subject_model,
+        action=_action("action", dict(action), False),
+        estimate=Amount(unit=unit.value if isinstance(unit, Unit) else unit, amount=estimate),
+        ttl_ms=ttl_ms,
+        grace_period_ms=grace_period_ms,
+        overage_policy=overage_policy,
+        dry_run=True if dry_run else None,
+        metadata=checked_metadata,
+    )
+    return request.model_dump(mode="json", exclude_none=True)
+
+
+def _derived_key(prefix: str, caller_key: Optional[str]) -> str:
+    """runcycles' rule: ``<prefix>-<caller key>`` (hashed when too long), else a fresh key."""
+    if caller_key is None:
+        return _new_key()
+    candidate = f"{prefix}-{caller_key}"
+    if len(candidate) <= MAX_IDEMPOTENCY_KEY_LENGTH:
+        return candidate
+    import hashlib
+
+    return f"{prefix}-sha256-" + hashlib.sha256(caller_key.encode("utf-8")).hexdigest()
+
+
+def _json_ready(path: str, value: Any) -> None:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise _FieldError(path, f"must be JSON-serialisable ({exc})") from None
+
+
+def _commit_metrics(value: Any) -> CyclesMetrics:
+    """Checked again: the guarded code may have changed fields after construction."""
+    metrics: CyclesMetrics = _metrics("metrics", value, False).model_copy()
+    _json_ready("metrics.custom", metrics.custom)
+    return metrics
+
+
+def _commit_metadata(value: Any) -> Dict[str, Any]:
+    """A JSON object (commit or create metadata), checked now rather than on the wire."""
+    metadata = dict(_object_check("metadata", value, False))
+    _json_ready("metadata", metadata)
+    return metadata
+
+
+# -- the lifecycle ---------------------------------------------------------------
+
+
+class _Reservation:
+    """One reservation's lifecycle: create -> (heartbeat) -> commit | release | event fallback.
+
+    The faces (ReservationGuard, AsyncReservationGuard, the streams and
+    ``@cycles``) only pick the driver.  Phases: new -> open -> closed; a
+    reservation is opened once and settled (committed, released or abandoned) once.
+    """
+
+    _failure_reason = "guarded_method_failed"
+    _client_kind: ClassVar[type] = object  # the face's client class
+
+    def __init__(
+        self, client: Any, create_body: Dict[str, Any], caller_key: Optional[str]
+    ) -> None:
+        self._client = client
+        self._config: CyclesConfig = client._config
+        self._create_body = create_body
+        self._caller_key = caller_key
+        self._created: Optional[ReservationCreateResponse] = None
+        self._context: Optional[CyclesContext] = None
+        self._context_token: Optional[contextvars.Token[Optional[CyclesContext]]] = None
+        self._heartbeat: Any = None
+        self._opened_at = 0.0
+        self._phase = "new"
+        self._work_done = False  # set by @cycles once the function returned
+        self._settlement_error: Optional[CyclesProtocolError] = None
+        self._release_error: Optional[CyclesProtocolError] = None
+        _replay_on_first_use(client)
+
+    def __repr__(self) -> str:
+        rid = self._created.reservation_id if self._created else None
+        return f"{type(self).__name__}(reservation_id={rid!r}, phase={self._phase!r})"
+
+    # -- what the guarded code can read ----------------------------------------
+
+    @property
+    def reservation_id(self) -> str:
+        if self._created is None or self._created.reservation_id is None:
+            raise RuntimeError("reservation_id not available outside context manager")
+        return self._created.reservation_id
+
+    @property
+    def decision(self) -> Decision | str:
+        return self._created.decision if self._created else Decision.ALLOW
+
+    @property
+    def caps(self) -> Optional[Caps]:
+        return self._created.caps if self._created else None
+
+    @property
+    def expires_at_ms(self) -> Optional[int]:
+        """The lease expiry in server time, as updated by every successful heartbeat."""
+        return self._context.expires_at_ms if self._context else None
+
+    @property
+    def affected_scopes(self) -> Optional[List[str]]:
+        return self._created.affected_scopes if self._created else None
+
+    @property
+    def scope_path(self) -> Optional[str]:
+        return self._created.scope_path if self._created else None
+
+    @property
+    def reserved(self) -> Optional[Amount]:
+        return self._created.reserved if self._created else None
+
+    @property
+    def balances(self) -> Optional[List[Balance]]:
+        return self._created.balances if self._created else None
+
+    @property
+    def context(self) -> Optional[CyclesContext]:
+        return self._context
+
+    @property
+    def is_settled(self) -> bool:
+        """True once a commit, release or abandonment has begun (it happens only once)."""
+        return self._phase == "closed"
+
+    @property
+    def settlement_error(self) -> Optional[CyclesProtocolError]:
+        """Why the first commit attempt did not settle (retries may still succeed)."""
+        return self._settlement_error
+
+    @property
+    def release_error(self) -> Optional[CyclesProtocolError]:
+        return self._release_error
+
+    @property
+    def _estimate(self) -> int:
+        amount: int = self._create_body["estimate"]["amount"]
+        return amount
+
+    # -- open --------------------------------------------------------------------
+
+    def _open_steps(self) -> _Steps[None]:
+        if self._phase != "new":
+            raise RuntimeError("a reservation can be entered only once")
+        self._phase = "opening"
+        created, sent_ms, received_ms = yield from _create_steps(self._create_body)
+        if not created.reservation_id:
+            raise CyclesProtocolError(
+                "Reservation successful but reservation_id missing", status=200
+            )
+        self._created = created
+        self._context = CyclesContext(
+            reservation_id=created.reservation_id,
+            estimate=self._estimate,
+            decision=created.decision,
+            caps=created.caps,
+            expires_at_ms=created.expires_at_ms,
+            affected_scopes=created.affected_scopes,
+            scope_path=created.scope_path,
+            reserved=created.reserved,
+            balances=created.balances,
+        )
+        self._phase = "open"
+        try:
+            self._heartbeat = yield _StartHeartbeat(self._heartbeat_steps(sent_ms, received_ms))
+        except Exception:
+            yield from self._release_steps("heartbeat_start_failed")
+            raise
+        self._context_token = _current_context.set(self._context)
+        self._opened_at = time.monotonic()
+        _log.debug(
+            "reservation created: reservation_id=%s decision=%s",
+            created.reservation_id,
+            getattr(created.decision, "value", created.decision),
+        )
+
+    def _restore_context(self) -> None:
+        """Put back the context that was current before this reservation (nesting-safe)."""
+        token, self._context_token = self._context_token, None
+        if token is None:
+            return
+        try:
+            _current_context.reset(token)
+        except ValueError:  # left in another context than it was entered in
+            old = token.old_value
+            _current_context.set(None if old is contextvars.Token.MISSING else old)
+
+    def _require_open(self, what: str) -> None:
+        if self._phase == "closed":
+            raise RuntimeError(f"cannot {what}: the reservation is already settled")
+        if self._phase != "open":
+            raise RuntimeError(f"cannot {what}: the reservation is not open")
+
+    # -- heartbeat -----------------------------------------------------------------
+
+    def _heartbeat_steps(self, sent_ms: float, received_ms: float) -> _Steps[None]:
+        """Keep the lease alive: the spec's schedule from ``_HeartbeatPlan``.
+
+        A fresh key for every new beat, the same key for retries of a failed one;
+        every beat asks for ``extend_by_ms = ttl_ms``.  Always sleeps before sending.
+        """
+        created = self._created
+        assert created is not None
+        ttl_ms = int(self._create_body["ttl_ms"])
+        plan = _HeartbeatPlan(ttl_ms, math.ceil(self._config.attempt_timeout * 1000))
+        beat = plan.after_success(
+            remaining_ttl_ms=created.remaining_ttl_ms,
+            expires_at_ms=created.expires_at_ms,
+            sent_ms=sent_ms,
+            received_ms=received_ms,
+        )
+        due_ms = received_ms + beat.delay_ms
+        path = _reservation_path(self.reservation_id, "/extend")
+        body: Optional[Dict[str, Any]] = None
+        while beat.action != "stop":
+            yield _Sleep(max(0.0, due_ms - _monotonic_ms()) / 1000.0)
+            if body is None or beat.action == "extend":
+                body = {"idempotency_key": _new_key(), "extend_by_ms": ttl_ms}
+            sent_ms = _monotonic_ms()
+            response = yield _Send("extend", path, body)
+            received_ms = _monotonic_ms()
+            beat = self._after_extend(plan, response, sent_ms, received_ms)
+            due_ms = received_ms + beat.delay_ms
+
+    def _after_extend(
+        self, plan: _HeartbeatPlan, response: CyclesResponse, sent_ms: float, received_ms: float
+    ) -> _Beat:
+        context = self._context
+        assert context is not None
+        valid = _is_schema_valid("extend", response)
+        kind = _classify_extend(response.status, _error_code(response), valid)
+        if kind == "success":
+            body = response.body
+            assert body is not None
+            context.update_expires_at_ms(body["expires_at_ms"])
+            context.heartbeat_error = None
+            beat = plan.after_success(
+                remaining_ttl_ms=body.get("remaining_ttl_ms"),
+                expires_at_ms=body["expires_at_ms"],
+                sent_ms=sent_ms,
+                received_ms=received_ms,
+            )
+            problem = "the lease is shorter than the retry-safety budget"
+        else:
+            retry_after = response.headers.get("retry-after")
+            beat = plan.after_failure(
+                kind=kind,
+                retry_after_ms=_parse_retry_after_ms(retry_after, cap_ms=None),
+                now_ms=received_ms,
+            )
+            problem = "extend failed: " + _describe(response)
+            context.heartbeat_error = problem
+        self._report_beat(context, kind, problem, beat)
+        return beat
+
+    def _report_beat(self, context: CyclesContext, kind: str, problem: str, beat: _Beat) -> None:
+        """Policy ``warn``: every failure and every stop is logged and put on the context."""
+        rid = context.reservation_id
+        if beat.action == "stop":
+            context.heartbeat_stopped = beat.reason
+            _log.warning(
+                "heartbeat: %s; stopping (%s), the lease will lapse: reservation_id=%s",
+                problem,
+                beat.reason,
+                rid,
+            )
+        elif kind != "success":
+            _log.warning(
+                "heartbeat: %s; will retry with the same idempotency key in %d ms:"
+                " reservation_id=%s",
+                problem,
+                beat.delay_ms,
+                rid,
+            )
+
+    # -- settle ----------------------------------------------------------------------
+
+    def _commit_steps(
+        self,
+        actual: Any,
+        metrics: Optional[CyclesMetrics] = None,
+        metadata: Optional[Mapping[str, Any]] = None,
+        *,
+        estimated: bool = False,
+    ) -> _Steps[None]:
+        """Stop the heartbeat, journal the commit, send it; retries follow config.commit_retry."""
+        self._require_open("commit")
+        commit_body = self._commit_body(actual, metrics, metadata, estimated)
+        self._phase = "closed"
+        yield _StopHeartbeat(self._heartbeat)
+        job = _Settlement.new(
+            self._client, self.reservation_id, commit_body, self._event_body(commit_body)
+        )
+        outcome = yield from _settle_new_steps(job)
+        if outcome is not _Disposition.SUCCESS and job.last_response is not None:
+            self._settlement_error = _protocol_error(
+                job.last_response,
+                "Commit did not settle synchronously; known spend was not released",
+            )
+
+    def _commit_body(
+        self,
+        actual: Any,
+        metrics: Optional[CyclesMetrics],
+        metadata: Optional[Mapping[str, Any]],
+        estimated: bool,
+    ) -> Dict[str, Any]:
+        """The commit body.  Bad arguments raise ValueError; bad values the guarded code left
+        on the context are dropped with a warning (known spend is committed regardless)."""
+        _int64("actual", actual, False)
+        context = self._context
+        assert context is not None
+        measured = self._checked("metrics", metrics, context.metrics, _commit_metrics)
+        extra = self._checked("metadata", metadata, context.commit_metadata, _commit_metadata)
+        measured = measured or CyclesMetrics()
+        if measured.latency_ms is None:
+            measured = measured.model_copy(update={"latency_ms": self._elapsed_ms()})
+        extra = dict(extra or {})
+        if estimated:
+            extra["actual_source"] = "estimate"  # mark assumed spend for auditors
+        request = CommitRequest(
+            idempotency_key=_derived_key("commit", self._caller_key),
+            actual=Amount(unit=self._create_body["estimate"]["unit"], amount=actual),
+            metrics=measured,
+            metadata=extra or None,
+        )
+        return request.model_dump(mode="json", exclude_none=True)
+
+    def _checked(
+        self, name: str, given: Any, from_context: Any, check: Callable[[Any], _T]
+    ) -> Optional[_T]:
+        if given is not None:
+            return check(given)
+        if from_context is None:
+            return None
+        try:
+            return check(from_context)
+        except ValueError as exc:
+            _log.warning(
+                "ignoring invalid context %s (%s): reservation_id=%s",
+                name,
+                exc,
+                self.reservation_id,
+            )
+            return None
+
+    def _event_body(self, commit_body: Dict[str, Any]) -> Dict[str, Any]:
+        """POST /v1/events body recording the same spend if the reservation expired first.
+
+        Same key (the event namespace is separate), the original subject and action,
+        no overage_policy (the default never rejects spend that already happened).
+        """
+        metadata = dict(commit_body.get("metadata") or {})
+        metadata["recovered_reservation_id"] = self.reservation_id
+        metadata["recovery_reason"] = "commit_after_reservation_expired"
+        event = {
+            "idempotency_key": commit_body["idempotency_key"],
+            "subject": self._create_body["subject"],
+            "action": self._create_body["action"],
+            "actual": commit_body["actual"],
+            "metadata": metadata,
+        }
+        if "metrics" in commit_body:
+            event["metrics"] = commit_body["metrics"]
+        return event
+
+    def _elapsed_ms(self) -> int:
+        return max(0, int((time.monotonic() - self._opened_at) * 1000))
+
+    def _release_steps(self, reason: str) -> _Steps[None]:
+        """Give the budget back (only when the guarded work did not happen)."""
+        _reason_check("reason", reason, False)
+        self._phase = "closed"
+        if self._heartbeat is not None:
+            yield _StopHeartbeat(self._heartbeat)
+        body = {"idempotency_key": _derived_key("release", self._caller_key), "reason": reason}
+        path = _reservation_path(self.reservation_id, "/release")
+        response, _, _ = yield from _send_resending_once("release", path, body)
+        if _is_schema_valid("release", response):
+            return
+        self._release_error = _protocol_error(response, "Release failed")
+        _log.warning(
+            "release failed (%s); the reservation is left to expire: reservation_id=%s",
+            _describe(response),
+            self.reservation_id,
+        )
+
+    def _abandon_steps(self, error: BaseException) -> _Steps[None]:
+        """The work ran but its actual amount is unknown: settle nothing (see the README)."""
+        self._phase = "closed"
+        yield _StopHeartbeat(self._heartbeat)
+        _log.error(
+            "actual amount unknown after the guarded work (%s): nothing committed or released;"
+            " the reservation will expire: reservation_id=%s",
+            type(error).__name__,
+            self.reservation_id,
+        )
+
+    def _exit_steps(self, error: Optional[BaseException]) -> _Steps[None]:
+        """Leaving the block: the rule table in the README (Guarded execution)."""
+        if self._phase != "open":
+            return
+        if error is None:
+            yield from self._commit_on_exit_steps()
+        elif self._work_done:
+            yield from self._abandon_steps(error)
+        else:
+            yield from self._release_steps(self._failure_reason)
+
+    def _commit_on_exit_steps(self) -> _Steps[None]:
+        """Left without settling: the work presumably happened, so commit the estimate."""
+        return self._commit_steps(self._estimate, estimated=True)
+
+
+def _check_kind(value: Any, expected: type, name: str = "client") -> None:
+    if not isinstance(value, expected):
+        raise TypeError(f"{name}: expected a {expected.__name__}, got {type(value).__name__}")
+
+
+class _SyncFace(_Reservation):
+    """The ``with`` statement of a reservation on a CyclesClient (the blocking driver)."""
+
+    _client_kind: ClassVar[type] = CyclesClient
+
+    def __enter__(self: _Guard) -> _Guard:
+        _drive(self._client._send, self._open_steps())
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Optional[BaseException], tb: Any) -> None:
+        try:
+            _drive(self._client._send, self._exit_steps(exc))
+        finally:
+            self._restore_context()
+
+
+class _AsyncFace(_Reservation):
+    """The ``async with`` statement of a reservation on an AsyncCyclesClient."""
+
+    _client_kind: ClassVar[type] = AsyncCyclesClient
+
+    async def __aenter__(self: _Guard) -> _Guard:
+        await _drive_async(self._client, self._open_steps())
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: Optional[BaseException], tb: Any) -> None:
+        try:
+            await _drive_async(self._client, self._exit_steps(exc))
+        finally:
+            self._restore_context()
+
+
+class _GuardOptions(_Reservation):
+    """The keyword parameters of ``client.reserve(...)``, shared by both guards."""
+
+    def __init__(
+        self,
+        client: Any,
+        estimate: int | Amount,
+        *,
+        unit: Unit | str = Unit.USD_MICROCENTS,
+        action_kind: Optional[str] = None,
+        action_name: Optional[str] = None,
+        action_tags: Optional[List[str]] = None,
+        tenant: Optional[str] = None,
+        workspace: Optional[str] = None,
+        app: Optional[str] = None,
+        workflow: Optional[str] = None,
+        agent: Optional[str] = None,
+        toolset: Optional[str] = None,
+        dimensions: Optional[Dict[str, str]] = None,
+        ttl_ms: int = DEFAULT_TTL_MS,
+        grace_period_ms: Optional[int] = None,
+        overage_policy: str = DEFAULT_OVERAGE_POLICY,
+        metadata: Optional[Dict[str, Any]] = None,
+        idempotency_key: Optional[str] = None,
+    ) -> None:
+        _check_kind(client, self._client_kind)
+        if isinstance(estimate, Amount):
+            unit, estimate = estimate.unit, estimate.amount
+        subject = _subject_with_defaults(
+            client._config,
+            dict(tenant=tenant, workspace=workspace, app=app, workflow=workflow, agent=agent,
+                 toolset=toolset),
+            dimensions,
+        )
+        body = _reservation_body(
+            estimate=estimate,
+            unit=unit,
+            subject=subject,
+            action=_action_body(action_kind, action_name, action_tags),
+            ttl_ms=ttl_ms,
+            grace_period_ms=grace_period_ms,
+            overage_policy=overage_policy,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+        )
+        super().__init__(client, body, idempotency_key)
+
+
+class ReservationGuard(_GuardOptions, _SyncFace):
+    """``with client.reserve(estimate, ...) as r:`` -- a budget reservation around a block.
+
+    Entering reserves (a denial raises before the block runs) and starts the
+    heartbeat; ``get_cycles_context()`` returns the reservation inside.  In the
+    block, ``r.commit(actual, metrics=..., metadata=...)`` or ``r.release(reason)``
+    settles it.  Leaving on an exception releases (the work did not happen);
+    leaving without settling commits the estimate with metadata
+    ``actual_source="estimate"`` (the work presumably happened: never release spend).
+    """
+
+    def commit(
+        self,
+        actual: int,
+        metrics: Optional[CyclesMetrics] = None,
+        metadata: Optional[Mapping[str, Any]] = None,
+    ) -> None:
+        """Commit ``actual``: the first attempt now, retries as configured.  A failed commit
+        never raises (see ``settlement_error``); bad arguments raise ValueError."""
+        _drive(self._client._send, self._commit_steps(actual, metrics, metadata))
+
+    def release(self, reason: Optional[str] = None) -> None:
+        """Release the reservation (for work that did not happen)."""
+        self._require_open("release")
+        _drive(self._client._send, self._release_steps(reason or "released_by_caller"))
+
+
+class AsyncReservationGuard(_GuardOptions, _AsyncFace):
+    """``async with client.reserve(estimate, ...) as r:``; ``await r.commit(...)`` /
+    ``await r.release(...)``.  The rules of ReservationGuard."""
+
+    async def commit(
+        self,
+        actual: int,
+        metrics: Optional[CyclesMetrics] = None,
+        metadata: Optional[Mapping[str, Any]] = None,
+    ) -> None:
+        await _drive_async(self._client, self._commit_steps(actual, metrics, metadata))
+
+    async def release(self, reason: Optional[str] = None) -> None:
+        self._require_open("release")
+        await _drive_async(self._client, self._release_steps(reason or "released_by_caller"))
+
+
+# -- streams (runcycles' StreamReservation / AsyncStreamReservation) ----------------
+
+
+class _StreamOptions(_Reservation):
+    """runcycles' stream reservation: reserve on enter; on a clean exit commit the usage."""
+
+    _failure_reason = "stream_failed"
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        subject: Optional[Subject] = None,
+        action: Action,
+        estimate: Amount,
+        ttl_ms: int = 120_000,
+        grace_period_ms: Optional[int] = None,
+        overage_policy: str = DEFAULT_OVERAGE_POLICY,
+        cost_fn: Optional[Callable[[StreamUsage], int]] = None,
+        metadata: Optional[Dict[str, Any]] = None,
+        idempotency_key: Optional[str] = None,
+        raise_on_commit_failure: bool = False,
+    ) -> None:
+        _check_kind(client, self._client_kind)
+        if subject is None:
+            subject_body = _subject_with_defaults(client._config, {}, None)
+        else:
+            subject_body = _subject("subject", subject, False).model_dump(exclude_none=True)
+        amount = _amount("estimate", estimate, False)
+        body = _reservation_body(
+            estimate=amount.amount,
+            unit=amount.unit,
+            subject=subject_body,
+            action=_action("action", action, False).model_dump(mode="json", exclude_none=True),
+            ttl_ms=ttl_ms,
+            grace_period_ms=grace_period_ms,
+            overage_policy=overage_policy,
+            idempotency_key=idempotency_key,
+        )
+        super().__init__(client, body, idempotency_key)
+        self._usage = StreamUsage()
+        self._cost_fn = cost_fn
+        self._metadata = _commit_metadata(metadata) if metadata is not None else None
+        self._raise_on_commit_failure = raise_on_commit_failure
+
+    @property
+    def usage(self) -> StreamUsage:
+        return self._usage
+
+    def _commit_on_exit_steps(self) -> _Steps[None]:
+        actual, estimated = self._actual_from_usage()
+        metrics = self._metrics_from_usage() or CyclesMetrics()
+        yield from self._commit_steps(actual, metrics, self._metadata, estimated=estimated)
+        if self._settlement_error is not None and self._raise_on_commit_failure:
+            raise self._settlement_error
+
+    def _actual_from_usage(self) -> Tuple[int, bool]:
+        """usage.actual_cost, else cost_fn(usage), else the estimate (marked as such)."""
+        usage = self._usage
+        try:
+            if usage.actual_cost is not None:
+                return _int64("actual_cost", usage.actual_cost, False), False
+            if self._cost_fn is not None:
+                return _int64("cost_fn result", self._cost_fn(usage), False), False
+        except Exception:
+            _log.warning(
+                "stream actual cost unusable; committing the estimate: reservation_id=%s",
+                self.reservation_id,
+                exc_info=True,
+            )
+        return self._estimate, True
+
+    def _metrics_from_usage(self) -> Optional[CyclesMetrics]:
+        """ctx.metrics if the code set them, else the usage; a bad value costs the metrics only."""
+        usage = self._usage
+        try:
+            if self._context is not None and self._context.metrics is not None:
+                return _commit_metrics(self._context.metrics)
+            return _commit_metrics(
+                CyclesMetrics(
+                    tokens_input=usage.tokens_input or None,
+                    tokens_output=usage.tokens_output or None,
+                    model_version=usage.model_version,
+                    custom=usage.custom or None,
+                )
+            )
+        except ValueError as exc:
+            _log.warning(
+                "ignoring invalid stream metrics (%s): reservation_id=%s", exc, self.reservation_id
+            )
+            return None
+
+
+class StreamReservation(_StreamOptions, _SyncFace):
+    """``with client.stream_reservation(action=..., estimate=...) as s:`` (runcycles-compatible).
+
+    Update ``s.usage`` while streaming; a clean exit commits ``usage.actual_cost``,
+    else ``cost_fn(usage)``, else the estimate; an exception releases ("stream_failed").
+    """
+
+
+class AsyncStreamReservation(_StreamOptions, _AsyncFace):
+    """``async with client.stream_reservation(...)`` (runcycles-compatible)."""
+
+
+# ===========================================================================
 # Settlement and journal
-# ---------------------------------------------------------------------------
-
-# Next issue: commit/event settlement (exactly once), the retry worker and the journal.
-
+# ===========================================================================
 
 # ---------------------------------------------------------------------------
+# Settlement outcome table
+#
+# One decision function for every settlement attempt: the first commit, the
+# background retries, the event fallback and journal replay all ask the same
+# question ("what now?") and get the same answer. It is pure: no I/O, no clock
+# reads (the caller passes wall-clock ``now_ms``), no randomness of its own.
+# ---------------------------------------------------------------------------
+
+_MAX_HONORED_RETRY_AFTER_MS = 3_600_000  # one hour: a mangled header must not park spend for days
+_INT64_MAX = 9_223_372_036_854_775_807
+
+# Error codes a settlement can be rejected with for good. Only these justify
+# discarding a durable spend record (C9, C17). Codes outside every set below,
+# including the v0.1.26 ACTION_* codes, are "unknown": retried with the same
+# key, then kept.
+_SETTLE_REJECTION_CODES = frozenset(
+    {
+        "INVALID_REQUEST",
+        "UNIT_MISMATCH",
+        "NOT_FOUND",
+        "BUDGET_EXCEEDED",
+        "OVERDRAFT_LIMIT_EXCEEDED",
+        "TENANT_CLOSED",
+        "BUDGET_FROZEN",
+        "BUDGET_CLOSED",
+        "DEBT_OUTSTANDING",
+        "MAX_EXTENSIONS_EXCEEDED",
+    }
+)
+_AUTH_CODES = frozenset({"UNAUTHORIZED", "FORBIDDEN"})
+
+
+class _Disposition(str, enum.Enum):
+    """What to do after a settlement attempt."""
+
+    SUCCESS = "success"  # settled: remove the journal record
+    RETRY = "retry"  # same idempotency key, after ``delay_ms``
+    FALLBACK_EVENT = "fallback_event"  # persist event mode, then POST /v1/events, same key
+    STOP_KEEP = "stop_keep"  # give up for this run; the journal record stays for replay
+    STOP_DISCARD = "stop_discard"  # understood terminal outcome: remove the record, never release
+
+
+@dataclass(frozen=True)
+class _RetryPolicy:
+    """Bounded same-key retry policy for commits and events.
+
+    ``max_attempts`` counts every attempt of one run, the first included
+    (runcycles' ``retry_max_attempts=5`` retries after the first attempt is
+    ``max_attempts=6`` here).
+    """
+
+    max_attempts: int = 6
+    initial_delay_ms: int = 500
+    multiplier: float = 2.0
+    max_delay_ms: int = 30_000
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_attempts, bool) or self.max_attempts < 1:
+            raise ValueError("max_attempts must be an integer >= 1")
+        if self.initial_delay_ms < 0:
+            raise ValueError("initial_delay_ms must be >= 0")
+        if not math.isfinite(self.multiplier) or self.multiplier < 1.0:
+            raise ValueError("multiplier must be a finite number >= 1.0")
+        if self.max_delay_ms < 0:
+            raise ValueError("max_delay_ms must be >= 0")
+
+
+@dataclass(frozen=True)
+class _SettlementStep:
+    """The decision for one finished settlement attempt.
+
+    ``delay_ms``/``not_before_ms`` are set for RETRY (``not_before_ms`` is the
+    absolute wall-clock time of the next attempt, for the journal). A
+    STOP_KEEP with reason ``retries_exhausted`` keeps them too, so a 429
+    floor (``cause == "rate_limited"``) can still be persisted for the next
+    process. ``cause`` names the last retryable reason when retries ran out.
+    """
+
+    disposition: _Disposition
+    delay_ms: int
+    not_before_ms: Optional[int]
+    reason: str
+    cause: Optional[str] = None
+
+
+def _capped_exponential(initial_ms: int, multiplier: float, exponent: int, cap_ms: int) -> int:
+    if initial_ms <= 0 or cap_ms <= 0:
+        return 0
+    if initial_ms >= cap_ms:
+        return cap_ms
+    if multiplier == 1.0 or exponent <= 0:
+        return initial_ms
+    # Compare in log space so huge attempt numbers cannot overflow a float.
+    if exponent * math.log(multiplier) >= math.log(cap_ms / initial_ms):
+        return cap_ms
+    return min(cap_ms, int(initial_ms * multiplier**exponent))
+
+
+def _backoff_ms(attempt: int, policy: _RetryPolicy, rand: Callable[[], float]) -> int:
+    """Delay after attempt number ``attempt`` (1-based), with equal jitter.
+
+    base = min(initial * multiplier**(attempt-1), max); the result lies in
+    [base//2, base]: half fixed so retries always back off, half random so a
+    fleet recovering from one outage does not retry in lockstep.
+    """
+    base = _capped_exponential(
+        policy.initial_delay_ms, policy.multiplier, max(0, attempt - 1), policy.max_delay_ms
+    )
+    fixed = base // 2
+    r = rand()
+    if not r > 0.0:  # also catches NaN
+        r = 0.0
+    r = min(r, 1.0)
+    return fixed + int((base - fixed) * r)
+
+
+def _parse_retry_after_ms(
+    value: Optional[str], *, cap_ms: Optional[int] = _MAX_HONORED_RETRY_AFTER_MS
+) -> Optional[int]:
+    """Retry-After as milliseconds: ASCII delta-seconds only, else None.
+
+    HTTP-dates, signs, fractions, garbage and values whose millisecond form
+    overflows int64 are invalid (None). The result is capped at ``cap_ms``
+    (one hour by default, the bounded-delay policy for settlement). The
+    heartbeat passes ``cap_ms=None``: capping there would invent an earlier
+    retry than the server allowed.
+    """
+    if value is None:
+        return None
+    text = value.strip(" \t")
+    if not text or len(text) > 19 or any(c not in "0123456789" for c in text):
+        return None
+    seconds = int(text)
+    if seconds > _INT64_MAX // 1000:
+        return None
+    ms = seconds * 1000
+    return ms if cap_ms is None else min(ms, cap_ms)
+
+
+def _decide_settlement(
+    operation: str,
+    *,
+    status: int,
+    error_code: Optional[str],
+    schema_valid: bool,
+    retry_after_ms: Optional[int],
+    attempt: int,
+    policy: _RetryPolicy,
+    now_ms: int,
+    rand: Callable[[], float],
+) -> _SettlementStep:
+    """Classify one finished commit or event attempt.
+
+    ``operation`` is "commit" or "event"; ``status`` is the HTTP status or -1
+    for a transport error (timeout, connection failure, unreadable response);
+    ``error_code`` is the string ``error`` field read straight from a JSON
+    object body (None when absent or not a string); ``schema_valid`` is the
+    caller's judgement that the body is a valid CommitResponse /
+    EventCreateResponse; ``retry_after_ms`` comes from
+    ``_parse_retry_after_ms``; ``attempt`` is the 1-based number of the
+    attempt that just finished.
+
+    Order of the rules (first match wins):
+      1. schema-valid body with the operation's success status (200 commit,
+         201 event) -> SUCCESS. A schema-valid body under another status is
+         ambiguous (rule 5).
+      2. transport error -> RETRY "transport_error".
+      3. 429, or LIMIT_EXCEEDED under any status -> RETRY "rate_limited",
+         delay = max(backoff, Retry-After capped at 1 h). No Retry-After
+         (bodyless or codeless 429) -> plain backoff.
+      4. 5xx -> RETRY "server_error" (whatever code the body claims).
+      5. other 2xx -> RETRY "ambiguous_2xx"; 3xx -> RETRY "redirect";
+         1xx and statuses outside 100..599 -> RETRY "unexpected_status".
+      6. 4xx, in this order:
+         401/403 -> STOP_KEEP "auth_failed" (keep for a rotated key; never
+         release); RESERVATION_FINALIZED -> STOP_DISCARD "already_finalized"
+         (wins over 410: a contradictory body must not cause a second charge
+         through the event); IDEMPOTENCY_MISMATCH -> STOP_DISCARD
+         "idempotency_mismatch"; commit with 410 or RESERVATION_EXPIRED (even
+         with a mangled body) -> FALLBACK_EVENT "reservation_expired";
+         code UNAUTHORIZED/FORBIDDEN under another 4xx -> STOP_KEEP
+         "auth_failed"; a recognised rejection code -> STOP_DISCARD
+         "rejected:<CODE>"; INTERNAL_ERROR in a 4xx -> RETRY "server_error";
+         anything else (no code, an HTML proxy page, an unknown or future
+         code, RESERVATION_EXPIRED or a bare 410 on an event, which has no
+         reservation to expire) -> RETRY "unrecognized_4xx".
+    A RETRY on or after ``policy.max_attempts`` becomes STOP_KEEP
+    "retries_exhausted" with ``cause`` set to the retry reason.
+    FALLBACK_EVENT is immediate (delay 0) and does not count as exhaustion;
+    the caller restarts its attempt count for the event.
+    """
+    if operation not in ("commit", "event"):
+        raise ValueError("operation must be 'commit' or 'event'")
+    if attempt < 1:
+        raise ValueError("attempt must be >= 1")
+    success_status = 200 if operation == "commit" else 201
+    if schema_valid and status == success_status:
+        return _SettlementStep(_Disposition.SUCCESS, 0, None, "settled")
+
+    reason = _settlement_failure_reason(operation, status, error_code)
+    if isinstance(reason, _SettlementStep):
+        return reason
+    delay = _backoff_ms(attempt, policy, rand)
+    if reason == "rate_limited" and retry_after_ms is not None and retry_after_ms >= 0:
+        delay = max(delay, min(retry_after_ms, _MAX_HONORED_RETRY_AFTER_MS))
+    not_before = now_ms + delay
+    if attempt >= policy.max_attempts:
+        return _SettlementStep(
+            _Disposition.STOP_KEEP, delay, not_before, "retries_exhausted", cause=reason
+        )
+    return _SettlementStep(_Disposition.RETRY, delay, not_before, reason)
+
+
+def _settlement_failure_reason(
+    operation: str, status: int, code: Optional[str]
+) -> Union[str, _SettlementStep]:
+    """Either a retry reason (str) or a final non-retry step."""
+    if status < 0:
+        return "transport_error"
+    if status == 429 or code == "LIMIT_EXCEEDED":
+        return "rate_limited"
+    if 500 <= status <= 599:
+        return "server_error"
+    if 200 <= status <= 299:
+        return "ambiguous_2xx"
+    if 300 <= status <= 399:
+        return "redirect"
+    if not 400 <= status <= 499:
+        return "unexpected_status"
+    if status in (401, 403):
+        return _SettlementStep(_Disposition.STOP_KEEP, 0, None, "auth_failed")
+    if code == "RESERVATION_FINALIZED":
+        return _SettlementStep(_Disposition.STOP_DISCARD, 0, None, "already_finalized")
+    if code == "IDEMPOTENCY_MISMATCH":
+        return _SettlementStep(_Disposition.STOP_DISCARD, 0, None, "idempotency_mismatch")
+    if operation == "commit" and (status == 410 or code == "RESERVATION_EXPIRED"):
+        return _SettlementStep(_Disposition.FALLBACK_EVENT, 0, None, "reservation_expired")
+    if code in _AUTH_CODES:
+        return _SettlementStep(_Disposition.STOP_KEEP, 0, None, "auth_failed")
+    if code in _SETTLE_REJECTION_CODES:
+        return _SettlementStep(_Disposition.STOP_DISCARD, 0, None, "rejected:" + str(code))
+    if code == "INTERNAL_ERROR":
+        return "server_error"
+    return "unrecognized_4xx"
+
+
+def _record_after_step(
+    record: _PendingSettlement, step: _SettlementStep
+) -> Optional[_PendingSettlement]:
+    """The journal record to persist before acting on ``step``, or None.
+
+    FALLBACK_EVENT switches the record to event mode (persisted before the
+    event is sent; None when the record has no event body: the caller then
+    keeps it and reports). A rate-limited RETRY, or retries exhausted on a
+    429, persists the absolute not-before time so a restart cannot retry
+    earlier than the server allowed.
+    """
+    if step.disposition is _Disposition.FALLBACK_EVENT:
+        if not record.event_fallback_body:
+            return None
+        return _replace_record(record, mode="event", not_before_ms=None)
+    rate_limited = step.reason == "rate_limited" or step.cause == "rate_limited"
+    if rate_limited and step.not_before_ms is not None:
+        return _replace_record(record, not_before_ms=step.not_before_ms)
+    return None
+
+
+def _replay_delay_ms(record: _PendingSettlement, now_ms: int) -> int:
+    """How long replay must wait for a persisted 429 floor (at most one hour)."""
+    if record.not_before_ms is None or record.not_before_ms <= now_ms:
+        return 0
+    return min(record.not_before_ms - now_ms, _MAX_HONORED_RETRY_AFTER_MS)
+
+
+# ---------------------------------------------------------------------------
+# Commit journal, on-disk compatible with runcycles 0.5.3
+#
+# <root>/<fingerprint>/v2-<sha256(reservation id)>.json, one JSON record per
+# unresolved settlement. root defaults to ~/.runcycles/commit-journal; the
+# fingerprint is the first 16 hex chars of PBKDF2-HMAC-SHA256 over the
+# principal ("tenant\n<tenant>" or "key\n<api key>"), salted with the base
+# URL, so the key itself is never stored.
+# ---------------------------------------------------------------------------
+
+_JOURNAL_RECORD_VERSION = 1
+_JOURNAL_SUFFIX = ".json"
+_JOURNAL_QUARANTINE_SUFFIX = ".corrupt"
+_JOURNAL_TMP_SUFFIX = ".tmp"
+_JOURNAL_TMP_MAX_AGE_S = 3600.0
+_JOURNAL_PBKDF2_SALT_PREFIX = "runcycles-commit-journal\n"
+_JOURNAL_PBKDF2_ITERATIONS = 30_000
+_JOURNAL_FINGERPRINT_HEX = 16
+_LEGACY_NAME_CHARS = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
+)
+
+_fingerprint_cache: Dict[Tuple[str, bytes], str] = {}
+_journal_warn_lock = threading.Lock()
+_journal_disabled_warned = False
+
+
+def _journal_fingerprint(base_url: str, *, tenant: Optional[str], api_key: str) -> str:
+    """Identity directory name shared with runcycles and the TS client.
+
+    With a tenant the principal is the tenant (stable across key rotation),
+    otherwise the API key. PBKDF2 runs once per identity per process; the
+    cache is keyed by a digest so it holds no raw key.
+    """
+    import hashlib
+
+    principal = ("tenant\n" + tenant) if tenant and tenant.strip() else ("key\n" + api_key)
+    principal_bytes = principal.encode("utf-8")
+    cache_key = (base_url, hashlib.sha256(principal_bytes).digest())
+    cached = _fingerprint_cache.get(cache_key)
+    if cached is not None:
+        return cached
+    digest = hashlib.pbkdf2_hmac(
+        "sha256",
+        principal_bytes,
+        (_JOURNAL_PBKDF2_SALT_PREFIX + base_url).encode("utf-8"),
+        _JOURNAL_PBKDF2_ITERATIONS,
+    )
+    fingerprint = digest.hex()[:_JOURNAL_FINGERPRINT_HEX]
+    if len(_fingerprint_cache) >= 64:
+        _fingerprint_cache.clear()
+    _fingerprint_cache[cache_key] = fingerprint
+    return fingerprint
+
+
+def _journal_filename(reservation_id: str) -> str:
+    """The cross-SDK name: v2-<sha256 lowercase hex of the exact UTF-8 id>.json."""
+    import hashlib
+
+    digest = hashlib.sha256(reservation_id.encode("utf-8")).hexdigest()
+    return "v2-" + digest + _JOURNAL_SUFFIX
+
+
+def _legacy_journal_filename(reservation_id: str) -> str:
+    """Pre-v2 name: every code point outside ASCII [A-Za-z0-9_-] becomes '_'."""
+    return "".join(c if c in _LEGACY_NAME_CHARS else "_" for c in reservation_id) + _JOURNAL_SUFFIX
+
+
+class _JournalRecordError(ValueError):
+    """A journal file that is not a usable record (it gets quarantined)."""
+
+    def __init__(self, message: str, *, unsupported: bool = False) -> None:
+        super().__init__(message)
+        self.unsupported = unsupported
+
+
+def _wall_clock_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _is_json_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class _PendingSettlement:
+    """One unresolved settlement, in runcycles' record format (version 1).
+
+    ``mode`` is "commit" (send ``commit_body`` to the reservation's commit
+    endpoint) or "event" (send ``event_fallback_body`` to /v1/events); both
+    bodies carry the original idempotency key. ``not_before_ms`` is an
+    absolute wall-clock floor from a 429.
+    """
+
+    reservation_id: str
+    base_url: str
+    mode: str = "commit"
+    # Bodies stay out of repr: a record may end up in a log line.
+    commit_body: Optional[Dict[str, Any]] = field(default=None, repr=False)
+    event_fallback_body: Optional[Dict[str, Any]] = field(default=None, repr=False)
+    recorded_at_ms: int = field(default_factory=_wall_clock_ms)
+    not_before_ms: Optional[int] = None
+
+    def to_json(self) -> str:
+        # Field order and json.dumps defaults match runcycles byte for byte.
+        return json.dumps(
+            {
+                "version": _JOURNAL_RECORD_VERSION,
+                "reservation_id": self.reservation_id,
+                "base_url": self.base_url,
+                "mode": self.mode,
+                "commit_body": self.commit_body,
+                "event_fallback_body": self.event_fallback_body,
+                "recorded_at_ms": self.recorded_at_ms,
+                "not_before_ms": self.not_before_ms,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, raw: str) -> _PendingSettlement:
+        """Parse and validate; raises _JournalRecordError for anything unusable."""
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            raise _JournalRecordError("not valid JSON") from exc
+        if not isinstance(data, dict):
+            raise _JournalRecordError("not a JSON object")
+        version = data.get("version")
+        if not _is_json_int(version) or version != _JOURNAL_RECORD_VERSION:
+            raise _JournalRecordError(f"unsupported record version {version!r}", unsupported=True)
+        reservation_id = data.get("reservation_id")
+        if not isinstance(reservation_id, str) or not reservation_id:
+            raise _JournalRecordError("missing reservation_id")
+        mode = data.get("mode", "commit")
+        if mode not in ("commit", "event"):
+            raise _JournalRecordError("unknown mode")
+        commit_body = data.get("commit_body")
+        event_body = data.get("event_fallback_body")
+        for name, body in (("commit_body", commit_body), ("event_fallback_body", event_body)):
+            if body is not None and not isinstance(body, dict):
+                raise _JournalRecordError("invalid " + name)
+        if mode == "commit" and commit_body is None:
+            raise _JournalRecordError("commit-mode record without commit_body")
+        if mode == "event" and event_body is None:
+            raise _JournalRecordError("event-mode record without event_fallback_body")
+        base_url = data.get("base_url", "")
+        if not isinstance(base_url, str):
+            raise _JournalRecordError("invalid base_url")
+        recorded_at = data.get("recorded_at_ms", 0)
+        if not _is_json_int(recorded_at) or recorded_at < 0:
+            raise _JournalRecordError("invalid recorded_at_ms")
+        not_before = data.get("not_before_ms")
+        if not_before is not None and (not _is_json_int(not_before) or not_before < 0):
+            raise _JournalRecordError("invalid not_before_ms")
+        return cls(
+            reservation_id=reservation_id,
+            base_url=base_url,
+            mode=mode,
+            commit_body=commit_body,
+            event_fallback_body=event_body,
+            recorded_at_ms=recorded_at,
+            not_before_ms=not_before,
+        )
+
+
+def _replace_record(record: _PendingSettlement, **changes: Any) -> _PendingSettlement:
+    import dataclasses
+
+    return dataclasses.replace(record, **changes)
+
+
+def _default_journal_root() -> Optional[str]:
+    home = os.path.expanduser("~")
+    if not home or home.startswith("~"):
+        return None
+    return os.path.join(home, ".runcycles", "commit-journal")
+
+
+def _temp_journal_root() -> str:
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), "runcycles-commit-journal")
+
+
+def _make_private_dirs(path: str) -> None:
+    """Create missing directories with mode 0o700; never touch existing ones."""
+    missing: List[str] = []
+    current = os.path.abspath(path)
+    while not os.path.isdir(current):
+        missing.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise
+            continue  # created concurrently by someone else: leave it alone
+        with contextlib.suppress(OSError):
+            os.chmod(directory, 0o700)  # ours: undo a restrictive umask
+
+
+def _is_foreign(path: str) -> bool:
+    """A symlink or a directory owned by another user (POSIX only)."""
+    getuid = getattr(os, "getuid", None)
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    if stat.S_ISLNK(info.st_mode):
+        return True
+    return getuid is not None and info.st_uid != getuid()
+
+
+def _random_suffix() -> str:
+    return f"{os.getpid()}.{os.urandom(4).hex()}"
+
+
+def _probe_writable(directory: str) -> bool:
+    probe = os.path.join(directory, ".probe." + _random_suffix() + _JOURNAL_TMP_SUFFIX)
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+    return True
+
+
+def _move_no_clobber(src: str, dst: str) -> bool:
+    """Rename src to dst unless dst exists; False when dst exists."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        return False
+    except (OSError, NotImplementedError):
+        if os.path.lexists(dst):
+            return False
+        os.replace(src, dst)  # no hard links here: a small race is the best we can do
+        return True
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(src)
+    return True
+
+
+def _fsync_directory(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # Windows cannot open directories; nothing more to do there
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _warn_journal_disabled(tried: List[str]) -> None:
+    global _journal_disabled_warned
+    with _journal_warn_lock:
+        if _journal_disabled_warned:
+            return
+        _journal_disabled_warned = True
+    _log.warning(
+        "commit journal disabled: no writable directory (tried %s); settlements run "
+        "without durability",
+        ", ".join(tried) or "none",
+    )
+
+
+class _CommitJournal:
+    """File-per-settlement journal for one (server, principal) identity.
+
+    Never raises from its public methods: journal I/O is best-effort and a
+    failure only costs durability (it is logged and reported via return
+    values). Blocking: call it off the event loop in async code.
+    """
+
+    def __init__(
+        self,
+        root: Optional[str],
+        base_url: str,
+        *,
+        tenant: Optional[str],
+        api_key: str,
+        fsync: bool = False,
+    ) -> None:
+        self._root = root
+        self._base_url = base_url
+        self._tenant = tenant
+        self._api_key = api_key
+        self._fsync = fsync
+        self._lock = threading.Lock()
+        self._resolved = False
+        self._directory: Optional[str] = None
+
+    def __repr__(self) -> str:
+        state = self._directory if self._resolved else "unresolved"
+        return f"_CommitJournal(root={self._root!r}, directory={state!r})"
+
+    # -- location -------------------------------------------------------------
+
+    @property
+    def enabled(self) -> bool:
+        return self._resolve() is not None
+
+    @property
+    def directory(self) -> Optional[str]:
+        return self._resolve()
+
+    def _resolve(self) -> Optional[str]:
+        if self._resolved:
+            return self._directory
+        with self._lock:
+            if not self._resolved:
+                self._directory = self._find_directory()
+                self._resolved = True
+                self._api_key = ""  # the fingerprint is all we need from now on
+        return self._directory
+
+    def _find_directory(self) -> Optional[str]:
+        try:
+            fingerprint = _journal_fingerprint(
+                self._base_url, tenant=self._tenant, api_key=self._api_key
+            )
+        except (UnicodeError, ValueError):
+            _warn_journal_disabled([])
+            return None
+        configured = self._root
+        candidates: List[Tuple[str, bool]] = []
+        if configured:
+            candidates.append((configured, False))
+        else:
+            home_root = _default_journal_root()
+            if home_root is not None:
+                candidates.append((home_root, False))
+        with contextlib.suppress(OSError):  # no usable temp directory at all
+            candidates.append((_temp_journal_root(), True))
+        tried: List[str] = []
+        for root, is_shared_temp in candidates:
+            directory = os.path.join(root, fingerprint)
+            tried.append(root)
+            if self._usable(root, directory, is_shared_temp):
+                if len(tried) > 1:
+                    log = _log.warning if configured else _log.info
+                    log("commit journal root %s is not writable; using %s", tried[0], root)
+                return directory
+        _warn_journal_disabled(tried)
+        return None
+
+    @staticmethod
+    def _usable(root: str, directory: str, is_shared_temp: bool) -> bool:
+        try:
+            if is_shared_temp and _is_foreign(root):
+                return False
+            _make_private_dirs(directory)
+            if is_shared_temp and _is_foreign(directory):
+                return False
+            return _probe_writable(directory)
+        except (OSError, ValueError):
+            return False
+
+    def record_path(self, reservation_id: str) -> Optional[str]:
+        """Full path of the record for ``reservation_id`` (None when disabled)."""
+        directory = self._resolve()
+        if directory is None:
+            return None
+        return os.path.join(directory, _journal_filename(reservation_id))
+
+    # -- write / remove -------------------------------------------------------
+
+    def write(self, record: _PendingSettlement) -> bool:
+        """Atomically persist ``record``; False (and a log line) on any failure."""
+        directory = self._resolve()
+        if directory is None:
+            return False
+        try:
+            data = record.to_json().encode("utf-8")
+        except (TypeError, ValueError):
+            _log.warning(
+                "commit journal: record not serialisable: reservation_id=%s",
+                record.reservation_id,
+            )
+            return False
+        target = os.path.join(directory, _journal_filename(record.reservation_id))
+        try:
+            self._write_atomic(directory, target, data)
+        except OSError as exc:
+            if not isinstance(exc, FileNotFoundError):
+                return self._write_failed(record, exc)
+            try:  # the directory vanished (a cleaned temp dir): recreate once
+                _make_private_dirs(directory)
+                self._write_atomic(directory, target, data)
+            except OSError as retry_exc:
+                return self._write_failed(record, retry_exc)
+        return True
+
+    @staticmethod
+    def _write_failed(record: _PendingSettlement, exc: OSError) -> bool:
+        _log.warning(
+            "commit journal write failed (settling without durability): "
+            "reservation_id=%s error=%s",
+            record.reservation_id,
+            type(exc).__name__,
+        )
+        return False
+
+    def _write_atomic(self, directory: str, target: str, data: bytes) -> None:
+        tmp = target + "." + _random_suffix() + _JOURNAL_TMP_SUFFIX
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+        fd = os.open(tmp, flags, 0o600)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        if self._fsync:
+            _fsync_directory(directory)
+
+    def remove(self, reservation_id: str) -> bool:
+        """Delete the record; True when none remains (already-removed is fine).
+
+        A legacy-named file is deleted only when its stored id matches exactly.
+        """
+        directory = self._resolve()
+        if directory is None:
+            return True
+        standard = os.path.join(directory, _journal_filename(reservation_id))
+        try:
+            os.unlink(standard)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            _log.warning(
+                "commit journal: could not remove record: reservation_id=%s error=%s",
+                reservation_id,
+                type(exc).__name__,
+            )
+            return False
+        legacy = os.path.join(directory, _legacy_journal_filename(reservation_id))
+        if legacy != standard and self._stored_id(legacy) == reservation_id:
+            try:
+                os.unlink(legacy)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                return False
+        return True
+
+    @staticmethod
+    def _stored_id(path: str) -> Optional[str]:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                return _PendingSettlement.from_json(handle.read()).reservation_id
+        except (OSError, ValueError):
+            return None
+
+    # -- scan -----------------------------------------------------------------
+
+    def pending_count(self) -> int:
+        """Number of record files (any server), without parsing them."""
+        directory = self._resolve()
+        if directory is None:
+            return 0
+        try:
+            with os.scandir(directory) as entries:
+                return sum(
+                    1
+                    for entry in entries
+                    if entry.name.endswith(_JOURNAL_SUFFIX) and entry.is_file(follow_symlinks=False)
+                )
+        except OSError:
+            return 0
+
+    def load_pending(self) -> List[_PendingSettlement]:
+        """Records for this base URL, oldest name first. Never raises.
+
+        Reaps stale temp files, quarantines corrupt and unsupported records
+        (renamed to ``<name>.corrupt``, never deleted, each logged at ERROR),
+        and migrates misnamed (legacy) records to their v2 name.
+        """
+        directory = self._resolve()
+        if directory is None:
+            return []
+        try:
+            names = sorted(os.listdir(directory))
+        except FileNotFoundError:
+            return []  # nothing was ever written (or the temp dir was cleaned)
+        except OSError as exc:
+            _log.warning("commit journal scan failed: error=%s", type(exc).__name__)
+            return []
+        self._reap_stale_tmp(directory, names)
+        parsed: List[Tuple[str, _PendingSettlement]] = []
+        for name in names:
+            if name.endswith(_JOURNAL_SUFFIX):
+                record = self._read_or_quarantine(directory, name)
+                if record is not None:
+                    parsed.append((name, record))
+        loaded: List[_PendingSettlement] = []
+        for name, record in parsed:
+            misnamed = name != _journal_filename(record.reservation_id)
+            if misnamed and not self._migrate(directory, name, record):
+                continue
+            if record.base_url == self._base_url:
+                loaded.append(record)
+        return loaded
+
+    @staticmethod
+    def _reap_stale_tmp(directory: str, names: List[str]) -> None:
+        cutoff = time.time() - _JOURNAL_TMP_MAX_AGE_S
+        for name in names:
+            if not name.endswith(_JOURNAL_TMP_SUFFIX):
+                continue
+            path = os.path.join(directory, name)
+            try:
+                if os.lstat(path).st_mtime < cutoff:
+                    os.unlink(path)
+            except OSError:
+                pass
+
+    @staticmethod
+    def _read_or_quarantine(directory: str, name: str) -> Optional[_PendingSettlement]:
+        path = os.path.join(directory, name)
+        try:
+            if os.path.islink(path) or not os.path.isfile(path):
+                return None
+            with open(path, "rb") as handle:
+                raw = handle.read()
+        except OSError:
+            return None  # vanished (a concurrent replayer removed it) or unreadable
+        try:
+            return _PendingSettlement.from_json(raw.decode("utf-8"))
+        except ValueError as exc:  # includes UnicodeDecodeError and _JournalRecordError
+            unsupported = isinstance(exc, _JournalRecordError) and exc.unsupported
+            quarantined = _CommitJournal._quarantine(directory, name)
+            _log.error(
+                "commit journal: %s record %s quarantined as %s (%s)",
+                "unsupported" if unsupported else "corrupt",
+                name,
+                quarantined or "<rename failed>",
+                exc,
+            )
+            return None
+
+    @staticmethod
+    def _quarantine(directory: str, name: str) -> Optional[str]:
+        stem = name[: -len(_JOURNAL_SUFFIX)]
+        src = os.path.join(directory, name)
+        for candidate in (stem, stem + "." + _random_suffix()):
+            target = candidate + _JOURNAL_QUARANTINE_SUFFIX
+            try:
+                if _move_no_clobber(src, os.path.join(directory, target)):
+                    return target
+            except OSError:
+                return None
+        return None
+
+    def _migrate(self, directory: str, name: str, record: _PendingSettlement) -> bool:
+        """Move a misnamed record to its v2 name. True when it is now loadable.
+
+        Never deletes the old file unless an identical-id v2 record exists,
+        and never overwrites a v2 file.
+        """
+        src = os.path.join(directory, name)
+        standard_name = _journal_filename(record.reservation_id)
+        standard = os.path.join(directory, standard_name)
+        try:
+            if _move_no_clobber(src, standard):
+                _log.info("commit journal: migrated %s to %s", name, standard_name)
+                return True
+        except OSError as exc:
+            _log.warning("commit journal: could not migrate %s: %s", name, type(exc).__name__)
+            return False
+        if self._stored_id(standard) == record.reservation_id:
+            with contextlib.suppress(OSError):
+                os.unlink(src)  # a duplicate of the v2 record, which stays authoritative
+            return False  # the v2 file is loaded under its own name
+        _log.warning(
+            "commit journal: kept %s: %s holds a different or unreadable record",
+            name,
+            standard_name,
+        )
+        return False
+
+# A commit is settled exactly once, whatever the network does: the first
+# attempt runs on the caller; retries (same idempotency key, backoff with
+# jitter, Retry-After honoured) run on one process-wide background worker, or
+# on the caller with ``commit_retry="inline"``.  Every attempt's outcome comes
+# from ``_decide_settlement``; an expired reservation falls back to an event.
+
+
+def _retry_policy(config: CyclesConfig) -> _RetryPolicy:
+    retries = config.retry_max_attempts if config.retry_enabled else 0
+    return _RetryPolicy(
+        max_attempts=1 + retries,
+        initial_delay_ms=int(config.retry_initial_delay * 1000),
+        multiplier=config.retry_multiplier,
+        max_delay_ms=int(config.retry_max_delay * 1000),
+    )
+
+
+def _jitter() -> float:
+    """A uniform number in [0, 1) without importing ``random`` (it loads hashlib)."""
+    return int.from_bytes(os.urandom(4), "big") / 4294967296.0
+
+
+_journals: Dict[Tuple[Any, ...], _CommitJournal] = {}
+_journals_lock = threading.Lock()
+
+
+def _journal_for(config: CyclesConfig) -> Optional[_CommitJournal]:
+    """The journal of this config's (server, principal); None when disabled.
+
+    Cheap: the directory is found (and created) on the first write, which runs
+    off the event loop in async code.
+    """
+    if not config.journal_enabled:
+        return None
+    key = (config.journal_dir, config.base_url, config.tenant, config.api_key, config.journal_fsync)
+    with _journals_lock:
+        journal = _journals.get(key)
+        if journal is None:
+            if len(_journals) >= 64:
+                _journals.clear()
+            journal = _CommitJournal(
+                config.journal_dir,
+                config.base_url,
+                tenant=config.tenant,
+                api_key=config.api_key,
+                fsync=config.journal_fsync,
+            )
+            _journals[key] = journal
+        return journal
+
+
+def _background_send(client: Any) -> _SendFn:
+    """A blocking send over the client's pool for the worker (async clients have none).
+
+    Unlike ``client._send`` it keeps working after the client is closed: a
+    retry may outlive the client that started it.
+    """
+    config, transport = client._config, client._transport
+
+    def send(operation: str, method: str, path: str, *, body: Any = None) -> CyclesResponse:
+        return _perform(transport, _build_request(config, operation, method, path, body=body))
+
+    return send
+
+
+@dataclass
+class _Settlement:
+    """One unresolved commit, or its event fallback, and the attempts made so far."""
+
+    record: _PendingSettlement
+    send: _SendFn  # blocking, usable from any thread
+    policy: _RetryPolicy
+    journal: Optional[_CommitJournal]
+    inline: bool  # commit_retry="inline": every retry on the caller
+    flush_timeout: float
+    attempt: int = 0
+    due: float = 0.0  # time.monotonic() of the next attempt
+    last_response: Optional[CyclesResponse] = None
+
+    @classmethod
+    def new(
+        cls,
+        client: Any,
+        reservation_id: str,
+        commit_body: Dict[str, Any],
+        event_body: Dict[str, Any],
+    ) -> _Settlement:
+        config: CyclesConfig = client._config
+        record = _PendingSettlement(
+            reservation_id=reservation_id,
+            base_url=config.base_url,
+            commit_body=commit_body,
+            event_fallback_body=event_body,
+        )
+        return cls.for_record(client, record)
+
+    @classmethod
+    def for_record(cls, client: Any, record: _PendingSettlement) -> _Settlement:
+        """Also the hook for journal replay: settle a surviving record through the worker."""
+        config: CyclesConfig = client._config
+        return cls(
+            record=record,
+            send=_background_send(client),
+            policy=_retry_policy(config),
+            journal=_journal_for(config),
+            inline=config.commit_retry == "inline",
+            flush_timeout=config.retry_flush_timeout,
+        )
+
+    @property
+    def operation(self) -> str:
+        return "event" if self.record.mode == "event" else "commit"
+
+    def request(self) -> _Send:
+        record = self.record
+        if record.mode == "event":
+            assert record.event_fallback_body is not None
+            return _Send("event", EVENTS_PATH, record.event_fallback_body)
+        assert record.commit_body is not None
+        path = _reservation_path(record.reservation_id, "/commit")
+        return _Send("commit", path, record.commit_body)
+
+
+def _settle_new_steps(job: _Settlement) -> _Steps[_Disposition]:
+    """Journal the settlement, attempt it, then retry here (inline) or on the worker."""
+    try:
+        if job.journal is not None:
+            yield _Blocking(functools.partial(job.journal.write, job.record))
+        outcome = yield from _settle_steps(job, retry_inline=job.inline)
+        if outcome is _Disposition.RETRY and not _settlements.submit(job):
+            outcome = yield from _settle_steps(job, retry_inline=True)  # queue full: settle here
+    except BaseException as exc:
+        if not isinstance(exc, (Exception, GeneratorExit)):
+            # Interrupted (task cancelled, Ctrl-C): the worker carries on, same key.
+            job.due = time.monotonic()
+            _settlements.submit(job)
+        raise
+    return outcome
+
+
+def _settle_steps(job: _Settlement, *, retry_inline: bool) -> _Steps[_Disposition]:
+    """Attempts until the outcome is final; without ``retry_inline``, until a retry must wait."""
+    while True:
+        wait = job.due - time.monotonic()
+        if wait > 0:
+            yield _Sleep(wait)
+        step = yield from _settlement_attempt(job)
+        if step.disposition is _Disposition.FALLBACK_EVENT:
+            job.attempt = 0
+            continue
+        if step.disposition is not _Disposition.RETRY:
+            return step.disposition
+        job.due = time.monotonic() + step.delay_ms / 1000.0
+        if not retry_inline:
+            return _Disposition.RETRY
+
+
+_RECORD_DONE = frozenset({_Disposition.SUCCESS, _Disposition.STOP_DISCARD})
+
+
+def _settlement_attempt(job: _Settlement) -> _Steps[_SettlementStep]:
+    """One commit or event attempt, its outcome, and the journal kept in step with it."""
+    job.attempt += 1
+    response = yield job.request()
+    job.last_response = response
+    step = _decide_settlement(
+        job.operation,
+        status=response.status,
+        error_code=_error_code(response),
+        schema_valid=_is_schema_valid(job.operation, response),
+        retry_after_ms=_parse_retry_after_ms(response.headers.get("retry-after")),
+        attempt=job.attempt,
+        policy=job.policy,
+        now_ms=_wall_clock_ms(),
+        rand=_jitter,
+    )
+    updated = _record_after_step(job.record, step)
+    if updated is not None:
+        job.record = updated
+        if job.journal is not None:  # event mode / a 429 floor: persisted before acting
+            yield _Blocking(functools.partial(job.journal.write, updated))
+    elif step.disposition is _Disposition.FALLBACK_EVENT:
+        step = _SettlementStep(_Disposition.STOP_KEEP, 0, None, "no_event_fallback_body")
+    if job.journal is not None and step.disposition in _RECORD_DONE:
+        yield _Blocking(functools.partial(job.journal.remove, job.record.reservation_id))
+    _report_settlement(job, response, step)
+    return step
+
+
+
+def _report_settlement(job: _Settlement, response: CyclesResponse, step: _SettlementStep) -> None:
+    rid = job.record.reservation_id
+    what = job.operation
+    disposition = step.disposition
+    if disposition is _Disposition.SUCCESS:
+        log = _log.info if job.attempt > 1 or what == "event" else _log.debug
+        log("%s settled (attempt %d): reservation_id=%s", what, job.attempt, rid)
+    elif disposition is _Disposition.RETRY:
+        _log.warning(
+            "%s attempt %d failed (%s, %s): will retry with the same idempotency key in %d ms:"
+            " reservation_id=%s",
+            what,
+            job.attempt,
+            _describe(response),
+            step.reason,
+            step.delay_ms,
+            rid,
+        )
+    elif disposition is _Disposition.FALLBACK_EVENT:
+        _log.warning(
+            "commit failed (%s): the reservation expired; recording the spend as an event"
+            " with the same idempotency key: reservation_id=%s",
+            _describe(response),
+            rid,
+        )
+    elif disposition is _Disposition.STOP_DISCARD:
+        _log.warning(
+            "%s not settled (%s, %s); not retried, nothing released: reservation_id=%s",
+            what,
+            _describe(response),
+            step.reason,
+            rid,
+        )
+    else:
+        kept = "the journal record is kept for replay" if job.journal else "no journal"
+        _log.error(
+            "%s not settled after %d attempt(s) (%s, %s%s): the spend is NOT recorded yet;"
+            " %s: reservation_id=%s",
+            what,
+            job.attempt,
+            _describe(response),
+            step.reason,
+            f": {step.cause}" if step.cause else "",
+            kept,
+            rid,
+        )
+
+
+class _SettlementQueue:
+    """The process's pending settlement retries, ordered by due time.
+
+    One daemon worker thread drains it: started on the first retry, it exits as
+    soon as nothing is pending, so a process whose commits settle at the first
+    attempt never has it.  ``flush()`` drains the same heap on the caller's thread
+    and never starts a thread.  The heap is bounded: ``submit`` answers False when
+    it is full and the caller settles inline instead of dropping anything.
+    """
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self._capacity = capacity
+        self._cond = threading.Condition()
+        self._heap: List[Tuple[float, int, _Settlement]] = []
+        self._order = itertools.count()
+        self._running: List[str] = []  # reservation ids being settled right now
+        self._worker: Optional[threading.Thread] = None
+        self._exit_flush_timeout = 0.0
+        self._atexit_registered = False
+
+    def submit(self, job: _Settlement) -> bool:
+        with self._cond:
+            if len(self._heap) + len(self._running) >= self._capacity:
+                return False
+            if self._worker is None and not self._start_worker():
+                return False
+            heapq.heappush(self._heap, (job.due, next(self._order), job))
+            self._exit_flush_timeout = max(self._exit_flush_timeout, job.flush_timeout)
+            if not self._atexit_registered:
+                atexit.register(self._flush_at_exit)
+                self._atexit_registered = True
+            self._cond.notify_all()
+        return True
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._heap) + len(self._running)
+
+    def busy(self) -> set[str]:
+        """Reservation ids this process is already settling (queued or running)."""
+        with self._cond:
+            return {job.record.reservation_id for _due, _n, job in self._heap} | set(
+                self._running
+            )
+
+    def flush(self, timeout: Optional[float]) -> bool:
+        """Settle what is pending on this thread, waiting for not-yet-due retries while the
+        deadline allows.  True when nothing is pending any more."""
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        while True:
+            with self._cond:
+                job = self._next_due(deadline)
+                if job is None:
+                    return not self._heap and not self._running
+            self._run(job)
+
+    def _start_worker(self) -> bool:
+        worker = threading.Thread(target=self._work, name="cycles-lite-settlement", daemon=True)
+        try:
+            worker.start()
+        except RuntimeError:  # interpreter shutdown: the caller settles inline
+            return False
+        self._worker = worker
+        return True
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                job = self._next_due(None)
+                if job is None:
+                    self._worker = None
+                    return
+            self._run(job)
+
+    def _next_due(self, deadline: Optional[float]) -> Optional[_Settlement]:
+        """Under the lock: pop the next due job (waiting for it until ``deadline``).
+
+        None when nothing is pending (not even a job another thread is running)
+        or the deadline passed.
+        """
+        while True:
+            now = time.monotonic()
+            if self._heap and self._heap[0][0] <= now:
+                job = heapq.heappop(self._heap)[2]
+                self._running.append(job.record.reservation_id)
+                return job
+            if (not self._heap and not self._running) or (
+                deadline is not None and now >= deadline
+            ):
+                return None
+            if deadline is not None and not self._running and self._heap[0][0] > deadline:
+                return None  # the next retry is due after the deadline: waiting cannot help
+            waits = [self._heap[0][0] - now] if self._heap else []
+            if deadline is not None:
+                waits.append(deadline - now)
+            self._cond.wait(min(waits) if waits else None)
+
+    def _run(self, job: _Settlement) -> None:
+        outcome = _Disposition.RETRY  # interrupted (Ctrl-C in flush): back to the heap
+        try:
+            outcome = _drive(job.send, _settle_steps(job, retry_inline=False))
+        except Exception:  # never let a bug kill the worker or lose the others
+            _log.exception("settlement failed: reservation_id=%s", job.record.reservation_id)
+            outcome = _Disposition.STOP_KEEP
+        finally:
+            with self._cond:
+                self._running.remove(job.record.reservation_id)
+                if outcome is _Disposition.RETRY:
+                    heapq.heappush(self._heap, (job.due, next(self._order), job))
+                self._cond.notify_all()
+
+    def _flush_at_exit(self) -> None:
+        timeout = self._exit_flush_timeout
+        if timeout > 0 and not self.flush(timeout):
+            _log.warning(
+                "%d settlement(s) still pending at exit; journal records are replayed later",
+                self.pending(),
+            )
+
+
+_settlements = _SettlementQueue()
+
+
+def flush(timeout: Optional[float] = None) -> bool:
+    """Wait for pending settlement retries, running them on the calling thread.
+
+    Returns True when nothing is pending; False when ``timeout`` seconds passed
+    first (the unsettled ones stay queued, and journaled when the journal is on).
+    Call it before a serverless handler returns.  Never starts a thread.
+    """
+    return _settlements.flush(timeout)
+
+
+# -- journal replay --------------------------------------------------------------
+#
+# Records that survived a crash, a freeze or an outage are settled by the same
+# steps as a live commit (``_Settlement.for_record`` + ``_settle_steps``): same
+# stored key, same outcome table, same journal updates.  Replay happens once per
+# process and journal identity when a client is first used (in the background,
+# on the settlement worker) and on demand with ``client.recover()``.
+
+
+@dataclass
+class RecoverySummary:
+    """What one ``recover()`` did with the commit journal of its client's identity.
+
+    ``found``: valid records for this server and principal.  Each ends in exactly
+    one of ``settled`` (committed, or recorded as an event; record removed),
+    ``discarded`` (a genuine terminal rejection such as RESERVATION_FINALIZED;
+    record removed, nothing released), ``kept`` (still unresolved: retries
+    exhausted, an auth failure, an unclassified 4xx, still retrying when the time
+    ran out, or already being settled in this process) and ``not_yet_due`` (not
+    attempted before the deadline, e.g. a persisted 429 floor lies beyond it).
+    Records still retrying or not yet due are handed to the background worker and
+    stay journaled.  ``switched_to_event``: records that moved from commit to event
+    mode (their reservation had expired).  ``quarantined``: malformed or
+    unsupported files renamed to ``*.corrupt`` (never deleted; logged at ERROR).
+    """
+
+    found: int = 0
+    settled: int = 0
+    switched_to_event: int = 0
+    kept: int = 0
+    discarded: int = 0
+    quarantined: int = 0
+    not_yet_due: int = 0
+
+    @property
+    def unresolved(self) -> int:
+        """Records still in the journal after this call (quarantined files aside)."""
+        return self.kept + self.not_yet_due
+
+
+_replay_lock = threading.Lock()
+_replayed_journals: set[str] = set()  # identity directories replayed by this process
+_clients_seen: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _claim_replay(journal: _CommitJournal) -> bool:
+    """True the first time this process replays ``journal``'s identity directory."""
+    directory = journal.directory
+    if directory is None:
+        return False
+    with _replay_lock:
+        if directory in _replayed_journals:
+            return False
+        _replayed_journals.add(directory)
+        return True
+
+
+def _replay_on_first_use(client: Any) -> None:
+    """Start replaying ``client``'s journal in the background, once per process and identity.
+
+    Called when a guarded call (decorator, guard or stream) first uses ``client``.
+    Never waits for the network: the surviving records are settled on the
+    settlement worker.  Sync clients scan the journal directory on the calling
+    thread (a directory listing); async clients scan on their I/O executor, off
+    the event loop.  Never raises.
+    """
+    if client in _clients_seen:
+        return
+    with _replay_lock:
+        if client in _clients_seen:
+            return
+        _clients_seen.add(client)
+    if not client._config.journal_enabled:
+        return
+    # Only records written before now are adopted: later ones belong to settlements
+    # of this process that are still running (the async scan runs concurrently).
+    first_use_ms = _wall_clock_ms()
+    if isinstance(client, AsyncCyclesClient):
+        with contextlib.suppress(RuntimeError):  # a closed client: a later process replays
+            client._io_executor().submit(_replay_in_background, client, first_use_ms)
+    else:
+        _replay_in_background(client, first_use_ms)
+
+
+def _replay_in_background(client: Any, first_use_ms: int) -> None:
+    try:
+        journal = _journal_for(client._config)
+        if journal is None or not _claim_replay(journal):
+            return
+        records, _quarantined = _scan_journal(journal)
+        earlier = [r for r in records if r.recorded_at_ms < first_use_ms]
+        jobs = _replay_jobs(client, _not_queued(earlier))
+        for job in jobs:
+            if not _settlements.submit(job):
+                _log.warning(
+                    "settlement queue full: journal record left for a later replay:"
+                    " reservation_id=%s",
+                    job.record.reservation_id,
+                )
+        if jobs:
+            _log.info(
+                "replaying %d journaled settlement(s) in the background from %s",
+                len(jobs),
+                journal.directory,
+            )
+    except Exception:  # a replay problem must never break the guarded call
+        _log.exception("commit journal replay failed")
+
+
+def _scan_journal(journal: _CommitJournal) -> Tuple[List[_PendingSettlement], int]:
+    """This identity's records for this server, and how many files were quarantined."""
+    directory = journal.directory
+    if directory is None:
+        return [], 0
+    before = _quarantined_names(directory)
+    records = journal.load_pending()
+    return records, len(_quarantined_names(directory) - before)
+
+
+def _quarantined_names(directory: str) -> set[str]:
+    try:
+        return {n for n in os.listdir(directory) if n.endswith(_JOURNAL_QUARANTINE_SUFFIX)}
+    except OSError:
+        return set()
+
+
+def _not_queued(records: List[_PendingSettlement]) -> List[_PendingSettlement]:
+    """The records no settlement of this process is already retrying."""
+    busy = _settlements.busy()
+    return [r for r in records if r.reservation_id not in busy]
+
+
+def _replay_jobs(client: Any, records: List[_PendingSettlement]) -> List[_Settlement]:
+    """One settlement per record, due no earlier than its persisted 429 floor."""
+    now, now_ms = time.monotonic(), _wall_clock_ms()
+    jobs = []
+    for record in records:
+        job = _Settlement.for_record(client, record)
+        job.due = now + _replay_delay_ms(record, now_ms) / 1000.0
+        jobs.append(job)
+    return jobs
+
+
+def _recover(client: Any, timeout: Optional[float]) -> RecoverySummary:
+    """``client.recover()``: replay the journal on this thread until done or ``timeout``.
+
+    No attempt starts after the deadline; one already running ends by its own
+    attempt deadline (``config.attempt_timeout``)."""
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0
+    ):
+        raise ValueError(f"timeout: must be a number >= 0 or None, got {timeout!r}")
+    summary = RecoverySummary()
+    journal = _journal_for(client._config)
+    if journal is None or journal.directory is None:
+        _log.info("recover: the commit journal is disabled or not writable; nothing to replay")
+        return summary
+    deadline = None if timeout is None else time.monotonic() + timeout
+    _claim_replay(journal)  # this is the process's replay of this identity
+    records, summary.quarantined = _scan_journal(journal)
+    summary.found = len(records)
+    fresh = _not_queued(records)
+    summary.kept = len(records) - len(fresh)
+    jobs = _replay_jobs(client, fresh)
+    commit_mode = {id(job) for job in jobs if job.record.mode == "commit"}
+    _settle_until(jobs, deadline, summary)
+    summary.switched_to_event = sum(
+        1 for job in jobs if id(job) in commit_mode and job.record.mode == "event"
+    )
+    _log.info("recover: %s", summary)
+    return summary
+
+
+def _settle_until(
+    jobs: List[_Settlement], deadline: Optional[float], summary: RecoverySummary
+) -> None:
+    """Run ``jobs`` on this thread in due order; hand what is left at the deadline
+    to the background worker (it stays journaled either way)."""
+    heap = [(job.due, n, job) for n, job in enumerate(jobs)]
+    heapq.heapify(heap)
+    while heap and (deadline is None or max(heap[0][0], time.monotonic()) < deadline):
+        _due, n, job = heapq.heappop(heap)
+        outcome = _drive(job.send, _settle_steps(job, retry_inline=False))
+        if outcome is _Disposition.RETRY:
+            heapq.heappush(heap, (job.due, n, job))
+        elif outcome is _Disposition.SUCCESS:
+            summary.settled += 1
+        elif outcome is _Disposition.STOP_DISCARD:
+            summary.discarded += 1
+        else:
+            summary.kept += 1
+    for _due, _n, job in heap:
+        if job.attempt:
+            summary.kept += 1
+        else:
+            summary.not_yet_due += 1
+        _settlements.submit(job)
+
+
+async def _recover_async(client: Any, timeout: Optional[float]) -> RecoverySummary:
+    """``AsyncCyclesClient.recover()``: the same replay, on the client's I/O executor."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(client._io_executor(), _recover, client, timeout)
+
+
+# ===========================================================================
 # Decorator
-# ---------------------------------------------------------------------------
+# ===========================================================================
 
-# Next issue: ``@cycles``, ``set_default_client``/``set_default_config``, ``get_cycles_context``.
+_defaults_lock = threading.Lock()
+_default_client: Optional[CyclesClient] = None
+_default_async_client: Optional[AsyncCyclesClient] = None
+_default_config: Optional[CyclesConfig] = None
+_config_clients: Dict[bool, Any] = {}  # clients made from _default_config, by is_async
 
 
-# ---------------------------------------------------------------------------
+def set_default_client(client: CyclesClient | AsyncCyclesClient) -> None:
+    """The client ``@cycles`` uses when none is passed (one default per kind)."""
+    global _default_client, _default_async_client
+    with _defaults_lock:
+        if isinstance(client, AsyncCyclesClient):
+            _default_async_client = client
+        else:
+            _check_kind(client, CyclesClient)
+            _default_client = client
+
+
+def set_default_config(config: CyclesConfig) -> None:
+    """``@cycles`` creates its clients from this config, lazily, on first call."""
+    global _default_config
+    _check_kind(config, CyclesConfig, "config")
+    with _defaults_lock:
+        _default_config = config
+        _config_clients.clear()
+
+
+def _resolve_client(explicit: Any, is_async: bool) -> Any:
+    """The client of one call, resolved at call time (set_default_* may come after decoration)."""
+    client = explicit if explicit is not None else _default_client_for(is_async)
+    expected = AsyncCyclesClient if is_async else CyclesClient
+    if not isinstance(client, expected):
+        kind = "Async function requires an AsyncCyclesClient" if is_async else (
+            "Sync function requires a CyclesClient"
+        )
+        raise TypeError(f"{kind}, got {type(client).__name__}")
+    return client
+
+
+def _default_client_for(is_async: bool) -> Any:
+    with _defaults_lock:
+        own = _default_async_client if is_async else _default_client
+        if own is not None:
+            return own
+        if _default_config is not None:
+            client = _config_clients.get(is_async)
+            if client is None:
+                kind = AsyncCyclesClient if is_async else CyclesClient
+                client = _config_clients[is_async] = kind(_default_config)
+            return client
+        other = _default_client if is_async else _default_async_client
+        if other is not None:
+            return other  # the wrong kind: _resolve_client says so
+    raise ValueError(
+        "No Cycles client available. Either pass client= to @cycles, "
+        "call set_default_client(), or call set_default_config()."
+    )
+
+
+@dataclass(frozen=True)
+class _CyclesSpec:
+    """The ``@cycles`` parameters; constants or callables resolved per call."""
+
+    estimate: Any
+    actual: Any
+    action_kind: Any
+    action_name: Any
+    action_tags: Any
+    unit: Any
+    ttl_ms: Any
+    grace_period_ms: Any
+    overage_policy: Any
+    dry_run: bool
+    subject: Dict[str, Any]
+    dimensions: Any
+    use_estimate_if_actual_not_provided: bool
+
+    def create_body(
+        self, config: CyclesConfig, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+    ) -> Dict[str, Any]:
+        """Checks in runcycles' order, before any request: the actual first, then the body."""
+        estimate = _call_or_value(self.estimate, args, kwargs)
+        if not self.dry_run:
+            if self.actual is None and not self.use_estimate_if_actual_not_provided:
+                raise ValueError(
+                    "actual expression is required when"
+                    " use_estimate_if_actual_not_provided is False"
+                )
+            if self.actual is not None and not callable(self.actual):
+                _int64("actual", self.actual, False)
+        values = {name: _call_or_value(v, args, kwargs) for name, v in self.subject.items()}
+        return _reservation_body(
+            estimate=estimate,
+            unit=self.unit,
+            subject=_subject_with_defaults(
+                config, values, _call_or_value(self.dimensions, args, kwargs)
+            ),
+            action=_action_body(
+                _call_or_value(self.action_kind, args, kwargs),
+                _call_or_value(self.action_name, args, kwargs),
+                _call_or_value(self.action_tags, args, kwargs),
+            ),
+            ttl_ms=self.ttl_ms,
+            grace_period_ms=self.grace_period_ms,
+            overage_policy=self.overage_policy,
+            dry_run=self.dry_run,
+        )
+
+    def actual_for(self, result: Any, estimate: int, reservation_id: str) -> Tuple[int, bool]:
+        """(actual, taken from the estimate?); raises when the actual is unknown."""
+        if self.actual is None:
+            return estimate, True
+        if not callable(self.actual):
+            return int(self.actual), False
+        try:
+            return _int64("actual", self.actual(result), False), False
+        except Exception:
+            if not self.use_estimate_if_actual_not_provided:
+                raise  # the actual is unknown: nothing is committed
+            _log.error(
+                "actual evaluation failed after the guarded work; committing the estimate:"
+                " reservation_id=%s",
+                reservation_id,
+                exc_info=True,
+            )
+            return estimate, True
+
+
+def _call_or_value(value: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    return value(*args, **kwargs) if callable(value) else value
+
+
+def _settle_call_steps(
+    spec: _CyclesSpec, guard: _Reservation, result: Any
+) -> _Steps[None]:
+    """After the function returned: commit its actual (or, if unknown, settle nothing)."""
+    guard._work_done = True
+    actual, estimated = spec.actual_for(result, guard._estimate, guard.reservation_id)
+    yield from guard._commit_steps(actual, estimated=estimated)
+
+
+def _dry_run_steps(body: Dict[str, Any]) -> _Steps[DryRunResult]:
+    created, _, _ = yield from _create_steps(body)
+    return DryRunResult(
+        decision=created.decision,
+        caps=created.caps,
+        affected_scopes=created.affected_scopes,
+        scope_path=created.scope_path,
+        reserved=created.reserved,
+        balances=created.balances,
+        reason_code=created.reason_code,
+        retry_after_ms=created.retry_after_ms,
+    )
+
+
+def _is_async_callable(fn: Any) -> bool:
+    """``async def`` functions (partials too) and objects with an ``async def __call__``."""
+    if inspect.iscoroutinefunction(fn):
+        return True
+    return not inspect.isfunction(fn) and inspect.iscoroutinefunction(type(fn).__call__)
+
+
+def _reject_awaitable(result: Any) -> None:
+    """A sync function that returns an awaitable has not done its work yet."""
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()
+        raise TypeError(
+            "@cycles: a sync function returned an awaitable; decorate the async def itself"
+        )
+
+
+def cycles(
+    estimate: int | Callable[..., int],
+    *,
+    actual: int | Callable[..., int] | None = None,
+    action_kind: str | Callable[..., str | None] | None = None,
+    action_name: str | Callable[..., str | None] | None = None,
+    action_tags: list[str] | Callable[..., list[str] | None] | None = None,
+    unit: Unit | str = Unit.USD_MICROCENTS,
+    ttl_ms: int = DEFAULT_TTL_MS,
+    grace_period_ms: int | None = None,
+    overage_policy: str = DEFAULT_OVERAGE_POLICY,
+    dry_run: bool = False,
+    tenant: str | Callable[..., str | None] | None = None,
+    workspace: str | Callable[..., str | None] | None = None,
+    app: str | Callable[..., str | None] | None = None,
+    workflow: str | Callable[..., str | None] | None = None,
+    agent: str | Callable[..., str | None] | None = None,
+    toolset: str | Callable[..., str | None] | None = None,
+    dimensions: dict[str, str] | Callable[..., dict[str, str] | None] | None = None,
+    client: CyclesClient | AsyncCyclesClient | None = None,
+    use_estimate_if_actual_not_provided: bool = True,
+) -> Callable[[_F], _F]:
+    """Reserve budget before the function runs, keep it alive while it runs, settle it after.
+
+    runcycles 0.5.3's decorator.  ``estimate`` and the subject/action
+    parameters are constants or callables of the function's arguments;
+    ``actual`` is a constant or a callable of its return value (default: the
+    estimate, committed with metadata ``actual_source="estimate"``).  A denial
+    raises the typed exception before the function runs; if the function raises,
+    the reservation is released and the exception re-raised; if it returns, the
+    actual is committed (never released), retried with the same idempotency key
+    if needed, and the result returned.  ``dry_run=True`` returns a DryRunResult
+    without running the function.  Works on ``def`` and ``async def`` functions
+    and on objects with an ``async def __call__``; the client (``client=``, else
+    the default client of the right kind, else one made from the default config)
+    is resolved at each call.
+    """
+    spec = _CyclesSpec(
+        estimate=estimate,
+        actual=actual,
+        action_kind=action_kind,
+        action_name=action_name,
+        action_tags=action_tags,
+        unit=unit,
+        ttl_ms=ttl_ms,
+        grace_period_ms=grace_period_ms,
+        overage_policy=overage_policy,
+        dry_run=dry_run,
+        subject=dict(tenant=tenant, workspace=workspace, app=app, workflow=workflow,
+                     agent=agent, toolset=toolset),
+        dimensions=dimensions,
+        use_estimate_if_actual_not_provided=use_estimate_if_actual_not_provided,
+    )
+
+    def decorate(fn: _F) -> _F:
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            raise TypeError("@cycles cannot guard a generator; use client.stream_reservation")
+        if _is_async_callable(fn):
+            return _async_guarded(fn, spec, client)  # type: ignore[return-value]
+        return _sync_guarded(fn, spec, client)  # type: ignore[return-value]
+
+    return decorate
+
+
+def _sync_guarded(fn: Callable[..., Any], spec: _CyclesSpec, explicit: Any) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        client = _resolve_client(explicit, is_async=False)
+        body = spec.create_body(client._config, args, kwargs)
+        if spec.dry_run:
+            return _drive(client._send, _dry_run_steps(body))
+        with _SyncFace(client, body, None) as guard:
+            result = fn(*args, **kwargs)
+            _reject_awaitable(result)
+            _drive(client._send, _settle_call_steps(spec, guard, result))
+        return result
+
+    return guarded
+
+
+def _async_guarded(fn: Callable[..., Any], spec: _CyclesSpec, explicit: Any) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    async def guarded(*args: Any, **kwargs: Any) -> Any:
+        client = _resolve_client(explicit, is_async=True)
+        body = spec.create_body(client._config, args, kwargs)
+        if spec.dry_run:
+            return await _drive_async(client, _dry_run_steps(body))
+        async with _AsyncFace(client, body, None) as guard:
+            result = await fn(*args, **kwargs)
+            await _drive_async(client, _settle_call_steps(spec, guard, result))
+        return result
+
+    return guarded
+
+
+# ===========================================================================
 # CLI
-# ---------------------------------------------------------------------------
+# ===========================================================================
+
+def _cli_add_recover(commands: Any, common: Any) -> None:
+    """The ``recover`` subcommand (wired into ``_cli_parser``)."""
+    recover = commands.add_parser(
+        "recover",
+        parents=[common],
+        help="settle what the commit journal still holds (after a crash or an outage)",
+    )
+    recover.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="give up after S seconds; what is left stays journaled (default: 30)",
+    )
+    recover.set_defaults(run=_cli_recover)
+
+
+def _cli_recover(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
+    """Exit 0 when the journal holds nothing unresolved afterwards, 1 when records remain
+    (or were quarantined), 2 when the journal is disabled or unusable."""
+    journal = _journal_for(config)
+    directory = journal.directory if journal is not None else None
+    if directory is None:
+        _cli_error("the commit journal is disabled or not writable (CYCLES_JOURNAL_DIR)")
+        return EXIT_USAGE
+    # What is left stays journaled for the next run: do not wait for it again at exit.
+    bounded = dataclasses.replace(config, retry_flush_timeout=0.0)
+    with CyclesClient(bounded) as recovering:
+        summary = _recover(recovering, args.timeout)
+    counts = dataclasses.asdict(summary)
+    if args.json:
+        _cli_json(dict(counts, journal=directory))
+    else:
+        print(f"journal: {directory}")
+        _cli_table(["result", "records"], [[name, str(value)] for name, value in counts.items()])
+    return EXIT_OK if summary.unresolved == 0 and summary.quarantined == 0 else EXIT_API_ERROR
+
 
 EXIT_OK = 0
 EXIT_API_ERROR = 1  # the server answered with an error or a denial
@@ -3009,6 +6188,7 @@ def _cli_parser(argparse: Any) -> Any:
     release.add_argument("--idempotency-key", help="default: a fresh key")
     release.add_argument("--admin", action="store_true", help="use CYCLES_ADMIN_API_KEY")
     release.set_defaults(run=_cli_release)
+    _cli_add_recover(commands, common)
     return parser
 
 
