@@ -7,6 +7,7 @@ BENCH_VENV ?= .venv-bench
 TESTS = test_cycles_lite_server test_cycles_lite
 PYENV_ROOT ?= $(HOME)/.pyenv
 PY_VERSIONS = 3.8 3.9 3.10 3.11 3.12 3.13
+TEST_JOBS ?= 2
 SHARED ?= ../shared
 CONFORMANCE_VENV ?= .venv-conformance
 
@@ -18,15 +19,20 @@ demo:
 test:
 	$(PYTHON) -W error -m unittest $(TESTS)
 
-# Every Python 3.8-3.13 found under pyenv (or on PATH as pythonX.Y).
+# Every Python 3.8-3.13 found under pyenv (or on PATH as pythonX.Y), two at a time.
 test-all:
-	@found=0; for v in $(PY_VERSIONS); do \
+	@pythons=""; for v in $(PY_VERSIONS); do \
 	  py=$$(ls -d $(PYENV_ROOT)/versions/$$v.*/bin/python 2>/dev/null | tail -n 1); \
 	  [ -n "$$py" ] || py=$$(command -v python$$v || true); \
-	  if [ -z "$$py" ]; then echo "== python $$v: not found, skipped"; continue; fi; \
-	  found=$$((found+1)); echo "== python $$v ($$py)"; \
-	  $$py -W error -m unittest $(TESTS) || exit 1; \
-	done; [ $$found -gt 0 ] || { echo "no Python 3.8-3.13 found"; exit 1; }
+	  if [ -z "$$py" ]; then echo "== python $$v: not found, skipped"; else pythons="$$pythons $$py"; fi; \
+	done; \
+	[ -n "$$pythons" ] || { echo "no Python 3.8-3.13 found"; exit 1; }; \
+	logs=$$(mktemp -d); \
+	echo $$pythons | tr ' ' '\n' | xargs -P $(TEST_JOBS) -I{} sh -c \
+	  'v=$$({} -c "import sys; print(\"%d.%d\" % sys.version_info[:2])"); \
+	   if {} -W error -m unittest $(TESTS) > '"$$logs"'/$$v.log 2>&1; then echo "== python $$v: ok ($$(grep "^Ran" '"$$logs"'/$$v.log))"; \
+	   else echo "== python $$v: FAILED"; tail -n 60 '"$$logs"'/$$v.log; exit 1; fi'; \
+	status=$$?; rm -rf "$$logs"; exit $$status
 
 $(DEV_VENV)/.ok:
 	$(PYTHON) -m venv $(DEV_VENV)
