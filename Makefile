@@ -69,7 +69,11 @@ package:
 	/tmp/cycles-lite-pkg/bin/python -m pip install -q --disable-pip-version-check build
 	/tmp/cycles-lite-pkg/bin/python -m build -q --wheel --outdir dist .
 	/tmp/cycles-lite-pkg/bin/python -m pip install -q --disable-pip-version-check dist/*.whl
-	cd /tmp && /tmp/cycles-lite-pkg/bin/python -c "import cycles_lite, cycles_lite_server; print('installed', cycles_lite.__version__)"
+	cd /tmp && /tmp/cycles-lite-pkg/bin/python -c "import cycles_lite, cycles_lite_server; print('wheel installs', cycles_lite.__version__)"
+	/tmp/cycles-lite-pkg/bin/python -m pip uninstall -q -y cycles-lite
+	/tmp/cycles-lite-pkg/bin/python -m pip install -q --disable-pip-version-check .
+	cd /tmp && /tmp/cycles-lite-pkg/bin/python -c "import cycles_lite, cycles_lite_server; print('pip install . works', cycles_lite.__version__)"
+	cd /tmp && /tmp/cycles-lite-pkg/bin/cycles-lite --version
 	rm -rf build *.egg-info
 
 clean:
