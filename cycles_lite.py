@@ -29,39 +29,41 @@ or network errors; they raise ``ValueError`` for invalid input::
     if response.is_success:
         print(response.body["balances"])
 
-Command line: ``python -m cycles_lite check|balances|reservations|reservation ID|release ID``.
+Command line: ``python -m cycles_lite COMMAND`` with ``check``, ``balances``,
+``reservations``, ``reservation ID``, ``release ID`` and ``recover`` (settle what the
+commit journal holds after a crash or an outage).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import contextvars
 import dataclasses
 import enum
+import functools
+import heapq
+import inspect
 import io
+import itertools
 import json
 import logging
 import math
 import os
+import stat
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote, urlencode, urlsplit
-import contextlib
-import stat
-import atexit
-import contextvars
-import functools
-import heapq
-import inspect
-import itertools
-import weakref
 
 # typing is for the type checker only: importing it would cost more than the
 # rest of this module's own setup (annotations are strings, never evaluated).
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
     import ssl
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import Future, ThreadPoolExecutor
     from typing import (
         Any,
         AsyncIterator,
@@ -69,30 +71,28 @@ if TYPE_CHECKING:  # pragma: no cover
         ClassVar,
         Dict,
         FrozenSet,
+        Generator,
         Iterable,
         Iterator,
         List,
         Mapping,
-        Optional,
         Sequence,
         Tuple,
         Type,
         TypeVar,
+        Union,
     )
 
     # A field check: (dotted path, value, tolerant) -> normalised value, or _FieldError.
     _Check = Callable[[str, Any, bool], Any]
     _M = TypeVar("_M", bound="_Model")
-    from typing import Union
-    from typing import Generator
-
     _T = TypeVar("_T")
     _Guard = TypeVar("_Guard", bound="_Reservation")
     _F = TypeVar("_F", bound=Callable[..., Any])
     # A lifecycle step generator: yields effects, receives their results, returns _T.
     _Steps = Generator["_Effect", Any, _T]
-    # CyclesClient._send's signature: (operation, method, path, *, body=None, ...).
-    _SendFn = Callable[..., "CyclesResponse"]
+    # A blocking send of one call: CyclesClient._call, or _send_detached bound to a client.
+    _SendFn = Callable[["_Call"], "CyclesResponse"]
 
 __version__ = "0.1.0"
 
@@ -167,6 +167,7 @@ __all__ = [  # noqa: RUF022 - grouped as in runcycles
     "AsyncReservationGuard",
     "RecoverySummary",
     "flush",
+    "aflush",
 ]
 
 _log = logging.getLogger(__name__)
@@ -235,6 +236,10 @@ MIN_TTL_MS = 1_000
 MAX_GRACE_PERIOD_MS = 60_000
 MAX_EXTEND_BY_MS = 86_400_000
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+# Retry-After honoured by settlement: one hour at most (a mangled header must not park spend
+# for days).  The heartbeat reads it uncapped: capping there would retry before the server
+# allowed.
+_MAX_HONORED_RETRY_AFTER_MS = 3_600_000
 
 SUBJECT_FIELDS = ("tenant", "workspace", "app", "workflow", "agent", "toolset")
 
@@ -416,7 +421,7 @@ def _build_protocol_error(response: CyclesResponse, prefix: str) -> CyclesProtoc
             cause=response.transport_exception,
         )
     body = response.body if isinstance(response.body, dict) else {}
-    error_code = _str_or_none(body.get("error"))
+    error_code = _error_code(response)
     message = _str_or_none(body.get("message")) or response.error_message
     retry_after_ms = body.get("retry_after_ms")
     if not _is_int(retry_after_ms, 0, INT64_MAX):
@@ -433,6 +438,12 @@ def _build_protocol_error(response: CyclesResponse, prefix: str) -> CyclesProtoc
         details=details if isinstance(details, dict) else None,
         trace_id=_str_or_none(body.get("trace_id")) or response.trace_id,
     )
+
+
+def _error_code(response: CyclesResponse) -> str | None:
+    """The one reading of an error code: the ``error`` string of a JSON object body
+    (None when the body is not an object, or the field is absent, empty or not a string)."""
+    return _str_or_none(response.get_body_attribute("error"))
 
 
 def _str_or_none(value: Any) -> str | None:
@@ -565,6 +576,12 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
+def _check_kind(value: Any, expected: type, name: str = "client") -> None:
+    """TypeError naming the parameter unless ``value`` is an ``expected``."""
+    if not isinstance(value, expected):
+        raise TypeError(f"{name}: expected a {expected.__name__}, got {_type_name(value)}")
+
+
 def _str_check(max_len: int | None = None, min_len: int = 0) -> _Check:
     def check(path: str, value: Any, tolerant: bool) -> Any:
         if not isinstance(value, str):
@@ -637,10 +654,49 @@ def _list_check(item: _Check, max_items: int | None = None) -> _Check:
 
 
 def _object_check(path: str, value: Any, tolerant: bool) -> Any:
-    """A free-form JSON object (metadata, details, custom): string keys, any values."""
+    """A free-form JSON object (metadata, details, custom): string keys, JSON values.
+
+    In a request every value must be one JSON can carry (finite numbers, no sets,
+    bytes or objects), checked now rather than failing on the wire.  A parsed
+    response came from JSON already: only its shape is checked.
+    """
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise _FieldError(path, "must be a dict with string keys")
+    if not tolerant:
+        try:
+            _check_json_values(value, [])
+        except _FieldError as exc:
+            raise _FieldError(path + exc.path, exc.problem) from None
+        except RecursionError:
+            raise _FieldError(path, "is nested too deeply") from None
     return value
+
+
+def _check_json_values(value: Any, parents: List[int]) -> None:
+    """_FieldError (its path relative to ``value``) for the first value JSON cannot carry.
+
+    The path is only built on the way out of a failure: a valid object costs no strings.
+    """
+    if value is None or isinstance(value, (str, bool, int)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise _FieldError("", f"must be a finite number, got {value!r}")
+        return
+    if not isinstance(value, (dict, list, tuple)):
+        raise _FieldError("", f"must be a JSON value, got {_type_name(value)}")
+    if id(value) in parents:
+        raise _FieldError("", "must not contain itself (a circular reference)")
+    if isinstance(value, dict) and not all(isinstance(k, str) for k in value):
+        raise _FieldError("", "must be a dict with string keys")
+    parents.append(id(value))
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, item in items:
+        try:
+            _check_json_values(item, parents)
+        except _FieldError as exc:
+            raise _FieldError(f"[{key!r}]" + exc.path, exc.problem) from None
+    parents.pop()
 
 
 def _dimensions_check(path: str, value: Any, tolerant: bool) -> Any:
@@ -693,7 +749,7 @@ class _Model:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls._required = frozenset(n for n, v in vars(cls).items() if v is _REQUIRED)
+        cls._required = frozenset(n for n in cls._fields if getattr(cls, n, None) is _REQUIRED)
 
     def __post_init__(self) -> None:
         self.extra = {}
@@ -733,8 +789,15 @@ class _Model:
                 if not tolerant:
                     raise _FieldError(str(key), "unknown field")
                 extra[key] = value
-            else:
-                known[key] = None if value is None else check(key, value, tolerant)
+            elif value is not None:
+                try:
+                    known[key] = check(key, value, tolerant)
+                except _FieldError:
+                    if not tolerant or key in cls._required:
+                        raise
+                    # A malformed optional field must not make the whole answer unreadable
+                    # (a usable create answer would leak its reservation): keep it raw.
+                    extra[key] = value
         obj = cls(**known)
         obj.extra = extra
         return obj
@@ -781,7 +844,6 @@ class _Model:
 
 _int64 = _int_check(0, INT64_MAX, "a non-negative int64")
 _any_str = _str_check()
-_non_negative = _int_check(0, INT64_MAX, "a non-negative integer")
 _idempotency_key = _str_check(MAX_IDEMPOTENCY_KEY_LENGTH, min_len=1)
 _str_list = _list_check(_any_str)
 
@@ -853,11 +915,11 @@ class Caps(_Model):
     cooldown_ms: int | None = None
 
     _fields = {
-        "max_tokens": _non_negative,
-        "max_steps_remaining": _non_negative,
+        "max_tokens": _int64,
+        "max_steps_remaining": _int64,
         "tool_allowlist": _list_check(_str_check(256)),
         "tool_denylist": _list_check(_str_check(256)),
-        "cooldown_ms": _non_negative,
+        "cooldown_ms": _int64,
     }
 
     def is_tool_allowed(self, tool: str) -> bool:
@@ -880,9 +942,9 @@ class CyclesMetrics(_Model):
     custom: dict[str, Any] | None = None
 
     _fields = {
-        "tokens_input": _non_negative,
-        "tokens_output": _non_negative,
-        "latency_ms": _non_negative,
+        "tokens_input": _int64,
+        "tokens_output": _int64,
+        "latency_ms": _int64,
         "model_version": _str_check(128),
         "custom": _object_check,
     }
@@ -1126,7 +1188,7 @@ class ReservationCreateResponse(_Decided, _Model):
         "reserved": _amount,
         "caps": _caps,
         "reason_code": _any_str,
-        "retry_after_ms": _non_negative,
+        "retry_after_ms": _int64,
         "balances": _balances,
         "cycles_evidence": _evidence_ref,
     }
@@ -1200,7 +1262,7 @@ class DecisionResponse(_Decided, _Model):
         "decision": _enum_check(Decision),
         "caps": _caps,
         "reason_code": _any_str,
-        "retry_after_ms": _non_negative,
+        "retry_after_ms": _int64,
         "affected_scopes": _str_list,
         "cycles_evidence": _evidence_ref,
     }
@@ -1244,7 +1306,7 @@ class DryRunResult(_Decided, _Model):
         "reserved": _amount,
         "balances": _balances,
         "reason_code": _any_str,
-        "retry_after_ms": _non_negative,
+        "retry_after_ms": _int64,
     }
 
     def has_caps(self) -> bool:
@@ -1312,49 +1374,34 @@ class _ReservationView:
 
 
 @dataclass(repr=False, eq=False)
-class ReservationDetail(_ReservationView, _Model):
+class _ReservationRecord(_ReservationView, _Model):
+    """The fields ``GET /v1/reservations/{id}`` and a listing row share."""
+
+    reservation_id: str = _REQUIRED
+    status: ReservationStatus | str = _REQUIRED
+    subject: Subject = _REQUIRED
+    action: Action = _REQUIRED
+    reserved: Amount = _REQUIRED
+    created_at_ms: int = _REQUIRED
+    expires_at_ms: int = _REQUIRED
+    scope_path: str = _REQUIRED
+    affected_scopes: list[str] = _REQUIRED
+    idempotency_key: str | None = None
+    committed: Amount | None = None
+    finalized_at_ms: int | None = None
+    metadata: dict[str, Any] | None = None
+    committed_metadata: dict[str, Any] | None = None
+    evidence: ReservationEvidence | None = None
+
+    _fields = _RESERVATION_VIEW_FIELDS
+
+
+class ReservationDetail(_ReservationRecord):
     """``GET /v1/reservations/{id}``."""
 
-    reservation_id: str = _REQUIRED
-    status: ReservationStatus | str = _REQUIRED
-    subject: Subject = _REQUIRED
-    action: Action = _REQUIRED
-    reserved: Amount = _REQUIRED
-    created_at_ms: int = _REQUIRED
-    expires_at_ms: int = _REQUIRED
-    scope_path: str = _REQUIRED
-    affected_scopes: list[str] = _REQUIRED
-    idempotency_key: str | None = None
-    committed: Amount | None = None
-    finalized_at_ms: int | None = None
-    metadata: dict[str, Any] | None = None
-    committed_metadata: dict[str, Any] | None = None
-    evidence: ReservationEvidence | None = None
 
-    _fields = _RESERVATION_VIEW_FIELDS
-
-
-@dataclass(repr=False, eq=False)
-class ReservationSummary(_ReservationView, _Model):
+class ReservationSummary(_ReservationRecord):
     """One row of ``GET /v1/reservations``."""
-
-    reservation_id: str = _REQUIRED
-    status: ReservationStatus | str = _REQUIRED
-    subject: Subject = _REQUIRED
-    action: Action = _REQUIRED
-    reserved: Amount = _REQUIRED
-    created_at_ms: int = _REQUIRED
-    expires_at_ms: int = _REQUIRED
-    scope_path: str = _REQUIRED
-    affected_scopes: list[str] = _REQUIRED
-    idempotency_key: str | None = None
-    committed: Amount | None = None
-    finalized_at_ms: int | None = None
-    metadata: dict[str, Any] | None = None
-    committed_metadata: dict[str, Any] | None = None
-    evidence: ReservationEvidence | None = None
-
-    _fields = _RESERVATION_VIEW_FIELDS
 
 
 @dataclass(repr=False, eq=False)
@@ -1505,11 +1552,9 @@ class CyclesResponse:
 
     @property
     def retry_after_ms_header(self) -> int | None:
-        """``Retry-After`` in ms; delta-seconds only (HTTP-date, garbage or overflow: None)."""
-        seconds = _parse_decimal(self.headers.get("retry-after"), signed=False)
-        if seconds is None or seconds > INT64_MAX // 1000:
-            return None
-        return seconds * 1000
+        """``Retry-After`` in ms, uncapped; delta-seconds only (HTTP-date, garbage or
+        overflow: None)."""
+        return _parse_retry_after_ms(self.headers.get("retry-after"), cap_ms=None)
 
     @property
     def server_date_ms(self) -> int | None:
@@ -1553,6 +1598,29 @@ class CyclesResponse:
             return ErrorResponse.model_validate(self.body)
         except ValueError:
             return None
+
+
+def _parse_retry_after_ms(
+    value: str | None, *, cap_ms: int | None = _MAX_HONORED_RETRY_AFTER_MS
+) -> int | None:
+    """Retry-After as milliseconds: ASCII delta-seconds only, else None.
+
+    HTTP-dates, signs, fractions, garbage and values whose millisecond form
+    overflows int64 are invalid (None). The result is capped at ``cap_ms``
+    (one hour by default, the bounded-delay policy for settlement). The
+    heartbeat passes ``cap_ms=None``: capping there would invent an earlier
+    retry than the server allowed.
+    """
+    if value is None:
+        return None
+    text = value.strip(" \t")
+    if not text or len(text) > 19 or any(c not in "0123456789" for c in text):
+        return None
+    seconds = int(text)
+    if seconds > INT64_MAX // 1000:
+        return None
+    ms = seconds * 1000
+    return ms if cap_ms is None else min(ms, cap_ms)
 
 
 def _header_int(raw: str | None) -> int | None:
@@ -2036,8 +2104,8 @@ class _Prepared:
     path: str
     query: Tuple[Tuple[str, str], ...] = ()
     headers: Dict[str, str] = field(default_factory=dict, repr=False)
-    body: Optional[bytes] = field(default=None, repr=False)
-    idempotency_key: Optional[str] = None
+    body: bytes | None = field(default=None, repr=False)
+    idempotency_key: str | None = None
 
     @property
     def target(self) -> str:
@@ -2054,20 +2122,16 @@ class _Prepared:
 _PUBLIC_OPERATIONS = frozenset({"evidence", "jwks"})
 
 
-def _build_request(
-    config: CyclesConfig,
-    operation: str,
-    method: str,
-    path: str,
-    *,
-    body: Mapping[str, Any] | None = None,
-    query: Mapping[str, str] | None = None,
-    admin: bool = False,
-) -> _Prepared:
-    """Pure: the headers, body bytes and query of one call.  Raises ValueError on bad input."""
+def _build_request(config: CyclesConfig, call: _Call) -> _Prepared:
+    """Pure: the headers, body bytes and query of one call.  Raises ValueError on bad input.
+
+    The one way a request is built, for the public methods, the guarded lifecycle, the
+    settlement worker and journal replay alike.
+    """
+    operation, body = call.operation, call.body
     headers = {"User-Agent": config.user_agent, "Accept": "application/json"}
     if operation not in _PUBLIC_OPERATIONS:
-        if admin:
+        if call.admin:
             if not config.admin_api_key:
                 raise ValueError("admin_api_key: not configured")
             headers[ADMIN_API_KEY_HEADER] = config.admin_api_key
@@ -2085,12 +2149,16 @@ def _build_request(
         if isinstance(raw_key, str) and _is_header_value(raw_key):
             key = raw_key
             headers[IDEMPOTENCY_KEY_HEADER] = raw_key
-        payload = json.dumps(
-            body, ensure_ascii=False, separators=(",", ":"), allow_nan=False
-        ).encode("utf-8")
+        try:
+            payload = json.dumps(
+                body, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+            ).encode("utf-8")
+        except (TypeError, ValueError) as exc:  # a dict body sent as-is: name the bad value
+            _object_check("body", body, False)
+            raise ValueError(f"body: must be JSON-serialisable ({exc})") from None
         headers["Content-Type"] = "application/json"
-    pairs = tuple(_query_pairs(query or {}))
-    return _Prepared(operation, method, path, pairs, headers, payload, key)
+    pairs = tuple(_query_pairs(call.query or {}))
+    return _Prepared(operation, call.method, call.path, pairs, headers, payload, key)
 
 
 def _query_pairs(query: Mapping[str, Any]) -> Iterator[Tuple[str, str]]:
@@ -2617,7 +2685,7 @@ _JWKS_CALL = _Call("jwks", "GET", JWKS_PATH)
 
 def _page(
     call: _Call, response: CyclesResponse, items_key: str
-) -> Tuple[List[Dict[str, Any]], Optional[_Call]]:
+) -> Tuple[List[Dict[str, Any]], _Call | None]:
     """The items of one page and the call for the next page (None at the end).
 
     Raises the typed CyclesProtocolError when the page failed: an iterator has no
@@ -2660,8 +2728,7 @@ class CyclesClient:
     """
 
     def __init__(self, config: CyclesConfig) -> None:
-        if not isinstance(config, CyclesConfig):
-            raise TypeError(f"config: expected a CyclesConfig, got {_type_name(config)}")
+        _check_kind(config, CyclesConfig, "config")
         self._config = config
         self._transport = _Transport(config)
 
@@ -2754,44 +2821,29 @@ class CyclesClient:
         self.close()
 
     def _pages(self, call: _Call, items_key: str) -> Iterator[dict[str, Any]]:
-        next_call: Optional[_Call] = call
+        next_call: _Call | None = call
         while next_call is not None:
             items, next_call = _page(next_call, self._call(next_call), items_key)
             yield from items
 
-    def _call(self, call: _Call) -> CyclesResponse:
-        return self._send(
-            call.operation,
-            call.method,
-            call.path,
-            body=call.body,
-            query=call.query,
-            admin=call.admin,
-        )
-
-    def _send(
-        self,
-        operation: str,
-        method: str,
-        path: str,
-        *,
-        body: dict[str, Any] | None = None,
-        query: Mapping[str, str] | None = None,
-        admin: bool = False,
-        deadline: float | None = None,
-    ) -> CyclesResponse:
+    def _call(self, call: _Call, deadline: float | None = None) -> CyclesResponse:
         """The one path of every request: build, send one attempt, read.
 
         Never raises for HTTP or transport errors.
 
         ``deadline`` is a ``time.monotonic()`` value; by default now + ``attempt_timeout``.
         """
-        prepared = _build_request(
-            self._config, operation, method, path, body=body, query=query, admin=admin
-        )
+        prepared = _build_request(self._config, call)
         if self._transport.closed:
             raise RuntimeError("the client is closed")
         return _perform(self._transport, prepared, deadline)
+
+
+def _send_detached(config: CyclesConfig, transport: _Transport, call: _Call) -> CyclesResponse:
+    """``CyclesClient._call`` for the settlement worker, over the client's pool (async
+    clients have no other), working even after the client is closed: a settlement
+    retry may outlive the client that started it."""
+    return _perform(transport, _build_request(config, call))
 
 
 # ===========================================================================
@@ -2811,8 +2863,7 @@ class AsyncCyclesClient:
     """
 
     def __init__(self, config: CyclesConfig) -> None:
-        if not isinstance(config, CyclesConfig):
-            raise TypeError(f"config: expected a CyclesConfig, got {_type_name(config)}")
+        _check_kind(config, CyclesConfig, "config")
         self._config = config
         self._transport = _Transport(config)
         self._executor: ThreadPoolExecutor | None = None
@@ -2907,45 +2958,35 @@ class AsyncCyclesClient:
         await self.aclose()
 
     async def _pages(self, call: _Call, items_key: str) -> AsyncIterator[dict[str, Any]]:
-        next_call: Optional[_Call] = call
+        next_call: _Call | None = call
         while next_call is not None:
             items, next_call = _page(next_call, await self._call(next_call), items_key)
             for item in items:
                 yield item
 
-    async def _call(self, call: _Call) -> CyclesResponse:
-        return await self._send(
-            call.operation,
-            call.method,
-            call.path,
-            body=call.body,
-            query=call.query,
-            admin=call.admin,
-        )
-
-    async def _send(
-        self,
-        operation: str,
-        method: str,
-        path: str,
-        *,
-        body: dict[str, Any] | None = None,
-        query: Mapping[str, str] | None = None,
-        admin: bool = False,
-        deadline: float | None = None,
-    ) -> CyclesResponse:
-        """``CyclesClient._send`` with the blocking attempt on a worker thread."""
+    async def _call(self, call: _Call, deadline: float | None = None) -> CyclesResponse:
+        """``CyclesClient._call`` with the blocking attempt on a worker thread."""
         import asyncio
 
-        prepared = _build_request(
-            self._config, operation, method, path, body=body, query=query, admin=admin
-        )
+        future, _ = self._submit(call, deadline)
+        return await asyncio.wrap_future(future)
+
+    def _submit(
+        self, call: _Call, deadline: float | None = None
+    ) -> Tuple[Future[CyclesResponse], float]:
+        """Build one request and hand its attempt to an I/O thread: the future and deadline.
+
+        The deadline starts now, not when a thread picks the attempt up: time spent
+        queued behind busy threads counts against ``attempt_timeout`` (the heartbeat's
+        safety margin relies on that bound).
+        """
+        prepared = _build_request(self._config, call)
         if self._transport.closed:
             raise RuntimeError("the client is closed")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._io_executor(), _perform, self._transport, prepared, deadline
-        )
+        if deadline is None:
+            deadline = time.monotonic() + self._transport.attempt_timeout
+        future = self._io_executor().submit(_perform, self._transport, prepared, deadline)
+        return future, deadline
 
     def _io_executor(self) -> ThreadPoolExecutor:
         with self._executor_lock:
@@ -2963,364 +3004,15 @@ class AsyncCyclesClient:
 # ===========================================================================
 
 # ---------------------------------------------------------------------------
-# Heartbeat scheduler (protocol HEARTBEAT GUIDANCE, v0.1.25.16)
+# Effects and drivers
 #
-# A pure state object: the driver feeds it monotonic timestamps (ms) and the
-# outcome of each create/extend attempt; it answers with the next beat.
+# The lifecycle, the settlement worker and journal replay are written once, as
+# generators that *yield* the effects they need (an HTTP attempt, a sleep,
+# blocking file I/O, starting or stopping the heartbeat) and receive their
+# results.  ``_drive`` performs effects on the calling thread, ``_drive_async``
+# awaits them, and each heartbeat has its own driver: a chain of daemon timers
+# (sync) or one task (async).  Sync and async differ only in the driver.
 # ---------------------------------------------------------------------------
-
-_PERMANENT_EXTEND_CODES = frozenset(
-    {
-        "RESERVATION_EXPIRED",
-        "RESERVATION_FINALIZED",
-        "MAX_EXTENSIONS_EXCEEDED",
-        "TENANT_CLOSED",
-        "NOT_FOUND",
-    }
-)
-_MAX_TRANSIENT_RETRY_MS = 30_000
-# Timers beyond ~24.8 days overflow some platform wait primitives. Beating
-# earlier than needed is always safe, so longer delays are cut to this.
-_MAX_TIMER_DELAY_MS = 2**31 - 1
-_FALLBACK_MIN_CADENCE_MS = 1000
-_FALLBACK_MAX_HELD_MS = 30_000
-
-
-def _classify_extend(status: int, error_code: Optional[str], schema_valid: bool) -> str:
-    """"success" | "transient" | "rate_limited" | "terminal" | "rejected".
-
-    Only a schema-valid HTTP 200 is success. Transport errors (status -1),
-    5xx and any other 2xx (ambiguous) are transient; 429 or LIMIT_EXCEEDED is
-    rate_limited; 404, 410 and the permanent codes are terminal; every other
-    status (other 4xx, 3xx, 1xx, out of range) is rejected: a request or
-    configuration problem that an unchanged retry cannot fix.
-    """
-    if status == 200 and schema_valid:
-        return "success"
-    if status < 0 or 500 <= status <= 599 or 200 <= status <= 299:
-        return "transient"
-    if status == 429 or error_code == "LIMIT_EXCEEDED":
-        return "rate_limited"
-    if 400 <= status <= 499 and (status in (404, 410) or error_code in _PERMANENT_EXTEND_CODES):
-        return "terminal"
-    return "rejected"
-
-
-@dataclass(frozen=True)
-class _Beat:
-    """Next heartbeat action.
-
-    ``action``: "extend" (a fresh beat with a NEW idempotency key), "retry"
-    (resend the pending extend with the SAME key) or "stop". ``delay_ms``
-    counts from ``received_ms`` for ``after_success`` and from ``now_ms`` for
-    ``after_failure``.
-    """
-
-    action: str
-    delay_ms: int
-    reason: str
-
-
-def _ceil_elapsed_ms(start_ms: Optional[float], end_ms: float) -> Optional[int]:
-    """end - start rounded up, or None when timing is unknown or unreliable."""
-    if start_ms is None:
-        return None
-    elapsed = end_ms - start_ms
-    if not math.isfinite(elapsed) or elapsed < 0:
-        return None
-    return math.ceil(elapsed)
-
-
-class _HeartbeatPlan:
-    """Schedule of one reservation's heartbeat.
-
-    ``extend_by_ms`` is the requested ttl (every extend asks for it; the
-    plan never accumulates it). ``attempt_budget_ms`` is the transport's
-    enforced whole-attempt deadline for one extend; None means unknown or
-    unbounded, which the spec treats as infinite (next_delay is then always
-    0, so only the one immediate fresh extend of the zero-delay guard runs).
-
-    Primary path (a response carries ``remaining_ttl_ms``): exactly the
-    normative algorithm, in integer milliseconds (Python ints cannot wrap;
-    budgets and margins round up, leads and delays round down).
-    Fallback path (a response without ``remaining_ttl_ms``): the spec's
-    non-normative measured-grant heuristic, preferring over-beating to a lapse.
-    """
-
-    def __init__(self, extend_by_ms: int, attempt_budget_ms: Optional[int]) -> None:
-        if isinstance(extend_by_ms, bool) or extend_by_ms < 1:
-            raise ValueError("extend_by_ms must be a positive integer")
-        if attempt_budget_ms is not None and attempt_budget_ms < 0:
-            raise ValueError("attempt_budget_ms must be >= 0 or None")
-        self._extend_by_ms = extend_by_ms
-        self._timeout_budget_ms = attempt_budget_ms
-        self._max_rtt_ms = 0
-        # Primary path: the last lead floor and when its response arrived.
-        self._lead_floor_ms: Optional[int] = None
-        self._lead_anchor_ms: Optional[float] = None
-        self._zero_delay_used = False
-        self._prev_failure_window_ms: Optional[int] = None
-        # Fallback path: expiry differences in the server frame.
-        self._fallback = False
-        self._reserve_received_ms: Optional[float] = None
-        self._first_expires_at_ms: Optional[int] = None
-        self._last_expires_at_ms: Optional[int] = None
-        self._last_success_ms: Optional[float] = None
-        self._last_grant_ms: Optional[int] = None
-        self._stopped_reason: Optional[str] = None
-        self._lease_lost = False
-
-    # -- observable state ---------------------------------------------------
-
-    @property
-    def stopped(self) -> bool:
-        return self._stopped_reason is not None
-
-    @property
-    def stopped_reason(self) -> Optional[str]:
-        return self._stopped_reason
-
-    @property
-    def lease_lost(self) -> bool:
-        """True once the heartbeat gave up on its own (any stop except close())."""
-        return self._lease_lost
-
-    @property
-    def fallback(self) -> bool:
-        """True while scheduling on the non-normative fallback path."""
-        return self._fallback
-
-    @property
-    def max_rtt_ms(self) -> int:
-        return self._max_rtt_ms
-
-    def close(self, reason: str = "closed") -> None:
-        """Owner stop (settlement started): every later result is ignored."""
-        if self._stopped_reason is None:
-            self._stopped_reason = reason
-
-    # -- budgets --------------------------------------------------------------
-
-    def _attempt_budget(self) -> Optional[int]:
-        """None means +infinity (unknown or unbounded request timeout)."""
-        if self._timeout_budget_ms is None:
-            return None
-        return max(self._timeout_budget_ms, 1000, 2 * self._max_rtt_ms)
-
-    def _safety_margin(self) -> int:
-        return max(1000, 2 * self._max_rtt_ms)
-
-    def _stop(self, reason: str) -> _Beat:
-        if self._stopped_reason is None:
-            self._stopped_reason = reason
-            self._lease_lost = True
-        return _Beat("stop", 0, self._stopped_reason)
-
-    # -- success --------------------------------------------------------------
-
-    def after_success(
-        self,
-        *,
-        remaining_ttl_ms: Optional[int],
-        expires_at_ms: Optional[int],
-        sent_ms: float,
-        received_ms: float,
-    ) -> _Beat:
-        """A schema-valid 200 from create (the first call) or from an extend."""
-        if self._stopped_reason is not None:
-            return _Beat("stop", 0, self._stopped_reason)
-        self._prev_failure_window_ms = None
-        rtt = _ceil_elapsed_ms(sent_ms, received_ms)
-        if rtt is not None:
-            self._max_rtt_ms = max(self._max_rtt_ms, rtt)
-        grant, since_last = self._track_expiry(expires_at_ms, received_ms)
-        if remaining_ttl_ms is None and expires_at_ms is not None:
-            self._fallback = True
-            return self._fallback_after_success(grant, since_last, received_ms)
-        self._fallback = False
-        return self._primary_after_success(remaining_ttl_ms, rtt, received_ms)
-
-    def _track_expiry(
-        self, expires_at_ms: Optional[int], received_ms: float
-    ) -> Tuple[Optional[int], Optional[int]]:
-        """Record the server-frame expiry; return (grant, elapsed since last success)."""
-        grant: Optional[int] = None
-        since_last = _ceil_elapsed_ms(self._last_success_ms, received_ms)
-        if self._reserve_received_ms is None:
-            self._reserve_received_ms = received_ms
-        if expires_at_ms is not None:
-            if self._first_expires_at_ms is None:
-                self._first_expires_at_ms = expires_at_ms
-            elif self._last_expires_at_ms is not None:
-                grant = expires_at_ms - self._last_expires_at_ms
-                self._last_grant_ms = grant
-            self._last_expires_at_ms = expires_at_ms
-        self._last_success_ms = received_ms
-        return grant, since_last
-
-    def _primary_after_success(
-        self, remaining_ttl_ms: Optional[int], rtt: Optional[int], received_ms: float
-    ) -> _Beat:
-        budget = self._attempt_budget()
-        if rtt is None or remaining_ttl_ms is None:
-            lead_floor = 0  # unknown timing is never "zero elapsed"
-        else:
-            lead_floor = max(0, remaining_ttl_ms - rtt)
-        if budget is None or rtt is None:
-            next_delay = 0  # an unbounded timeout or unknown timing proves no safe delay
-        else:
-            next_delay = max(0, lead_floor - (2 * budget + self._safety_margin()))
-        self._lead_floor_ms = lead_floor
-        self._lead_anchor_ms = received_ms if math.isfinite(received_ms) else None
-        if next_delay > 0:
-            self._zero_delay_used = False
-            return _Beat("extend", min(next_delay, _MAX_TIMER_DELAY_MS), "scheduled")
-        if self._zero_delay_used:
-            return self._stop("lease_shorter_than_retry_budget")
-        self._zero_delay_used = True
-        return _Beat("extend", 0, "zero_delay_immediate")
-
-    def _held_cadence_ms(self) -> int:
-        return max(1, min(self._extend_by_ms // 2, _FALLBACK_MAX_HELD_MS))
-
-    def _fallback_after_success(
-        self, grant: Optional[int], since_last: Optional[int], received_ms: float
-    ) -> _Beat:
-        if grant is None:
-            # The reserve response: no create field bounds the initial lease, so
-            # the first extend fires immediately (the spec's stated trade-off).
-            return _Beat("extend", 0, "fallback_prime")
-        ttl = self._extend_by_ms
-        if 10 * grant >= 9 * ttl:
-            cadence, reason = max(grant // 2, _FALLBACK_MIN_CADENCE_MS), "fallback_normal"
-        elif grant <= 0 or (
-            since_last is not None and 3 * since_last <= 4 * grant <= 5 * since_last
-        ):
-            # The grant mirrors our own call spacing: maximum-lead clamping.
-            # Hold a bounded cadence; MAX_EXTENSIONS_EXCEEDED ends it.
-            cadence, reason = self._held_cadence_ms(), "fallback_clamped"
-        else:
-            # A per-extend delta clamp: a smaller grant is a smaller lease.
-            cadence, reason = max(grant // 2, _FALLBACK_MIN_CADENCE_MS), "fallback_small_grant"
-        delay = cadence * self._beats_until_lead_low(grant, cadence, received_ms)
-        return _Beat("extend", min(delay, _MAX_TIMER_DELAY_MS), reason)
-
-    def _beats_until_lead_low(self, grant: int, cadence: int, received_ms: float) -> int:
-        """Skip beats while lead_min >= 1.5 x last grant (closed form).
-
-        lead_min(t) = sum(grants) - (t - reserve receipt) only decreases between
-        successes, so the beat that would not be skipped is the first k >= 1
-        with 2 * lead_min(received + k * cadence) < 3 * grant.
-        """
-        if grant <= 0 or self._first_expires_at_ms is None or self._last_expires_at_ms is None:
-            return 1
-        elapsed = _ceil_elapsed_ms(self._reserve_received_ms, received_ms)
-        if elapsed is None:
-            return 1
-        lead_min = (self._last_expires_at_ms - self._first_expires_at_ms) - elapsed
-        excess = 2 * lead_min - 3 * grant
-        if excess < 0:
-            return 1
-        return excess // (2 * cadence) + 1
-
-    # -- failure --------------------------------------------------------------
-
-    def after_failure(
-        self, *, kind: str, retry_after_ms: Optional[int], now_ms: float
-    ) -> _Beat:
-        """A failed extend attempt; ``kind`` comes from ``_classify_extend``.
-
-        ``retry_after_ms`` must be parsed without the one-hour cap
-        (``_parse_retry_after_ms(value, cap_ms=None)``).
-        """
-        if self._stopped_reason is not None:
-            return _Beat("stop", 0, self._stopped_reason)
-        if kind == "terminal":
-            return self._stop("terminal")
-        if kind == "rejected":
-            return self._stop("rejected")
-        if kind not in ("transient", "rate_limited"):
-            raise ValueError("kind must be transient, rate_limited, terminal or rejected")
-        if self._fallback:
-            return self._fallback_after_failure(kind, retry_after_ms)
-        if self._lead_floor_ms is None:
-            return self._stop("no_valid_lease")
-        return self._primary_after_failure(kind, retry_after_ms, now_ms)
-
-    def current_lead_estimate_ms(self, now_ms: float) -> int:
-        """max(0, last lead_floor - elapsed since its response), rounded down."""
-        if self._lead_floor_ms is None:
-            return 0
-        elapsed = _ceil_elapsed_ms(self._lead_anchor_ms, now_ms)
-        if elapsed is None:
-            return 0
-        return max(0, self._lead_floor_ms - elapsed)
-
-    def _primary_after_failure(
-        self, kind: str, retry_after_ms: Optional[int], now_ms: float
-    ) -> _Beat:
-        budget = self._attempt_budget()
-        if budget is None:
-            return self._stop("no_retry_window")
-        estimate = self.current_lead_estimate_ms(now_ms)
-        window = estimate - budget - self._safety_margin()  # deliberately not clamped
-        if window < 0:
-            return self._stop("no_retry_window")
-        previous = self._prev_failure_window_ms
-        if previous is not None and window >= previous:
-            # Neither elapsed time nor the window moved (this also ends the
-            # single immediate retry a zero window allows).
-            return self._stop("no_progress")
-        self._prev_failure_window_ms = window
-        if kind == "rate_limited":
-            if retry_after_ms is None or retry_after_ms < 0:
-                return self._stop("retry_after_missing")
-            if retry_after_ms > window:
-                return self._stop("retry_after_exceeds_window")
-            return _Beat("retry", retry_after_ms, "rate_limited")
-        delay = min(_MAX_TRANSIENT_RETRY_MS, estimate // 4, window)
-        return _Beat("retry", delay, "transient")
-
-    def _fallback_after_failure(self, kind: str, retry_after_ms: Optional[int]) -> _Beat:
-        """Non-normative: keep retrying the same key at a bounded cadence.
-
-        A fieldless client cannot prove a lapse, so it over-beats; the
-        server's 410/NOT_FOUND (terminal) or the owner's close() ends it.
-        """
-        delay = self._held_cadence_ms()
-        grant = self._last_grant_ms
-        if grant is not None and grant > 0:
-            delay = min(delay, grant // 4)
-        delay = max(delay, _FALLBACK_MIN_CADENCE_MS)
-        if kind == "rate_limited" and retry_after_ms is not None and retry_after_ms >= 0:
-            delay = max(delay, retry_after_ms)
-        return _Beat("retry", min(delay, _MAX_TIMER_DELAY_MS), "fallback_" + kind)
-
-
-# ---------------------------------------------------------------------------
-# The reservation lifecycle: one object, three faces
-# ---------------------------------------------------------------------------
-
-# One reservation, three faces.  ``@cycles``, ``client.reserve(...)`` and
-# ``client.stream_reservation(...)`` all drive one ``_Reservation``:
-# create -> (heartbeat) -> commit | release | event fallback.  Its logic is
-# written once, as generators that *yield* the effects they need (an HTTP
-# attempt, a sleep, blocking file I/O, starting or stopping the heartbeat) and
-# receive their results.  ``_drive`` performs effects on the calling thread,
-# ``_drive_async`` awaits them, and the sync heartbeat has a third driver, a
-# chain of daemon timers.  Sync and async differ only in the driver.
-
-_current_context: contextvars.ContextVar[Optional[CyclesContext]] = contextvars.ContextVar(
-    "cycles_lite_context", default=None
-)
-
-
-def get_cycles_context() -> Optional[CyclesContext]:
-    """The reservation the current guarded call runs under, or None outside one."""
-    return _current_context.get()
-
-
-# -- effects and drivers -------------------------------------------------------
 
 
 class _Effect:
@@ -3330,14 +3022,12 @@ class _Effect:
 
 
 class _Send(_Effect):
-    """One POST attempt; the result is a CyclesResponse (never an exception)."""
+    """One attempt of ``call``; the result is a CyclesResponse (never an exception)."""
 
-    __slots__ = ("body", "operation", "path")
+    __slots__ = ("call",)
 
-    def __init__(self, operation: str, path: str, body: Dict[str, Any]) -> None:
-        self.operation = operation
-        self.path = path
-        self.body = body
+    def __init__(self, call: _Call) -> None:
+        self.call = call
 
 
 class _Sleep(_Effect):
@@ -3381,7 +3071,7 @@ def _drive(send: _SendFn, steps: _Steps[_T]) -> _T:
     into the steps, which may react (hand a settlement to the worker) and re-raise.
     """
     reply: Any = None
-    error: Optional[BaseException] = None
+    error: BaseException | None = None
     try:
         while True:
             try:
@@ -3417,15 +3107,20 @@ def _send_safely(send: _SendFn, effect: _Send) -> CyclesResponse:
     """A closed client or a bug becomes a transport error (``send`` itself never raises
     for HTTP trouble)."""
     try:
-        return send(effect.operation, "POST", effect.path, body=effect.body)
+        return send(effect.call)
     except Exception as exc:
         return CyclesResponse.transport_error(exc)
 
 
-async def _drive_async(client: AsyncCyclesClient, steps: _Steps[_T]) -> _T:
-    """The asyncio driver: the same steps, each effect awaited (never blocking the loop)."""
+async def _drive_async(
+    client: AsyncCyclesClient, steps: _Steps[_T], heartbeat: _TaskHeartbeat | None = None
+) -> _T:
+    """The asyncio driver: the same steps, each effect awaited (never blocking the loop).
+
+    ``heartbeat``: the handle whose steps these are (it tracks the extend in flight).
+    """
     reply: Any = None
-    error: Optional[BaseException] = None
+    error: BaseException | None = None
     try:
         while True:
             try:
@@ -3434,37 +3129,68 @@ async def _drive_async(client: AsyncCyclesClient, steps: _Steps[_T]) -> _T:
                 result: _T = done.value
                 return result
             try:
-                reply, error = await _perform_effect_async(client, effect), None
+                reply, error = await _perform_effect_async(client, effect, heartbeat), None
             except BaseException as exc:  # CancelledError included: the steps see it
                 reply, error = None, exc
     finally:
         steps.close()
 
 
-async def _perform_effect_async(client: AsyncCyclesClient, effect: _Effect) -> Any:
+async def _perform_effect_async(
+    client: AsyncCyclesClient, effect: _Effect, heartbeat: _TaskHeartbeat | None = None
+) -> Any:
     import asyncio
 
     if isinstance(effect, _Send):
         try:
-            return await client._send(effect.operation, "POST", effect.path, body=effect.body)
+            future, deadline = client._submit(effect.call)
         except Exception as exc:
             return CyclesResponse.transport_error(exc)
+        if heartbeat is not None:
+            heartbeat.in_flight, heartbeat.deadline = future, deadline
+        return await asyncio.wrap_future(future)
     if isinstance(effect, _Sleep):
         await asyncio.sleep(effect.seconds)
         return None
-    loop = asyncio.get_running_loop()
     if isinstance(effect, _Blocking):
+        loop = asyncio.get_running_loop()
         return await loop.run_in_executor(client._io_executor(), effect.work)
     if isinstance(effect, _StartHeartbeat):
-        return loop.create_task(_drive_async(client, effect.steps))
+        return _TaskHeartbeat(client, effect.steps)
     if isinstance(effect, _StopHeartbeat):
-        task = effect.handle
+        await effect.handle.stop()
+        return None
+    raise TypeError(f"unknown effect {effect!r}")
+
+
+class _TaskHeartbeat:
+    """The async heartbeat driver: one asyncio task running the steps.
+
+    ``stop()`` is final and, like ``_TimerHeartbeat.stop()``, waits for a beat in
+    flight: cancelling the task only stops the waiting, so it then waits for the
+    extend already handed to an I/O thread (bounded by that attempt's deadline), and
+    drops its result.  No extend is on the wire when the commit goes out.
+    """
+
+    def __init__(self, client: AsyncCyclesClient, steps: _Steps[None]) -> None:
+        import asyncio
+
+        self.in_flight: Future[CyclesResponse] | None = None
+        self.deadline = 0.0
+        self._task = asyncio.get_running_loop().create_task(_drive_async(client, steps, self))
+
+    async def stop(self) -> None:
+        import asyncio
+
+        task = self._task
         task.cancel()
         await asyncio.wait({task})  # never raises the task's own CancelledError
         if not task.cancelled() and task.exception() is not None:
             _log.error("heartbeat task failed", exc_info=task.exception())
-        return None
-    raise TypeError(f"unknown effect {effect!r}")
+        in_flight = self.in_flight
+        if in_flight is not None and not in_flight.done():
+            left = max(0.0, self.deadline - time.monotonic())
+            await asyncio.wait({asyncio.wrap_future(in_flight)}, timeout=left)
 
 
 class _TimerHeartbeat:
@@ -3509,7 +3235,7 @@ class _TimerHeartbeat:
         if isinstance(effect, _Sleep):
             self._arm(effect.seconds)
 
-    def _resume(self, reply: Any) -> Optional[_Effect]:
+    def _resume(self, reply: Any) -> _Effect | None:
         with self._lock:
             if self._stopped:
                 return None  # stopped meanwhile: a late extend result is dropped
@@ -3532,15 +3258,362 @@ class _TimerHeartbeat:
             timer.start()
 
 
+# ---------------------------------------------------------------------------
+# Heartbeat scheduler (protocol HEARTBEAT GUIDANCE, v0.1.25.16)
+#
+# A pure state object: the driver feeds it monotonic timestamps (ms) and the
+# outcome of each create/extend attempt; it answers with the next beat.
+# ---------------------------------------------------------------------------
+
+_PERMANENT_EXTEND_CODES = frozenset(
+    {
+        "RESERVATION_EXPIRED",
+        "RESERVATION_FINALIZED",
+        "MAX_EXTENSIONS_EXCEEDED",
+        "TENANT_CLOSED",
+        "NOT_FOUND",
+    }
+)
+_MAX_TRANSIENT_RETRY_MS = 30_000
+# Timers beyond ~24.8 days overflow some platform wait primitives. Beating
+# earlier than needed is always safe, so longer delays are cut to this.
+_MAX_TIMER_DELAY_MS = 2**31 - 1
+_FALLBACK_MIN_CADENCE_MS = 1000
+_FALLBACK_MAX_HELD_MS = 30_000
+
+
+def _classify_extend(status: int, error_code: str | None, schema_valid: bool) -> str:
+    """"success" | "transient" | "rate_limited" | "terminal" | "rejected".
+
+    Only a schema-valid HTTP 200 is success. Transport errors (status -1),
+    5xx and any other 2xx (ambiguous) are transient; 429 or LIMIT_EXCEEDED is
+    rate_limited; 404, 410 and the permanent codes are terminal; every other
+    status (other 4xx, 3xx, 1xx, out of range) is rejected: a request or
+    configuration problem that an unchanged retry cannot fix.
+    """
+    if status == 200 and schema_valid:
+        return "success"
+    if status < 0 or 500 <= status <= 599 or 200 <= status <= 299:
+        return "transient"
+    if status == 429 or error_code == "LIMIT_EXCEEDED":
+        return "rate_limited"
+    if 400 <= status <= 499 and (status in (404, 410) or error_code in _PERMANENT_EXTEND_CODES):
+        return "terminal"
+    return "rejected"
+
+
+@dataclass(frozen=True)
+class _Beat:
+    """Next heartbeat action.
+
+    ``action``: "extend" (a fresh beat with a NEW idempotency key), "retry"
+    (resend the pending extend with the SAME key) or "stop". ``delay_ms``
+    counts from ``received_ms`` for ``after_success`` and from ``now_ms`` for
+    ``after_failure``.
+    """
+
+    action: str
+    delay_ms: int
+    reason: str
+
+
+def _ceil_elapsed_ms(start_ms: float | None, end_ms: float) -> int | None:
+    """end - start rounded up, or None when timing is unknown or unreliable."""
+    if start_ms is None:
+        return None
+    elapsed = end_ms - start_ms
+    if not math.isfinite(elapsed) or elapsed < 0:
+        return None
+    return math.ceil(elapsed)
+
+
+class _HeartbeatPlan:
+    """Schedule of one reservation's heartbeat.
+
+    ``extend_by_ms`` is the requested ttl (every extend asks for it; the
+    plan never accumulates it). ``attempt_budget_ms`` is the transport's
+    enforced whole-attempt deadline for one extend; None means unknown or
+    unbounded, which the spec treats as infinite (next_delay is then always
+    0, so only the one immediate fresh extend of the zero-delay guard runs).
+
+    Primary path (a response carries ``remaining_ttl_ms``): exactly the
+    normative algorithm, in integer milliseconds (Python ints cannot wrap;
+    budgets and margins round up, leads and delays round down).
+    Fallback path (a response without ``remaining_ttl_ms``): the spec's
+    non-normative measured-grant heuristic, preferring over-beating to a lapse.
+    """
+
+    def __init__(self, extend_by_ms: int, attempt_budget_ms: int | None) -> None:
+        if isinstance(extend_by_ms, bool) or extend_by_ms < 1:
+            raise ValueError("extend_by_ms must be a positive integer")
+        if attempt_budget_ms is not None and attempt_budget_ms < 0:
+            raise ValueError("attempt_budget_ms must be >= 0 or None")
+        self._extend_by_ms = extend_by_ms
+        self._timeout_budget_ms = attempt_budget_ms
+        self._max_rtt_ms = 0
+        # Primary path: the last lead floor and when its response arrived.
+        self._lead_floor_ms: int | None = None
+        self._lead_anchor_ms: float | None = None
+        self._zero_delay_used = False
+        self._prev_failure_window_ms: int | None = None
+        # Fallback path: expiry differences in the server frame.
+        self._fallback = False
+        self._reserve_received_ms: float | None = None
+        self._first_expires_at_ms: int | None = None
+        self._last_expires_at_ms: int | None = None
+        self._last_success_ms: float | None = None
+        self._last_grant_ms: int | None = None
+        self._stopped_reason: str | None = None
+        self._lease_lost = False
+
+    # -- observable state ---------------------------------------------------
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped_reason is not None
+
+    @property
+    def stopped_reason(self) -> str | None:
+        return self._stopped_reason
+
+    @property
+    def lease_lost(self) -> bool:
+        """True once the heartbeat gave up on its own (any stop except close())."""
+        return self._lease_lost
+
+    @property
+    def fallback(self) -> bool:
+        """True while scheduling on the non-normative fallback path."""
+        return self._fallback
+
+    @property
+    def max_rtt_ms(self) -> int:
+        return self._max_rtt_ms
+
+    def close(self, reason: str = "closed") -> None:
+        """Owner stop (settlement started): every later result is ignored."""
+        if self._stopped_reason is None:
+            self._stopped_reason = reason
+
+    # -- budgets --------------------------------------------------------------
+
+    def _attempt_budget(self) -> int | None:
+        """None means +infinity (unknown or unbounded request timeout)."""
+        if self._timeout_budget_ms is None:
+            return None
+        return max(self._timeout_budget_ms, 1000, 2 * self._max_rtt_ms)
+
+    def _safety_margin(self) -> int:
+        return max(1000, 2 * self._max_rtt_ms)
+
+    def _stop(self, reason: str) -> _Beat:
+        if self._stopped_reason is None:
+            self._stopped_reason = reason
+            self._lease_lost = True
+        return _Beat("stop", 0, self._stopped_reason)
+
+    # -- success --------------------------------------------------------------
+
+    def after_success(
+        self,
+        *,
+        remaining_ttl_ms: int | None,
+        expires_at_ms: int | None,
+        sent_ms: float,
+        received_ms: float,
+    ) -> _Beat:
+        """A schema-valid 200 from create (the first call) or from an extend."""
+        if self._stopped_reason is not None:
+            return _Beat("stop", 0, self._stopped_reason)
+        self._prev_failure_window_ms = None
+        rtt = _ceil_elapsed_ms(sent_ms, received_ms)
+        if rtt is not None:
+            self._max_rtt_ms = max(self._max_rtt_ms, rtt)
+        grant, since_last = self._track_expiry(expires_at_ms, received_ms)
+        if remaining_ttl_ms is None and expires_at_ms is not None:
+            self._fallback = True
+            return self._fallback_after_success(grant, since_last, received_ms)
+        self._fallback = False
+        return self._primary_after_success(remaining_ttl_ms, rtt, received_ms)
+
+    def _track_expiry(
+        self, expires_at_ms: int | None, received_ms: float
+    ) -> Tuple[int | None, int | None]:
+        """Record the server-frame expiry; return (grant, elapsed since last success)."""
+        grant: int | None = None
+        since_last = _ceil_elapsed_ms(self._last_success_ms, received_ms)
+        if self._reserve_received_ms is None:
+            self._reserve_received_ms = received_ms
+        if expires_at_ms is not None:
+            if self._first_expires_at_ms is None:
+                self._first_expires_at_ms = expires_at_ms
+            elif self._last_expires_at_ms is not None:
+                grant = expires_at_ms - self._last_expires_at_ms
+                self._last_grant_ms = grant
+            self._last_expires_at_ms = expires_at_ms
+        self._last_success_ms = received_ms
+        return grant, since_last
+
+    def _primary_after_success(
+        self, remaining_ttl_ms: int | None, rtt: int | None, received_ms: float
+    ) -> _Beat:
+        budget = self._attempt_budget()
+        if rtt is None or remaining_ttl_ms is None:
+            lead_floor = 0  # unknown timing is never "zero elapsed"
+        else:
+            lead_floor = max(0, remaining_ttl_ms - rtt)
+        if budget is None or rtt is None:
+            next_delay = 0  # an unbounded timeout or unknown timing proves no safe delay
+        else:
+            next_delay = max(0, lead_floor - (2 * budget + self._safety_margin()))
+        self._lead_floor_ms = lead_floor
+        self._lead_anchor_ms = received_ms if math.isfinite(received_ms) else None
+        if next_delay > 0:
+            self._zero_delay_used = False
+            return _Beat("extend", min(next_delay, _MAX_TIMER_DELAY_MS), "scheduled")
+        if self._zero_delay_used:
+            return self._stop("lease_shorter_than_retry_budget")
+        self._zero_delay_used = True
+        return _Beat("extend", 0, "zero_delay_immediate")
+
+    def _held_cadence_ms(self) -> int:
+        return max(1, min(self._extend_by_ms // 2, _FALLBACK_MAX_HELD_MS))
+
+    def _fallback_after_success(
+        self, grant: int | None, since_last: int | None, received_ms: float
+    ) -> _Beat:
+        if grant is None:
+            # The reserve response: no create field bounds the initial lease, so
+            # the first extend fires immediately (the spec's stated trade-off).
+            return _Beat("extend", 0, "fallback_prime")
+        ttl = self._extend_by_ms
+        if 10 * grant >= 9 * ttl:
+            cadence, reason = max(grant // 2, _FALLBACK_MIN_CADENCE_MS), "fallback_normal"
+        elif grant <= 0 or (
+            since_last is not None and 3 * since_last <= 4 * grant <= 5 * since_last
+        ):
+            # The grant mirrors our own call spacing: maximum-lead clamping.
+            # Hold a bounded cadence; MAX_EXTENSIONS_EXCEEDED ends it.
+            cadence, reason = self._held_cadence_ms(), "fallback_clamped"
+        else:
+            # A per-extend delta clamp: a smaller grant is a smaller lease.
+            cadence, reason = max(grant // 2, _FALLBACK_MIN_CADENCE_MS), "fallback_small_grant"
+        delay = cadence * self._beats_until_lead_low(grant, cadence, received_ms)
+        return _Beat("extend", min(delay, _MAX_TIMER_DELAY_MS), reason)
+
+    def _beats_until_lead_low(self, grant: int, cadence: int, received_ms: float) -> int:
+        """Skip beats while lead_min >= 1.5 x last grant (closed form).
+
+        lead_min(t) = sum(grants) - (t - reserve receipt) only decreases between
+        successes, so the beat that would not be skipped is the first k >= 1
+        with 2 * lead_min(received + k * cadence) < 3 * grant.
+        """
+        if grant <= 0 or self._first_expires_at_ms is None or self._last_expires_at_ms is None:
+            return 1
+        elapsed = _ceil_elapsed_ms(self._reserve_received_ms, received_ms)
+        if elapsed is None:
+            return 1
+        lead_min = (self._last_expires_at_ms - self._first_expires_at_ms) - elapsed
+        excess = 2 * lead_min - 3 * grant
+        if excess < 0:
+            return 1
+        return excess // (2 * cadence) + 1
+
+    # -- failure --------------------------------------------------------------
+
+    def after_failure(
+        self, *, kind: str, retry_after_ms: int | None, now_ms: float
+    ) -> _Beat:
+        """A failed extend attempt; ``kind`` comes from ``_classify_extend``.
+
+        ``retry_after_ms`` must be parsed without the one-hour cap
+        (``CyclesResponse.retry_after_ms_header``).
+        """
+        if self._stopped_reason is not None:
+            return _Beat("stop", 0, self._stopped_reason)
+        if kind == "terminal":
+            return self._stop("terminal")
+        if kind == "rejected":
+            return self._stop("rejected")
+        if kind not in ("transient", "rate_limited"):
+            raise ValueError("kind must be transient, rate_limited, terminal or rejected")
+        if self._fallback:
+            return self._fallback_after_failure(kind, retry_after_ms)
+        if self._lead_floor_ms is None:
+            return self._stop("no_valid_lease")
+        return self._primary_after_failure(kind, retry_after_ms, now_ms)
+
+    def current_lead_estimate_ms(self, now_ms: float) -> int:
+        """max(0, last lead_floor - elapsed since its response), rounded down."""
+        if self._lead_floor_ms is None:
+            return 0
+        elapsed = _ceil_elapsed_ms(self._lead_anchor_ms, now_ms)
+        if elapsed is None:
+            return 0
+        return max(0, self._lead_floor_ms - elapsed)
+
+    def _primary_after_failure(
+        self, kind: str, retry_after_ms: int | None, now_ms: float
+    ) -> _Beat:
+        budget = self._attempt_budget()
+        if budget is None:
+            return self._stop("no_retry_window")
+        estimate = self.current_lead_estimate_ms(now_ms)
+        window = estimate - budget - self._safety_margin()  # deliberately not clamped
+        if window < 0:
+            return self._stop("no_retry_window")
+        previous = self._prev_failure_window_ms
+        if previous is not None and window >= previous:
+            # Neither elapsed time nor the window moved (this also ends the
+            # single immediate retry a zero window allows).
+            return self._stop("no_progress")
+        self._prev_failure_window_ms = window
+        if kind == "rate_limited":
+            if retry_after_ms is None or retry_after_ms < 0:
+                return self._stop("retry_after_missing")
+            if retry_after_ms > window:
+                return self._stop("retry_after_exceeds_window")
+            return _Beat("retry", retry_after_ms, "rate_limited")
+        delay = min(_MAX_TRANSIENT_RETRY_MS, estimate // 4, window)
+        return _Beat("retry", delay, "transient")
+
+    def _fallback_after_failure(self, kind: str, retry_after_ms: int | None) -> _Beat:
+        """Non-normative: keep retrying the same key at a bounded cadence.
+
+        A fieldless client cannot prove a lapse, so it over-beats; the
+        server's 410/NOT_FOUND (terminal) or the owner's close() ends it.
+        """
+        delay = self._held_cadence_ms()
+        grant = self._last_grant_ms
+        if grant is not None and grant > 0:
+            delay = min(delay, grant // 4)
+        delay = max(delay, _FALLBACK_MIN_CADENCE_MS)
+        if kind == "rate_limited" and retry_after_ms is not None and retry_after_ms >= 0:
+            delay = max(delay, retry_after_ms)
+        return _Beat("retry", min(delay, _MAX_TIMER_DELAY_MS), "fallback_" + kind)
+
+
+# ---------------------------------------------------------------------------
+# The reservation lifecycle: one object, three faces
+# ---------------------------------------------------------------------------
+
+# One reservation, three faces.  ``@cycles``, ``client.reserve(...)`` and
+# ``client.stream_reservation(...)`` all drive one ``_Reservation``:
+# create -> (heartbeat) -> commit | release | event fallback, its steps written
+# once (see "Effects and drivers") and run by the driver of the face.
+
+_current_context: contextvars.ContextVar[CyclesContext | None] = contextvars.ContextVar(
+    "cycles_lite_context", default=None
+)
+
+
+def get_cycles_context() -> CyclesContext | None:
+    """The reservation the current guarded call runs under, or None outside one."""
+    return _current_context.get()
+
+
 def _monotonic_ms() -> float:
     return time.monotonic() * 1000.0
-
-
-def _error_code(response: CyclesResponse) -> Optional[str]:
-    """The ``error`` string read straight from a JSON object body (None otherwise)."""
-    body = response.body
-    code = body.get("error") if isinstance(body, dict) else None
-    return code if isinstance(code, str) else None
 
 
 def _describe(response: CyclesResponse) -> str:
@@ -3555,9 +3628,7 @@ def _describe(response: CyclesResponse) -> str:
 # -- create ----------------------------------------------------------------------
 
 
-def _send_resending_once(
-    operation: str, path: str, body: Dict[str, Any]
-) -> _Steps[Tuple[CyclesResponse, float, float]]:
+def _send_resending_once(call: _Call) -> _Steps[Tuple[CyclesResponse, float, float]]:
     """One attempt, and one immediate resend with the same key if the outcome is ambiguous.
 
     Ambiguous: a transport error, a 5xx, or a 2xx that is not the operation's
@@ -3565,16 +3636,16 @@ def _send_resending_once(
     receive times (ms), which the heartbeat schedule starts from.
     """
     sent_ms = _monotonic_ms()
-    response = yield _Send(operation, path, body)
+    response = yield _Send(call)
     received_ms = _monotonic_ms()
-    if _is_ambiguous(operation, response):
+    if _is_ambiguous(call.operation, response):
         _log.warning(
             "%s: ambiguous outcome (%s); resending once with the same idempotency key",
-            operation,
+            call.operation,
             _describe(response),
         )
         sent_ms = _monotonic_ms()
-        response = yield _Send(operation, path, body)
+        response = yield _Send(call)
         received_ms = _monotonic_ms()
     return response, sent_ms, received_ms
 
@@ -3587,9 +3658,7 @@ def _is_ambiguous(operation: str, response: CyclesResponse) -> bool:
 
 def _create_steps(body: Dict[str, Any]) -> _Steps[Tuple[ReservationCreateResponse, float, float]]:
     """POST /v1/reservations; a denial or a lasting failure raises the typed exception."""
-    response, sent_ms, received_ms = yield from _send_resending_once(
-        "create", RESERVATIONS_PATH, body
-    )
+    response, sent_ms, received_ms = yield from _send_resending_once(_create_call(body))
     if not _is_schema_valid("create", response):
         if response.is_success:
             raise CyclesProtocolError(
@@ -3613,15 +3682,15 @@ def _create_steps(body: Dict[str, Any]) -> _Steps[Tuple[ReservationCreateRespons
 
 # -- the create body, validated before anything is sent -------------------------
 
-_ttl_check = _int_check(MIN_TTL_MS, MAX_TTL_MS)
-_grace_check = _int_check(0, MAX_GRACE_PERIOD_MS)
-_reason_check = _str_check(256)
+_ttl_check = ReservationCreateRequest._fields["ttl_ms"]
+_grace_check = ReservationCreateRequest._fields["grace_period_ms"]
+_reason_check = ReleaseRequest._fields["reason"]
 
 
 def _subject_with_defaults(
     config: CyclesConfig,
-    values: Mapping[str, Optional[str]],
-    dimensions: Optional[Mapping[str, str]],
+    values: Mapping[str, str | None],
+    dimensions: Mapping[str, str] | None,
 ) -> Dict[str, Any]:
     """Subject fields; a missing (falsy) one falls back to the config's default."""
     subject: Dict[str, Any] = {}
@@ -3635,7 +3704,7 @@ def _subject_with_defaults(
 
 
 def _action_body(
-    kind: Optional[str], name: Optional[str], tags: Optional[List[str]]
+    kind: str | None, name: str | None, tags: List[str] | None
 ) -> Dict[str, Any]:
     action: Dict[str, Any] = {"kind": kind or "unknown", "name": name or "unknown"}
     if tags:
@@ -3652,8 +3721,8 @@ def _reservation_body(
     ttl_ms: Any,
     grace_period_ms: Any,
     overage_policy: Any,
-    metadata: Optional[Mapping[str, Any]] = None,
-    idempotency_key: Optional[str] = None,
+    metadata: Mapping[str, Any] | None = None,
+    idempotency_key: str | None = None,
     dry_run: bool = False,
 ) -> Dict[str, Any]:
     """The create body; ValueError naming the field, in runcycles' order (estimate, ttl,
@@ -3680,7 +3749,7 @@ def _reservation_body(
     return request.model_dump(mode="json", exclude_none=True)
 
 
-def _derived_key(prefix: str, caller_key: Optional[str]) -> str:
+def _derived_key(prefix: str, caller_key: str | None) -> str:
     """runcycles' rule: ``<prefix>-<caller key>`` (hashed when too long), else a fresh key."""
     if caller_key is None:
         return _new_key()
@@ -3692,25 +3761,21 @@ def _derived_key(prefix: str, caller_key: Optional[str]) -> str:
     return f"{prefix}-sha256-" + hashlib.sha256(caller_key.encode("utf-8")).hexdigest()
 
 
-def _json_ready(path: str, value: Any) -> None:
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise _FieldError(path, f"must be JSON-serialisable ({exc})") from None
-
-
 def _commit_metrics(value: Any) -> CyclesMetrics:
     """Checked again: the guarded code may have changed fields after construction."""
-    metrics: CyclesMetrics = _metrics("metrics", value, False).model_copy()
-    _json_ready("metrics.custom", metrics.custom)
-    return metrics
+    metrics: CyclesMetrics = _metrics("metrics", value, False)
+    if metrics is not value:
+        return metrics  # built from a dict just now: checked, and nobody else holds it
+    try:
+        copy: CyclesMetrics = metrics.model_copy()  # a copy runs every field check again
+    except _FieldError as exc:
+        raise exc.under("metrics") from None
+    return copy
 
 
 def _commit_metadata(value: Any) -> Dict[str, Any]:
     """A JSON object (commit or create metadata), checked now rather than on the wire."""
-    metadata = dict(_object_check("metadata", value, False))
-    _json_ready("metadata", metadata)
-    return metadata
+    return dict(_object_check("metadata", value, False))
 
 
 # -- the lifecycle ---------------------------------------------------------------
@@ -3728,21 +3793,21 @@ class _Reservation:
     _client_kind: ClassVar[type] = object  # the face's client class
 
     def __init__(
-        self, client: Any, create_body: Dict[str, Any], caller_key: Optional[str]
+        self, client: Any, create_body: Dict[str, Any], caller_key: str | None
     ) -> None:
         self._client = client
         self._config: CyclesConfig = client._config
         self._create_body = create_body
         self._caller_key = caller_key
-        self._created: Optional[ReservationCreateResponse] = None
-        self._context: Optional[CyclesContext] = None
-        self._context_token: Optional[contextvars.Token[Optional[CyclesContext]]] = None
+        self._created: ReservationCreateResponse | None = None
+        self._context: CyclesContext | None = None
+        self._context_token: contextvars.Token[CyclesContext | None] | None = None
         self._heartbeat: Any = None
         self._opened_at = 0.0
         self._phase = "new"
-        self._work_done = False  # set by @cycles once the function returned
-        self._settlement_error: Optional[CyclesProtocolError] = None
-        self._release_error: Optional[CyclesProtocolError] = None
+        self._work_done = False  # set once the function returned or commit() was called
+        self._settlement_error: CyclesProtocolError | None = None
+        self._release_error: CyclesProtocolError | None = None
         _replay_on_first_use(client)
 
     def __repr__(self) -> str:
@@ -3762,32 +3827,32 @@ class _Reservation:
         return self._created.decision if self._created else Decision.ALLOW
 
     @property
-    def caps(self) -> Optional[Caps]:
+    def caps(self) -> Caps | None:
         return self._created.caps if self._created else None
 
     @property
-    def expires_at_ms(self) -> Optional[int]:
+    def expires_at_ms(self) -> int | None:
         """The lease expiry in server time, as updated by every successful heartbeat."""
         return self._context.expires_at_ms if self._context else None
 
     @property
-    def affected_scopes(self) -> Optional[List[str]]:
+    def affected_scopes(self) -> List[str] | None:
         return self._created.affected_scopes if self._created else None
 
     @property
-    def scope_path(self) -> Optional[str]:
+    def scope_path(self) -> str | None:
         return self._created.scope_path if self._created else None
 
     @property
-    def reserved(self) -> Optional[Amount]:
+    def reserved(self) -> Amount | None:
         return self._created.reserved if self._created else None
 
     @property
-    def balances(self) -> Optional[List[Balance]]:
+    def balances(self) -> List[Balance] | None:
         return self._created.balances if self._created else None
 
     @property
-    def context(self) -> Optional[CyclesContext]:
+    def context(self) -> CyclesContext | None:
         return self._context
 
     @property
@@ -3796,12 +3861,12 @@ class _Reservation:
         return self._phase == "closed"
 
     @property
-    def settlement_error(self) -> Optional[CyclesProtocolError]:
+    def settlement_error(self) -> CyclesProtocolError | None:
         """Why the first commit attempt did not settle (retries may still succeed)."""
         return self._settlement_error
 
     @property
-    def release_error(self) -> Optional[CyclesProtocolError]:
+    def release_error(self) -> CyclesProtocolError | None:
         return self._release_error
 
     @property
@@ -3882,14 +3947,14 @@ class _Reservation:
             received_ms=received_ms,
         )
         due_ms = received_ms + beat.delay_ms
-        path = _reservation_path(self.reservation_id, "/extend")
-        body: Optional[Dict[str, Any]] = None
+        call: _Call | None = None
         while beat.action != "stop":
             yield _Sleep(max(0.0, due_ms - _monotonic_ms()) / 1000.0)
-            if body is None or beat.action == "extend":
+            if call is None or beat.action == "extend":
                 body = {"idempotency_key": _new_key(), "extend_by_ms": ttl_ms}
+                call = _extend_call(self.reservation_id, body)
             sent_ms = _monotonic_ms()
-            response = yield _Send("extend", path, body)
+            response = yield _Send(call)
             received_ms = _monotonic_ms()
             beat = self._after_extend(plan, response, sent_ms, received_ms)
             due_ms = received_ms + beat.delay_ms
@@ -3914,11 +3979,8 @@ class _Reservation:
             )
             problem = "the lease is shorter than the retry-safety budget"
         else:
-            retry_after = response.headers.get("retry-after")
             beat = plan.after_failure(
-                kind=kind,
-                retry_after_ms=_parse_retry_after_ms(retry_after, cap_ms=None),
-                now_ms=received_ms,
+                kind=kind, retry_after_ms=response.retry_after_ms_header, now_ms=received_ms
             )
             problem = "extend failed: " + _describe(response)
             context.heartbeat_error = problem
@@ -3950,20 +4012,20 @@ class _Reservation:
     def _commit_steps(
         self,
         actual: Any,
-        metrics: Optional[CyclesMetrics] = None,
-        metadata: Optional[Mapping[str, Any]] = None,
+        metrics: CyclesMetrics | None = None,
+        metadata: Mapping[str, Any] | None = None,
         *,
         estimated: bool = False,
     ) -> _Steps[None]:
         """Stop the heartbeat, journal the commit, send it; retries follow config.commit_retry."""
         self._require_open("commit")
+        self._work_done = True  # asked to commit: the work happened, whatever the arguments
         commit_body = self._commit_body(actual, metrics, metadata, estimated)
         self._phase = "closed"
-        yield _StopHeartbeat(self._heartbeat)
         job = _Settlement.new(
             self._client, self.reservation_id, commit_body, self._event_body(commit_body)
         )
-        outcome = yield from _settle_new_steps(job)
+        outcome = yield from _settle_new_steps(job, self._heartbeat)
         if outcome is not _Disposition.SUCCESS and job.last_response is not None:
             self._settlement_error = _protocol_error(
                 job.last_response,
@@ -3973,8 +4035,8 @@ class _Reservation:
     def _commit_body(
         self,
         actual: Any,
-        metrics: Optional[CyclesMetrics],
-        metadata: Optional[Mapping[str, Any]],
+        metrics: CyclesMetrics | None,
+        metadata: Mapping[str, Any] | None,
         estimated: bool,
     ) -> Dict[str, Any]:
         """The commit body.  Bad arguments raise ValueError; bad values the guarded code left
@@ -4000,7 +4062,7 @@ class _Reservation:
 
     def _checked(
         self, name: str, given: Any, from_context: Any, check: Callable[[Any], _T]
-    ) -> Optional[_T]:
+    ) -> _T | None:
         if given is not None:
             return check(given)
         if from_context is None:
@@ -4046,8 +4108,8 @@ class _Reservation:
         if self._heartbeat is not None:
             yield _StopHeartbeat(self._heartbeat)
         body = {"idempotency_key": _derived_key("release", self._caller_key), "reason": reason}
-        path = _reservation_path(self.reservation_id, "/release")
-        response, _, _ = yield from _send_resending_once("release", path, body)
+        call = _release_call(self._config, self.reservation_id, body, admin=False)
+        response, _, _ = yield from _send_resending_once(call)
         if _is_schema_valid("release", response):
             return
         self._release_error = _protocol_error(response, "Release failed")
@@ -4068,25 +4130,24 @@ class _Reservation:
             self.reservation_id,
         )
 
-    def _exit_steps(self, error: Optional[BaseException]) -> _Steps[None]:
+    def _exit_steps(self, error: BaseException | None) -> _Steps[None]:
         """Leaving the block: the rule table in the README (Guarded execution)."""
         if self._phase != "open":
             return
         if error is None:
             yield from self._commit_on_exit_steps()
         elif self._work_done:
-            yield from self._abandon_steps(error)
+            yield from self._work_done_exit_steps(error)
         else:
             yield from self._release_steps(self._failure_reason)
+
+    def _work_done_exit_steps(self, error: BaseException) -> _Steps[None]:
+        """Left on an exception after the work: @cycles with no actual known settles nothing."""
+        return self._abandon_steps(error)
 
     def _commit_on_exit_steps(self) -> _Steps[None]:
         """Left without settling: the work presumably happened, so commit the estimate."""
         return self._commit_steps(self._estimate, estimated=True)
-
-
-def _check_kind(value: Any, expected: type, name: str = "client") -> None:
-    if not isinstance(value, expected):
-        raise TypeError(f"{name}: expected a {expected.__name__}, got {type(value).__name__}")
 
 
 class _SyncFace(_Reservation):
@@ -4095,12 +4156,12 @@ class _SyncFace(_Reservation):
     _client_kind: ClassVar[type] = CyclesClient
 
     def __enter__(self: _Guard) -> _Guard:
-        _drive(self._client._send, self._open_steps())
+        _drive(self._client._call, self._open_steps())
         return self
 
-    def __exit__(self, exc_type: Any, exc: Optional[BaseException], tb: Any) -> None:
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         try:
-            _drive(self._client._send, self._exit_steps(exc))
+            _drive(self._client._call, self._exit_steps(exc))
         finally:
             self._restore_context()
 
@@ -4114,7 +4175,7 @@ class _AsyncFace(_Reservation):
         await _drive_async(self._client, self._open_steps())
         return self
 
-    async def __aexit__(self, exc_type: Any, exc: Optional[BaseException], tb: Any) -> None:
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         try:
             await _drive_async(self._client, self._exit_steps(exc))
         finally:
@@ -4130,21 +4191,21 @@ class _GuardOptions(_Reservation):
         estimate: int | Amount,
         *,
         unit: Unit | str = Unit.USD_MICROCENTS,
-        action_kind: Optional[str] = None,
-        action_name: Optional[str] = None,
-        action_tags: Optional[List[str]] = None,
-        tenant: Optional[str] = None,
-        workspace: Optional[str] = None,
-        app: Optional[str] = None,
-        workflow: Optional[str] = None,
-        agent: Optional[str] = None,
-        toolset: Optional[str] = None,
-        dimensions: Optional[Dict[str, str]] = None,
+        action_kind: str | None = None,
+        action_name: str | None = None,
+        action_tags: List[str] | None = None,
+        tenant: str | None = None,
+        workspace: str | None = None,
+        app: str | None = None,
+        workflow: str | None = None,
+        agent: str | None = None,
+        toolset: str | None = None,
+        dimensions: Dict[str, str] | None = None,
         ttl_ms: int = DEFAULT_TTL_MS,
-        grace_period_ms: Optional[int] = None,
+        grace_period_ms: int | None = None,
         overage_policy: str = DEFAULT_OVERAGE_POLICY,
-        metadata: Optional[Dict[str, Any]] = None,
-        idempotency_key: Optional[str] = None,
+        metadata: Dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
     ) -> None:
         _check_kind(client, self._client_kind)
         if isinstance(estimate, Amount):
@@ -4168,6 +4229,16 @@ class _GuardOptions(_Reservation):
         )
         super().__init__(client, body, idempotency_key)
 
+    def _work_done_exit_steps(self, error: BaseException) -> _Steps[None]:
+        """commit() was called but refused its arguments: the work happened, so the
+        estimate is committed (marked) rather than released; the error is re-raised."""
+        _log.warning(
+            "commit arguments refused (%s); committing the estimate: reservation_id=%s",
+            type(error).__name__,
+            self.reservation_id,
+        )
+        return self._commit_on_exit_steps()
+
 
 class ReservationGuard(_GuardOptions, _SyncFace):
     """``with client.reserve(estimate, ...) as r:`` -- a budget reservation around a block.
@@ -4178,22 +4249,24 @@ class ReservationGuard(_GuardOptions, _SyncFace):
     settles it.  Leaving on an exception releases (the work did not happen);
     leaving without settling commits the estimate with metadata
     ``actual_source="estimate"`` (the work presumably happened: never release spend).
+    So does leaving on an exception after ``commit()`` refused its arguments
+    (a ValueError for a bad ``metrics`` field, say): the work happened.
     """
 
     def commit(
         self,
         actual: int,
-        metrics: Optional[CyclesMetrics] = None,
-        metadata: Optional[Mapping[str, Any]] = None,
+        metrics: CyclesMetrics | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> None:
         """Commit ``actual``: the first attempt now, retries as configured.  A failed commit
         never raises (see ``settlement_error``); bad arguments raise ValueError."""
-        _drive(self._client._send, self._commit_steps(actual, metrics, metadata))
+        _drive(self._client._call, self._commit_steps(actual, metrics, metadata))
 
-    def release(self, reason: Optional[str] = None) -> None:
+    def release(self, reason: str | None = None) -> None:
         """Release the reservation (for work that did not happen)."""
         self._require_open("release")
-        _drive(self._client._send, self._release_steps(reason or "released_by_caller"))
+        _drive(self._client._call, self._release_steps(reason or "released_by_caller"))
 
 
 class AsyncReservationGuard(_GuardOptions, _AsyncFace):
@@ -4203,12 +4276,12 @@ class AsyncReservationGuard(_GuardOptions, _AsyncFace):
     async def commit(
         self,
         actual: int,
-        metrics: Optional[CyclesMetrics] = None,
-        metadata: Optional[Mapping[str, Any]] = None,
+        metrics: CyclesMetrics | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> None:
         await _drive_async(self._client, self._commit_steps(actual, metrics, metadata))
 
-    async def release(self, reason: Optional[str] = None) -> None:
+    async def release(self, reason: str | None = None) -> None:
         self._require_open("release")
         await _drive_async(self._client, self._release_steps(reason or "released_by_caller"))
 
@@ -4225,15 +4298,15 @@ class _StreamOptions(_Reservation):
         self,
         client: Any,
         *,
-        subject: Optional[Subject] = None,
+        subject: Subject | None = None,
         action: Action,
         estimate: Amount,
         ttl_ms: int = 120_000,
-        grace_period_ms: Optional[int] = None,
+        grace_period_ms: int | None = None,
         overage_policy: str = DEFAULT_OVERAGE_POLICY,
-        cost_fn: Optional[Callable[[StreamUsage], int]] = None,
-        metadata: Optional[Dict[str, Any]] = None,
-        idempotency_key: Optional[str] = None,
+        cost_fn: Callable[[StreamUsage], int] | None = None,
+        metadata: Dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
         raise_on_commit_failure: bool = False,
     ) -> None:
         _check_kind(client, self._client_kind)
@@ -4285,7 +4358,7 @@ class _StreamOptions(_Reservation):
             )
         return self._estimate, True
 
-    def _metrics_from_usage(self) -> Optional[CyclesMetrics]:
+    def _metrics_from_usage(self) -> CyclesMetrics | None:
         """ctx.metrics if the code set them, else the usage; a bad value costs the metrics only."""
         usage = self._usage
         try:
@@ -4331,8 +4404,6 @@ class AsyncStreamReservation(_StreamOptions, _AsyncFace):
 # reads (the caller passes wall-clock ``now_ms``), no randomness of its own.
 # ---------------------------------------------------------------------------
 
-_MAX_HONORED_RETRY_AFTER_MS = 3_600_000  # one hour: a mangled header must not park spend for days
-_INT64_MAX = 9_223_372_036_854_775_807
 
 # Error codes a settlement can be rejected with for good. Only these justify
 # discarding a durable spend record (C9, C17). Codes outside every set below,
@@ -4403,9 +4474,9 @@ class _SettlementStep:
 
     disposition: _Disposition
     delay_ms: int
-    not_before_ms: Optional[int]
+    not_before_ms: int | None
     reason: str
-    cause: Optional[str] = None
+    cause: str | None = None
 
 
 def _capped_exponential(initial_ms: int, multiplier: float, exponent: int, cap_ms: int) -> int:
@@ -4439,36 +4510,13 @@ def _backoff_ms(attempt: int, policy: _RetryPolicy, rand: Callable[[], float]) -
     return fixed + int((base - fixed) * r)
 
 
-def _parse_retry_after_ms(
-    value: Optional[str], *, cap_ms: Optional[int] = _MAX_HONORED_RETRY_AFTER_MS
-) -> Optional[int]:
-    """Retry-After as milliseconds: ASCII delta-seconds only, else None.
-
-    HTTP-dates, signs, fractions, garbage and values whose millisecond form
-    overflows int64 are invalid (None). The result is capped at ``cap_ms``
-    (one hour by default, the bounded-delay policy for settlement). The
-    heartbeat passes ``cap_ms=None``: capping there would invent an earlier
-    retry than the server allowed.
-    """
-    if value is None:
-        return None
-    text = value.strip(" \t")
-    if not text or len(text) > 19 or any(c not in "0123456789" for c in text):
-        return None
-    seconds = int(text)
-    if seconds > _INT64_MAX // 1000:
-        return None
-    ms = seconds * 1000
-    return ms if cap_ms is None else min(ms, cap_ms)
-
-
 def _decide_settlement(
     operation: str,
     *,
     status: int,
-    error_code: Optional[str],
+    error_code: str | None,
     schema_valid: bool,
-    retry_after_ms: Optional[int],
+    retry_after_ms: int | None,
     attempt: int,
     policy: _RetryPolicy,
     now_ms: int,
@@ -4537,7 +4585,7 @@ def _decide_settlement(
 
 
 def _settlement_failure_reason(
-    operation: str, status: int, code: Optional[str]
+    operation: str, status: int, code: str | None
 ) -> Union[str, _SettlementStep]:
     """Either a retry reason (str) or a final non-retry step."""
     if status < 0:
@@ -4571,7 +4619,7 @@ def _settlement_failure_reason(
 
 def _record_after_step(
     record: _PendingSettlement, step: _SettlementStep
-) -> Optional[_PendingSettlement]:
+) -> _PendingSettlement | None:
     """The journal record to persist before acting on ``step``, or None.
 
     FALLBACK_EVENT switches the record to event mode (persisted before the
@@ -4583,10 +4631,10 @@ def _record_after_step(
     if step.disposition is _Disposition.FALLBACK_EVENT:
         if not record.event_fallback_body:
             return None
-        return _replace_record(record, mode="event", not_before_ms=None)
+        return dataclasses.replace(record, mode="event", not_before_ms=None)
     rate_limited = step.reason == "rate_limited" or step.cause == "rate_limited"
     if rate_limited and step.not_before_ms is not None:
-        return _replace_record(record, not_before_ms=step.not_before_ms)
+        return dataclasses.replace(record, not_before_ms=step.not_before_ms)
     return None
 
 
@@ -4615,16 +4663,13 @@ _JOURNAL_TMP_MAX_AGE_S = 3600.0
 _JOURNAL_PBKDF2_SALT_PREFIX = "runcycles-commit-journal\n"
 _JOURNAL_PBKDF2_ITERATIONS = 30_000
 _JOURNAL_FINGERPRINT_HEX = 16
-_LEGACY_NAME_CHARS = frozenset(
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
-)
 
 _fingerprint_cache: Dict[Tuple[str, bytes], str] = {}
 _journal_warn_lock = threading.Lock()
 _journal_disabled_warned = False
 
 
-def _journal_fingerprint(base_url: str, *, tenant: Optional[str], api_key: str) -> str:
+def _journal_fingerprint(base_url: str, *, tenant: str | None, api_key: str) -> str:
     """Identity directory name shared with runcycles and the TS client.
 
     With a tenant the principal is the tenant (stable across key rotation),
@@ -4660,11 +4705,6 @@ def _journal_filename(reservation_id: str) -> str:
     return "v2-" + digest + _JOURNAL_SUFFIX
 
 
-def _legacy_journal_filename(reservation_id: str) -> str:
-    """Pre-v2 name: every code point outside ASCII [A-Za-z0-9_-] becomes '_'."""
-    return "".join(c if c in _LEGACY_NAME_CHARS else "_" for c in reservation_id) + _JOURNAL_SUFFIX
-
-
 class _JournalRecordError(ValueError):
     """A journal file that is not a usable record (it gets quarantined)."""
 
@@ -4675,10 +4715,6 @@ class _JournalRecordError(ValueError):
 
 def _wall_clock_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _is_json_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -4695,10 +4731,10 @@ class _PendingSettlement:
     base_url: str
     mode: str = "commit"
     # Bodies stay out of repr: a record may end up in a log line.
-    commit_body: Optional[Dict[str, Any]] = field(default=None, repr=False)
-    event_fallback_body: Optional[Dict[str, Any]] = field(default=None, repr=False)
+    commit_body: Dict[str, Any] | None = field(default=None, repr=False)
+    event_fallback_body: Dict[str, Any] | None = field(default=None, repr=False)
     recorded_at_ms: int = field(default_factory=_wall_clock_ms)
-    not_before_ms: Optional[int] = None
+    not_before_ms: int | None = None
 
     def to_json(self) -> str:
         # Field order and json.dumps defaults match runcycles byte for byte.
@@ -4725,7 +4761,7 @@ class _PendingSettlement:
         if not isinstance(data, dict):
             raise _JournalRecordError("not a JSON object")
         version = data.get("version")
-        if not _is_json_int(version) or version != _JOURNAL_RECORD_VERSION:
+        if not _is_int(version, _JOURNAL_RECORD_VERSION, _JOURNAL_RECORD_VERSION):
             raise _JournalRecordError(f"unsupported record version {version!r}", unsupported=True)
         reservation_id = data.get("reservation_id")
         if not isinstance(reservation_id, str) or not reservation_id:
@@ -4746,10 +4782,10 @@ class _PendingSettlement:
         if not isinstance(base_url, str):
             raise _JournalRecordError("invalid base_url")
         recorded_at = data.get("recorded_at_ms", 0)
-        if not _is_json_int(recorded_at) or recorded_at < 0:
+        if not _is_int(recorded_at, 0, INT64_MAX):
             raise _JournalRecordError("invalid recorded_at_ms")
         not_before = data.get("not_before_ms")
-        if not_before is not None and (not _is_json_int(not_before) or not_before < 0):
+        if not_before is not None and not _is_int(not_before, 0, INT64_MAX):
             raise _JournalRecordError("invalid not_before_ms")
         return cls(
             reservation_id=reservation_id,
@@ -4762,13 +4798,7 @@ class _PendingSettlement:
         )
 
 
-def _replace_record(record: _PendingSettlement, **changes: Any) -> _PendingSettlement:
-    import dataclasses
-
-    return dataclasses.replace(record, **changes)
-
-
-def _default_journal_root() -> Optional[str]:
+def _default_journal_root() -> str | None:
     home = os.path.expanduser("~")
     if not home or home.startswith("~"):
         return None
@@ -4882,10 +4912,10 @@ class _CommitJournal:
 
     def __init__(
         self,
-        root: Optional[str],
+        root: str | None,
         base_url: str,
         *,
-        tenant: Optional[str],
+        tenant: str | None,
         api_key: str,
         fsync: bool = False,
     ) -> None:
@@ -4896,7 +4926,7 @@ class _CommitJournal:
         self._fsync = fsync
         self._lock = threading.Lock()
         self._resolved = False
-        self._directory: Optional[str] = None
+        self._directory: str | None = None
 
     def __repr__(self) -> str:
         state = self._directory if self._resolved else "unresolved"
@@ -4909,10 +4939,10 @@ class _CommitJournal:
         return self._resolve() is not None
 
     @property
-    def directory(self) -> Optional[str]:
+    def directory(self) -> str | None:
         return self._resolve()
 
-    def _resolve(self) -> Optional[str]:
+    def _resolve(self) -> str | None:
         if self._resolved:
             return self._directory
         with self._lock:
@@ -4922,7 +4952,7 @@ class _CommitJournal:
                 self._api_key = ""  # the fingerprint is all we need from now on
         return self._directory
 
-    def _find_directory(self) -> Optional[str]:
+    def _find_directory(self) -> str | None:
         try:
             fingerprint = _journal_fingerprint(
                 self._base_url, tenant=self._tenant, api_key=self._api_key
@@ -4964,7 +4994,7 @@ class _CommitJournal:
         except (OSError, ValueError):
             return False
 
-    def record_path(self, reservation_id: str) -> Optional[str]:
+    def record_path(self, reservation_id: str) -> str | None:
         """Full path of the record for ``reservation_id`` (None when disabled)."""
         directory = self._resolve()
         if directory is None:
@@ -5034,14 +5064,14 @@ class _CommitJournal:
     def remove(self, reservation_id: str) -> bool:
         """Delete the record; True when none remains (already-removed is fine).
 
-        A legacy-named file is deleted only when its stored id matches exactly.
+        Only the v2 name is touched: legacy-named records are migrated to it by
+        ``load_pending`` before they are replayed.
         """
         directory = self._resolve()
         if directory is None:
             return True
-        standard = os.path.join(directory, _journal_filename(reservation_id))
         try:
-            os.unlink(standard)
+            os.unlink(os.path.join(directory, _journal_filename(reservation_id)))
         except FileNotFoundError:
             pass
         except OSError as exc:
@@ -5051,18 +5081,10 @@ class _CommitJournal:
                 type(exc).__name__,
             )
             return False
-        legacy = os.path.join(directory, _legacy_journal_filename(reservation_id))
-        if legacy != standard and self._stored_id(legacy) == reservation_id:
-            try:
-                os.unlink(legacy)
-            except FileNotFoundError:
-                pass
-            except OSError:
-                return False
         return True
 
     @staticmethod
-    def _stored_id(path: str) -> Optional[str]:
+    def _stored_id(path: str) -> str | None:
         try:
             with open(path, encoding="utf-8") as handle:
                 return _PendingSettlement.from_json(handle.read()).reservation_id
@@ -5133,7 +5155,7 @@ class _CommitJournal:
                 pass
 
     @staticmethod
-    def _read_or_quarantine(directory: str, name: str) -> Optional[_PendingSettlement]:
+    def _read_or_quarantine(directory: str, name: str) -> _PendingSettlement | None:
         path = os.path.join(directory, name)
         try:
             if os.path.islink(path) or not os.path.isfile(path):
@@ -5157,7 +5179,7 @@ class _CommitJournal:
             return None
 
     @staticmethod
-    def _quarantine(directory: str, name: str) -> Optional[str]:
+    def _quarantine(directory: str, name: str) -> str | None:
         stem = name[: -len(_JOURNAL_SUFFIX)]
         src = os.path.join(directory, name)
         for candidate in (stem, stem + "." + _random_suffix()):
@@ -5218,11 +5240,11 @@ def _jitter() -> float:
     return int.from_bytes(os.urandom(4), "big") / 4294967296.0
 
 
-_journals: Dict[Tuple[Any, ...], _CommitJournal] = {}
+_journals: Dict[Tuple[Any, ...], _CommitJournal] = {}  # by identity (no raw key)
 _journals_lock = threading.Lock()
 
 
-def _journal_for(config: CyclesConfig) -> Optional[_CommitJournal]:
+def _journal_for(config: CyclesConfig) -> _CommitJournal | None:
     """The journal of this config's (server, principal); None when disabled.
 
     Cheap: the directory is found (and created) on the first write, which runs
@@ -5230,7 +5252,11 @@ def _journal_for(config: CyclesConfig) -> Optional[_CommitJournal]:
     """
     if not config.journal_enabled:
         return None
-    key = (config.journal_dir, config.base_url, config.tenant, config.api_key, config.journal_fsync)
+    import hashlib
+
+    # The cache lives as long as the process: it holds a digest, never the key itself.
+    key_digest = hashlib.sha256(config.api_key.encode("utf-8")).digest()
+    key = (config.journal_dir, config.base_url, config.tenant, key_digest, config.journal_fsync)
     with _journals_lock:
         journal = _journals.get(key)
         if journal is None:
@@ -5247,20 +5273,6 @@ def _journal_for(config: CyclesConfig) -> Optional[_CommitJournal]:
         return journal
 
 
-def _background_send(client: Any) -> _SendFn:
-    """A blocking send over the client's pool for the worker (async clients have none).
-
-    Unlike ``client._send`` it keeps working after the client is closed: a
-    retry may outlive the client that started it.
-    """
-    config, transport = client._config, client._transport
-
-    def send(operation: str, method: str, path: str, *, body: Any = None) -> CyclesResponse:
-        return _perform(transport, _build_request(config, operation, method, path, body=body))
-
-    return send
-
-
 @dataclass
 class _Settlement:
     """One unresolved commit, or its event fallback, and the attempts made so far."""
@@ -5268,12 +5280,13 @@ class _Settlement:
     record: _PendingSettlement
     send: _SendFn  # blocking, usable from any thread
     policy: _RetryPolicy
-    journal: Optional[_CommitJournal]
+    journal: _CommitJournal | None
     inline: bool  # commit_retry="inline": every retry on the caller
     flush_timeout: float
     attempt: int = 0
     due: float = 0.0  # time.monotonic() of the next attempt
-    last_response: Optional[CyclesResponse] = None
+    last_response: CyclesResponse | None = None
+    journaled: bool = True  # False until a new settlement's record is written
 
     @classmethod
     def new(
@@ -5290,7 +5303,9 @@ class _Settlement:
             commit_body=commit_body,
             event_fallback_body=event_body,
         )
-        return cls.for_record(client, record)
+        job = cls.for_record(client, record)
+        job.journaled = False
+        return job
 
     @classmethod
     def for_record(cls, client: Any, record: _PendingSettlement) -> _Settlement:
@@ -5298,7 +5313,7 @@ class _Settlement:
         config: CyclesConfig = client._config
         return cls(
             record=record,
-            send=_background_send(client),
+            send=functools.partial(_send_detached, config, client._transport),
             policy=_retry_policy(config),
             journal=_journal_for(config),
             inline=config.commit_retry == "inline",
@@ -5313,17 +5328,16 @@ class _Settlement:
         record = self.record
         if record.mode == "event":
             assert record.event_fallback_body is not None
-            return _Send("event", EVENTS_PATH, record.event_fallback_body)
+            return _Send(_event_call(record.event_fallback_body))
         assert record.commit_body is not None
-        path = _reservation_path(record.reservation_id, "/commit")
-        return _Send("commit", path, record.commit_body)
+        return _Send(_commit_call(record.reservation_id, record.commit_body))
 
 
-def _settle_new_steps(job: _Settlement) -> _Steps[_Disposition]:
-    """Journal the settlement, attempt it, then retry here (inline) or on the worker."""
+def _settle_new_steps(job: _Settlement, heartbeat: Any) -> _Steps[_Disposition]:
+    """Stop the heartbeat, journal the settlement, attempt it, then retry here (inline)
+    or on the worker.  From the first step on, an interruption hands the job on."""
     try:
-        if job.journal is not None:
-            yield _Blocking(functools.partial(job.journal.write, job.record))
+        yield _StopHeartbeat(heartbeat)
         outcome = yield from _settle_steps(job, retry_inline=job.inline)
         if outcome is _Disposition.RETRY and not _settlements.submit(job):
             outcome = yield from _settle_steps(job, retry_inline=True)  # queue full: settle here
@@ -5337,7 +5351,14 @@ def _settle_new_steps(job: _Settlement) -> _Steps[_Disposition]:
 
 
 def _settle_steps(job: _Settlement, *, retry_inline: bool) -> _Steps[_Disposition]:
-    """Attempts until the outcome is final; without ``retry_inline``, until a retry must wait."""
+    """Attempts until the outcome is final; without ``retry_inline``, until a retry must wait.
+
+    A job not journaled yet (a new settlement, possibly handed over by an interrupted
+    caller) gets its record written before its first attempt leaves the process."""
+    if not job.journaled:
+        job.journaled = True
+        if job.journal is not None:
+            yield _Blocking(functools.partial(job.journal.write, job.record))
     while True:
         wait = job.due - time.monotonic()
         if wait > 0:
@@ -5441,7 +5462,9 @@ class _SettlementQueue:
     soon as nothing is pending, so a process whose commits settle at the first
     attempt never has it.  ``flush()`` drains the same heap on the caller's thread
     and never starts a thread.  The heap is bounded: ``submit`` answers False when
-    it is full and the caller settles inline instead of dropping anything.
+    it is full and the caller settles inline instead of dropping anything; journal
+    replay takes at most half of it (``replay_room``), so live retries keep room.
+    A journal scan (``start_scan``) counts as pending work until it has submitted.
     """
 
     def __init__(self, capacity: int = 1024) -> None:
@@ -5450,7 +5473,8 @@ class _SettlementQueue:
         self._heap: List[Tuple[float, int, _Settlement]] = []
         self._order = itertools.count()
         self._running: List[str] = []  # reservation ids being settled right now
-        self._worker: Optional[threading.Thread] = None
+        self._scans = 0  # journal scans still running (they submit what they find)
+        self._worker: threading.Thread | None = None
         self._exit_flush_timeout = 0.0
         self._atexit_registered = False
 
@@ -5472,6 +5496,37 @@ class _SettlementQueue:
         with self._cond:
             return len(self._heap) + len(self._running)
 
+    def replay_room(self) -> int:
+        """How many replayed records may be queued now: half the capacity, less what waits."""
+        with self._cond:
+            return max(0, self._capacity // 2 - len(self._heap) - len(self._running))
+
+    def start_scan(self, scan: Callable[[], None]) -> None:
+        """Run ``scan`` on a one-shot daemon thread; ``flush()`` waits for it."""
+        with self._cond:
+            self._scans += 1
+        thread = threading.Thread(
+            target=self._run_scan, args=(scan,), name="cycles-lite-replay", daemon=True
+        )
+        try:
+            thread.start()
+        except RuntimeError:  # interpreter shutdown: a later process replays
+            self._scan_done()
+
+    def _run_scan(self, scan: Callable[[], None]) -> None:
+        try:
+            scan()
+        finally:
+            self._scan_done()
+
+    def _scan_done(self) -> None:
+        with self._cond:
+            self._scans -= 1
+            self._cond.notify_all()
+
+    def _idle(self) -> bool:
+        return not self._heap and not self._running and not self._scans
+
     def busy(self) -> set[str]:
         """Reservation ids this process is already settling (queued or running)."""
         with self._cond:
@@ -5479,7 +5534,7 @@ class _SettlementQueue:
                 self._running
             )
 
-    def flush(self, timeout: Optional[float]) -> bool:
+    def flush(self, timeout: float | None) -> bool:
         """Settle what is pending on this thread, waiting for not-yet-due retries while the
         deadline allows.  True when nothing is pending any more."""
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
@@ -5487,7 +5542,7 @@ class _SettlementQueue:
             with self._cond:
                 job = self._next_due(deadline)
                 if job is None:
-                    return not self._heap and not self._running
+                    return self._idle()
             self._run(job)
 
     def _start_worker(self) -> bool:
@@ -5508,11 +5563,11 @@ class _SettlementQueue:
                     return
             self._run(job)
 
-    def _next_due(self, deadline: Optional[float]) -> Optional[_Settlement]:
+    def _next_due(self, deadline: float | None) -> _Settlement | None:
         """Under the lock: pop the next due job (waiting for it until ``deadline``).
 
-        None when nothing is pending (not even a job another thread is running)
-        or the deadline passed.
+        None when nothing is pending (not even a job another thread is running, or a
+        journal scan) or the deadline passed.
         """
         while True:
             now = time.monotonic()
@@ -5520,11 +5575,14 @@ class _SettlementQueue:
                 job = heapq.heappop(self._heap)[2]
                 self._running.append(job.record.reservation_id)
                 return job
-            if (not self._heap and not self._running) or (
-                deadline is not None and now >= deadline
-            ):
+            if self._idle() or (deadline is not None and now >= deadline):
                 return None
-            if deadline is not None and not self._running and self._heap[0][0] > deadline:
+            if (
+                deadline is not None
+                and not self._running
+                and not self._scans
+                and self._heap[0][0] > deadline
+            ):
                 return None  # the next retry is due after the deadline: waiting cannot help
             waits = [self._heap[0][0] - now] if self._heap else []
             if deadline is not None:
@@ -5557,7 +5615,7 @@ class _SettlementQueue:
 _settlements = _SettlementQueue()
 
 
-def flush(timeout: Optional[float] = None) -> bool:
+def flush(timeout: float | None = None) -> bool:
     """Wait for pending settlement retries, running them on the calling thread.
 
     Returns True when nothing is pending; False when ``timeout`` seconds passed
@@ -5565,6 +5623,15 @@ def flush(timeout: Optional[float] = None) -> bool:
     Call it before a serverless handler returns.  Never starts a thread.
     """
     return _settlements.flush(timeout)
+
+
+async def aflush(timeout: float | None = None) -> bool:
+    """``flush(timeout)`` for async code: the same drain, on the event loop's default
+    executor, so the loop keeps running.  Cancelling it stops the waiting only: the
+    drain on the executor thread still ends by ``timeout``."""
+    import asyncio
+
+    return await asyncio.get_running_loop().run_in_executor(None, _settlements.flush, timeout)
 
 
 # -- journal replay --------------------------------------------------------------
@@ -5628,10 +5695,10 @@ def _replay_on_first_use(client: Any) -> None:
     """Start replaying ``client``'s journal in the background, once per process and identity.
 
     Called when a guarded call (decorator, guard or stream) first uses ``client``.
-    Never waits for the network: the surviving records are settled on the
-    settlement worker.  Sync clients scan the journal directory on the calling
-    thread (a directory listing); async clients scan on their I/O executor, off
-    the event loop.  Never raises.
+    Never delays that call: the journal (key derivation, directory, scan,
+    quarantine) is read on a one-shot daemon thread, for sync and async clients
+    alike, and the surviving records are settled on the settlement worker.
+    Never raises.
     """
     if client in _clients_seen:
         return
@@ -5644,35 +5711,33 @@ def _replay_on_first_use(client: Any) -> None:
     # Only records written before now are adopted: later ones belong to settlements
     # of this process that are still running (the async scan runs concurrently).
     first_use_ms = _wall_clock_ms()
-    if isinstance(client, AsyncCyclesClient):
-        with contextlib.suppress(RuntimeError):  # a closed client: a later process replays
-            client._io_executor().submit(_replay_in_background, client, first_use_ms)
-    else:
-        _replay_in_background(client, first_use_ms)
+    _settlements.start_scan(functools.partial(_replay_in_background, client, first_use_ms))
 
 
 def _replay_in_background(client: Any, first_use_ms: int) -> None:
+    """Queue this identity's surviving records, at most ``replay_room()`` of them."""
     try:
         journal = _journal_for(client._config)
         if journal is None or not _claim_replay(journal):
             return
         records, _quarantined = _scan_journal(journal)
         earlier = [r for r in records if r.recorded_at_ms < first_use_ms]
-        jobs = _replay_jobs(client, _not_queued(earlier))
-        for job in jobs:
-            if not _settlements.submit(job):
-                _log.warning(
-                    "settlement queue full: journal record left for a later replay:"
-                    " reservation_id=%s",
-                    job.record.reservation_id,
-                )
-        if jobs:
+        records = _not_queued(earlier)
+        room = _settlements.replay_room()
+        queued = sum(1 for job in _replay_jobs(client, records[:room]) if _settlements.submit(job))
+        if queued:
             _log.info(
                 "replaying %d journaled settlement(s) in the background from %s",
-                len(jobs),
+                queued,
                 journal.directory,
             )
-    except Exception:  # a replay problem must never break the guarded call
+        if queued < len(records):
+            _log.warning(
+                "replay: %d journaled settlement(s) left journaled for recover() or the next"
+                " process (the settlement queue keeps room for live retries)",
+                len(records) - queued,
+            )
+    except Exception:  # a replay problem must never break a guarded call
         _log.exception("commit journal replay failed")
 
 
@@ -5710,7 +5775,7 @@ def _replay_jobs(client: Any, records: List[_PendingSettlement]) -> List[_Settle
     return jobs
 
 
-def _recover(client: Any, timeout: Optional[float]) -> RecoverySummary:
+def _recover(client: Any, timeout: float | None) -> RecoverySummary:
     """``client.recover()``: replay the journal on this thread until done or ``timeout``.
 
     No attempt starts after the deadline; one already running ends by its own
@@ -5741,7 +5806,7 @@ def _recover(client: Any, timeout: Optional[float]) -> RecoverySummary:
 
 
 def _settle_until(
-    jobs: List[_Settlement], deadline: Optional[float], summary: RecoverySummary
+    jobs: List[_Settlement], deadline: float | None, summary: RecoverySummary
 ) -> None:
     """Run ``jobs`` on this thread in due order; hand what is left at the deadline
     to the background worker (it stays journaled either way)."""
@@ -5766,7 +5831,7 @@ def _settle_until(
         _settlements.submit(job)
 
 
-async def _recover_async(client: Any, timeout: Optional[float]) -> RecoverySummary:
+async def _recover_async(client: Any, timeout: float | None) -> RecoverySummary:
     """``AsyncCyclesClient.recover()``: the same replay, on the client's I/O executor."""
     import asyncio
 
@@ -5779,9 +5844,9 @@ async def _recover_async(client: Any, timeout: Optional[float]) -> RecoverySumma
 # ===========================================================================
 
 _defaults_lock = threading.Lock()
-_default_client: Optional[CyclesClient] = None
-_default_async_client: Optional[AsyncCyclesClient] = None
-_default_config: Optional[CyclesConfig] = None
+_default_client: CyclesClient | None = None
+_default_async_client: AsyncCyclesClient | None = None
+_default_config: CyclesConfig | None = None
 _config_clients: Dict[bool, Any] = {}  # clients made from _default_config, by is_async
 
 
@@ -6020,11 +6085,11 @@ def _sync_guarded(fn: Callable[..., Any], spec: _CyclesSpec, explicit: Any) -> C
         client = _resolve_client(explicit, is_async=False)
         body = spec.create_body(client._config, args, kwargs)
         if spec.dry_run:
-            return _drive(client._send, _dry_run_steps(body))
+            return _drive(client._call, _dry_run_steps(body))
         with _SyncFace(client, body, None) as guard:
             result = fn(*args, **kwargs)
             _reject_awaitable(result)
-            _drive(client._send, _settle_call_steps(spec, guard, result))
+            _drive(client._call, _settle_call_steps(spec, guard, result))
         return result
 
     return guarded
@@ -6049,44 +6114,6 @@ def _async_guarded(fn: Callable[..., Any], spec: _CyclesSpec, explicit: Any) -> 
 # CLI
 # ===========================================================================
 
-def _cli_add_recover(commands: Any, common: Any) -> None:
-    """The ``recover`` subcommand (wired into ``_cli_parser``)."""
-    recover = commands.add_parser(
-        "recover",
-        parents=[common],
-        help="settle what the commit journal still holds (after a crash or an outage)",
-    )
-    recover.add_argument(
-        "--timeout",
-        type=float,
-        default=30.0,
-        metavar="S",
-        help="give up after S seconds; what is left stays journaled (default: 30)",
-    )
-    recover.set_defaults(run=_cli_recover)
-
-
-def _cli_recover(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
-    """Exit 0 when the journal holds nothing unresolved afterwards, 1 when records remain
-    (or were quarantined), 2 when the journal is disabled or unusable."""
-    journal = _journal_for(config)
-    directory = journal.directory if journal is not None else None
-    if directory is None:
-        _cli_error("the commit journal is disabled or not writable (CYCLES_JOURNAL_DIR)")
-        return EXIT_USAGE
-    # What is left stays journaled for the next run: do not wait for it again at exit.
-    bounded = dataclasses.replace(config, retry_flush_timeout=0.0)
-    with CyclesClient(bounded) as recovering:
-        summary = _recover(recovering, args.timeout)
-    counts = dataclasses.asdict(summary)
-    if args.json:
-        _cli_json(dict(counts, journal=directory))
-    else:
-        print(f"journal: {directory}")
-        _cli_table(["result", "records"], [[name, str(value)] for name, value in counts.items()])
-    return EXIT_OK if summary.unresolved == 0 and summary.quarantined == 0 else EXIT_API_ERROR
-
-
 EXIT_OK = 0
 EXIT_API_ERROR = 1  # the server answered with an error or a denial
 EXIT_USAGE = 2  # bad arguments or configuration
@@ -6096,14 +6123,15 @@ _CLI_EPILOG = """\
 configuration comes from the environment:
   CYCLES_BASE_URL (required), CYCLES_API_KEY and/or CYCLES_ADMIN_API_KEY,
   CYCLES_TENANT (default subject filter), CYCLES_CONNECT_TIMEOUT, CYCLES_READ_TIMEOUT,
-  CYCLES_REQUEST_TIMEOUT, CYCLES_CA_BUNDLE, CYCLES_PROXY, ...
+  CYCLES_REQUEST_TIMEOUT, CYCLES_CA_BUNDLE, CYCLES_PROXY, CYCLES_JOURNAL_DIR (recover), ...
 
 exit codes: 0 ok, 1 API error or denial, 2 usage or configuration error, 3 transport error
 """
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m cycles_lite``: check, balances, reservations, reservation ID, release ID."""
+    """``python -m cycles_lite``: check, balances, reservations, reservation ID, release ID,
+    recover (settle what the commit journal holds)."""
     import argparse
 
     parser = _cli_parser(argparse)
@@ -6134,8 +6162,8 @@ def _cli_parser(argparse: Any) -> Any:
     )
     parser = argparse.ArgumentParser(
         prog="python -m cycles_lite",
-        description="Inspect a Cycles server (connectivity, balances, reservations)"
-        " and release stuck reservations.",
+        description="Inspect a Cycles server (connectivity, balances, reservations),"
+        " release stuck reservations and settle what the commit journal holds.",
         epilog=_CLI_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -6188,7 +6216,20 @@ def _cli_parser(argparse: Any) -> Any:
     release.add_argument("--idempotency-key", help="default: a fresh key")
     release.add_argument("--admin", action="store_true", help="use CYCLES_ADMIN_API_KEY")
     release.set_defaults(run=_cli_release)
-    _cli_add_recover(commands, common)
+
+    recover = commands.add_parser(
+        "recover",
+        parents=[common],
+        help="settle what the commit journal still holds (after a crash or an outage)",
+    )
+    recover.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="give up after S seconds; what is left stays journaled (default: 30)",
+    )
+    recover.set_defaults(run=_cli_recover)
     return parser
 
 
@@ -6206,7 +6247,7 @@ def _cli_failed(response: CyclesResponse, what: str, print_body: bool) -> int:
     if response.is_transport_error:
         _cli_error(f"{what}: no answer from the server: {response.error_message}")
         return EXIT_TRANSPORT
-    code = _str_or_none(response.get_body_attribute("error"))
+    code = _error_code(response)
     code_text = " " + code if code else ""
     detail = f"HTTP {response.status}{code_text}: {response.error_message}"
     if response.request_id:
@@ -6413,6 +6454,27 @@ def _cli_release(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
         released = _cli_amount(body.get("released"), with_unit=True) or "nothing"
         print(f"released {released} from {_cli_cell(args.reservation_id)}")
     return EXIT_OK
+
+
+def _cli_recover(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
+    """Exit 0 when the journal holds nothing unresolved afterwards, 1 when records remain
+    (or were quarantined), 2 when the journal is disabled or unusable."""
+    journal = _journal_for(config)
+    directory = journal.directory if journal is not None else None
+    if directory is None:
+        _cli_error("the commit journal is disabled or not writable (CYCLES_JOURNAL_DIR)")
+        return EXIT_USAGE
+    # What is left stays journaled for the next run: do not wait for it again at exit.
+    bounded = dataclasses.replace(config, retry_flush_timeout=0.0)
+    with CyclesClient(bounded) as recovering:
+        summary = _recover(recovering, args.timeout)
+    counts = dataclasses.asdict(summary)
+    if args.json:
+        _cli_json(dict(counts, journal=directory))
+    else:
+        print(f"journal: {directory}")
+        _cli_table(["result", "records"], [[name, str(value)] for name, value in counts.items()])
+    return EXIT_OK if summary.unresolved == 0 and summary.quarantined == 0 else EXIT_API_ERROR
 
 
 if __name__ == "__main__":

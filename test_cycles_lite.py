@@ -1,3 +1,5 @@
+# Copyright 2026 the cycles-lite authors.
+# Licensed under the Apache License, Version 2.0.
 """Tests of the cycles_lite client core against a real LocalCyclesServer over HTTP(S).
 
 Run with ``python3 -W error -m unittest test_cycles_lite`` (or pytest).  Test
@@ -70,11 +72,6 @@ from cycles_lite_server import (
     LocalCyclesServer,
 )
 
-# Copyright 2026 the cycles-lite authors.
-# Licensed under the Apache License, Version 2.0.
-
-
-
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # A Python with runcycles 0.5.3 installed, for the on-disk journal compatibility tests
@@ -108,6 +105,7 @@ EXTRA_NAMES = {
     "AsyncReservationGuard",
     "RecoverySummary",
     "flush",
+    "aflush",
 }
 
 ERROR_STATUS = {
@@ -326,6 +324,53 @@ class TestModels(unittest.TestCase):
             CommitRequest.model_validate({"idempotency_key": "k", "actual": None, "bogus": 1})
         with self.assertRaises(ValueError):
             ReservationCreateResponse.model_validate(["not", "a", "dict"])
+
+    def test_a_malformed_optional_response_field_is_kept_in_extra(self) -> None:
+        # Review bug 2: one bad optional field must not make a usable answer unreadable.
+        body = {
+            "decision": "ALLOW",
+            "affected_scopes": ["tenant:acme"],
+            "reservation_id": "r1",
+            "caps": {"max_tokens": -1, "cooldown_ms": 5},
+            "cycles_evidence": {"evidence_id": "nothex", "cycles_evidence_url": "https://e/x"},
+        }
+        parsed = ReservationCreateResponse.model_validate(body)
+        self.assertEqual(parsed.reservation_id, "r1")
+        self.assertIsNone(parsed.cycles_evidence)
+        self.assertEqual(parsed.extra["cycles_evidence"], body["cycles_evidence"])
+        self.assertEqual(parsed.caps.cooldown_ms, 5)  # type: ignore[union-attr]
+        self.assertIsNone(parsed.caps.max_tokens)  # type: ignore[union-attr]
+        self.assertEqual(parsed.caps.extra, {"max_tokens": -1})  # type: ignore[union-attr]
+        with self.assertRaisesRegex(ValueError, r"^affected_scopes: must be a list"):
+            ReservationCreateResponse.model_validate(dict(body, affected_scopes="x"))
+        with self.assertRaisesRegex(ValueError, r"^caps\.max_tokens: "):  # requests stay strict
+            ReservationCreateResponse(decision="ALLOW", affected_scopes=[], caps={"max_tokens": -1})
+
+    def test_free_form_objects_must_be_json(self) -> None:
+        # Review bug 4: the models, not the lifecycle, refuse what JSON cannot carry.
+        actual = Amount(unit="TOKENS", amount=1)
+        cases: List[Any] = [
+            ({"x": float("nan")}, r"^metadata\['x'\]: must be a finite number"),
+            ({"x": [1, {"y": float("inf")}]}, r"^metadata\['x'\]\[1\]\['y'\]: must be a finite"),
+            ({"x": object()}, r"^metadata\['x'\]: must be a JSON value"),
+            ({"x": {1: "a"}}, r"^metadata\['x'\]: must be a dict with string keys"),
+            ({"x": b"bytes"}, r"^metadata\['x'\]: must be a JSON value"),
+        ]
+        for metadata, pattern in cases:
+            with self.subTest(pattern=pattern), self.assertRaisesRegex(ValueError, pattern):
+                CommitRequest(idempotency_key="k", actual=actual, metadata=metadata)
+        loop: Dict[str, Any] = {}
+        loop["self"] = loop
+        with self.assertRaisesRegex(ValueError, r"^metadata\['self'\]: .*circular"):
+            CommitRequest(idempotency_key="k", actual=actual, metadata=loop)
+        with self.assertRaisesRegex(ValueError, r"^custom\['x'\]: must be a finite number"):
+            CyclesMetrics(custom={"x": float("nan")})
+        with self.assertRaisesRegex(ValueError, r"^metrics\.custom\['x'\]: must be a JSON value"):
+            CommitRequest(idempotency_key="k", actual=actual, metrics={"custom": {"x": {1, 2}}})
+        fine = {"s": "t", "i": 1, "f": 1.5, "b": True, "n": None, "l": [1, "a"], "t": (1, 2)}
+        self.assertEqual(
+            CommitRequest(idempotency_key="k", actual=actual, metadata=fine).metadata, fine
+        )
 
     def test_enums_error_codes_and_helpers(self) -> None:
         spec_codes = set(ERROR_STATUS)
@@ -791,8 +836,10 @@ class EndpointTests:
                 "create_reservation",
                 CommitRequest(idempotency_key="k", actual=Amount(unit="TOKENS", amount=1)),
             )
-        with self.assertRaises(ValueError):
+        with self.assertRaisesRegex(ValueError, r"^body\['metadata'\]\['x'\]: must be a finite"):
             self.call("create_reservation", dict(body, metadata={"x": float("nan")}))
+        with self.assertRaisesRegex(ValueError, r"^body\['metadata'\]\['x'\]: must be a JSON"):
+            self.call("create_reservation", dict(body, metadata={"x": object()}))
         self.assertEqual(len(self.srv.requests), count)
 
     def test_invalid_input_raises_before_sending(self) -> None:
@@ -1142,6 +1189,27 @@ class TestAsyncClient(ServerTestCase, EndpointTests):
 
         self.assertLess(self.run_async(scenario()), 0.3)
 
+    def test_attempt_deadline_counts_from_submission(self) -> None:
+        # Review bug 7: twice as many calls as I/O threads; the half that waits for a
+        # thread must not get a fresh attempt_timeout when it finally starts.
+        self.srv.inject("balances", "delay", delay_ms=350, times=None)
+        config = self.config(request_timeout=0.4)
+
+        async def timed(client: AsyncCyclesClient) -> float:
+            started = time.monotonic()
+            await client.get_balances(tenant=TENANT)
+            return time.monotonic() - started
+
+        async def scenario() -> List[float]:
+            async with AsyncCyclesClient(config) as client:
+                calls = [timed(client) for _ in range(2 * cl._ASYNC_MAX_WORKERS)]
+                return list(await asyncio.gather(*calls))
+
+        self.assertLess(max(self.run_async(scenario())), 0.4 + 0.15)
+        # The server finishes the abandoned ones later: keep them out of the next test's log.
+        calls = 2 * cl._ASYNC_MAX_WORKERS
+        self.assertTrue(_lc_wait_for(lambda: len(self.srv.requests_for("balances")) == calls))
+
 
 def threads_left(before: Any, wait: float = 2.0) -> List[str]:
     """Names of threads started since ``before`` that are still alive after ``wait`` seconds."""
@@ -1251,21 +1319,10 @@ class TestTransport(ServerTestCase):
     def test_explicit_deadline_through_the_send_seam(self) -> None:
         client = self.client()
         self.srv.inject("balances", "delay", delay_ms=500)
-        response = client._send(
-            "balances",
-            "GET",
-            "/v1/balances",
-            query={"tenant": TENANT},
-            deadline=time.monotonic() + 0.1,
-        )
+        balances = cl._Call("balances", "GET", "/v1/balances", query={"tenant": TENANT})
+        response = client._call(balances, deadline=time.monotonic() + 0.1)
         self.assertTrue(response.is_transport_error)
-        past = client._send(
-            "balances",
-            "GET",
-            "/v1/balances",
-            query={"tenant": TENANT},
-            deadline=time.monotonic() - 1,
-        )
+        past = client._call(balances, deadline=time.monotonic() - 1)
         self.assertIn("deadline", past.error_message)
 
     def test_no_socket_leaks(self) -> None:
@@ -1794,10 +1851,6 @@ class TestDropIn(ServerTestCase):
         self.assertEqual(lines[1:], ["-1", "0", "acme"])
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 # =============================================================================
 # The pure decision core: settlement outcomes, backoff, Retry-After, heartbeat plan, journal
 # =============================================================================
@@ -2069,7 +2122,7 @@ class RetryAfterTest(unittest.TestCase):
 
     def test_uncapped_for_the_heartbeat(self) -> None:
         self.assertEqual(cl._parse_retry_after_ms("3601", cap_ms=None), 3_601_000)
-        limit = cl._INT64_MAX // 1000
+        limit = cl.INT64_MAX // 1000
         self.assertEqual(cl._parse_retry_after_ms(str(limit), cap_ms=None), limit * 1000)
         self.assertIsNone(cl._parse_retry_after_ms(str(limit + 1), cap_ms=None))
 
@@ -2640,6 +2693,12 @@ class FingerprintTest(JournalTestBase):
         self.assertEqual(ours, expected)
 
 
+def legacy_journal_filename(reservation_id: str) -> str:
+    """runcycles' pre-v2 record name: code points outside ASCII [A-Za-z0-9_-] become '_'."""
+    allowed = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
+    return "".join(c if c in allowed else "_" for c in reservation_id) + ".json"
+
+
 class FilenameTest(unittest.TestCase):
     def test_v2_name_is_sha256_of_exact_utf8(self) -> None:
         for rid in ("res-1", "a/b", "a_b", "caf\u00e9", "cafe\u0301", "../../etc", "x" * 128):
@@ -2651,10 +2710,12 @@ class FilenameTest(unittest.TestCase):
         self.assertEqual(len(names), 5)
 
     def test_legacy_names_collide_as_before(self) -> None:
-        self.assertEqual(cl._legacy_journal_filename("a/b"), "a_b.json")
-        self.assertEqual(cl._legacy_journal_filename("a_b"), "a_b.json")
-        self.assertEqual(cl._legacy_journal_filename("caf\u00e9-1"), "caf_-1.json")
-        self.assertEqual(cl._legacy_journal_filename("\u0661x"), "_x.json")
+        # The client never computes legacy names any more (load_pending migrates any
+        # misnamed record); the fixture that writes them must match runcycles' scheme.
+        self.assertEqual(legacy_journal_filename("a/b"), "a_b.json")
+        self.assertEqual(legacy_journal_filename("a_b"), "a_b.json")
+        self.assertEqual(legacy_journal_filename("caf\u00e9-1"), "caf_-1.json")
+        self.assertEqual(legacy_journal_filename("\u0661x"), "_x.json")
 
     @unittest.skipUnless(HAVE_RUNCYCLES, "runcycles venv not available")
     def test_names_equal_runcycles(self) -> None:
@@ -2666,7 +2727,7 @@ class FilenameTest(unittest.TestCase):
             "print(json.dumps([[j._safe_filename(i), j._legacy_filename(i)] for i in ids]))\n"
         )
         expected = run_runcycles(script, ids)
-        ours = [[cl._journal_filename(i), cl._legacy_journal_filename(i)] for i in ids]
+        ours = [[cl._journal_filename(i), legacy_journal_filename(i)] for i in ids]
         self.assertEqual(ours, expected)
 
 
@@ -2863,6 +2924,14 @@ class JournalWriteTest(JournalTestBase):
         self.assertNotIn("SECRET", repr(j))
         self.assertNotIn("SECRET", repr(vars(j)))
 
+    def test_the_process_wide_journal_cache_holds_no_raw_key(self) -> None:
+        config = CyclesConfig(base_url="http://127.0.0.1:9", api_key="SECRET-key-123",
+                              journal_dir=self.tmp)
+        journal = cl._journal_for(config)
+        self.assertIs(cl._journal_for(dataclasses.replace(config)), journal)
+        self.assertIsNot(cl._journal_for(dataclasses.replace(config, api_key="other")), journal)
+        self.assertNotIn("SECRET", repr(list(cl._journals)))
+
 
 class JournalRemoveTest(JournalTestBase):
     def test_remove_and_already_removed(self) -> None:
@@ -2882,7 +2951,8 @@ class JournalRemoveTest(JournalTestBase):
         self.assertTrue(b.remove("res-1"))
         self.assertEqual(a.pending_count(), 0)
 
-    def test_legacy_file_removed_only_on_exact_id(self) -> None:
+    def test_remove_touches_only_the_v2_name(self) -> None:
+        # A legacy-named file is load_pending's business (it migrates it), not remove's.
         j = self.journal()
         directory = j.directory
         assert directory is not None
@@ -2890,7 +2960,10 @@ class JournalRemoveTest(JournalTestBase):
         self.assertTrue(j.remove("x_y"))  # collides by legacy name, different id
         self.assertIn("x_y.json", self.files(directory))
         self.assertTrue(j.remove("x/y"))
-        self.assertNotIn("x_y.json", self.files(directory))
+        self.assertIn("x_y.json", self.files(directory))
+        with self.assertLogs("cycles_lite", "INFO"):
+            self.assertEqual([r.reservation_id for r in j.load_pending()], ["x/y"])
+        self.assertEqual(self.files(directory), [cl._journal_filename("x/y")])
 
     def test_remove_failure_is_reported(self) -> None:
         j = self.journal()
@@ -3117,98 +3190,9 @@ class CaptureHandler(logging.Handler):
         self.records.append(record)
 
 
-@unittest.skipUnless(HAVE_RUNCYCLES, "runcycles venv not available")
-class RuncyclesInteropTest(JournalTestBase):
-    """Records cross between runcycles 0.5.3 and this journal in both directions."""
-
-    WRITE_SCRIPT = (
-        "import json,sys\n"
-        "from pathlib import Path\n"
-        "from runcycles import journal as j\n"
-        "a=json.load(sys.stdin)\n"
-        "d=Path(a['root'])/j.auth_fingerprint(a['url'], a['key'], a['tenant'])\n"
-        "jr=j.CommitJournal(d)\n"
-        "for r in a['records']:\n"
-        "    jr.record(j.PendingCommitRecord(**r))\n"
-        "print(json.dumps(str(d)))\n"
-    )
-    LOAD_SCRIPT = (
-        "import json,sys\n"
-        "from pathlib import Path\n"
-        "from runcycles import journal as j\n"
-        "a=json.load(sys.stdin)\n"
-        "d=Path(a['root'])/j.auth_fingerprint(a['url'], a['key'], a['tenant'])\n"
-        "recs=j.CommitJournal(d).load_pending(a['url'])\n"
-        "print(json.dumps([json.loads(r.to_json()) for r in recs]))\n"
-    )
-
-    def fields(self, rec: cl._PendingSettlement) -> Dict[str, Any]:
-        data: Dict[str, Any] = json.loads(rec.to_json())
-        data.pop("version")
-        return data
-
-    def test_runcycles_writes_we_replay(self) -> None:
-        recs = [self.record("res-1"),
-                self.record("caf\u00e9/\u4e2d", mode="event", not_before_ms=NOW)]
-        directory = run_runcycles(self.WRITE_SCRIPT, {
-            "root": self.root, "url": URL, "key": "old-key", "tenant": "acme",
-            "records": [self.fields(r) for r in recs]})
-        # rotated key, same tenant: the same identity directory
-        ours = self.journal(tenant="acme", api_key="new-key")
-        self.assertEqual(ours.directory, directory)
-        loaded = sorted(ours.load_pending(), key=lambda r: r.reservation_id)
-        self.assertEqual(loaded, sorted(recs, key=lambda r: r.reservation_id))
-        for rec in recs:
-            path = ours.record_path(rec.reservation_id)
-            assert path is not None
-            with open(path, encoding="utf-8") as handle:
-                self.assertEqual(handle.read(), rec.to_json())  # byte-identical
-            self.assertTrue(ours.remove(rec.reservation_id))
-        self.assertEqual(ours.pending_count(), 0)
-
-    def test_we_write_runcycles_replays(self) -> None:
-        ours = self.journal(api_key=KEY)
-        recs = [self.record("r-1"), self.record("a/b", mode="event", not_before_ms=NOW)]
-        for rec in recs:
-            self.assertTrue(ours.write(rec))
-        loaded = run_runcycles(self.LOAD_SCRIPT, {
-            "root": self.root, "url": URL, "key": KEY, "tenant": None})
-        self.assertEqual(sorted(loaded, key=lambda d: d["reservation_id"]),
-                         sorted((json.loads(r.to_json()) for r in recs),
-                                key=lambda d: d["reservation_id"]))
-
-    def test_runcycles_legacy_name_is_migrated(self) -> None:
-        ours = self.journal(tenant="acme")
-        directory = ours.directory
-        assert directory is not None
-        script = (
-            "import json,sys\n"
-            "from runcycles import journal as j\n"
-            "a=json.load(sys.stdin)\n"
-            "r=j.PendingCommitRecord(**a['record'])\n"
-            "open(a['dir']+'/'+j._legacy_filename(r.reservation_id),'w').write(r.to_json())\n"
-            "print('null')\n"
-        )
-        rec = self.record("legacy id/1")
-        run_runcycles(script, {"dir": directory, "record": self.fields(rec)})
-        self.assertEqual(self.files(directory), ["legacy_id_1.json"])
-        with self.assertLogs("cycles_lite", "INFO"):
-            self.assertEqual(ours.load_pending(), [rec])
-        self.assertEqual(self.files(directory), [cl._journal_filename("legacy id/1")])
-
-
-if __name__ == "__main__":
-    unittest.main()
-
-
 # =============================================================================
 # Guarded execution: @cycles, guards, streams, heartbeat, settlement, recovery core scenarios
 # =============================================================================
-
-# Copyright 2026 the cycles-lite authors.
-# Licensed under the Apache License, Version 2.0.
-
-
 
 
 _LC_KEY = "key-lc-acme-0123456789"
@@ -3575,6 +3559,16 @@ class _LcDecoratorCases(_LcCase):
                 self.assertEqual(self.ops()[-1], "commit")
         self.assert_settled_once(5 * len(faults))
 
+    def test_create_answer_with_a_malformed_optional_field_still_settles(self) -> None:
+        # Review bug 2: a schema-valid create answer whose optional evidence reference is
+        # malformed used to raise without a release, leaking the reservation until its TTL.
+        bad_ref = {"evidence_id": "nothex", "cycles_evidence_url": "https://e.example/x"}
+        self.srv.inject("create", "nonconformant", set_fields={"cycles_evidence": bad_ref})
+        self.assertEqual(self.call(lambda: "ran", estimate=10, actual=4), "ran")
+        self.assertEqual(self.ops(), ["create", "commit"])
+        self.assertEqual(self.status_of(), "COMMITTED")
+        self.assert_settled_once(4)
+
     def test_create_failing_twice_raises_and_never_runs_the_function(self) -> None:
         called = []
         self.srv.inject("create", "status", status=503, times=2)
@@ -3867,6 +3861,21 @@ class _LcGuardCases(_LcCase):
         self.assertEqual(self.ops(), ["create", "release"])
         self.assertEqual(self.body_of("release")["reason"], "not_needed")
         self.assert_settled_once(0)
+
+    def test_a_rejected_commit_argument_commits_the_estimate_not_a_release(self) -> None:
+        # Review bug 6: the work happened once commit() is called; a bad argument must
+        # not turn the exit into a release.
+        async def scenario() -> None:
+            async with self.reserve(300) as r:
+                await r.commit(20, metrics={"tokens_input": -1})
+
+        with self.assertRaisesRegex(ValueError, r"^metrics\.tokens_input: "):
+            self.drive(scenario())
+        self.assertEqual(self.ops(), ["create", "commit"])
+        commit = self.body_of("commit")
+        self.assertEqual(commit["actual"]["amount"], 300)
+        self.assertEqual(commit["metadata"], {"actual_source": "estimate"})
+        self.assert_settled_once(300)
 
     def test_denial_raises_on_enter(self) -> None:
         self.srv.set_budget(self.scope, _LC_UNIT, allocated=10)
@@ -4194,8 +4203,8 @@ class _LcHeartbeatCases(_LcCase):
         self.assertIsNone(seen["ctx"].heartbeat_error)
         self.assertEqual(len(self.extends()), 1)
         self.assertEqual(self.srv.requests_for("commit")[0].status, 200)
-        if not self.is_async:  # the sync stop waits for the beat in flight
-            self.assertEqual(self.ops(), ["create", "extend", "commit"])
+        # Both stops wait for the beat in flight (review bug 5: the async one did not).
+        self.assertEqual(self.ops(), ["create", "extend", "commit"])
 
     def test_one_timer_thread_at_most_per_reservation(self) -> None:
         if self.is_async:
@@ -4384,6 +4393,50 @@ class _LcSettlementCases(_LcCase):
         self.assertIn("auth_failed", "\n".join(logs.output))
         self.srv.clock.advance(70_000)
 
+    def test_an_interrupt_at_the_heartbeat_stop_still_journals_and_commits(self) -> None:
+        # Review bug 1: Ctrl-C landing in the sync stop's join, or a cancel while the async
+        # stop waits, used to lose the commit (nothing journaled, sent or queued).
+        journal_dir = tempfile.mkdtemp(prefix="lc-journal-")
+        self.addCleanup(shutil.rmtree, journal_dir, True)
+        client = self.new_client(journal_enabled=True, journal_dir=journal_dir)
+        interrupt: Any = asyncio.CancelledError if self.is_async else KeyboardInterrupt
+        name = "_perform_effect_async" if self.is_async else "_perform_effect"
+        real_perform = getattr(cl, name)
+        fired: List[bool] = []
+
+        def interrupt_after_stop(effect: Any) -> None:
+            if isinstance(effect, cl._StopHeartbeat) and not fired:
+                fired.append(True)
+                raise interrupt()
+
+        async def perform_async(*args: Any) -> Any:
+            result = await real_perform(*args)
+            interrupt_after_stop(args[1])
+            return result
+
+        def perform(*args: Any) -> Any:
+            result = real_perform(*args)
+            interrupt_after_stop(args[1])
+            return result
+
+        written: List[str] = []
+        real_write = cl._CommitJournal.write
+
+        def write(journal: Any, record: Any) -> bool:
+            written.append(record.reservation_id)
+            return bool(real_write(journal, record))
+
+        with mock.patch.object(cl, name, perform_async if self.is_async else perform), \
+                mock.patch.object(cl._CommitJournal, "write", write):
+            with self.assertRaises(interrupt):
+                self.call(lambda: "ok", estimate=10, actual=4, client=client)
+            self.assertTrue(cl.flush(5))
+        self.assertEqual(fired, [True])
+        self.assertEqual(written, [self.reservation_id()])
+        self.assertEqual(self.ops(), ["create", "commit"])
+        self.assert_settled_once(4)
+        self.assertEqual([n for _, _, names in os.walk(journal_dir) for n in names], [])
+
     def test_many_concurrent_calls_settle_exactly_once(self) -> None:
         self.srv.inject("commit", "lost_response", times=4)
         self.srv.inject("commit", "status", status=503, times=4)
@@ -4463,6 +4516,31 @@ class TestSettlementAtExit(_LcSyncMode, _LcCase, unittest.TestCase):
 
 
 class TestSettlementAsync(_LcAsyncMode, _LcSettlementCases, unittest.TestCase):
+    def test_aflush_drains_pending_retries_without_blocking_the_loop(self) -> None:
+        client = self.new_client(retry_initial_delay=0.3, retry_max_delay=0.3)
+        self.srv.inject("commit", "status", status=503)
+        guarded = cl.cycles(estimate=10, actual=3, client=client)(self._nothing)
+
+        async def scenario() -> Tuple[bool, bool, int]:
+            await guarded()
+            ticks = 0
+            flushing = asyncio.ensure_future(cl.aflush(5))
+            while not flushing.done():
+                ticks += 1
+                await asyncio.sleep(0.01)
+            return await cl.aflush(0), flushing.result(), ticks
+
+        empty_afterwards, drained, ticks = asyncio.run(scenario())
+        self.assertTrue(drained)
+        self.assertTrue(empty_afterwards)
+        self.assertGreaterEqual(ticks, 5)  # the loop ran while the retry waited
+        self.assert_one_key("commit", 2)
+        self.assert_settled_once(3)
+
+    @staticmethod
+    async def _nothing() -> None:
+        return None
+
     def test_cancelled_call_hands_its_commit_to_the_worker(self) -> None:
         self.srv.inject("commit", "delay", delay_ms=400)
         self.srv.inject("commit", "lost_response")
@@ -4637,10 +4715,6 @@ class TestRecoveryCore(_LcCase, unittest.TestCase):
             self.assert_settled_once(0)
 
         self.both_modes(scenario)
-
-
-if __name__ == "__main__":
-    unittest.main()
 
 
 # =============================================================================
@@ -5274,12 +5348,16 @@ class TestRecoveryDurable(_DurCase):
             sorted(_dur_v2_name(r) for r in ("res/b", "res/c", "res:c", "res:d")),
         )
 
-        # remove() never deletes a legacy file holding a different id.
+        # remove() never deletes a legacy file holding a different id; it touches only v2
+        # names, and the next scan migrates a legacy file holding the exact id.
         kept = legacy("res_e.json", "res/e")
         journal.remove("res:e")
         self.assertTrue(os.path.exists(kept), "a colliding legacy record is never deleted")
         journal.remove("res/e")
-        self.assertFalse(os.path.exists(kept), "a legacy record with the exact id is removed")
+        self.assertTrue(os.path.exists(kept), "remove() leaves legacy names to the scan")
+        self.assertIn("res/e", [r.reservation_id for r in journal.load_pending()])
+        self.assertFalse(os.path.exists(kept), "a legacy record with the exact id is migrated")
+        self.assertTrue(os.path.exists(os.path.join(directory, _dur_v2_name("res/e"))))
 
 
 class TestJournalRules(_DurCase):
@@ -5717,7 +5795,7 @@ class TestRecoveryReplay(_DurCase):
 
         with mock.patch.object(cycles_lite._CommitJournal, "load_pending", spy):
             loop_thread = asyncio.run(first_use())
-            # the scan runs on the client's executor; then the worker settles the record
+            # the scan runs on a one-shot replay thread; then the worker settles the record
             _dur_wait(lambda: cycles_lite.flush(0.1) and not _dur_records(self.journal_root),
                       10.0, "the background replay")
         self.assertEqual(len(scans), 1, "one replay per process and identity")
@@ -5727,6 +5805,75 @@ class TestRecoveryReplay(_DurCase):
                   ["idempotency_key"] and r.status == 200]
         self.assertEqual(len(replay), 1)
         self.assertEqual(self.srv.reservation(record["reservation_id"])["status"], "COMMITTED")
+
+    def guarded_work(self, client: Any) -> Callable[[], str]:
+        return cycles(  # type: ignore[no-any-return]
+            estimate=_DUR_ESTIMATE, actual=_DUR_ACTUAL, action_kind="llm.completion",
+            action_name="durable-test", client=client,
+        )(lambda: "done")
+
+    def test_sync_first_use_never_waits_for_the_journal_scan(self) -> None:
+        # Review bug 3: the sync client scanned the journal on the caller's thread.
+        _path, record = self.leave_unresolved_commit()
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        scans: List[threading.Thread] = []
+        real_load = cycles_lite._CommitJournal.load_pending
+
+        def held_scan(journal: Any) -> Any:
+            scans.append(threading.current_thread())
+            gate.wait(3)
+            return real_load(journal)
+
+        work = self.guarded_work(self.client())
+        with mock.patch.object(cycles_lite._CommitJournal, "load_pending", held_scan):
+            started = time.monotonic()
+            self.assertEqual(work(), "done")
+            elapsed = time.monotonic() - started
+            _dur_wait(lambda: scans, 5.0, "the journal scan")
+            self.assertFalse(cycles_lite.flush(0.05), "flush waits for a running scan")
+            gate.set()
+            _dur_wait(lambda: cycles_lite.flush(0.1) and not _dur_records(self.journal_root),
+                      10.0, "the background replay")
+        self.assertLess(elapsed, 1.0, "the first guarded call waited for the journal scan")
+        self.assertIsNot(scans[0], threading.current_thread())
+        self.assertEqual(self.srv.reservation(record["reservation_id"])["status"], "COMMITTED")
+
+    def test_replay_takes_at_most_half_the_queue_and_leaves_the_rest_journaled(self) -> None:
+        # Review bug 3: a big journal filled the shared queue, so live retries fell back to
+        # inline and every leftover record logged a warning.
+        queue = cycles_lite._SettlementQueue(capacity=8)
+        self.addCleanup(setattr, cycles_lite, "_settlements", cycles_lite._settlements)
+        cycles_lite._settlements = queue
+        journal = cycles_lite._CommitJournal(
+            self.journal_root, self.srv.url, tenant=_DUR_TENANT, api_key=_DUR_KEY
+        )
+        now_ms = int(time.time() * 1000)
+        for i in range(20):
+            journal.write(cycles_lite._PendingSettlement(
+                reservation_id=f"res-old-{i}", base_url=self.srv.url,
+                commit_body={"idempotency_key": f"old-{i}",
+                             "actual": {"unit": "USD_MICROCENTS", "amount": 1}},
+                recorded_at_ms=now_ms - 1_000, not_before_ms=now_ms + 60_000,
+            ))
+        work = self.guarded_work(self.client(retry_initial_delay=0.5, retry_max_delay=0.5))
+        with self.assertLogs("cycles_lite", "INFO") as logs:
+            work()  # first use: the replay takes its share of the queue (due in a minute)
+            _dur_wait(lambda: queue.pending() == 4, 5.0, "the replay")
+            self.srv.inject("commit", "status", status=503)
+            work()  # its commit retry still finds room in the queue: not inline
+            self.assertEqual(len(self.srv.requests_for("commit")), 2)
+            _dur_wait(lambda: len(self.srv.requests_for("commit")) == 3, 5.0, "the retry")
+        with queue._cond:  # drop the parked replays so the worker exits
+            queue._heap.clear()
+            queue._cond.notify_all()
+        output = "\n".join(logs.output)
+        self.assertNotIn("queue full", output)
+        self.assertEqual(output.count("left journaled"), 1, output)
+        self.assertIn("16 journaled settlement(s) left journaled", output)
+        _dur_wait(lambda: len(_dur_records(self.journal_root)) == 20, 5.0, "the live commit")
+        self.assertEqual({r["reservation_id"] for r in _dur_records(self.journal_root).values()},
+                         {f"res-old-{i}" for i in range(20)})
 
     def test_cli_recover(self) -> None:
         _path, record = self.leave_unresolved_commit()
@@ -5776,8 +5923,89 @@ class TestRecoveryReplay(_DurCase):
 
 
 @unittest.skipUnless(os.path.exists(_DUR_RUNCYCLES_PYTHON), "runcycles venv not available")
-class TestRuncyclesJournalCompatibility(_DurCase):
-    """Records cross between runcycles 0.5.3 and cycles_lite in both directions."""
+class TestRuncyclesJournalCompatibility(_DurCase, JournalTestBase):
+    """Records cross between runcycles 0.5.3 and cycles_lite in both directions: the
+    files themselves (directory, name, bytes, legacy names), and end to end through a
+    guarded call and a replay against the local server."""
+
+    def setUp(self) -> None:
+        _DurCase.setUp(self)
+        JournalTestBase.setUp(self)
+
+    WRITE_SCRIPT = (
+        "import json,sys\n"
+        "from pathlib import Path\n"
+        "from runcycles import journal as j\n"
+        "a=json.load(sys.stdin)\n"
+        "d=Path(a['root'])/j.auth_fingerprint(a['url'], a['key'], a['tenant'])\n"
+        "jr=j.CommitJournal(d)\n"
+        "for r in a['records']:\n"
+        "    jr.record(j.PendingCommitRecord(**r))\n"
+        "print(json.dumps(str(d)))\n"
+    )
+    LOAD_SCRIPT = (
+        "import json,sys\n"
+        "from pathlib import Path\n"
+        "from runcycles import journal as j\n"
+        "a=json.load(sys.stdin)\n"
+        "d=Path(a['root'])/j.auth_fingerprint(a['url'], a['key'], a['tenant'])\n"
+        "recs=j.CommitJournal(d).load_pending(a['url'])\n"
+        "print(json.dumps([json.loads(r.to_json()) for r in recs]))\n"
+    )
+
+    def fields(self, rec: cl._PendingSettlement) -> Dict[str, Any]:
+        data: Dict[str, Any] = json.loads(rec.to_json())
+        data.pop("version")
+        return data
+
+    def test_runcycles_writes_we_replay(self) -> None:
+        recs = [self.record("res-1"),
+                self.record("caf\u00e9/\u4e2d", mode="event", not_before_ms=NOW)]
+        directory = run_runcycles(self.WRITE_SCRIPT, {
+            "root": self.root, "url": URL, "key": "old-key", "tenant": "acme",
+            "records": [self.fields(r) for r in recs]})
+        # rotated key, same tenant: the same identity directory
+        ours = self.journal(tenant="acme", api_key="new-key")
+        self.assertEqual(ours.directory, directory)
+        loaded = sorted(ours.load_pending(), key=lambda r: r.reservation_id)
+        self.assertEqual(loaded, sorted(recs, key=lambda r: r.reservation_id))
+        for rec in recs:
+            path = ours.record_path(rec.reservation_id)
+            assert path is not None
+            with open(path, encoding="utf-8") as handle:
+                self.assertEqual(handle.read(), rec.to_json())  # byte-identical
+            self.assertTrue(ours.remove(rec.reservation_id))
+        self.assertEqual(ours.pending_count(), 0)
+
+    def test_we_write_runcycles_replays(self) -> None:
+        ours = self.journal(api_key=KEY)
+        recs = [self.record("r-1"), self.record("a/b", mode="event", not_before_ms=NOW)]
+        for rec in recs:
+            self.assertTrue(ours.write(rec))
+        loaded = run_runcycles(self.LOAD_SCRIPT, {
+            "root": self.root, "url": URL, "key": KEY, "tenant": None})
+        self.assertEqual(sorted(loaded, key=lambda d: d["reservation_id"]),
+                         sorted((json.loads(r.to_json()) for r in recs),
+                                key=lambda d: d["reservation_id"]))
+
+    def test_runcycles_legacy_name_is_migrated(self) -> None:
+        ours = self.journal(tenant="acme")
+        directory = ours.directory
+        assert directory is not None
+        script = (
+            "import json,sys\n"
+            "from runcycles import journal as j\n"
+            "a=json.load(sys.stdin)\n"
+            "r=j.PendingCommitRecord(**a['record'])\n"
+            "open(a['dir']+'/'+j._legacy_filename(r.reservation_id),'w').write(r.to_json())\n"
+            "print('null')\n"
+        )
+        rec = self.record("legacy id/1")
+        run_runcycles(script, {"dir": directory, "record": self.fields(rec)})
+        self.assertEqual(self.files(directory), ["legacy_id_1.json"])
+        with self.assertLogs("cycles_lite", "INFO"):
+            self.assertEqual(ours.load_pending(), [rec])
+        self.assertEqual(self.files(directory), [cl._journal_filename("legacy id/1")])
 
     def runcycles(self, script: str, *args: Any) -> Any:
         done = subprocess.run(
