@@ -1983,7 +1983,7 @@ OUTCOME_TABLE = [
 ]
 
 
-class OutcomeTableTest(unittest.TestCase):
+class TestSettlementOutcomeTable(unittest.TestCase):
     def test_every_row(self) -> None:
         for op, status, code, valid, disposition, reason in OUTCOME_TABLE:
             with self.subTest(op=op, status=status, code=code, valid=valid):
@@ -2059,7 +2059,7 @@ class OutcomeTableTest(unittest.TestCase):
         self.assertEqual(json.dumps(D.RETRY), '"retry"')
 
 
-class BackoffTest(unittest.TestCase):
+class TestBackoff(unittest.TestCase):
     policy = cl._RetryPolicy(max_attempts=10, initial_delay_ms=500, multiplier=2.0,
                              max_delay_ms=30_000)
 
@@ -2107,7 +2107,7 @@ class BackoffTest(unittest.TestCase):
                 cl._RetryPolicy(**kwargs)
 
 
-class RetryAfterTest(unittest.TestCase):
+class TestRetryAfter(unittest.TestCase):
     def test_cases(self) -> None:
         cases = [
             (None, None), ("", None), ("   ", None), ("0", 0), ("5", 5000), (" 7 ", 7000),
@@ -2127,7 +2127,7 @@ class RetryAfterTest(unittest.TestCase):
         self.assertIsNone(cl._parse_retry_after_ms(str(limit + 1), cap_ms=None))
 
 
-class RecordAfterStepTest(unittest.TestCase):
+class TestRecordAfterStep(unittest.TestCase):
     def record(self, **kw: Any) -> cl._PendingSettlement:
         base: Dict[str, Any] = dict(
             reservation_id="r1", base_url="http://x", commit_body={"idempotency_key": "k"},
@@ -2186,7 +2186,7 @@ class FakeClock:
         return self.now
 
 
-class ClassifyExtendTest(unittest.TestCase):
+class TestClassifyExtend(unittest.TestCase):
     def test_table(self) -> None:
         rows = [
             (200, None, True, "success"),
@@ -2220,7 +2220,7 @@ class ClassifyExtendTest(unittest.TestCase):
                 self.assertEqual(cl._classify_extend(status, code, valid), kind)
 
 
-class HeartbeatPrimaryTest(unittest.TestCase):
+class TestHeartbeatPlanPrimary(unittest.TestCase):
     def test_spec_worked_example(self) -> None:
         plan = cl._HeartbeatPlan(60_000, 10_000)
         beat = plan.after_success(remaining_ttl_ms=61_500, expires_at_ms=None,
@@ -2484,7 +2484,7 @@ class HeartbeatPrimaryTest(unittest.TestCase):
             plan.after_failure(kind="weird", retry_after_ms=None, now_ms=0.0)
 
 
-class HeartbeatFallbackTest(unittest.TestCase):
+class TestHeartbeatPlanFallback(unittest.TestCase):
     """Servers that never send remaining_ttl_ms (non-normative path)."""
 
     def test_additive_server_cadence(self) -> None:
@@ -2648,7 +2648,7 @@ class JournalTestBase(unittest.TestCase):
         return path
 
 
-class FingerprintTest(JournalTestBase):
+class TestJournalFingerprint(JournalTestBase):
     def test_tenant_principal_is_stable_across_key_rotation(self) -> None:
         a = cl._journal_fingerprint(URL, tenant="acme", api_key="k1")
         b = cl._journal_fingerprint(URL, tenant="acme", api_key="k2")
@@ -2699,7 +2699,7 @@ def legacy_journal_filename(reservation_id: str) -> str:
     return "".join(c if c in allowed else "_" for c in reservation_id) + ".json"
 
 
-class FilenameTest(unittest.TestCase):
+class TestJournalFilename(unittest.TestCase):
     def test_v2_name_is_sha256_of_exact_utf8(self) -> None:
         for rid in ("res-1", "a/b", "a_b", "caf\u00e9", "cafe\u0301", "../../etc", "x" * 128):
             with self.subTest(rid=rid):
@@ -2731,7 +2731,7 @@ class FilenameTest(unittest.TestCase):
         self.assertEqual(ours, expected)
 
 
-class RecordFormatTest(JournalTestBase):
+class TestJournalRecordFormat(JournalTestBase):
     def test_round_trip(self) -> None:
         rec = self.record(not_before_ms=1_700_000_060_000, mode="event")
         self.assertEqual(cl._PendingSettlement.from_json(rec.to_json()), rec)
@@ -2809,7 +2809,7 @@ class RecordFormatTest(JournalTestBase):
         self.assertEqual([r.to_json() for r in recs], run_runcycles(script, payload))
 
 
-class JournalWriteTest(JournalTestBase):
+class TestJournalWrite(JournalTestBase):
     def test_lazy_resolution(self) -> None:
         j = self.journal()
         self.assertFalse(os.path.exists(self.root))
@@ -2933,7 +2933,7 @@ class JournalWriteTest(JournalTestBase):
         self.assertNotIn("SECRET", repr(list(cl._journals)))
 
 
-class JournalRemoveTest(JournalTestBase):
+class TestJournalRemove(JournalTestBase):
     def test_remove_and_already_removed(self) -> None:
         j = self.journal()
         j.write(self.record())
@@ -2974,7 +2974,7 @@ class JournalRemoveTest(JournalTestBase):
         self.assertEqual(j.pending_count(), 1)
 
 
-class JournalLoadTest(JournalTestBase):
+class TestJournalLoad(JournalTestBase):
     def test_quarantine_corrupt_and_unsupported(self) -> None:
         j = self.journal()
         j.write(self.record("good"))
@@ -3106,7 +3106,7 @@ class JournalLoadTest(JournalTestBase):
         self.assertEqual(j.pending_count(), 0)
 
 
-class JournalLocationTest(JournalTestBase):
+class TestJournalLocation(JournalTestBase):
     def test_default_root_under_home(self) -> None:
         home = os.path.join(self.tmp, "home")
         os.mkdir(home)
