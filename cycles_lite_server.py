@@ -1130,18 +1130,37 @@ class _Ledger:
 
     # -- commit / release / extend ---------------------------------------------
 
+    def _open_reservation_call(
+        self,
+        caller: _Caller,
+        operation: str,
+        reservation_id: str,
+        request: JsonObject,
+        payload_hash: str,
+        *,
+        admin_allowed: bool,
+    ) -> Tuple[int, _Reservation, _Slot, Optional[_Outcome]]:
+        """The shared start of commit/release/extend, under the lock: expire what is due,
+        find the reservation (404 before 403), then a same-key replay, which beats
+        TENANT_CLOSED; otherwise the closed-tenant guard."""
+        now = self._clock.now_ms()
+        self._sweep(now)
+        reservation = self._owned(caller, reservation_id, admin_allowed=admin_allowed)
+        slot = (reservation.tenant, operation, reservation_id, request["idempotency_key"])
+        replay = self._replay(slot, payload_hash, now)
+        if replay is None:
+            self._guard_mutation(reservation.tenant)
+        return now, reservation, slot, replay
+
     def commit(
         self, caller: _Caller, reservation_id: str, request: JsonObject, payload_hash: str
     ) -> _Outcome:
         with self._lock:
-            now = self._clock.now_ms()
-            self._sweep(now)
-            reservation = self._owned(caller, reservation_id, admin_allowed=False)
-            slot = (reservation.tenant, "commit", reservation_id, request["idempotency_key"])
-            replay = self._replay(slot, payload_hash, now)
+            now, reservation, slot, replay = self._open_reservation_call(
+                caller, "commit", reservation_id, request, payload_hash, admin_allowed=False
+            )
             if replay is not None:
                 return replay
-            self._guard_mutation(reservation.tenant)
             self._require_settleable(reservation, now)
             actual = request["actual"]
             if actual["unit"] != reservation.unit:
@@ -1179,14 +1198,11 @@ class _Ledger:
         self, caller: _Caller, reservation_id: str, request: JsonObject, payload_hash: str
     ) -> _Outcome:
         with self._lock:
-            now = self._clock.now_ms()
-            self._sweep(now)
-            reservation = self._owned(caller, reservation_id, admin_allowed=True)
-            slot = (reservation.tenant, "release", reservation_id, request["idempotency_key"])
-            replay = self._replay(slot, payload_hash, now)
+            now, reservation, slot, replay = self._open_reservation_call(
+                caller, "release", reservation_id, request, payload_hash, admin_allowed=True
+            )
             if replay is not None:
                 return replay
-            self._guard_mutation(reservation.tenant)
             self._require_settleable(reservation, now)
             budgets = self._budgets_of(reservation)
             for budget in budgets:
@@ -1210,14 +1226,11 @@ class _Ledger:
         self, caller: _Caller, reservation_id: str, request: JsonObject, payload_hash: str
     ) -> _Outcome:
         with self._lock:
-            now = self._clock.now_ms()
-            self._sweep(now)
-            reservation = self._owned(caller, reservation_id, admin_allowed=False)
-            slot = (reservation.tenant, "extend", reservation_id, request["idempotency_key"])
-            replay = self._replay(slot, payload_hash, now)
+            now, reservation, slot, replay = self._open_reservation_call(
+                caller, "extend", reservation_id, request, payload_hash, admin_allowed=False
+            )
             if replay is not None:
                 return replay
-            self._guard_mutation(reservation.tenant)
             self._require_active(reservation)
             if now > reservation.expires_at_ms:
                 raise ApiError(
