@@ -11,10 +11,15 @@ TEST_JOBS ?= 2
 SHARED ?= ../shared
 CONFORMANCE_VENV ?= .venv-conformance
 
-.PHONY: demo test test-all lint bench conformance package clean
+.PHONY: demo examples test test-all lint bench conformance package clean
 
 demo:
 	$(PYTHON) examples/demo.py
+
+# Every example runs against a local server it starts itself.
+examples: demo
+	$(PYTHON) examples/async_agent.py
+	$(PYTHON) examples/lambda_handler.py
 
 test:
 	$(PYTHON) -W error -m unittest $(TESTS)
