@@ -2479,6 +2479,7 @@ class _Transport:
 
     def _connect(self, deadline: float) -> Any:
         import http.client
+        import socket
 
         left = deadline - time.monotonic()
         if left <= 0:
@@ -2504,6 +2505,9 @@ class _Transport:
             conn = http.client.HTTPConnection(host, port, timeout=timeout)
         try:
             conn.connect()
+            # http.client sends the head and the body in two writes: with Nagle's
+            # algorithm on, the body can wait for the server's delayed ACK (~40 ms).
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except BaseException:
             conn.close()
             raise

@@ -1235,6 +1235,12 @@ class TestTransport(ServerTestCase):
             self.assertTrue(client.create_reservation(create_body()).is_success)
         self.assertEqual(self.srv.connections_accepted - before, 1)
 
+    def test_connections_disable_nagle(self) -> None:
+        client = self.client()
+        self.assertTrue(client.get_balances(tenant=TENANT).is_success)
+        (conn,) = client._transport._idle
+        self.assertEqual(conn.sock._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
+
     def test_pool_disabled_sends_connection_close(self) -> None:
         client = self.client(pool_maxsize=0)
         before = self.srv.connections_accepted
