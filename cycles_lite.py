@@ -1935,6 +1935,8 @@ class CyclesConfig:
         self.journal_enabled = _flag("journal_enabled", self.journal_enabled)
         self.journal_dir = _optional_path("journal_dir", self.journal_dir)
         self.journal_fsync = _flag("journal_fsync", self.journal_fsync)
+        if isinstance(self.commit_retry, str):
+            self.commit_retry = self.commit_retry.strip().lower()
         if self.commit_retry not in ("background", "inline"):
             raise ValueError(
                 f"commit_retry: must be 'background' or 'inline', got {self.commit_retry!r}"
@@ -2814,9 +2816,34 @@ class CyclesClient:
         """``with client.reserve(estimate, action_kind=..., ...) as r:`` (see ReservationGuard)."""
         return ReservationGuard(self, estimate, **options)
 
-    def stream_reservation(self, **options: Any) -> StreamReservation:
+    def stream_reservation(
+        self,
+        *,
+        subject: Subject | None = None,
+        action: Action,
+        estimate: Amount,
+        ttl_ms: int = 120_000,
+        grace_period_ms: int | None = None,
+        overage_policy: str = DEFAULT_OVERAGE_POLICY,
+        cost_fn: Callable[[StreamUsage], int] | None = None,
+        metadata: Dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        raise_on_commit_failure: bool = False,
+    ) -> StreamReservation:
         """runcycles' ``with client.stream_reservation(...) as s:`` (see StreamReservation)."""
-        return StreamReservation(self, **options)
+        return StreamReservation(
+            self,
+            subject=subject,
+            action=action,
+            estimate=estimate,
+            ttl_ms=ttl_ms,
+            grace_period_ms=grace_period_ms,
+            overage_policy=overage_policy,
+            cost_fn=cost_fn,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+            raise_on_commit_failure=raise_on_commit_failure,
+        )
 
     def __enter__(self) -> CyclesClient:
         return self
@@ -2951,9 +2978,34 @@ class AsyncCyclesClient:
         """``async with client.reserve(estimate, ...) as r:`` (see AsyncReservationGuard)."""
         return AsyncReservationGuard(self, estimate, **options)
 
-    def stream_reservation(self, **options: Any) -> AsyncStreamReservation:
+    def stream_reservation(
+        self,
+        *,
+        subject: Subject | None = None,
+        action: Action,
+        estimate: Amount,
+        ttl_ms: int = 120_000,
+        grace_period_ms: int | None = None,
+        overage_policy: str = DEFAULT_OVERAGE_POLICY,
+        cost_fn: Callable[[StreamUsage], int] | None = None,
+        metadata: Dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        raise_on_commit_failure: bool = False,
+    ) -> AsyncStreamReservation:
         """runcycles' ``async with client.stream_reservation(...)`` (see AsyncStreamReservation)."""
-        return AsyncStreamReservation(self, **options)
+        return AsyncStreamReservation(
+            self,
+            subject=subject,
+            action=action,
+            estimate=estimate,
+            ttl_ms=ttl_ms,
+            grace_period_ms=grace_period_ms,
+            overage_policy=overage_policy,
+            cost_fn=cost_fn,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+            raise_on_commit_failure=raise_on_commit_failure,
+        )
 
     async def __aenter__(self) -> AsyncCyclesClient:
         return self

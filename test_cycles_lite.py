@@ -1808,6 +1808,74 @@ from runcycles import CommitOveragePolicy
 }
 
 
+_SIGNATURE_CHECK = r"""
+import inspect, json, sys
+sys.path.insert(0, sys.argv[1])
+import runcycles, cycles_lite
+
+def params(obj):
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return None
+    return [(p.name, str(p.kind), repr(p.default) if p.default is not p.empty else None)
+            for p in sig.parameters.values()]
+
+POSITIONAL = ("POSITIONAL_ONLY", "POSITIONAL_OR_KEYWORD")
+
+def same(theirs, ours):
+    # A parameter runcycles requires may become optional here (a relaxation).
+    return ours is not None and theirs[:2] == ours[:2] and theirs[2] in (None, ours[2])
+
+def compatible(a, b):
+    pos_a = [p for p in a if p[1] in POSITIONAL]
+    pos_b = [p for p in b if p[1] in POSITIONAL]
+    if len(pos_b) < len(pos_a) or not all(map(same, pos_a, pos_b)):
+        return False
+    named_b = {p[0]: p for p in b}
+    if not all(same(p, named_b.get(p[0])) for p in a):
+        return False
+    extras = [p for p in b if p[0] not in {q[0] for q in a}]
+    return all(d is not None or k.startswith("VAR_") for _n, k, d in extras)
+
+def compare(label, theirs, ours, problems):
+    a, b = params(theirs), params(ours)
+    if a is None:
+        return
+    if b is None or not compatible(a, b):
+        problems.append(f"{label}: runcycles {a} vs cycles_lite {b}")
+
+problems = []
+for name in runcycles.__all__:
+    theirs, ours = getattr(runcycles, name), getattr(cycles_lite, name)
+    if inspect.isfunction(theirs):
+        compare(name, theirs, ours, problems)
+    elif inspect.isclass(theirs) and name in (
+        "CyclesClient", "AsyncCyclesClient", "CyclesConfig", "CyclesProtocolError",
+        "CyclesTransportError", "CyclesResponse", "StreamUsage", "CyclesContext",
+    ):
+        compare(name, theirs.__init__, ours.__init__, problems)
+        for attr, member in vars(theirs).items():
+            if callable(member) and not attr.startswith("_"):
+                compare(f"{name}.{attr}", member, getattr(ours, attr, None), problems)
+print(json.dumps(problems))
+"""
+
+
+@unittest.skipUnless(os.path.exists(RUNCYCLES_PYTHON), "runcycles venv not available")
+class TestDropInSignatures(unittest.TestCase):
+    """Every public function and client/config/exception method of runcycles 0.5.3 has the
+    same parameters here (names, kinds, defaults); ours may only add optional ones after."""
+
+    def test_signatures_match_runcycles(self) -> None:
+        done = subprocess.run(
+            [RUNCYCLES_PYTHON, "-c", _SIGNATURE_CHECK, HERE],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        self.assertEqual(done.returncode, 0, done.stderr[-2000:])
+        self.assertEqual(json.loads(done.stdout), [])
+
+
 class TestDropIn(ServerTestCase):
     """README snippets of runcycles run unchanged but for ``runcycles`` -> ``cycles_lite``
     (and the example URL pointing at the local server)."""
