@@ -4,7 +4,7 @@
 PYTHON ?= python3
 DEV_VENV ?= .venv-dev
 BENCH_VENV ?= .venv-bench
-TESTS = test_cycles_lite_server test_cycles_lite
+TESTS = $(sort $(basename $(wildcard test_*.py)))
 PYENV_ROOT ?= $(HOME)/.pyenv
 PY_VERSIONS = 3.8 3.9 3.10 3.11 3.12 3.13
 TEST_JOBS ?= 2
