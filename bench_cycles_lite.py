@@ -13,7 +13,10 @@ What is measured:
   and HTTPS, with a floor: the same requests sent with raw ``http.client`` on one
   kept-alive connection;
 - N decorated calls (``@cycles`` on a trivial function): latency, client CPU and
-  threads started per call, with and without the commit journal.
+  threads started per call, with and without the commit journal;
+- async: 200 concurrent decorated ``async def`` calls against a stub server that answers
+  every request after a fixed delay (20 ms and 50 ms, a remote server): calls/s, median
+  and p90 call latency, peak threads (``--async-only`` runs just this section).
 
 Usage: ``python bench_cycles_lite.py [--pairs N] [--calls N] [--json FILE]``
 """
@@ -179,6 +182,10 @@ def _worker_main(argv: Sequence[str]) -> int:
         out = _worker_decorated(rest[0], rest[1], int(rest[2]), rest[3] == "journal")
     elif kind == "raw":
         out = _worker_raw(rest[0], int(rest[1]))
+    elif kind == "async":
+        out = _worker_async(rest[0], rest[1], int(rest[2]))
+    elif kind == "stub":
+        return _stub_server(int(rest[0]))
     else:
         raise SystemExit(f"unknown worker {kind}")
     print(json.dumps(out))
@@ -271,12 +278,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--json", help="also write the raw results to this file")
     parser.add_argument("--skip-decorated", action="store_true",
                         help="measure the low-level client only")
+    parser.add_argument("--async-calls", type=int, default=200)
+    parser.add_argument("--async-only", action="store_true",
+                        help="measure only the concurrent async section")
     args = parser.parse_args(argv)
     try:
         import runcycles  # noqa: F401
     except ImportError:
         print("runcycles is not installed: run `make bench`", file=sys.stderr)
         return 2
+    if args.async_only:
+        print(_async_table(_async_section(args)))
+        return 0
 
     results: Dict[str, Any] = {}
     rows: List[str] = []
@@ -320,6 +333,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     table = _table(rows)
     print(table)
+    results["async"] = _async_section(args)
+    print()
+    print(_async_table(results["async"]))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=2)
@@ -356,6 +372,175 @@ def _table(rows: List[str]) -> str:
     head = ("| measure | cycles_lite | runcycles 0.5.3 | lite / official "
             "| raw http.client floor |\n|---|---:|---:|---:|---:|")
     return "\n".join([head, *rows])
+
+
+
+# ---------------------------------------------------------------------------
+# Async: many concurrent decorated calls against a server with added latency
+# ---------------------------------------------------------------------------
+
+ASYNC_DELAYS_MS = (20, 50)
+
+
+def _stub_server(delay_ms: int) -> int:
+    """A minimal keep-alive HTTP/1.1 server (own process) answering create, commit and
+    extend after ``delay_ms``, concurrently: a remote Cycles server, as the client sees it."""
+    import asyncio
+    import itertools
+
+    ids = itertools.count()
+    amount = {"unit": "USD_MICROCENTS", "amount": 900}
+
+    def answer(method: str, path: str) -> Dict[str, Any]:
+        now_ms = int(time.time() * 1000)
+        if path.endswith("/commit"):
+            return {"status": "COMMITTED", "charged": amount}
+        if path.endswith("/extend"):
+            return {"status": "ACTIVE", "expires_at_ms": now_ms + 60_000}
+        if path.endswith("/release"):
+            return {"status": "RELEASED", "released": amount}
+        return {"decision": "ALLOW", "reservation_id": f"stub-{next(ids)}",
+                "reserved": {"unit": "USD_MICROCENTS", "amount": 1000},
+                "expires_at_ms": now_ms + 60_000, "remaining_ttl_ms": 60_000,
+                "scope_path": f"tenant:{TENANT}", "affected_scopes": [f"tenant:{TENANT}"]}
+
+    async def handle(reader: Any, writer: Any) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                method, path, _ = lines[0].split(" ", 2)
+                length = 0
+                for line in lines[1:]:
+                    if line.lower().startswith("content-length:"):
+                        length = int(line.split(":", 1)[1])
+                if length:
+                    await reader.readexactly(length)
+                await asyncio.sleep(delay_ms / 1000.0)
+                body = json.dumps(answer(method, path)).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+    async def serve() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=4096)
+        port = server.sockets[0].getsockname()[1]
+        print(f"listening on http://127.0.0.1:{port}", flush=True)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(serve())
+    return 0
+
+
+def _worker_async(name: str, url: str, calls: int) -> Dict[str, Any]:
+    """``calls`` concurrent decorated async calls (create + commit each), after a warm-up."""
+    import asyncio
+    import threading
+
+    lib = _import_client(name)
+    started = [0]
+    original_start = threading.Thread.start
+
+    def counting_start(self: threading.Thread) -> None:
+        started[0] += 1
+        original_start(self)
+
+    threading.Thread.start = counting_start  # type: ignore[method-assign]
+
+    async def run() -> Dict[str, Any]:
+        client = lib.AsyncCyclesClient(_config(lib, url, journal=False))
+
+        @lib.cycles(estimate=1000, actual=900, action_kind="llm.completion",
+                    action_name="bench-model", agent="bench", client=client)
+        async def guarded() -> str:
+            return "ok"
+
+        async def timed() -> float:
+            t0 = time.perf_counter()
+            await guarded()
+            return time.perf_counter() - t0
+
+        peak = [threading.active_count()]
+        done = asyncio.Event()
+
+        async def sample_threads() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], threading.active_count())
+                await asyncio.sleep(0.005)
+
+        await asyncio.gather(*(timed() for _ in range(20)))  # warm-up
+        started[0] = 0
+        sampler = asyncio.ensure_future(sample_threads())
+        cpu_start = time.process_time()
+        wall_start = time.perf_counter()
+        latencies = await asyncio.gather(*(timed() for _ in range(calls)))
+        wall = time.perf_counter() - wall_start
+        cpu = time.process_time() - cpu_start
+        done.set()
+        await sampler
+        close = getattr(client, "aclose", None) or getattr(client, "close")
+        closing = close()
+        if asyncio.iscoroutine(closing):
+            await closing
+        ordered = sorted(latencies)
+        return {
+            "calls_per_s": calls / wall,
+            "median_s": statistics.median(ordered),
+            "p90_s": ordered[int(0.9 * (calls - 1))],
+            "peak_threads": peak[0],
+            "threads_started": started[0],
+            "cpu_ms_per_call": cpu / calls * 1000,
+        }
+
+    return asyncio.run(run())
+
+
+class _StubServer(_Server):
+    def __init__(self, delay_ms: int) -> None:  # noqa: D107 - the stub, not cycles_lite_server
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "stub", str(delay_ms)]
+        self.proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        self.url = next(word for word in line.split() if word.startswith("http"))
+
+
+def _async_section(args: argparse.Namespace) -> Dict[str, Any]:
+    results: Dict[str, Any] = {}
+    for delay in ASYNC_DELAYS_MS:
+        server = _StubServer(delay)
+        try:
+            print(f"measuring {args.async_calls} concurrent async calls, {delay} ms server",
+                  file=sys.stderr)
+            runs: Dict[str, List[Dict[str, Any]]] = {name: [] for name in CLIENTS}
+            for _ in range(args.rounds):
+                for name in CLIENTS:
+                    runs[name].append(_run_worker(
+                        ["async", name, server.url, str(args.async_calls)]))
+            results[f"{delay}ms"] = {
+                name: {key: statistics.median(run[key] for run in runs[name])
+                       for key in runs[name][0]}
+                for name in CLIENTS
+            }
+        finally:
+            server.close()
+    return results
+
+
+def _async_table(results: Dict[str, Any]) -> str:
+    lines = ["| server delay | client | calls/s | median call s | p90 call s | peak threads "
+             "| threads started | client CPU ms/call |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for delay, by_client in results.items():
+        for name in CLIENTS:
+            r = by_client[name]
+            lines.append(f"| {delay} | {name} | {r['calls_per_s']:.0f} | {r['median_s']:.3f} | "
+                         f"{r['p90_s']:.3f} | {r['peak_threads']:.0f} | "
+                         f"{r['threads_started']:.0f} | {r['cpu_ms_per_call']:.2f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
