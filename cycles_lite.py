@@ -62,13 +62,17 @@ from urllib.parse import quote, unquote, urlencode, urlsplit
 # rest of this module's own setup (annotations are strings, never evaluated).
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
+    import asyncio
+    import socket
     import ssl
-    from concurrent.futures import Future, ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor
     from typing import (
         Any,
         AsyncIterator,
+        Awaitable,
         Callable,
         ClassVar,
+        Deque,
         Dict,
         FrozenSet,
         Generator,
@@ -216,6 +220,7 @@ DEFAULT_GRACE_PERIOD_MS = 5_000
 DEFAULT_OVERAGE_POLICY = "ALLOW_IF_AVAILABLE"
 DEFAULT_UNIT = "USD_MICROCENTS"
 DEFAULT_POOL_MAXSIZE = 4
+DEFAULT_MAX_CONNECTIONS = 100  # requests on the wire at once per async client and event loop
 DEFAULT_USER_AGENT = (
     f"cycles-lite/{__version__} (Python {sys.version_info[0]}.{sys.version_info[1]})"
 )
@@ -1858,6 +1863,9 @@ class CyclesConfig:
       current one (or None), sent on every request; ``trace_id``: a flat 32-hex id
       sent as ``X-Cycles-Trace-Id``.  Invalid values from the callable are dropped.
     * ``pool_maxsize``: idle keep-alive connections kept (0 disables keep-alive).
+    * ``max_connections``: the async client's cap on connections in use at once, per
+      event loop (default 100); further requests wait their turn, in order, with
+      their attempt deadline running.
     * ``commit_retry``: ``"background"`` (default: commit retries after the first
       attempt run on one shared worker thread) or ``"inline"`` (every retry runs on
       the caller before the guarded call returns; for AWS Lambda).
@@ -1897,6 +1905,7 @@ class CyclesConfig:
     traceparent: str | Callable[[], str | None] | None = None
     trace_id: str | None = None
     pool_maxsize: int = DEFAULT_POOL_MAXSIZE
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
     commit_retry: str = "background"
     journal_fsync: bool = False
 
@@ -1962,6 +1971,7 @@ class CyclesConfig:
         if self.trace_id is not None and not _valid_trace_id(self.trace_id):
             raise ValueError("trace_id: must be 32 lowercase hex characters, not all zero")
         self.pool_maxsize = _count("pool_maxsize", self.pool_maxsize, 0, 1000)
+        self.max_connections = _count("max_connections", self.max_connections, 1, 100_000)
 
     @property
     def attempt_timeout(self) -> float:
@@ -1990,7 +2000,7 @@ class CyclesConfig:
         RETRY_INITIAL_DELAY, RETRY_MULTIPLIER, RETRY_MAX_DELAY, RETRY_FLUSH_TIMEOUT,
         JOURNAL_ENABLED, JOURNAL_DIR, and beyond runcycles ADMIN_API_KEY,
         REQUEST_TIMEOUT, CA_BUNDLE, PROXY, USER_AGENT, TRACEPARENT, TRACE_ID,
-        POOL_MAXSIZE, COMMIT_RETRY, JOURNAL_FSYNC.  Empty values count as unset; booleans accept
+        POOL_MAXSIZE, MAX_CONNECTIONS, COMMIT_RETRY, JOURNAL_FSYNC.  Empty values count as unset; booleans accept
         true/false/1/0/yes/no/on/off; a malformed value raises ValueError naming the variable.
         """
         env = _EnvReader(os.environ if environ is None else environ, prefix)
@@ -2030,6 +2040,7 @@ class CyclesConfig:
             traceparent=env.text("TRACEPARENT"),
             trace_id=env.text("TRACE_ID"),
             pool_maxsize=env.integer("POOL_MAXSIZE", DEFAULT_POOL_MAXSIZE),
+            max_connections=env.integer("MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS),
             commit_retry=env.text("COMMIT_RETRY") or "background",
             journal_fsync=env.flag("JOURNAL_FSYNC", False),
         )
@@ -2346,14 +2357,10 @@ def _is_stale_error(exc: BaseException) -> bool:
     )
 
 
-class _Transport:
-    """Pooled keep-alive HTTP(S) to one origin, with a whole-attempt deadline.
-
-    Thread-safe: a connection is used by one request at a time; idle ones wait in
-    a LIFO list (the most recently used is the least likely to be stale).  A
-    reused connection that turns out stale gets one reconnect-and-resend, only for
-    requests that are safe to repeat (GET, or a body with an idempotency key).
-    """
+class _TransportBase:
+    """What the blocking and the asyncio transports share: the origin, the explicit
+    proxy, the timeouts, TLS trust, the request target and the wire headers.  The two
+    differ only in how they move bytes."""
 
     def __init__(self, config: CyclesConfig) -> None:
         self._origin = _parse_base_url(config.base_url)
@@ -2364,9 +2371,59 @@ class _Transport:
         self._pool_maxsize = config.pool_maxsize
         self._ssl_context = config.ssl_context
         self._ca_bundle = config.ca_bundle
+        self.closed = False
+
+    def _request_target(self, prepared: _Prepared) -> str:
+        target = self._origin.base_path + prepared.target
+        if self._proxy is not None and self._origin.scheme == "http":
+            return f"http://{_host_literal(self._origin.host)}:{self._origin.port}{target}"
+        return target
+
+    def _wire_headers(self, prepared: _Prepared) -> Dict[str, str]:
+        headers = prepared.headers
+        extra = {}
+        if self._pool_maxsize == 0:
+            extra["Connection"] = "close"
+        if self._proxy is not None and self._proxy.authorization and self._origin.scheme == "http":
+            extra["Proxy-Authorization"] = self._proxy.authorization
+        return dict(headers, **extra) if extra else headers
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._ssl_context is None:
+            import ssl
+
+            bundle = self._ca_bundle
+            if bundle is not None and os.path.isdir(bundle):
+                self._ssl_context = ssl.create_default_context(capath=bundle)
+            else:
+                self._ssl_context = ssl.create_default_context(cafile=bundle)
+        return self._ssl_context
+
+
+def _may_resend(reused: bool, exc: BaseException, prepared: _Prepared, deadline: float) -> bool:
+    """One reconnect-and-resend: a reused connection found stale before any answer, time
+    left, and a request safe to repeat (GET, or a body with an idempotency key)."""
+    if not (reused and _is_stale_error(exc) and prepared.resendable):
+        return False
+    if time.monotonic() >= deadline:
+        return False
+    _log.debug("stale keep-alive connection (%s); reconnecting once", type(exc).__name__)
+    return True
+
+
+class _Transport(_TransportBase):
+    """Pooled keep-alive HTTP(S) to one origin, with a whole-attempt deadline.
+
+    Thread-safe: a connection is used by one request at a time; idle ones wait in
+    a LIFO list (the most recently used is the least likely to be stale).  A
+    reused connection that turns out stale gets one reconnect-and-resend, only for
+    requests that are safe to repeat (GET, or a body with an idempotency key).
+    """
+
+    def __init__(self, config: CyclesConfig) -> None:
+        super().__init__(config)
         self._idle: List[Any] = []
         self._lock = threading.Lock()
-        self.closed = False
 
     def send(
         self, prepared: _Prepared, deadline: float
@@ -2380,10 +2437,8 @@ class _Transport:
                 conn, prepared.method, target, headers, prepared.body, deadline
             )
         except Exception as exc:
-            stale = reused and _is_stale_error(exc) and time.monotonic() < deadline
-            if not (stale and prepared.resendable):
+            if not _may_resend(reused, exc, prepared, deadline):
                 raise
-            _log.debug("stale keep-alive connection (%s); reconnecting once", type(exc).__name__)
             self._discard_idle()  # its idle siblings are likely stale too
             conn, _ = self._checkout(deadline, fresh=True)
             response = self._exchange(
@@ -2405,21 +2460,6 @@ class _Transport:
         with self._lock:
             self.closed = True
         self._discard_idle()
-
-    def _request_target(self, prepared: _Prepared) -> str:
-        target = self._origin.base_path + prepared.target
-        if self._proxy is not None and self._origin.scheme == "http":
-            return f"http://{_host_literal(self._origin.host)}:{self._origin.port}{target}"
-        return target
-
-    def _wire_headers(self, prepared: _Prepared) -> Dict[str, str]:
-        headers = prepared.headers
-        extra = {}
-        if self._pool_maxsize == 0:
-            extra["Connection"] = "close"
-        if self._proxy is not None and self._proxy.authorization and self._origin.scheme == "http":
-            extra["Proxy-Authorization"] = self._proxy.authorization
-        return dict(headers, **extra) if extra else headers
 
     @staticmethod
     def _exchange(
@@ -2516,37 +2556,539 @@ class _Transport:
         conn.sock = _DeadlineSocket(conn.sock, self._read_timeout)
         return conn
 
-    def _tls_context(self) -> ssl.SSLContext:
-        if self._ssl_context is None:
-            import ssl
-
-            bundle = self._ca_bundle
-            if bundle is not None and os.path.isdir(bundle):
-                self._ssl_context = ssl.create_default_context(capath=bundle)
-            else:
-                self._ssl_context = ssl.create_default_context(cafile=bundle)
-        return self._ssl_context
-
 
 def _host_literal(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def _attempt_deadline(transport: _TransportBase, deadline: float | None) -> float:
+    """The attempt's deadline: the one handed in, else now + ``attempt_timeout``."""
+    return time.monotonic() + transport.attempt_timeout if deadline is None else deadline
+
+
+def _attempt_failed(prepared: _Prepared, exc: Exception) -> CyclesResponse:
+    _log.debug("%s %s failed: %s: %s", prepared.method, prepared.path, type(exc).__name__, exc)
+    return CyclesResponse.transport_error(exc)
+
+
 def _perform(
     transport: _Transport, prepared: _Prepared, deadline: float | None = None
 ) -> CyclesResponse:
-    """Send and read one attempt; never raises for HTTP or transport failures.
-
-    Blocking: the async client runs it on its worker threads.
-    """
-    if deadline is None:
-        deadline = time.monotonic() + transport.attempt_timeout
+    """Send and read one attempt, blocking; never raises for HTTP or transport failures."""
+    deadline = _attempt_deadline(transport, deadline)
     try:
         status, headers, body = transport.send(prepared, deadline)
     except Exception as exc:
-        _log.debug("%s %s failed: %s: %s", prepared.method, prepared.path, type(exc).__name__, exc)
-        return CyclesResponse.transport_error(exc)
+        return _attempt_failed(prepared, exc)
     return _read_response(status, headers, body)
+
+
+async def _perform_async(
+    transport: _AsyncTransport, prepared: _Prepared, deadline: float | None = None
+) -> CyclesResponse:
+    """``_perform`` over the asyncio transport."""
+    deadline = _attempt_deadline(transport, deadline)
+    try:
+        status, headers, body = await transport.send(prepared, deadline)
+    except Exception as exc:
+        return _attempt_failed(prepared, exc)
+    return _read_response(status, headers, body)
+
+
+# ---------------------------------------------------------------------------
+# The asyncio transport
+#
+# The same requests and the same reading as ``_Transport`` (``_TransportBase``,
+# ``_read_response``, the stale-connection rule, the size cap), over asyncio
+# streams: no thread per request.  Each event loop that sends gets its own
+# ``_LoopPool`` (keep-alive connections and the ``max_connections`` gate), used
+# only from that loop.  A loop's pool is closed when the loop shuts down its
+# async generators (``asyncio.run`` does, before closing the loop), by
+# ``aclose()``, and forgotten in a forked child.
+# ---------------------------------------------------------------------------
+
+_HEAD_LIMIT = 64 * 1024  # the longest response head (status line and headers) accepted
+
+
+class _RemoteDisconnected(ConnectionResetError):
+    """The server closed the connection without answering (a stale keep-alive connection)."""
+
+
+class _MalformedResponse(OSError):
+    """What the server sent is not a complete HTTP/1.x response."""
+
+
+class _AsyncConnection:
+    __slots__ = ("reader", "writer")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    def dropped(self) -> bool:
+        """An idle connection is unusable once the server closed it or sent unasked bytes."""
+        reader = self.reader
+        return self.writer.is_closing() or reader.at_eof() or bool(getattr(reader, "_buffer", b""))
+
+    def close(self) -> None:
+        """Drop the connection at once (like closing a socket: no TLS goodbye)."""
+        with contextlib.suppress(RuntimeError):  # its loop is closed: nothing left to do
+            self.writer.transport.abort()
+
+
+class _LoopPool:
+    """One event loop's connections to one origin and its ``max_connections`` gate.
+
+    Used only from its loop, so it needs no lock.  At most ``max_connections``
+    requests hold a connection at once; the others wait in arrival order, and a
+    finished request hands its slot, with its connection, to the first of them.
+    """
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, max_connections: int, max_idle: int, *, hook: bool
+    ) -> None:
+        import collections
+
+        self.loop = loop
+        self.max_connections = max_connections
+        self.max_idle = max_idle
+        self.in_use = 0
+        self.idle: List[_AsyncConnection] = []
+        self.waiters: Deque[asyncio.Future[_AsyncConnection | None]] = collections.deque()
+        self.closed = False
+        self.shutdown_hook: Any = _close_at_loop_shutdown(self) if hook else None
+        if self.shutdown_hook is not None:
+            _start_async_generator(self.shutdown_hook)
+
+    async def acquire(self, deadline: float) -> _AsyncConnection | None:
+        """Take a slot (waiting in line until ``deadline``); maybe a connection with it."""
+        import asyncio
+
+        if self.in_use < self.max_connections and not self.waiters:
+            self.in_use += 1
+            return None
+        waiter: asyncio.Future[_AsyncConnection | None] = self.loop.create_future()
+        self.waiters.append(waiter)
+        try:
+            return await asyncio.wait_for(waiter, max(0.0, deadline - time.monotonic()))
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                self.release(waiter.result())  # handed a slot just as it gave up: pass it on
+            else:
+                waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    self.waiters.remove(waiter)
+            if isinstance(exc, asyncio.TimeoutError):
+                raise _AttemptDeadlineExceeded(
+                    "attempt deadline exceeded waiting for a connection"
+                    f" (max_connections={self.max_connections})"
+                ) from None
+            raise
+
+    def release(self, conn: _AsyncConnection | None) -> None:
+        """A request is done: its slot, and its connection if reusable, go to the next in line."""
+        if conn is not None and self.closed:
+            conn.close()
+            conn = None
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        self.in_use -= 1
+        if conn is not None:
+            if len(self.idle) < self.max_idle:
+                self.idle.append(conn)
+            else:
+                conn.close()
+
+    def take_idle(self) -> _AsyncConnection | None:
+        """The most recently used idle connection still usable, if any."""
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.dropped():
+                return conn
+            conn.close()
+        return None
+
+    def discard_idle(self) -> None:
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.close()
+
+    def close(self) -> None:
+        """Close the idle connections; those in use are closed when their request ends."""
+        self.closed = True
+        self.discard_idle()
+
+
+async def _close_at_loop_shutdown(pool: _LoopPool) -> AsyncIterator[None]:
+    """Suspended for the pool's lifetime.  The loop finalizes it in
+    ``shutdown_asyncgens()`` (``asyncio.run`` calls it before closing the loop), which
+    closes the pool's connections while the loop can still close them cleanly."""
+    try:
+        yield
+    finally:
+        pool.close()
+
+
+def _start_async_generator(agen: Any) -> None:
+    """Run an async generator to its first ``yield`` (it must not await before it): the
+    running loop's first-iteration hook then tracks it for ``shutdown_asyncgens()``."""
+    with contextlib.suppress(StopIteration):
+        agen.__anext__().send(None)
+
+
+def _host_header(origin: _Origin) -> str:
+    default_port = 443 if origin.scheme == "https" else 80
+    host = _host_literal(origin.host)
+    return host if origin.port == default_port else f"{host}:{origin.port}"
+
+
+def _parse_response_head(head: bytes) -> Tuple[int, List[Tuple[str, str]], bool]:
+    """Pure: the status, the headers and whether the connection stays open, from a head."""
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    version = parts[0]
+    if len(parts) < 2 or not version.startswith("HTTP/1.") or not _is_status(parts[1]):
+        raise _MalformedResponse(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
+    headers = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if colon and name and name == name.strip():
+            headers.append((name, value.strip()))
+    tokens = {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+    keep_alive = "close" not in tokens if version == "HTTP/1.1" else "keep-alive" in tokens
+    return int(parts[1]), headers, keep_alive
+
+
+def _is_status(text: str) -> bool:
+    return len(text) == 3 and text.isdigit()
+
+
+class _AsyncTransport(_TransportBase):
+    """``_Transport`` over asyncio streams: per-loop keep-alive pools, a connection cap.
+
+    Every read and write waits at most min(``read_timeout``, time left before the
+    attempt's deadline); so does waiting for a connection slot and connecting
+    (min(``connect_timeout``, time left)).  A pool is only ever used by its loop.
+    """
+
+    def __init__(self, config: CyclesConfig) -> None:
+        super().__init__(config)
+        self._max_connections = config.max_connections
+        self._host = _host_header(self._origin)
+        self._pools: Dict[asyncio.AbstractEventLoop, _LoopPool] = {}
+        self._pools_lock = threading.Lock()
+        _async_transports.add(self)
+
+    async def send(
+        self, prepared: _Prepared, deadline: float
+    ) -> Tuple[int, List[Tuple[str, str]], bytes]:
+        """Send one request; the status, raw headers and body, or raise OSError."""
+        request = self._request_bytes(prepared)
+        pool = self._pool()
+        handed = await pool.acquire(deadline)
+        kept: _AsyncConnection | None = None
+        try:
+            status, headers, body, kept = await self._send_on(pool, handed, request, prepared, deadline)
+        finally:
+            pool.release(kept)
+        return status, headers, body
+
+    async def aclose(self) -> None:
+        """Close every loop's idle connections (this loop's at once, a running other loop's
+        on that loop); connections in use close when their request ends."""
+        import asyncio
+
+        with self._pools_lock:
+            self.closed = True
+            pools, self._pools = list(self._pools.values()), {}
+        current = asyncio.get_running_loop()
+        for pool in pools:
+            if pool.loop is current:
+                pool.close()
+                if pool.shutdown_hook is not None:
+                    await pool.shutdown_hook.aclose()
+            elif not pool.loop.is_closed():
+                with contextlib.suppress(RuntimeError):  # closed meanwhile
+                    pool.loop.call_soon_threadsafe(pool.close)
+        await asyncio.sleep(0)  # the aborted connections finish closing
+
+    def forget_pools(self) -> None:
+        """In a forked child: the connections are the parent's.  Forget them without closing
+        (that could disturb the parent's), kept referenced so they never warn."""
+        _forked_pools.append(self._pools)
+        self._pools = {}
+        self._pools_lock = threading.Lock()
+
+    def _pool(self) -> _LoopPool:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        pool = self._pools.get(loop)
+        if pool is not None and not pool.closed:
+            return pool
+        with self._pools_lock:
+            # After aclose() (a settlement still retrying) or the loop's shutdown: no
+            # idle connections and no hook, so nothing is left open.
+            late = self.closed or pool is not None
+            pool = _LoopPool(
+                loop, self._max_connections, 0 if late else self._pool_maxsize, hook=not late
+            )
+            pools = {key: value for key, value in self._pools.items() if not key.is_closed()}
+            pools[loop] = pool
+            self._pools = pools
+        return pool
+
+    def _request_bytes(self, prepared: _Prepared) -> bytes:
+        lines = [
+            f"{prepared.method} {self._request_target(prepared)} HTTP/1.1",
+            f"Host: {self._host}",
+            "Accept-Encoding: identity",
+        ]
+        lines.extend(f"{name}: {value}" for name, value in self._wire_headers(prepared).items())
+        body = prepared.body
+        if body is not None:
+            lines.append(f"Content-Length: {len(body)}")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        return head + body if body is not None else head
+
+    async def _send_on(
+        self,
+        pool: _LoopPool,
+        handed: _AsyncConnection | None,
+        request: bytes,
+        prepared: _Prepared,
+        deadline: float,
+    ) -> Tuple[int, List[Tuple[str, str]], bytes, _AsyncConnection | None]:
+        conn, reused = await self._checkout(pool, handed, deadline)
+        try:
+            status, headers, body, keep_alive = await self._exchange(conn, request, deadline)
+        except Exception as exc:
+            if not _may_resend(reused, exc, prepared, deadline):
+                raise
+            pool.discard_idle()  # its idle siblings are likely stale too
+            conn = await self._connect(deadline)
+            status, headers, body, keep_alive = await self._exchange(conn, request, deadline)
+        if keep_alive and self._pool_maxsize > 0:
+            return status, headers, body, conn
+        conn.close()
+        return status, headers, body, None
+
+    async def _checkout(
+        self, pool: _LoopPool, handed: _AsyncConnection | None, deadline: float
+    ) -> Tuple[_AsyncConnection, bool]:
+        if handed is not None:
+            if not handed.dropped():
+                return handed, True
+            handed.close()
+        conn = pool.take_idle()
+        if conn is not None:
+            return conn, True
+        return await self._connect(deadline), False
+
+    async def _exchange(
+        self, conn: _AsyncConnection, request: bytes, deadline: float
+    ) -> Tuple[int, List[Tuple[str, str]], bytes, bool]:
+        """Write the request, read the whole response; the connection is closed on failure."""
+        import asyncio
+
+        try:
+            conn.writer.write(request)
+            await self._bounded(deadline, conn.writer.drain)
+            return await self._read_response(conn.reader, deadline)
+        except asyncio.IncompleteReadError as exc:
+            conn.close()
+            raise _MalformedResponse(
+                f"connection closed {len(exc.partial)} bytes into a response part"
+            ) from None
+        except asyncio.LimitOverrunError:
+            conn.close()
+            raise _MalformedResponse("response head or chunk line too long") from None
+        except BaseException:
+            conn.close()
+            raise
+
+    async def _read_response(
+        self, reader: asyncio.StreamReader, deadline: float
+    ) -> Tuple[int, List[Tuple[str, str]], bytes, bool]:
+        import asyncio
+
+        status = 100
+        while 100 <= status < 200:  # interim answers (100 Continue) are skipped
+            try:
+                head = await self._bounded(deadline, reader.readuntil, b"\r\n\r\n")
+            except asyncio.IncompleteReadError as exc:
+                if exc.partial:
+                    raise
+                raise _RemoteDisconnected("remote end closed connection without response") from None
+            status, headers, keep_alive = _parse_response_head(head)
+        if status in (204, 304):
+            return status, headers, b"", keep_alive
+        fields = {name.lower(): value for name, value in headers}
+        if "chunked" in fields.get("transfer-encoding", "").lower():
+            return status, headers, await self._read_chunked(reader, deadline), keep_alive
+        length = fields.get("content-length")
+        if length is None:  # the body runs to the end of the connection
+            return status, headers, await self._read_to_eof(reader, deadline), False
+        if not length.strip().isdigit():
+            raise _MalformedResponse(f"bad Content-Length: {length[:40]!r}")
+        if int(length) > MAX_RESPONSE_BYTES:
+            raise _ResponseTooLarge(f"response body larger than {MAX_RESPONSE_BYTES} bytes")
+        body = await self._bounded(deadline, reader.readexactly, int(length))
+        return status, headers, body, keep_alive
+
+    async def _read_chunked(self, reader: asyncio.StreamReader, deadline: float) -> bytes:
+        chunks: List[bytes] = []
+        total = 0
+        while True:
+            line = await self._bounded(deadline, reader.readuntil, b"\r\n")
+            size_text = line.split(b";", 1)[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise _MalformedResponse(f"bad chunk size: {size_text[:40]!r}") from None
+            if size == 0:
+                break
+            total += size
+            if total > MAX_RESPONSE_BYTES:
+                raise _ResponseTooLarge(f"response body larger than {MAX_RESPONSE_BYTES} bytes")
+            chunks.append((await self._bounded(deadline, reader.readexactly, size + 2))[:-2])
+        while await self._bounded(deadline, reader.readuntil, b"\r\n") != b"\r\n":
+            pass  # trailer fields
+        return b"".join(chunks)
+
+    async def _read_to_eof(self, reader: asyncio.StreamReader, deadline: float) -> bytes:
+        chunks: List[bytes] = []
+        total = 0
+        while True:
+            chunk = await self._bounded(deadline, reader.read, 65536)
+            if not chunk:
+                return b"".join(chunks)
+            total += len(chunk)
+            if total > MAX_RESPONSE_BYTES:
+                raise _ResponseTooLarge(f"response body larger than {MAX_RESPONSE_BYTES} bytes")
+            chunks.append(chunk)
+
+    async def _bounded(self, deadline: float, step: Callable[..., Awaitable[_T]], *args: Any) -> _T:
+        """Await ``step(*args)`` for at most min(read_timeout, time left before ``deadline``)."""
+        return await _within(deadline, self._read_timeout, step(*args))
+
+    async def _connect(self, deadline: float) -> _AsyncConnection:
+        import socket
+
+        reader, writer = await _within(deadline, self._connect_timeout, self._open(), "connecting")
+        conn = _AsyncConnection(reader, writer)
+        try:
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def _open(self) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        import asyncio
+
+        origin, proxy = self._origin, self._proxy
+        tls = self._tls_context() if origin.scheme == "https" else None
+        if proxy is None:
+            return await asyncio.open_connection(
+                origin.host, origin.port, ssl=tls, limit=_HEAD_LIMIT
+            )
+        if tls is None:  # plain http through the proxy: absolute-form targets
+            return await asyncio.open_connection(proxy.host, proxy.port, limit=_HEAD_LIMIT)
+        sock = await self._tunnel(proxy)
+        try:
+            return await asyncio.open_connection(
+                sock=sock, ssl=tls, server_hostname=origin.host, limit=_HEAD_LIMIT
+            )
+        except BaseException:
+            sock.close()
+            raise
+
+    async def _tunnel(self, proxy: _Proxy) -> socket.socket:
+        """A socket connected through the proxy to the origin with ``CONNECT``."""
+        import asyncio
+        import socket
+
+        loop = asyncio.get_running_loop()
+        family, kind, proto, _name, address = (
+            await loop.getaddrinfo(proxy.host, proxy.port, type=socket.SOCK_STREAM)
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+            authority = f"{_host_literal(self._origin.host)}:{self._origin.port}"
+            lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
+            if proxy.authorization:
+                lines.append(f"Proxy-Authorization: {proxy.authorization}")
+            await loop.sock_sendall(sock, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):  # the proxy sends nothing after its head
+                chunk = await loop.sock_recv(sock, 1024)
+                if not chunk or len(head) > _HEAD_LIMIT:
+                    raise _MalformedResponse("the proxy did not answer CONNECT")
+                head += chunk
+            status, _headers, _keep = _parse_response_head(head)
+            if status != 200:
+                raise OSError(f"Tunnel connection failed: {status}")
+            return sock
+        except BaseException:
+            sock.close()
+            raise
+
+
+async def _within(
+    deadline: float, op_timeout: float, step: Awaitable[_T], what: str = ""
+) -> _T:
+    """Await ``step`` for at most min(op_timeout, time left before ``deadline``).
+
+    Past the deadline: ``_AttemptDeadlineExceeded``; past ``op_timeout`` only: a
+    plain ``TimeoutError`` (as a socket timeout is for the blocking transport).
+    """
+    import asyncio
+
+    where = f" {what}" if what else ""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        _close_awaitable(step)
+        raise _AttemptDeadlineExceeded(f"attempt deadline exceeded{where}")
+    timeout = min(op_timeout, left)
+    try:
+        return await asyncio.wait_for(step, timeout)
+    except asyncio.TimeoutError:
+        if timeout >= left:
+            raise _AttemptDeadlineExceeded(f"attempt deadline exceeded{where}") from None
+        raise TimeoutError(f"timed out{where}") from None
+
+
+def _close_awaitable(step: Awaitable[Any]) -> None:
+    """A coroutine never started is closed (no 'never awaited' warning)."""
+    close = getattr(step, "close", None)
+    if inspect.iscoroutine(step) and close is not None:
+        close()
+
+
+_async_transports: weakref.WeakSet[_AsyncTransport] = weakref.WeakSet()
+_forked_pools: List[Any] = []  # a forked child's copies of its parent's pools, never touched
+
+
+def _forget_async_pools_in_child() -> None:
+    for transport in list(_async_transports):
+        transport.forget_pools()
+    _settlement_tasks.clear()
+
+
+if hasattr(os, "register_at_fork"):  # fork safety covers the async pools too
+    os.register_at_fork(after_in_child=_forget_async_pools_in_child)
 
 
 # ===========================================================================
@@ -2870,6 +3412,13 @@ class CyclesClient:
         return _perform(self._transport, prepared, deadline)
 
 
+def _detached_send(client: CyclesClient | AsyncCyclesClient) -> _SendFn:
+    """The blocking send of the settlement worker thread for ``client``'s retries."""
+    if isinstance(client, AsyncCyclesClient):
+        return functools.partial(_send_detached, client._config, client._blocking_transport())
+    return functools.partial(_send_detached, client._config, client._transport)
+
+
 def _send_detached(config: CyclesConfig, transport: _Transport, call: _Call) -> CyclesResponse:
     """``CyclesClient._call`` for the settlement worker, over the client's pool (async
     clients have no other), working even after the client is closed: a settlement
@@ -2881,24 +3430,28 @@ def _send_detached(config: CyclesConfig, transport: _Transport, call: _Call) -> 
 # Async client
 # ===========================================================================
 
-_ASYNC_MAX_WORKERS = 8
+_FILE_WORKERS = 4  # journal file writes of one async client at once
 
 
 class AsyncCyclesClient:
     """Asynchronous Cycles client (runcycles-compatible).
 
-    It builds and reads requests exactly like ``CyclesClient`` and runs the
-    blocking send on a small thread pool it owns (created on first use, shut down
-    by ``aclose``), so the event loop is never blocked.  A cancelled call stops
-    waiting at once; its HTTP attempt ends by its deadline.
+    It builds and reads requests exactly like ``CyclesClient``, over asyncio
+    streams: no thread per request.  Each event loop that uses the client gets
+    its own keep-alive connections; at most ``config.max_connections`` requests
+    per loop are on the wire at once, the others wait their turn in order (their
+    attempt deadline running).  A cancelled call stops at once (its connection is
+    dropped).  Journal file writes run on a small thread pool it owns (created on
+    first use, shut down by ``aclose``); HTTP never does.
     """
 
     def __init__(self, config: CyclesConfig) -> None:
         _check_kind(config, CyclesConfig, "config")
         self._config = config
-        self._transport = _Transport(config)
+        self._transport = _AsyncTransport(config)
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
+        self._worker_transport: _Transport | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self._config.base_url!r})"
@@ -2963,12 +3516,20 @@ class AsyncCyclesClient:
         return self._pages(_list_call(self._config, filters, admin), "reservations")
 
     async def aclose(self) -> None:
-        """Close idle connections and let the worker threads exit."""
-        self._transport.close()
+        """Close every loop's connections and let the file threads exit.
+
+        Settlement retries of this client still pending on this loop go on, same
+        key, on the process's settlement worker (``await aflush()`` first to settle
+        them here)."""
+        await _hand_over_loop_settlements(self)
+        await self._transport.aclose()
         with self._executor_lock:
             executor, self._executor = self._executor, None
+            worker_transport, self._worker_transport = self._worker_transport, None
         if executor is not None:
             executor.shutdown(wait=False)
+        if worker_transport is not None:
+            worker_transport.close()
 
     async def recover(self, timeout: float | None = 30.0) -> RecoverySummary:
         """``CyclesClient.recover``, off the event loop."""
@@ -3021,38 +3582,35 @@ class AsyncCyclesClient:
                 yield item
 
     async def _call(self, call: _Call, deadline: float | None = None) -> CyclesResponse:
-        """``CyclesClient._call`` with the blocking attempt on a worker thread."""
-        import asyncio
+        """``CyclesClient._call`` over the asyncio transport, on the running loop.
 
-        future, _ = self._submit(call, deadline)
-        return await asyncio.wrap_future(future)
-
-    def _submit(
-        self, call: _Call, deadline: float | None = None
-    ) -> Tuple[Future[CyclesResponse], float]:
-        """Build one request and hand its attempt to an I/O thread: the future and deadline.
-
-        The deadline starts now, not when a thread picks the attempt up: time spent
-        queued behind busy threads counts against ``attempt_timeout`` (the heartbeat's
-        safety margin relies on that bound).
+        ``deadline`` (a ``time.monotonic()`` value, by default now + ``attempt_timeout``)
+        starts now: time spent waiting for a connection slot counts against it (the
+        heartbeat's safety margin relies on that bound).
         """
         prepared = _build_request(self._config, call)
         if self._transport.closed:
             raise RuntimeError("the client is closed")
-        if deadline is None:
-            deadline = time.monotonic() + self._transport.attempt_timeout
-        future = self._io_executor().submit(_perform, self._transport, prepared, deadline)
-        return future, deadline
+        return await _perform_async(self._transport, prepared, deadline)
 
-    def _io_executor(self) -> ThreadPoolExecutor:
+    def _file_executor(self) -> ThreadPoolExecutor:
+        """Threads for journal file I/O only (a slow disk or an fsync must not stall the loop)."""
         with self._executor_lock:
             if self._executor is None:
                 from concurrent.futures import ThreadPoolExecutor
 
                 self._executor = ThreadPoolExecutor(
-                    _ASYNC_MAX_WORKERS, thread_name_prefix="cycles-lite-io"
+                    _FILE_WORKERS, thread_name_prefix="cycles-lite-file"
                 )
             return self._executor
+
+    def _blocking_transport(self) -> _Transport:
+        """The blocking transport of the settlement worker thread, used only when a retry
+        outlives its loop (the loop closed, or the client was closed, before it settled)."""
+        with self._executor_lock:
+            if self._worker_transport is None:
+                self._worker_transport = _Transport(self._config)
+            return self._worker_transport
 
 
 # ===========================================================================
@@ -3198,19 +3756,20 @@ async def _perform_effect_async(
     import asyncio
 
     if isinstance(effect, _Send):
-        try:
-            future, deadline = client._submit(effect.call)
-        except Exception as exc:
-            return CyclesResponse.transport_error(exc)
-        if heartbeat is not None:
-            heartbeat.in_flight, heartbeat.deadline = future, deadline
-        return await asyncio.wrap_future(future)
+        if heartbeat is None:
+            return await _send_safely_async(client, effect.call)
+        # A beat's extend runs as its own task, so that stopping the heartbeat waits for
+        # it instead of cutting it off mid-flight.
+        deadline = time.monotonic() + client._transport.attempt_timeout
+        in_flight = asyncio.ensure_future(_send_safely_async(client, effect.call, deadline))
+        heartbeat.in_flight, heartbeat.deadline = in_flight, deadline
+        return await asyncio.shield(in_flight)
     if isinstance(effect, _Sleep):
         await asyncio.sleep(effect.seconds)
         return None
     if isinstance(effect, _Blocking):
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(client._io_executor(), effect.work)
+        return await loop.run_in_executor(client._file_executor(), effect.work)
     if isinstance(effect, _StartHeartbeat):
         return _TaskHeartbeat(client, effect.steps)
     if isinstance(effect, _StopHeartbeat):
@@ -3219,19 +3778,29 @@ async def _perform_effect_async(
     raise TypeError(f"unknown effect {effect!r}")
 
 
+async def _send_safely_async(
+    client: AsyncCyclesClient, call: _Call, deadline: float | None = None
+) -> CyclesResponse:
+    """``_send_safely`` for the async driver."""
+    try:
+        return await client._call(call, deadline)
+    except Exception as exc:
+        return CyclesResponse.transport_error(exc)
+
+
 class _TaskHeartbeat:
     """The async heartbeat driver: one asyncio task running the steps.
 
     ``stop()`` is final and, like ``_TimerHeartbeat.stop()``, waits for a beat in
     flight: cancelling the task only stops the waiting, so it then waits for the
-    extend already handed to an I/O thread (bounded by that attempt's deadline), and
-    drops its result.  No extend is on the wire when the commit goes out.
+    extend's own task (bounded by that attempt's deadline), and drops its result.
+    No extend is on the wire when the commit goes out.
     """
 
     def __init__(self, client: AsyncCyclesClient, steps: _Steps[None]) -> None:
         import asyncio
 
-        self.in_flight: Future[CyclesResponse] | None = None
+        self.in_flight: asyncio.Future[CyclesResponse] | None = None
         self.deadline = 0.0
         self._task = asyncio.get_running_loop().create_task(_drive_async(client, steps, self))
 
@@ -3246,7 +3815,7 @@ class _TaskHeartbeat:
         in_flight = self.in_flight
         if in_flight is not None and not in_flight.done():
             left = max(0.0, self.deadline - time.monotonic())
-            await asyncio.wait({asyncio.wrap_future(in_flight)}, timeout=left)
+            await asyncio.wait({in_flight}, timeout=left)
 
 
 class _TimerHeartbeat:
@@ -5343,6 +5912,7 @@ class _Settlement:
     due: float = 0.0  # time.monotonic() of the next attempt
     last_response: CyclesResponse | None = None
     journaled: bool = True  # False until a new settlement's record is written
+    loop_client: Any = None  # an AsyncCyclesClient: its retries run as tasks on its loop
 
     @classmethod
     def new(
@@ -5369,11 +5939,12 @@ class _Settlement:
         config: CyclesConfig = client._config
         return cls(
             record=record,
-            send=functools.partial(_send_detached, config, client._transport),
+            send=_detached_send(client),
             policy=_retry_policy(config),
             journal=_journal_for(config),
             inline=config.commit_retry == "inline",
             flush_timeout=config.retry_flush_timeout,
+            loop_client=client if isinstance(client, AsyncCyclesClient) else None,
         )
 
     @property
@@ -5538,6 +6109,8 @@ class _SettlementQueue:
         with self._cond:
             if len(self._heap) + len(self._running) >= self._capacity:
                 return False
+            if job.loop_client is not None and _retry_on_loop(job):
+                return True
             if self._worker is None and not self._start_worker():
                 return False
             heapq.heappush(self._heap, (job.due, next(self._order), job))
@@ -5682,12 +6255,93 @@ def flush(timeout: float | None = None) -> bool:
 
 
 async def aflush(timeout: float | None = None) -> bool:
-    """``flush(timeout)`` for async code: the same drain, on the event loop's default
-    executor, so the loop keeps running.  Cancelling it stops the waiting only: the
-    drain on the executor thread still ends by ``timeout``."""
+    """``flush(timeout)`` for async code, without a thread: waits for this loop's
+    settlement retry tasks, then for the settlement worker to drain (polling).
+
+    Returns True when nothing is pending; False when ``timeout`` seconds passed first
+    (the unsettled ones carry on).  Cancelling it stops the waiting only."""
     import asyncio
 
-    return await asyncio.get_running_loop().run_in_executor(None, _settlements.flush, timeout)
+    deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+    loop = asyncio.get_running_loop()
+    while True:
+        tasks = [task for task, _job in list(_settlement_tasks.items()) if task.get_loop() is loop]
+        left = None if deadline is None else deadline - time.monotonic()
+        if tasks and (left is None or left > 0):
+            await asyncio.wait(tasks, timeout=left)
+            continue
+        if not _settlements.pending():
+            return not tasks
+        if left is not None and left <= 0:
+            return False
+        await asyncio.sleep(0.02 if left is None else min(0.02, left))
+
+
+# -- settlement retries of async clients, as tasks on their loop ----------------------
+
+_settlement_tasks: Dict[asyncio.Task[None], _Settlement] = {}
+
+
+def _retry_on_loop(job: _Settlement) -> bool:
+    """Retry an async client's settlement as a task on the running loop (no thread).
+
+    False, and the worker thread takes the job, outside a running loop (journal
+    replay) and while an interruption is being handled: a cancelled caller may be
+    the loop shutting down, which would never run a new task.
+    """
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is None or not isinstance(sys.exc_info()[1], (Exception, type(None))):
+        return False
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    if loop.is_closed() or job.loop_client._transport.closed:
+        return False
+    task = loop.create_task(_settle_on_loop(job))
+    _settlement_tasks[task] = job
+    task.add_done_callback(_forget_settlement_task)
+    return True
+
+
+def _forget_settlement_task(task: asyncio.Task[None]) -> None:
+    _settlement_tasks.pop(task, None)
+
+
+async def _settle_on_loop(job: _Settlement) -> None:
+    """The worker's retries for one job, as a loop task: same steps, same key, asyncio
+    sleeps.  Cancelled (the loop shutting down, or ``aclose()``), the job goes on to the
+    worker thread."""
+    import asyncio
+
+    try:
+        await _drive_async(job.loop_client, _settle_steps(job, retry_inline=True))
+    except asyncio.CancelledError:
+        if not _settlements.submit(job):
+            _log.error(
+                "settlement dropped from a closing loop, the queue being full: reservation_id=%s"
+                " (its journal record, if any, is replayed later)",
+                job.record.reservation_id,
+            )
+        raise
+    except Exception:  # never lose the job silently to a bug
+        _log.exception("settlement failed: reservation_id=%s", job.record.reservation_id)
+
+
+async def _hand_over_loop_settlements(client: AsyncCyclesClient) -> None:
+    """``aclose()``: this client's retry tasks on this loop move to the worker thread."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    tasks = [
+        task
+        for task, job in list(_settlement_tasks.items())
+        if job.loop_client is client and task.get_loop() is loop
+    ]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks)
 
 
 # -- journal replay --------------------------------------------------------------
@@ -5892,7 +6546,7 @@ async def _recover_async(client: Any, timeout: float | None) -> RecoverySummary:
     import asyncio
 
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(client._io_executor(), _recover, client, timeout)
+    return await loop.run_in_executor(client._file_executor(), _recover, client, timeout)
 
 
 # ===========================================================================

@@ -1190,10 +1190,10 @@ class TestAsyncClient(ServerTestCase, EndpointTests):
         self.assertLess(self.run_async(scenario()), 0.3)
 
     def test_attempt_deadline_counts_from_submission(self) -> None:
-        # Review bug 7: twice as many calls as I/O threads; the half that waits for a
-        # thread must not get a fresh attempt_timeout when it finally starts.
+        # Review bug 7: twice as many calls as connections; the half that waits for a
+        # connection must not get a fresh attempt_timeout when it finally starts.
         self.srv.inject("balances", "delay", delay_ms=350, times=None)
-        config = self.config(request_timeout=0.4)
+        config = self.config(request_timeout=0.4, max_connections=8)
 
         async def timed(client: AsyncCyclesClient) -> float:
             started = time.monotonic()
@@ -1202,12 +1202,12 @@ class TestAsyncClient(ServerTestCase, EndpointTests):
 
         async def scenario() -> List[float]:
             async with AsyncCyclesClient(config) as client:
-                calls = [timed(client) for _ in range(2 * cl._ASYNC_MAX_WORKERS)]
+                calls = [timed(client) for _ in range(2 * 8)]
                 return list(await asyncio.gather(*calls))
 
         self.assertLess(max(self.run_async(scenario())), 0.4 + 0.15)
         # The server finishes the abandoned ones later: keep them out of the next test's log.
-        calls = 2 * cl._ASYNC_MAX_WORKERS
+        calls = 2 * 8
         self.assertTrue(_lc_wait_for(lambda: len(self.srv.requests_for("balances")) == calls))
 
 
