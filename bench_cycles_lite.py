@@ -483,7 +483,7 @@ def _worker_async(name: str, url: str, calls: int) -> Dict[str, Any]:
         cpu = time.process_time() - cpu_start
         done.set()
         await sampler
-        close = getattr(client, "aclose", None) or getattr(client, "close")
+        close = getattr(client, "aclose", None) or client.close
         closing = close()
         if asyncio.iscoroutine(closing):
             await closing
@@ -501,7 +501,7 @@ def _worker_async(name: str, url: str, calls: int) -> Dict[str, Any]:
 
 
 class _StubServer(_Server):
-    def __init__(self, delay_ms: int) -> None:  # noqa: D107 - the stub, not cycles_lite_server
+    def __init__(self, delay_ms: int) -> None:  # the stub instead of cycles_lite_server
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "stub", str(delay_ms)]
         self.proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None

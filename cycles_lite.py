@@ -2000,8 +2000,9 @@ class CyclesConfig:
         RETRY_INITIAL_DELAY, RETRY_MULTIPLIER, RETRY_MAX_DELAY, RETRY_FLUSH_TIMEOUT,
         JOURNAL_ENABLED, JOURNAL_DIR, and beyond runcycles ADMIN_API_KEY,
         REQUEST_TIMEOUT, CA_BUNDLE, PROXY, USER_AGENT, TRACEPARENT, TRACE_ID,
-        POOL_MAXSIZE, MAX_CONNECTIONS, COMMIT_RETRY, JOURNAL_FSYNC.  Empty values count as unset; booleans accept
-        true/false/1/0/yes/no/on/off; a malformed value raises ValueError naming the variable.
+        POOL_MAXSIZE, MAX_CONNECTIONS, COMMIT_RETRY, JOURNAL_FSYNC.  Empty values count as
+        unset; booleans accept true/false/1/0/yes/no/on/off; a malformed value raises
+        ValueError naming the variable.
         """
         env = _EnvReader(os.environ if environ is None else environ, prefix)
         base_url = env.text("BASE_URL")
@@ -2796,7 +2797,9 @@ class _AsyncTransport(_TransportBase):
         handed = await pool.acquire(deadline)
         kept: _AsyncConnection | None = None
         try:
-            status, headers, body, kept = await self._send_on(pool, handed, request, prepared, deadline)
+            status, headers, body, kept = await self._send_on(
+                pool, handed, request, prepared, deadline
+            )
         finally:
             pool.release(kept)
         return status, headers, body
@@ -2899,86 +2902,25 @@ class _AsyncTransport(_TransportBase):
         """Write the request, read the whole response; the connection is closed on failure."""
         import asyncio
 
+        watchdog = _Watchdog(conn, deadline, self._read_timeout)
         try:
             conn.writer.write(request)
-            await self._bounded(deadline, conn.writer.drain)
-            return await self._read_response(conn.reader, deadline)
-        except asyncio.IncompleteReadError as exc:
+            if conn.writer.transport.get_write_buffer_size():  # not all sent at once
+                await watchdog.step(conn.writer.drain)
+            return await _read_http_response(conn.reader, watchdog)
+        except BaseException as exc:
             conn.close()
-            raise _MalformedResponse(
-                f"connection closed {len(exc.partial)} bytes into a response part"
-            ) from None
-        except asyncio.LimitOverrunError:
-            conn.close()
-            raise _MalformedResponse("response head or chunk line too long") from None
-        except BaseException:
-            conn.close()
+            if watchdog.expired is not None and isinstance(exc, Exception):
+                raise watchdog.expired from None
+            if isinstance(exc, asyncio.IncompleteReadError):
+                raise _MalformedResponse(
+                    f"connection closed {len(exc.partial)} bytes into a response part"
+                ) from None
+            if isinstance(exc, asyncio.LimitOverrunError):
+                raise _MalformedResponse("response head or chunk line too long") from None
             raise
-
-    async def _read_response(
-        self, reader: asyncio.StreamReader, deadline: float
-    ) -> Tuple[int, List[Tuple[str, str]], bytes, bool]:
-        import asyncio
-
-        status = 100
-        while 100 <= status < 200:  # interim answers (100 Continue) are skipped
-            try:
-                head = await self._bounded(deadline, reader.readuntil, b"\r\n\r\n")
-            except asyncio.IncompleteReadError as exc:
-                if exc.partial:
-                    raise
-                raise _RemoteDisconnected("remote end closed connection without response") from None
-            status, headers, keep_alive = _parse_response_head(head)
-        if status in (204, 304):
-            return status, headers, b"", keep_alive
-        fields = {name.lower(): value for name, value in headers}
-        if "chunked" in fields.get("transfer-encoding", "").lower():
-            return status, headers, await self._read_chunked(reader, deadline), keep_alive
-        length = fields.get("content-length")
-        if length is None:  # the body runs to the end of the connection
-            return status, headers, await self._read_to_eof(reader, deadline), False
-        if not length.strip().isdigit():
-            raise _MalformedResponse(f"bad Content-Length: {length[:40]!r}")
-        if int(length) > MAX_RESPONSE_BYTES:
-            raise _ResponseTooLarge(f"response body larger than {MAX_RESPONSE_BYTES} bytes")
-        body = await self._bounded(deadline, reader.readexactly, int(length))
-        return status, headers, body, keep_alive
-
-    async def _read_chunked(self, reader: asyncio.StreamReader, deadline: float) -> bytes:
-        chunks: List[bytes] = []
-        total = 0
-        while True:
-            line = await self._bounded(deadline, reader.readuntil, b"\r\n")
-            size_text = line.split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise _MalformedResponse(f"bad chunk size: {size_text[:40]!r}") from None
-            if size == 0:
-                break
-            total += size
-            if total > MAX_RESPONSE_BYTES:
-                raise _ResponseTooLarge(f"response body larger than {MAX_RESPONSE_BYTES} bytes")
-            chunks.append((await self._bounded(deadline, reader.readexactly, size + 2))[:-2])
-        while await self._bounded(deadline, reader.readuntil, b"\r\n") != b"\r\n":
-            pass  # trailer fields
-        return b"".join(chunks)
-
-    async def _read_to_eof(self, reader: asyncio.StreamReader, deadline: float) -> bytes:
-        chunks: List[bytes] = []
-        total = 0
-        while True:
-            chunk = await self._bounded(deadline, reader.read, 65536)
-            if not chunk:
-                return b"".join(chunks)
-            total += len(chunk)
-            if total > MAX_RESPONSE_BYTES:
-                raise _ResponseTooLarge(f"response body larger than {MAX_RESPONSE_BYTES} bytes")
-            chunks.append(chunk)
-
-    async def _bounded(self, deadline: float, step: Callable[..., Awaitable[_T]], *args: Any) -> _T:
-        """Await ``step(*args)`` for at most min(read_timeout, time left before ``deadline``)."""
-        return await _within(deadline, self._read_timeout, step(*args))
+        finally:
+            watchdog.stop()
 
     async def _connect(self, deadline: float) -> _AsyncConnection:
         import socket
@@ -3044,6 +2986,113 @@ class _AsyncTransport(_TransportBase):
         except BaseException:
             sock.close()
             raise
+
+
+class _Watchdog:
+    """Bounds each step of one exchange by min(``read_timeout``, time left before the
+    attempt's deadline): a step that outlasts it has its connection aborted, which
+    ends the step at once.  One timer per step, cheaper than ``asyncio.wait_for``."""
+
+    __slots__ = ("_conn", "_deadline", "_handle", "_loop", "_op_timeout", "expired")
+
+    def __init__(self, conn: _AsyncConnection, deadline: float, op_timeout: float) -> None:
+        import asyncio
+
+        self._conn = conn
+        self._deadline = deadline
+        self._op_timeout = op_timeout
+        self._loop = asyncio.get_running_loop()
+        self._handle: asyncio.TimerHandle | None = None
+        self.expired: Exception | None = None  # the timeout error, once a step outlasted it
+
+    async def step(self, operation: Callable[..., Awaitable[_T]], *args: Any) -> _T:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise _AttemptDeadlineExceeded("attempt deadline exceeded")
+        self.stop()
+        at_deadline = left <= self._op_timeout
+        self._handle = self._loop.call_later(
+            min(left, self._op_timeout), self._expire, at_deadline
+        )
+        return await operation(*args)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _expire(self, at_deadline: bool) -> None:
+        self.expired = (
+            _AttemptDeadlineExceeded("attempt deadline exceeded")
+            if at_deadline
+            else TimeoutError("timed out")
+        )
+        self._conn.close()
+
+
+async def _read_http_response(
+    reader: asyncio.StreamReader, watchdog: _Watchdog
+) -> Tuple[int, List[Tuple[str, str]], bytes, bool]:
+    """The status, headers, body and keep-alive of one HTTP/1.x response, size-capped."""
+    import asyncio
+
+    status = 100
+    while 100 <= status < 200:  # interim answers (100 Continue) are skipped
+        try:
+            head = await watchdog.step(reader.readuntil, b"\r\n\r\n")
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial:
+                raise
+            raise _RemoteDisconnected("remote end closed connection without response") from None
+        status, headers, keep_alive = _parse_response_head(head)
+    if status in (204, 304):
+        return status, headers, b"", keep_alive
+    fields = {name.lower(): value for name, value in headers}
+    if "chunked" in fields.get("transfer-encoding", "").lower():
+        return status, headers, await _read_chunked(reader, watchdog), keep_alive
+    length = fields.get("content-length")
+    if length is None:  # the body runs to the end of the connection
+        return status, headers, await _read_to_eof(reader, watchdog), False
+    if not length.strip().isdigit():
+        raise _MalformedResponse(f"bad Content-Length: {length[:40]!r}")
+    if int(length) > MAX_RESPONSE_BYTES:
+        raise _ResponseTooLarge(f"response body larger than {MAX_RESPONSE_BYTES} bytes")
+    body = await watchdog.step(reader.readexactly, int(length))
+    return status, headers, body, keep_alive
+
+
+async def _read_chunked(reader: asyncio.StreamReader, watchdog: _Watchdog) -> bytes:
+    chunks: List[bytes] = []
+    total = 0
+    while True:
+        line = await watchdog.step(reader.readuntil, b"\r\n")
+        size_text = line.split(b";", 1)[0].strip()
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            raise _MalformedResponse(f"bad chunk size: {size_text[:40]!r}") from None
+        if size == 0:
+            break
+        total += size
+        if total > MAX_RESPONSE_BYTES:
+            raise _ResponseTooLarge(f"response body larger than {MAX_RESPONSE_BYTES} bytes")
+        chunks.append((await watchdog.step(reader.readexactly, size + 2))[:-2])
+    while await watchdog.step(reader.readuntil, b"\r\n") != b"\r\n":
+        pass  # trailer fields
+    return b"".join(chunks)
+
+
+async def _read_to_eof(reader: asyncio.StreamReader, watchdog: _Watchdog) -> bytes:
+    chunks: List[bytes] = []
+    total = 0
+    while True:
+        chunk = await watchdog.step(reader.read, 65536)
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > MAX_RESPONSE_BYTES:
+            raise _ResponseTooLarge(f"response body larger than {MAX_RESPONSE_BYTES} bytes")
+        chunks.append(chunk)
 
 
 async def _within(
