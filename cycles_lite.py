@@ -2631,6 +2631,13 @@ class _AsyncConnection:
         reader = self.reader
         return self.writer.is_closing() or reader.at_eof() or bool(getattr(reader, "_buffer", b""))
 
+    def unsent(self) -> bool:
+        """True when some of what was written still waits in the buffer."""
+        try:
+            return bool(self.writer.transport.get_write_buffer_size())
+        except AttributeError:  # Python < 3.11: a TLS connection already lost
+            raise _RemoteDisconnected("connection lost before the request was sent") from None
+
     def close(self) -> None:
         """Drop the connection at once (like closing a socket: no TLS goodbye)."""
         with contextlib.suppress(RuntimeError):  # its loop is closed: nothing left to do
@@ -2905,7 +2912,7 @@ class _AsyncTransport(_TransportBase):
         watchdog = _Watchdog(conn, deadline, self._read_timeout)
         try:
             conn.writer.write(request)
-            if conn.writer.transport.get_write_buffer_size():  # not all sent at once
+            if conn.unsent():
                 await watchdog.step(conn.writer.drain)
             return await _read_http_response(conn.reader, watchdog)
         except BaseException as exc:

@@ -1,0 +1,601 @@
+"""The asyncio transport of AsyncCyclesClient, over real HTTP and HTTPS to the local server.
+
+Deadline, trickle, stale connection, redirect refused, proxy and CONNECT tunnel, two
+event loops in turn, the connection cap, settlement retries as loop tasks, no threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import socket
+import tempfile
+import threading
+import time
+import unittest
+import warnings
+from typing import Any, Awaitable, Callable, List, TypeVar
+from unittest import mock
+
+import cycles_lite as cl
+from cycles_lite import AsyncCyclesClient, CyclesConfig, CyclesResponse, cycles
+from test_cycles_lite import (
+    API_KEY,
+    TENANT,
+    ServerTestCase,
+    TinyProxy,
+    TunnelProxy,
+    create_body,
+    make_certificate,
+    make_server,
+)
+
+_T = TypeVar("_T")
+
+
+def run(scenario: Callable[[], Awaitable[_T]]) -> _T:
+    """One fresh event loop per scenario, as ``asyncio.run`` gives scripts."""
+    async def main() -> _T:
+        return await scenario()
+
+    return asyncio.run(main())
+
+
+def balances_call() -> Any:
+    return cl._Call("balances", "GET", "/v1/balances", query={"tenant": TENANT})
+
+
+def client_threads(threads: Any) -> List[str]:
+    """Names of the threads the client started (the in-process server has its own)."""
+    return [t.name for t in threads if not t.name.startswith("cycles-lite-conn")]
+
+
+def resource_warnings(caught: List[warnings.WarningMessage]) -> List[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+class AsyncServerCase(ServerTestCase):
+    def new_client(self, **kwargs: Any) -> AsyncCyclesClient:
+        kwargs.setdefault("journal_enabled", False)
+        kwargs.setdefault("tenant", TENANT)
+        return AsyncCyclesClient(self.config(**kwargs))
+
+
+class TestAsyncTransport(AsyncServerCase):
+    def test_keep_alive_one_connection_with_nodelay(self) -> None:
+        client = self.new_client()
+        before = self.srv.connections_accepted
+
+        async def scenario() -> None:
+            for _ in range(10):
+                self.assertTrue((await client.get_balances(tenant=TENANT)).is_success)
+                self.assertTrue((await client.create_reservation(create_body())).is_success)
+            (conn,) = client._transport._pool().idle
+            sock = conn.writer.get_extra_info("socket")
+            self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
+            await client.aclose()
+
+        run(scenario)
+        self.assertEqual(self.srv.connections_accepted - before, 1)
+
+    def test_explicit_deadline_is_honoured(self) -> None:
+        client = self.new_client()
+        self.srv.inject("balances", "delay", delay_ms=500)
+
+        async def scenario() -> List[CyclesResponse]:
+            try:
+                started = time.monotonic()
+                late = await client._call(balances_call(), deadline=time.monotonic() + 0.1)
+                self.assertLess(time.monotonic() - started, 0.4)
+                past = await client._call(balances_call(), deadline=time.monotonic() - 1)
+                return [late, past]
+            finally:
+                await client.aclose()
+
+        late, past = run(scenario)
+        self.assertTrue(late.is_transport_error)
+        self.assertIsInstance(late.transport_exception, TimeoutError)
+        self.assertIn("deadline", past.error_message or "")
+
+    def test_whole_attempt_deadline_beats_a_trickling_server(self) -> None:
+        client = self.new_client(read_timeout=5.0, request_timeout=0.4)
+        self.srv.inject("balances", "trickle", interval_ms=50)
+
+        async def scenario() -> None:
+            started = time.monotonic()
+            response = await client.get_balances(tenant=TENANT)
+            elapsed = time.monotonic() - started
+            self.assertTrue(response.is_transport_error)
+            self.assertIsInstance(response.transport_exception, TimeoutError)
+            self.assertIn("deadline", response.error_message or "")
+            self.assertGreaterEqual(elapsed, 0.35)
+            self.assertLess(elapsed, 1.5)
+            self.assertTrue((await client.get_balances(tenant=TENANT)).is_success)
+            await client.aclose()
+
+        run(scenario)
+
+    def test_read_timeout_bounds_a_silent_server(self) -> None:
+        client = self.new_client(read_timeout=0.2)
+        self.srv.inject("balances", "delay", delay_ms=1_000)
+
+        async def scenario() -> None:
+            started = time.monotonic()
+            response = await client.get_balances(tenant=TENANT)
+            self.assertTrue(response.is_transport_error)
+            self.assertIsInstance(response.transport_exception, TimeoutError)
+            self.assertLess(time.monotonic() - started, 0.8)
+            await client.aclose()
+
+        run(scenario)
+
+    def test_stale_connection_gets_one_reconnect_and_resend_with_the_same_key(self) -> None:
+        # The server closes the idle connection between our check and our send:
+        # simulated by skipping the check.
+        client = self.new_client()
+        body = create_body()
+
+        async def scenario() -> CyclesResponse:
+            await client.get_balances(tenant=TENANT)
+            self.srv.close_idle_connections()
+            self.srv.clear_requests()
+            await asyncio.sleep(0.05)  # the loop sees the close
+            with mock.patch.object(cl._AsyncConnection, "dropped", return_value=False):
+                response = await client.create_reservation(body)
+            await client.aclose()
+            return response
+
+        before = self.srv.connections_accepted
+        response = run(scenario)
+        self.assertTrue(response.is_success, response.error_message)
+        self.assertEqual(self.srv.connections_accepted - before, 2)
+        self.assertEqual(
+            [r.body["idempotency_key"] for r in self.srv.requests], [body["idempotency_key"]]
+        )
+
+    def test_no_resend_without_an_idempotency_key(self) -> None:
+        client = self.new_client()
+        body = create_body()
+        del body["idempotency_key"]
+
+        async def scenario() -> CyclesResponse:
+            await client.get_balances(tenant=TENANT)
+            self.srv.close_idle_connections()
+            await asyncio.sleep(0.05)
+            with mock.patch.object(cl._AsyncConnection, "dropped", return_value=False):
+                response = await client.create_reservation(body)
+            await client.aclose()
+            return response
+
+        self.assertTrue(run(scenario).is_transport_error)
+
+    def test_lost_response_on_a_reused_connection_is_resent_with_the_same_key(self) -> None:
+        client = self.new_client()
+        body = create_body()
+
+        async def scenario() -> CyclesResponse:
+            await client.get_balances(tenant=TENANT)
+            self.srv.inject("create", "lost_response")
+            response = await client.create_reservation(body)
+            await client.aclose()
+            return response
+
+        self.assertTrue(run(scenario).is_success)
+        sent = self.srv.requests_for("create")
+        self.assertEqual(
+            [r.headers["x-idempotency-key"] for r in sent], [body["idempotency_key"]] * 2
+        )
+        self.srv.check_invariants()
+
+    def test_redirects_are_refused(self) -> None:
+        client = self.new_client()
+        self.srv.inject("balances", "redirect")
+
+        async def scenario() -> CyclesResponse:
+            response = await client.get_balances(tenant=TENANT)
+            await client.aclose()
+            return response
+
+        response = run(scenario)
+        self.assertTrue(300 <= response.status < 400, response.status)
+        self.assertIn("redirect not followed", response.error_message or "")
+        self.assertEqual(len(self.srv.requests), 1)
+
+    def test_ids_are_percent_encoded(self) -> None:
+        client = self.new_client()
+
+        async def scenario() -> None:
+            await client.get_reservation("../balances")
+            await client.aclose()
+
+        run(scenario)
+        self.assertEqual(self.last_request().path, "/v1/reservations/..%2Fbalances")
+
+    def test_malformed_and_dropped_answers_become_transport_errors(self) -> None:
+        client = self.new_client(request_timeout=1.0)
+
+        async def scenario() -> List[CyclesResponse]:
+            answers = []
+            for fault in ("drop", "malformed", "html", "close_after"):
+                self.srv.inject("balances", fault)
+                answers.append(await client.get_balances(tenant=TENANT))
+            answers.append(await client.get_balances(tenant=TENANT))
+            await client.aclose()
+            return answers
+
+        drop, malformed, html, close_after, fine = run(scenario)
+        self.assertTrue(drop.is_transport_error)
+        self.assertFalse(malformed.is_transport_error)
+        self.assertFalse(html.is_transport_error)
+        self.assertTrue(close_after.is_success)
+        self.assertTrue(fine.is_success)
+
+    def test_http_proxy_absolute_form(self) -> None:
+        with TinyProxy() as proxy:
+            client = self.new_client(proxy=f"http://user:pw@127.0.0.1:{proxy.port}", pool_maxsize=0)
+
+            async def scenario() -> CyclesResponse:
+                response = await client.get_balances(tenant=TENANT)
+                await client.aclose()
+                return response
+
+            response = run(scenario)
+            self.assertTrue(response.is_success, response.error_message)
+            head = proxy.heads[-1]
+            self.assertTrue(head.startswith(f"GET {self.srv.url}/v1/balances?tenant=acme HTTP/1.1"))
+            self.assertIn("Proxy-Authorization: Basic dXNlcjpwdw==", head)
+            self.assertIn("Connection: close", head)
+        self.assertEqual(self.last_request().path, "/v1/balances")
+
+    def test_response_size_cap(self) -> None:
+        client = self.new_client()
+
+        async def scenario() -> CyclesResponse:
+            with mock.patch.object(cl, "MAX_RESPONSE_BYTES", 100):
+                response = await client.get_balances(tenant=TENANT)
+            await client.aclose()
+            return response
+
+        response = run(scenario)
+        self.assertTrue(response.is_transport_error)
+        self.assertIn("larger than 100 bytes", response.error_message or "")
+
+    def test_aclose_closes_everything_and_the_client_refuses_new_calls(self) -> None:
+        client = self.new_client()
+
+        async def scenario() -> None:
+            await asyncio.gather(*(client.get_balances(tenant=TENANT) for _ in range(5)))
+            pool = client._transport._pool()
+            self.assertTrue(pool.idle)
+            await client.aclose()
+            self.assertEqual(pool.idle, [])
+            self.assertTrue(pool.closed)
+            with self.assertRaises(RuntimeError):
+                await client.get_balances(tenant=TENANT)
+
+        run(scenario)
+
+
+class TestLoops(AsyncServerCase):
+    def test_two_event_loops_in_turn_each_get_their_own_connections(self) -> None:
+        client = self.new_client()
+        before = self.srv.connections_accepted
+        pools: List[Any] = []
+
+        async def scenario() -> bool:
+            ok = all(r.is_success for r in await asyncio.gather(
+                *(client.get_balances(tenant=TENANT) for _ in range(3))))
+            pools.append(client._transport._pool())
+            return ok
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.assertTrue(run(scenario))
+            self.assertTrue(run(scenario))  # a new loop: the first one's pool is not used
+            first, second = pools
+            self.assertIsNot(first, second)
+            self.assertTrue(first.closed)  # closed with its loop
+            self.assertEqual(first.idle, [])
+            run(client.aclose)
+            self.assertTrue(second.closed)
+            pools.clear()
+            del first, second
+            gc.collect()
+        self.assertEqual(resource_warnings(caught), [])
+        self.assertGreaterEqual(self.srv.connections_accepted - before, 2)
+
+    def test_a_client_used_from_two_threads_keeps_a_pool_per_loop(self) -> None:
+        client = self.new_client()
+        results: List[bool] = []
+
+        def in_thread() -> None:
+            async def scenario() -> bool:
+                answers = await asyncio.gather(
+                    *(client.get_balances(tenant=TENANT) for _ in range(5)))
+                return all(a.is_success for a in answers)
+
+            results.append(run(scenario))
+
+        threads = [threading.Thread(target=in_thread) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        self.assertEqual(results, [True, True, True])
+        run(client.aclose)
+
+    def test_a_forked_child_forgets_the_parents_connections(self) -> None:
+        client = self.new_client()
+
+        async def scenario() -> None:
+            await client.get_balances(tenant=TENANT)
+            parent_pool = client._transport._pool()
+            cl._forget_async_pools_in_child()  # what os.register_at_fork runs in a child
+            self.assertIsNot(client._transport._pool(), parent_pool)
+            self.assertTrue((await client.get_balances(tenant=TENANT)).is_success)
+            await client.aclose()
+
+        run(scenario)
+
+
+class TestConnectionCap(AsyncServerCase):
+    def test_requests_beyond_the_cap_wait_in_order(self) -> None:
+        client = self.new_client(max_connections=1)
+        self.srv.inject("create", "delay", delay_ms=30, times=None)
+        bodies = [create_body() for _ in range(5)]
+        before = self.srv.connections_accepted
+
+        async def scenario() -> List[CyclesResponse]:
+            calls = []
+            for body in bodies:
+                calls.append(asyncio.ensure_future(client.create_reservation(body)))
+                await asyncio.sleep(0)  # each call reaches the gate in this order
+            answers = list(await asyncio.gather(*calls))
+            await client.aclose()
+            return answers
+
+        self.assertTrue(all(r.is_success for r in run(scenario)))
+        self.assertEqual(self.srv.connections_accepted - before, 1)
+        sent = [r.body["idempotency_key"] for r in self.srv.requests_for("create")]
+        self.assertEqual(sent, [b["idempotency_key"] for b in bodies])
+        self.srv.clear_faults()
+
+    def test_no_more_connections_than_the_cap(self) -> None:
+        client = self.new_client(max_connections=3, pool_maxsize=3)
+        self.srv.inject("balances", "delay", delay_ms=50, times=None)
+        before = self.srv.connections_accepted
+
+        async def scenario() -> bool:
+            answers = await asyncio.gather(*(client.get_balances(tenant=TENANT) for _ in range(12)))
+            await client.aclose()
+            return all(a.is_success for a in answers)
+
+        self.assertTrue(run(scenario))
+        self.assertEqual(self.srv.connections_accepted - before, 3)
+        self.srv.clear_faults()
+
+    def test_the_deadline_runs_while_waiting_for_a_connection(self) -> None:
+        client = self.new_client(max_connections=1, request_timeout=0.3)
+        self.srv.inject("balances", "delay", delay_ms=200, times=None)
+
+        async def scenario() -> List[CyclesResponse]:
+            answers = list(await asyncio.gather(
+                *(client.get_balances(tenant=TENANT) for _ in range(3))))
+            await client.aclose()
+            return answers
+
+        first, second, third = run(scenario)
+        self.assertTrue(first.is_success)
+        self.assertTrue(second.is_transport_error)
+        self.assertTrue(third.is_transport_error)
+        self.assertIn("waiting for a connection", third.error_message or "")
+        self.srv.clear_faults()
+
+    def test_a_cancelled_waiter_gives_its_turn_away(self) -> None:
+        client = self.new_client(max_connections=1)
+        self.srv.inject("balances", "delay", delay_ms=100)
+
+        async def scenario() -> CyclesResponse:
+            first = asyncio.ensure_future(client.get_balances(tenant=TENANT))
+            await asyncio.sleep(0.01)
+            waiting = asyncio.ensure_future(client.get_balances(tenant=TENANT))
+            await asyncio.sleep(0.01)
+            waiting.cancel()
+            await first
+            response = await asyncio.wait_for(client.get_balances(tenant=TENANT), 2)
+            await client.aclose()
+            return response
+
+        self.assertTrue(run(scenario).is_success)
+
+    def test_max_connections_is_validated_and_read_from_the_environment(self) -> None:
+        with self.assertRaisesRegex(ValueError, "max_connections"):
+            self.config(max_connections=0)
+        env = {"CYCLES_BASE_URL": self.srv.url, "CYCLES_API_KEY": API_KEY,
+               "CYCLES_MAX_CONNECTIONS": "7"}
+        self.assertEqual(CyclesConfig.from_env(environ=env).max_connections, 7)
+        self.assertEqual(self.config().max_connections, 100)
+
+
+class TestNoThreads(AsyncServerCase):
+    def test_concurrent_guarded_calls_start_no_thread_and_retries_run_on_the_loop(self) -> None:
+        client = self.new_client(retry_initial_delay=0.05, retry_max_delay=0.05)
+        self.srv.inject("commit", "status", status=503, times=2)
+
+        @cycles(estimate=10, actual=5, action_kind="llm.completion", action_name="m",
+                client=client)
+        async def guarded() -> str:
+            await asyncio.sleep(0.01)
+            return "ok"
+
+        started: List[str] = []
+        real_start = threading.Thread.start
+
+        def counting_start(thread: threading.Thread) -> None:
+            started.extend(client_threads([thread]))
+            real_start(thread)
+
+        async def scenario() -> bool:
+            results = await asyncio.gather(*(guarded() for _ in range(30)))
+            self.assertEqual(set(results), {"ok"})
+            settled = await cl.aflush(5)
+            await client.aclose()
+            return settled
+
+        with mock.patch.object(threading.Thread, "start", counting_start):
+            self.assertTrue(run(scenario))
+        self.assertEqual(started, [])
+        self.assertEqual(len(self.srv.requests_for("commit")), 32)
+        self.srv.check_invariants()
+
+    def test_journal_writes_use_a_few_file_threads_at_most(self) -> None:
+        with tempfile.TemporaryDirectory() as journal_dir:
+            client = self.new_client(journal_enabled=True, journal_dir=journal_dir)
+
+            @cycles(estimate=10, actual=5, action_kind="llm.completion", action_name="m",
+                    client=client)
+            async def guarded() -> str:
+                return "ok"
+
+            before = set(threading.enumerate())
+
+            async def scenario() -> int:
+                await asyncio.gather(*(guarded() for _ in range(40)))
+                grown = len(client_threads(set(threading.enumerate()) - before))
+                await client.aclose()
+                return grown
+
+            self.assertLessEqual(run(scenario), cl._FILE_WORKERS)
+
+    def test_a_retry_pending_when_its_loop_ends_moves_to_the_worker(self) -> None:
+        client = self.new_client(retry_initial_delay=0.2, retry_max_delay=0.2)
+        self.srv.inject("commit", "status", status=503)
+
+        @cycles(estimate=10, actual=5, action_kind="llm.completion", action_name="m",
+                client=client)
+        async def guarded() -> str:
+            return "ok"
+
+        self.assertEqual(run(guarded), "ok")  # the loop ends with the retry still waiting
+        self.assertTrue(cl.flush(5))
+        self.assertEqual(len(self.srv.requests_for("commit")), 2)
+        run(client.aclose)
+        self.srv.check_invariants()
+
+
+class TestAsyncHttps(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls) -> None:
+        import ssl
+
+        cls.tmp = tempfile.TemporaryDirectory()
+        files = make_certificate(cls.tmp.name)
+        if files is None:
+            cls.tmp.cleanup()
+            raise unittest.SkipTest("the openssl command line tool is not available")
+        cls.cert = files["cert"]
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(files["cert"], files["key"])
+        cls.srv = make_server(ssl_context=context).start()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.srv.stop()
+        cls.tmp.cleanup()
+
+    def setUp(self) -> None:
+        self.srv.clear_faults()
+        self.srv.clear_requests()
+
+    def client(self, **kwargs: Any) -> AsyncCyclesClient:
+        kwargs.setdefault("ca_bundle", self.cert)
+        return AsyncCyclesClient(CyclesConfig(
+            base_url=self.srv.url, api_key=API_KEY, journal_enabled=False, **kwargs))
+
+    def test_https_keep_alive_on_one_connection(self) -> None:
+        client = self.client()
+        before = self.srv.connections_accepted
+
+        async def scenario() -> bool:
+            answers = [await client.get_balances(tenant=TENANT) for _ in range(5)]
+            answers.append(await client.create_reservation(create_body()))
+            await client.aclose()
+            return all(a.is_success for a in answers)
+
+        self.assertTrue(run(scenario))
+        self.assertEqual(self.srv.connections_accepted - before, 1)
+
+    def test_verification_is_on_by_default(self) -> None:
+        client = AsyncCyclesClient(CyclesConfig(base_url=self.srv.url, api_key=API_KEY))
+
+        async def scenario() -> CyclesResponse:
+            response = await client.get_balances(tenant=TENANT)
+            await client.aclose()
+            return response
+
+        response = run(scenario)
+        self.assertTrue(response.is_transport_error)
+        self.assertIn("CERTIFICATE_VERIFY_FAILED", response.error_message or "")
+
+    def test_https_trickle_hits_the_deadline(self) -> None:
+        client = self.client(request_timeout=0.4)
+        self.srv.inject("balances", "trickle", interval_ms=50)
+
+        async def scenario() -> CyclesResponse:
+            response = await client.get_balances(tenant=TENANT)
+            await client.aclose()
+            return response
+
+        started = time.monotonic()
+        response = run(scenario)
+        self.assertTrue(response.is_transport_error)
+        self.assertIsInstance(response.transport_exception, TimeoutError)
+        self.assertLess(time.monotonic() - started, 1.5)
+
+    def test_https_stale_connection_is_resent_once(self) -> None:
+        client = self.client()
+        body = create_body()
+
+        async def scenario() -> CyclesResponse:
+            await client.get_balances(tenant=TENANT)
+            self.srv.close_idle_connections()
+            self.srv.clear_requests()
+            await asyncio.sleep(0.05)
+            with mock.patch.object(cl._AsyncConnection, "dropped", return_value=False):
+                response = await client.create_reservation(body)
+            await client.aclose()
+            return response
+
+        self.assertTrue(run(scenario).is_success)
+        self.assertEqual(len(self.srv.requests_for("create")), 1)
+
+    def test_https_tunnel_through_a_proxy(self) -> None:
+        with TunnelProxy() as proxy:
+            client = self.client(proxy=f"http://127.0.0.1:{proxy.port}")
+
+            async def scenario() -> bool:
+                answers = [await client.get_balances(tenant=TENANT) for _ in range(2)]
+                await client.aclose()
+                return all(a.is_success for a in answers)
+
+            self.assertTrue(run(scenario))
+        self.assertEqual(len(proxy.heads), 1)
+        self.assertTrue(proxy.heads[0].startswith(f"CONNECT 127.0.0.1:{self.srv.port} HTTP/1."))
+
+    def test_two_loops_in_turn_over_https_without_warnings(self) -> None:
+        client = self.client()
+
+        async def scenario() -> bool:
+            return (await client.get_balances(tenant=TENANT)).is_success
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.assertTrue(run(scenario))
+            self.assertTrue(run(scenario))
+            run(client.aclose)
+            gc.collect()
+        self.assertEqual(resource_warnings(caught), [])
+
+
+if __name__ == "__main__":
+    unittest.main()
