@@ -3066,8 +3066,8 @@ class AsyncCyclesClient:
 # generators that *yield* the effects they need (an HTTP attempt, a sleep,
 # blocking file I/O, starting or stopping the heartbeat) and receive their
 # results.  ``_drive`` performs effects on the calling thread, ``_drive_async``
-# awaits them, and each heartbeat has its own driver: a chain of daemon timers
-# (sync) or one task (async).  Sync and async differ only in the driver.
+# awaits them, and each heartbeat has its own driver: beats on the one process-wide
+# scheduler thread (sync) or one task (async).  Sync and async differ only in the driver.
 # ---------------------------------------------------------------------------
 
 
@@ -3152,7 +3152,7 @@ def _perform_effect(send: _SendFn, effect: _Effect) -> Any:
     if isinstance(effect, _Blocking):
         return effect.work()
     if isinstance(effect, _StartHeartbeat):
-        return _TimerHeartbeat(send, effect.steps).start()
+        return _ScheduledHeartbeat(send, effect.steps).start()
     if isinstance(effect, _StopHeartbeat):
         effect.handle.stop()
         return None
@@ -3222,7 +3222,7 @@ async def _perform_effect_async(
 class _TaskHeartbeat:
     """The async heartbeat driver: one asyncio task running the steps.
 
-    ``stop()`` is final and, like ``_TimerHeartbeat.stop()``, waits for a beat in
+    ``stop()`` is final and, like ``_ScheduledHeartbeat.stop()``, waits for a beat in
     flight: cancelling the task only stops the waiting, so it then waits for the
     extend already handed to an I/O thread (bounded by that attempt's deadline), and
     drops its result.  No extend is on the wire when the commit goes out.
@@ -3249,51 +3249,44 @@ class _TaskHeartbeat:
             await asyncio.wait({asyncio.wrap_future(in_flight)}, timeout=left)
 
 
-class _TimerHeartbeat:
-    """The sync heartbeat driver: a chain of daemon ``threading.Timer``s, one armed at a time.
+class _ScheduledHeartbeat:
+    """The sync heartbeat driver: its beats run on the process-wide ``_heartbeats`` thread.
 
-    Each timer runs one beat on its own thread (the extend attempt is bounded by
-    the transport's whole-attempt deadline: no thread per attempt) and arms the
-    next.  ``stop()`` is final (a heartbeat is never restarted): it cancels the
-    armed timer and waits for a beat in flight, so no extend is on the wire when
-    the commit goes out and no heartbeat thread outlives the guarded call; a
-    result that arrives after ``stop()`` is never fed to the schedule.
+    ``start()`` runs the steps up to their first sleep (they always sleep before
+    sending) and hands the heartbeat to the scheduler, which runs each beat when it
+    is due (the extend attempt is bounded by the transport's whole-attempt
+    deadline) and schedules the next.  ``stop()`` is final (a heartbeat is never
+    restarted): it unschedules the heartbeat and waits for a beat in flight, so no
+    extend is on the wire when the commit goes out; a result that arrives after
+    ``stop()`` is never fed to the schedule.
     """
 
     def __init__(self, send: _SendFn, steps: _Steps[None]) -> None:
         self._send = send
         self._steps = steps
         self._lock = threading.Lock()
-        self._stopped = False
-        self._timers: List[threading.Timer] = []  # the armed timer and the one that armed it
+        self.stopped = False
 
-    def start(self) -> _TimerHeartbeat:
-        self._run_until_sleep(None)
+    def start(self) -> _ScheduledHeartbeat:
+        _heartbeats.schedule(self, self.beat(None))
         return self
 
     def stop(self) -> None:
         with self._lock:
-            self._stopped = True
-            timers, self._timers = self._timers, []
+            self.stopped = True
             self._steps.close()
-        for timer in timers:
-            timer.cancel()
-            if timer is not threading.current_thread():
-                timer.join()
+        _heartbeats.unschedule(self)
 
-    def _beat(self) -> None:
-        self._run_until_sleep(None)
-
-    def _run_until_sleep(self, reply: Any) -> None:
+    def beat(self, reply: Any = None) -> float | None:
+        """Run the steps up to their next sleep: its seconds, or None once they are done."""
         effect = self._resume(reply)
         while isinstance(effect, _Send):
             effect = self._resume(_send_safely(self._send, effect))
-        if isinstance(effect, _Sleep):
-            self._arm(effect.seconds)
+        return effect.seconds if isinstance(effect, _Sleep) else None
 
     def _resume(self, reply: Any) -> _Effect | None:
         with self._lock:
-            if self._stopped:
+            if self.stopped:
                 return None  # stopped meanwhile: a late extend result is dropped
             try:
                 return self._steps.send(reply)
@@ -3303,15 +3296,99 @@ class _TimerHeartbeat:
                 _log.exception("heartbeat stopped by an internal error")
                 return None
 
-    def _arm(self, seconds: float) -> None:
-        with self._lock:
-            if self._stopped:
+
+# How long the scheduler thread waits for a new heartbeat before it exits: calls in
+# a steady stream share one thread, and an idle process keeps none for long.
+_HEARTBEAT_IDLE_EXIT_S = 1.0
+
+
+class _HeartbeatScheduler:
+    """One daemon thread runs every live sync heartbeat's beats in due order.
+
+    Started lazily by the first heartbeat, it exits after ``_HEARTBEAT_IDLE_EXIT_S``
+    with nothing scheduled.  Beats run one at a time; each is one extend attempt,
+    bounded by its whole-attempt deadline.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Empty and threadless (also in a forked child: the parent's thread is not there)."""
+        self._cond = threading.Condition(threading.Lock())
+        self._heap: List[Tuple[float, int, _ScheduledHeartbeat]] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._running: _ScheduledHeartbeat | None = None
+        self._active_at = time.monotonic()  # when a heartbeat last came or went
+
+    def schedule(self, heartbeat: _ScheduledHeartbeat, seconds: float | None) -> None:
+        if seconds is None:
+            return
+        with self._cond:
+            if heartbeat.stopped:
                 return
-            timer = threading.Timer(seconds, self._beat)
-            timer.daemon = True
-            timer.name = "cycles-lite-heartbeat"
-            self._timers = [*self._timers[-1:], timer]
-            timer.start()
+            self._active_at = time.monotonic()
+            entry = (self._active_at + seconds, next(self._order), heartbeat)
+            heapq.heappush(self._heap, entry)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._work, name="cycles-lite-heartbeat", daemon=True
+                )
+                self._thread.start()
+            elif self._heap[0] is entry:
+                self._cond.notify()
+
+    def unschedule(self, heartbeat: _ScheduledHeartbeat) -> None:
+        """Drop ``heartbeat``'s next beat and wait for its beat in flight, if any."""
+        with self._cond:
+            self._heap = [entry for entry in self._heap if entry[2] is not heartbeat]
+            heapq.heapify(self._heap)
+            self._active_at = time.monotonic()
+            if not self._heap:
+                self._cond.notify()  # the thread's idle spell starts now
+            while self._running is heartbeat and threading.current_thread() is not self._thread:
+                self._cond.wait()
+
+    def _work(self) -> None:
+        with self._cond:
+            while True:
+                heartbeat = self._next_due()
+                if heartbeat is None:
+                    self._thread = None
+                    return
+                self._running = heartbeat
+                self._cond.release()
+                try:
+                    seconds = heartbeat.beat()
+                finally:
+                    self._cond.acquire()
+                    self._running = None
+                    self._cond.notify_all()
+                if seconds is not None and not heartbeat.stopped:
+                    entry = (time.monotonic() + seconds, next(self._order), heartbeat)
+                    heapq.heappush(self._heap, entry)
+
+    def _next_due(self) -> _ScheduledHeartbeat | None:
+        """Under the lock: pop the next due heartbeat, or None after an idle spell."""
+        while True:
+            if not self._heap:
+                idle_s = time.monotonic() - self._active_at
+                if idle_s >= _HEARTBEAT_IDLE_EXIT_S:
+                    return None
+                self._cond.wait(_HEARTBEAT_IDLE_EXIT_S - idle_s)
+                continue
+            due, _, heartbeat = self._heap[0]
+            wait = due - time.monotonic()
+            if wait <= 0:
+                heapq.heappop(self._heap)
+                return heartbeat
+            self._cond.wait(wait)
+
+
+_heartbeats = _HeartbeatScheduler()
+if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows
+    os.register_at_fork(after_in_child=_heartbeats.reset)
 
 
 # ---------------------------------------------------------------------------

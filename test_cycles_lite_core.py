@@ -1,0 +1,120 @@
+"""Issue 12 (lean core): one heartbeat thread for the process, declarations said once.
+
+Real HTTP to ``cycles_lite_server``; nothing mocked but ``threading.Thread.start``
+(counted, still called).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import unittest
+import warnings
+from typing import Any, List
+from unittest import mock
+
+import cycles_lite as cl
+from cycles_lite import CyclesClient, CyclesConfig
+from cycles_lite_server import LocalCyclesServer
+
+API_KEY = "core-key"
+TENANT = "acme"
+
+
+class _ServerCase(unittest.TestCase):
+    srv: LocalCyclesServer
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.srv = LocalCyclesServer(
+            api_keys={API_KEY: TENANT},
+            tenants={TENANT: "ACTIVE"},
+            budgets=[{"scope": f"tenant:{TENANT}", "unit": "USD_MICROCENTS", "allocated": 10**12}],
+        ).start()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.srv.stop()
+
+    def new_client(self, **options: Any) -> CyclesClient:
+        config = CyclesConfig(
+            base_url=self.srv.url, api_key=API_KEY, tenant=TENANT, journal_enabled=False, **options
+        )
+        client = CyclesClient(config)
+        self.addCleanup(client.close)
+        return client
+
+
+def _count_thread_starts(test: unittest.TestCase) -> List[str]:
+    started: List[str] = []
+    real_start = threading.Thread.start
+
+    def counting_start(thread: threading.Thread) -> None:
+        started.append(thread.name)
+        real_start(thread)
+
+    patcher = mock.patch.object(threading.Thread, "start", counting_start)
+    patcher.start()
+    test.addCleanup(patcher.stop)
+    return started
+
+
+class TestHeartbeatScheduler(_ServerCase):
+    def test_guarded_calls_in_a_stream_start_no_thread(self) -> None:
+        client = self.new_client()
+
+        @cl.cycles(estimate=10, actual=5, action_kind="llm.completion", action_name="m",
+                   agent="a", client=client)
+        def guarded(i: int) -> int:
+            return i
+
+        guarded(0)  # the scheduler thread starts with the first heartbeat
+        started = _count_thread_starts(self)
+        self.assertEqual([guarded(i) for i in range(1, 30)], list(range(1, 30)))
+        self.assertEqual(started, [])
+
+    def test_one_scheduler_thread_serves_every_live_reservation(self) -> None:
+        client = self.new_client()
+        guards = [client.reserve(estimate=10, action_kind="k", action_name="n", agent=f"a{i}")
+                  for i in range(5)]
+        for guard in guards:
+            guard.__enter__()
+        try:
+            names = [t.name for t in threading.enumerate()]
+            self.assertEqual(names.count("cycles-lite-heartbeat"), 1)
+        finally:
+            for guard in guards:
+                guard.__exit__(None, None, None)
+        self.assertTrue(_wait_for(lambda: cl._heartbeats._thread is None, 5.0))
+        self.assertNotIn("cycles-lite-heartbeat", [t.name for t in threading.enumerate()])
+
+    @unittest.skipUnless(hasattr(os, "fork"), "needs os.fork")
+    def test_a_forked_child_starts_its_own_scheduler(self) -> None:
+        client = self.new_client()
+        with client.reserve(estimate=10, action_kind="k", action_name="n", agent="parent"):
+            read_end, write_end = os.pipe()
+            with warnings.catch_warnings():  # 3.12+: fork() of a multi-threaded process
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child reports through the pipe
+                ok = cl._heartbeats._thread is None and not cl._heartbeats._heap
+                os.write(write_end, b"1" if ok else b"0")
+                os._exit(0)
+            os.close(write_end)
+            with os.fdopen(read_end, "rb") as pipe:
+                self.assertEqual(pipe.read(), b"1")
+            os.waitpid(pid, 0)
+
+
+def _wait_for(predicate: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+if __name__ == "__main__":
+    unittest.main()
