@@ -733,14 +733,20 @@ def _dump_value(value: Any, exclude_none: bool, json_mode: bool) -> Any:
     return value
 
 
+def _field(check: _Check, *, required: bool = False) -> Any:
+    """A model field and its check, declared together: ``amount: int = _field(_int64)``."""
+    return field(default=_REQUIRED if required else None, metadata={"check": check})
+
+
 class _Model:
     """Base of the protocol dataclasses: validation at construction, dump, tolerant parse.
 
-    Subclasses list a check per field in ``_fields``; a field whose default is
-    ``_REQUIRED`` must be given.  ``extra`` keeps the unknown fields of a parsed
-    response (a newer server may add fields; they are never refused).
+    Each field is declared once, with its check (``_field``); a required field
+    must be given.  ``extra`` keeps the unknown fields of a parsed response (a
+    newer server may add fields; they are never refused).
     """
 
+    # Collected from the field declarations: name -> check, and the required names.
     _fields: ClassVar[Dict[str, _Check]] = {}
     _required: ClassVar[FrozenSet[str]] = frozenset()
     # Request models refuse unknown fields in model_validate too; the server would.
@@ -748,8 +754,15 @@ class _Model:
     extra: Dict[str, Any]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Runs before ``@dataclass``: the class still holds each field's ``_field(...)``."""
         super().__init_subclass__(**kwargs)
-        cls._required = frozenset(n for n in cls._fields if getattr(cls, n, None) is _REQUIRED)
+        checks, required = dict(cls._fields), set(cls._required)
+        for name, declared in list(cls.__dict__.items()):
+            if isinstance(declared, dataclasses.Field) and "check" in declared.metadata:
+                checks[name] = declared.metadata["check"]
+                if declared.default is _REQUIRED:
+                    required.add(name)
+        cls._fields, cls._required = checks, frozenset(required)
 
     def __post_init__(self) -> None:
         self.extra = {}
@@ -846,44 +859,36 @@ _int64 = _int_check(0, INT64_MAX, "a non-negative int64")
 _any_str = _str_check()
 _idempotency_key = _str_check(MAX_IDEMPOTENCY_KEY_LENGTH, min_len=1)
 _str_list = _list_check(_any_str)
+_subject_str = _str_check(MAX_SUBJECT_FIELD_LENGTH)
 
 
 @dataclass(repr=False, eq=False)
 class Amount(_Model):
     """A non-negative int64 amount in one unit."""
 
-    unit: Unit | str = _REQUIRED
-    amount: int = _REQUIRED
-
-    _fields = {"unit": _enum_check(Unit), "amount": _int64}
+    unit: Unit | str = _field(_enum_check(Unit), required=True)
+    amount: int = _field(_int64, required=True)
 
 
 @dataclass(repr=False, eq=False)
 class SignedAmount(_Model):
     """An amount that may be negative (only ``Balance.remaining``)."""
 
-    unit: Unit | str = _REQUIRED
-    amount: int = _REQUIRED
-
-    _fields = {"unit": _enum_check(Unit), "amount": _int_check(what="an int64")}
+    unit: Unit | str = _field(_enum_check(Unit), required=True)
+    amount: int = _field(_int_check(what="an int64"), required=True)
 
 
 @dataclass(repr=False, eq=False)
 class Subject(_Model):
     """Who spends: the scope hierarchy (at least one standard field in a request)."""
 
-    tenant: str | None = None
-    workspace: str | None = None
-    app: str | None = None
-    workflow: str | None = None
-    agent: str | None = None
-    toolset: str | None = None
-    dimensions: dict[str, str] | None = None
-
-    _fields = dict(
-        {name: _str_check(MAX_SUBJECT_FIELD_LENGTH) for name in SUBJECT_FIELDS},
-        dimensions=_dimensions_check,
-    )
+    tenant: str | None = _field(_subject_str)
+    workspace: str | None = _field(_subject_str)
+    app: str | None = _field(_subject_str)
+    workflow: str | None = _field(_subject_str)
+    agent: str | None = _field(_subject_str)
+    toolset: str | None = _field(_subject_str)
+    dimensions: dict[str, str] | None = _field(_dimensions_check)
 
     def has_at_least_one_standard_field(self) -> bool:
         return any(getattr(self, name) for name in SUBJECT_FIELDS)
@@ -893,34 +898,20 @@ class Subject(_Model):
 class Action(_Model):
     """What is being done: ``kind`` (e.g. llm.completion), ``name``, optional tags."""
 
-    kind: str = _REQUIRED
-    name: str = _REQUIRED
-    tags: list[str] | None = None
-
-    _fields = {
-        "kind": _str_check(MAX_ACTION_KIND_LENGTH),
-        "name": _str_check(MAX_ACTION_NAME_LENGTH),
-        "tags": _list_check(_str_check(MAX_TAG_LENGTH), MAX_TAGS),
-    }
+    kind: str = _field(_str_check(MAX_ACTION_KIND_LENGTH), required=True)
+    name: str = _field(_str_check(MAX_ACTION_NAME_LENGTH), required=True)
+    tags: list[str] | None = _field(_list_check(_str_check(MAX_TAG_LENGTH), MAX_TAGS))
 
 
 @dataclass(repr=False, eq=False)
 class Caps(_Model):
     """Limits that come with an ALLOW_WITH_CAPS decision (advisory for the client)."""
 
-    max_tokens: int | None = None
-    max_steps_remaining: int | None = None
-    tool_allowlist: list[str] | None = None
-    tool_denylist: list[str] | None = None
-    cooldown_ms: int | None = None
-
-    _fields = {
-        "max_tokens": _int64,
-        "max_steps_remaining": _int64,
-        "tool_allowlist": _list_check(_str_check(256)),
-        "tool_denylist": _list_check(_str_check(256)),
-        "cooldown_ms": _int64,
-    }
+    max_tokens: int | None = _field(_int64)
+    max_steps_remaining: int | None = _field(_int64)
+    tool_allowlist: list[str] | None = _field(_list_check(_str_check(256)))
+    tool_denylist: list[str] | None = _field(_list_check(_str_check(256)))
+    cooldown_ms: int | None = _field(_int64)
 
     def is_tool_allowed(self, tool: str) -> bool:
         """The spec's precedence: a non-empty allowlist wins, then a non-empty denylist."""
@@ -935,19 +926,11 @@ class Caps(_Model):
 class CyclesMetrics(_Model):
     """Standard metrics sent with a commit or event."""
 
-    tokens_input: int | None = None
-    tokens_output: int | None = None
-    latency_ms: int | None = None
-    model_version: str | None = None
-    custom: dict[str, Any] | None = None
-
-    _fields = {
-        "tokens_input": _int64,
-        "tokens_output": _int64,
-        "latency_ms": _int64,
-        "model_version": _str_check(128),
-        "custom": _object_check,
-    }
+    tokens_input: int | None = _field(_int64)
+    tokens_output: int | None = _field(_int64)
+    latency_ms: int | None = _field(_int64)
+    model_version: str | None = _field(_str_check(128))
+    custom: dict[str, Any] | None = _field(_object_check)
 
     def put_custom(self, key: str, value: Any) -> None:
         if self.custom is None:
@@ -971,55 +954,38 @@ _amount = _model_check(Amount)
 class Balance(_Model):
     """One scope's budget state; ``remaining`` may be negative."""
 
-    scope: str = _REQUIRED
-    scope_path: str = _REQUIRED
-    remaining: SignedAmount = _REQUIRED
-    reserved: Amount | None = None
-    spent: Amount | None = None
-    allocated: Amount | None = None
-    debt: Amount | None = None
-    overdraft_limit: Amount | None = None
-    is_over_limit: bool | None = None
-
-    _fields = {
-        "scope": _any_str,
-        "scope_path": _any_str,
-        "remaining": _model_check(SignedAmount),
-        "reserved": _amount,
-        "spent": _amount,
-        "allocated": _amount,
-        "debt": _amount,
-        "overdraft_limit": _amount,
-        "is_over_limit": _bool_check,
-    }
+    scope: str = _field(_any_str, required=True)
+    scope_path: str = _field(_any_str, required=True)
+    remaining: SignedAmount = _field(_model_check(SignedAmount), required=True)
+    reserved: Amount | None = _field(_amount)
+    spent: Amount | None = _field(_amount)
+    allocated: Amount | None = _field(_amount)
+    debt: Amount | None = _field(_amount)
+    overdraft_limit: Amount | None = _field(_amount)
+    is_over_limit: bool | None = _field(_bool_check)
 
 
 @dataclass(repr=False, eq=False)
 class CyclesEvidenceRef(_Model):
     """Where to fetch a signed evidence envelope (``get_evidence(evidence_id)``)."""
 
-    evidence_id: str = _REQUIRED
-    cycles_evidence_url: str = _REQUIRED
+    evidence_id: str = _field(_evidence_id_check, required=True)
+    cycles_evidence_url: str = _field(_absolute_uri_check, required=True)
 
-    _fields = {
-        "evidence_id": _evidence_id_check,
-        "cycles_evidence_url": _absolute_uri_check,
-    }
+
+_evidence_ref = _model_check(CyclesEvidenceRef)
 
 
 @dataclass(repr=False, eq=False)
 class ReservationEvidence(_Model):
     """Evidence references of a reservation's reserve, commit and release."""
 
-    reserve: CyclesEvidenceRef | None = None
-    commit: CyclesEvidenceRef | None = None
-    release: CyclesEvidenceRef | None = None
-
-    _fields = dict.fromkeys(("reserve", "commit", "release"), _model_check(CyclesEvidenceRef))
+    reserve: CyclesEvidenceRef | None = _field(_evidence_ref)
+    commit: CyclesEvidenceRef | None = _field(_evidence_ref)
+    release: CyclesEvidenceRef | None = _field(_evidence_ref)
 
 
 _balances = _list_check(_model_check(Balance))
-_evidence_ref = _model_check(CyclesEvidenceRef)
 _caps = _model_check(Caps)
 _subject = _model_check(Subject)
 _action = _model_check(Action)
@@ -1042,113 +1008,67 @@ class _Request(_Model):
 class ReservationCreateRequest(_Request):
     """Body of ``POST /v1/reservations``."""
 
-    idempotency_key: str = _REQUIRED
-    subject: Subject = _REQUIRED
-    action: Action = _REQUIRED
-    estimate: Amount = _REQUIRED
-    ttl_ms: int | None = None
-    grace_period_ms: int | None = None
-    overage_policy: CommitOveragePolicy | str | None = None
-    dry_run: bool | None = None
-    metadata: dict[str, Any] | None = None
-
-    _fields = {
-        "idempotency_key": _idempotency_key,
-        "subject": _subject,
-        "action": _action,
-        "estimate": _amount,
-        "ttl_ms": _int_check(MIN_TTL_MS, MAX_TTL_MS),
-        "grace_period_ms": _int_check(0, MAX_GRACE_PERIOD_MS),
-        "overage_policy": _overage_policy,
-        "dry_run": _bool_check,
-        "metadata": _object_check,
-    }
+    idempotency_key: str = _field(_idempotency_key, required=True)
+    subject: Subject = _field(_subject, required=True)
+    action: Action = _field(_action, required=True)
+    estimate: Amount = _field(_amount, required=True)
+    ttl_ms: int | None = _field(_int_check(MIN_TTL_MS, MAX_TTL_MS))
+    grace_period_ms: int | None = _field(_int_check(0, MAX_GRACE_PERIOD_MS))
+    overage_policy: CommitOveragePolicy | str | None = _field(_overage_policy)
+    dry_run: bool | None = _field(_bool_check)
+    metadata: dict[str, Any] | None = _field(_object_check)
 
 
 @dataclass(repr=False, eq=False)
 class CommitRequest(_Request):
     """Body of ``POST /v1/reservations/{id}/commit``."""
 
-    idempotency_key: str = _REQUIRED
-    actual: Amount = _REQUIRED
-    metrics: CyclesMetrics | None = None
-    metadata: dict[str, Any] | None = None
-
-    _fields = {
-        "idempotency_key": _idempotency_key,
-        "actual": _amount,
-        "metrics": _metrics,
-        "metadata": _object_check,
-    }
+    idempotency_key: str = _field(_idempotency_key, required=True)
+    actual: Amount = _field(_amount, required=True)
+    metrics: CyclesMetrics | None = _field(_metrics)
+    metadata: dict[str, Any] | None = _field(_object_check)
 
 
 @dataclass(repr=False, eq=False)
 class ReleaseRequest(_Request):
     """Body of ``POST /v1/reservations/{id}/release``."""
 
-    idempotency_key: str = _REQUIRED
-    reason: str | None = None
-
-    _fields = {"idempotency_key": _idempotency_key, "reason": _str_check(256)}
+    idempotency_key: str = _field(_idempotency_key, required=True)
+    reason: str | None = _field(_str_check(256))
 
 
 @dataclass(repr=False, eq=False)
 class ReservationExtendRequest(_Request):
     """Body of ``POST /v1/reservations/{id}/extend`` (adds to the current expiry)."""
 
-    idempotency_key: str = _REQUIRED
-    extend_by_ms: int = _REQUIRED
-    metadata: dict[str, Any] | None = None
-
-    _fields = {
-        "idempotency_key": _idempotency_key,
-        "extend_by_ms": _int_check(1, MAX_EXTEND_BY_MS),
-        "metadata": _object_check,
-    }
+    idempotency_key: str = _field(_idempotency_key, required=True)
+    extend_by_ms: int = _field(_int_check(1, MAX_EXTEND_BY_MS), required=True)
+    metadata: dict[str, Any] | None = _field(_object_check)
 
 
 @dataclass(repr=False, eq=False)
 class DecisionRequest(_Request):
     """Body of ``POST /v1/decide`` (a hint only; it holds nothing)."""
 
-    idempotency_key: str = _REQUIRED
-    subject: Subject = _REQUIRED
-    action: Action = _REQUIRED
-    estimate: Amount = _REQUIRED
-    metadata: dict[str, Any] | None = None
-
-    _fields = {
-        "idempotency_key": _idempotency_key,
-        "subject": _subject,
-        "action": _action,
-        "estimate": _amount,
-        "metadata": _object_check,
-    }
+    idempotency_key: str = _field(_idempotency_key, required=True)
+    subject: Subject = _field(_subject, required=True)
+    action: Action = _field(_action, required=True)
+    estimate: Amount = _field(_amount, required=True)
+    metadata: dict[str, Any] | None = _field(_object_check)
 
 
 @dataclass(repr=False, eq=False)
 class EventCreateRequest(_Request):
     """Body of ``POST /v1/events``: a direct debit without a reservation."""
 
-    idempotency_key: str = _REQUIRED
-    subject: Subject = _REQUIRED
-    action: Action = _REQUIRED
-    actual: Amount = _REQUIRED
-    overage_policy: CommitOveragePolicy | str | None = None
-    metrics: CyclesMetrics | None = None
-    client_time_ms: int | None = None
-    metadata: dict[str, Any] | None = None
-
-    _fields = {
-        "idempotency_key": _idempotency_key,
-        "subject": _subject,
-        "action": _action,
-        "actual": _amount,
-        "overage_policy": _overage_policy,
-        "metrics": _metrics,
-        "client_time_ms": _int64,
-        "metadata": _object_check,
-    }
+    idempotency_key: str = _field(_idempotency_key, required=True)
+    subject: Subject = _field(_subject, required=True)
+    action: Action = _field(_action, required=True)
+    actual: Amount = _field(_amount, required=True)
+    overage_policy: CommitOveragePolicy | str | None = _field(_overage_policy)
+    metrics: CyclesMetrics | None = _field(_metrics)
+    client_time_ms: int | None = _field(_int64)
+    metadata: dict[str, Any] | None = _field(_object_check)
 
 
 class _Decided:
@@ -1165,149 +1085,85 @@ class _Decided:
 class ReservationCreateResponse(_Decided, _Model):
     """Answer to a reservation (live or dry run)."""
 
-    decision: Decision | str = _REQUIRED
-    reservation_id: str | None = None
-    affected_scopes: list[str] = _REQUIRED
-    expires_at_ms: int | None = None
-    remaining_ttl_ms: int | None = None
-    scope_path: str | None = None
-    reserved: Amount | None = None
-    caps: Caps | None = None
-    reason_code: str | None = None
-    retry_after_ms: int | None = None
-    balances: list[Balance] | None = None
-    cycles_evidence: CyclesEvidenceRef | None = None
-
-    _fields = {
-        "decision": _enum_check(Decision),
-        "reservation_id": _any_str,
-        "affected_scopes": _str_list,
-        "expires_at_ms": _int64,
-        "remaining_ttl_ms": _int64,
-        "scope_path": _any_str,
-        "reserved": _amount,
-        "caps": _caps,
-        "reason_code": _any_str,
-        "retry_after_ms": _int64,
-        "balances": _balances,
-        "cycles_evidence": _evidence_ref,
-    }
+    decision: Decision | str = _field(_enum_check(Decision), required=True)
+    reservation_id: str | None = _field(_any_str)
+    affected_scopes: list[str] = _field(_str_list, required=True)
+    expires_at_ms: int | None = _field(_int64)
+    remaining_ttl_ms: int | None = _field(_int64)
+    scope_path: str | None = _field(_any_str)
+    reserved: Amount | None = _field(_amount)
+    caps: Caps | None = _field(_caps)
+    reason_code: str | None = _field(_any_str)
+    retry_after_ms: int | None = _field(_int64)
+    balances: list[Balance] | None = _field(_balances)
+    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref)
 
 
 @dataclass(repr=False, eq=False)
 class CommitResponse(_Model):
     """Answer to a commit; ``charged`` may be less than the actual."""
 
-    status: CommitStatus | str = _REQUIRED
-    charged: Amount = _REQUIRED
-    released: Amount | None = None
-    balances: list[Balance] | None = None
-    cycles_evidence: CyclesEvidenceRef | None = None
-
-    _fields = {
-        "status": _enum_check(CommitStatus),
-        "charged": _amount,
-        "released": _amount,
-        "balances": _balances,
-        "cycles_evidence": _evidence_ref,
-    }
+    status: CommitStatus | str = _field(_enum_check(CommitStatus), required=True)
+    charged: Amount = _field(_amount, required=True)
+    released: Amount | None = _field(_amount)
+    balances: list[Balance] | None = _field(_balances)
+    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref)
 
 
 @dataclass(repr=False, eq=False)
 class ReleaseResponse(_Model):
     """Answer to a release."""
 
-    status: ReleaseStatus | str = _REQUIRED
-    released: Amount = _REQUIRED
-    balances: list[Balance] | None = None
-    cycles_evidence: CyclesEvidenceRef | None = None
-
-    _fields = {
-        "status": _enum_check(ReleaseStatus),
-        "released": _amount,
-        "balances": _balances,
-        "cycles_evidence": _evidence_ref,
-    }
+    status: ReleaseStatus | str = _field(_enum_check(ReleaseStatus), required=True)
+    released: Amount = _field(_amount, required=True)
+    balances: list[Balance] | None = _field(_balances)
+    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref)
 
 
 @dataclass(repr=False, eq=False)
 class ReservationExtendResponse(_Model):
     """Answer to an extend; ``expires_at_ms`` is authoritative."""
 
-    status: ExtendStatus | str = _REQUIRED
-    expires_at_ms: int = _REQUIRED
-    remaining_ttl_ms: int | None = None
-    balances: list[Balance] | None = None
-
-    _fields = {
-        "status": _enum_check(ExtendStatus),
-        "expires_at_ms": _int64,
-        "remaining_ttl_ms": _int64,
-        "balances": _balances,
-    }
+    status: ExtendStatus | str = _field(_enum_check(ExtendStatus), required=True)
+    expires_at_ms: int = _field(_int64, required=True)
+    remaining_ttl_ms: int | None = _field(_int64)
+    balances: list[Balance] | None = _field(_balances)
 
 
 @dataclass(repr=False, eq=False)
 class DecisionResponse(_Decided, _Model):
     """Answer to ``decide``."""
 
-    decision: Decision | str = _REQUIRED
-    caps: Caps | None = None
-    reason_code: str | None = None
-    retry_after_ms: int | None = None
-    affected_scopes: list[str] | None = None
-    cycles_evidence: CyclesEvidenceRef | None = None
-
-    _fields = {
-        "decision": _enum_check(Decision),
-        "caps": _caps,
-        "reason_code": _any_str,
-        "retry_after_ms": _int64,
-        "affected_scopes": _str_list,
-        "cycles_evidence": _evidence_ref,
-    }
+    decision: Decision | str = _field(_enum_check(Decision), required=True)
+    caps: Caps | None = _field(_caps)
+    reason_code: str | None = _field(_any_str)
+    retry_after_ms: int | None = _field(_int64)
+    affected_scopes: list[str] | None = _field(_str_list)
+    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref)
 
 
 @dataclass(repr=False, eq=False)
 class EventCreateResponse(_Model):
     """Answer to an event (HTTP 201)."""
 
-    status: EventStatus | str = _REQUIRED
-    event_id: str = _REQUIRED
-    charged: Amount | None = None
-    balances: list[Balance] | None = None
-
-    _fields = {
-        "status": _enum_check(EventStatus),
-        "event_id": _any_str,
-        "charged": _amount,
-        "balances": _balances,
-    }
+    status: EventStatus | str = _field(_enum_check(EventStatus), required=True)
+    event_id: str = _field(_any_str, required=True)
+    charged: Amount | None = _field(_amount)
+    balances: list[Balance] | None = _field(_balances)
 
 
 @dataclass(repr=False, eq=False)
 class DryRunResult(_Decided, _Model):
     """What a ``dry_run`` guarded call returns instead of running the function."""
 
-    decision: Decision | str = _REQUIRED
-    caps: Caps | None = None
-    affected_scopes: list[str] | None = None
-    scope_path: str | None = None
-    reserved: Amount | None = None
-    balances: list[Balance] | None = None
-    reason_code: str | None = None
-    retry_after_ms: int | None = None
-
-    _fields = {
-        "decision": _enum_check(Decision),
-        "caps": _caps,
-        "affected_scopes": _str_list,
-        "scope_path": _any_str,
-        "reserved": _amount,
-        "balances": _balances,
-        "reason_code": _any_str,
-        "retry_after_ms": _int64,
-    }
+    decision: Decision | str = _field(_enum_check(Decision), required=True)
+    caps: Caps | None = _field(_caps)
+    affected_scopes: list[str] | None = _field(_str_list)
+    scope_path: str | None = _field(_any_str)
+    reserved: Amount | None = _field(_amount)
+    balances: list[Balance] | None = _field(_balances)
+    reason_code: str | None = _field(_any_str)
+    retry_after_ms: int | None = _field(_int64)
 
     def has_caps(self) -> bool:
         return self.caps is not None
@@ -1317,44 +1173,18 @@ class DryRunResult(_Decided, _Model):
 class ErrorResponse(_Model):
     """The error body (the code is kept as the raw string; ``error_code`` maps it)."""
 
-    error: str = _REQUIRED
-    message: str = _REQUIRED
-    request_id: str = _REQUIRED
-    trace_id: str | None = None
-    details: dict[str, Any] | None = None
-    cycles_evidence: CyclesEvidenceRef | None = None
-
-    _fields = {
-        "error": _any_str,
-        "message": _any_str,
-        "request_id": _any_str,
-        "trace_id": _any_str,
-        "details": _object_check,
-        "cycles_evidence": _evidence_ref,
-    }
+    error: str = _field(_any_str, required=True)
+    message: str = _field(_any_str, required=True)
+    request_id: str = _field(_any_str, required=True)
+    trace_id: str | None = _field(_any_str)
+    details: dict[str, Any] | None = _field(_object_check)
+    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref)
 
     @property
     def error_code(self) -> ErrorCode | None:
         return ErrorCode.from_string(self.error)
 
 
-_RESERVATION_VIEW_FIELDS: Dict[str, _Check] = {
-    "reservation_id": _any_str,
-    "status": _enum_check(ReservationStatus),
-    "subject": _subject,
-    "action": _action,
-    "reserved": _amount,
-    "created_at_ms": _int64,
-    "expires_at_ms": _int64,
-    "scope_path": _any_str,
-    "affected_scopes": _str_list,
-    "idempotency_key": _any_str,
-    "committed": _amount,
-    "finalized_at_ms": _int64,
-    "metadata": _object_check,
-    "committed_metadata": _object_check,
-    "evidence": _model_check(ReservationEvidence),
-}
 
 
 class _ReservationView:
@@ -1377,23 +1207,21 @@ class _ReservationView:
 class _ReservationRecord(_ReservationView, _Model):
     """The fields ``GET /v1/reservations/{id}`` and a listing row share."""
 
-    reservation_id: str = _REQUIRED
-    status: ReservationStatus | str = _REQUIRED
-    subject: Subject = _REQUIRED
-    action: Action = _REQUIRED
-    reserved: Amount = _REQUIRED
-    created_at_ms: int = _REQUIRED
-    expires_at_ms: int = _REQUIRED
-    scope_path: str = _REQUIRED
-    affected_scopes: list[str] = _REQUIRED
-    idempotency_key: str | None = None
-    committed: Amount | None = None
-    finalized_at_ms: int | None = None
-    metadata: dict[str, Any] | None = None
-    committed_metadata: dict[str, Any] | None = None
-    evidence: ReservationEvidence | None = None
-
-    _fields = _RESERVATION_VIEW_FIELDS
+    reservation_id: str = _field(_any_str, required=True)
+    status: ReservationStatus | str = _field(_enum_check(ReservationStatus), required=True)
+    subject: Subject = _field(_subject, required=True)
+    action: Action = _field(_action, required=True)
+    reserved: Amount = _field(_amount, required=True)
+    created_at_ms: int = _field(_int64, required=True)
+    expires_at_ms: int = _field(_int64, required=True)
+    scope_path: str = _field(_any_str, required=True)
+    affected_scopes: list[str] = _field(_str_list, required=True)
+    idempotency_key: str | None = _field(_any_str)
+    committed: Amount | None = _field(_amount)
+    finalized_at_ms: int | None = _field(_int64)
+    metadata: dict[str, Any] | None = _field(_object_check)
+    committed_metadata: dict[str, Any] | None = _field(_object_check)
+    evidence: ReservationEvidence | None = _field(_model_check(ReservationEvidence))
 
 
 class ReservationDetail(_ReservationRecord):
@@ -1408,26 +1236,20 @@ class ReservationSummary(_ReservationRecord):
 class ReservationListResponse(_Model):
     """A page of ``GET /v1/reservations``."""
 
-    reservations: list[ReservationSummary] = _REQUIRED
-    has_more: bool | None = None
-    next_cursor: str | None = None
-
-    _fields = {
-        "reservations": _list_check(_model_check(ReservationSummary)),
-        "has_more": _bool_check,
-        "next_cursor": _any_str,
-    }
+    reservations: list[ReservationSummary] = _field(
+        _list_check(_model_check(ReservationSummary)), required=True
+    )
+    has_more: bool | None = _field(_bool_check)
+    next_cursor: str | None = _field(_any_str)
 
 
 @dataclass(repr=False, eq=False)
 class BalanceResponse(_Model):
     """A page of ``GET /v1/balances``."""
 
-    balances: list[Balance] = _REQUIRED
-    has_more: bool | None = None
-    next_cursor: str | None = None
-
-    _fields = {"balances": _balances, "has_more": _bool_check, "next_cursor": _any_str}
+    balances: list[Balance] = _field(_balances, required=True)
+    has_more: bool | None = _field(_bool_check)
+    next_cursor: str | None = _field(_any_str)
 
 
 @dataclass
