@@ -1086,7 +1086,7 @@ class ReservationCreateResponse(_Decided, _Model):
     """Answer to a reservation (live or dry run)."""
 
     decision: Decision | str = _field(_enum_check(Decision), required=True)
-    reservation_id: str | None = _field(_any_str)
+    reservation_id: str | None = _field(_str_check(min_len=1))
     affected_scopes: list[str] = _field(_str_list, required=True)
     expires_at_ms: int | None = _field(_int64)
     remaining_ttl_ms: int | None = _field(_int64)
@@ -1451,76 +1451,45 @@ def _header_int(raw: str | None) -> int | None:
 
 
 # The schema-validity judgement: is this the operation's expected success answer?
-# Only the required fields (and the ones lease arithmetic reads) are checked;
-# unknown extra fields never make an answer invalid.
-
-
-def _is_amount(value: Any) -> bool:
-    return (
-        isinstance(value, dict)
-        and isinstance(value.get("unit"), str)
-        and _is_int(value.get("amount"), 0, INT64_MAX)
-    )
-
-
-def _is_str_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
-def _optional(body: Mapping[str, Any], key: str, valid: Callable[[Any], bool]) -> bool:
-    value = body.get(key)
-    return value is None or valid(value)
-
-
-def _is_ms(value: Any) -> bool:
-    return _is_int(value, 0, INT64_MAX)
-
-
-_DECISIONS = frozenset(d.value for d in Decision)
-
-_SUCCESS_SCHEMAS: Dict[str, Tuple[int, Callable[[Mapping[str, Any]], bool]]] = {
+# Derived from the response models: the success status, the model's required fields
+# (each passing its check), the optional fields lease arithmetic reads (checked when
+# present) and the values a field must hold.  Unknown extra fields never make an
+# answer invalid.  One row per operation the lifecycle and settlement act on.
+_SUCCESS_ANSWERS: Dict[str, Tuple[int, Type[_Model], Tuple[str, ...], Dict[str, Any]]] = {
     "create": (
         200,
-        lambda b: (
-            b.get("decision") in _DECISIONS
-            and _is_str_list(b.get("affected_scopes"))
-            and _optional(b, "reservation_id", lambda v: isinstance(v, str) and bool(v))
-            and _optional(b, "expires_at_ms", _is_ms)
-            and _optional(b, "remaining_ttl_ms", _is_ms)
-        ),
+        ReservationCreateResponse,
+        ("reservation_id", "expires_at_ms", "remaining_ttl_ms"),
+        {"decision": frozenset(Decision)},
     ),
-    "commit": (200, lambda b: b.get("status") == "COMMITTED" and _is_amount(b.get("charged"))),
-    "release": (200, lambda b: b.get("status") == "RELEASED" and _is_amount(b.get("released"))),
+    "commit": (200, CommitResponse, (), {"status": {CommitStatus.COMMITTED}}),
+    "release": (200, ReleaseResponse, (), {"status": {ReleaseStatus.RELEASED}}),
     "extend": (
-        200,
-        lambda b: (
-            b.get("status") == "ACTIVE"
-            and _is_ms(b.get("expires_at_ms"))
-            and _optional(b, "remaining_ttl_ms", _is_ms)
-        ),
+        200, ReservationExtendResponse, ("remaining_ttl_ms",), {"status": {ExtendStatus.ACTIVE}}
     ),
-    "event": (201, lambda b: b.get("status") == "APPLIED" and isinstance(b.get("event_id"), str)),
-    "decide": (200, lambda b: b.get("decision") in _DECISIONS),
-    "balances": (200, lambda b: isinstance(b.get("balances"), list)),
-    "list": (200, lambda b: isinstance(b.get("reservations"), list)),
-    "get": (
-        200,
-        lambda b: isinstance(b.get("reservation_id"), str) and isinstance(b.get("status"), str),
-    ),
-    "evidence": (200, lambda b: isinstance(b.get("evidence_id"), str)),
-    "jwks": (200, lambda b: isinstance(b.get("keys"), list)),
 }
 
 
 def _is_schema_valid(operation: str, response: CyclesResponse) -> bool:
     """True only for the operation's success status with a body holding its required fields."""
-    schema = _SUCCESS_SCHEMAS.get(operation)
-    if schema is None or response.status != schema[0] or not isinstance(response.body, dict):
+    answer = _SUCCESS_ANSWERS.get(operation)
+    body = response.body
+    if answer is None or response.status != answer[0] or not isinstance(body, dict):
         return False
-    try:
-        return bool(schema[1](response.body))
-    except Exception:
-        return False
+    _, model, read, pinned = answer
+    for name in (*model._required, *read):
+        value = body.get(name)
+        if value is None:
+            if name in model._required:
+                return False
+            continue
+        try:
+            checked = model._fields[name](name, value, True)
+        except ValueError:
+            return False
+        if name in pinned and checked not in pinned[name]:
+            return False
+    return True
 
 
 # ===========================================================================
