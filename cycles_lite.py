@@ -1587,18 +1587,31 @@ def _valid_trace_id(value: Any) -> bool:
     return _is_hex(value, 32) and set(value) != {"0"}
 
 
-def _seconds(name: str, value: Any, *, allow_zero: bool) -> float:
-    valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not valid or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name}: must be a finite number of seconds {bound}, got {value!r}")
-    return float(value)
+# Setting checks: (field name, value) -> the normalised value, or ValueError naming it.
 
 
-def _count(name: str, value: Any, lo: int, hi: int) -> int:
-    if not _is_int(value, lo, hi):
-        raise ValueError(f"{name}: must be an integer in [{lo}, {hi}], got {value!r}")
-    return int(value)
+def _seconds(allow_zero: bool, optional: bool = False) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> Any:
+        if value is None and optional:
+            return None
+        valid = (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        )
+        if not valid or value < 0 or (value == 0 and not allow_zero):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise ValueError(f"{name}: must be a finite number of seconds {bound}, got {value!r}")
+        return float(value)
+
+    return check
+
+
+def _count(lo: int, hi: int) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> Any:
+        if not _is_int(value, lo, hi):
+            raise ValueError(f"{name}: must be an integer in [{lo}, {hi}], got {value!r}")
+        return int(value)
+
+    return check
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -1607,21 +1620,101 @@ def _flag(name: str, value: Any) -> bool:
     return value
 
 
-def _optional_str(name: str, value: Any, max_len: int | None = None) -> None:
-    if value is None:
-        return
-    if not isinstance(value, str):
-        raise ValueError(f"{name}: must be a string or None, got {_type_name(value)}")
-    if max_len is not None and len(value) > max_len:
-        raise ValueError(f"{name}: must be at most {max_len} characters")
+def _optional_str(max_len: int | None = None) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise ValueError(f"{name}: must be a string or None, got {_type_name(value)}")
+        if max_len is not None and len(value) > max_len:
+            raise ValueError(f"{name}: must be at most {max_len} characters")
+        return value
+
+    return check
 
 
 def _optional_path(name: str, value: Any) -> str | None:
     """A str (an ``os.PathLike`` is converted) or None."""
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
-    _optional_str(name, value)
-    return None if value is None else str(value)
+    return _optional_str()(name, value)  # type: ignore[no-any-return]
+
+
+def _base_url_setting(name: str, value: Any) -> Any:
+    _parse_base_url(value, name)
+    return value
+
+
+def _api_key_setting(name: str, value: Any) -> Any:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{name}: must be a string")
+    if value and not _is_header_value(value):
+        raise ValueError(f"{name}: must be printable ASCII without spaces at the ends")
+    return value
+
+
+def _multiplier_setting(name: str, value: Any) -> Any:
+    value = _positive_seconds(name, value)
+    if value < 1:
+        raise ValueError(f"{name}: must be >= 1, got {value!r}")
+    return value
+
+
+def _commit_retry_setting(name: str, value: Any) -> Any:
+    if isinstance(value, str):
+        value = value.strip().lower()
+    if value not in ("background", "inline"):
+        raise ValueError(f"{name}: must be 'background' or 'inline', got {value!r}")
+    return value
+
+
+def _ca_bundle_setting(name: str, value: Any) -> Any:
+    value = _optional_path(name, value)
+    if value is not None and not os.path.exists(value):
+        raise ValueError(f"{name}: no such file or directory: {value!r}")
+    return value
+
+
+def _ssl_context_setting(name: str, value: Any) -> Any:
+    if value is not None and not hasattr(value, "wrap_socket"):
+        raise ValueError(f"{name}: must be an ssl.SSLContext")
+    return value
+
+
+def _proxy_setting(name: str, value: Any) -> Any:
+    if value is not None:
+        _parse_proxy(value)
+    return value
+
+
+def _user_agent_setting(name: str, value: Any) -> Any:
+    if not _is_header_value(value):
+        raise ValueError(f"{name}: must be a non-empty printable ASCII string")
+    return value
+
+
+def _traceparent_setting(name: str, value: Any) -> Any:
+    if not (value is None or callable(value) or _valid_traceparent(value)):
+        raise ValueError(f"{name}: must be '00-<32 hex>-<16 hex>-<2 hex>' or a callable")
+    return value
+
+
+def _trace_id_setting(name: str, value: Any) -> Any:
+    if value is not None and not _valid_trace_id(value):
+        raise ValueError(f"{name}: must be 32 lowercase hex characters, not all zero")
+    return value
+
+
+def _option(default: Any, check: Callable[[str, Any], Any], env: str | None = None) -> Any:
+    """A setting declared once: its default, its check, and how ``from_env`` reads
+    ``<prefix><NAME>`` (an ``_EnvReader`` method; None: not from the environment)."""
+    return field(default=default, metadata={"check": check, "env": env})
+
+
+_subject_setting = _optional_str(MAX_SUBJECT_FIELD_LENGTH)
+_positive_seconds = _seconds(allow_zero=False)
+_seconds_or_zero = _seconds(allow_zero=True)
+_per_mille = _count(0, 1000)
 
 
 @dataclass(repr=False)
@@ -1656,103 +1749,51 @@ class CyclesConfig:
       crash, not just a process crash; costs a disk flush per guarded call).
     """
 
-    base_url: str
-    api_key: str = ""
+    base_url: str = field(metadata={"check": _base_url_setting, "env": "text"})
+    api_key: str = _option("", _api_key_setting, "text")
 
-    tenant: str | None = None
-    workspace: str | None = None
-    app: str | None = None
-    workflow: str | None = None
-    agent: str | None = None
-    toolset: str | None = None
+    tenant: str | None = _option(None, _subject_setting, "text")
+    workspace: str | None = _option(None, _subject_setting, "text")
+    app: str | None = _option(None, _subject_setting, "text")
+    workflow: str | None = _option(None, _subject_setting, "text")
+    agent: str | None = _option(None, _subject_setting, "text")
+    toolset: str | None = _option(None, _subject_setting, "text")
 
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    read_timeout: float = DEFAULT_READ_TIMEOUT
+    connect_timeout: float = _option(DEFAULT_CONNECT_TIMEOUT, _positive_seconds, "seconds")
+    read_timeout: float = _option(DEFAULT_READ_TIMEOUT, _positive_seconds, "seconds")
 
-    retry_enabled: bool = True
-    retry_max_attempts: int = 5
-    retry_initial_delay: float = 0.5
-    retry_multiplier: float = 2.0
-    retry_max_delay: float = 30.0
-    retry_flush_timeout: float = 10.0
+    retry_enabled: bool = _option(True, _flag, "flag")
+    retry_max_attempts: int = _option(5, _per_mille, "integer")
+    retry_initial_delay: float = _option(0.5, _seconds_or_zero, "seconds")
+    retry_multiplier: float = _option(2.0, _multiplier_setting, "seconds")
+    retry_max_delay: float = _option(30.0, _seconds_or_zero, "seconds")
+    retry_flush_timeout: float = _option(10.0, _seconds_or_zero, "seconds")
 
-    journal_enabled: bool = True
-    journal_dir: str | None = None
+    journal_enabled: bool = _option(True, _flag, "flag")
+    journal_dir: str | None = _option(None, _optional_path, "text")
 
-    admin_api_key: str | None = None
-    request_timeout: float | None = None
-    ca_bundle: str | None = None
-    ssl_context: ssl.SSLContext | None = None
-    proxy: str | None = None
-    user_agent: str = DEFAULT_USER_AGENT
-    traceparent: str | Callable[[], str | None] | None = None
-    trace_id: str | None = None
-    pool_maxsize: int = DEFAULT_POOL_MAXSIZE
-    commit_retry: str = "background"
-    journal_fsync: bool = False
+    admin_api_key: str | None = _option(None, _api_key_setting, "text")
+    request_timeout: float | None = _option(None, _seconds(False, optional=True), "seconds")
+    ca_bundle: str | None = _option(None, _ca_bundle_setting, "text")
+    ssl_context: ssl.SSLContext | None = _option(None, _ssl_context_setting)
+    proxy: str | None = _option(None, _proxy_setting, "text")
+    user_agent: str = _option(DEFAULT_USER_AGENT, _user_agent_setting, "text")
+    traceparent: str | Callable[[], str | None] | None = _option(
+        None, _traceparent_setting, "text"
+    )
+    trace_id: str | None = _option(None, _trace_id_setting, "text")
+    pool_maxsize: int = _option(DEFAULT_POOL_MAXSIZE, _per_mille, "integer")
+    commit_retry: str = _option("background", _commit_retry_setting, "text")
+    journal_fsync: bool = _option(False, _flag, "flag")
 
     def __post_init__(self) -> None:
-        _parse_base_url(self.base_url)
-        for name in ("api_key", "admin_api_key"):
-            key = getattr(self, name)
-            if key is not None and not isinstance(key, str):
-                raise ValueError(f"{name}: must be a string")
-            if key and not _is_header_value(key):
-                raise ValueError(f"{name}: must be printable ASCII without spaces at the ends")
+        for setting in dataclasses.fields(self):
+            check = setting.metadata["check"]
+            setattr(self, setting.name, check(setting.name, getattr(self, setting.name)))
         if not self.api_key and not self.admin_api_key:
             raise ValueError("api_key: required (or admin_api_key for admin-only use)")
-        for name in SUBJECT_FIELDS:
-            _optional_str(name, getattr(self, name), MAX_SUBJECT_FIELD_LENGTH)
-        self.connect_timeout = _seconds("connect_timeout", self.connect_timeout, allow_zero=False)
-        self.read_timeout = _seconds("read_timeout", self.read_timeout, allow_zero=False)
-        if self.request_timeout is not None:
-            self.request_timeout = _seconds(
-                "request_timeout", self.request_timeout, allow_zero=False
-            )
-        self.retry_enabled = _flag("retry_enabled", self.retry_enabled)
-        self.retry_max_attempts = _count("retry_max_attempts", self.retry_max_attempts, 0, 1000)
-        self.retry_initial_delay = _seconds(
-            "retry_initial_delay", self.retry_initial_delay, allow_zero=True
-        )
-        self.retry_multiplier = _seconds(
-            "retry_multiplier", self.retry_multiplier, allow_zero=False
-        )
-        if self.retry_multiplier < 1:
-            raise ValueError(f"retry_multiplier: must be >= 1, got {self.retry_multiplier!r}")
-        self.retry_max_delay = _seconds("retry_max_delay", self.retry_max_delay, allow_zero=True)
-        self.retry_flush_timeout = _seconds(
-            "retry_flush_timeout", self.retry_flush_timeout, allow_zero=True
-        )
-        self.journal_enabled = _flag("journal_enabled", self.journal_enabled)
-        self.journal_dir = _optional_path("journal_dir", self.journal_dir)
-        self.journal_fsync = _flag("journal_fsync", self.journal_fsync)
-        if isinstance(self.commit_retry, str):
-            self.commit_retry = self.commit_retry.strip().lower()
-        if self.commit_retry not in ("background", "inline"):
-            raise ValueError(
-                f"commit_retry: must be 'background' or 'inline', got {self.commit_retry!r}"
-            )
-        self._check_transport_options()
-
-    def _check_transport_options(self) -> None:
-        self.ca_bundle = _optional_path("ca_bundle", self.ca_bundle)
-        if self.ca_bundle is not None and not os.path.exists(self.ca_bundle):
-            raise ValueError(f"ca_bundle: no such file or directory: {self.ca_bundle!r}")
-        if self.ssl_context is not None:
-            if not hasattr(self.ssl_context, "wrap_socket"):
-                raise ValueError("ssl_context: must be an ssl.SSLContext")
-            if self.ca_bundle is not None:
-                raise ValueError("ssl_context: give either ssl_context or ca_bundle, not both")
-        if self.proxy is not None:
-            _parse_proxy(self.proxy)
-        if not _is_header_value(self.user_agent):
-            raise ValueError("user_agent: must be a non-empty printable ASCII string")
-        traceparent = self.traceparent
-        if not (traceparent is None or callable(traceparent) or _valid_traceparent(traceparent)):
-            raise ValueError("traceparent: must be '00-<32 hex>-<16 hex>-<2 hex>' or a callable")
-        if self.trace_id is not None and not _valid_trace_id(self.trace_id):
-            raise ValueError("trace_id: must be 32 lowercase hex characters, not all zero")
-        self.pool_maxsize = _count("pool_maxsize", self.pool_maxsize, 0, 1000)
+        if self.ssl_context is not None and self.ca_bundle is not None:
+            raise ValueError("ssl_context: give either ssl_context or ca_bundle, not both")
 
     @property
     def attempt_timeout(self) -> float:
@@ -1785,45 +1826,19 @@ class CyclesConfig:
         true/false/1/0/yes/no/on/off; a malformed value raises ValueError naming the variable.
         """
         env = _EnvReader(os.environ if environ is None else environ, prefix)
-        base_url = env.text("BASE_URL")
-        api_key = env.text("API_KEY")
-        admin_api_key = env.text("ADMIN_API_KEY")
-        if not base_url:
+        settings: Dict[str, Any] = {}
+        for setting in dataclasses.fields(cls):
+            read = setting.metadata["env"]
+            value = None if read is None else getattr(env, read)(setting.name.upper())
+            if value is not None:
+                settings[setting.name] = value
+        if "base_url" not in settings:
             raise ValueError(f"{prefix}BASE_URL environment variable is required")
-        if not api_key and not admin_api_key:
+        if "api_key" not in settings and "admin_api_key" not in settings:
             raise ValueError(
                 f"{prefix}API_KEY environment variable is required (or {prefix}ADMIN_API_KEY)"
             )
-        return cls(
-            base_url=base_url,
-            api_key=api_key or "",
-            tenant=env.text("TENANT"),
-            workspace=env.text("WORKSPACE"),
-            app=env.text("APP"),
-            workflow=env.text("WORKFLOW"),
-            agent=env.text("AGENT"),
-            toolset=env.text("TOOLSET"),
-            connect_timeout=env.seconds("CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT),
-            read_timeout=env.seconds("READ_TIMEOUT", DEFAULT_READ_TIMEOUT),
-            retry_enabled=env.flag("RETRY_ENABLED", True),
-            retry_max_attempts=env.integer("RETRY_MAX_ATTEMPTS", 5),
-            retry_initial_delay=env.seconds("RETRY_INITIAL_DELAY", 0.5),
-            retry_multiplier=env.seconds("RETRY_MULTIPLIER", 2.0),
-            retry_max_delay=env.seconds("RETRY_MAX_DELAY", 30.0),
-            retry_flush_timeout=env.seconds("RETRY_FLUSH_TIMEOUT", 10.0),
-            journal_enabled=env.flag("JOURNAL_ENABLED", True),
-            journal_dir=env.text("JOURNAL_DIR"),
-            admin_api_key=admin_api_key,
-            request_timeout=env.seconds("REQUEST_TIMEOUT", None),
-            ca_bundle=env.text("CA_BUNDLE"),
-            proxy=env.text("PROXY"),
-            user_agent=env.text("USER_AGENT") or DEFAULT_USER_AGENT,
-            traceparent=env.text("TRACEPARENT"),
-            trace_id=env.text("TRACE_ID"),
-            pool_maxsize=env.integer("POOL_MAXSIZE", DEFAULT_POOL_MAXSIZE),
-            commit_retry=env.text("COMMIT_RETRY") or "background",
-            journal_fsync=env.flag("JOURNAL_FSYNC", False),
-        )
+        return cls(**settings)
 
 
 class _EnvReader:
@@ -1841,10 +1856,10 @@ class _EnvReader:
         raw = self._environ.get(self._prefix + name, "")
         return ValueError(f"{self._prefix}{name}: expected {expected}, got {raw!r}")
 
-    def seconds(self, name: str, default: Any) -> Any:
+    def seconds(self, name: str) -> float | None:
         raw = self.text(name)
         if raw is None:
-            return default
+            return None
         try:
             value = float(raw)
         except ValueError:
@@ -1853,19 +1868,19 @@ class _EnvReader:
             raise self._fail(name, "a finite, non-negative number of seconds")
         return value
 
-    def integer(self, name: str, default: int) -> int:
+    def integer(self, name: str) -> int | None:
         raw = self.text(name)
         if raw is None:
-            return default
+            return None
         try:
             return int(raw)
         except ValueError:
             raise self._fail(name, "an integer") from None
 
-    def flag(self, name: str, default: bool) -> bool:
+    def flag(self, name: str) -> bool | None:
         raw = self.text(name)
         if raw is None:
-            return default
+            return None
         word = raw.lower()
         if word in _TRUE_WORDS:
             return True
