@@ -6112,69 +6112,12 @@ def _cli_parser(argparse: Any) -> Any:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-
-    check = commands.add_parser(
-        "check", parents=[common], help="check config, connectivity, auth and tenant"
-    )
-    check.add_argument(
-        "--tenant", help="tenant to probe with an admin-only key (default: CYCLES_TENANT)"
-    )
-    check.set_defaults(run=_cli_check)
-
-    balances = commands.add_parser(
-        "balances", parents=[common], help="show balances (default: CYCLES_TENANT)"
-    )
-    _add_subject_filters(balances)
-    balances.add_argument("--limit", type=int)
-    balances.add_argument("--cursor")
-    balances.add_argument("--all", action="store_true", help="follow cursors to the end")
-    balances.set_defaults(run=_cli_balances)
-
-    listing = commands.add_parser("reservations", parents=[common], help="list reservations")
-    _add_subject_filters(listing)
-    listing.add_argument("--status", help="ACTIVE, COMMITTED, RELEASED or EXPIRED")
-    listing.add_argument("--idempotency-key")
-    listing.add_argument("--sort-by")
-    listing.add_argument("--sort-dir", choices=["asc", "desc"])
-    listing.add_argument("--limit", type=int)
-    listing.add_argument("--cursor")
-    listing.add_argument("--all", action="store_true", help="follow cursors to the end")
-    listing.add_argument(
-        "--admin", action="store_true", help="use CYCLES_ADMIN_API_KEY (needs a tenant)"
-    )
-    listing.set_defaults(run=_cli_reservations)
-
-    show = commands.add_parser("reservation", parents=[common], help="show one reservation")
-    show.add_argument("reservation_id", metavar="ID")
-    show.add_argument("--admin", action="store_true", help="use CYCLES_ADMIN_API_KEY")
-    show.set_defaults(run=_cli_reservation)
-
-    release = commands.add_parser("release", parents=[common], help="release a (stuck) reservation")
-    release.add_argument("reservation_id", metavar="ID")
-    release.add_argument("--reason", help="e.g. '[INCIDENT_FORCE_RELEASE] stuck worker'")
-    release.add_argument("--idempotency-key", help="default: a fresh key")
-    release.add_argument("--admin", action="store_true", help="use CYCLES_ADMIN_API_KEY")
-    release.set_defaults(run=_cli_release)
-
-    recover = commands.add_parser(
-        "recover",
-        parents=[common],
-        help="settle what the commit journal still holds (after a crash or an outage)",
-    )
-    recover.add_argument(
-        "--timeout",
-        type=float,
-        default=30.0,
-        metavar="S",
-        help="give up after S seconds; what is left stays journaled (default: 30)",
-    )
-    recover.set_defaults(run=_cli_recover)
+    for name, summary, run, arguments in _CLI_COMMANDS:
+        command = commands.add_parser(name, parents=[common], help=summary)
+        for flag, options in arguments:
+            command.add_argument(flag, **options)
+        command.set_defaults(run=run)
     return parser
-
-
-def _add_subject_filters(parser: Any) -> None:
-    for name in SUBJECT_FIELDS:
-        parser.add_argument("--" + name)
 
 
 def _cli_error(message: str) -> None:
@@ -6276,44 +6219,28 @@ def _cli_balances(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
         _cli_error("balances: give a subject filter such as --tenant, or set CYCLES_TENANT")
         return EXIT_USAGE
     filters.update(_cli_filters(args, ("limit", "cursor")))
-    if args.all:
-        body: Dict[str, Any] = {"balances": list(client.iter_balances(**filters))}
-    else:
-        response = client.get_balances(**filters)
-        if not response.is_success:
-            return _cli_failed(response, "balances", args.json)
-        body = response.body or {}
-    if args.json:
-        _cli_json(body)
-        return EXIT_OK
-    rows = []
-    for item in body.get("balances") or []:
-        if not isinstance(item, dict):
-            continue
-        remaining = item.get("remaining")
-        rows.append(
-            [
-                _cli_cell(item.get("scope_path") or item.get("scope")),
-                _cli_cell(remaining.get("unit") if isinstance(remaining, dict) else ""),
-                _cli_amount(remaining),
-                _cli_amount(item.get("reserved")),
-                _cli_amount(item.get("spent")),
-                _cli_amount(item.get("allocated")),
-                _cli_amount(item.get("debt")),
-                "yes" if item.get("is_over_limit") else "",
-            ]
-        )
-    _cli_table(
-        ["SCOPE", "UNIT", "REMAINING", "RESERVED", "SPENT", "ALLOCATED", "DEBT", "OVER LIMIT"], rows
+    return _cli_listing(
+        args,
+        "balances",
+        lambda: client.iter_balances(**filters),
+        lambda: client.get_balances(**filters),
+        ["SCOPE", "UNIT", "REMAINING", "RESERVED", "SPENT", "ALLOCATED", "DEBT", "OVER LIMIT"],
+        _cli_balance_row,
     )
-    _cli_more(body)
-    return EXIT_OK
 
 
-def _cli_more(body: Mapping[str, Any]) -> None:
-    cursor = body.get("next_cursor")
-    if body.get("has_more") and isinstance(cursor, str):
-        print(f"(more: --cursor {_cli_cell(cursor)}, or --all)", file=sys.stderr)
+def _cli_balance_row(item: Mapping[str, Any]) -> List[str]:
+    remaining = item.get("remaining")
+    return [
+        _cli_cell(item.get("scope_path") or item.get("scope")),
+        _cli_cell(remaining.get("unit") if isinstance(remaining, dict) else ""),
+        _cli_amount(remaining),
+        _cli_amount(item.get("reserved")),
+        _cli_amount(item.get("spent")),
+        _cli_amount(item.get("allocated")),
+        _cli_amount(item.get("debt")),
+        "yes" if item.get("is_over_limit") else "",
+    ]
 
 
 def _cli_reservations(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
@@ -6324,33 +6251,55 @@ def _cli_reservations(client: CyclesClient, config: CyclesConfig, args: Any) -> 
     admin = True if args.admin else None
     if (args.admin or not config.api_key) and "tenant" not in filters and config.tenant:
         filters["tenant"] = config.tenant
+    return _cli_listing(
+        args,
+        "reservations",
+        lambda: client.iter_reservations(admin=admin, **filters),
+        lambda: client.list_reservations(admin=admin, **filters),
+        ["ID", "STATUS", "SCOPE", "RESERVED", "CREATED", "EXPIRES"],
+        _cli_reservation_row,
+    )
+
+
+def _cli_reservation_row(item: Mapping[str, Any]) -> List[str]:
+    return [
+        _cli_cell(item.get("reservation_id")),
+        _cli_cell(item.get("status")),
+        _cli_cell(item.get("scope_path")),
+        _cli_amount(item.get("reserved"), with_unit=True),
+        _cli_time(item.get("created_at_ms")),
+        _cli_time(item.get("expires_at_ms")),
+    ]
+
+
+def _cli_listing(
+    args: Any,
+    what: str,
+    every_item: Callable[[], Iterable[Dict[str, Any]]],
+    one_page: Callable[[], CyclesResponse],
+    headers: Sequence[str],
+    row: Callable[[Mapping[str, Any]], List[str]],
+) -> int:
+    """A list command: one page (or with ``--all`` every item), as JSON or a table."""
     if args.all:
-        body: Dict[str, Any] = {
-            "reservations": list(client.iter_reservations(admin=admin, **filters))
-        }
+        body: Dict[str, Any] = {what: list(every_item())}
     else:
-        response = client.list_reservations(admin=admin, **filters)
+        response = one_page()
         if not response.is_success:
-            return _cli_failed(response, "reservations", args.json)
+            return _cli_failed(response, what, args.json)
         body = response.body or {}
     if args.json:
         _cli_json(body)
         return EXIT_OK
-    rows = [
-        [
-            _cli_cell(item.get("reservation_id")),
-            _cli_cell(item.get("status")),
-            _cli_cell(item.get("scope_path")),
-            _cli_amount(item.get("reserved"), with_unit=True),
-            _cli_time(item.get("created_at_ms")),
-            _cli_time(item.get("expires_at_ms")),
-        ]
-        for item in body.get("reservations") or []
-        if isinstance(item, dict)
-    ]
-    _cli_table(["ID", "STATUS", "SCOPE", "RESERVED", "CREATED", "EXPIRES"], rows)
+    _cli_table(headers, [row(item) for item in body.get(what) or [] if isinstance(item, dict)])
     _cli_more(body)
     return EXIT_OK
+
+
+def _cli_more(body: Mapping[str, Any]) -> None:
+    cursor = body.get("next_cursor")
+    if body.get("has_more") and isinstance(cursor, str):
+        print(f"(more: --cursor {_cli_cell(cursor)}, or --all)", file=sys.stderr)
 
 
 def _cli_reservation(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
@@ -6415,6 +6364,51 @@ def _cli_recover(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
         _cli_table(["result", "records"], [[name, str(value)] for name, value in counts.items()])
     return EXIT_OK if summary.unresolved == 0 and summary.quarantined == 0 else EXIT_API_ERROR
 
+
+def _arg(flag: str, **options: Any) -> Tuple[str, Dict[str, Any]]:
+    """One command-line argument: its flag (or name) and its ``add_argument`` options."""
+    return flag, options
+
+
+_SUBJECT_FILTERS = [_arg("--" + name) for name in SUBJECT_FIELDS]
+_PAGING = [
+    _arg("--limit", type=int),
+    _arg("--cursor"),
+    _arg("--all", action="store_true", help="follow cursors to the end"),
+]
+_ADMIN = _arg("--admin", action="store_true", help="use CYCLES_ADMIN_API_KEY")
+_RESERVATION_ID = _arg("reservation_id", metavar="ID")
+
+# Every command: (name, help, routine, arguments).
+_CLI_COMMANDS: List[Tuple[str, str, Callable[..., int], List[Tuple[str, Dict[str, Any]]]]] = [
+    ("check", "check config, connectivity, auth and tenant", _cli_check, [
+        _arg("--tenant", help="tenant to probe with an admin-only key (default: CYCLES_TENANT)"),
+    ]),
+    ("balances", "show balances (default: CYCLES_TENANT)", _cli_balances, [
+        *_SUBJECT_FILTERS, *_PAGING,
+    ]),
+    ("reservations", "list reservations", _cli_reservations, [
+        *_SUBJECT_FILTERS,
+        _arg("--status", help="ACTIVE, COMMITTED, RELEASED or EXPIRED"),
+        _arg("--idempotency-key"),
+        _arg("--sort-by"),
+        _arg("--sort-dir", choices=["asc", "desc"]),
+        *_PAGING,
+        _arg("--admin", action="store_true", help="use CYCLES_ADMIN_API_KEY (needs a tenant)"),
+    ]),
+    ("reservation", "show one reservation", _cli_reservation, [_RESERVATION_ID, _ADMIN]),
+    ("release", "release a (stuck) reservation", _cli_release, [
+        _RESERVATION_ID,
+        _arg("--reason", help="e.g. '[INCIDENT_FORCE_RELEASE] stuck worker'"),
+        _arg("--idempotency-key", help="default: a fresh key"),
+        _ADMIN,
+    ]),
+    ("recover", "settle what the commit journal still holds (after a crash or an outage)",
+     _cli_recover, [
+        _arg("--timeout", type=float, default=30.0, metavar="S",
+             help="give up after S seconds; what is left stays journaled (default: 30)"),
+    ]),
+]
 
 if __name__ == "__main__":
     sys.exit(main())
