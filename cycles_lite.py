@@ -32,6 +32,25 @@ or network errors; they raise ``ValueError`` for invalid input::
 Command line: ``python -m cycles_lite COMMAND`` with ``check``, ``balances``,
 ``reservations``, ``reservation ID``, ``release ID`` and ``recover`` (settle what the
 commit journal holds after a crash or an outage).
+
+Contents (the section banners below, in order)::
+
+    Constants
+    Errors
+    Models                  each field declared once, with its check
+    Config                  each setting declared once: default, check, env variable
+    Transport
+    Client
+    Async client
+    Guard and heartbeat
+        Effects and drivers     incl. the one sync heartbeat scheduler thread
+        Heartbeat plan          the spec's HEARTBEAT GUIDANCE, a pure state object
+        The reservation lifecycle: one object, three faces
+    Settlement and journal
+        Settlement outcome table
+        Commit journal, on-disk compatible with runcycles 0.5.3
+    Decorator
+    CLI                     commands from one table
 """
 
 from __future__ import annotations
@@ -1454,7 +1473,8 @@ def _header_int(raw: str | None) -> int | None:
 # Derived from the response models: the success status, the model's required fields
 # (each passing its check), the optional fields lease arithmetic reads (checked when
 # present) and the values a field must hold.  Unknown extra fields never make an
-# answer invalid.  One row per operation the lifecycle and settlement act on.
+# answer invalid.  One row per operation the lifecycle and settlement act on
+# (the event is the fallback settlement of an expired reservation).
 _SUCCESS_ANSWERS: Dict[str, Tuple[int, Type[_Model], Tuple[str, ...], Dict[str, Any]]] = {
     "create": (
         200,
@@ -1467,6 +1487,7 @@ _SUCCESS_ANSWERS: Dict[str, Tuple[int, Type[_Model], Tuple[str, ...], Dict[str, 
     "extend": (
         200, ReservationExtendResponse, ("remaining_ttl_ms",), {"status": {ExtendStatus.ACTIVE}}
     ),
+    "event": (201, EventCreateResponse, (), {"status": {EventStatus.APPLIED}}),
 }
 
 
@@ -3198,7 +3219,7 @@ if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows
 
 
 # ---------------------------------------------------------------------------
-# Heartbeat scheduler (protocol HEARTBEAT GUIDANCE, v0.1.25.16)
+# Heartbeat plan (protocol HEARTBEAT GUIDANCE, v0.1.25.16)
 #
 # A pure state object: the driver feeds it monotonic timestamps (ms) and the
 # outcome of each create/extend attempt; it answers with the next beat.
@@ -3289,50 +3310,28 @@ class _HeartbeatPlan:
             raise ValueError("attempt_budget_ms must be >= 0 or None")
         self._extend_by_ms = extend_by_ms
         self._timeout_budget_ms = attempt_budget_ms
-        self._max_rtt_ms = 0
+        self.max_rtt_ms = 0  # the largest round trip seen
         # Primary path: the last lead floor and when its response arrived.
         self._lead_floor_ms: int | None = None
         self._lead_anchor_ms: float | None = None
         self._zero_delay_used = False
         self._prev_failure_window_ms: int | None = None
         # Fallback path: expiry differences in the server frame.
-        self._fallback = False
+        self.fallback = False
         self._reserve_received_ms: float | None = None
         self._first_expires_at_ms: int | None = None
         self._last_expires_at_ms: int | None = None
         self._last_success_ms: float | None = None
         self._last_grant_ms: int | None = None
-        self._stopped_reason: str | None = None
-        self._lease_lost = False
-
-    # -- observable state ---------------------------------------------------
-
-    @property
-    def stopped(self) -> bool:
-        return self._stopped_reason is not None
-
-    @property
-    def stopped_reason(self) -> str | None:
-        return self._stopped_reason
-
-    @property
-    def lease_lost(self) -> bool:
-        """True once the heartbeat gave up on its own (any stop except close())."""
-        return self._lease_lost
-
-    @property
-    def fallback(self) -> bool:
-        """True while scheduling on the non-normative fallback path."""
-        return self._fallback
-
-    @property
-    def max_rtt_ms(self) -> int:
-        return self._max_rtt_ms
+        # Observable state: why it stopped (None while it runs); lease_lost once it
+        # gave up on its own (any stop except close()); fallback while on that path.
+        self.stopped_reason: str | None = None
+        self.lease_lost = False
 
     def close(self, reason: str = "closed") -> None:
         """Owner stop (settlement started): every later result is ignored."""
-        if self._stopped_reason is None:
-            self._stopped_reason = reason
+        if self.stopped_reason is None:
+            self.stopped_reason = reason
 
     # -- budgets --------------------------------------------------------------
 
@@ -3340,16 +3339,16 @@ class _HeartbeatPlan:
         """None means +infinity (unknown or unbounded request timeout)."""
         if self._timeout_budget_ms is None:
             return None
-        return max(self._timeout_budget_ms, 1000, 2 * self._max_rtt_ms)
+        return max(self._timeout_budget_ms, 1000, 2 * self.max_rtt_ms)
 
     def _safety_margin(self) -> int:
-        return max(1000, 2 * self._max_rtt_ms)
+        return max(1000, 2 * self.max_rtt_ms)
 
     def _stop(self, reason: str) -> _Beat:
-        if self._stopped_reason is None:
-            self._stopped_reason = reason
-            self._lease_lost = True
-        return _Beat("stop", 0, self._stopped_reason)
+        if self.stopped_reason is None:
+            self.stopped_reason = reason
+            self.lease_lost = True
+        return _Beat("stop", 0, self.stopped_reason)
 
     # -- success --------------------------------------------------------------
 
@@ -3362,17 +3361,17 @@ class _HeartbeatPlan:
         received_ms: float,
     ) -> _Beat:
         """A schema-valid 200 from create (the first call) or from an extend."""
-        if self._stopped_reason is not None:
-            return _Beat("stop", 0, self._stopped_reason)
+        if self.stopped_reason is not None:
+            return _Beat("stop", 0, self.stopped_reason)
         self._prev_failure_window_ms = None
         rtt = _ceil_elapsed_ms(sent_ms, received_ms)
         if rtt is not None:
-            self._max_rtt_ms = max(self._max_rtt_ms, rtt)
+            self.max_rtt_ms = max(self.max_rtt_ms, rtt)
         grant, since_last = self._track_expiry(expires_at_ms, received_ms)
         if remaining_ttl_ms is None and expires_at_ms is not None:
-            self._fallback = True
+            self.fallback = True
             return self._fallback_after_success(grant, since_last, received_ms)
-        self._fallback = False
+        self.fallback = False
         return self._primary_after_success(remaining_ttl_ms, rtt, received_ms)
 
     def _track_expiry(
@@ -3468,15 +3467,15 @@ class _HeartbeatPlan:
         ``retry_after_ms`` must be parsed without the one-hour cap
         (``CyclesResponse.retry_after_ms_header``).
         """
-        if self._stopped_reason is not None:
-            return _Beat("stop", 0, self._stopped_reason)
+        if self.stopped_reason is not None:
+            return _Beat("stop", 0, self.stopped_reason)
         if kind == "terminal":
             return self._stop("terminal")
         if kind == "rejected":
             return self._stop("rejected")
         if kind not in ("transient", "rate_limited"):
             raise ValueError("kind must be transient, rate_limited, terminal or rejected")
-        if self._fallback:
+        if self.fallback:
             return self._fallback_after_failure(kind, retry_after_ms)
         if self._lead_floor_ms is None:
             return self._stop("no_valid_lease")
@@ -4874,10 +4873,6 @@ class _CommitJournal:
     # -- location -------------------------------------------------------------
 
     @property
-    def enabled(self) -> bool:
-        return self._resolve() is not None
-
-    @property
     def directory(self) -> str | None:
         return self._resolve()
 
@@ -4932,13 +4927,6 @@ class _CommitJournal:
             return _probe_writable(directory)
         except (OSError, ValueError):
             return False
-
-    def record_path(self, reservation_id: str) -> str | None:
-        """Full path of the record for ``reservation_id`` (None when disabled)."""
-        directory = self._resolve()
-        if directory is None:
-            return None
-        return os.path.join(directory, _journal_filename(reservation_id))
 
     # -- write / remove -------------------------------------------------------
 
@@ -5031,21 +5019,6 @@ class _CommitJournal:
             return None
 
     # -- scan -----------------------------------------------------------------
-
-    def pending_count(self) -> int:
-        """Number of record files (any server), without parsing them."""
-        directory = self._resolve()
-        if directory is None:
-            return 0
-        try:
-            with os.scandir(directory) as entries:
-                return sum(
-                    1
-                    for entry in entries
-                    if entry.name.endswith(_JOURNAL_SUFFIX) and entry.is_file(follow_symlinks=False)
-                )
-        except OSError:
-            return 0
 
     def load_pending(self) -> List[_PendingSettlement]:
         """Records for this base URL, oldest name first. Never raises.

@@ -7,6 +7,7 @@ Real HTTP to ``cycles_lite_server``; nothing mocked but ``threading.Thread.start
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 import unittest
@@ -105,6 +106,27 @@ class TestHeartbeatScheduler(_ServerCase):
             with os.fdopen(read_end, "rb") as pipe:
                 self.assertEqual(pipe.read(), b"1")
             os.waitpid(pid, 0)
+
+
+class TestModuleLayout(unittest.TestCase):
+    def test_the_docstring_contents_mirror_the_section_banners(self) -> None:
+        with open(cl.__file__, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+        banners = [
+            (0 if rule.startswith("# ===") else 1, title[2:].strip())
+            for rule, title in zip(lines, lines[1:])
+            if rule.startswith(("# =====", "# -----")) and title.startswith("# ")
+        ]
+        doc = (cl.__doc__ or "").split("Contents", 1)[1].splitlines()[2:]
+        contents = [
+            ((len(line) - len(line.lstrip())) // 4 - 1, re.split(r"\s{2,}", line.strip())[0])
+            for line in doc
+            if line.strip()
+        ]
+        self.assertEqual(len(contents), len(banners), (contents, banners))
+        for (depth, entry), (banner_depth, banner) in zip(contents, banners):
+            self.assertEqual(depth, banner_depth, entry)
+            self.assertTrue(banner.startswith(entry), (entry, banner))
 
 
 def _wait_for(predicate: Any, timeout: float) -> bool:
