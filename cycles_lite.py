@@ -3095,7 +3095,7 @@ class _ScheduledHeartbeat:
         self.stopped = False
 
     def start(self) -> _ScheduledHeartbeat:
-        _heartbeats.schedule(self, self.beat(None))
+        _heartbeats.schedule(self, self.beat())
         return self
 
     def stop(self) -> None:
@@ -3104,9 +3104,9 @@ class _ScheduledHeartbeat:
             self._steps.close()
         _heartbeats.unschedule(self)
 
-    def beat(self, reply: Any = None) -> float | None:
+    def beat(self) -> float | None:
         """Run the steps up to their next sleep: its seconds, or None once they are done."""
-        effect = self._resume(reply)
+        effect = self._resume(None)
         while isinstance(effect, _Send):
             effect = self._resume(_send_safely(self._send, effect))
         return effect.seconds if isinstance(effect, _Sleep) else None
@@ -3159,10 +3159,11 @@ class _HeartbeatScheduler:
             entry = (self._active_at + seconds, next(self._order), heartbeat)
             heapq.heappush(self._heap, entry)
             if self._thread is None:
-                self._thread = threading.Thread(
+                thread = threading.Thread(
                     target=self._work, name="cycles-lite-heartbeat", daemon=True
                 )
-                self._thread.start()
+                thread.start()  # it waits for this lock before looking at the heap
+                self._thread = thread
             elif self._heap[0] is entry:
                 self._cond.notify()
 
@@ -3179,22 +3180,24 @@ class _HeartbeatScheduler:
 
     def _work(self) -> None:
         with self._cond:
-            while True:
-                heartbeat = self._next_due()
-                if heartbeat is None:
-                    self._thread = None
-                    return
-                self._running = heartbeat
-                self._cond.release()
-                try:
-                    seconds = heartbeat.beat()
-                finally:
-                    self._cond.acquire()
-                    self._running = None
-                    self._cond.notify_all()
-                if seconds is not None and not heartbeat.stopped:
-                    entry = (time.monotonic() + seconds, next(self._order), heartbeat)
-                    heapq.heappush(self._heap, entry)
+            try:
+                while True:
+                    heartbeat = self._next_due()
+                    if heartbeat is None:
+                        return
+                    self._running = heartbeat
+                    self._cond.release()
+                    try:
+                        seconds = heartbeat.beat()
+                    finally:
+                        self._cond.acquire()
+                        self._running = None
+                        self._cond.notify_all()
+                    if seconds is not None and not heartbeat.stopped:
+                        entry = (time.monotonic() + seconds, next(self._order), heartbeat)
+                        heapq.heappush(self._heap, entry)
+            finally:
+                self._thread = None  # the next heartbeat starts a new thread
 
     def _next_due(self) -> _ScheduledHeartbeat | None:
         """Under the lock: pop the next due heartbeat, or None after an idle spell."""
