@@ -6,6 +6,7 @@ Real HTTP to ``cycles_lite_server``; nothing mocked but ``threading.Thread.start
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import threading
@@ -106,6 +107,38 @@ class TestHeartbeatScheduler(_ServerCase):
             with os.fdopen(read_end, "rb") as pipe:
                 self.assertEqual(pipe.read(), b"1")
             os.waitpid(pid, 0)
+
+
+class TestDeclarations(unittest.TestCase):
+    def test_every_model_field_is_declared_with_its_check(self) -> None:
+        models = [
+            obj for obj in vars(cl).values()
+            if isinstance(obj, type) and issubclass(obj, cl._Model) and obj is not cl._Model
+        ]
+        self.assertGreater(len(models), 25)
+        for model in models:
+            with self.subTest(model=model.__name__):
+                names = [f.name for f in dataclasses.fields(model)]
+                self.assertEqual(list(model._fields), names)  # repr, dump and parse see each
+                required = {f.name for f in dataclasses.fields(model) if f.default is cl._REQUIRED}
+                self.assertEqual(model._required, required)
+
+    def test_success_schemas_name_fields_of_their_models(self) -> None:
+        for operation, (_, model, read, pinned) in cl._SUCCESS_ANSWERS.items():
+            with self.subTest(operation=operation):
+                self.assertLessEqual({*read, *pinned}, set(model._fields))
+
+    def test_every_setting_has_a_check_and_reads_its_own_variable(self) -> None:
+        environ = {"CYCLES_BASE_URL": "http://localhost:1", "CYCLES_API_KEY": "k"}
+        for setting in dataclasses.fields(CyclesConfig):
+            self.assertTrue(callable(setting.metadata["check"]), setting.name)
+        self.assertEqual(
+            [s.name for s in dataclasses.fields(CyclesConfig) if s.metadata["env"] is None],
+            ["ssl_context"],
+        )
+        config = CyclesConfig.from_env(environ=dict(environ, CYCLES_POOL_MAXSIZE="7"))
+        self.assertEqual((config.base_url, config.api_key, config.pool_maxsize),
+                         ("http://localhost:1", "k", 7))
 
 
 class TestModuleLayout(unittest.TestCase):
