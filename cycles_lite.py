@@ -6400,14 +6400,29 @@ def _replay_jobs(client: Any, records: List[_PendingSettlement]) -> List[_Settle
 
 
 def _recover(client: Any, timeout: float | None) -> RecoverySummary:
-    """``client.recover()``: replay the journal on this thread until done or ``timeout``.
+    """``client.recover()``: replay the journal on this thread until done or ``timeout``."""
+    _check_recover_timeout(timeout)
+    return _drive(_detached_send(client), _recover_steps(client, timeout))
 
-    No attempt starts after the deadline; one already running ends by its own
-    attempt deadline (``config.attempt_timeout``)."""
+
+async def _recover_async(client: Any, timeout: float | None) -> RecoverySummary:
+    """``AsyncCyclesClient.recover()``: the same steps on the loop (file I/O on a thread)."""
+    _check_recover_timeout(timeout)
+    return await _drive_async(client, _recover_steps(client, timeout))
+
+
+def _check_recover_timeout(timeout: Any) -> None:
     if timeout is not None and (
         isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0
     ):
         raise ValueError(f"timeout: must be a number >= 0 or None, got {timeout!r}")
+
+
+def _recover_steps(client: Any, timeout: float | None) -> _Steps[RecoverySummary]:
+    """Replay the journal until done or ``timeout``.
+
+    No attempt starts after the deadline; one already running ends by its own
+    attempt deadline (``config.attempt_timeout``)."""
     summary = RecoverySummary()
     journal = _journal_for(client._config)
     if journal is None or journal.directory is None:
@@ -6415,13 +6430,13 @@ def _recover(client: Any, timeout: float | None) -> RecoverySummary:
         return summary
     deadline = None if timeout is None else time.monotonic() + timeout
     _claim_replay(journal)  # this is the process's replay of this identity
-    records, summary.quarantined = _scan_journal(journal)
+    records, summary.quarantined = yield _Blocking(functools.partial(_scan_journal, journal))
     summary.found = len(records)
     fresh = _not_queued(records)
     summary.kept = len(records) - len(fresh)
     jobs = _replay_jobs(client, fresh)
     commit_mode = {id(job) for job in jobs if job.record.mode == "commit"}
-    _settle_until(jobs, deadline, summary)
+    yield from _settle_until(jobs, deadline, summary)
     summary.switched_to_event = sum(
         1 for job in jobs if id(job) in commit_mode and job.record.mode == "event"
     )
@@ -6431,14 +6446,14 @@ def _recover(client: Any, timeout: float | None) -> RecoverySummary:
 
 def _settle_until(
     jobs: List[_Settlement], deadline: float | None, summary: RecoverySummary
-) -> None:
-    """Run ``jobs`` on this thread in due order; hand what is left at the deadline
-    to the background worker (it stays journaled either way)."""
+) -> _Steps[None]:
+    """Run ``jobs`` in due order; hand what is left at the deadline to the background
+    retries (it stays journaled either way)."""
     heap = [(job.due, n, job) for n, job in enumerate(jobs)]
     heapq.heapify(heap)
     while heap and (deadline is None or max(heap[0][0], time.monotonic()) < deadline):
         _due, n, job = heapq.heappop(heap)
-        outcome = _drive(job.send, _settle_steps(job, retry_inline=False))
+        outcome = yield from _settle_steps(job, retry_inline=False)
         if outcome is _Disposition.RETRY:
             heapq.heappush(heap, (job.due, n, job))
         elif outcome is _Disposition.SUCCESS:
@@ -6453,14 +6468,6 @@ def _settle_until(
         else:
             summary.not_yet_due += 1
         _settlements.submit(job)
-
-
-async def _recover_async(client: Any, timeout: float | None) -> RecoverySummary:
-    """``AsyncCyclesClient.recover()``: the same replay, on the client's I/O executor."""
-    import asyncio
-
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(client._file_executor(), _recover, client, timeout)
 
 
 # ===========================================================================
