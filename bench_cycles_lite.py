@@ -183,7 +183,7 @@ def _worker_main(argv: Sequence[str]) -> int:
     elif kind == "raw":
         out = _worker_raw(rest[0], int(rest[1]))
     elif kind == "async":
-        out = _worker_async(rest[0], rest[1], int(rest[2]))
+        out = _worker_async(rest[0], rest[1], int(rest[2]), int(rest[3]))
     elif kind == "stub":
         return _stub_server(int(rest[0]))
     else:
@@ -415,6 +415,11 @@ def _code_lines_main(paths: Sequence[str]) -> int:
 # ---------------------------------------------------------------------------
 
 ASYNC_DELAYS_MS = (20, 50)
+# (label, client, max_connections): both clients with their defaults (100 connections
+# each: httpx's pool and cycles_lite's cap), and cycles_lite with the cap raised to the
+# batch size, to show what the cap costs.
+ASYNC_VARIANTS = (("cycles_lite", "cycles_lite", 0), ("runcycles", "runcycles", 0),
+                  ("cycles_lite, max_connections=200", "cycles_lite", 200))
 
 
 def _stub_server(delay_ms: int) -> int:
@@ -472,8 +477,9 @@ def _stub_server(delay_ms: int) -> int:
     return 0
 
 
-def _worker_async(name: str, url: str, calls: int) -> Dict[str, Any]:
-    """``calls`` concurrent decorated async calls (create + commit each), after a warm-up."""
+def _worker_async(name: str, url: str, calls: int, max_connections: int = 0) -> Dict[str, Any]:
+    """``calls`` concurrent decorated async calls (create + commit each), after a warm-up.
+    ``max_connections`` (cycles_lite only, 0 = the default) sets its connection cap."""
     import asyncio
     import threading
 
@@ -488,7 +494,10 @@ def _worker_async(name: str, url: str, calls: int) -> Dict[str, Any]:
     threading.Thread.start = counting_start  # type: ignore[method-assign]
 
     async def run() -> Dict[str, Any]:
-        client = lib.AsyncCyclesClient(_config(lib, url, journal=False))
+        config = _config(lib, url, journal=False)
+        if max_connections:
+            config.max_connections = max_connections
+        client = lib.AsyncCyclesClient(config)
 
         @lib.cycles(estimate=1000, actual=900, action_kind="llm.completion",
                     action_name="bench-model", agent="bench", client=client)
@@ -551,15 +560,15 @@ def _async_section(args: argparse.Namespace) -> Dict[str, Any]:
         try:
             print(f"measuring {args.async_calls} concurrent async calls, {delay} ms server",
                   file=sys.stderr)
-            runs: Dict[str, List[Dict[str, Any]]] = {name: [] for name in CLIENTS}
+            runs: Dict[str, List[Dict[str, Any]]] = {label: [] for label, *_ in ASYNC_VARIANTS}
             for _ in range(args.rounds):
-                for name in CLIENTS:
-                    runs[name].append(_run_worker(
-                        ["async", name, server.url, str(args.async_calls)]))
+                for label, name, cap in ASYNC_VARIANTS:
+                    runs[label].append(_run_worker(
+                        ["async", name, server.url, str(args.async_calls), str(cap)]))
             results[f"{delay}ms"] = {
-                name: {key: statistics.median(run[key] for run in runs[name])
-                       for key in runs[name][0]}
-                for name in CLIENTS
+                label: {key: statistics.median(run[key] for run in runs[label])
+                        for key in runs[label][0]}
+                for label in runs
             }
         finally:
             server.close()
@@ -570,8 +579,7 @@ def _async_table(results: Dict[str, Any]) -> str:
     lines = ["| server delay | client | calls/s | median call s | p90 call s | peak threads "
              "| threads started | client CPU ms/call |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for delay, by_client in results.items():
-        for name in CLIENTS:
-            r = by_client[name]
+        for name, r in by_client.items():
             lines.append(f"| {delay} | {name} | {r['calls_per_s']:.0f} | {r['median_s']:.3f} | "
                          f"{r['p90_s']:.3f} | {r['peak_threads']:.0f} | "
                          f"{r['threads_started']:.0f} | {r['cpu_ms_per_call']:.2f} |")
