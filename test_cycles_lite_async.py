@@ -483,6 +483,54 @@ class TestNoThreads(AsyncServerCase):
         self.srv.check_invariants()
 
 
+class TestAflushAndRecover(AsyncServerCase):
+    def test_aflush_waits_for_the_loops_retry_tasks_and_times_out(self) -> None:
+        client = self.new_client(retry_initial_delay=0.3, retry_max_delay=0.3)
+        self.srv.inject("commit", "status", status=503)
+
+        @cycles(estimate=10, actual=5, action_kind="llm.completion", action_name="m",
+                client=client)
+        async def guarded() -> str:
+            return "ok"
+
+        async def scenario() -> List[bool]:
+            self.assertTrue(await cl.aflush(0))  # nothing pending
+            await guarded()
+            loop = asyncio.get_running_loop()
+            pending = [t for t in cl._settlement_tasks if t.get_loop() is loop]
+            self.assertEqual(len(pending), 1)  # the retry is a task on this loop
+            answers = [await cl.aflush(0.05), await cl.aflush(5)]
+            await client.aclose()
+            return answers
+
+        self.assertEqual(run(scenario), [False, True])
+        self.assertEqual(len(self.srv.requests_for("commit")), 2)
+        self.assertIsNone(cl._settlements._worker)
+
+    def test_async_recover_sends_on_the_loop(self) -> None:
+        with tempfile.TemporaryDirectory() as journal_dir:
+            client = self.new_client(journal_enabled=True, journal_dir=journal_dir,
+                                     retry_enabled=False)
+            self.srv.inject("commit", "status", status=503)
+
+            @cycles(estimate=10, actual=5, action_kind="llm.completion", action_name="m",
+                    client=client)
+            async def guarded() -> str:
+                return "ok"
+
+            async def scenario() -> Any:
+                await guarded()  # the commit fails once: its record stays journaled
+                with mock.patch.object(cl, "_perform", side_effect=AssertionError("a thread")):
+                    summary = await client.recover(timeout=5)
+                await client.aclose()
+                return summary
+
+            summary = run(scenario)
+        self.assertEqual((summary.found, summary.settled), (1, 1))
+        self.assertEqual(len(self.srv.requests_for("commit")), 2)
+        self.srv.check_invariants()
+
+
 class TestAsyncHttps(unittest.TestCase):
     @classmethod
     def setUpClass(cls) -> None:
