@@ -2671,9 +2671,11 @@ class _AsyncTransport(_TransportBase):
         if pool is not None and not pool.closed:
             return pool
         with self._pools_lock:
-            # After aclose() (a settlement still retrying) or the loop's shutdown: no
-            # idle connections and no hook, so nothing is left open.
-            late = self.closed or pool is not None
+            # After aclose() (a settlement still retrying) or once the loop is shutting
+            # down (a request from an async generator's cleanup, say): no idle
+            # connections and no hook, so nothing is left open.
+            shutting_down = getattr(loop, "_asyncgens_shutdown_called", False) is True
+            late = self.closed or pool is not None or shutting_down
             pool = _LoopPool(
                 loop, self._max_connections, 0 if late else self._pool_maxsize, hook=not late
             )

@@ -304,6 +304,30 @@ class TestLoops(AsyncServerCase):
         self.assertEqual(resource_warnings(caught), [])
         self.assertGreaterEqual(self.srv.connections_accepted - before, 2)
 
+    def test_a_request_from_an_async_generator_finalized_at_loop_shutdown(self) -> None:
+        client = self.new_client()
+        statuses: List[int] = []
+
+        async def stream() -> Any:
+            try:
+                yield 1
+            finally:  # runs in the loop's shutdown_asyncgens()
+                statuses.append((await client.get_balances(tenant=TENANT)).status)
+
+        async def scenario() -> Any:
+            generator = stream()
+            await generator.__anext__()
+            return generator  # left suspended: asyncio.run finalizes it
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            kept = run(scenario)
+            run(client.aclose)
+            del kept
+            gc.collect()
+        self.assertEqual(statuses, [200])
+        self.assertEqual(resource_warnings(caught), [])
+
     def test_a_client_used_from_two_threads_keeps_a_pool_per_loop(self) -> None:
         client = self.new_client()
         results: List[bool] = []
