@@ -2466,8 +2466,26 @@ class _AsyncConnection:
 
     def close(self) -> None:
         """Drop the connection at once (like closing a socket: no TLS goodbye)."""
-        with contextlib.suppress(RuntimeError):  # its loop is closed: nothing left to do
-            self.writer.transport.abort()
+        transport = self.writer.transport
+        try:
+            transport.abort()
+        except RuntimeError:  # its loop is closed
+            _release_after_loop_closed(transport)
+
+
+def _release_after_loop_closed(transport: Any) -> None:
+    """Finish closing a transport whose event loop was closed without
+    ``shutdown_asyncgens()``: asyncio completes a close on a later loop turn, which a
+    closed loop never runs, so the socket would leak and warn.  This does that turn's
+    part by hand.  Best effort over asyncio internals: looked up, never assumed."""
+    ssl_protocol = getattr(transport, "_ssl_protocol", None)
+    if ssl_protocol is not None:  # TLS: mark the TLS layer closed, then finish the socket's
+        transport._closed = True
+        transport = getattr(ssl_protocol, "_transport", None) or transport
+    finish = getattr(transport, "_call_connection_lost", None)
+    if finish is not None and getattr(transport, "_sock", None) is not None:
+        with contextlib.suppress(Exception):  # the protocol's callbacks need the loop
+            finish(None)  # closes the socket whatever the protocol does
 
 
 class _LoopPool:
@@ -2651,9 +2669,13 @@ class _AsyncTransport(_TransportBase):
                 pool.close()
                 if pool.shutdown_hook is not None:
                     await pool.shutdown_hook.aclose()
-            elif not pool.loop.is_closed():
-                with contextlib.suppress(RuntimeError):  # closed meanwhile
+            elif pool.loop.is_closed():
+                pool.close()
+            else:
+                try:
                     pool.loop.call_soon_threadsafe(pool.close)
+                except RuntimeError:  # closed meanwhile
+                    pool.close()
         await asyncio.sleep(0)  # the aborted connections finish closing
 
     def forget_pools(self) -> None:
@@ -2679,7 +2701,12 @@ class _AsyncTransport(_TransportBase):
             pool = _LoopPool(
                 loop, self._max_connections, 0 if late else self._pool_maxsize, hook=not late
             )
-            pools = {key: value for key, value in self._pools.items() if not key.is_closed()}
+            pools = {}
+            for key, value in self._pools.items():
+                if key.is_closed():  # closed without shutdown_asyncgens(): release its sockets
+                    value.close()
+                else:
+                    pools[key] = value
             pools[loop] = pool
             self._pools = pools
         return pool

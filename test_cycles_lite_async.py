@@ -304,6 +304,18 @@ class TestLoops(AsyncServerCase):
         self.assertEqual(resource_warnings(caught), [])
         self.assertGreaterEqual(self.srv.connections_accepted - before, 2)
 
+    def test_a_loop_closed_by_hand_has_its_connections_released_silently(self) -> None:
+        client = self.new_client()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loop = asyncio.new_event_loop()
+            self.assertTrue(loop.run_until_complete(client.get_balances(tenant=TENANT)).is_success)
+            loop.close()  # without shutdown_asyncgens(): its idle connection is left behind
+            self.assertTrue(run(lambda: client.get_balances(tenant=TENANT)).is_success)
+            run(client.aclose)
+            gc.collect()
+        self.assertEqual(resource_warnings(caught), [])
+
     def test_a_request_from_an_async_generator_finalized_at_loop_shutdown(self) -> None:
         client = self.new_client()
         statuses: List[int] = []
@@ -653,6 +665,17 @@ class TestAsyncHttps(unittest.TestCase):
             self.assertTrue(run(scenario))
         self.assertEqual(len(proxy.heads), 1)
         self.assertTrue(proxy.heads[0].startswith(f"CONNECT 127.0.0.1:{self.srv.port} HTTP/1."))
+
+    def test_a_loop_closed_by_hand_then_aclose_over_https(self) -> None:
+        client = self.client()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loop = asyncio.new_event_loop()
+            self.assertTrue(loop.run_until_complete(client.get_balances(tenant=TENANT)).is_success)
+            loop.close()
+            run(client.aclose)
+            gc.collect()
+        self.assertEqual(resource_warnings(caught), [])
 
     def test_two_loops_in_turn_over_https_without_warnings(self) -> None:
         client = self.client()
