@@ -107,6 +107,7 @@ from typing import (
     Deque,
     Dict,
     Iterable,
+    Iterator,
     List,
     Mapping,
     Optional,
@@ -169,6 +170,19 @@ DEFAULT_OVERAGE_POLICY = "ALLOW_IF_AVAILABLE"
 DEFAULT_UNIT = "USD_MICROCENTS"
 MAX_BODY_BYTES = 1 << 20
 MAX_LOGGED_REQUESTS = 10_000
+# A logged request keeps at most this much of its request and response bodies.
+MAX_LOGGED_BODY_BYTES = 4096
+# JSON nested deeper than this is refused with 400 before anything else runs.
+MAX_JSON_DEPTH = 64
+# Finalized and expired reservations, idempotency records and events are
+# kept this long (server clock), then pruned a few at a time.
+DEFAULT_RETENTION_S = 86_400
+DEFAULT_IDLE_TIMEOUT_S = 120.0
+DEFAULT_READ_TIMEOUT_S = 30.0
+DEFAULT_MAX_CONNECTIONS = 256
+DEFAULT_STATE_INTERVAL_S = 30.0
+_PRUNE_BATCH = 512
+_SCAN_CHUNK = 512
 LIST_DEFAULT_LIMIT = 50
 LIST_MAX_LIMIT = 200
 
@@ -449,11 +463,35 @@ def _reject_json_constant(name: str) -> Any:
 
 
 def _parse_json(raw: bytes) -> Any:
-    """Strict JSON: UTF-8, no NaN/Infinity. Raises ValueError."""
+    """Strict JSON: UTF-8, no NaN/Infinity, at most MAX_JSON_DEPTH levels. Raises ValueError."""
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_reject_json_constant)
+        value = json.loads(raw.decode("utf-8"), parse_constant=_reject_json_constant)
     except RecursionError as exc:
-        raise ValueError("JSON nested too deeply") from exc
+        raise _TooDeep() from exc
+    _check_depth(value)
+    return value
+
+
+class _TooDeep(ValueError):
+    def __init__(self) -> None:
+        super().__init__(f"JSON is nested deeper than {MAX_JSON_DEPTH} levels")
+
+
+def _check_depth(value: Any) -> None:
+    """ValueError if ``value`` nests objects/arrays deeper than MAX_JSON_DEPTH (no recursion)."""
+    pending: List[Tuple[Any, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children: Iterable[Any]
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise _TooDeep()
+        pending.extend((child, depth + 1) for child in children)
 
 
 def _canonical_json(value: Any) -> str:
@@ -545,12 +583,24 @@ class Clock:
         self._lock = threading.Lock()
         self._offset_ms = 0
         self._frozen_at: Optional[int] = None
+        self._last_ms = 0
 
     def now_ms(self) -> int:
+        """Never goes backward, even if the wall clock does."""
         with self._lock:
-            if self._frozen_at is not None:
-                return self._frozen_at + self._offset_ms
-            return int(time.time() * 1000) + self._offset_ms
+            base = self._frozen_at if self._frozen_at is not None else int(time.time() * 1000)
+            self._last_ms = max(self._last_ms, base + self._offset_ms)
+            return self._last_ms
+
+    @property
+    def offset_ms(self) -> int:
+        """How far advance() has moved this clock past the wall clock."""
+        return self._offset_ms
+
+    def restore_offset(self, offset_ms: int) -> None:
+        """Continue a saved server clock (a --state file) where it left off."""
+        with self._lock:
+            self._offset_ms = max(self._offset_ms, offset_ms)
 
     def advance(self, ms: int) -> int:
         """Jump forward by ``ms`` milliseconds; returns the new now_ms()."""
@@ -582,6 +632,11 @@ class Clock:
 class _Tenant:
     name: str
     status: str = "ACTIVE"
+    created_at_ms: int = 0
+    display_name: Optional[str] = None
+    parent_tenant_id: Optional[str] = None
+    metadata: Optional[Dict[str, str]] = None
+    reservation_expiry_policy: Optional[str] = None
     default_ttl_ms: Optional[int] = None
     max_ttl_ms: Optional[int] = None
     max_extensions: Optional[int] = None
@@ -619,6 +674,10 @@ class _Budget:
     status: str = "ACTIVE"
     caps: Optional[JsonObject] = None
     is_over_limit: bool = False
+    created_at_ms: int = 0
+    updated_at_ms: int = 0
+    commit_overage_policy: Optional[str] = None
+    metadata: Optional[JsonObject] = None
 
     @property
     def tenant_segment(self) -> str:
@@ -687,6 +746,8 @@ class _Reservation:
     committed_metadata: Optional[JsonObject] = None
     finalized_by: Optional[str] = None
     release_reason: Optional[str] = None
+    # idempotency records bound to this reservation: pruned with it
+    slots: List[_Slot] = field(default_factory=list)
 
     def view(self, include: Iterable[str] = ("metadata", "committed_metadata")) -> JsonObject:
         """ReservationDetail / ReservationSummary with the requested heavy fields."""
@@ -751,11 +812,114 @@ class _Reservation:
 
 @dataclass
 class _Stored:
-    """A bound idempotency key: the payload hash and the successful response."""
+    """A bound idempotency key: the payload hash and the successful response,
+    kept as compact JSON (a third of the memory of the dict)."""
 
     payload_hash: str
     status: int
-    body: JsonObject
+    body_json: str
+
+    @classmethod
+    def of(cls, payload_hash: str, status: int, body: JsonObject) -> _Stored:
+        return cls(payload_hash, status, json.dumps(body, separators=(",", ":")))
+
+    def body(self) -> JsonObject:
+        parsed: JsonObject = json.loads(self.body_json)
+        return parsed
+
+
+@dataclass
+class _ApiKey:
+    """An API key as the admin plane sees it; only a SHA-256 of the secret is kept."""
+
+    key_id: str
+    tenant_id: str
+    key_prefix: str
+    created_at_ms: int
+    name: str = ""
+    description: Optional[str] = None
+    permissions: List[str] = field(default_factory=list)
+    scope_filter: Optional[List[str]] = None
+    expires_at_ms: Optional[int] = None
+    status: str = "ACTIVE"
+    revoked_at_ms: Optional[int] = None
+    revoked_reason: Optional[str] = None
+    metadata: Optional[JsonObject] = None
+
+    def is_usable(self, now: int) -> bool:
+        return self.status == "ACTIVE" and (self.expires_at_ms is None or now < self.expires_at_ms)
+
+
+class _TenantRows:
+    """One tenant's reservations by creation sequence, overall and per status:
+    a page in creation order costs O(page + log n)."""
+
+    def __init__(self) -> None:
+        self.rows: Dict[int, _Reservation] = {}
+        self.all: List[int] = []
+        self.by_status: Dict[str, List[int]] = {status: [] for status in RESERVATION_STATUSES}
+
+    def add(self, reservation: _Reservation) -> None:
+        self.rows[reservation.seq] = reservation
+        _sorted_insert(self.all, reservation.seq)
+        _sorted_insert(self.by_status[reservation.status], reservation.seq)
+
+    def remove(self, reservation: _Reservation) -> None:
+        self.rows.pop(reservation.seq, None)
+        _sorted_remove(self.all, reservation.seq)
+        _sorted_remove(self.by_status[reservation.status], reservation.seq)
+
+    def restatus(self, reservation: _Reservation, old: str) -> None:
+        _sorted_remove(self.by_status[old], reservation.seq)
+        _sorted_insert(self.by_status[reservation.status], reservation.seq)
+
+    def window(
+        self, status: Optional[str], after_seq: Optional[int], descending: bool, count: int
+    ) -> List[int]:
+        """Up to ``count`` sequence numbers past ``after_seq`` in the given direction."""
+        import bisect
+
+        seqs = self.all if status is None else self.by_status[status]
+        if descending:
+            end = len(seqs) if after_seq is None else bisect.bisect_left(seqs, after_seq)
+            return seqs[max(0, end - count):end][::-1]
+        start = 0 if after_seq is None else bisect.bisect_right(seqs, after_seq)
+        return seqs[start:start + count]
+
+
+def _sorted_insert(values: List[Any], value: Any) -> None:
+    import bisect
+
+    if not values or values[-1] < value:
+        values.append(value)
+    else:
+        bisect.insort(values, value)
+
+
+def _sorted_remove(values: List[Any], value: Any) -> None:
+    import bisect
+
+    index = bisect.bisect_left(values, value)
+    if index < len(values) and values[index] == value:
+        del values[index]
+
+
+_DEFAULT_PERMISSIONS = (
+    "reservations:create", "reservations:commit", "reservations:release",
+    "reservations:extend", "reservations:list", "balances:read", "budgets:read",
+    "budgets:write", "policies:read", "policies:write",
+)
+
+
+def _key_prefix(secret: str) -> str:
+    """The visible start of a key (at most 14 characters, never more than half of it)."""
+    return secret[: min(14, len(secret) // 2)]
+
+
+def _secret_hash(secret: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
 @dataclass
@@ -825,9 +989,11 @@ class _Ledger:
         default_grace_ms: int,
         max_extensions: int,
         default_overage_policy: str,
+        retention_ms: int = DEFAULT_RETENTION_S * 1000,
     ) -> None:
         self._lock = threading.RLock()
         self._clock = clock
+        self._retention_ms = retention_ms
         self._defaults = _Policy(
             default_ttl_ms=default_ttl_ms,
             max_ttl_ms=max_ttl_ms,
@@ -836,16 +1002,21 @@ class _Ledger:
             default_grace_ms=default_grace_ms,
         )
         self._tenants: Dict[str, _Tenant] = {}
-        self._api_keys: Dict[str, str] = {}
-        self._admin_keys: Set[str] = set()
+        self._api_keys: Dict[str, _ApiKey] = {}  # by SHA-256 of the secret
+        self._admin_keys: Set[str] = set()  # SHA-256 of each admin key
         self._budgets: Dict[Tuple[str, str], _Budget] = {}
+        self._budget_keys_by_tenant: Dict[str, List[Tuple[str, str]]] = {}
         self._units_by_scope: Dict[str, Set[str]] = {}
         self._reservations: Dict[str, _Reservation] = {}
-        self._by_tenant: Dict[str, List[_Reservation]] = {}
+        self._by_tenant: Dict[str, _TenantRows] = {}
         self._expiry_heap: List[Tuple[int, int, str]] = []
         self._idempotency: Dict[_Slot, _Stored] = {}
-        self._events: List[JsonObject] = []
+        self._events: Dict[str, JsonObject] = {}
+        # (prune at ms, kind, key), in time order: the clock never goes backward
+        self._prune_queue: Deque[Tuple[int, str, Any]] = collections.deque()
+        self._undo: Optional[List[Callable[[], None]]] = None
         self._seq = 0
+        self.changes = 0  # bumped by every change; --state saves when it moved
 
     # -- seeding and inspection ------------------------------------------------
 
@@ -853,7 +1024,7 @@ class _Ledger:
         if not isinstance(name, str) or not _SUBJECT_VALUE_RE.fullmatch(name):
             raise ValueError("tenant must match ^[a-zA-Z0-9_.-]+$")
         _check_choice("status", status, TENANT_STATUSES)
-        tenant = _Tenant(name=name, status=status)
+        tenant = _Tenant(name=name, status=status, created_at_ms=self._clock.now_ms())
         for key, value in policy.items():
             if key in ("default_ttl_ms", "max_ttl_ms", "default_grace_ms", "max_extensions"):
                 _check_amount(key, value)
@@ -864,6 +1035,7 @@ class _Ledger:
             setattr(tenant, key, value)
         with self._lock:
             self._tenants[name] = tenant
+            self.changes += 1
 
     def ensure_tenant(self, name: str) -> None:
         with self._lock:
@@ -876,47 +1048,64 @@ class _Ledger:
             if name not in self._tenants:
                 raise KeyError(f"unknown tenant {name!r}")
             self._tenants[name].status = status
+            self.changes += 1
 
     def add_api_key(self, key: str, tenant: str) -> None:
         if not isinstance(key, str) or not key:
             raise ValueError("api key must be a non-empty string")
+        digest = _secret_hash(key)
         with self._lock:
             self.ensure_tenant(tenant)
-            self._api_keys[key] = tenant
+            self._api_keys[digest] = _ApiKey(
+                key_id="key_" + digest[:16], tenant_id=tenant, key_prefix=_key_prefix(key),
+                created_at_ms=self._clock.now_ms(), name="seeded", permissions=list(_DEFAULT_PERMISSIONS),
+            )
+            self.changes += 1
 
     def remove_api_key(self, key: str) -> None:
         with self._lock:
-            self._api_keys.pop(key, None)
+            self._api_keys.pop(_secret_hash(key), None)
+            self.changes += 1
 
     def add_admin_key(self, key: str) -> None:
         if not isinstance(key, str) or not key:
             raise ValueError("admin key must be a non-empty string")
         with self._lock:
-            self._admin_keys.add(key)
+            self._admin_keys.add(_secret_hash(key))
 
     def remove_admin_key(self, key: str) -> None:
         with self._lock:
-            self._admin_keys.discard(key)
+            self._admin_keys.discard(_secret_hash(key))
 
     def add_budget(self, scope: str, unit: str, allocated: int, **fields: Any) -> None:
         scope = _parse_scope(scope)
         _check_choice("unit", unit, UNITS)
         _check_amount("allocated", allocated)
-        budget = _Budget(scope=scope, unit=unit, allocated=allocated)
+        now = self._clock.now_ms()
+        budget = _Budget(scope=scope, unit=unit, allocated=allocated, created_at_ms=now,
+                         updated_at_ms=now)
         _apply_budget_fields(budget, fields)
         budget.remaining = budget.allocated - budget.spent - budget.reserved - budget.debt
         with self._lock:
             if (scope, unit) in self._budgets:
                 raise ValueError(f"budget {scope} {unit} already exists")
-            self.ensure_tenant(budget.tenant_segment.split(":", 1)[1])
+            tenant = budget.tenant_segment.split(":", 1)[1]
+            self.ensure_tenant(tenant)
             self._budgets[(scope, unit)] = budget
+            _sorted_insert(self._budget_keys_by_tenant.setdefault(tenant, []), (scope, unit))
             self._units_by_scope.setdefault(scope, set()).add(unit)
+            self.changes += 1
+
+    def has_budget(self, scope: str, unit: str) -> bool:
+        with self._lock:
+            return (_parse_scope(scope), unit) in self._budgets
 
     def set_budget(self, scope: str, unit: str, fields: Mapping[str, Any]) -> None:
         with self._lock:
             budget = self._budget(scope, unit)
             _apply_budget_fields(budget, fields)
             budget.remaining = budget.allocated - budget.spent - budget.reserved - budget.debt
+            self.changes += 1
 
     def fund(self, scope: str, unit: str, amount: int) -> None:
         """Add funds: repay debt first (moving it to spent), then raise remaining."""
@@ -930,6 +1119,7 @@ class _Ledger:
             budget.remaining += amount
             if budget.is_over_limit and budget.debt <= budget.overdraft_limit:
                 budget.is_over_limit = False
+            self.changes += 1
 
     def balance(self, scope: str, unit: str) -> JsonObject:
         with self._lock:
@@ -944,7 +1134,7 @@ class _Ledger:
 
     def events(self) -> List[JsonObject]:
         with self._lock:
-            return copy.deepcopy(self._events)
+            return copy.deepcopy(list(self._events.values()))
 
     def check_invariants(self) -> None:
         with self._lock:
@@ -971,19 +1161,91 @@ class _Ledger:
     # -- authentication --------------------------------------------------------
 
     def tenant_for_key(self, key: str) -> Optional[str]:
-        with self._lock:
-            return self._api_keys.get(key)
+        """The tenant of an active, unexpired API key."""
+        record = self._api_keys.get(_secret_hash(key))
+        if record is None or not record.is_usable(self._clock.now_ms()):
+            return None
+        return record.tenant_id
 
     def is_admin_key(self, key: str) -> bool:
-        with self._lock:
-            return key in self._admin_keys
+        return _secret_hash(key) in self._admin_keys
+
+    # -- atomicity and retention (call with the lock held) ----------------------
+
+    @contextlib.contextmanager
+    def _atomic(self) -> Iterator[None]:
+        """Run a mutation so that, if anything in it raises, every change it
+        recorded is undone: a failed request leaves the ledger as it was."""
+        undo: List[Callable[[], None]] = []
+        self._undo = undo
+        try:
+            yield
+        except BaseException:
+            for step in reversed(undo):
+                step()
+            raise
+        finally:
+            self._undo = None
+        self.changes += 1
+
+    def _touch(self, *records: Any) -> None:
+        """Remember the fields of budgets/reservations about to change."""
+        if self._undo is None:
+            return
+        for record in records:
+            saved = dict(vars(record))
+            self._undo.append(lambda record=record, saved=saved: _restore(record, saved))
+
+    def _on_undo(self, step: Callable[[], None]) -> None:
+        if self._undo is not None:
+            self._undo.append(step)
+
+    def _bind(self, slot: _Slot, stored: _Stored, owner: Optional[_Reservation]) -> None:
+        """Bind an idempotency key; it lives as long as its reservation, else the retention."""
+        self._idempotency[slot] = stored
+        self._on_undo(lambda: self._idempotency.pop(slot, None))
+        if owner is not None:
+            owner.slots.append(slot)
+            self._on_undo(owner.slots.pop)
+        else:
+            self._retain("slot", slot)
+
+    def _retain(self, kind: str, key: Any) -> None:
+        self._prune_queue.append((self._clock.now_ms() + self._retention_ms, kind, key))
+        self._on_undo(self._prune_queue.pop)
+
+    def _set_status(self, reservation: _Reservation, status: str) -> None:
+        """Finalize or expire a reservation: re-index it and start its retention."""
+        old = reservation.status
+        reservation.status = status
+        self._by_tenant[reservation.tenant].restatus(reservation, old)
+        self._on_undo(lambda: self._by_tenant[reservation.tenant].restatus(reservation, status))
+        self._retain("reservation", reservation.reservation_id)
+
+    def _prune(self, now: int) -> None:
+        """Forget what has outlived the retention window, at most _PRUNE_BATCH at a time."""
+        queue = self._prune_queue
+        for _ in range(_PRUNE_BATCH):
+            if not queue or queue[0][0] > now:
+                return
+            _, kind, key = queue.popleft()
+            if kind == "reservation":
+                reservation = self._reservations.pop(key, None)
+                if reservation is not None:
+                    self._by_tenant[reservation.tenant].remove(reservation)
+                    for slot in reservation.slots:
+                        self._idempotency.pop(slot, None)
+            elif kind == "event":
+                self._events.pop(key, None)
+            else:
+                self._idempotency.pop(tuple(key), None)  # type: ignore[arg-type]
+            self.changes += 1
 
     # -- createReservation / decide --------------------------------------------
 
     def create(self, tenant: str, request: JsonObject, payload_hash: str) -> _Outcome:
         with self._lock:
-            now = self._clock.now_ms()
-            self._sweep(now)
+            now = self._start(self._clock.now_ms())
             slot = (tenant, "create", "", request["idempotency_key"])
             replay = self._replay(slot, payload_hash, now)
             if replay is not None:
@@ -992,52 +1254,55 @@ class _Ledger:
             subject = _subject_for(request["subject"], tenant)
             scopes = _derive_scopes(subject)
             estimate = request["estimate"]
-            if request.get("dry_run", False):
-                body = self._dry_run_body(closed, scopes, estimate)
-                self._idempotency[slot] = _Stored(payload_hash, 200, copy.deepcopy(body))
-                return _Outcome(200, body)
-            if closed:
-                raise ApiError(409, "TENANT_CLOSED", f"Tenant {tenant} is closed")
-            evaluation = self._evaluate(scopes, estimate["unit"], estimate["amount"])
-            if evaluation.reason == "BUDGET_NOT_FOUND":
-                raise ApiError(
-                    404, "NOT_FOUND", f"Budget not found for provided scope: {scopes[-1]}"
+            with self._atomic():
+                if request.get("dry_run", False):
+                    body = self._dry_run_body(closed, scopes, estimate)
+                    self._bind(slot, _Stored.of(payload_hash, 200, body), None)
+                    return _Outcome(200, body)
+                if closed:
+                    raise ApiError(409, "TENANT_CLOSED", f"Tenant {tenant} is closed")
+                evaluation = self._evaluate(scopes, estimate["unit"], estimate["amount"])
+                if evaluation.reason == "BUDGET_NOT_FOUND":
+                    raise ApiError(
+                        404, "NOT_FOUND", f"Budget not found for provided scope: {scopes[-1]}"
+                    )
+                if evaluation.reason is not None:
+                    raise _denial_error(evaluation.reason, evaluation.reason_scope)
+                reservation = self._open_reservation(
+                    tenant, request, subject, scopes, evaluation, now
                 )
-            if evaluation.reason is not None:
-                raise _denial_error(evaluation.reason, evaluation.reason_scope)
-            reservation = self._open_reservation(tenant, request, subject, scopes, evaluation, now)
-            body = {
-                "decision": "ALLOW_WITH_CAPS" if evaluation.caps else "ALLOW",
-                "reservation_id": reservation.reservation_id,
-                "reserved": dict(estimate),
-                "expires_at_ms": reservation.expires_at_ms,
-                "remaining_ttl_ms": max(0, reservation.expires_at_ms - now),
-                "scope_path": reservation.scope_path,
-                "affected_scopes": list(scopes),
-                "balances": [b.snapshot() for b in evaluation.budgets],
-            }
-            if evaluation.caps:
-                body["caps"] = copy.deepcopy(evaluation.caps)
-            self._idempotency[slot] = _Stored(payload_hash, 200, copy.deepcopy(body))
-            return _Outcome(200, body, applied=True)
+                body = {
+                    "decision": "ALLOW_WITH_CAPS" if evaluation.caps else "ALLOW",
+                    "reservation_id": reservation.reservation_id,
+                    "reserved": dict(estimate),
+                    "expires_at_ms": reservation.expires_at_ms,
+                    "remaining_ttl_ms": max(0, reservation.expires_at_ms - now),
+                    "scope_path": reservation.scope_path,
+                    "affected_scopes": list(scopes),
+                    "balances": [b.snapshot() for b in evaluation.budgets],
+                }
+                if evaluation.caps:
+                    body["caps"] = copy.deepcopy(evaluation.caps)
+                self._bind(slot, _Stored.of(payload_hash, 200, body), reservation)
+                return _Outcome(200, body, applied=True)
 
     def decide(self, tenant: str, request: JsonObject, payload_hash: str) -> _Outcome:
         with self._lock:
-            now = self._clock.now_ms()
-            self._sweep(now)
+            now = self._start(self._clock.now_ms())
             slot = (tenant, "decide", "", request["idempotency_key"])
             replay = self._replay(slot, payload_hash, now)
             if replay is not None:
                 return replay
             closed = self._tenant_is_closed(tenant)
             scopes = _derive_scopes(_subject_for(request["subject"], tenant))
-            body = self._dry_run_body(closed, scopes, request["estimate"])
-            decision: JsonObject = {"decision": body["decision"]}
-            for name in ("caps", "reason_code", "affected_scopes"):
-                if name in body:
-                    decision[name] = body[name]
-            self._idempotency[slot] = _Stored(payload_hash, 200, copy.deepcopy(decision))
-            return _Outcome(200, decision)
+            with self._atomic():
+                body = self._dry_run_body(closed, scopes, request["estimate"])
+                decision: JsonObject = {"decision": body["decision"]}
+                for name in ("caps", "reason_code", "affected_scopes"):
+                    if name in body:
+                        decision[name] = body[name]
+                self._bind(slot, _Stored.of(payload_hash, 200, decision), None)
+                return _Outcome(200, decision)
 
     def _dry_run_body(self, closed: bool, scopes: List[str], estimate: JsonObject) -> JsonObject:
         """A non-mutating evaluation: denials become 200 DENY with a reason_code."""
@@ -1100,6 +1365,8 @@ class _Ledger:
         policy = self._policy(tenant)
         ttl = min(int(request.get("ttl_ms", policy.default_ttl_ms)), policy.max_ttl_ms)
         amount = request["estimate"]["amount"]
+        overage_policy = request.get("overage_policy") or _budget_policy(evaluation.budgets)
+        self._touch(*evaluation.budgets)
         for budget in evaluation.budgets:
             budget.reserved += amount
             budget.remaining -= amount
@@ -1112,7 +1379,7 @@ class _Ledger:
             action=copy.deepcopy(request["action"]),
             unit=request["estimate"]["unit"],
             amount=amount,
-            overage_policy=str(request.get("overage_policy", policy.default_overage_policy)),
+            overage_policy=str(overage_policy or policy.default_overage_policy),
             idempotency_key=request["idempotency_key"],
             metadata=copy.deepcopy(request.get("metadata")),
             grace_ms=int(request.get("grace_period_ms", policy.default_grace_ms)),
@@ -1124,7 +1391,10 @@ class _Ledger:
             max_extensions=policy.max_extensions,
         )
         self._reservations[reservation.reservation_id] = reservation
-        self._by_tenant.setdefault(tenant, []).append(reservation)
+        rows = self._by_tenant.setdefault(tenant, _TenantRows())
+        rows.add(reservation)
+        self._on_undo(lambda: rows.remove(reservation))
+        self._on_undo(lambda: self._reservations.pop(reservation.reservation_id, None))
         self._schedule_expiry(reservation)
         return reservation
 
@@ -1143,8 +1413,7 @@ class _Ledger:
         """The shared start of commit/release/extend, under the lock: expire what is due,
         find the reservation (404 before 403), then a same-key replay, which beats
         TENANT_CLOSED; otherwise the closed-tenant guard."""
-        now = self._clock.now_ms()
-        self._sweep(now)
+        now = self._start(self._clock.now_ms())
         reservation = self._owned(caller, reservation_id, admin_allowed=admin_allowed)
         slot = (reservation.tenant, operation, reservation_id, request["idempotency_key"])
         replay = self._replay(slot, payload_hash, now)
@@ -1161,38 +1430,42 @@ class _Ledger:
             )
             if replay is not None:
                 return replay
-            self._require_settleable(reservation, now)
-            actual = request["actual"]
-            if actual["unit"] != reservation.unit:
-                raise ApiError(
-                    400,
-                    "UNIT_MISMATCH",
-                    f"actual.unit {actual['unit']} does not match the reservation unit "
-                    f"{reservation.unit}",
-                )
-            held = reservation.amount
-            if actual["amount"] > held and reservation.overage_policy == "REJECT":
-                raise ApiError(
-                    409,
-                    "BUDGET_EXCEEDED",
-                    f"actual {actual['amount']} exceeds reserved {held} under REJECT",
-                )
-            budgets = self._budgets_of(reservation)
-            charged = _settle(budgets, held, actual["amount"], reservation.overage_policy)
-            reservation.status = "COMMITTED"
-            reservation.finalized_at_ms = now
-            reservation.finalized_by = "api_key"
-            reservation.committed = charged
-            reservation.committed_metadata = copy.deepcopy(request.get("metadata"))
-            body: JsonObject = {
-                "status": "COMMITTED",
-                "charged": {"unit": reservation.unit, "amount": charged},
-            }
-            if actual["amount"] < held:
-                body["released"] = {"unit": reservation.unit, "amount": held - actual["amount"]}
-            body["balances"] = [b.snapshot() for b in budgets]
-            self._idempotency[slot] = _Stored(payload_hash, 200, copy.deepcopy(body))
-            return _Outcome(200, body, applied=True)
+            with self._atomic():
+                self._require_settleable(reservation, now)
+                actual = request["actual"]
+                if actual["unit"] != reservation.unit:
+                    raise ApiError(
+                        400,
+                        "UNIT_MISMATCH",
+                        f"actual.unit {actual['unit']} does not match the reservation unit "
+                        f"{reservation.unit}",
+                    )
+                held = reservation.amount
+                if actual["amount"] > held and reservation.overage_policy == "REJECT":
+                    raise ApiError(
+                        409,
+                        "BUDGET_EXCEEDED",
+                        f"actual {actual['amount']} exceeds reserved {held} under REJECT",
+                    )
+                budgets = self._budgets_of(reservation)
+                self._touch(reservation, *budgets)
+                charged = _settle(budgets, held, actual["amount"], reservation.overage_policy)
+                self._set_status(reservation, "COMMITTED")
+                reservation.finalized_at_ms = now
+                reservation.finalized_by = "api_key"
+                reservation.committed = charged
+                reservation.committed_metadata = copy.deepcopy(request.get("metadata"))
+                body: JsonObject = {
+                    "status": "COMMITTED",
+                    "charged": {"unit": reservation.unit, "amount": charged},
+                }
+                if actual["amount"] < held:
+                    body["released"] = {
+                        "unit": reservation.unit, "amount": held - actual["amount"]
+                    }
+                body["balances"] = [b.snapshot() for b in budgets]
+                self._bind(slot, _Stored.of(payload_hash, 200, body), reservation)
+                return _Outcome(200, body, applied=True)
 
     def release(
         self, caller: _Caller, reservation_id: str, request: JsonObject, payload_hash: str
@@ -1203,24 +1476,26 @@ class _Ledger:
             )
             if replay is not None:
                 return replay
-            self._require_settleable(reservation, now)
-            budgets = self._budgets_of(reservation)
-            for budget in budgets:
-                budget.reserved -= reservation.amount
-                budget.remaining += reservation.amount
-            reservation.status = "RELEASED"
-            reservation.finalized_at_ms = now
-            # The spec's audit entry for admin releases lives on the admin
-            # plane; locally it is recorded on the reservation.
-            reservation.finalized_by = "admin_on_behalf_of" if caller.admin else "api_key"
-            reservation.release_reason = request.get("reason")
-            body = {
-                "status": "RELEASED",
-                "released": {"unit": reservation.unit, "amount": reservation.amount},
-                "balances": [b.snapshot() for b in budgets],
-            }
-            self._idempotency[slot] = _Stored(payload_hash, 200, copy.deepcopy(body))
-            return _Outcome(200, body, applied=True)
+            with self._atomic():
+                self._require_settleable(reservation, now)
+                budgets = self._budgets_of(reservation)
+                self._touch(reservation, *budgets)
+                for budget in budgets:
+                    budget.reserved -= reservation.amount
+                    budget.remaining += reservation.amount
+                self._set_status(reservation, "RELEASED")
+                reservation.finalized_at_ms = now
+                # The spec's audit entry for admin releases lives on the admin
+                # plane; locally it is recorded on the reservation.
+                reservation.finalized_by = "admin_on_behalf_of" if caller.admin else "api_key"
+                reservation.release_reason = request.get("reason")
+                body = {
+                    "status": "RELEASED",
+                    "released": {"unit": reservation.unit, "amount": reservation.amount},
+                    "balances": [b.snapshot() for b in budgets],
+                }
+                self._bind(slot, _Stored.of(payload_hash, 200, body), reservation)
+                return _Outcome(200, body, applied=True)
 
     def extend(
         self, caller: _Caller, reservation_id: str, request: JsonObject, payload_hash: str
@@ -1246,24 +1521,25 @@ class _Ledger:
                     f"Reservation {reservation_id} reached its limit of "
                     f"{reservation.max_extensions} extensions",
                 )
-            reservation.expires_at_ms += request["extend_by_ms"]
-            reservation.extension_count += 1
+            with self._atomic():
+                self._touch(reservation)
+                reservation.expires_at_ms += request["extend_by_ms"]
+                reservation.extension_count += 1
+                body = {
+                    "status": "ACTIVE",
+                    "expires_at_ms": reservation.expires_at_ms,
+                    "remaining_ttl_ms": max(0, reservation.expires_at_ms - now),
+                    "balances": [b.snapshot() for b in self._budgets_of(reservation)],
+                }
+                self._bind(slot, _Stored.of(payload_hash, 200, body), reservation)
             self._schedule_expiry(reservation)
-            body = {
-                "status": "ACTIVE",
-                "expires_at_ms": reservation.expires_at_ms,
-                "remaining_ttl_ms": max(0, reservation.expires_at_ms - now),
-                "balances": [b.snapshot() for b in self._budgets_of(reservation)],
-            }
-            self._idempotency[slot] = _Stored(payload_hash, 200, copy.deepcopy(body))
             return _Outcome(200, body, applied=True)
 
     # -- createEvent -----------------------------------------------------------
 
     def event(self, tenant: str, request: JsonObject, payload_hash: str) -> _Outcome:
         with self._lock:
-            now = self._clock.now_ms()
-            self._sweep(now)
+            now = self._start(self._clock.now_ms())
             slot = (tenant, "event", "", request["idempotency_key"])
             replay = self._replay(slot, payload_hash, now)
             if replay is not None:
@@ -1273,15 +1549,20 @@ class _Ledger:
             scopes = _derive_scopes(subject)
             actual = request["actual"]
             budgets = self._event_budgets(scopes, actual["unit"])
-            policy = request.get("overage_policy", self._policy(tenant).default_overage_policy)
+            policy = (
+                request.get("overage_policy")
+                or _budget_policy(budgets)
+                or self._policy(tenant).default_overage_policy
+            )
             if policy == "REJECT":
                 for budget in budgets:
                     if budget.remaining < actual["amount"]:
                         raise _denial_error("BUDGET_EXCEEDED", budget.scope)
-            charged = _settle(budgets, 0, actual["amount"], str(policy))
-            event_id = "evt_" + uuid.uuid4().hex
-            self._events.append(
-                {
+            with self._atomic():
+                self._touch(*budgets)
+                charged = _settle(budgets, 0, actual["amount"], str(policy))
+                event_id = "evt_" + uuid.uuid4().hex
+                self._events[event_id] = {
                     "event_id": event_id,
                     "tenant": tenant,
                     "subject": subject,
@@ -1297,13 +1578,14 @@ class _Ledger:
                     "affected_scopes": list(scopes),
                     "created_at_ms": now,
                 }
-            )
-            body: JsonObject = {"status": "APPLIED", "event_id": event_id}
-            if charged < actual["amount"]:
-                body["charged"] = {"unit": actual["unit"], "amount": charged}
-            body["balances"] = [b.snapshot() for b in budgets]
-            self._idempotency[slot] = _Stored(payload_hash, 201, copy.deepcopy(body))
-            return _Outcome(201, body, applied=True)
+                self._on_undo(lambda: self._events.pop(event_id, None))
+                self._retain("event", event_id)
+                body: JsonObject = {"status": "APPLIED", "event_id": event_id}
+                if charged < actual["amount"]:
+                    body["charged"] = {"unit": actual["unit"], "amount": charged}
+                body["balances"] = [b.snapshot() for b in budgets]
+                self._bind(slot, _Stored.of(payload_hash, 201, body), None)
+                return _Outcome(201, body, applied=True)
 
     def _event_budgets(self, scopes: List[str], unit: str) -> List[_Budget]:
         budgets = [self._budgets[(s, unit)] for s in scopes if (s, unit) in self._budgets]
@@ -1321,7 +1603,7 @@ class _Ledger:
 
     def get(self, caller: _Caller, reservation_id: str) -> _Outcome:
         with self._lock:
-            self._sweep(self._clock.now_ms())
+            self._start(self._clock.now_ms())
             reservation = self._owned(caller, reservation_id, admin_allowed=True)
             if reservation.status == "EXPIRED":
                 raise ApiError(
@@ -1330,41 +1612,74 @@ class _Ledger:
             return _Outcome(200, reservation.view())
 
     def list(self, query: _ListQuery) -> Tuple[List[JsonObject], Optional[_SortKey]]:
-        """One page of rows plus the sort key of the last row when more follow."""
+        """One page of rows plus the sort key of the last row when more follow.
+
+        In creation order (the default) a page costs O(page + log n); other
+        orders sort the matching rows. Either way the shared lock is taken
+        for at most _SCAN_CHUNK rows at a time, never for a whole scan.
+        """
         with self._lock:
-            self._sweep(self._clock.now_ms())
-            rows = [r for r in self._by_tenant.get(query.tenant, []) if _matches(r, query)]
+            self._start(self._clock.now_ms())
+        in_creation_order = query.sort_by == "created_at_ms"
+        after_seq = query.after[1] if query.after is not None and in_creation_order else None
+        wanted = query.limit + 1 if in_creation_order else None
+        found = self._scan(query, after_seq, query.descending, wanted)
 
-            def key(r: _Reservation) -> _SortKey:
-                return (r.sort_value(query.sort_by), r.seq)
+        def key(r: _Reservation) -> _SortKey:
+            return (r.sort_value(query.sort_by), r.seq)
 
+        if not in_creation_order:
             if query.after is not None:
                 after = query.after
-                if query.descending:
-                    rows = [r for r in rows if key(r) < after]
-                else:
-                    rows = [r for r in rows if key(r) > after]
-            rows.sort(key=key, reverse=query.descending)
-            page = rows[: query.limit]
+                found = [r for r in found if (key(r) < after if query.descending
+                                              else key(r) > after)]
+            found.sort(key=key, reverse=query.descending)
+        page = found[: query.limit]
+        with self._lock:
             views = [r.view(query.include) for r in page]
-            more = len(rows) > query.limit
-            return views, (key(page[-1]) if more else None)
+        more = len(found) > query.limit
+        return views, (key(page[-1]) if more else None)
+
+    def _scan(
+        self, query: _ListQuery, after_seq: Optional[int], descending: bool,
+        wanted: Optional[int],
+    ) -> List[_Reservation]:
+        """Matching rows in creation order, ``wanted`` of them or all, chunk by chunk."""
+        found: List[_Reservation] = []
+        while wanted is None or len(found) < wanted:
+            with self._lock:
+                rows = self._by_tenant.get(query.tenant)
+                if rows is None:
+                    return found
+                chunk = rows.window(query.status, after_seq, descending, _SCAN_CHUNK)
+                for seq in chunk:
+                    reservation = rows.rows[seq]
+                    if _matches(reservation, query):
+                        found.append(reservation)
+            if len(chunk) < _SCAN_CHUNK:
+                break
+            after_seq = chunk[-1]
+        return found if wanted is None else found[:wanted]
 
     def balances(
         self, tenant: str, segments: List[str], limit: int, after: Optional[Tuple[str, str]]
     ) -> Tuple[List[JsonObject], Optional[Tuple[str, str]]]:
+        """A page of the tenant's budgets in (scope, unit) order: O(page + log n)
+        without segment filters."""
+        import bisect
+
         with self._lock:
-            self._sweep(self._clock.now_ms())
-            root = "tenant:" + tenant.lower()
-            found = []
-            for budget in self._budgets.values():
+            self._start(self._clock.now_ms())
+            keys = self._budget_keys_by_tenant.get(tenant.lower(), [])
+            start = 0 if after is None else bisect.bisect_right(keys, after)
+            found: List[_Budget] = []
+            for index in range(start, len(keys)):
+                budget = self._budgets[keys[index]]
                 parts = budget.scope.split("/")
-                if parts[0] != root or not all(s in parts for s in segments):
-                    continue
-                if after is not None and (budget.scope, budget.unit) <= after:
-                    continue
-                found.append(budget)
-            found.sort(key=lambda b: (b.scope, b.unit))
+                if all(s in parts for s in segments):
+                    found.append(budget)
+                    if len(found) > limit:
+                        break
             page = found[:limit]
             more = len(found) > limit
             last = (page[-1].scope, page[-1].unit) if more else None
@@ -1446,7 +1761,7 @@ class _Ledger:
                 "IDEMPOTENCY_MISMATCH",
                 "idempotency_key was already used with a different request payload",
             )
-        body = copy.deepcopy(stored.body)
+        body = stored.body()
         if "remaining_ttl_ms" in body:
             operation, reservation_id = slot[1], slot[2]
             if operation == "create":
@@ -1460,21 +1775,44 @@ class _Ledger:
         deadline = reservation.expires_at_ms + reservation.grace_ms
         heapq.heappush(self._expiry_heap, (deadline, reservation.seq, reservation.reservation_id))
 
+    def _start(self, now: int) -> int:
+        """What every operation does first: expire what is due, prune what is old."""
+        self._sweep(now)
+        self._prune(now)
+        return now
+
     def _sweep(self, now: int) -> None:
         """Lazily expire reservations past expires_at_ms + grace; O(log n) each."""
         heap = self._expiry_heap
         while heap and heap[0][0] < now:
             _, _, reservation_id = heapq.heappop(heap)
-            reservation = self._reservations[reservation_id]
+            reservation = self._reservations.get(reservation_id)
+            if reservation is None:
+                continue
             deadline = reservation.expires_at_ms + reservation.grace_ms
             if reservation.status == "ACTIVE" and deadline < now:
                 self._expire(reservation)
+                self.changes += 1
 
     def _expire(self, reservation: _Reservation) -> None:
-        for budget in self._budgets_of(reservation):
+        budgets = self._budgets_of(reservation)
+        self._touch(reservation, *budgets)
+        for budget in budgets:
             budget.reserved -= reservation.amount
             budget.remaining += reservation.amount
-        reservation.status = "EXPIRED"
+        self._set_status(reservation, "EXPIRED")
+
+
+def _restore(record: Any, saved: Dict[str, Any]) -> None:
+    fields = vars(record)
+    fields.clear()
+    fields.update(saved)
+
+
+def _budget_policy(budgets: List[_Budget]) -> Optional[str]:
+    """The commit overage policy set on the deepest budget that has one (admin plane)."""
+    return next((b.commit_overage_policy for b in reversed(budgets) if b.commit_overage_policy),
+                None)
 
 
 def _settle(budgets: List[_Budget], held: int, actual: int, policy: str) -> int:
@@ -1935,6 +2273,8 @@ def _validated_body(request: _Request, schema: _Check) -> JsonObject:
         raise _invalid("request body is required")
     try:
         body = _parse_json(request.raw_body)
+    except _TooDeep as exc:
+        raise _invalid(f"request body: {exc}") from None
     except ValueError:
         raise _invalid("request body is not valid JSON") from None
     try:
