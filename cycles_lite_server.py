@@ -1158,6 +1158,66 @@ class _Ledger:
                 if min(budget.spent, budget.reserved, budget.debt) < 0:
                     raise AssertionError(f"{budget.scope} {budget.unit}: negative counter")
 
+    # -- persistence -----------------------------------------------------------
+
+    def has_tenant(self, name: str) -> bool:
+        return name in self._tenants
+
+    def dump_state(self) -> JsonObject:
+        """Everything a restart needs, as JSON-ready values. The lock is held only
+        for shallow copies; records are never mutated in place after creation."""
+        with self._lock:
+            return {
+                "seq": self._seq,
+                "tenants": [dict(vars(t)) for t in self._tenants.values()],
+                "api_keys": {h: dict(vars(k)) for h, k in self._api_keys.items()},
+                "budgets": [dict(vars(b)) for b in self._budgets.values()],
+                "reservations": [
+                    dict(vars(r), slots=list(r.slots)) for r in self._reservations.values()
+                ],
+                "idempotency": [
+                    [list(slot), stored.payload_hash, stored.status, stored.body_json]
+                    for slot, stored in self._idempotency.items()
+                ],
+                "events": list(self._events.values()),
+                "prune_queue": list(self._prune_queue),
+            }
+
+    def load_state(self, saved: JsonObject) -> None:
+        """Replace the ledger with a dump_state() document (raises on a bad one)."""
+        with self._lock:
+            self._tenants = {t["name"]: _Tenant(**t) for t in saved["tenants"]}
+            self._api_keys = {h: _ApiKey(**k) for h, k in saved["api_keys"].items()}
+            self._budgets, self._budget_keys_by_tenant, self._units_by_scope = {}, {}, {}
+            for fields in saved["budgets"]:
+                budget = _Budget(**fields)
+                key = (budget.scope, budget.unit)
+                self._budgets[key] = budget
+                tenant = budget.tenant_segment.split(":", 1)[1]
+                _sorted_insert(self._budget_keys_by_tenant.setdefault(tenant, []), key)
+                self._units_by_scope.setdefault(budget.scope, set()).add(budget.unit)
+            self._reservations, self._by_tenant, self._expiry_heap = {}, {}, []
+            for fields in saved["reservations"]:
+                reservation = _Reservation(**fields)
+                reservation.budget_keys = [(s, u) for s, u in reservation.budget_keys]
+                reservation.slots = [_slot(slot) for slot in reservation.slots]
+                if any(key not in self._budgets for key in reservation.budget_keys):
+                    raise ValueError(f"reservation {reservation.reservation_id} has no budget")
+                self._reservations[reservation.reservation_id] = reservation
+                self._by_tenant.setdefault(reservation.tenant, _TenantRows()).add(reservation)
+                if reservation.status == "ACTIVE":
+                    self._schedule_expiry(reservation)
+            self._idempotency = {
+                _slot(slot): _Stored(str(digest), int(status), str(body))
+                for slot, digest, status, body in saved["idempotency"]
+            }
+            self._events = {str(e["event_id"]): e for e in saved["events"]}
+            self._prune_queue = collections.deque(
+                (int(at), str(kind), key) for at, kind, key in saved["prune_queue"]
+            )
+            self._seq = max([int(saved["seq"])] + [r.seq for r in self._reservations.values()])
+            self.check_invariants()
+
     # -- authentication --------------------------------------------------------
 
     def tenant_for_key(self, key: str) -> Optional[str]:
@@ -1238,7 +1298,7 @@ class _Ledger:
             elif kind == "event":
                 self._events.pop(key, None)
             else:
-                self._idempotency.pop(tuple(key), None)  # type: ignore[arg-type]
+                self._idempotency.pop(_slot(key), None)
             self.changes += 1
 
     # -- createReservation / decide --------------------------------------------
@@ -1801,6 +1861,11 @@ class _Ledger:
             budget.reserved -= reservation.amount
             budget.remaining += reservation.amount
         self._set_status(reservation, "EXPIRED")
+
+
+def _slot(saved: Sequence[Any]) -> _Slot:
+    tenant, operation, reservation_id, key = (str(part) for part in saved)
+    return (tenant, operation, reservation_id, key)
 
 
 def _restore(record: Any, saved: Dict[str, Any]) -> None:
@@ -2502,10 +2567,9 @@ class LoggedRequest:
     path: str
     query: Dict[str, str]
     headers: Dict[str, str]
-    body: Any
-    raw_body: bytes
+    raw_body: bytes  # the first MAX_LOGGED_BODY_BYTES bytes
     status: Optional[int]
-    response_body: Any
+    response_raw: bytes  # the first MAX_LOGGED_BODY_BYTES bytes
     operation: str
     fault: Optional[str]
     applied: bool
@@ -2513,6 +2577,16 @@ class LoggedRequest:
     request_id: str = ""
     trace_id: str = ""
     tenant: Optional[str] = None
+
+    @property
+    def body(self) -> Any:
+        """The request body as JSON (None if absent, not JSON or truncated)."""
+        return _try_json(self.raw_body)
+
+    @property
+    def response_body(self) -> Any:
+        """The response body as JSON (None if absent, not JSON or truncated)."""
+        return _try_json(self.response_raw)
 
     def __repr__(self) -> str:
         shown = {k: ("<redacted>" if k in _SECRET_HEADERS else v) for k, v in self.headers.items()}
@@ -2531,12 +2605,34 @@ class _BodyError(Exception):
 
 
 class _Connection:
-    """A client socket and whether it sits idle between requests."""
+    """A client socket, whether it sits idle between requests and since when
+    it has been in its current phase (idle, reading, working, writing)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.lock = threading.Lock()
         self.idle = True
+        self.phase = "idle"
+        self.since = time.monotonic()
+
+    def enter(self, phase: str) -> None:
+        with self.lock:
+            self.phase = phase
+            self.idle = False
+            self.since = time.monotonic()
+
+    def become_idle(self) -> None:
+        """Waiting for the next request (call with ``lock`` held)."""
+        self.phase = "idle"
+        self.idle = True
+        self.since = time.monotonic()
+
+    def overdue(self, now: float, idle_timeout: float, read_timeout: float) -> bool:
+        """Idle past the idle timeout, or reading/writing one request past the read timeout."""
+        if self.phase == "working":
+            return False
+        limit = idle_timeout if self.phase == "idle" else read_timeout
+        return now - self.since > limit
 
     def shutdown(self) -> None:
         # socket.socket.shutdown, not SSLSocket.shutdown: leave the TLS object
@@ -2558,21 +2654,84 @@ class _HTTPServer(ThreadingHTTPServer):
         self.handler_threads: Set[threading.Thread] = set()
         self.registry_lock = threading.Lock()
         self.accepted = 0
+        self.refused = 0
         self._stop_requested = False
+        # before binding: a failed bind calls server_close(), which closes these
+        self._wake_reader, self._wake_writer = socket.socketpair()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
-        self._wake_reader, self._wake_writer = socket.socketpair()
+        self.socket.setblocking(False)
 
     def serve_until_stopped(self) -> None:
-        """Accept connections until request_stop(); never polls while idle."""
+        """Accept connections until request_stop(); wakes only to close overdue
+        connections, and backs off when accept() fails (out of descriptors)."""
+        owner = self.owner
+        tick = max(0.05, min(1.0, owner._idle_timeout_s / 4, owner._read_timeout_s / 4))
+        backoff = 0.0
         with selectors.DefaultSelector() as selector:
             selector.register(self.socket, selectors.EVENT_READ)
             selector.register(self._wake_reader, selectors.EVENT_READ)
             while not self._stop_requested:
-                for key, _ in selector.select():
-                    if key.fileobj is self.socket and not self._stop_requested:
-                        self.handle_request()  # the socket is readable: accepts at once
+                ready = selector.select(tick)
+                self._close_overdue()
+                if any(key.fileobj is self.socket for key, _ in ready):
+                    if self._accept():
+                        backoff = 0.0
+                    else:
+                        backoff = min(1.0, max(0.05, backoff * 2))
+                        owner._stopping.wait(backoff)
+
+    def _accept(self) -> bool:
+        """Accept one connection; False (logged) if accept() failed."""
+        try:
+            request, client_address = self.socket.accept()
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError as error:
+            self.owner._log_line(f"accept failed, backing off: {error}")
+            return False
+        request.setblocking(True)
+        if self._stop_requested:
+            request.close()
+            return True
+        with self.registry_lock:
+            full = len(self.connections) >= self.owner._max_connections
+            if full:
+                self.refused += 1
+        if full:
+            self._refuse(request)
+        else:
+            self.process_request(request, client_address)
+        return True
+
+    def _refuse(self, request: socket.socket) -> None:
+        """503 and close: over --max-connections, never a hang."""
+        body = json.dumps({
+            "error": "INTERNAL_ERROR",
+            "message": f"server is at its limit of {self.owner._max_connections} connections",
+            "request_id": str(uuid.uuid4()),
+            "trace_id": _extract_trace_id(None, None),
+        }).encode("utf-8")
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+        ).encode("ascii")
+        with contextlib.suppress(OSError):
+            if self.owner._ssl_context is None:  # a TLS client cannot read plain text
+                request.settimeout(1.0)
+                request.sendall(head + body)
+            request.shutdown(socket.SHUT_RDWR)
+        request.close()
+
+    def _close_overdue(self) -> None:
+        owner = self.owner
+        now = time.monotonic()
+        with self.registry_lock:
+            connections = list(self.connections.values())
+        for connection in connections:
+            if connection.overdue(now, owner._idle_timeout_s, owner._read_timeout_s):
+                connection.shutdown()
 
     def request_stop(self) -> None:
         self._stop_requested = True
@@ -2665,9 +2824,13 @@ class _Handler(BaseHTTPRequestHandler):
                 self.request.close()
 
     def parse_request(self) -> bool:
-        with self.conn.lock:
-            self.conn.idle = False
-        return bool(super().parse_request())
+        self.conn.enter("reading")
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":
+            self.send_error(400, "HTTP/0.9 requests are not supported")
+            return False
+        return True
 
     def log_message(self, format: str, *args: Any) -> None:
         """Silence http.server's stderr logging; requests are logged by _serve."""
@@ -2682,6 +2845,7 @@ class _Handler(BaseHTTPRequestHandler):
     ) -> None:
         """Errors raised by http.server itself (bad request line, ...) as ErrorResponses."""
         self.close_connection = True
+        self.request_version = "HTTP/1.1"  # a status line even for a garbage request line
         headers = getattr(self, "headers", None)
         request = _Request(
             method=getattr(self, "command", None) or "",
@@ -2727,10 +2891,9 @@ class _Handler(BaseHTTPRequestHandler):
             path=split.path,
             query={name: values[0] for name, values in request.query.items()},
             headers=dict(headers),
-            body=None,
             raw_body=b"",
             status=None,
-            response_body=None,
+            response_raw=b"",
             operation=route.operation if route else "unknown",
             fault=None,
             applied=False,
@@ -2745,11 +2908,13 @@ class _Handler(BaseHTTPRequestHandler):
             plan = _Plan(_error_response(500, "INTERNAL_ERROR", "Internal server error", request))
         response = plan.response
         entry.applied = plan.applied
+        details = ""
         if response is not None:
             entry.status = response.status
             entry.tenant = response.tenant
-            entry.response_body = _logged_json(response)
-        owner._record(entry, (time.perf_counter() - started) * 1000.0)
+            entry.response_raw = response.payload()[:MAX_LOGGED_BODY_BYTES]
+            details = _log_details(route, request, response)
+        owner._record(entry, (time.perf_counter() - started) * 1000.0, details)
         if response is None:
             self.close_connection = True
             return
@@ -2764,8 +2929,8 @@ class _Handler(BaseHTTPRequestHandler):
         except _BodyError as error:
             self.close_connection = True
             return _Plan(_error_response(error.status, "INVALID_REQUEST", error.message, request))
-        entry.raw_body = request.raw_body
-        entry.body = _try_json(request.raw_body)
+        entry.raw_body = request.raw_body[:MAX_LOGGED_BODY_BYTES]
+        self.conn.enter("working")
         fault = owner._faults.take(entry.operation)
         entry.fault = fault.kind if fault else None
 
@@ -2847,18 +3012,19 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         if self.command == "HEAD":
             payload = b""
+        self.conn.enter("writing")
         try:
             if trickle_interval_ms is not None and len(payload) > 1:
                 self.end_headers()
                 payload = self._trickle(payload, trickle_interval_ms / 1000.0)
                 with self.conn.lock:
                     self.wfile.write(payload)
-                    self.conn.idle = True
+                    self.conn.become_idle()
                 return
             with self.conn.lock:
                 self.end_headers()
                 self.wfile.write(payload)
-                self.conn.idle = True
+                self.conn.become_idle()
         except OSError:
             self.close_connection = True
 
@@ -2881,10 +3047,122 @@ def _try_json(raw: bytes) -> Any:
         return None
 
 
-def _logged_json(response: _Response) -> Any:
-    if response.raw is not None:
-        return _try_json(response.raw)
-    return copy.deepcopy(response.body)
+def _log_details(route: Optional[_Route], request: _Request, response: _Response) -> str:
+    """The log line's extras: error code, reservation id and amounts, where there are any."""
+    parts: List[str] = []
+    body = response.body if isinstance(response.body, dict) else {}
+    if "error" in body:
+        parts.append(f"error={body['error']}")
+    reservation_id = (route.reservation_id if route else None) or body.get("reservation_id")
+    if reservation_id:
+        parts.append(f"reservation={reservation_id}")
+    sent = _try_json(request.raw_body) if len(request.raw_body) <= MAX_LOGGED_BODY_BYTES else None
+    for source, names in ((sent, ("estimate", "actual")), (body, ("charged", "released"))):
+        for name in names:
+            value = source.get(name) if isinstance(source, dict) else None
+            if isinstance(value, dict) and "amount" in value:
+                parts.append(f"{name}={value['amount']} {value.get('unit', '')}".rstrip())
+    return "".join(" " + part for part in parts)
+
+
+# =============================================================================
+# Persistence (--state FILE)
+# =============================================================================
+
+_STATE_FORMAT = "cycles-lite-server-state"
+_STATE_VERSION = 1
+
+
+@dataclass
+class _StateSection:
+    """One named entry of the saved document: how to dump it and load it back."""
+
+    dump: Callable[[], Any]
+    load: Callable[[Any], None]
+
+
+class _StateFile:
+    """The --state document: written atomically (temp file, fsync, rename),
+    loaded once at start. A file that cannot be read is refused, never replaced."""
+
+    def __init__(self, path: str, interval_s: float) -> None:
+        self.path = path
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._saved_changes: Optional[int] = None
+        self._foreign: JsonObject = {}  # sections nobody here registered: kept as they were
+
+    def load(self, sections: Mapping[str, _StateSection]) -> bool:
+        """Load every registered section; False if the file does not exist yet."""
+        try:
+            with open(self.path, "rb") as handle:
+                raw = handle.read()
+        except FileNotFoundError:
+            return False
+        except OSError as error:
+            raise ValueError(f"--state {self.path}: cannot read it: {error}") from None
+        try:
+            document = json.loads(raw.decode("utf-8"))
+            if not isinstance(document, dict) or document.get("format") != _STATE_FORMAT:
+                raise ValueError(f"not a {_STATE_FORMAT} document")
+            if document.get("version") != _STATE_VERSION:
+                raise ValueError(f"version {document.get('version')!r} is not {_STATE_VERSION}")
+            saved = document["sections"]
+            for name, section in sections.items():
+                if name in saved:
+                    section.load(saved[name])
+            self._foreign = {k: v for k, v in saved.items() if k not in sections}
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError,
+                AssertionError) as error:
+            raise ValueError(
+                f"--state {self.path}: unreadable state file ({error}); "
+                "it was left untouched"
+            ) from None
+        return True
+
+    def save(self, sections: Mapping[str, _StateSection], changes: int,
+             force: bool = False) -> bool:
+        """Write the document if ``changes`` moved since the last save (or ``force``)."""
+        with self._lock:
+            if not force and changes == self._saved_changes:
+                return False
+            parts = {name: section.dump() for name, section in sections.items()}
+            document = {
+                "format": _STATE_FORMAT,
+                "version": _STATE_VERSION,
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "sections": dict(self._foreign, **parts),
+            }
+            _write_atomically(self.path, json.dumps(document, separators=(",", ":")))
+            self._saved_changes = changes
+            return True
+
+
+def _write_atomically(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    temporary = f"{path}.tmp-{os.getpid()}"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        directory = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+def _check_seconds(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{name} must be a positive number of seconds")
 
 
 # =============================================================================
@@ -2920,7 +3198,18 @@ class LocalCyclesServer:
         log_stream: Optional[IO[str]] = None,
         max_body_bytes: int = MAX_BODY_BYTES,
         max_logged_requests: int = MAX_LOGGED_REQUESTS,
+        retention_s: float = DEFAULT_RETENTION_S,
+        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+        read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        state_file: Optional[str] = None,
+        state_interval_s: float = DEFAULT_STATE_INTERVAL_S,
     ) -> None:
+        for name, seconds in (("retention_s", retention_s), ("idle_timeout_s", idle_timeout_s),
+                              ("read_timeout_s", read_timeout_s),
+                              ("state_interval_s", state_interval_s)):
+            _check_seconds(name, seconds)
+        _check_amount("max_connections", max_connections, minimum=1)
         _check_amount("default_ttl_ms", default_ttl_ms, minimum=1)
         _check_amount("max_ttl_ms", max_ttl_ms, minimum=1)
         _check_amount("default_grace_ms", default_grace_ms)
@@ -2933,10 +3222,13 @@ class LocalCyclesServer:
         self._ssl_context = ssl_context
         self._log_stream = log_stream
         self._max_body_bytes = max_body_bytes
+        self._idle_timeout_s = float(idle_timeout_s)
+        self._read_timeout_s = float(read_timeout_s)
+        self._max_connections = max_connections
         self.clock = Clock()
         self._ledger = _Ledger(
             self.clock, default_ttl_ms, max_ttl_ms, default_grace_ms, max_extensions,
-            default_overage_policy,
+            default_overage_policy, retention_ms=int(retention_s * 1000),
         )
         self._api = _Api(self._ledger)
         self._faults = _FaultRegistry()
@@ -2945,20 +3237,40 @@ class LocalCyclesServer:
         self._stopping = threading.Event()
         self._httpd: Optional[_HTTPServer] = None
         self._thread: Optional[threading.Thread] = None
+        self._saver: Optional[threading.Thread] = None
+        # --state: the saved document holds one entry per section below. A
+        # component with state of its own registers (dump, load) here, before
+        # the file is loaded.
+        self._state_sections: Dict[str, _StateSection] = {
+            "clock": _StateSection(
+                lambda: {"offset_ms": self.clock.offset_ms},
+                lambda saved: self.clock.restore_offset(int(saved["offset_ms"])),
+            ),
+            "ledger": _StateSection(self._ledger.dump_state, self._ledger.load_state),
+        }
+        self._state = _StateFile(state_file, state_interval_s) if state_file else None
+        restored = self._state is not None and self._state.load(self._state_sections)
+        # With a restored state the file wins; the seeds below add what it lacks.
         for name, spec in (tenants or {}).items():
+            if restored and self._ledger.has_tenant(name):
+                continue
             if isinstance(spec, str):
                 self.add_tenant(name, spec)
             else:
                 policy = dict(spec)
                 self.add_tenant(name, policy.pop("status", "ACTIVE"), **policy)
         for key, tenant in (api_keys or {}).items():
-            self.add_api_key(key, tenant)
+            if not (restored and self._ledger.tenant_for_key(key)):
+                self.add_api_key(key, tenant)
         for key in admin_keys or ():
             self.add_admin_key(key)
         for spec in budgets or ():
             fields = dict(spec)
             if "scope" not in fields:
                 raise ValueError("every budget needs a scope")
+            if restored and self._ledger.has_budget(fields["scope"],
+                                                    fields.get("unit", DEFAULT_UNIT)):
+                continue
             self.add_budget(fields.pop("scope"), fields.pop("unit", DEFAULT_UNIT),
                             fields.pop("allocated", 0), **fields)
 
@@ -2975,7 +3287,28 @@ class LocalCyclesServer:
             target=httpd.serve_until_stopped, name="cycles-lite-server", daemon=True,
         )
         self._thread.start()
+        if self._state is not None:
+            self._saver = threading.Thread(
+                target=self._save_periodically, name="cycles-lite-state", daemon=True
+            )
+            self._saver.start()
         return self
+
+    def _save_periodically(self) -> None:
+        state = self._state
+        assert state is not None
+        while not self._stopping.wait(state.interval_s):
+            self.save_state()
+
+    def save_state(self, force: bool = False) -> bool:
+        """Write the --state file now if anything changed since the last save."""
+        if self._state is None:
+            return False
+        try:
+            return self._state.save(self._state_sections, self._ledger.changes, force)
+        except OSError as error:
+            self._log_line(f"could not save state to {self._state.path}: {error}")
+            return False
 
     def stop(self) -> None:
         """Stop serving, close every socket and wait briefly for handler threads."""
@@ -2994,6 +3327,10 @@ class LocalCyclesServer:
             connection.shutdown()
         for handler in threads:
             handler.join(max(0.0, deadline - time.monotonic()))
+        if self._saver is not None:
+            self._saver.join()
+            self._saver = None
+        self.save_state(force=True)
         self._httpd = None
         self._thread = None
 
@@ -3064,14 +3401,15 @@ class LocalCyclesServer:
         with self._log_lock:
             self._requests.clear()
 
-    def _record(self, entry: LoggedRequest, elapsed_ms: float) -> None:
+    def _record(self, entry: LoggedRequest, elapsed_ms: float, details: str = "") -> None:
         with self._log_lock:
             self._requests.append(entry)
         status = "dropped" if entry.status is None else str(entry.status)
         extras = f" fault={entry.fault}" if entry.fault else ""
         self._log_line(
             f"{entry.method} {entry.path} {status} op={entry.operation} "
-            f"tenant={entry.tenant or '-'} {elapsed_ms:.1f}ms id={entry.request_id}{extras}"
+            f"tenant={entry.tenant or '-'}{details} {elapsed_ms:.1f}ms "
+            f"id={entry.request_id}{extras}"
         )
 
     def _log_line(self, line: str) -> None:
