@@ -86,6 +86,7 @@ import base64
 import collections
 import contextlib
 import copy
+import functools
 import heapq
 import json
 import os
@@ -154,7 +155,7 @@ TENANT_STATUSES = ("ACTIVE", "SUSPENDED", "CLOSED", "MALFORMED")
 
 OPERATIONS = (
     "create", "commit", "release", "extend", "decide", "event",
-    "balances", "list", "get", "evidence", "jwks", "unknown",
+    "balances", "list", "get", "evidence", "jwks", "health", "admin", "unknown",
 )
 FAULT_KINDS = (
     "lost_response", "drop", "delay", "status", "nonconformant",
@@ -1014,7 +1015,7 @@ class _Ledger:
         self._events: Dict[str, JsonObject] = {}
         # (prune at ms, kind, key), in time order: the clock never goes backward
         self._prune_queue: Deque[Tuple[int, str, Any]] = collections.deque()
-        self._undo: Optional[List[Callable[[], None]]] = None
+        self._undo: Optional[List[Callable[[], object]]] = None
         self._seq = 0
         self.changes = 0  # bumped by every change; --state saves when it moved
 
@@ -1058,7 +1059,8 @@ class _Ledger:
             self.ensure_tenant(tenant)
             self._api_keys[digest] = _ApiKey(
                 key_id="key_" + digest[:16], tenant_id=tenant, key_prefix=_key_prefix(key),
-                created_at_ms=self._clock.now_ms(), name="seeded", permissions=list(_DEFAULT_PERMISSIONS),
+                created_at_ms=self._clock.now_ms(), name="seeded",
+                permissions=list(_DEFAULT_PERMISSIONS),
             )
             self.changes += 1
 
@@ -1236,7 +1238,7 @@ class _Ledger:
     def _atomic(self) -> Iterator[None]:
         """Run a mutation so that, if anything in it raises, every change it
         recorded is undone: a failed request leaves the ledger as it was."""
-        undo: List[Callable[[], None]] = []
+        undo: List[Callable[[], object]] = []
         self._undo = undo
         try:
             yield
@@ -1253,10 +1255,9 @@ class _Ledger:
         if self._undo is None:
             return
         for record in records:
-            saved = dict(vars(record))
-            self._undo.append(lambda record=record, saved=saved: _restore(record, saved))
+            self._undo.append(functools.partial(_restore, record, dict(vars(record))))
 
-    def _on_undo(self, step: Callable[[], None]) -> None:
+    def _on_undo(self, step: Callable[[], object]) -> None:
         if self._undo is not None:
             self._undo.append(step)
 
@@ -2017,6 +2018,8 @@ class _Route:
     allowed_methods: Tuple[str, ...]
     reservation_id: Optional[str] = None
     evidence_id: Optional[str] = None
+    admin_operation: Optional[str] = None  # the admin spec's operationId
+    item_id: Optional[str] = None  # {tenant_id} or {key_id} on admin item paths
 
 
 _RESERVATION_PATH_RE = re.compile(r"/v1/reservations/([^/]+)(?:/(commit|release|extend))?")
@@ -2027,11 +2030,31 @@ _FIXED_ROUTES = {
     "/v1/events": ("event", ("POST",), "", ()),
     "/v1/balances": ("", (), "balances", ("GET",)),
     "/v1/.well-known/cycles-jwks.json": ("", (), "jwks", ("GET",)),
+    "/actuator/health": ("", (), "health", ("GET",)),
 }
+
+
+def _resolve_admin_route(method: str, path: str) -> Optional[_Route]:
+    methods = _ADMIN_ROUTES.get(path)
+    item_id = None
+    if methods is None:
+        for pattern, item_methods in _ADMIN_ITEM_ROUTES:
+            match = pattern.fullmatch(path)
+            if match:
+                methods, item_id = item_methods, unquote(match.group(1))
+                break
+    if methods is None:
+        return None
+    allowed = tuple(methods)
+    if method not in methods:
+        return _Route("unknown", allowed)
+    return _Route("admin", allowed, admin_operation=methods[method], item_id=item_id)
 
 
 def _resolve_route(method: str, path: str) -> Optional[_Route]:
     """The route for a path; operation "unknown" if the method does not fit."""
+    if path.startswith("/v1/admin/"):
+        return _resolve_admin_route(method, path)
     fixed = _FIXED_ROUTES.get(path)
     if fixed is not None:
         post_op, post_methods, get_op, get_methods = fixed
@@ -2091,6 +2114,7 @@ class _Api:
 
     def __init__(self, ledger: _Ledger) -> None:
         self._ledger = ledger
+        self._admin = _AdminPlane(ledger)
 
     def handle(self, route: _Route, request: _Request) -> _Response:
         caller: Optional[_Caller] = None
@@ -2105,8 +2129,15 @@ class _Api:
                 return response
             if route.operation in ("evidence", "jwks"):
                 return self._evidence(route, request)
-            caller = self._authenticate(route.operation, request)
-            outcome = self._dispatch(route, request, caller)
+            if route.operation == "health":
+                return _Response(200, {"status": "UP"})
+            if route.operation == "admin":
+                operation = str(route.admin_operation)
+                caller = self._authenticate_admin(operation, request)
+                outcome = self._admin.handle(operation, route.item_id, request, caller)
+            else:
+                caller = self._authenticate(route.operation, request)
+                outcome = self._dispatch(route, request, caller)
             return _Response(
                 outcome.status, outcome.body, tenant=caller.tenant, applied=outcome.applied
             )
@@ -2129,6 +2160,21 @@ class _Api:
                 raise ApiError(401, "UNAUTHORIZED", "Invalid admin API key")
             return _Caller(None, admin=True)
         raise ApiError(401, "UNAUTHORIZED", "Missing X-Cycles-API-Key header")
+
+    def _authenticate_admin(self, operation: str, request: _Request) -> _Caller:
+        """X-Admin-API-Key; on the spec's dual-auth operations an API key too (it wins)."""
+        api_key = request.headers.get("x-cycles-api-key")
+        if api_key and operation in _DUAL_AUTH:
+            tenant = self._ledger.tenant_for_key(api_key)
+            if tenant is None:
+                raise ApiError(401, "UNAUTHORIZED", "Invalid API key")
+            return _Caller(tenant)
+        admin_key = request.headers.get("x-admin-api-key")
+        if not admin_key:
+            raise ApiError(401, "UNAUTHORIZED", "Missing X-Admin-API-Key header")
+        if not self._ledger.is_admin_key(admin_key):
+            raise ApiError(401, "UNAUTHORIZED", "Invalid admin API key")
+        return _Caller(None, admin=True)
 
     def _dispatch(self, route: _Route, request: _Request, caller: _Caller) -> _Outcome:
         operation = route.operation
@@ -2329,7 +2375,9 @@ def _segment_filters(params: _QueryParams) -> List[str]:
     return segments
 
 
-def _validated_body(request: _Request, schema: _Check) -> JsonObject:
+def _validated_body(
+    request: _Request, schema: _Check, idempotency_header: bool = True
+) -> JsonObject:
     content_type = request.headers.get("content-type", "")
     media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type != "application/json":
@@ -2346,7 +2394,7 @@ def _validated_body(request: _Request, schema: _Check) -> JsonObject:
         schema(body, "")
     except _SchemaError as exc:
         raise _invalid(str(exc)) from None
-    header_key = request.headers.get("x-idempotency-key")
+    header_key = request.headers.get("x-idempotency-key") if idempotency_header else None
     if header_key is not None and header_key != body["idempotency_key"]:
         raise _invalid("X-Idempotency-Key header does not match idempotency_key in request body")
     result: JsonObject = body
@@ -2359,6 +2407,628 @@ def _check_subject_tenant(subject: JsonObject, tenant: str) -> None:
         raise ApiError(
             403, "FORBIDDEN", f"subject.tenant {requested!r} does not match the API key's tenant"
         )
+
+
+# =============================================================================
+# Admin API: the provisioning subset of cycles-governance-admin-v0.1.25
+# =============================================================================
+
+# operationId per (path, method); the dual-auth ones also take X-Cycles-API-Key.
+_ADMIN_ROUTES: Dict[str, Dict[str, str]] = {
+    "/v1/admin/tenants": {"POST": "createTenant", "GET": "listTenants"},
+    "/v1/admin/budgets": {"POST": "createBudget", "GET": "listBudgets"},
+    "/v1/admin/budgets/lookup": {"GET": "lookupBudget"},
+    "/v1/admin/budgets/fund": {"POST": "fundBudget"},
+    "/v1/admin/budgets/freeze": {"POST": "freezeBudget"},
+    "/v1/admin/budgets/unfreeze": {"POST": "unfreezeBudget"},
+    "/v1/admin/api-keys": {"POST": "createApiKey", "GET": "listApiKeys"},
+}
+_ADMIN_ITEM_ROUTES = (
+    (re.compile(r"/v1/admin/tenants/([^/]+)"), {"GET": "getTenant"}),
+    (re.compile(r"/v1/admin/api-keys/([^/]+)"), {"DELETE": "revokeApiKey"}),
+)
+_DUAL_AUTH = frozenset({"createBudget", "listBudgets", "lookupBudget", "fundBudget"})
+_ADMIN_LIST_MAX = 100
+_KEY_LIFETIME_MS = 90 * 86_400_000  # the spec's recommended expiry when none is given
+_PERMISSIONS = (
+    *_DEFAULT_PERMISSIONS,
+    "webhooks:read", "webhooks:write", "events:read", "admin:read", "admin:write",
+    "admin:tenants:read", "admin:tenants:write", "admin:budgets:read", "admin:budgets:write",
+    "admin:policies:read", "admin:policies:write", "admin:apikeys:read",
+    "admin:apikeys:write", "admin:webhooks:read", "admin:webhooks:write",
+    "admin:events:read", "admin:audit:read",
+)
+_FUND_OPERATIONS = ("CREDIT", "DEBIT", "RESET", "REPAY_DEBT", "RESET_SPENT")
+_TENANT_ID = _string(64, 3, re.compile(r"[a-z0-9-]+"))
+_TTL_MS = _integer(*_TTL_RANGE)
+
+
+def _datetime() -> _Check:
+    def check(value: Any, path: str) -> None:
+        if not isinstance(value, str):
+            raise _SchemaError(f"{path} must be a date-time string")
+        try:
+            _parse_datetime_ms(value)
+        except ValueError:
+            raise _SchemaError(f"{path} must be an ISO-8601 date-time with an offset") from None
+
+    return check
+
+
+_TENANT_CREATE = _object(
+    {
+        "tenant_id": _TENANT_ID,
+        "name": _string(256),
+        "parent_tenant_id": _string(256),
+        "metadata": _string_map(4096, 32),
+        "default_commit_overage_policy": _one_of(OVERAGE_POLICIES),
+        "default_reservation_ttl_ms": _TTL_MS,
+        "max_reservation_ttl_ms": _TTL_MS,
+        "max_reservation_extensions": _integer(),
+        "reservation_expiry_policy": _one_of(("AUTO_RELEASE", "MANUAL_CLEANUP", "GRACE_ONLY")),
+    },
+    ("tenant_id", "name"),
+)
+_BUDGET_CREATE = _object(
+    {
+        "tenant_id": _string(256),
+        "scope": _string(1024, 1),
+        "unit": _one_of(UNITS),
+        "allocated": _AMOUNT,
+        "overdraft_limit": _AMOUNT,
+        "commit_overage_policy": _one_of(OVERAGE_POLICIES),
+        "rollover_policy": _one_of(("NONE", "CARRY_FORWARD", "CAP_AT_ALLOCATED")),
+        "period_start": _datetime(),
+        "period_end": _datetime(),
+        "metadata": _any_object(),
+    },
+    ("scope", "unit", "allocated"),
+)
+_STATUS_TRANSITION = _object({"reason": _string(512), "metadata": _any_object()})
+_FUNDING = _object(
+    {
+        "operation": _one_of(_FUND_OPERATIONS),
+        "amount": _AMOUNT,
+        "spent": _AMOUNT,
+        "reason": _string(512),
+        "idempotency_key": _IDEMPOTENCY_KEY,
+        "metadata": _any_object(),
+    },
+    ("operation", "amount"),
+)
+_KEY_CREATE = _object(
+    {
+        "tenant_id": _string(256),
+        "name": _string(256),
+        "description": _string(1024),
+        "permissions": _array(_one_of(_PERMISSIONS)),
+        "scope_filter": _array(_string(1024)),
+        "expires_at": _datetime(),
+        "metadata": _any_object(),
+    },
+    ("tenant_id", "name"),
+)
+
+
+def _iso(ms: int) -> str:
+    import datetime as dt
+
+    moment = dt.datetime.fromtimestamp(ms / 1000.0, tz=dt.timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _money(unit: str, value: int) -> JsonObject:
+    return {"unit": unit, "amount": value}
+
+
+def _ledger_view(budget: _Budget) -> JsonObject:
+    """A BudgetLedger (admin plane): every amount, explicit zeros included."""
+    unit = budget.unit
+    view: JsonObject = {
+        "ledger_id": "ldg_" + _secret_hash(budget.scope + "|" + unit)[:16],
+        "tenant_id": budget.tenant_segment.split(":", 1)[1],
+        "scope": budget.scope,
+        "scope_path": budget.scope,
+        "unit": unit,
+        "allocated": _money(unit, budget.allocated),
+        "remaining": _money(unit, budget.remaining),
+        "reserved": _money(unit, budget.reserved),
+        "spent": _money(unit, budget.spent),
+        "debt": _money(unit, budget.debt),
+        "overdraft_limit": _money(unit, budget.overdraft_limit),
+        "is_over_limit": budget.is_over_limit,
+        "status": budget.status,
+        "created_at": _iso(budget.created_at_ms),
+        "updated_at": _iso(budget.updated_at_ms or budget.created_at_ms),
+    }
+    if budget.commit_overage_policy:
+        view["commit_overage_policy"] = budget.commit_overage_policy
+    for name in ("rollover_policy", "period_start", "period_end"):
+        value = (budget.metadata or {}).get("__" + name)
+        if value is not None:
+            view[name] = value
+    return view
+
+
+def _key_view(record: _ApiKey, now: int) -> JsonObject:
+    status = record.status
+    if status == "ACTIVE" and not record.is_usable(now):
+        status = "EXPIRED"
+    view: JsonObject = {
+        "key_id": record.key_id,
+        "tenant_id": record.tenant_id,
+        "key_prefix": record.key_prefix,
+        "name": record.name,
+        "permissions": list(record.permissions),
+        "status": status,
+        "created_at": _iso(record.created_at_ms),
+        "expires_at": _iso(record.expires_at_ms or record.created_at_ms + _KEY_LIFETIME_MS),
+    }
+    optional = {
+        "description": record.description,
+        "scope_filter": record.scope_filter,
+        "revoked_at": _iso(record.revoked_at_ms) if record.revoked_at_ms else None,
+        "revoked_reason": record.revoked_reason,
+        "metadata": record.metadata,
+    }
+    view.update({k: copy.deepcopy(v) for k, v in optional.items() if v is not None})
+    return view
+
+
+def _not_found(code: str, message: str) -> ApiError:
+    return ApiError(404, code, message)
+
+
+class _AdminPlane:
+    """The governance-admin operations a developer needs to provision and top up
+    a local server at runtime. Runs on the ledger's lock and undo journal."""
+
+    def __init__(self, ledger: _Ledger) -> None:
+        self._ledger = ledger
+
+    def handle(self, operation: str, item_id: Optional[str], request: _Request,
+               caller: _Caller) -> _Outcome:
+        handler: Callable[[_Request, _Caller, Optional[str]], _Outcome] = getattr(
+            self, "_" + operation
+        )
+        return handler(request, caller, item_id)
+
+    # -- tenants ---------------------------------------------------------------
+
+    def _createTenant(self, request: _Request, caller: _Caller, _: Optional[str]) -> _Outcome:
+        body = _validated_admin_body(request, _TENANT_CREATE)
+        ledger = self._ledger
+        with ledger._lock, ledger._atomic():
+            existing = ledger._tenants.get(body["tenant_id"])
+            if existing is not None:
+                if existing.display_name not in (None, body["name"]):
+                    raise ApiError(409, "DUPLICATE_RESOURCE",
+                                   f"Tenant {body['tenant_id']} exists with another name")
+                ledger._touch(existing)
+                existing.display_name = body["name"]
+                return _Outcome(200, self._tenant_view(existing))
+            tenant = _Tenant(name=body["tenant_id"], created_at_ms=ledger._clock.now_ms(),
+                             display_name=body["name"])
+            for wire, attribute in _TENANT_FIELDS:
+                if wire in body:
+                    setattr(tenant, attribute, copy.deepcopy(body[wire]))
+            ledger._tenants[tenant.name] = tenant
+            ledger._on_undo(lambda: ledger._tenants.pop(tenant.name, None))
+            return _Outcome(201, self._tenant_view(tenant), applied=True)
+
+    def _getTenant(self, request: _Request, caller: _Caller, tenant_id: Optional[str]) -> _Outcome:
+        with self._ledger._lock:
+            tenant = self._ledger._tenants.get(str(tenant_id))
+            if tenant is None:
+                raise _not_found("TENANT_NOT_FOUND", f"Tenant {tenant_id} not found")
+            return _Outcome(200, self._tenant_view(tenant))
+
+    def _listTenants(self, request: _Request, caller: _Caller, _: Optional[str]) -> _Outcome:
+        params = _QueryParams(request.query)
+        status = _enum_param(params, "status", ("ACTIVE", "SUSPENDED", "CLOSED"))
+        parent = params.optional("parent_tenant_id")
+        search = _search_param(params)
+        with self._ledger._lock:
+            views = [self._tenant_view(t) for t in self._ledger._tenants.values()
+                     if t.status != "MALFORMED"]
+        rows = [v for v in views
+                if (status is None or v["status"] == status)
+                and (parent is None or v.get("parent_tenant_id") == parent)
+                and _search_hit(search, v["tenant_id"], v["name"])]
+        return _admin_page(request, "tenants", rows, ("tenant_id", "name", "status", "created_at"),
+                           "created_at", "tenant_id")
+
+    def _tenant_view(self, tenant: _Tenant) -> JsonObject:
+        if tenant.status == "MALFORMED":
+            raise ApiError(500, "INTERNAL_ERROR", f"Tenant record for {tenant.name} is unreadable")
+        policy = self._ledger._policy(tenant.name)
+        view: JsonObject = {
+            "tenant_id": tenant.name,
+            "name": tenant.display_name or tenant.name,
+            "status": tenant.status,
+            "default_commit_overage_policy": policy.default_overage_policy,
+            "default_reservation_ttl_ms": policy.default_ttl_ms,
+            "max_reservation_ttl_ms": policy.max_ttl_ms,
+            "max_reservation_extensions": policy.max_extensions,
+            "reservation_expiry_policy": tenant.reservation_expiry_policy or "AUTO_RELEASE",
+            "created_at": _iso(tenant.created_at_ms),
+        }
+        if tenant.parent_tenant_id:
+            view["parent_tenant_id"] = tenant.parent_tenant_id
+        if tenant.metadata:
+            view["metadata"] = dict(tenant.metadata)
+        return view
+
+    # -- budgets ---------------------------------------------------------------
+
+    def _createBudget(self, request: _Request, caller: _Caller, _: Optional[str]) -> _Outcome:
+        body = _validated_admin_body(request, _BUDGET_CREATE)
+        if caller.admin:
+            if "tenant_id" not in body:
+                raise _invalid("tenant_id is required when using admin key authentication")
+            tenant = str(body["tenant_id"])
+        elif "tenant_id" in body:
+            raise _invalid("tenant_id must not be sent with an API key: it is the key's tenant")
+        else:
+            tenant = str(caller.tenant)
+        try:
+            scope = _parse_scope(body["scope"])
+        except ValueError as error:
+            raise _invalid(str(error)) from None
+        if scope.split("/", 1)[0] != "tenant:" + tenant.lower():
+            if not caller.admin:
+                raise ApiError(403, "FORBIDDEN", f"scope {scope} is outside tenant {tenant}")
+            raise _invalid(f"scope {scope} does not belong to tenant_id {tenant}")
+        unit = body["unit"]
+        for name in ("allocated", "overdraft_limit"):
+            if name in body and body[name]["unit"] != unit:
+                raise ApiError(400, "UNIT_MISMATCH", f"{name}.unit must be {unit}")
+        ledger = self._ledger
+        with ledger._lock, ledger._atomic():
+            self._require_open_tenant(tenant)
+            if (scope, unit) in ledger._budgets:
+                raise ApiError(409, "DUPLICATE_RESOURCE", f"Budget {scope} {unit} already exists")
+            extras = {f"__{k}": body[k] for k in ("rollover_policy", "period_start", "period_end")
+                      if k in body}
+            ledger.add_budget(
+                scope, unit, body["allocated"]["amount"],
+                overdraft_limit=body.get("overdraft_limit", {"amount": 0})["amount"],
+            )
+            ledger._on_undo(lambda: self._drop_budget(scope, unit))
+            budget = ledger._budgets[(scope, unit)]
+            budget.commit_overage_policy = body.get("commit_overage_policy")
+            budget.metadata = dict(copy.deepcopy(body.get("metadata") or {}), **extras) or None
+            return _Outcome(201, _ledger_view(budget), applied=True)
+
+    def _drop_budget(self, scope: str, unit: str) -> None:
+        ledger = self._ledger
+        ledger._budgets.pop((scope, unit), None)
+        tenant = scope.split("/", 1)[0].split(":", 1)[1]
+        _sorted_remove(ledger._budget_keys_by_tenant.get(tenant, []), (scope, unit))
+        ledger._units_by_scope.get(scope, set()).discard(unit)
+
+    def _require_open_tenant(self, tenant: str) -> None:
+        record = self._ledger._tenants.get(tenant)
+        if record is None:
+            raise ApiError(400, "TENANT_NOT_FOUND", f"Tenant {tenant} not found")
+        self._ledger._guard_mutation(tenant)
+        if record.status != "ACTIVE":
+            raise _invalid(f"Tenant {tenant} is {record.status}")
+
+    def _listBudgets(self, request: _Request, caller: _Caller, _: Optional[str]) -> _Outcome:
+        params = _QueryParams(request.query)
+        tenant = params.optional("tenant_id") if caller.admin else caller.tenant
+        prefix = params.optional("scope_prefix")
+        unit = _enum_param(params, "unit", UNITS)
+        status = _enum_param(params, "status", BUDGET_STATUSES)
+        over_limit = _bool_param(params, "over_limit")
+        has_debt = _bool_param(params, "has_debt")
+        low = _fraction_param(params, "utilization_min")
+        high = _fraction_param(params, "utilization_max")
+        if low is not None and high is not None and low > high:
+            raise _invalid("utilization_min must not be greater than utilization_max")
+        search = _search_param(params)
+        ledger = self._ledger
+        with ledger._lock:
+            if tenant is None:
+                keys = [key for keys in ledger._budget_keys_by_tenant.values() for key in keys]
+            else:
+                keys = list(ledger._budget_keys_by_tenant.get(tenant.lower(), []))
+            budgets = [ledger._budgets[key] for key in keys]
+            rows = []
+            for budget in budgets:
+                used = budget.spent / budget.allocated if budget.allocated else 0.0
+                if ((prefix is None or budget.scope.startswith(prefix.lower()))
+                        and unit in (None, budget.unit) and status in (None, budget.status)
+                        and over_limit in (None, budget.is_over_limit)
+                        and has_debt in (None, budget.debt > 0)
+                        and (low is None or used >= low) and (high is None or used <= high)
+                        and _search_hit(search, budget.scope)):
+                    view = _ledger_view(budget)
+                    view["utilization"] = used
+                    view["debt_amount"] = budget.debt
+                    rows.append(view)
+        sorts = ("tenant_id", "scope", "unit", "status", "commit_overage_policy", "utilization",
+                 "debt")
+        outcome = _admin_page(request, "ledgers", rows, sorts, None, "scope")
+        for row in outcome.body["ledgers"]:
+            row.pop("utilization")
+            row.pop("debt_amount")
+        return outcome
+
+    def _lookupBudget(self, request: _Request, caller: _Caller, _: Optional[str]) -> _Outcome:
+        with self._ledger._lock:
+            budget = self._addressed_budget(request, caller)
+            return _Outcome(200, _ledger_view(budget))
+
+    def _addressed_budget(self, request: _Request, caller: _Caller) -> _Budget:
+        """The budget named by ?scope=&unit= (404 if none, 403 if another tenant's)."""
+        params = _QueryParams(request.query)
+        text, unit = params.optional("scope"), _enum_param(params, "unit", UNITS)
+        if text is None or unit is None:
+            raise _invalid("scope and unit query parameters are required")
+        try:
+            scope = _parse_scope(text)
+        except ValueError as error:
+            raise _invalid(str(error)) from None
+        if not caller.admin and scope.split("/", 1)[0] != "tenant:" + str(caller.tenant).lower():
+            raise ApiError(403, "FORBIDDEN", f"scope {scope} is outside the API key's tenant")
+        budget = self._ledger._budgets.get((scope, unit))
+        if budget is None:
+            raise _not_found("BUDGET_NOT_FOUND", f"No budget for scope {scope} in {unit}")
+        return budget
+
+    def _fundBudget(self, request: _Request, caller: _Caller, _: Optional[str]) -> _Outcome:
+        params = _QueryParams(request.query)
+        if caller.admin and params.optional("tenant_id") is None:
+            raise _invalid("tenant_id query parameter is required when using admin key "
+                           "authentication")
+        body = _validated_admin_body(request, _FUNDING)
+        digest = _payload_hash([request.query.get("scope"), request.query.get("unit"), body])
+        ledger = self._ledger
+        with ledger._lock:
+            ledger._start(ledger._clock.now_ms())
+            budget = self._addressed_budget(request, caller)
+            tenant = budget.tenant_segment.split(":", 1)[1]
+            if caller.admin and str(params.optional("tenant_id")).lower() != tenant:
+                raise _not_found("BUDGET_NOT_FOUND",
+                                 f"No budget for scope {budget.scope} in tenant "
+                                 f"{params.optional('tenant_id')}")
+            slot: Optional[_Slot] = None
+            if "idempotency_key" in body:
+                slot = (tenant, "fund", f"{budget.scope}|{budget.unit}", body["idempotency_key"])
+                replay = ledger._replay(slot, digest, 0)
+                if replay is not None:
+                    return replay
+            ledger._guard_mutation(tenant)
+            if budget.status != "ACTIVE":
+                raise ApiError(409, "BUDGET_" + budget.status,
+                               f"Budget {budget.scope} is {budget.status}")
+            for name in ("amount", "spent"):
+                if name in body and body[name]["unit"] != budget.unit:
+                    raise ApiError(400, "UNIT_MISMATCH", f"{name}.unit must be {budget.unit}")
+            with ledger._atomic():
+                ledger._touch(budget)
+                before = dict(vars(budget))
+                _apply_funding(budget, body)
+                budget.updated_at_ms = ledger._clock.now_ms()
+                response: JsonObject = {"operation": body["operation"]}
+                for name in ("allocated", "remaining", "debt", "spent"):
+                    response["previous_" + name] = _money(budget.unit, before[name])
+                    response["new_" + name] = _money(budget.unit, getattr(budget, name))
+                response["timestamp"] = _iso(budget.updated_at_ms)
+                if slot is not None:
+                    ledger._bind(slot, _Stored.of(digest, 200, response), None)
+                return _Outcome(200, response, applied=True)
+
+    def _freezeBudget(self, request: _Request, caller: _Caller, _: Optional[str]) -> _Outcome:
+        return self._transition(request, caller, "ACTIVE", "FROZEN")
+
+    def _unfreezeBudget(self, request: _Request, caller: _Caller, _: Optional[str]) -> _Outcome:
+        return self._transition(request, caller, "FROZEN", "ACTIVE")
+
+    def _transition(self, request: _Request, caller: _Caller, source: str,
+                    target: str) -> _Outcome:
+        if request.raw_body.strip():
+            _validated_admin_body(request, _STATUS_TRANSITION)
+        ledger = self._ledger
+        with ledger._lock, ledger._atomic():
+            budget = self._addressed_budget(request, caller)
+            ledger._guard_mutation(budget.tenant_segment.split(":", 1)[1])
+            if budget.status != source:
+                code = {"FROZEN": "BUDGET_FROZEN", "CLOSED": "BUDGET_CLOSED"}.get(
+                    budget.status, "INVALID_REQUEST")
+                raise ApiError(409, code, f"Budget {budget.scope} is already {budget.status}"
+                               if budget.status == target else
+                               f"Budget {budget.scope} is {budget.status}, not {source}")
+            ledger._touch(budget)
+            budget.status = target
+            budget.updated_at_ms = ledger._clock.now_ms()
+            return _Outcome(200, _ledger_view(budget), applied=True)
+
+    # -- api keys --------------------------------------------------------------
+
+    def _createApiKey(self, request: _Request, caller: _Caller, _: Optional[str]) -> _Outcome:
+        import secrets
+        import string
+
+        body = _validated_admin_body(request, _KEY_CREATE)
+        ledger = self._ledger
+        with ledger._lock, ledger._atomic():
+            tenant = body["tenant_id"]
+            if tenant not in ledger._tenants:
+                raise ApiError(400, "TENANT_NOT_FOUND", f"Tenant {tenant} not found")
+            ledger._guard_mutation(tenant)
+            alphabet = string.ascii_letters + string.digits
+            secret = "cyc_test_" + "".join(secrets.choice(alphabet) for _ in range(32))
+            now = ledger._clock.now_ms()
+            expires = (_parse_datetime_ms(body["expires_at"]) if "expires_at" in body
+                       else now + _KEY_LIFETIME_MS)
+            record = _ApiKey(
+                key_id=str(uuid.uuid4()), tenant_id=tenant, key_prefix=secret[:15],
+                created_at_ms=now, name=body["name"], description=body.get("description"),
+                permissions=list(body.get("permissions", _DEFAULT_PERMISSIONS)),
+                scope_filter=copy.deepcopy(body.get("scope_filter")), expires_at_ms=expires,
+                metadata=copy.deepcopy(body.get("metadata")),
+            )
+            digest = _secret_hash(secret)
+            ledger._api_keys[digest] = record
+            ledger._on_undo(lambda: ledger._api_keys.pop(digest, None))
+            view = _key_view(record, now)
+            created = {name: view[name] for name in ("key_id", "key_prefix", "tenant_id",
+                                                     "permissions", "created_at", "expires_at")}
+            created["key_secret"] = secret
+            return _Outcome(201, created, applied=True)
+
+    def _listApiKeys(self, request: _Request, caller: _Caller, _: Optional[str]) -> _Outcome:
+        params = _QueryParams(request.query)
+        tenant = params.optional("tenant_id")
+        status = _enum_param(params, "status", ("ACTIVE", "REVOKED", "EXPIRED"))
+        search = _search_param(params)
+        ledger = self._ledger
+        with ledger._lock:
+            now = ledger._clock.now_ms()
+            views = [_key_view(record, now) for record in ledger._api_keys.values()]
+        rows = [v for v in views
+                if tenant in (None, v["tenant_id"]) and status in (None, v["status"])
+                and _search_hit(search, v["key_id"], v["name"])]
+        sorts = ("key_id", "name", "tenant_id", "status", "created_at", "expires_at")
+        return _admin_page(request, "keys", rows, sorts, "created_at", "key_id")
+
+    def _revokeApiKey(self, request: _Request, caller: _Caller, key_id: Optional[str]) -> _Outcome:
+        params = _QueryParams(request.query)
+        reason = params.optional("reason")
+        if reason is not None and len(reason) > 512:
+            raise _invalid("reason must be at most 512 characters long")
+        ledger = self._ledger
+        with ledger._lock, ledger._atomic():
+            record = next((r for r in ledger._api_keys.values() if r.key_id == key_id), None)
+            if record is None:
+                raise _not_found("NOT_FOUND", f"API key {key_id} not found")
+            if record.status == "REVOKED":
+                raise ApiError(409, "KEY_REVOKED", f"API key {key_id} is already revoked")
+            ledger._touch(record)
+            record.status = "REVOKED"
+            record.revoked_at_ms = ledger._clock.now_ms()
+            record.revoked_reason = reason
+            return _Outcome(200, _key_view(record, record.revoked_at_ms), applied=True)
+
+
+# TenantCreateRequest field -> _Tenant attribute
+_TENANT_FIELDS = (
+    ("parent_tenant_id", "parent_tenant_id"),
+    ("metadata", "metadata"),
+    ("default_commit_overage_policy", "default_overage_policy"),
+    ("default_reservation_ttl_ms", "default_ttl_ms"),
+    ("max_reservation_ttl_ms", "max_ttl_ms"),
+    ("max_reservation_extensions", "max_extensions"),
+    ("reservation_expiry_policy", "reservation_expiry_policy"),
+)
+
+
+def _apply_funding(budget: _Budget, body: JsonObject) -> None:
+    """CREDIT, DEBIT, RESET, RESET_SPENT or REPAY_DEBT, keeping
+    remaining == allocated - spent - reserved - debt."""
+    operation, amount = body["operation"], body["amount"]["amount"]
+    if operation == "CREDIT":
+        budget.allocated += amount
+    elif operation == "DEBIT":
+        if amount > budget.remaining or amount > budget.allocated:
+            raise ApiError(409, "BUDGET_EXCEEDED",
+                           f"DEBIT of {amount} exceeds remaining {budget.remaining}")
+        budget.allocated -= amount
+    elif operation == "RESET":
+        budget.allocated = amount
+    elif operation == "RESET_SPENT":
+        budget.allocated = amount
+        budget.spent = body.get("spent", {"amount": 0})["amount"]
+    else:  # REPAY_DEBT: the payment settles debt (as spend) and credits any excess
+        repaid = min(amount, budget.debt)
+        budget.debt -= repaid
+        budget.spent += repaid
+        budget.allocated += amount
+    if budget.allocated > INT64_MAX or budget.spent > INT64_MAX:
+        raise _invalid("the resulting amount is out of range")
+    budget.remaining = budget.allocated - budget.spent - budget.reserved - budget.debt
+    if budget.is_over_limit and budget.debt <= budget.overdraft_limit:
+        budget.is_over_limit = False
+
+
+def _validated_admin_body(request: _Request, schema: _Check) -> JsonObject:
+    return _validated_body(request, schema, idempotency_header=False)
+
+
+def _enum_param(params: _QueryParams, name: str, choices: Sequence[str]) -> Optional[str]:
+    value = params.optional(name)
+    if value is not None and value not in choices:
+        raise _invalid(f"{name} must be one of {', '.join(choices)}")
+    return value
+
+
+def _bool_param(params: _QueryParams, name: str) -> Optional[bool]:
+    value = params.optional(name)
+    if value is None:
+        return None
+    if value not in ("true", "false"):
+        raise _invalid(f"{name} must be true or false")
+    return value == "true"
+
+
+def _fraction_param(params: _QueryParams, name: str) -> Optional[float]:
+    value = params.optional(name)
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0.0 <= number <= 1.0:
+        raise _invalid(f"{name} must be a number between 0 and 1")
+    return number
+
+
+def _search_param(params: _QueryParams) -> Optional[str]:
+    value = params.optional("search")
+    if value is not None and len(value) > 128:
+        raise _invalid("search must be at most 128 characters long")
+    return value.lower() if value else None
+
+
+def _search_hit(search: Optional[str], *fields: Any) -> bool:
+    return search is None or any(search in str(value).lower() for value in fields)
+
+
+def _admin_page(
+    request: _Request, wrapper: str, rows: List[JsonObject], sorts: Sequence[str],
+    default_sort: Optional[str], tie_breaker: str,
+) -> _Outcome:
+    """Sort, then one page of ``rows`` behind an offset cursor bound to the query."""
+    params = _QueryParams(request.query)
+    sort_by = _enum_param(params, "sort_by", sorts) or default_sort
+    sort_dir = _enum_param(params, "sort_dir", ("asc", "desc")) or "desc"
+    text = params.optional("limit")
+    if text is not None and (not _LIMIT_RE.fullmatch(text)
+                             or not 1 <= int(text) <= _ADMIN_LIST_MAX):
+        raise _invalid(f"limit must be an integer between 1 and {_ADMIN_LIST_MAX}")
+    limit = int(text) if text is not None else LIST_DEFAULT_LIMIT
+    filters = sorted((k, v) for k, v in request.query.items() if k not in ("cursor", "limit"))
+    binding = _payload_hash(filters)
+    cursor = params.cursor(binding)
+    offset = 0
+    if cursor is not None:
+        if not _is_int(cursor[0]) or cursor[0] < 0:
+            raise _invalid("cursor is malformed")
+        offset = int(cursor[0])
+    rows.sort(key=lambda row: str(row[tie_breaker]))
+    if sort_by is not None:
+        sort_field = {"utilization": "utilization", "debt": "debt_amount"}.get(sort_by, sort_by)
+        rows.sort(key=lambda row: (row.get(sort_field) is None, row.get(sort_field) or ""),
+                  reverse=sort_dir == "desc")
+    page = rows[offset:offset + limit]
+    body: JsonObject = {wrapper: page, "has_more": offset + limit < len(rows)}
+    if body["has_more"]:
+        body["next_cursor"] = _encode_cursor(binding, [offset + limit, 0])
+    return _Outcome(200, body)
 
 
 # =============================================================================
