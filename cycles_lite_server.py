@@ -4180,72 +4180,185 @@ class LocalCyclesServer:
 # =============================================================================
 
 
+_BUDGET_OPTIONS = ("overdraft_limit", "debt", "spent")
+_TENANT_OPTIONS = ("default_ttl_ms", "max_ttl_ms", "default_grace_ms", "max_extensions")
+# the spec's ranges for the reservation policy settings
+_POLICY_RANGES = {
+    "default_ttl_ms": _TTL_RANGE,
+    "max_ttl_ms": _TTL_RANGE,
+    "default_grace_ms": _GRACE_RANGE,
+    "max_extensions": (0, INT64_MAX),
+}
+
+
 def _parse_budget_flag(text: str) -> JsonObject:
+    """SCOPE=UNIT:AMOUNT[,overdraft_limit=N][,debt=N][,spent=N][,status=S]
+    [,is_over_limit=true][,caps=JSON] (caps last: its JSON may hold commas)."""
     scope, sep, rest = text.partition("=")
     if not sep:
-        raise ValueError(f"--budget {text!r}: expected SCOPE=UNIT:AMOUNT")
-    unit, _, amount = rest.rpartition(":")
+        raise ValueError(f"--budget {text!r}: expected SCOPE=UNIT:AMOUNT[,OPTION=VALUE...]")
+    head, _, options = rest.partition(",")
+    unit, _, amount = head.rpartition(":")
     if not amount.isdigit():
         raise ValueError(f"--budget {text!r}: amount must be a non-negative integer")
-    return {"scope": scope, "unit": unit or DEFAULT_UNIT, "allocated": int(amount)}
+    budget: JsonObject = {"scope": scope, "unit": unit or DEFAULT_UNIT, "allocated": int(amount)}
+    while options:
+        if options.startswith("caps="):
+            try:
+                budget["caps"] = json.loads(options[len("caps="):])
+            except ValueError:
+                raise ValueError(f"--budget {text!r}: caps must be a JSON object") from None
+            break
+        option, _, options = options.partition(",")
+        name, _, value = option.partition("=")
+        if name in _BUDGET_OPTIONS and value.isdigit():
+            budget[name] = int(value)
+        elif name == "status" and value in BUDGET_STATUSES:
+            budget[name] = value
+        elif name == "is_over_limit" and value in ("true", "false"):
+            budget[name] = value == "true"
+        else:
+            raise ValueError(f"--budget {text!r}: bad option {option!r}")
+    return budget
 
 
-def _build_from_cli(argv: Optional[Sequence[str]], stream: IO[str]) -> LocalCyclesServer:
+def _parse_tenant_flag(text: str) -> Tuple[str, JsonObject]:
+    """TENANT[=STATUS][,default_ttl_ms=N][,max_ttl_ms=N][,default_grace_ms=N]
+    [,max_extensions=N][,default_overage_policy=P]"""
+    head, _, options = text.partition(",")
+    name, _, status = head.partition("=")
+    spec: JsonObject = {"status": status or "ACTIVE"}
+    for option in filter(None, options.split(",")):
+        key, _, value = option.partition("=")
+        if key in _TENANT_OPTIONS and value.isdigit():
+            spec[key] = int(value)
+        elif key == "default_overage_policy" and value in OVERAGE_POLICIES:
+            spec[key] = value
+        else:
+            raise ValueError(f"--tenant {text!r}: bad option {option!r}")
+    _check_policy_ranges(spec, f"--tenant {name}")
+    return name, spec
+
+
+def _check_policy_ranges(values: Mapping[str, Any], where: str) -> None:
+    for name, (low, high) in _POLICY_RANGES.items():
+        value = values.get(name)
+        if value is not None and (not _is_int(value) or not low <= value <= high):
+            raise ValueError(f"{where}: {name} must be between {low} and {high}, not {value!r}")
+
+
+def _cli_parser() -> Any:
     import argparse
 
     parser = argparse.ArgumentParser(
         prog="python3 -m cycles_lite_server",
-        description="Run a local in-memory Cycles server.",
+        description="Run a local in-memory Cycles server (runtime API, the admin API's "
+                    "provisioning subset, /actuator/health).",
     )
-    parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=None, help="port (default 7878; 0 = any)")
-    parser.add_argument("--config", help="JSON file with LocalCyclesServer arguments")
-    parser.add_argument("--api-key", action="append", default=[], metavar="KEY=TENANT",
-                        help="visible in the process list; prefer --config for real keys")
-    parser.add_argument("--admin-key", action="append", default=[], metavar="KEY")
-    parser.add_argument("--tenant", action="append", default=[], metavar="TENANT[=STATUS]")
-    parser.add_argument("--budget", action="append", default=[], metavar="SCOPE=UNIT:AMOUNT")
-    parser.add_argument("--default-ttl-ms", type=int)
-    parser.add_argument("--max-ttl-ms", type=int)
-    parser.add_argument("--grace-ms", type=int, dest="default_grace_ms")
-    parser.add_argument("--max-extensions", type=int)
-    parser.add_argument("--quiet", action="store_true", help="do not log requests")
-    parser.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate chain")
-    parser.add_argument("--tls-key", metavar="PEM", help="private key for --tls-cert")
+    add = parser.add_argument
+    add("--host", default=None, help="bind address (default 127.0.0.1)")
+    add("--port", type=int, default=None, help="port (default 7878; 0 = any)")
+    add("--config", help="JSON file with LocalCyclesServer arguments (flags win)")
+    add("--state", metavar="FILE",
+        help="keep tenants, keys, budgets, reservations, idempotency records and events "
+             "in FILE across restarts (written atomically at shutdown and every "
+             "--state-interval seconds)")
+    add("--state-interval", type=float, metavar="SECONDS", dest="state_interval_s",
+        help=f"how often to save --state when something changed (default "
+             f"{DEFAULT_STATE_INTERVAL_S:g})")
+    add("--api-key", action="append", default=[], metavar="KEY=TENANT",
+        help="visible in the process list; prefer --config or the admin API for real keys")
+    add("--admin-key", action="append", default=[], metavar="KEY",
+        help="accept this X-Admin-API-Key (admin API; list/get/release of reservations)")
+    add("--tenant", action="append", default=[], metavar="TENANT[=STATUS][,OPTION=N...]",
+        help="add a tenant; STATUS is ACTIVE, SUSPENDED or CLOSED; options: "
+             "default_ttl_ms, max_ttl_ms, default_grace_ms, max_extensions, "
+             "default_overage_policy")
+    add("--budget", action="append", default=[], metavar="SCOPE=UNIT:AMOUNT[,OPTION=V...]",
+        help="add a budget; options: overdraft_limit=N, debt=N, spent=N, "
+             "status=ACTIVE|FROZEN|CLOSED, is_over_limit=true, caps=JSON (last)")
+    add("--default-ttl-ms", type=int, help=f"reservation TTL when a request gives none "
+        f"(default {DEFAULT_TTL_MS}; {_TTL_RANGE[0]}-{_TTL_RANGE[1]})")
+    add("--max-ttl-ms", type=int, help=f"longest TTL; longer requests are clamped "
+        f"(default {DEFAULT_MAX_TTL_MS}; {_TTL_RANGE[0]}-{_TTL_RANGE[1]})")
+    add("--grace-ms", type=int, dest="default_grace_ms", help=f"default grace period "
+        f"(default {DEFAULT_GRACE_MS}; {_GRACE_RANGE[0]}-{_GRACE_RANGE[1]})")
+    add("--max-extensions", type=int,
+        help=f"extensions per reservation (default {DEFAULT_MAX_EXTENSIONS})")
+    add("--default-overage-policy", choices=OVERAGE_POLICIES,
+        help=f"commit overage policy when none is given (default {DEFAULT_OVERAGE_POLICY})")
+    add("--retention", type=float, metavar="SECONDS", dest="retention_s",
+        help=f"keep finalized/expired reservations, idempotency records and events this "
+             f"long by the server clock, then prune them (default {DEFAULT_RETENTION_S})")
+    add("--idle-timeout", type=float, metavar="SECONDS", dest="idle_timeout_s",
+        help=f"close a kept-alive connection idle this long "
+             f"(default {DEFAULT_IDLE_TIMEOUT_S:g})")
+    add("--read-timeout", type=float, metavar="SECONDS", dest="read_timeout_s",
+        help=f"close a connection that takes longer to send one request or read one "
+             f"response (default {DEFAULT_READ_TIMEOUT_S:g})")
+    add("--max-connections", type=int, metavar="N",
+        help=f"open connections at most; more get 503 and a close "
+             f"(default {DEFAULT_MAX_CONNECTIONS})")
+    add("--max-body-bytes", type=int, metavar="N",
+        help=f"larger request bodies get 413 (default {MAX_BODY_BYTES})")
+    add("--max-logged-requests", type=int, metavar="N",
+        help=f"requests kept in memory for inspection (default {MAX_LOGGED_REQUESTS})")
+    add("--quiet", action="store_true", help="do not log requests")
+    add("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate chain")
+    add("--tls-key", metavar="PEM", help="private key for --tls-cert")
+    return parser
+
+
+_PLAIN_FLAGS = (
+    "default_ttl_ms", "max_ttl_ms", "default_grace_ms", "max_extensions",
+    "default_overage_policy", "retention_s", "idle_timeout_s", "read_timeout_s",
+    "max_connections", "max_body_bytes", "max_logged_requests", "state_interval_s",
+)
+
+
+def _build_from_cli(argv: Optional[Sequence[str]], stream: IO[str]) -> LocalCyclesServer:
+    parser = _cli_parser()
     args = parser.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
 
     config: JsonObject = {}
     if args.config:
-        with open(args.config, encoding="utf-8") as handle:
-            loaded = json.load(handle)
+        try:
+            with open(args.config, encoding="utf-8") as handle:
+                loaded = json.load(handle)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"--config {args.config}: {error}") from None
         if not isinstance(loaded, dict):
             parser.error("--config must hold a JSON object")
         config = loaded
-    tenants: Dict[str, Any] = dict(config.pop("tenants", {}))
-    for text in args.tenant:
-        name, _, status = text.partition("=")
-        tenants[name] = status or "ACTIVE"
+    try:
+        tenants: Dict[str, Any] = dict(config.pop("tenants", {}))
+        tenants.update(_parse_tenant_flag(text) for text in args.tenant)
+        budgets = list(config.pop("budgets", []))
+        budgets.extend(_parse_budget_flag(text) for text in args.budget)
+    except ValueError as exc:
+        parser.error(str(exc))
     api_keys: Dict[str, str] = dict(config.pop("api_keys", {}))
     for text in args.api_key:
         key, sep, tenant = text.rpartition("=")
         if not sep or not key or not tenant:
             parser.error("--api-key expects KEY=TENANT")
         api_keys[key] = tenant
-    budgets = list(config.pop("budgets", []))
-    try:
-        budgets.extend(_parse_budget_flag(text) for text in args.budget)
-    except ValueError as exc:
-        parser.error(str(exc))
     admin_keys = list(config.pop("admin_keys", [])) + list(args.admin_key)
-    for name in ("default_ttl_ms", "max_ttl_ms", "default_grace_ms", "max_extensions"):
+    for name in _PLAIN_FLAGS:
         if getattr(args, name) is not None:
             config[name] = getattr(args, name)
+    try:
+        _check_policy_ranges(config, "settings")
+    except ValueError as exc:
+        parser.error(str(exc))
     host = args.host or config.pop("host", "127.0.0.1")
     port = args.port if args.port is not None else config.pop("port", 7878)
     config.pop("host", None)
     config.pop("port", None)
+    if args.state:
+        config["state_file"] = args.state
     if args.tls_cert:
         config["ssl_context"] = _server_tls_context(args.tls_cert, args.tls_key)
     return LocalCyclesServer(
@@ -4258,7 +4371,13 @@ def _server_tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     import ssl as ssl_module
 
     context = ssl_module.SSLContext(ssl_module.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert_file, key_file)
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except OSError as error:  # ssl.SSLError is an OSError
+        raise ValueError(
+            f"cannot load --tls-cert {cert_file} / --tls-key {key_file}: "
+            f"{error.strerror or error}"
+        ) from None
     return context
 
 
@@ -4280,7 +4399,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         server.start()
     except OSError as exc:
-        print(f"cycles_lite_server: cannot listen: {exc}", file=sys.stderr)
+        where = f"{server.host}:{server.port}"
+        print(f"cycles_lite_server: cannot listen on {where}: {exc.strerror or exc}",
+              file=sys.stderr)
         return 2
     print(f"Cycles local server listening on {server.url} (Ctrl-C to stop)", flush=True)
     try:
