@@ -502,7 +502,7 @@ def _canonical_json(value: Any) -> str:
 def _payload_hash(value: Any) -> str:
     import hashlib
 
-    return hashlib.sha256(_canonical_json(value).encode("utf-8")).hexdigest()
+    return hashlib.sha256(_canonical_json(value).encode("utf-8")).hexdigest()[:32]
 
 
 def _parse_scope(scope: str) -> str:
@@ -851,21 +851,115 @@ class _ApiKey:
         return self.status == "ACTIVE" and (self.expires_at_ms is None or now < self.expires_at_ms)
 
 
+class _Retired:
+    """A finalized or expired reservation and the idempotency records bound to it,
+    kept as one compressed blob (a few hundred bytes instead of a few KB) until
+    the retention window prunes it. Reads thaw it into a transient _Reservation."""
+
+    __slots__ = ("blob", "create_slot", "reservation_id", "seq", "status", "tenant")
+
+    def __init__(self, reservation: _Reservation, stored: List[Tuple[_Slot, _Stored]],
+                 create_slot: Optional[_Slot]) -> None:
+        self.seq = reservation.seq
+        self.reservation_id = reservation.reservation_id
+        self.tenant = reservation.tenant
+        self.status = reservation.status
+        self.create_slot = create_slot
+        fields = _record_fields(reservation)
+        records = [[list(slot), s.payload_hash, s.status, s.body_json] for slot, s in stored]
+        self.blob = _compress(json.dumps([fields, records], separators=(",", ":")))
+
+    def thaw(self) -> Tuple[_Reservation, Dict[_Slot, _Stored]]:
+        fields, records = json.loads(_decompress(self.blob))
+        stored = {_slot(slot): _Stored(digest, status, body)
+                  for slot, digest, status, body in records}
+        return _reservation_from(fields), stored
+
+
+_Record = Union[_Reservation, _Retired]
+
+
+def _record_fields(reservation: _Reservation) -> JsonObject:
+    import dataclasses
+
+    return {f.name: getattr(reservation, f.name) for f in dataclasses.fields(reservation)}
+
+
+def _reservation_from(fields: JsonObject) -> _Reservation:
+    reservation = _Reservation(**fields)
+    reservation.budget_keys = [(scope, unit) for scope, unit in reservation.budget_keys]
+    reservation.slots = [_slot(slot) for slot in reservation.slots]
+    return reservation
+
+
+def _live(record: _Record) -> _Reservation:
+    return record.thaw()[0] if isinstance(record, _Retired) else record
+
+
+_ZDICT: List[bytes] = []
+
+
+def _zdict() -> bytes:
+    """A preset dictionary for _Retired blobs: one typical lifecycle, so that a blob
+    holds little more than its ids, times and amounts."""
+    if not _ZDICT:
+        amount = {"unit": DEFAULT_UNIT, "amount": 0}
+        balance = {"scope": "tenant", "scope_path": "tenant:", "remaining": amount,
+                   "reserved": amount, "spent": amount, "allocated": amount}
+        reservation = _Reservation(
+            reservation_id="", seq=0, tenant="", subject={"tenant": ""},
+            action={"kind": "", "name": ""}, unit=DEFAULT_UNIT, amount=0,
+            overage_policy=DEFAULT_OVERAGE_POLICY, idempotency_key="", metadata=None,
+            grace_ms=DEFAULT_GRACE_MS, created_at_ms=0, expires_at_ms=0, scope_path="tenant:",
+            affected_scopes=["tenant:"], budget_keys=[("tenant:", DEFAULT_UNIT)],
+            max_extensions=DEFAULT_MAX_EXTENSIONS, status="COMMITTED", finalized_at_ms=0,
+            committed=0, finalized_by="api_key",
+        )
+        bodies = [
+            {"decision": "ALLOW", "reservation_id": "", "reserved": amount, "expires_at_ms": 0,
+             "remaining_ttl_ms": 0, "scope_path": "tenant:", "affected_scopes": ["tenant:"],
+             "balances": [balance]},
+            {"status": "COMMITTED", "charged": amount, "released": amount,
+             "balances": [balance]},
+            {"status": "RELEASED", "released": amount, "balances": [balance]},
+        ]
+        text = json.dumps([_record_fields(reservation), [
+            [["", op, "", ""], "", 200, json.dumps(body, separators=(",", ":"))]
+            for op, body in zip(("create", "commit", "release"), bodies)
+        ]], separators=(",", ":"))
+        _ZDICT.append(text.encode("utf-8"))
+    return _ZDICT[0]
+
+
+def _compress(text: str) -> bytes:
+    import zlib
+
+    packer = zlib.compressobj(6, zlib.DEFLATED, -15, 8, zlib.Z_DEFAULT_STRATEGY, _zdict())
+    return packer.compress(text.encode("utf-8")) + packer.flush()
+
+
+def _decompress(blob: bytes) -> str:
+    import zlib
+
+    unpacker = zlib.decompressobj(-15, _zdict())
+    return (unpacker.decompress(blob) + unpacker.flush()).decode("utf-8")
+
+
 class _TenantRows:
     """One tenant's reservations by creation sequence, overall and per status:
     a page in creation order costs O(page + log n)."""
 
     def __init__(self) -> None:
-        self.rows: Dict[int, _Reservation] = {}
+        self.rows: Dict[int, _Record] = {}
         self.all: List[int] = []
         self.by_status: Dict[str, List[int]] = {status: [] for status in RESERVATION_STATUSES}
 
-    def add(self, reservation: _Reservation) -> None:
+    def add(self, reservation: _Record) -> None:
         self.rows[reservation.seq] = reservation
         _sorted_insert(self.all, reservation.seq)
         _sorted_insert(self.by_status[reservation.status], reservation.seq)
 
-    def remove(self, reservation: _Reservation) -> None:
+    def remove(self, reservation: _Record) -> None:
         self.rows.pop(reservation.seq, None)
         _sorted_remove(self.all, reservation.seq)
         _sorted_remove(self.by_status[reservation.status], reservation.seq)
@@ -1008,10 +1102,12 @@ class _Ledger:
         self._budgets: Dict[Tuple[str, str], _Budget] = {}
         self._budget_keys_by_tenant: Dict[str, List[Tuple[str, str]]] = {}
         self._units_by_scope: Dict[str, Set[str]] = {}
-        self._reservations: Dict[str, _Reservation] = {}
+        self._reservations: Dict[str, _Record] = {}
         self._by_tenant: Dict[str, _TenantRows] = {}
         self._expiry_heap: List[Tuple[int, int, str]] = []
-        self._idempotency: Dict[_Slot, _Stored] = {}
+        # a reservation's records move into its _Retired blob; its create key points there
+        self._idempotency: Dict[_Slot, Union[_Stored, _Retired]] = {}
+        self._to_retire: List[_Reservation] = []
         self._events: Dict[str, JsonObject] = {}
         # (prune at ms, kind, key), in time order: the clock never goes backward
         self._prune_queue: Deque[Tuple[int, str, Any]] = collections.deque()
@@ -1132,7 +1228,7 @@ class _Ledger:
         with self._lock:
             self._sweep(self._clock.now_ms())
             found = self._reservations.get(reservation_id)
-            return found.as_dict() if found else None
+            return _live(found).as_dict() if found else None
 
     def events(self) -> List[JsonObject]:
         with self._lock:
@@ -1142,7 +1238,7 @@ class _Ledger:
         with self._lock:
             held: Dict[Tuple[str, str], int] = {}
             for reservation in self._reservations.values():
-                if reservation.status == "ACTIVE":
+                if isinstance(reservation, _Reservation) and reservation.status == "ACTIVE":
                     for key in reservation.budget_keys:
                         held[key] = held.get(key, 0) + reservation.amount
             for key, budget in self._budgets.items():
@@ -1174,12 +1270,10 @@ class _Ledger:
                 "tenants": [dict(vars(t)) for t in self._tenants.values()],
                 "api_keys": {h: dict(vars(k)) for h, k in self._api_keys.items()},
                 "budgets": [dict(vars(b)) for b in self._budgets.values()],
-                "reservations": [
-                    dict(vars(r), slots=list(r.slots)) for r in self._reservations.values()
-                ],
+                "reservations": [_dump_record(r) for r in self._reservations.values()],
                 "idempotency": [
                     [list(slot), stored.payload_hash, stored.status, stored.body_json]
-                    for slot, stored in self._idempotency.items()
+                    for slot, stored in self._idempotency.items() if isinstance(stored, _Stored)
                 ],
                 "events": list(self._events.values()),
                 "prune_queue": list(self._prune_queue),
@@ -1199,20 +1293,22 @@ class _Ledger:
                 _sorted_insert(self._budget_keys_by_tenant.setdefault(tenant, []), key)
                 self._units_by_scope.setdefault(budget.scope, set()).add(budget.unit)
             self._reservations, self._by_tenant, self._expiry_heap = {}, {}, []
+            self._idempotency = {}
             for fields in saved["reservations"]:
-                reservation = _Reservation(**fields)
-                reservation.budget_keys = [(s, u) for s, u in reservation.budget_keys]
-                reservation.slots = [_slot(slot) for slot in reservation.slots]
+                for slot, digest, status, body in fields.pop("stored", []):
+                    self._idempotency[_slot(slot)] = _Stored(str(digest), int(status), str(body))
+                reservation = _reservation_from(fields)
                 if any(key not in self._budgets for key in reservation.budget_keys):
                     raise ValueError(f"reservation {reservation.reservation_id} has no budget")
                 self._reservations[reservation.reservation_id] = reservation
                 self._by_tenant.setdefault(reservation.tenant, _TenantRows()).add(reservation)
                 if reservation.status == "ACTIVE":
                     self._schedule_expiry(reservation)
-            self._idempotency = {
-                _slot(slot): _Stored(str(digest), int(status), str(body))
-                for slot, digest, status, body in saved["idempotency"]
-            }
+                else:
+                    self._to_retire.append(reservation)
+            for slot, digest, status, body in saved["idempotency"]:
+                self._idempotency[_slot(slot)] = _Stored(str(digest), int(status), str(body))
+            self._retire_pending()
             self._events = {str(e["event_id"]): e for e in saved["events"]}
             self._prune_queue = collections.deque(
                 (int(at), str(kind), key) for at, kind, key in saved["prune_queue"]
@@ -1249,6 +1345,7 @@ class _Ledger:
         finally:
             self._undo = None
         self.changes += 1
+        self._retire_pending()
 
     def _touch(self, *records: Any) -> None:
         """Remember the fields of budgets/reservations about to change."""
@@ -1282,6 +1379,34 @@ class _Ledger:
         self._by_tenant[reservation.tenant].restatus(reservation, old)
         self._on_undo(lambda: self._by_tenant[reservation.tenant].restatus(reservation, status))
         self._retain("reservation", reservation.reservation_id)
+        self._to_retire.append(reservation)
+        self._on_undo(self._to_retire.pop)
+
+    def _retire_pending(self) -> None:
+        """Compress what was finalized: from here on it is only read and replayed."""
+        pending, self._to_retire = self._to_retire, []
+        for reservation in pending:
+            if self._reservations.get(reservation.reservation_id) is not reservation:
+                continue
+            stored = [(slot, self._idempotency.pop(slot)) for slot in reservation.slots
+                      if slot in self._idempotency]
+            create = next((slot for slot, _ in stored if slot[1] == "create"), None)
+            retired = _Retired(reservation, [(k, v) for k, v in stored
+                                             if isinstance(v, _Stored)], create)
+            self._reservations[reservation.reservation_id] = retired
+            self._by_tenant[reservation.tenant].rows[reservation.seq] = retired
+            if create is not None:
+                self._idempotency[create] = retired
+        if len(self._expiry_heap) > 4 * len(self._reservations) // 3 + 4096:
+            self._compact_expiry_heap()
+
+    def _compact_expiry_heap(self) -> None:
+        """Drop the entries of reservations no longer active (amortized O(1))."""
+        self._expiry_heap = [
+            (r.expires_at_ms + r.grace_ms, r.seq, r.reservation_id)
+            for r in self._reservations.values() if isinstance(r, _Reservation)
+        ]
+        heapq.heapify(self._expiry_heap)
 
     def _prune(self, now: int) -> None:
         """Forget what has outlived the retention window, at most _PRUNE_BATCH at a time."""
@@ -1291,11 +1416,13 @@ class _Ledger:
                 return
             _, kind, key = queue.popleft()
             if kind == "reservation":
-                reservation = self._reservations.pop(key, None)
-                if reservation is not None:
-                    self._by_tenant[reservation.tenant].remove(reservation)
-                    for slot in reservation.slots:
-                        self._idempotency.pop(slot, None)
+                record = self._reservations.pop(key, None)
+                if record is not None:
+                    self._by_tenant[record.tenant].remove(record)
+                    slots = [record.create_slot] if isinstance(record, _Retired) else record.slots
+                    for slot in slots:
+                        if slot is not None:
+                            self._idempotency.pop(slot, None)
             elif kind == "event":
                 self._events.pop(key, None)
             else:
@@ -1684,10 +1811,11 @@ class _Ledger:
         in_creation_order = query.sort_by == "created_at_ms"
         after_seq = query.after[1] if query.after is not None and in_creation_order else None
         wanted = query.limit + 1 if in_creation_order else None
-        found = self._scan(query, after_seq, query.descending, wanted)
+        found = self._scan(query, after_seq, query.descending, wanted, not in_creation_order)
 
-        def key(r: _Reservation) -> _SortKey:
-            return (r.sort_value(query.sort_by), r.seq)
+        def key(record: _Record) -> _SortKey:
+            reservation = _live(record)
+            return (reservation.sort_value(query.sort_by), reservation.seq)
 
         if not in_creation_order:
             if query.after is not None:
@@ -1697,16 +1825,18 @@ class _Ledger:
             found.sort(key=key, reverse=query.descending)
         page = found[: query.limit]
         with self._lock:
-            views = [r.view(query.include) for r in page]
+            views = [_live(r).view(query.include) for r in page]
         more = len(found) > query.limit
         return views, (key(page[-1]) if more else None)
 
     def _scan(
         self, query: _ListQuery, after_seq: Optional[int], descending: bool,
-        wanted: Optional[int],
-    ) -> List[_Reservation]:
-        """Matching rows in creation order, ``wanted`` of them or all, chunk by chunk."""
-        found: List[_Reservation] = []
+        wanted: Optional[int], thaw: bool,
+    ) -> List[_Record]:
+        """Matching rows in creation order, ``wanted`` of them or all, chunk by chunk.
+        Retired rows are thawed only to test filters beyond status, or if ``thaw``."""
+        found: List[_Record] = []
+        by_status_only = not (query.idempotency_key or query.segments or query.windows)
         while wanted is None or len(found) < wanted:
             with self._lock:
                 rows = self._by_tenant.get(query.tenant)
@@ -1714,7 +1844,11 @@ class _Ledger:
                     return found
                 chunk = rows.window(query.status, after_seq, descending, _SCAN_CHUNK)
                 for seq in chunk:
-                    reservation = rows.rows[seq]
+                    record = rows.rows[seq]
+                    if by_status_only and not thaw:
+                        found.append(record)
+                        continue
+                    reservation = _live(record)
                     if _matches(reservation, query):
                         found.append(reservation)
             if len(chunk) < _SCAN_CHUNK:
@@ -1783,9 +1917,10 @@ class _Ledger:
 
     def _owned(self, caller: _Caller, reservation_id: str, admin_allowed: bool) -> _Reservation:
         """404 for an unknown id before 403 for another tenant's reservation."""
-        reservation = self._reservations.get(reservation_id)
-        if reservation is None:
+        record = self._reservations.get(reservation_id)
+        if record is None:
             raise ApiError(404, "NOT_FOUND", f"Reservation {reservation_id} not found")
+        reservation = _live(record)  # a transient copy if retired: only read
         if caller.admin and admin_allowed:
             return reservation
         if caller.tenant != reservation.tenant:
@@ -1813,7 +1948,11 @@ class _Ledger:
             self._require_active(reservation)
 
     def _replay(self, slot: _Slot, payload_hash: str, now: int) -> Optional[_Outcome]:
-        stored = self._idempotency.get(slot)
+        found = self._idempotency.get(slot)
+        if found is None and slot[2]:  # commit/release/extend of a retired reservation
+            owner = self._reservations.get(slot[2])
+            found = owner if isinstance(owner, _Retired) else None
+        stored = found.thaw()[1].get(slot) if isinstance(found, _Retired) else found
         if stored is None:
             return None
         if stored.payload_hash != payload_hash:
@@ -1839,6 +1978,7 @@ class _Ledger:
     def _start(self, now: int) -> int:
         """What every operation does first: expire what is due, prune what is old."""
         self._sweep(now)
+        self._retire_pending()
         self._prune(now)
         return now
 
@@ -1848,10 +1988,10 @@ class _Ledger:
         while heap and heap[0][0] < now:
             _, _, reservation_id = heapq.heappop(heap)
             reservation = self._reservations.get(reservation_id)
-            if reservation is None:
+            if not isinstance(reservation, _Reservation) or reservation.status != "ACTIVE":
                 continue
             deadline = reservation.expires_at_ms + reservation.grace_ms
-            if reservation.status == "ACTIVE" and deadline < now:
+            if deadline < now:
                 self._expire(reservation)
                 self.changes += 1
 
@@ -1862,6 +2002,17 @@ class _Ledger:
             budget.reserved -= reservation.amount
             budget.remaining += reservation.amount
         self._set_status(reservation, "EXPIRED")
+
+
+def _dump_record(record: _Record) -> JsonObject:
+    """A reservation for the state file; a retired one carries its idempotency records."""
+    if isinstance(record, _Reservation):
+        return dict(_record_fields(record), slots=list(record.slots))
+    reservation, stored = record.thaw()
+    fields = _record_fields(reservation)
+    fields["stored"] = [[list(slot), s.payload_hash, s.status, s.body_json]
+                        for slot, s in stored.items()]
+    return fields
 
 
 def _slot(saved: Sequence[Any]) -> _Slot:
