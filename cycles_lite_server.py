@@ -1263,14 +1263,18 @@ class _Ledger:
 
     def dump_state(self) -> JsonObject:
         """Everything a restart needs, as JSON-ready values. The lock is held only
-        for shallow copies; records are never mutated in place after creation."""
+        for shallow copies (nested values are replaced, never changed in place;
+        retired blobs never change); retired records are thawed after it."""
         with self._lock:
-            return {
+            records: List[Union[JsonObject, _Retired]] = [
+                r if isinstance(r, _Retired) else _dump_record(r)
+                for r in self._reservations.values()
+            ]
+            state = {
                 "seq": self._seq,
                 "tenants": [dict(vars(t)) for t in self._tenants.values()],
                 "api_keys": {h: dict(vars(k)) for h, k in self._api_keys.items()},
                 "budgets": [dict(vars(b)) for b in self._budgets.values()],
-                "reservations": [_dump_record(r) for r in self._reservations.values()],
                 "idempotency": [
                     [list(slot), stored.payload_hash, stored.status, stored.body_json]
                     for slot, stored in self._idempotency.items() if isinstance(stored, _Stored)
@@ -1278,6 +1282,8 @@ class _Ledger:
                 "events": list(self._events.values()),
                 "prune_queue": list(self._prune_queue),
             }
+        state["reservations"] = [r if isinstance(r, dict) else _dump_record(r) for r in records]
+        return state
 
     def load_state(self, saved: JsonObject) -> None:
         """Replace the ledger with a dump_state() document (raises on a bad one)."""
@@ -1397,14 +1403,17 @@ class _Ledger:
             self._by_tenant[reservation.tenant].rows[reservation.seq] = retired
             if create is not None:
                 self._idempotency[create] = retired
-        if len(self._expiry_heap) > 4 * len(self._reservations) // 3 + 4096:
-            self._compact_expiry_heap()
+        if len(self._expiry_heap) > 4096 and pending:
+            active = [rows.rows[seq] for rows in self._by_tenant.values()
+                      for seq in rows.by_status["ACTIVE"]]
+            if len(self._expiry_heap) > 2 * len(active) + 4096:
+                self._compact_expiry_heap(active)
 
-    def _compact_expiry_heap(self) -> None:
+    def _compact_expiry_heap(self, active: List[_Record]) -> None:
         """Drop the entries of reservations no longer active (amortized O(1))."""
         self._expiry_heap = [
             (r.expires_at_ms + r.grace_ms, r.seq, r.reservation_id)
-            for r in self._reservations.values() if isinstance(r, _Reservation)
+            for r in active if isinstance(r, _Reservation)
         ]
         heapq.heapify(self._expiry_heap)
 
@@ -3711,7 +3720,7 @@ class _Handler(BaseHTTPRequestHandler):
             method=self.command,
             path=split.path,
             query={name: values[0] for name, values in request.query.items()},
-            headers=dict(headers),
+            headers=headers,  # shared with the request: never changed after parsing
             raw_body=b"",
             status=None,
             response_raw=b"",
@@ -4332,6 +4341,8 @@ class LocalCyclesServer:
 
 
 _BUDGET_OPTIONS = ("overdraft_limit", "debt", "spent")
+# nobody inspects a command-line server's request log: keep it small
+_CLI_LOGGED_REQUESTS = 1000
 _TENANT_OPTIONS = ("default_ttl_ms", "max_ttl_ms", "default_grace_ms", "max_extensions")
 # the spec's ranges for the reservation policy settings
 _POLICY_RANGES = {
@@ -4453,7 +4464,8 @@ def _cli_parser() -> Any:
     add("--max-body-bytes", type=int, metavar="N",
         help=f"larger request bodies get 413 (default {MAX_BODY_BYTES})")
     add("--max-logged-requests", type=int, metavar="N",
-        help=f"requests kept in memory for inspection (default {MAX_LOGGED_REQUESTS})")
+        help=f"requests kept in memory (default here {_CLI_LOGGED_REQUESTS}; "
+             f"LocalCyclesServer keeps {MAX_LOGGED_REQUESTS} for tests to inspect)")
     add("--quiet", action="store_true", help="do not log requests")
     add("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate chain")
     add("--tls-key", metavar="PEM", help="private key for --tls-cert")
@@ -4500,6 +4512,7 @@ def _build_from_cli(argv: Optional[Sequence[str]], stream: IO[str]) -> LocalCycl
     for name in _PLAIN_FLAGS:
         if getattr(args, name) is not None:
             config[name] = getattr(args, name)
+    config.setdefault("max_logged_requests", _CLI_LOGGED_REQUESTS)
     try:
         _check_policy_ranges(config, "settings")
     except ValueError as exc:
