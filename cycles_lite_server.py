@@ -78,6 +78,16 @@ Choices where the spec is silent (the reference server's, "[R]", unless noted):
 * A tenant status of ``MALFORMED`` simulates an unreadable tenant record:
   every guarded call (reserve, dry-run, decide, commit, release, extend,
   event) fails closed with 500; reads still work (this server's own hook).
+* Finalized and expired reservations, idempotency records and events are
+  kept ``retention_s`` (24 h) of server clock, then pruned; afterwards a
+  get is 404 and a replayed key is new. JSON nested deeper than 64 levels
+  is 400. A request that fails after validation undoes every change (500).
+
+All-day use (this server's own): ``/actuator/health``; the governance-admin
+subset (tenants create/get/list; budgets create/list/lookup/fund/freeze/
+unfreeze; api-keys create/list/revoke) behind ``X-Admin-API-Key``, choices
+listed in the README; idle/read timeouts and a connection cap; ``--state``
+persistence (see _StateFile; components add sections to ``_state_sections``).
 """
 
 from __future__ import annotations
