@@ -3753,7 +3753,8 @@ class _Handler(BaseHTTPRequestHandler):
             entry.status = response.status
             entry.tenant = response.tenant
             entry.response_raw = response.payload()[:MAX_LOGGED_BODY_BYTES]
-            details = _log_details(route, request, response)
+            if owner._log_stream is not None:
+                details = _log_details(route, request, response)
         owner._record(entry, (time.perf_counter() - started) * 1000.0, details)
         if response is None:
             self.close_connection = True
