@@ -868,22 +868,44 @@ class _Retired:
 
     __slots__ = ("blob", "create_slot", "reservation_id", "seq", "status", "tenant")
 
-    def __init__(self, reservation: _Reservation, stored: List[Tuple[_Slot, _Stored]],
-                 create_slot: Optional[_Slot]) -> None:
-        self.seq = reservation.seq
-        self.reservation_id = reservation.reservation_id
-        self.tenant = reservation.tenant
-        self.status = reservation.status
+    def __init__(self, seq: int, reservation_id: str, tenant: str, status: str,
+                 create_slot: Optional[_Slot], blob: bytes) -> None:
+        self.seq = seq
+        self.reservation_id = reservation_id
+        self.tenant = tenant
+        self.status = status
         self.create_slot = create_slot
+        self.blob = blob
+
+    @classmethod
+    def of(cls, reservation: _Reservation, stored: List[Tuple[_Slot, _Stored]],
+           create_slot: Optional[_Slot]) -> _Retired:
         fields = _record_fields(reservation)
         records = [[list(slot), s.payload_hash, s.status, s.body_json] for slot, s in stored]
-        self.blob = _compress(json.dumps([fields, records], separators=(",", ":")))
+        blob = _compress(json.dumps([fields, records], separators=(",", ":")))
+        return cls(reservation.seq, reservation.reservation_id, reservation.tenant,
+                   reservation.status, create_slot, blob)
 
     def thaw(self) -> Tuple[_Reservation, Dict[_Slot, _Stored]]:
         fields, records = json.loads(_decompress(self.blob))
         stored = {_slot(slot): _Stored(digest, status, body)
                   for slot, digest, status, body in records}
         return _reservation_from(fields), stored
+
+    def dump(self) -> List[Any]:
+        """For the state file: the blob as it is (the preset dictionary never changes)."""
+        return [self.seq, self.reservation_id, self.tenant, self.status,
+                list(self.create_slot) if self.create_slot else None,
+                base64.b64encode(self.blob).decode("ascii")]
+
+    @classmethod
+    def load(cls, saved: Sequence[Any]) -> _Retired:
+        seq, reservation_id, tenant, status, create_slot, blob = saved
+        if status not in RESERVATION_STATUSES or status == "ACTIVE":
+            raise ValueError(f"retired reservation {reservation_id} has status {status!r}")
+        return cls(int(seq), str(reservation_id), str(tenant), str(status),
+                   _slot(create_slot) if create_slot else None,
+                   base64.b64decode(str(blob), validate=True))
 
 
 _Record = Union[_Reservation, _Retired]
@@ -910,21 +932,23 @@ _ZDICT: List[bytes] = []
 
 
 def _zdict() -> bytes:
-    """A preset dictionary for _Retired blobs: one typical lifecycle, so that a blob
-    holds little more than its ids, times and amounts."""
+    """The preset dictionary of _Retired blobs: one typical lifecycle, so a blob
+    holds little more than its ids, times and amounts. Blobs are saved as they are
+    in --state files: never change this, or old files stop loading."""
     if not _ZDICT:
-        amount = {"unit": DEFAULT_UNIT, "amount": 0}
+        amount = {"unit": "USD_MICROCENTS", "amount": 0}
         balance = {"scope": "tenant", "scope_path": "tenant:", "remaining": amount,
                    "reserved": amount, "spent": amount, "allocated": amount}
-        reservation = _Reservation(
-            reservation_id="", seq=0, tenant="", subject={"tenant": ""},
-            action={"kind": "", "name": ""}, unit=DEFAULT_UNIT, amount=0,
-            overage_policy=DEFAULT_OVERAGE_POLICY, idempotency_key="", metadata=None,
-            grace_ms=DEFAULT_GRACE_MS, created_at_ms=0, expires_at_ms=0, scope_path="tenant:",
-            affected_scopes=["tenant:"], budget_keys=[("tenant:", DEFAULT_UNIT)],
-            max_extensions=DEFAULT_MAX_EXTENSIONS, status="COMMITTED", finalized_at_ms=0,
-            committed=0, finalized_by="api_key",
-        )
+        fields = {
+            "reservation_id": "", "seq": 0, "tenant": "", "subject": {"tenant": ""},
+            "action": {"kind": "", "name": ""}, "unit": "USD_MICROCENTS", "amount": 0,
+            "overage_policy": "ALLOW_IF_AVAILABLE", "idempotency_key": "", "metadata": None,
+            "grace_ms": 5000, "created_at_ms": 0, "expires_at_ms": 0, "scope_path": "tenant:",
+            "affected_scopes": ["tenant:"], "budget_keys": [["tenant:", "USD_MICROCENTS"]],
+            "max_extensions": 10, "status": "COMMITTED", "extension_count": 0,
+            "finalized_at_ms": 0, "committed": 0, "committed_metadata": None,
+            "finalized_by": "api_key", "release_reason": None, "slots": [],
+        }
         bodies = [
             {"decision": "ALLOW", "reservation_id": "", "reserved": amount, "expires_at_ms": 0,
              "remaining_ttl_ms": 0, "scope_path": "tenant:", "affected_scopes": ["tenant:"],
@@ -933,7 +957,7 @@ def _zdict() -> bytes:
              "balances": [balance]},
             {"status": "RELEASED", "released": amount, "balances": [balance]},
         ]
-        text = json.dumps([_record_fields(reservation), [
+        text = json.dumps([fields, [
             [["", op, "", ""], "", 200, json.dumps(body, separators=(",", ":"))]
             for op, body in zip(("create", "commit", "release"), bodies)
         ]], separators=(",", ":"))
@@ -1276,11 +1300,11 @@ class _Ledger:
         for shallow copies (nested values are replaced, never changed in place;
         retired blobs never change); retired records are thawed after it."""
         with self._lock:
-            records: List[Union[JsonObject, _Retired]] = [
-                r if isinstance(r, _Retired) else _dump_record(r)
-                for r in self._reservations.values()
-            ]
             state = {
+                "reservations": [_dump_record(r) for r in self._reservations.values()
+                                 if isinstance(r, _Reservation)],
+                "retired": [r.dump() for r in self._reservations.values()
+                            if isinstance(r, _Retired)],
                 "seq": self._seq,
                 "tenants": [dict(vars(t)) for t in self._tenants.values()],
                 "api_keys": {h: dict(vars(k)) for h, k in self._api_keys.items()},
@@ -1292,7 +1316,6 @@ class _Ledger:
                 "events": list(self._events.values()),
                 "prune_queue": list(self._prune_queue),
             }
-        state["reservations"] = [r if isinstance(r, dict) else _dump_record(r) for r in records]
         return state
 
     def load_state(self, saved: JsonObject) -> None:
@@ -1310,9 +1333,13 @@ class _Ledger:
                 self._units_by_scope.setdefault(budget.scope, set()).add(budget.unit)
             self._reservations, self._by_tenant, self._expiry_heap = {}, {}, []
             self._idempotency = {}
+            for saved_record in saved["retired"]:
+                retired = _Retired.load(saved_record)
+                self._reservations[retired.reservation_id] = retired
+                self._by_tenant.setdefault(retired.tenant, _TenantRows()).add(retired)
+                if retired.create_slot is not None:
+                    self._idempotency[retired.create_slot] = retired
             for fields in saved["reservations"]:
-                for slot, digest, status, body in fields.pop("stored", []):
-                    self._idempotency[_slot(slot)] = _Stored(str(digest), int(status), str(body))
                 reservation = _reservation_from(fields)
                 if any(key not in self._budgets for key in reservation.budget_keys):
                     raise ValueError(f"reservation {reservation.reservation_id} has no budget")
@@ -1330,6 +1357,9 @@ class _Ledger:
                 (int(at), str(kind), key) for at, kind, key in saved["prune_queue"]
             )
             self._seq = max([int(saved["seq"])] + [r.seq for r in self._reservations.values()])
+            for retired_record in self._reservations.values():  # every blob must open
+                if isinstance(retired_record, _Retired):
+                    retired_record.thaw()
             self.check_invariants()
 
     # -- authentication --------------------------------------------------------
@@ -1407,8 +1437,8 @@ class _Ledger:
             stored = [(slot, self._idempotency.pop(slot)) for slot in reservation.slots
                       if slot in self._idempotency]
             create = next((slot for slot, _ in stored if slot[1] == "create"), None)
-            retired = _Retired(reservation, [(k, v) for k, v in stored
-                                             if isinstance(v, _Stored)], create)
+            retired = _Retired.of(reservation, [(k, v) for k, v in stored
+                                                if isinstance(v, _Stored)], create)
             self._reservations[reservation.reservation_id] = retired
             self._by_tenant[reservation.tenant].rows[reservation.seq] = retired
             if create is not None:
@@ -2023,15 +2053,8 @@ class _Ledger:
         self._set_status(reservation, "EXPIRED")
 
 
-def _dump_record(record: _Record) -> JsonObject:
-    """A reservation for the state file; a retired one carries its idempotency records."""
-    if isinstance(record, _Reservation):
-        return dict(_record_fields(record), slots=list(record.slots))
-    reservation, stored = record.thaw()
-    fields = _record_fields(reservation)
-    fields["stored"] = [[list(slot), s.payload_hash, s.status, s.body_json]
-                        for slot, s in stored.items()]
-    return fields
+def _dump_record(reservation: _Reservation) -> JsonObject:
+    return dict(_record_fields(reservation), slots=list(reservation.slots))
 
 
 def _slot(saved: Sequence[Any]) -> _Slot:
