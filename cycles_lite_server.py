@@ -3776,6 +3776,8 @@ class _Handler(BaseHTTPRequestHandler):
             entry.status = response.status
             entry.tenant = response.tenant
             entry.response_raw = response.payload()[:MAX_LOGGED_BODY_BYTES]
+            if route is not None and route.admin_operation == "createApiKey":
+                entry.response_raw = b""  # it holds the only copy of the new key's secret
             if owner._log_stream is not None:
                 details = _log_details(route, request, response)
         owner._record(entry, (time.perf_counter() - started) * 1000.0, details)
