@@ -732,6 +732,8 @@ class TestAdminApiKeys(AdminCase):
         secret = created["key_secret"]
         self.assertTrue(secret.startswith("cyc_test_") and len(secret) == 41)
         self.assertTrue(secret.startswith(created["key_prefix"]))
+        logged = b"".join(r.response_raw + r.raw_body for r in self.srv.requests)
+        self.assertNotIn(secret.encode(), logged)
         self.assertIn("reservations:create", created["permissions"])
         status, _, body = call(self.srv, "POST", "/v1/reservations", reserve_body("r1"),
                                key=secret)
