@@ -882,12 +882,12 @@ class _Retired:
            create_slot: Optional[_Slot]) -> _Retired:
         fields = _record_fields(reservation)
         records = [[list(slot), s.payload_hash, s.status, s.body_json] for slot, s in stored]
-        blob = _compress(json.dumps([fields, records], separators=(",", ":")))
+        blob = _deflate_text(json.dumps([fields, records], separators=(",", ":")))
         return cls(reservation.seq, reservation.reservation_id, reservation.tenant,
                    reservation.status, create_slot, blob)
 
     def thaw(self) -> Tuple[_Reservation, Dict[_Slot, _Stored]]:
-        fields, records = json.loads(_decompress(self.blob))
+        fields, records = json.loads(_inflate_text(self.blob))
         stored = {_slot(slot): _Stored(digest, status, body)
                   for slot, digest, status, body in records}
         return _reservation_from(fields), stored
@@ -965,14 +965,14 @@ def _zdict() -> bytes:
     return _ZDICT[0]
 
 
-def _compress(text: str) -> bytes:
+def _deflate_text(text: str) -> bytes:
     import zlib
 
     packer = zlib.compressobj(6, zlib.DEFLATED, -15, 8, zlib.Z_DEFAULT_STRATEGY, _zdict())
     return packer.compress(text.encode("utf-8")) + packer.flush()
 
 
-def _decompress(blob: bytes) -> str:
+def _inflate_text(blob: bytes) -> str:
     import zlib
 
     unpacker = zlib.decompressobj(-15, _zdict())
