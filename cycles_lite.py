@@ -3635,14 +3635,14 @@ def _parse_jwk(entry: Any) -> _Jwk | str:
     kid, nbf, exp = entry.get("kid"), entry.get("cycles_nbf_ms"), entry.get("cycles_exp_ms")
     if not isinstance(kid, str) or not kid:
         return "no kid"
-    if not _is_int(nbf, INT64_MIN, INT64_MAX):
+    if isinstance(nbf, bool) or not isinstance(nbf, int):
         return "cycles_nbf_ms missing or not an integer"
-    if exp is not None and not _is_int(exp, INT64_MIN, INT64_MAX):
+    if exp is not None and (isinstance(exp, bool) or not isinstance(exp, int)):
         return "cycles_exp_ms not an integer"
     key = _base64url_key(entry.get("x"))
     if key is None:
         return "x is not the base64url of 32 bytes"
-    return _Jwk(kid, key, int(nbf), exp)
+    return _Jwk(kid, key, nbf, exp)
 
 
 def _base64url_key(text: Any) -> bytes | None:
