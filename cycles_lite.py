@@ -31,7 +31,8 @@ or network errors; they raise ``ValueError`` for invalid input::
 
 Command line: ``python -m cycles_lite COMMAND`` with ``check``, ``balances``,
 ``reservations``, ``reservation ID``, ``release ID`` and ``recover`` (settle what the
-commit journal holds after a crash or an outage).
+commit journal holds after a crash or an outage), and ``verify-evidence FILE|ID``
+(``verify_evidence``: signed CyclesEvidence checked offline, standard library only).
 """
 
 from __future__ import annotations

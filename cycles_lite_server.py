@@ -75,6 +75,11 @@ Choices where the spec is silent (the reference server's, "[R]", unless noted):
   to the tenant, filters, windows and sort (not ``include``); balances
   cursors are bound to their filters. Without ``sort_by`` the list is
   newest first.
+* Evidence (``evidence=True``, off by default): signed synchronously, so
+  ``GET /v1/evidence/{id}`` never answers a transient 404; the signer is
+  ``did:cycles:<sha256(server_id)>#<kid>`` with ``server_id`` = ``{url}/v1``;
+  ``error`` evidence only for denials reached after evaluation (409/410
+  budget and lifecycle codes), none for validation, auth or lookup errors.
 * A tenant status of ``MALFORMED`` simulates an unreadable tenant record:
   every guarded call (reserve, dry-run, decide, commit, release, extend,
   event) fails closed with 500; reads still work (this server's own hook).
