@@ -2495,12 +2495,13 @@ def _load_keyring_file(path: str, now_ms: int) -> _Keyring:
     """The keyring in ``path``; a missing file gets a fresh one, written owner-only."""
     try:
         with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
+            return _Keyring.from_dict(json.load(handle), now_ms)
     except FileNotFoundError:
         ring = _Keyring.generate(now_ms)
         _save_keyring_file(path, ring)
         return ring
-    return _Keyring.from_dict(data, now_ms)
+    except ValueError as error:
+        raise ValueError(f"evidence key file {path}: {error}") from None
 
 
 def _save_keyring_file(path: str, ring: _Keyring) -> None:
@@ -2510,6 +2511,8 @@ def _save_keyring_file(path: str, ring: _Keyring) -> None:
     with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
         json.dump(ring.to_dict(private=True), handle, indent=2)
         handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(temporary, path)
 
 
@@ -3091,7 +3094,8 @@ class LocalCyclesServer:
             self.clock, default_ttl_ms, max_ttl_ms, default_grace_ms, max_extensions,
             default_overage_policy,
         )
-        self._evidence = self._evidence_log(evidence_key) if evidence else None
+        enabled = evidence or evidence_key is not None
+        self._evidence = self._evidence_log(evidence_key) if enabled else None
         self._api = _Api(self._ledger, self._evidence)
         self._faults = _FaultRegistry()
         self._log_lock = threading.Lock()
@@ -3323,8 +3327,8 @@ class LocalCyclesServer:
     # -- evidence ----------------------------------------------------------------
 
     def _evidence_log(self, key: Union[str, Mapping[str, Any], None]) -> _EvidenceLog:
-        """Signed evidence (``evidence=True``): ``evidence_key`` is a keyring file (created
-        if missing), a keyring dict from ``evidence_keys()``, or None for a fresh key."""
+        """Signed evidence (``evidence=True``, implied by ``evidence_key``): the key is a
+        keyring file (created if missing), a dict from ``evidence_keys()``, or None (fresh)."""
         now = self.clock.now_ms()
         if isinstance(key, str):
             keyring = _load_keyring_file(key, now)
@@ -3479,6 +3483,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"cycles_lite_server: cannot listen: {exc}", file=sys.stderr)
         return 2
     print(f"Cycles local server listening on {server.url} (Ctrl-C to stop)", flush=True)
+    if server._evidence is not None:
+        kid = server.evidence_keys()["keys"][-1]["kid"]
+        print(f"Signing CyclesEvidence with key {kid}: {server.url}/v1{JWKS_PATH}", flush=True)
     try:
         while True:
             time.sleep(3600)

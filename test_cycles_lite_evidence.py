@@ -972,6 +972,16 @@ class TestKeyring(unittest.TestCase):
         plain = server_module._build_from_cli(["--port", "0"], io.StringIO())
         with self.assertRaises(RuntimeError):
             plain.evidence_keys()
+        implied = LocalCyclesServer(evidence_key=srv.evidence_keys(private=True))
+        self.assertEqual(implied.evidence_keys(), srv.evidence_keys())
+        with tempfile.TemporaryDirectory() as tmp:
+            garbage = os.path.join(tmp, "key.json")
+            with open(garbage, "w", encoding="utf-8") as handle:
+                handle.write("not json")
+            with self.assertRaisesRegex(ValueError, "^evidence key file .*key.json: "):
+                server_module._build_from_cli(
+                    ["--port", "0", "--evidence-key", garbage], io.StringIO()
+                )
 
 
 # ---------------------------------------------------------------------------
