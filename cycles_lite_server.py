@@ -2611,9 +2611,11 @@ class _EvidenceLog:
         import hashlib
 
         server_id = self._server_id()
-        issued_at = max(self._clock.now_ms(), self._last_issued_ms)
-        self._last_issued_ms = issued_at
         key = self._keyring.active
+        # Never before the last envelope nor before the active key's window (a rotation
+        # may have started it 1 ms ahead of a frozen or coarse clock).
+        issued_at = max(self._clock.now_ms(), self._last_issued_ms, key.nbf_ms)
+        self._last_issued_ms = issued_at
         if key.private is None:  # pragma: no cover - the keyring always holds one
             raise RuntimeError("no active evidence signing key")
         server_hash = hashlib.sha256(server_id.encode("utf-8")).hexdigest()

@@ -859,6 +859,18 @@ class TestServerEvidence(ServerCase):
         commit = self.assert_authentic(client, committed.body["cycles_evidence"], "commit")
         self.assertTrue(commit["signer_did"].endswith("#" + new_kid))
 
+    def test_rotation_under_a_frozen_clock(self) -> None:
+        client = self.client()
+        self.srv.clock.freeze()
+        self.addCleanup(self.srv.clock.unfreeze)
+        created = client.create_reservation(create_body())
+        self.srv.rotate_evidence_key()
+        released = client.release_reservation(
+            created.body["reservation_id"], {"idempotency_key": "r"}
+        )
+        self.assert_authentic(client, created.body["cycles_evidence"], "reserve")
+        self.assert_authentic(client, released.body["cycles_evidence"], "release")
+
     def test_fetch_failures_are_resolution_failures(self) -> None:
         client = self.client()
         evidence_id = client.create_reservation(create_body()).body["cycles_evidence"][
