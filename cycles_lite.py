@@ -3595,7 +3595,7 @@ def _did_cycles_kid(signer: str, server_id: str, key_set: Any) -> str:
             "signer_did is neither a raw-hex key nor a did:cycles DID: cannot be resolved",
         )
     server_hash, sep, kid = signer[len(_DID_CYCLES_PREFIX) :].partition("#")
-    if not sep or not kid or not _is_hex(server_hash, 64):
+    if not sep or not kid or not server_hash:
         raise _Verdict(SIGNER_RESOLUTION_FAILED, "malformed did:cycles signer_did")
     if key_set is None:
         raise _Verdict(SIGNER_RESOLUTION_FAILED, "a did:cycles signer needs the server's JWK Set")

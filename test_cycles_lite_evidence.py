@@ -522,6 +522,8 @@ class TestDispositions(unittest.TestCase):
         self.check(verify_evidence(foreign, jwks=keys), cl.SIGNER_AUTHORITY_FAILED, "server_id")
         slash = envelope(signer_did=did("k1", SERVER_ID + "/"))  # no URL normalisation
         self.check(verify_evidence(slash, jwks=keys), cl.SIGNER_AUTHORITY_FAILED)
+        upper = envelope(signer_did=did("k1").replace(server_hash(), server_hash().upper()))
+        self.check(verify_evidence(upper, jwks=keys), cl.SIGNER_AUTHORITY_FAILED)
 
     def test_authority_failures(self) -> None:
         keys = {"keys": [jwk(KEY_B, "k2")]}
