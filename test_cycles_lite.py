@@ -106,6 +106,8 @@ EXTRA_NAMES = {
     "RecoverySummary",
     "flush",
     "aflush",
+    "EvidenceVerification",
+    "verify_evidence",
 }
 
 ERROR_STATUS = {
