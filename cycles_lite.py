@@ -2440,6 +2440,7 @@ async def _perform_async(
 # ---------------------------------------------------------------------------
 
 _HEAD_LIMIT = 64 * 1024  # the longest response head (status line and headers) accepted
+_IDLE_EXPIRY = 5.0  # seconds an idle connection beyond pool_maxsize is kept (as httpx)
 
 
 class _RemoteDisconnected(ConnectionResetError):
@@ -2451,11 +2452,12 @@ class _MalformedResponse(OSError):
 
 
 class _AsyncConnection:
-    __slots__ = ("reader", "writer")
+    __slots__ = ("idle_since", "reader", "writer")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.idle_since = 0.0
 
     def dropped(self) -> bool:
         """An idle connection is unusable once the server closed it or sent unasked bytes."""
@@ -2512,6 +2514,7 @@ class _LoopPool:
         self.in_use = 0
         self.idle: List[_AsyncConnection] = []
         self.waiters: Deque[asyncio.Future[_AsyncConnection | None]] = collections.deque()
+        self._trim_timer: asyncio.TimerHandle | None = None
         self.closed = False
         self.shutdown_hook: Any = _close_at_loop_shutdown(self) if hook else None
         if self.shutdown_hook is not None:
@@ -2553,11 +2556,23 @@ class _LoopPool:
                 waiter.set_result(conn)
                 return
         self.in_use -= 1
-        if conn is not None:
-            if len(self.idle) < self.max_idle:
-                self.idle.append(conn)
-            else:
-                conn.close()
+        if conn is None:
+            return
+        conn.idle_since = time.monotonic()
+        self.idle.append(conn)
+        if len(self.idle) > self.max_idle and self._trim_timer is None:
+            self._trim_timer = self.loop.call_later(_IDLE_EXPIRY, self._trim)
+
+    def _trim(self) -> None:
+        """Idle connections beyond ``max_idle`` close once idle for ``_IDLE_EXPIRY``: a
+        burst keeps its connections for the calls' next requests, a quiet pool shrinks."""
+        self._trim_timer = None
+        expired = time.monotonic() - _IDLE_EXPIRY
+        while len(self.idle) > self.max_idle and self.idle[0].idle_since <= expired:
+            self.idle.pop(0).close()  # the oldest first
+        if len(self.idle) > self.max_idle:
+            wait = self.idle[0].idle_since + _IDLE_EXPIRY - time.monotonic()
+            self._trim_timer = self.loop.call_later(max(0.0, wait), self._trim)
 
     def take_idle(self) -> _AsyncConnection | None:
         """The most recently used idle connection still usable, if any."""
@@ -2576,6 +2591,9 @@ class _LoopPool:
     def close(self) -> None:
         """Close the idle connections; those in use are closed when their request ends."""
         self.closed = True
+        if self._trim_timer is not None:
+            self._trim_timer.cancel()
+            self._trim_timer = None
         self.discard_idle()
 
 

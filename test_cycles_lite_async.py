@@ -444,6 +444,26 @@ class TestConnectionCap(AsyncServerCase):
 
         self.assertTrue(run(scenario).is_success)
 
+    def test_a_burst_keeps_its_connections_then_the_pool_shrinks_to_pool_maxsize(self) -> None:
+        client = self.new_client(max_connections=6, pool_maxsize=2)
+        self.srv.inject("balances", "delay", delay_ms=30, times=6)
+        before = self.srv.connections_accepted
+
+        async def scenario() -> List[int]:
+            sizes = []
+            with mock.patch.object(cl, "_IDLE_EXPIRY", 0.05):
+                await asyncio.gather(*(client.get_balances(tenant=TENANT) for _ in range(6)))
+                pool = client._transport._pool()
+                sizes.append(len(pool.idle))  # all kept for the burst's next requests
+                await asyncio.gather(*(client.get_balances(tenant=TENANT) for _ in range(6)))
+                await asyncio.sleep(0.2)
+                sizes.append(len(pool.idle))  # idle beyond pool_maxsize expired
+            await client.aclose()
+            return sizes
+
+        self.assertEqual(run(scenario), [6, 2])
+        self.assertEqual(self.srv.connections_accepted - before, 6)
+
     def test_max_connections_is_validated_and_read_from_the_environment(self) -> None:
         with self.assertRaisesRegex(ValueError, "max_connections"):
             self.config(max_connections=0)
