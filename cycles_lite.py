@@ -2952,10 +2952,9 @@ async def _read_chunked(reader: asyncio.StreamReader, watchdog: _Watchdog) -> by
     while True:
         line = await watchdog.step(reader.readuntil, b"\r\n")
         size_text = line.split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise _MalformedResponse(f"bad chunk size: {size_text[:40]!r}") from None
+        if not size_text or size_text.strip(b"0123456789abcdefABCDEF"):
+            raise _MalformedResponse(f"bad chunk size: {size_text[:40]!r}")
+        size = int(size_text, 16)
         if size == 0:
             break
         total += size

@@ -276,6 +276,51 @@ class TestAsyncTransport(AsyncServerCase):
         run(scenario)
 
 
+class TestResponseFraming(unittest.TestCase):
+    """Answers the local server never sends (it always sends Content-Length), from a stub."""
+
+    ANSWERS = {
+        "chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   b"4;x=1\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\nTrailer: t\r\n\r\n",
+        "continue": b"HTTP/1.1 100 Continue\r\n\r\n"
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n{\"c\":3}",
+        "eof": b"HTTP/1.0 200 OK\r\n\r\n{\"b\":2}",
+        "bad-chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-4\r\nxxxx\r\n",
+        "not-http": b"SSH-2.0-OpenSSH\r\n\r\n",
+    }
+
+    def answer(self, kind: str) -> CyclesResponse:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(self.ANSWERS[kind])
+            writer.close()
+
+        async def scenario() -> CyclesResponse:
+            server = await asyncio.start_server(handle, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            client = AsyncCyclesClient(CyclesConfig(
+                base_url=f"http://127.0.0.1:{port}", api_key=API_KEY, journal_enabled=False))
+            try:
+                return await client.get_balances(tenant=TENANT)
+            finally:
+                await client.aclose()
+                server.close()
+                await server.wait_closed()
+
+        return run(scenario)
+
+    def test_chunked_interim_and_eof_framed_bodies(self) -> None:
+        self.assertEqual(self.answer("chunked").body, {"a": 1})
+        self.assertEqual(self.answer("continue").body, {"c": 3})
+        self.assertEqual(self.answer("eof").body, {"b": 2})
+
+    def test_malformed_framing_is_a_transport_error(self) -> None:
+        bad = self.answer("bad-chunk")
+        self.assertTrue(bad.is_transport_error)
+        self.assertIn("chunk size", bad.error_message or "")
+        self.assertTrue(self.answer("not-http").is_transport_error)
+
+
 class TestLoops(AsyncServerCase):
     def test_two_event_loops_in_turn_each_get_their_own_connections(self) -> None:
         client = self.new_client()
