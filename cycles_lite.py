@@ -2544,9 +2544,22 @@ def _perform(
     try:
         status, headers, body = transport.send(prepared, deadline)
     except Exception as exc:
-        _log.debug("%s %s failed: %s: %s", prepared.method, prepared.path, type(exc).__name__, exc)
+        if not _is_network_error(exc):  # a bug: its outcome is as unknown, but say so loudly
+            _log.error("%s %s failed: internal error", prepared.method, prepared.path, exc_info=exc)
+        else:
+            _log.debug(
+                "%s %s failed: %s: %s", prepared.method, prepared.path, type(exc).__name__, exc
+            )
         return CyclesResponse.transport_error(exc)
     return _read_response(status, headers, body)
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    """What a network, a TLS peer or an HTTP server can cause; anything else is a bug."""
+    http_client = sys.modules.get("http.client")
+    return isinstance(exc, OSError) or (
+        http_client is not None and isinstance(exc, http_client.HTTPException)
+    )
 
 
 # ===========================================================================
@@ -2708,11 +2721,24 @@ def _page(
             trace_id=response.trace_id,
         )
     cursor = response.get_body_attribute("next_cursor")
-    query = call.query or {}
     more = response.get_body_attribute("has_more") is not False
-    if more and isinstance(cursor, str) and cursor and cursor != query.get("cursor"):
+    if more and isinstance(cursor, str) and cursor:
         return [i for i in items if isinstance(i, dict)], call.with_cursor(cursor)
     return [i for i in items if isinstance(i, dict)], None
+
+
+def _refuse_repeated_cursor(call: _Call, followed: set[str]) -> None:
+    """Before fetching a page: a cursor followed already (A -> B -> A) means the server is
+    looping; end the iteration with CyclesProtocolError instead of looping for ever."""
+    cursor = (call.query or {}).get("cursor")
+    if cursor is None:
+        return
+    if cursor in followed:
+        raise CyclesProtocolError(
+            f"{call.operation} page failed: the server returned a cursor it had returned"
+            " before; stopping instead of looping"
+        )
+    followed.add(cursor)
 
 
 def _open_attempt_deadline(transport: _Transport, deadline: float | None) -> float | None:
@@ -2865,7 +2891,9 @@ class CyclesClient:
 
     def _pages(self, call: _Call, items_key: str) -> Iterator[dict[str, Any]]:
         next_call: _Call | None = call
+        followed: set[str] = set()
         while next_call is not None:
+            _refuse_repeated_cursor(next_call, followed)
             items, next_call = _page(next_call, self._call(next_call), items_key)
             yield from items
 
@@ -3020,7 +3048,9 @@ class AsyncCyclesClient:
 
     async def _pages(self, call: _Call, items_key: str) -> AsyncIterator[dict[str, Any]]:
         next_call: _Call | None = call
+        followed: set[str] = set()
         while next_call is not None:
+            _refuse_repeated_cursor(next_call, followed)
             items, next_call = _page(next_call, await self._call(next_call), items_key)
             for item in items:
                 yield item
