@@ -87,7 +87,8 @@ if TYPE_CHECKING:  # pragma: no cover
     _Check = Callable[[str, Any, bool], Any]
     _M = TypeVar("_M", bound="_Model")
     _T = TypeVar("_T")
-    _Guard = TypeVar("_Guard", bound="_Reservation")
+    _SyncGuard = TypeVar("_SyncGuard", bound="_SyncFace")
+    _AsyncGuard = TypeVar("_AsyncGuard", bound="_AsyncFace")
     _F = TypeVar("_F", bound=Callable[..., Any])
     # A lifecycle step generator: yields effects, receives their results, returns _T.
     _Steps = Generator["_Effect", Any, _T]
@@ -4483,7 +4484,7 @@ class _SyncFace(_Reservation):
     heartbeat and restore the context whatever happens on the way.
     """
 
-    def __enter__(self: _Guard) -> _Guard:
+    def __enter__(self: _SyncGuard) -> _SyncGuard:
         try:
             _drive(_sender(self._client), self._open_steps())
         except BaseException as exc:
@@ -4511,7 +4512,7 @@ class _AsyncFace(_Reservation):
 
     _is_async: ClassVar[bool] = True
 
-    async def __aenter__(self: _Guard) -> _Guard:
+    async def __aenter__(self: _AsyncGuard) -> _AsyncGuard:
         try:
             await _drive_async(self._client, self._open_steps())
         except BaseException as exc:
