@@ -278,7 +278,28 @@ class _MockCases:
 
 
 class TestSyncClientMock(_MockCases, unittest.TestCase):
-    pass
+    def test_a_mock_never_adopts_journal_records_of_other_processes(self) -> None:
+        import shutil
+        import tempfile
+
+        journal_dir = tempfile.mkdtemp(prefix="life-journal-")
+        self.addCleanup(shutil.rmtree, journal_dir, True)
+        config = mock_config(journal_enabled=True, journal_dir=journal_dir)
+        journal = cl._journal_for(config)
+        assert journal is not None
+        left = cl._PendingSettlement(
+            reservation_id="res-left-by-a-crash", base_url=config.base_url,
+            commit_body={"idempotency_key": "commit-left", "actual": {"unit": _UNIT,
+                                                                      "amount": 9}},
+            event_fallback_body=None, recorded_at_ms=0,
+        )
+        self.assertTrue(journal.write(left))
+        self.client._config = config
+        self.decorated()
+        self.assertTrue(cl.flush(5))
+        self.assertEqual([c.args[0] for c in self.client.commit_reservation.call_args_list],
+                         ["res-1"])
+        self.assertEqual(journal.pending_count(), 1)  # still there for a real client
 
 
 class TestAsyncClientMock(_MockCases, unittest.TestCase):
