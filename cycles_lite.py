@@ -3416,10 +3416,12 @@ async def _send_async(
 ) -> CyclesResponse:
     """One attempt through the async public method.
 
-    A create or an extend runs as its own task, awaited through ``asyncio.shield``: a
-    heartbeat stop waits for its extend instead of cutting it off, and a create whose
-    caller is cancelled finishes, and the reservation it made is released (shielded from
-    the cancellation: nobody will ever use it).
+    A create, an extend or a release runs as its own task, awaited through
+    ``asyncio.shield``: a heartbeat stop waits for its extend instead of cutting it off,
+    a release whose caller is cancelled still goes out, and so does a create, whose
+    reservation is then released (shielded from the cancellation: nobody will use it).
+    A commit is not shielded: an interrupted commit is handed to the settlement worker,
+    which resends it with the same key.
     """
     import asyncio
 
@@ -3430,7 +3432,7 @@ async def _send_async(
         if not inspect.isawaitable(result):
             _refuse_kind(effect, result, "async")
             return _response_of(effect, result)
-        if effect.operation not in ("create", "extend"):
+        if effect.operation not in _SHIELDED:
             return _response_of(effect, await result)
         task = asyncio.ensure_future(result)  # the task copies the context: _attempt with it
     finally:
@@ -3440,11 +3442,18 @@ async def _send_async(
     try:
         return _response_of(effect, await asyncio.shield(task))
     except asyncio.CancelledError:
+        _keep_running(task)
         task.add_done_callback(functools.partial(_release_orphan, client, effect))
         raise
 
 
-_orphan_releases: set[Any] = set()  # strong references to the running release tasks
+_SHIELDED = frozenset({"create", "extend", "release"})
+_shielded_tasks: set[Any] = set()  # strong references: tasks nobody awaits any more
+
+
+def _keep_running(task: Any) -> None:
+    _shielded_tasks.add(task)
+    task.add_done_callback(_shielded_tasks.discard)
 
 
 def _release_orphan(client: Any, create: _Send, task: Any) -> None:
@@ -3462,9 +3471,7 @@ def _release_orphan(client: Any, create: _Send, task: Any) -> None:
         return
     key = _derived_key("release", create.body.get("idempotency_key"))
     release = _release_body_steps(reservation_id, key, "cancelled_before_use")
-    orphan = asyncio.ensure_future(_drive_async(client, release))
-    _orphan_releases.add(orphan)
-    orphan.add_done_callback(_orphan_releases.discard)
+    _keep_running(asyncio.ensure_future(_drive_async(client, release)))
 
 
 class _TaskHeartbeat:

@@ -676,7 +676,7 @@ class TestInterrupts(_ServerCase):
                     if self.srv.requests_for("release"):
                         break
                     await asyncio.sleep(0.01)
-                while cl._orphan_releases:
+                while cl._shielded_tasks:
                     await asyncio.sleep(0.01)
             finally:
                 await client.aclose()
@@ -688,6 +688,31 @@ class TestInterrupts(_ServerCase):
         release = self.srv.requests_for("release")[0].body
         self.assertEqual(release["reason"], "cancelled_before_use")
         self.assertEqual(self.balance()["reserved"], 0)
+
+    def test_cancelling_an_async_release_in_flight_still_releases(self) -> None:
+        self.srv.inject("release", "delay", delay_ms=300)
+
+        async def scenario() -> None:
+            client = AsyncCyclesClient(self.config())
+            try:
+                async def work() -> None:
+                    async with client.reserve(10) as guard:
+                        await guard.release("not needed")
+
+                task = asyncio.ensure_future(work())
+                await asyncio.sleep(0.15)
+                task.cancel()
+                with self.assertRaises(asyncio.CancelledError):
+                    await task
+                self.assertIsNone(cl.get_cycles_context())
+                while cl._shielded_tasks:  # the release runs on
+                    await asyncio.sleep(0.01)
+            finally:
+                await client.aclose()
+
+        asyncio.run(scenario())
+        self.assertEqual(self.ops(), ["create", "release"])
+        self.assertEqual(self.last_reservation()["status"], "RELEASED")
 
     def test_a_bug_inside_the_transport_is_logged_at_error_and_settled_later(self) -> None:
         client = CyclesClient(self.config())
