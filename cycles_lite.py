@@ -3237,16 +3237,16 @@ def _invoke(client: Any, effect: _Send) -> Any:
     return method(effect.reservation_id, effect.body)
 
 
-def _refuse_kind(effect: _Send, result: Any, wanted: str) -> None:
+def _refuse_kind(effect: _Send, result: Any, is_async: bool) -> None:
     """An awaitable where an answer was due (or the reverse): a TypeError at the create,
     the first call; later (a duck with mixed methods) it counts as a bad answer."""
     if inspect.iscoroutine(result):
         result.close()  # never awaited: nothing was sent
     if effect.operation == "create":
+        kind, other = ("an async", "a sync") if is_async else ("a sync", "an async")
         raise _ClientMismatch(
-            f"{_PUBLIC_METHODS['create']}() returned {_type_name(result)}: a {wanted}"
-            " reservation needs a client whose methods are "
-            + ("async" if wanted == "async" else "not async")
+            f"{_PUBLIC_METHODS['create']}() returned {_type_name(result)}: {kind}"
+            f" reservation needs {kind} client, not {other} one"
         )
 
 
@@ -3288,7 +3288,7 @@ def _send_now(client: Any, effect: _Send, *, detached: bool = False) -> CyclesRe
         result = _invoke(client, effect)
         if inspect.isawaitable(result):
             if not detached:
-                _refuse_kind(effect, result, "sync")
+                _refuse_kind(effect, result, is_async=False)
                 return _response_of(effect, result)
             result = _run_to_completion(result)
         return _response_of(effect, result)
@@ -3394,7 +3394,7 @@ async def _perform_effect_async(
     if isinstance(effect, _Send):
         try:
             return await _send_async(client, effect, heartbeat)
-        except (_ClientMismatch, asyncio.CancelledError):
+        except _ClientMismatch:
             raise
         except Exception as exc:
             return _failed_send(effect, exc)
@@ -3430,7 +3430,7 @@ async def _send_async(
     try:
         result = _invoke(client, effect)
         if not inspect.isawaitable(result):
-            _refuse_kind(effect, result, "async")
+            _refuse_kind(effect, result, is_async=True)
             return _response_of(effect, result)
         if effect.operation not in _SHIELDED:
             return _response_of(effect, await result)

@@ -339,6 +339,18 @@ class TestClientKinds(unittest.TestCase):
             sync_fn()
         sync_mock.create_reservation.assert_not_called()
 
+    def test_an_unspecced_sync_mock_is_refused_by_an_async_function(self) -> None:
+        client = mock.MagicMock()
+        client.create_reservation.return_value = created()
+
+        @cycles(estimate=1, tenant="acme", client=client)
+        async def work() -> None:
+            pass
+
+        with self.assertRaisesRegex(TypeError, "an async reservation needs an async client"):
+            asyncio.run(work())
+        client.commit_reservation.assert_not_called()
+
     def test_a_duck_typed_client_is_accepted(self) -> None:
         calls: List[str] = []
 
@@ -383,7 +395,7 @@ class TestClientKinds(unittest.TestCase):
                 create_reservation
             )
 
-        with self.assertRaisesRegex(TypeError, "needs a client whose methods are not async"):
+        with self.assertRaisesRegex(TypeError, "a sync reservation needs a sync client"):
             with ReservationGuard(AsyncDuck(), 10, tenant="acme"):  # type: ignore[arg-type]
                 self.fail("the block must not run")
 
