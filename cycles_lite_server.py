@@ -75,6 +75,11 @@ Choices where the spec is silent (the reference server's, "[R]", unless noted):
   to the tenant, filters, windows and sort (not ``include``); balances
   cursors are bound to their filters. Without ``sort_by`` the list is
   newest first.
+* Evidence (``evidence=True``, off by default): signed synchronously, so
+  ``GET /v1/evidence/{id}`` never answers a transient 404; the signer is
+  ``did:cycles:<sha256(server_id)>#<kid>`` with ``server_id`` = ``{url}/v1``;
+  ``error`` evidence only for denials reached after evaluation (409/410
+  budget and lifecycle codes), none for validation, auth or lookup errors.
 * A tenant status of ``MALFORMED`` simulates an unreadable tenant record:
   every guarded call (reserve, dry-run, decide, commit, release, extend,
   event) fails closed with 500; reads still work (this server's own hook).
@@ -1686,8 +1691,9 @@ _INCLUDE_TOKENS = ("metadata", "committed_metadata", "evidence")
 class _Api:
     """Authenticates, validates and maps each endpoint onto the ledger."""
 
-    def __init__(self, ledger: _Ledger) -> None:
+    def __init__(self, ledger: _Ledger, evidence: Optional[_EvidenceLog] = None) -> None:
         self._ledger = ledger
+        self._evidence_log = evidence
 
     def handle(self, route: _Route, request: _Request) -> _Response:
         caller: Optional[_Caller] = None
@@ -1704,14 +1710,33 @@ class _Api:
                 return self._evidence(route, request)
             caller = self._authenticate(route.operation, request)
             outcome = self._dispatch(route, request, caller)
+            if self._evidence_log is not None:
+                self._stamp_evidence(route, request, caller, outcome.body)
             return _Response(
                 outcome.status, outcome.body, tenant=caller.tenant, applied=outcome.applied
             )
         except ApiError as error:
-            return _error_response(
+            response = _error_response(
                 error.status, error.code, error.message, request, error.details,
                 tenant=caller.tenant if caller else None,
             )
+            if self._evidence_log is not None and response.body is not None:
+                self._evidence_log.record_denial(
+                    route.operation, request, route, response.status, response.body
+                )
+            return response
+
+    def _stamp_evidence(
+        self, route: _Route, request: _Request, caller: _Caller, body: JsonObject
+    ) -> None:
+        """Evidence refs on a decide/reserve/commit/release answer and a reservation."""
+        evidence = self._evidence_log
+        if evidence is None:
+            return
+        if route.operation in _ARTIFACT_OF:
+            evidence.record_success(route.operation, request, caller, route, body)
+        elif route.operation == "get":
+            evidence.attach_refs([body])
 
     def _authenticate(self, operation: str, request: _Request) -> _Caller:
         api_key = request.headers.get("x-cycles-api-key")
@@ -1764,10 +1789,20 @@ class _Api:
         return ledger.extend(caller, reservation_id, body, digest)
 
     def _evidence(self, route: _Route, request: _Request) -> _Response:
+        evidence = self._evidence_log
         if route.operation == "evidence":
             if not _EVIDENCE_ID_RE.fullmatch(route.evidence_id or ""):
                 raise _invalid("evidence_id must be 64 lowercase hex characters")
-            message = "Evidence not found: this server does not emit CyclesEvidence"
+            envelope = evidence.envelope(route.evidence_id or "") if evidence else None
+            if envelope is not None:
+                headers = [("Cache-Control", "public, immutable")]
+                return _Response(200, raw=envelope, headers=headers)
+            message = "Evidence not found" if evidence else (
+                "Evidence not found: this server does not emit CyclesEvidence"
+            )
+        elif evidence is not None:
+            headers = [("Cache-Control", "public, max-age=60")]
+            return _Response(200, evidence.jwks(), headers=headers)
         else:
             message = "This server does not publish a CyclesEvidence JWK Set"
         return _error_response(404, "NOT_FOUND", message, request)
@@ -1822,6 +1857,8 @@ class _Api:
             include=include,
         )
         rows, last = self._ledger.list(query)
+        if "evidence" in include and self._evidence_log is not None:
+            self._evidence_log.attach_refs(rows)
         body: JsonObject = {"reservations": rows, "has_more": last is not None}
         if last is not None:
             body["next_cursor"] = _encode_cursor(binding, list(last))
@@ -2147,6 +2184,465 @@ def _status_fault_response(params: Mapping[str, Any], request: _Request) -> _Res
         )
     raw = body.encode("utf-8") if isinstance(body, str) else bytes(body)
     return _Response(status, raw=raw, headers=headers, content_type=content_type)
+
+
+# =============================================================================
+# Evidence: Ed25519-signed CyclesEvidence envelopes (cycles-evidence-v0.2)
+# =============================================================================
+# This server's own RFC 8785 canonicalisation and RFC 8032 signing, written
+# without cycles_lite's verifier, so that each checks the other. The keyring's
+# plain-dict form is the JWK Set (plus the active key's private "d" when asked):
+# retired keys stay in it, so envelopes signed before a rotation still verify.
+
+EVIDENCE_SCHEMA = "cycles-evidence/v0.1"
+JWKS_PATH = "/.well-known/cycles-jwks.json"
+_EVIDENCE_ENDPOINTS = {
+    "decide": "POST /v1/decide",
+    "create": "POST /v1/reservations",
+    "commit": "POST /v1/reservations/{reservation_id}/commit",
+    "release": "POST /v1/reservations/{reservation_id}/release",
+}
+_ARTIFACT_OF = {"decide": "decide", "create": "reserve", "commit": "commit", "release": "release"}
+# The attested response fields per artifact (the spec's response mirrors): transport
+# metadata such as remaining_ttl_ms and cycles_evidence is never signed.
+_ATTESTED_FIELDS = {
+    "decide": ("decision", "caps", "reason_code", "retry_after_ms", "affected_scopes"),
+    "reserve": (
+        "decision", "affected_scopes", "reservation_id", "reserved", "caps", "reason_code",
+        "retry_after_ms", "expires_at_ms", "scope_path", "balances",
+    ),
+    "commit": ("status", "charged", "released", "balances"),
+    "release": ("status", "released", "balances"),
+    "error": ("error", "message", "request_id", "trace_id", "details"),
+}
+# Denials reached after evaluation get `error` evidence; validation, auth and
+# lookup failures decided nothing, so there is nothing to attest.
+_ATTESTED_DENIALS = frozenset({
+    "BUDGET_EXCEEDED", "BUDGET_FROZEN", "BUDGET_CLOSED", "OVERDRAFT_LIMIT_EXCEEDED",
+    "DEBT_OUTSTANDING", "TENANT_CLOSED", "UNIT_MISMATCH", "RESERVATION_EXPIRED",
+    "RESERVATION_FINALIZED",
+})
+
+# -- RFC 8785 ------------------------------------------------------------------
+
+_JCS_SHORT_ESCAPES = {
+    '"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t",
+}
+
+
+def _canonical_bytes(value: Any) -> bytes:
+    """RFC 8785 (JCS): sorted keys by UTF-16 code units, ECMAScript numbers, UTF-8."""
+    return _canonical_text(value).encode("utf-8")
+
+
+def _canonical_text(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value) if abs(value) <= 2**53 else _ecmascript_number(float(value))
+    if isinstance(value, float):
+        return _ecmascript_number(value)
+    if isinstance(value, str):
+        return _canonical_string(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_canonical_text(item) for item in value) + "]"
+    if isinstance(value, dict):
+        members = sorted(value.items(), key=lambda item: item[0].encode("utf-16-be"))
+        return "{" + ",".join(
+            _canonical_string(name) + ":" + _canonical_text(member) for name, member in members
+        ) + "}"
+    raise ValueError(f"{type(value).__name__} has no JSON form")
+
+
+def _canonical_string(text: str) -> str:
+    out = ['"']
+    for char in text:
+        escaped = _JCS_SHORT_ESCAPES.get(char)
+        if escaped is not None:
+            out.append(escaped)
+        elif char < " ":
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(char)
+    out.append('"')
+    return "".join(out)
+
+
+def _ecmascript_number(value: float) -> str:
+    """Number.prototype.toString: the shortest round-trip digits, ES layout rules."""
+    import decimal
+    import math
+
+    if not math.isfinite(value):
+        raise ValueError("NaN and Infinity are not JSON")
+    if value == 0:
+        return "0"
+    sign = "-" if value < 0 else ""
+    parsed = decimal.Decimal(repr(abs(value))).normalize().as_tuple()
+    digits = "".join(map(str, parsed.digits))
+    exponent = int(parsed.exponent)
+    k, n = len(digits), len(digits) + exponent  # value = 0.digits * 10**n
+    if k <= n <= 21:
+        text = digits + "0" * (n - k)
+    elif 0 < n <= 21:
+        text = digits[:n] + "." + digits[n:]
+    elif -6 < n <= 0:
+        text = "0." + "0" * (-n) + digits
+    else:
+        mantissa = digits if k == 1 else digits[0] + "." + digits[1:]
+        text = mantissa + "e" + ("+" if n - 1 >= 0 else "-") + str(abs(n - 1))
+    return sign + text
+
+
+# -- RFC 8032 Ed25519 signing -----------------------------------------------------
+
+_FIELD = 2**255 - 19
+_GROUP_ORDER = 2**252 + 27742317777372353535851937790883648493
+_EDWARDS_D = -121665 * pow(121666, _FIELD - 2, _FIELD) % _FIELD
+_Edwards = Tuple[int, int, int, int]
+_base_doublings: List[_Edwards] = []
+_doublings_lock = threading.Lock()
+
+
+def _edwards_add(first: _Edwards, second: _Edwards) -> _Edwards:
+    """Unified extended-coordinates addition on -x^2 + y^2 = 1 + d x^2 y^2 (also doubles)."""
+    q = _FIELD
+    x1, y1, z1, t1 = first
+    x2, y2, z2, t2 = second
+    a = (y1 - x1) * (y2 - x2) % q
+    b = (y1 + x1) * (y2 + x2) % q
+    c = t1 * t2 % q * 2 * _EDWARDS_D % q
+    d = z1 * z2 * 2 % q
+    e, f, g, h = b - a, d - c, d + c, b + a
+    return e * f % q, g * h % q, f * g % q, e * h % q
+
+
+def _base_point_doublings() -> List[_Edwards]:
+    """2**i * B for i < 255 (a clamped scalar has bit 254 set), built on first use."""
+    with _doublings_lock:
+        if not _base_doublings:
+            q, d = _FIELD, _EDWARDS_D
+            y = 4 * pow(5, q - 2, q) % q
+            xx = (y * y - 1) * pow(d * y * y + 1, q - 2, q) % q
+            x = pow(xx, (q + 3) // 8, q)
+            if (x * x - xx) % q:
+                x = x * pow(2, (q - 1) // 4, q) % q
+            if x % 2:
+                x = q - x
+            point: _Edwards = (x, y, 1, x * y % q)
+            for _ in range(255):
+                _base_doublings.append(point)
+                point = _edwards_add(point, point)
+        return _base_doublings
+
+
+def _base_times(scalar: int) -> _Edwards:
+    total: _Edwards = (0, 1, 1, 0)
+    for bit, power in enumerate(_base_point_doublings()):
+        if scalar >> bit & 1:
+            total = _edwards_add(total, power)
+    return total
+
+
+def _compress(point: _Edwards) -> bytes:
+    q = _FIELD
+    x, y, z, _ = point
+    inverse = pow(z, q - 2, q)
+    x, y = x * inverse % q, y * inverse % q
+    return (y | (x & 1) << 255).to_bytes(32, "little")
+
+
+class _Ed25519Key:
+    """An Ed25519 private key from its 32-byte seed (RFC 8032 5.1.5)."""
+
+    def __init__(self, seed: bytes) -> None:
+        import hashlib
+
+        if len(seed) != 32:
+            raise ValueError("an Ed25519 seed is 32 bytes")
+        digest = hashlib.sha512(seed).digest()
+        self._scalar = int.from_bytes(digest[:32], "little") & ((1 << 254) - 8) | (1 << 254)
+        self._prefix = digest[32:]
+        self._seed = seed
+        self.public = _compress(_base_times(self._scalar))
+
+    def __repr__(self) -> str:
+        return f"_Ed25519Key(public={self.public.hex()})"  # never the seed
+
+    @property
+    def seed(self) -> bytes:
+        return self._seed
+
+    def sign(self, message: bytes) -> bytes:
+        """RFC 8032 5.1.6: deterministic R = [r]B, S = r + H(R, A, M) * s mod L."""
+        import hashlib
+
+        def reduced(data: bytes) -> int:
+            return int.from_bytes(hashlib.sha512(data).digest(), "little") % _GROUP_ORDER
+
+        r = reduced(self._prefix + message)
+        encoded_r = _compress(_base_times(r))
+        s = (r + reduced(encoded_r + self.public + message) * self._scalar) % _GROUP_ORDER
+        return encoded_r + s.to_bytes(32, "little")
+
+
+# -- the keyring -------------------------------------------------------------------
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
+
+
+def _b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass
+class _KeyEntry:
+    kid: str
+    public: bytes
+    nbf_ms: int
+    exp_ms: Optional[int] = None
+    private: Optional[_Ed25519Key] = field(default=None, repr=False)
+
+    def jwk(self, with_private: bool = False) -> JsonObject:
+        entry: JsonObject = {
+            "kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig", "kid": self.kid,
+            "x": _b64url(self.public), "cycles_nbf_ms": self.nbf_ms,
+            "cycles_exp_ms": self.exp_ms, "status": "active" if self.exp_ms is None else "retired",
+        }
+        if with_private and self.private is not None:
+            entry["d"] = _b64url(self.private.seed)
+        return entry
+
+
+class _Keyring:
+    """The signing keys: one active (open-ended window), the retired ones kept.
+
+    ``to_dict()`` is the public JWK Set; ``to_dict(private=True)`` adds the active
+    key's ``d`` (its seed). ``from_dict`` takes either: an active key without
+    ``d`` is retired at ``now_ms`` and a fresh key takes over.
+    """
+
+    def __init__(self, keys: List[_KeyEntry]) -> None:
+        self._keys = keys
+
+    @classmethod
+    def generate(cls, now_ms: int) -> _Keyring:
+        return cls([_new_key_entry(now_ms)])
+
+    @classmethod
+    def from_dict(cls, data: Any, now_ms: int) -> _Keyring:
+        if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+            raise ValueError("an evidence keyring is a JWK Set: {\"keys\": [...]}")
+        keys = [_key_entry_from_jwk(jwk) for jwk in data["keys"]]
+        active = [key for key in keys if key.exp_ms is None]
+        if len(active) > 1 or len({key.kid for key in keys}) != len(keys):
+            raise ValueError("an evidence keyring needs unique kids and one open-ended key")
+        ring = cls(keys)
+        if not active:
+            ring._keys.append(_new_key_entry(now_ms))
+        elif active[0].private is None:
+            ring.rotate(now_ms)
+        return ring
+
+    def to_dict(self, private: bool = False) -> JsonObject:
+        return {"keys": [key.jwk(with_private=private) for key in self._keys]}
+
+    @property
+    def active(self) -> _KeyEntry:
+        return self._keys[-1]
+
+    def rotate(self, at_ms: int) -> str:
+        """Retire the active key at ``at_ms`` (exclusive) and start a new one there."""
+        retiring = self.active
+        at_ms = max(at_ms, retiring.nbf_ms)
+        retiring.exp_ms = at_ms
+        retiring.private = None  # a retired key never signs again: forget its secret
+        self._keys.append(_new_key_entry(at_ms))
+        return self.active.kid
+
+
+def _new_key_entry(nbf_ms: int) -> _KeyEntry:
+    import hashlib
+
+    private = _Ed25519Key(os.urandom(32))
+    kid = hashlib.sha256(private.public).hexdigest()[:16]
+    return _KeyEntry(kid, private.public, nbf_ms, None, private)
+
+
+def _key_entry_from_jwk(jwk: Any) -> _KeyEntry:
+    if not isinstance(jwk, dict):
+        raise ValueError("every evidence key is a JSON object")
+    kid, x = jwk.get("kid"), jwk.get("x")
+    nbf, exp = jwk.get("cycles_nbf_ms"), jwk.get("cycles_exp_ms")
+    if not isinstance(kid, str) or not kid or not isinstance(x, str):
+        raise ValueError("every evidence key needs a kid and an x")
+    if not isinstance(nbf, int) or (exp is not None and not isinstance(exp, int)):
+        raise ValueError(f"evidence key {kid!r}: cycles_nbf_ms/cycles_exp_ms must be integers")
+    public = _b64url_decode(x)
+    private = None
+    if exp is None and isinstance(jwk.get("d"), str):
+        private = _Ed25519Key(_b64url_decode(jwk["d"]))
+        if private.public != public:
+            raise ValueError(f"evidence key {kid!r}: d does not match x")
+    return _KeyEntry(kid, public, int(nbf), None if exp is None else int(exp), private)
+
+
+def _load_keyring_file(path: str, now_ms: int) -> _Keyring:
+    """The keyring in ``path``; a missing file gets a fresh one, written owner-only."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return _Keyring.from_dict(json.load(handle), now_ms)
+    except FileNotFoundError:
+        ring = _Keyring.generate(now_ms)
+        _save_keyring_file(path, ring)
+        return ring
+    except ValueError as error:
+        raise ValueError(f"evidence key file {path}: {error}") from None
+
+
+def _save_keyring_file(path: str, ring: _Keyring) -> None:
+    """Atomically replace ``path`` with the keyring, private key included, mode 0600."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        json.dump(ring.to_dict(private=True), handle, indent=2)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+# -- the evidence log ----------------------------------------------------------------
+
+
+class _EvidenceLog:
+    """Signs, stores and serves envelopes; remembers the refs of each reservation.
+
+    A same-key replay gets the original envelope's ref (the attested response does
+    not change on replay), a new operation a new envelope.
+    """
+
+    def __init__(
+        self, keyring: _Keyring, clock: Clock, server_id: Callable[[], str],
+        key_file: Optional[str] = None,
+    ) -> None:
+        self._keyring = keyring
+        self._clock = clock
+        self._server_id = server_id
+        self._key_file = key_file
+        self._lock = threading.Lock()
+        self._envelopes: Dict[str, bytes] = {}
+        self._by_request: Dict[Tuple[str, ...], JsonObject] = {}
+        self._by_reservation: Dict[str, JsonObject] = {}
+        self._last_issued_ms = -1
+
+    # -- publishing --------------------------------------------------------------
+
+    def envelope(self, evidence_id: str) -> Optional[bytes]:
+        with self._lock:
+            return self._envelopes.get(evidence_id)
+
+    def jwks(self, private: bool = False) -> JsonObject:
+        with self._lock:
+            return self._keyring.to_dict(private)
+
+    def rotate(self) -> str:
+        with self._lock:
+            kid = self._keyring.rotate(max(self._clock.now_ms(), self._last_issued_ms + 1))
+            if self._key_file is not None:
+                _save_keyring_file(self._key_file, self._keyring)
+            return kid
+
+    def attach_refs(self, rows: Iterable[JsonObject]) -> None:
+        """Set ``evidence`` (ReservationEvidence) on reservation views that have any."""
+        with self._lock:
+            for row in rows:
+                refs = self._by_reservation.get(str(row.get("reservation_id")))
+                if refs:
+                    row["evidence"] = copy.deepcopy(refs)
+
+    # -- recording ---------------------------------------------------------------
+
+    def record_success(
+        self, operation: str, request: _Request, caller: _Caller, route: _Route, body: JsonObject
+    ) -> None:
+        """Stamp ``cycles_evidence`` on a successful decide/reserve/commit/release body."""
+        sent = _parse_json(request.raw_body)
+        artifact = _ARTIFACT_OF[operation]
+        reservation_id = route.reservation_id or str(body.get("reservation_id") or "")
+        replay_key = (
+            "" if route.reservation_id else str(caller.tenant), operation, reservation_id,
+            str(sent.get("idempotency_key")), _payload_hash(sent),
+        )
+        inner: JsonObject = {"request": sent, "response": _attested(artifact, body)}
+        if route.reservation_id is not None:
+            inner = {"reservation_id": route.reservation_id, **inner}
+        with self._lock:
+            ref = self._by_request.get(replay_key)
+            if ref is None:
+                ref = self._sign(artifact, {artifact: inner}, request.trace_id)
+                self._by_request[replay_key] = ref
+                if artifact != "decide" and reservation_id:
+                    self._by_reservation.setdefault(reservation_id, {})[artifact] = ref
+        body["cycles_evidence"] = copy.deepcopy(ref)
+
+    def record_denial(
+        self, operation: str, request: _Request, route: _Route, status: int, body: JsonObject
+    ) -> None:
+        """Stamp ``cycles_evidence`` on a denial reached after evaluation."""
+        if operation not in _EVIDENCE_ENDPOINTS or body.get("error") not in _ATTESTED_DENIALS:
+            return
+        inner: JsonObject = {"endpoint": _EVIDENCE_ENDPOINTS[operation], "http_status": status}
+        if route.reservation_id is not None:
+            inner["reservation_id"] = route.reservation_id
+        with contextlib.suppress(ValueError):
+            inner["request"] = _parse_json(request.raw_body)
+        inner["response"] = _attested("error", body)
+        with self._lock:
+            ref = self._sign("error", {"error": inner}, request.trace_id)
+        body["cycles_evidence"] = copy.deepcopy(ref)
+
+    def _sign(self, artifact: str, payload: JsonObject, trace_id: str) -> JsonObject:
+        """Build, hash, sign and store one envelope (lock held); its CyclesEvidenceRef."""
+        import hashlib
+
+        server_id = self._server_id()
+        key = self._keyring.active
+        # Never before the last envelope nor before the active key's window (a rotation
+        # may have started it 1 ms ahead of a frozen or coarse clock).
+        issued_at = max(self._clock.now_ms(), self._last_issued_ms, key.nbf_ms)
+        self._last_issued_ms = issued_at
+        if key.private is None:  # pragma: no cover - the keyring always holds one
+            raise RuntimeError("no active evidence signing key")
+        server_hash = hashlib.sha256(server_id.encode("utf-8")).hexdigest()
+        envelope: JsonObject = {
+            "schema_version": EVIDENCE_SCHEMA,
+            "artifact_type": artifact,
+            "server_id": server_id,
+            "signer_did": f"did:cycles:{server_hash}#{key.kid}",
+            "issued_at_ms": issued_at,
+            "trace_id": trace_id,
+            "payload": copy.deepcopy(payload),
+            "evidence_id": "",
+            "signature": "",
+        }
+        envelope["evidence_id"] = hashlib.sha256(_canonical_bytes(envelope)).hexdigest()
+        envelope["signature"] = key.private.sign(_canonical_bytes(envelope)).hex()
+        evidence_id = envelope["evidence_id"]
+        self._envelopes[evidence_id] = _canonical_bytes(envelope)
+        return {
+            "evidence_id": evidence_id,
+            "cycles_evidence_url": f"{server_id}/evidence/{evidence_id}",
+        }
+
+
+def _attested(artifact: str, body: JsonObject) -> JsonObject:
+    fields = _ATTESTED_FIELDS[artifact]
+    return {name: copy.deepcopy(body[name]) for name in fields if name in body}
 
 
 # =============================================================================
@@ -2580,6 +3076,8 @@ class LocalCyclesServer:
         log_stream: Optional[IO[str]] = None,
         max_body_bytes: int = MAX_BODY_BYTES,
         max_logged_requests: int = MAX_LOGGED_REQUESTS,
+        evidence: bool = False,
+        evidence_key: Union[str, Mapping[str, Any], None] = None,
     ) -> None:
         _check_amount("default_ttl_ms", default_ttl_ms, minimum=1)
         _check_amount("max_ttl_ms", max_ttl_ms, minimum=1)
@@ -2598,7 +3096,9 @@ class LocalCyclesServer:
             self.clock, default_ttl_ms, max_ttl_ms, default_grace_ms, max_extensions,
             default_overage_policy,
         )
-        self._api = _Api(self._ledger)
+        enabled = evidence or evidence_key is not None
+        self._evidence = self._evidence_log(evidence_key) if enabled else None
+        self._api = _Api(self._ledger, self._evidence)
         self._faults = _FaultRegistry()
         self._log_lock = threading.Lock()
         self._requests: Deque[LoggedRequest] = collections.deque(maxlen=max_logged_requests)
@@ -2826,6 +3326,40 @@ class LocalCyclesServer:
         """AssertionError unless every budget keeps the ledger invariant."""
         self._ledger.check_invariants()
 
+    # -- evidence ----------------------------------------------------------------
+
+    def _evidence_log(self, key: Union[str, Mapping[str, Any], None]) -> _EvidenceLog:
+        """Signed evidence (``evidence=True``, implied by ``evidence_key``): the key is a
+        keyring file (created if missing), a dict from ``evidence_keys()``, or None (fresh)."""
+        now = self.clock.now_ms()
+        if isinstance(key, str):
+            keyring = _load_keyring_file(key, now)
+        elif key is not None:
+            keyring = _Keyring.from_dict(dict(key), now)
+        else:
+            keyring = _Keyring.generate(now)
+        key_file = key if isinstance(key, str) else None
+        return _EvidenceLog(keyring, self.clock, lambda: self.url + "/v1", key_file)
+
+    def rotate_evidence_key(self) -> str:
+        """Retire the active evidence key now and sign with a fresh one; returns its kid.
+
+        The retired key stays in the JWK Set (and in the key file, when there is one).
+        """
+        if self._evidence is None:
+            raise RuntimeError("evidence is not enabled (evidence=True)")
+        return self._evidence.rotate()
+
+    def evidence_keys(self, private: bool = False) -> JsonObject:
+        """The evidence keyring as a plain dict: the JWK Set, retired keys included.
+
+        ``private=True`` adds the active key's seed as ``d``; without it, a server
+        given this dict back as ``evidence_key`` retires that key and starts a new one.
+        """
+        if self._evidence is None:
+            raise RuntimeError("evidence is not enabled (evidence=True)")
+        return self._evidence.jwks(private)
+
 
 # =============================================================================
 # Command line
@@ -2864,9 +3398,18 @@ def _build_from_cli(argv: Optional[Sequence[str]], stream: IO[str]) -> LocalCycl
     parser.add_argument("--quiet", action="store_true", help="do not log requests")
     parser.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate chain")
     parser.add_argument("--tls-key", metavar="PEM", help="private key for --tls-cert")
+    parser.add_argument("--evidence", action="store_true",
+                        help="sign every decision (CyclesEvidence) and serve the JWK Set")
+    parser.add_argument("--evidence-key", metavar="FILE",
+                        help="evidence keyring (JSON, owner-only; created if missing);"
+                             " implies --evidence")
+    parser.add_argument("--rotate", action="store_true",
+                        help="retire the --evidence-key key (kept in the JWK Set), use a new one")
     args = parser.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
+    if args.rotate and not args.evidence_key:
+        parser.error("--rotate needs --evidence-key FILE (the keyring to rotate)")
 
     config: JsonObject = {}
     if args.config:
@@ -2900,10 +3443,17 @@ def _build_from_cli(argv: Optional[Sequence[str]], stream: IO[str]) -> LocalCycl
     config.pop("port", None)
     if args.tls_cert:
         config["ssl_context"] = _server_tls_context(args.tls_cert, args.tls_key)
-    return LocalCyclesServer(
+    if args.evidence or args.evidence_key:
+        config["evidence"] = True
+    if args.evidence_key:
+        config["evidence_key"] = args.evidence_key
+    server = LocalCyclesServer(
         host, port, api_keys=api_keys, admin_keys=admin_keys, tenants=tenants,
         budgets=budgets, log_stream=None if args.quiet else stream, **config,
     )
+    if args.rotate:
+        server.rotate_evidence_key()
+    return server
 
 
 def _server_tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
@@ -2935,6 +3485,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"cycles_lite_server: cannot listen: {exc}", file=sys.stderr)
         return 2
     print(f"Cycles local server listening on {server.url} (Ctrl-C to stop)", flush=True)
+    if server._evidence is not None:
+        kid = server.evidence_keys()["keys"][-1]["kid"]
+        print(f"Signing CyclesEvidence with key {kid}: {server.url}/v1{JWKS_PATH}", flush=True)
     try:
         while True:
             time.sleep(3600)
