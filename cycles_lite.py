@@ -4054,6 +4054,11 @@ class _TaskHeartbeat:
         self.deadline = 0.0
         self._task = asyncio.get_running_loop().create_task(_drive_async(client, steps, self))
 
+    @property
+    def stopped(self) -> bool:
+        """True once the task ended: stopped, or the steps gave up on their own."""
+        return self._task.done()
+
     async def stop(self) -> None:
         import asyncio
 
@@ -5129,8 +5134,8 @@ class _SyncFace(_Reservation):
             _drive(_sender(self._client), self._exit_steps(error))
         finally:
             try:
-                if self._heartbeat is not None:
-                    self._heartbeat.stop()  # stopped already unless interrupted: final, idempotent
+                if self._heartbeat is not None and not self._heartbeat.stopped:
+                    self._heartbeat.stop()  # an interruption came first: stop it here
             finally:
                 self._restore_context()
 
@@ -5157,8 +5162,8 @@ class _AsyncFace(_Reservation):
             await _drive_async(self._client, self._exit_steps(error))
         finally:
             try:
-                if self._heartbeat is not None:
-                    await self._heartbeat.stop()
+                if self._heartbeat is not None and not self._heartbeat.stopped:
+                    await self._heartbeat.stop()  # an interruption came first: stop it here
             finally:
                 self._restore_context()
 
