@@ -191,6 +191,31 @@ class _MockCases:
         self.assertEqual(body["subject"], {"tenant": "acme"})
         self.client.release_reservation.assert_not_called()
 
+    def test_the_heartbeat_extends_through_the_mock(self) -> None:
+        short = created()
+        assert short.body is not None
+        short.body.update(remaining_ttl_ms=3000, expires_at_ms=int(time.time() * 1000) + 3000)
+        self.client.create_reservation.return_value = short
+        self.client.extend_reservation.return_value = CyclesResponse.success(200, {
+            "status": "ACTIVE", "expires_at_ms": int(time.time() * 1000) + 60_000,
+            "remaining_ttl_ms": 60_000,
+        })
+        extend = self.client.extend_reservation
+        if self.is_async:
+            async def work_async() -> None:
+                for _ in range(300):
+                    if extend.call_count:
+                        break
+                    await asyncio.sleep(0.01)
+            asyncio.run(cycles(estimate=100, ttl_ms=3000, client=self.client)(work_async)())
+        else:
+            cycles(estimate=100, ttl_ms=3000, client=self.client)(
+                lambda: _wait_for(lambda: extend.call_count, 3.0))()
+        rid, body = extend.call_args.args
+        self.assertEqual(rid, "res-1")
+        self.assertEqual(body["extend_by_ms"], 3000)
+        self.client.commit_reservation.assert_called_once()
+
     def test_budget_exceeded_raises_before_the_work(self) -> None:
         self.client.create_reservation.return_value = error(409, "BUDGET_EXCEEDED")
         with self.assertRaises(cl.BudgetExceededError):
