@@ -639,6 +639,15 @@ def _interrupt_when_logged(message: str, interrupt: BaseException) -> Any:
     return mock.patch.object(cl._log, "debug", debug)
 
 
+async def _arrived(fault: Any) -> None:
+    """Until the server received a request ``fault`` applies to (it counts on arrival)."""
+    for _ in range(500):
+        if fault.hits:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the request never reached the server")
+
+
 class TestInterrupts(_ServerCase):
     def test_keyboard_interrupt_late_in_enter_releases_and_cleans_up(self) -> None:
         client = CyclesClient(self.config())
@@ -696,7 +705,7 @@ class TestInterrupts(_ServerCase):
         self.assertEqual(self.ops(), ["create", "release"])
 
     def test_cancelling_an_async_call_while_its_create_is_in_flight_releases_it(self) -> None:
-        self.srv.inject("create", "delay", delay_ms=300)
+        held = self.srv.inject("create", "delay", delay_ms=600)
         ran: List[bool] = []
 
         async def scenario() -> None:
@@ -707,11 +716,10 @@ class TestInterrupts(_ServerCase):
                     ran.append(True)
 
                 task = asyncio.ensure_future(work())
-                await asyncio.sleep(0.1)  # the create is on the wire, the server holds it
+                await _arrived(held)  # the create is on the wire, the server holds it
                 task.cancel()
                 with self.assertRaises(asyncio.CancelledError):
                     await task
-                self.assertEqual(self.srv.requests_for("release"), [])
                 for _ in range(400):  # the loop runs on: the release goes out on arrival
                     if self.srv.requests_for("release"):
                         break
@@ -730,7 +738,7 @@ class TestInterrupts(_ServerCase):
         self.assertEqual(self.balance()["reserved"], 0)
 
     def test_cancelling_an_async_release_in_flight_still_releases(self) -> None:
-        self.srv.inject("release", "delay", delay_ms=300)
+        held = self.srv.inject("release", "delay", delay_ms=600)
 
         async def scenario() -> None:
             client = AsyncCyclesClient(self.config())
@@ -740,7 +748,7 @@ class TestInterrupts(_ServerCase):
                         await guard.release("not needed")
 
                 task = asyncio.ensure_future(work())
-                await asyncio.sleep(0.15)
+                await _arrived(held)  # the release is on the wire, the server holds it
                 task.cancel()
                 with self.assertRaises(asyncio.CancelledError):
                     await task
