@@ -687,6 +687,7 @@ class TestInterrupts(_ServerCase):
                 with _interrupt_when_logged("reservation created", asyncio.CancelledError()):
                     with self.assertRaises(asyncio.CancelledError):
                         await guard.__aenter__()
+                self.assertTrue(guard._heartbeat.stopped)
                 self.assertIs(cl.get_cycles_context(), self.outer_context)
             finally:
                 await client.aclose()
