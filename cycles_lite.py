@@ -6660,6 +6660,8 @@ def _replay_on_first_use(client: Any) -> None:
     alike, and the surviving records are settled on the settlement worker.
     Never raises.
     """
+    if not issubclass(type(client), (CyclesClient, AsyncCyclesClient)):
+        return  # a test double or a duck: never hand it records other processes left
     if client in _clients_seen:
         return
     with _replay_lock:
@@ -6668,8 +6670,6 @@ def _replay_on_first_use(client: Any) -> None:
         _clients_seen.add(client)
     if not _config_of(client).journal_enabled:
         return
-    if not issubclass(type(client), (CyclesClient, AsyncCyclesClient)):
-        return  # a test double or a duck: never hand it records other processes left
     # Only records written before now are adopted: later ones belong to settlements
     # of this process that are still running (the async scan runs concurrently).
     first_use_ms = _wall_clock_ms()

@@ -380,6 +380,8 @@ class TestClientKinds(unittest.TestCase):
         calls: List[str] = []
 
         class Duck:
+            __hash__ = None  # type: ignore[assignment]  # unhashable, like a dataclass
+
             def create_reservation(self, body: Any) -> CyclesResponse:
                 calls.append("create")
                 return created()
