@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import socket
 import tempfile
 import threading
@@ -549,7 +550,7 @@ class TestNoThreads(AsyncServerCase):
         self.assertEqual(len(self.srv.requests_for("commit")), 32)
         self.srv.check_invariants()
 
-    def test_journal_writes_use_a_few_file_threads_at_most(self) -> None:
+    def test_journal_writes_run_on_the_loops_default_executor_only(self) -> None:
         with tempfile.TemporaryDirectory() as journal_dir:
             client = self.new_client(journal_enabled=True, journal_dir=journal_dir)
 
@@ -560,13 +561,15 @@ class TestNoThreads(AsyncServerCase):
 
             before = set(threading.enumerate())
 
-            async def scenario() -> int:
+            async def scenario() -> List[str]:
                 await asyncio.gather(*(guarded() for _ in range(40)))
-                grown = len(client_threads(set(threading.enumerate()) - before))
+                grown = client_threads(set(threading.enumerate()) - before)
                 await client.aclose()
                 return grown
 
-            self.assertLessEqual(run(scenario), cl._FILE_WORKERS)
+            grown = run(scenario)
+        self.assertTrue(all(name.startswith("asyncio_") for name in grown), grown)
+        self.assertLessEqual(len(grown), min(32, (os.cpu_count() or 1) + 4))  # asyncio's cap
 
     def test_a_retry_pending_when_its_loop_ends_moves_to_the_worker(self) -> None:
         client = self.new_client(retry_initial_delay=0.2, retry_max_delay=0.2)
