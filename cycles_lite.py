@@ -7066,7 +7066,7 @@ class _SettlementQueue:
         with self._cond:
             if len(self._heap) + len(self._running) >= self._capacity:
                 return False
-            if job.loop_client is not None and _retry_on_loop(job):
+            if getattr(job, "loop_client", None) is not None and _retry_on_loop(job):
                 return True
             if self._worker is None and not self._start_worker():
                 return False
