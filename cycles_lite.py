@@ -4489,7 +4489,10 @@ def _run_to_completion(awaitable: Any) -> Any:
     try:
         return loop.run_until_complete(awaitable)
     finally:
-        loop.close()
+        try:  # as asyncio.run does: the async client's pool closes its connections here
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
 
 
 def _sender(client: Any, *, detached: bool = False) -> _SendFn:
