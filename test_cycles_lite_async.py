@@ -580,10 +580,14 @@ class TestNoThreads(AsyncServerCase):
         async def guarded() -> str:
             return "ok"
 
-        self.assertEqual(run(guarded), "ok")  # the loop ends with the retry still waiting
-        self.assertTrue(cl.flush(5))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.assertEqual(run(guarded), "ok")  # the loop ends with the retry still waiting
+            self.assertTrue(cl.flush(5))  # sent from a private loop on this thread
+            run(client.aclose)
+            gc.collect()
         self.assertEqual(len(self.srv.requests_for("commit")), 2)
-        run(client.aclose)
+        self.assertEqual(resource_warnings(caught), [])
         self.srv.check_invariants()
 
 
