@@ -1153,6 +1153,8 @@ class _Ledger:
         self._undo: Optional[List[Callable[[], object]]] = None
         self._seq = 0
         self.changes = 0  # bumped by every change; --state saves when it moved
+        # told the id of each reservation pruned (lock held): what refers to it goes too
+        self.on_reservation_pruned: Optional[Callable[[str], None]] = None
 
     # -- seeding and inspection ------------------------------------------------
 
@@ -1477,6 +1479,8 @@ class _Ledger:
                     for slot in slots:
                         if slot is not None:
                             self._idempotency.pop(slot, None)
+                    if self.on_reservation_pruned is not None:
+                        self.on_reservation_pruned(key)
             elif kind == "event":
                 self._events.pop(key, None)
             else:
@@ -3703,11 +3707,9 @@ class _Keyring:
 
     @classmethod
     def from_dict(cls, data: Any, now_ms: int) -> _Keyring:
-        if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
-            raise ValueError("an evidence keyring is a JWK Set: {\"keys\": [...]}")
-        keys = [_key_entry_from_jwk(jwk) for jwk in data["keys"]]
+        keys = _key_entries(data)
         active = [key for key in keys if key.exp_ms is None]
-        if len(active) > 1 or len({key.kid for key in keys}) != len(keys):
+        if len(active) > 1:
             raise ValueError("an evidence keyring needs unique kids and one open-ended key")
         ring = cls(keys)
         if not active:
@@ -3718,6 +3720,25 @@ class _Keyring:
 
     def to_dict(self, private: bool = False) -> JsonObject:
         return {"keys": [key.jwk(with_private=private) for key in self._keys]}
+
+    def adopt(self, saved: Any, at_ms: int) -> bool:
+        """Keep the keys of a saved JWK Set (a --state file) that this ring lacks, as
+        retired ones (a key still open there is closed at ``at_ms``). If the saved set
+        had retired this ring's active key, rotate at ``at_ms``: a retired key never
+        signs again. True when the ring's own keys changed."""
+        known = {key.kid for key in self._keys}
+        retired_active = False
+        for entry in _key_entries(saved):
+            if entry.kid not in known:
+                entry.private = None
+                if entry.exp_ms is None:
+                    entry.exp_ms = max(at_ms, entry.nbf_ms)
+                self._keys.insert(len(self._keys) - 1, entry)
+            elif entry.kid == self.active.kid and entry.exp_ms is not None:
+                retired_active = True
+        if retired_active:
+            self.rotate(at_ms)
+        return retired_active
 
     @property
     def active(self) -> _KeyEntry:
@@ -3739,6 +3760,15 @@ def _new_key_entry(nbf_ms: int) -> _KeyEntry:
     private = _Ed25519Key(os.urandom(32))
     kid = hashlib.sha256(private.public).hexdigest()[:16]
     return _KeyEntry(kid, private.public, nbf_ms, None, private)
+
+
+def _key_entries(data: Any) -> List[_KeyEntry]:
+    if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+        raise ValueError("an evidence keyring is a JWK Set: {\"keys\": [...]}")
+    keys = [_key_entry_from_jwk(jwk) for jwk in data["keys"]]
+    if len({key.kid for key in keys}) != len(keys):
+        raise ValueError("an evidence keyring needs unique kids and one open-ended key")
+    return keys
 
 
 def _key_entry_from_jwk(jwk: Any) -> _KeyEntry:
@@ -3787,31 +3817,48 @@ def _save_keyring_file(path: str, ring: _Keyring) -> None:
 # -- the evidence log ----------------------------------------------------------------
 
 
+_ReplayKey = Tuple[str, ...]
+
+
 class _EvidenceLog:
     """Signs, stores and serves envelopes; remembers the refs of each reservation.
 
     A same-key replay gets the original envelope's ref (the attested response does
-    not change on replay), a new operation a new envelope.
+    not change on replay), a new operation a new envelope. Retention: a
+    reservation's envelopes (reserve, commit, release) go when the ledger prunes
+    the reservation (``forget_reservation``), the others (decide, dry runs,
+    denials) ``retention_ms`` after they were issued, like the idempotency records
+    that refer to them. Nested values are replaced, never changed in place, so
+    ``dump_state`` needs the lock only for shallow copies.
     """
 
     def __init__(
         self, keyring: _Keyring, clock: Clock, server_id: Callable[[], str],
-        key_file: Optional[str] = None,
+        key_file: Optional[str] = None, *, retention_ms: int = DEFAULT_RETENTION_S * 1000,
+        generated_keyring: bool = False,
     ) -> None:
         self._keyring = keyring
         self._clock = clock
         self._server_id = server_id
         self._key_file = key_file
+        self._retention_ms = retention_ms
+        # a generated keyring gives way to a --state file's (its active key retired)
+        self._generated_keyring = generated_keyring
         self._lock = threading.Lock()
         self._envelopes: Dict[str, bytes] = {}
-        self._by_request: Dict[Tuple[str, ...], JsonObject] = {}
+        self._by_request: Dict[_ReplayKey, JsonObject] = {}
         self._by_reservation: Dict[str, JsonObject] = {}
+        self._requests_of: Dict[str, Tuple[_ReplayKey, ...]] = {}  # reservation -> replay keys
+        # (prune at ms, evidence_id, replay key) in time order, for envelopes of no reservation
+        self._expiring: Deque[Tuple[int, str, Optional[_ReplayKey]]] = collections.deque()
         self._last_issued_ms = -1
+        self.changes = 0  # bumped by every change; --state saves when it moved
 
     # -- publishing --------------------------------------------------------------
 
     def envelope(self, evidence_id: str) -> Optional[bytes]:
         with self._lock:
+            self._prune(self._clock.now_ms())
             return self._envelopes.get(evidence_id)
 
     def jwks(self, private: bool = False) -> JsonObject:
@@ -3823,6 +3870,7 @@ class _EvidenceLog:
             kid = self._keyring.rotate(max(self._clock.now_ms(), self._last_issued_ms + 1))
             if self._key_file is not None:
                 _save_keyring_file(self._key_file, self._keyring)
+            self.changes += 1
             return kid
 
     def attach_refs(self, rows: Iterable[JsonObject]) -> None:
@@ -3855,7 +3903,12 @@ class _EvidenceLog:
                 ref = self._sign(artifact, {artifact: inner}, request.trace_id)
                 self._by_request[replay_key] = ref
                 if artifact != "decide" and reservation_id:
-                    self._by_reservation.setdefault(reservation_id, {})[artifact] = ref
+                    refs = self._by_reservation.get(reservation_id, {})
+                    self._by_reservation[reservation_id] = dict(refs, **{artifact: ref})
+                    keys = self._requests_of.get(reservation_id, ())
+                    self._requests_of[reservation_id] = keys + (replay_key,)
+                else:
+                    self._expire_later(ref, replay_key)
         body["cycles_evidence"] = copy.deepcopy(ref)
 
     def record_denial(
@@ -3872,12 +3925,100 @@ class _EvidenceLog:
         inner["response"] = _attested("error", body)
         with self._lock:
             ref = self._sign("error", {"error": inner}, request.trace_id)
+            self._expire_later(ref, None)
         body["cycles_evidence"] = copy.deepcopy(ref)
+
+    # -- retention -----------------------------------------------------------------
+
+    def forget_reservation(self, reservation_id: str) -> None:
+        """The ledger pruned this reservation: its envelopes and replay refs go too."""
+        with self._lock:
+            refs = self._by_reservation.pop(reservation_id, None)
+            replay_keys = self._requests_of.pop(reservation_id, ())
+            for ref in (refs or {}).values():
+                self._envelopes.pop(str(ref["evidence_id"]), None)
+            for replay_key in replay_keys:
+                self._by_request.pop(replay_key, None)
+            if refs is not None or replay_keys:
+                self.changes += 1
+
+    def _expire_later(self, ref: JsonObject, replay_key: Optional[_ReplayKey]) -> None:
+        """Keep an envelope of no reservation for the retention window (lock held)."""
+        prune_at = self._last_issued_ms + self._retention_ms
+        self._expiring.append((prune_at, str(ref["evidence_id"]), replay_key))
+
+    def _prune(self, now: int) -> None:
+        """Forget what has outlived the retention window, at most _PRUNE_BATCH at a time."""
+        queue = self._expiring
+        for _ in range(_PRUNE_BATCH):
+            if not queue or queue[0][0] > now:
+                return
+            _, evidence_id, replay_key = queue.popleft()
+            self._envelopes.pop(evidence_id, None)
+            if replay_key is not None:
+                self._by_request.pop(replay_key, None)
+            self.changes += 1
+
+    # -- persistence (--state) -------------------------------------------------------
+
+    def dump_state(self) -> JsonObject:
+        """Everything a restart needs but the private key: public keys only."""
+        with self._lock:
+            keys = self._keyring.to_dict(private=False)
+            last_issued_ms = self._last_issued_ms
+            envelopes = list(self._envelopes.items())
+            by_request = list(self._by_request.items())
+            by_reservation = dict(self._by_reservation)
+            requests_of = list(self._requests_of.items())
+            expiring = list(self._expiring)
+        return {
+            "keys": keys,
+            "last_issued_ms": last_issued_ms,
+            "envelopes": {evidence_id: raw.decode("utf-8") for evidence_id, raw in envelopes},
+            "by_request": [[list(key), ref] for key, ref in by_request],
+            "by_reservation": by_reservation,
+            "requests_of": {rid: [list(key) for key in keys] for rid, keys in requests_of},
+            "expiring": [[at, evidence_id, None if key is None else list(key)]
+                         for at, evidence_id, key in expiring],
+        }
+
+    def load_state(self, saved: JsonObject) -> None:
+        """Continue a dump_state() document (raises on a bad one).
+
+        The saved keys come back as retired ones, closed at this restart: without
+        a given key (file or dict) a fresh key signs from now on; with one, that
+        key keeps signing unless the saved set had retired it.
+        """
+        with self._lock:
+            self._last_issued_ms = max(self._last_issued_ms, int(saved["last_issued_ms"]))
+            restart_at = max(self._clock.now_ms(), self._last_issued_ms + 1)
+            if self._generated_keyring:
+                self._keyring = _Keyring.from_dict(saved["keys"], restart_at)
+            elif self._keyring.adopt(saved["keys"], restart_at) and self._key_file:
+                _save_keyring_file(self._key_file, self._keyring)
+            self._envelopes = {
+                str(evidence_id): str(text).encode("utf-8")
+                for evidence_id, text in saved["envelopes"].items()
+            }
+            self._by_request = {tuple(map(str, key)): dict(ref)
+                                for key, ref in saved["by_request"]}
+            self._by_reservation = {str(rid): dict(refs)
+                                    for rid, refs in saved["by_reservation"].items()}
+            self._requests_of = {
+                str(rid): tuple(tuple(map(str, key)) for key in keys)
+                for rid, keys in saved["requests_of"].items()
+            }
+            self._expiring = collections.deque(
+                (int(at), str(evidence_id), None if key is None else tuple(map(str, key)))
+                for at, evidence_id, key in saved["expiring"]
+            )
 
     def _sign(self, artifact: str, payload: JsonObject, trace_id: str) -> JsonObject:
         """Build, hash, sign and store one envelope (lock held); its CyclesEvidenceRef."""
         import hashlib
 
+        self._prune(self._clock.now_ms())
+        self.changes += 1
         server_id = self._server_id()
         key = self._keyring.active
         # Never before the last envelope nor before the active key's window (a rotation
@@ -4595,7 +4736,8 @@ class LocalCyclesServer:
             default_overage_policy, retention_ms=int(retention_s * 1000),
         )
         enabled = evidence or evidence_key is not None
-        self._evidence = self._evidence_log(evidence_key) if enabled else None
+        retention_ms = int(retention_s * 1000)
+        self._evidence = self._evidence_log(evidence_key, retention_ms) if enabled else None
         self._api = _Api(self._ledger, self._evidence)
         self._faults = _FaultRegistry()
         self._log_lock = threading.Lock()
@@ -4614,6 +4756,11 @@ class LocalCyclesServer:
             ),
             "ledger": _StateSection(self._ledger.dump_state, self._ledger.load_state),
         }
+        if self._evidence is not None:
+            self._ledger.on_reservation_pruned = self._evidence.forget_reservation
+            self._state_sections["evidence"] = _StateSection(
+                self._evidence.dump_state, self._evidence.load_state
+            )
         self._state = _StateFile(state_file, state_interval_s) if state_file else None
         restored = self._state is not None and self._state.load(self._state_sections)
         # With a restored state the file wins; the seeds below add what it lacks.
@@ -4671,7 +4818,8 @@ class LocalCyclesServer:
         if self._state is None:
             return False
         try:
-            return self._state.save(self._state_sections, self._ledger.changes, force)
+            changes = self._ledger.changes + (self._evidence.changes if self._evidence else 0)
+            return self._state.save(self._state_sections, changes, force)
         except OSError as error:
             self._log_line(f"could not save state to {self._state.path}: {error}")
             return False
@@ -4872,9 +5020,12 @@ class LocalCyclesServer:
 
     # -- evidence ----------------------------------------------------------------
 
-    def _evidence_log(self, key: Union[str, Mapping[str, Any], None]) -> _EvidenceLog:
+    def _evidence_log(
+        self, key: Union[str, Mapping[str, Any], None], retention_ms: int
+    ) -> _EvidenceLog:
         """Signed evidence (``evidence=True``, implied by ``evidence_key``): the key is a
-        keyring file (created if missing), a dict from ``evidence_keys()``, or None (fresh)."""
+        keyring file (created if missing), a dict from ``evidence_keys()``, or None (fresh;
+        a --state file's keys then take over, their active one retired)."""
         now = self.clock.now_ms()
         if isinstance(key, str):
             keyring = _load_keyring_file(key, now)
@@ -4883,7 +5034,10 @@ class LocalCyclesServer:
         else:
             keyring = _Keyring.generate(now)
         key_file = key if isinstance(key, str) else None
-        return _EvidenceLog(keyring, self.clock, lambda: self.url + "/v1", key_file)
+        return _EvidenceLog(
+            keyring, self.clock, lambda: self.url + "/v1", key_file,
+            retention_ms=retention_ms, generated_keyring=key is None,
+        )
 
     def rotate_evidence_key(self) -> str:
         """Retire the active evidence key now and sign with a fresh one; returns its kid.
