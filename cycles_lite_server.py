@@ -3906,7 +3906,7 @@ class _EvidenceLog:
                     refs = self._by_reservation.get(reservation_id, {})
                     self._by_reservation[reservation_id] = dict(refs, **{artifact: ref})
                     keys = self._requests_of.get(reservation_id, ())
-                    self._requests_of[reservation_id] = keys + (replay_key,)
+                    self._requests_of[reservation_id] = (*keys, replay_key)
                 else:
                     self._expire_later(ref, replay_key)
         body["cycles_evidence"] = copy.deepcopy(ref)

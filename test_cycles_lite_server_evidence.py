@@ -238,14 +238,14 @@ class TestRestart(EvidenceCase):
             self.stop_cli(second)
         self.assert_no_private_key()
 
-    def start_cli(self, *args: str) -> "subprocess.Popen[str]":
+    def start_cli(self, *args: str) -> subprocess.Popen[str]:
         command = [sys.executable, SERVER_SCRIPT, "--state", self.path, "--evidence",
                    "--quiet", "--api-key", f"{API_KEY}={TENANT}",
                    "--budget", f"tenant:acme={USD}:1000000000", *args]
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
 
-    def stop_cli(self, process: "subprocess.Popen[str]") -> None:
+    def stop_cli(self, process: subprocess.Popen[str]) -> None:
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=30)
         self.assertEqual(process.returncode, 0, err)
