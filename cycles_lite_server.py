@@ -971,17 +971,26 @@ def _zdict() -> bytes:
 
 
 def _deflate_text(text: str) -> bytes:
-    import zlib
-
-    packer = zlib.compressobj(6, zlib.DEFLATED, -15, 8, zlib.Z_DEFAULT_STRATEGY, _zdict())
-    return packer.compress(text.encode("utf-8")) + packer.flush()
+    return _deflate(text.encode("utf-8"), _zdict())
 
 
 def _inflate_text(blob: bytes) -> str:
+    return _inflate(blob, _zdict()).decode("utf-8")
+
+
+def _deflate(data: bytes, zdict: bytes) -> bytes:
+    """Raw deflate with a preset dictionary."""
     import zlib
 
-    unpacker = zlib.decompressobj(-15, _zdict())
-    return (unpacker.decompress(blob) + unpacker.flush()).decode("utf-8")
+    packer = zlib.compressobj(6, zlib.DEFLATED, -15, 8, zlib.Z_DEFAULT_STRATEGY, zdict)
+    return packer.compress(data) + packer.flush()
+
+
+def _inflate(blob: bytes, zdict: bytes) -> bytes:
+    import zlib
+
+    unpacker = zlib.decompressobj(-15, zdict)
+    return unpacker.decompress(blob) + unpacker.flush()
 
 
 class _TenantRows:
@@ -3817,7 +3826,9 @@ def _save_keyring_file(path: str, ring: _Keyring) -> None:
 # -- the evidence log ----------------------------------------------------------------
 
 
-_ReplayKey = Tuple[str, ...]
+# A stored ref: (server_id, evidence_id, replay digest); the server_id string is
+# shared by every ref, the digest (b"" for denials) finds a same-key replay.
+_Ref = Tuple[str, str, bytes]
 
 
 class _EvidenceLog:
@@ -3828,8 +3839,10 @@ class _EvidenceLog:
     reservation's envelopes (reserve, commit, release) go when the ledger prunes
     the reservation (``forget_reservation``), the others (decide, dry runs,
     denials) ``retention_ms`` after they were issued, like the idempotency records
-    that refer to them. Nested values are replaced, never changed in place, so
-    ``dump_state`` needs the lock only for shallow copies.
+    that refer to them. Envelopes are kept deflated, with the first one stored as
+    the preset dictionary (a few hundred bytes each instead of about 1.2 KB).
+    Nested values are replaced, never changed in place, so ``dump_state`` needs
+    the lock only for shallow copies.
     """
 
     def __init__(
@@ -3845,12 +3858,13 @@ class _EvidenceLog:
         # a generated keyring gives way to a --state file's (its active key retired)
         self._generated_keyring = generated_keyring
         self._lock = threading.Lock()
-        self._envelopes: Dict[str, bytes] = {}
-        self._by_request: Dict[_ReplayKey, JsonObject] = {}
-        self._by_reservation: Dict[str, JsonObject] = {}
-        self._requests_of: Dict[str, Tuple[_ReplayKey, ...]] = {}  # reservation -> replay keys
-        # (prune at ms, evidence_id, replay key) in time order, for envelopes of no reservation
-        self._expiring: Deque[Tuple[int, str, Optional[_ReplayKey]]] = collections.deque()
+        self._envelopes: Dict[str, bytes] = {}  # evidence_id -> deflated JCS bytes
+        self._zdict = b""  # the start of the first envelope stored
+        self._server_ids: Dict[str, str] = {}  # one shared string per server_id
+        self._by_request: Dict[bytes, _Ref] = {}  # decide and dry-run refs by replay digest
+        self._by_reservation: Dict[str, Dict[str, _Ref]] = {}  # reservation -> artifact -> ref
+        # (prune at ms, evidence_id, replay digest) in time order, for envelopes of no reservation
+        self._expiring: Deque[Tuple[int, str, bytes]] = collections.deque()
         self._last_issued_ms = -1
         self.changes = 0  # bumped by every change; --state saves when it moved
 
@@ -3859,7 +3873,8 @@ class _EvidenceLog:
     def envelope(self, evidence_id: str) -> Optional[bytes]:
         with self._lock:
             self._prune(self._clock.now_ms())
-            return self._envelopes.get(evidence_id)
+            blob = self._envelopes.get(evidence_id)
+            return None if blob is None else _inflate(blob, self._zdict)
 
     def jwks(self, private: bool = False) -> JsonObject:
         with self._lock:
@@ -3879,7 +3894,7 @@ class _EvidenceLog:
             for row in rows:
                 refs = self._by_reservation.get(str(row.get("reservation_id")))
                 if refs:
-                    row["evidence"] = copy.deepcopy(refs)
+                    row["evidence"] = {name: _ref_json(ref) for name, ref in refs.items()}
 
     # -- recording ---------------------------------------------------------------
 
@@ -3887,6 +3902,8 @@ class _EvidenceLog:
         self, operation: str, request: _Request, caller: _Caller, route: _Route, body: JsonObject
     ) -> None:
         """Stamp ``cycles_evidence`` on a successful decide/reserve/commit/release body."""
+        import hashlib
+
         sent = _parse_json(request.raw_body)
         artifact = _ARTIFACT_OF[operation]
         reservation_id = route.reservation_id or str(body.get("reservation_id") or "")
@@ -3894,22 +3911,26 @@ class _EvidenceLog:
             "" if route.reservation_id else str(caller.tenant), operation, reservation_id,
             str(sent.get("idempotency_key")), _payload_hash(sent),
         )
+        digest = hashlib.sha256(json.dumps(replay_key).encode("utf-8")).digest()[:16]
+        of_reservation = artifact != "decide" and bool(reservation_id)
         inner: JsonObject = {"request": sent, "response": _attested(artifact, body)}
         if route.reservation_id is not None:
             inner = {"reservation_id": route.reservation_id, **inner}
         with self._lock:
-            ref = self._by_request.get(replay_key)
-            if ref is None:
-                ref = self._sign(artifact, {artifact: inner}, request.trace_id)
-                self._by_request[replay_key] = ref
-                if artifact != "decide" and reservation_id:
-                    refs = self._by_reservation.get(reservation_id, {})
+            if of_reservation:
+                refs = self._by_reservation.get(reservation_id, {})
+                ref = refs.get(artifact)
+                if ref is None or ref[2] != digest:
+                    ref = self._sign(artifact, {artifact: inner}, request.trace_id, digest)
                     self._by_reservation[reservation_id] = dict(refs, **{artifact: ref})
-                    keys = self._requests_of.get(reservation_id, ())
-                    self._requests_of[reservation_id] = (*keys, replay_key)
-                else:
-                    self._expire_later(ref, replay_key)
-        body["cycles_evidence"] = copy.deepcopy(ref)
+            else:
+                found = self._by_request.get(digest)
+                if found is None:
+                    found = self._sign(artifact, {artifact: inner}, request.trace_id, digest)
+                    self._by_request[digest] = found
+                    self._expire_later(found)
+                ref = found
+        body["cycles_evidence"] = _ref_json(ref)
 
     def record_denial(
         self, operation: str, request: _Request, route: _Route, status: int, body: JsonObject
@@ -3924,28 +3945,24 @@ class _EvidenceLog:
             inner["request"] = _parse_json(request.raw_body)
         inner["response"] = _attested("error", body)
         with self._lock:
-            ref = self._sign("error", {"error": inner}, request.trace_id)
-            self._expire_later(ref, None)
-        body["cycles_evidence"] = copy.deepcopy(ref)
+            ref = self._sign("error", {"error": inner}, request.trace_id, b"")
+            self._expire_later(ref)
+        body["cycles_evidence"] = _ref_json(ref)
 
     # -- retention -----------------------------------------------------------------
 
     def forget_reservation(self, reservation_id: str) -> None:
-        """The ledger pruned this reservation: its envelopes and replay refs go too."""
+        """The ledger pruned this reservation: its envelopes go too."""
         with self._lock:
             refs = self._by_reservation.pop(reservation_id, None)
-            replay_keys = self._requests_of.pop(reservation_id, ())
-            for ref in (refs or {}).values():
-                self._envelopes.pop(str(ref["evidence_id"]), None)
-            for replay_key in replay_keys:
-                self._by_request.pop(replay_key, None)
-            if refs is not None or replay_keys:
+            if refs is not None:
+                for ref in refs.values():
+                    self._envelopes.pop(ref[1], None)
                 self.changes += 1
 
-    def _expire_later(self, ref: JsonObject, replay_key: Optional[_ReplayKey]) -> None:
+    def _expire_later(self, ref: _Ref) -> None:
         """Keep an envelope of no reservation for the retention window (lock held)."""
-        prune_at = self._last_issued_ms + self._retention_ms
-        self._expiring.append((prune_at, str(ref["evidence_id"]), replay_key))
+        self._expiring.append((self._last_issued_ms + self._retention_ms, ref[1], ref[2]))
 
     def _prune(self, now: int) -> None:
         """Forget what has outlived the retention window, at most _PRUNE_BATCH at a time."""
@@ -3953,10 +3970,10 @@ class _EvidenceLog:
         for _ in range(_PRUNE_BATCH):
             if not queue or queue[0][0] > now:
                 return
-            _, evidence_id, replay_key = queue.popleft()
+            _, evidence_id, digest = queue.popleft()
             self._envelopes.pop(evidence_id, None)
-            if replay_key is not None:
-                self._by_request.pop(replay_key, None)
+            if digest:
+                self._by_request.pop(digest, None)
             self.changes += 1
 
     # -- persistence (--state) -------------------------------------------------------
@@ -3965,21 +3982,21 @@ class _EvidenceLog:
         """Everything a restart needs but the private key: public keys only."""
         with self._lock:
             keys = self._keyring.to_dict(private=False)
-            last_issued_ms = self._last_issued_ms
+            last_issued_ms, zdict = self._last_issued_ms, self._zdict
             envelopes = list(self._envelopes.items())
-            by_request = list(self._by_request.items())
-            by_reservation = dict(self._by_reservation)
-            requests_of = list(self._requests_of.items())
+            by_request = list(self._by_request.values())
+            by_reservation = list(self._by_reservation.items())
             expiring = list(self._expiring)
         return {
             "keys": keys,
             "last_issued_ms": last_issued_ms,
-            "envelopes": {evidence_id: raw.decode("utf-8") for evidence_id, raw in envelopes},
-            "by_request": [[list(key), ref] for key, ref in by_request],
-            "by_reservation": by_reservation,
-            "requests_of": {rid: [list(key) for key in keys] for rid, keys in requests_of},
-            "expiring": [[at, evidence_id, None if key is None else list(key)]
-                         for at, evidence_id, key in expiring],
+            "zdict": base64.b64encode(zdict).decode("ascii"),
+            "envelopes": {evidence_id: base64.b64encode(blob).decode("ascii")
+                          for evidence_id, blob in envelopes},
+            "by_request": [_dump_ref(ref) for ref in by_request],
+            "by_reservation": {rid: {name: _dump_ref(ref) for name, ref in refs.items()}
+                               for rid, refs in by_reservation},
+            "expiring": [[at, evidence_id, digest.hex()] for at, evidence_id, digest in expiring],
         }
 
     def load_state(self, saved: JsonObject) -> None:
@@ -3996,30 +4013,39 @@ class _EvidenceLog:
                 self._keyring = _Keyring.from_dict(saved["keys"], restart_at)
             elif self._keyring.adopt(saved["keys"], restart_at) and self._key_file:
                 _save_keyring_file(self._key_file, self._keyring)
+            self._zdict = base64.b64decode(str(saved["zdict"]), validate=True)
             self._envelopes = {
-                str(evidence_id): str(text).encode("utf-8")
-                for evidence_id, text in saved["envelopes"].items()
+                str(evidence_id): base64.b64decode(str(blob), validate=True)
+                for evidence_id, blob in saved["envelopes"].items()
             }
-            self._by_request = {tuple(map(str, key)): dict(ref)
-                                for key, ref in saved["by_request"]}
-            self._by_reservation = {str(rid): dict(refs)
-                                    for rid, refs in saved["by_reservation"].items()}
-            self._requests_of = {
-                str(rid): tuple(tuple(map(str, key)) for key in keys)
-                for rid, keys in saved["requests_of"].items()
+            for blob in self._envelopes.values():  # every envelope must open
+                json.loads(_inflate(blob, self._zdict))
+            self._by_request = {}
+            for saved_ref in saved["by_request"]:
+                ref = self._load_ref(saved_ref)
+                self._by_request[ref[2]] = ref
+            self._by_reservation = {
+                str(rid): {str(name): self._load_ref(ref) for name, ref in refs.items()}
+                for rid, refs in saved["by_reservation"].items()
             }
             self._expiring = collections.deque(
-                (int(at), str(evidence_id), None if key is None else tuple(map(str, key)))
-                for at, evidence_id, key in saved["expiring"]
+                (int(at), str(evidence_id), bytes.fromhex(str(digest)))
+                for at, evidence_id, digest in saved["expiring"]
             )
 
-    def _sign(self, artifact: str, payload: JsonObject, trace_id: str) -> JsonObject:
-        """Build, hash, sign and store one envelope (lock held); its CyclesEvidenceRef."""
+    def _load_ref(self, saved: Sequence[Any]) -> _Ref:
+        server_id, evidence_id, digest = (str(part) for part in saved)
+        return (self._server_ids.setdefault(server_id, server_id), evidence_id,
+                bytes.fromhex(digest))
+
+    def _sign(self, artifact: str, payload: JsonObject, trace_id: str, digest: bytes) -> _Ref:
+        """Build, hash, sign and store one envelope (lock held); its ref."""
         import hashlib
 
         self._prune(self._clock.now_ms())
         self.changes += 1
         server_id = self._server_id()
+        server_id = self._server_ids.setdefault(server_id, server_id)
         key = self._keyring.active
         # Never before the last envelope nor before the active key's window (a rotation
         # may have started it 1 ms ahead of a frozen or coarse clock).
@@ -4041,12 +4067,23 @@ class _EvidenceLog:
         }
         envelope["evidence_id"] = hashlib.sha256(_canonical_bytes(envelope)).hexdigest()
         envelope["signature"] = key.private.sign(_canonical_bytes(envelope)).hex()
-        evidence_id = envelope["evidence_id"]
-        self._envelopes[evidence_id] = _canonical_bytes(envelope)
-        return {
-            "evidence_id": evidence_id,
-            "cycles_evidence_url": f"{server_id}/evidence/{evidence_id}",
-        }
+        evidence_id: str = envelope["evidence_id"]
+        raw = _canonical_bytes(envelope)
+        if not self._zdict:
+            self._zdict = raw[:4096]
+        self._envelopes[evidence_id] = _deflate(raw, self._zdict)
+        return (server_id, evidence_id, digest)
+
+
+def _ref_json(ref: _Ref) -> JsonObject:
+    """The CyclesEvidenceRef of a stored ref."""
+    server_id, evidence_id, _ = ref
+    url = f"{server_id}/evidence/{evidence_id}"
+    return {"evidence_id": evidence_id, "cycles_evidence_url": url}
+
+
+def _dump_ref(ref: _Ref) -> List[str]:
+    return [ref[0], ref[1], ref[2].hex()]
 
 
 def _attested(artifact: str, body: JsonObject) -> JsonObject:
