@@ -990,7 +990,10 @@ def _inflate(blob: bytes, zdict: bytes) -> bytes:
     import zlib
 
     unpacker = zlib.decompressobj(-15, zdict)
-    return unpacker.decompress(blob) + unpacker.flush()
+    try:
+        return unpacker.decompress(blob) + unpacker.flush()
+    except zlib.error as error:
+        raise ValueError(f"a damaged compressed record ({error})") from None
 
 
 class _TenantRows:
@@ -5183,9 +5186,9 @@ def _cli_parser() -> Any:
     add("--port", type=int, default=None, help="port (default 7878; 0 = any)")
     add("--config", help="JSON file with LocalCyclesServer arguments (flags win)")
     add("--state", metavar="FILE",
-        help="keep tenants, keys, budgets, reservations, idempotency records and events "
-             "in FILE across restarts (written atomically at shutdown and every "
-             "--state-interval seconds)")
+        help="keep tenants, keys, budgets, reservations, idempotency records, events "
+             "and evidence (envelopes, public keys) in FILE across restarts (written "
+             "atomically at shutdown and every --state-interval seconds)")
     add("--state-interval", type=float, metavar="SECONDS", dest="state_interval_s",
         help=f"how often to save --state when something changed (default "
              f"{DEFAULT_STATE_INTERVAL_S:g})")

@@ -212,6 +212,23 @@ class TestRestart(EvidenceCase):
             after = client.create_reservation(create_body("r2")).body["cycles_evidence"]
             self.assert_authentic(client, after, keys[-1]["kid"])
 
+    def test_a_damaged_evidence_section_is_refused_and_left_as_it_was(self) -> None:
+        with make_server(self.path) as srv:
+            client = self.client(srv.port)
+            client.create_reservation(create_body("r1"))
+        document = saved_state(self.path)
+        envelopes = document["sections"]["evidence"]["envelopes"]
+        evidence_id = next(iter(envelopes))
+        envelopes[evidence_id] = "AAAA" + envelopes[evidence_id]
+        damaged = json.dumps(document).encode("utf-8")
+        with open(self.path, "wb") as handle:
+            handle.write(damaged)
+        with self.assertRaises(ValueError) as raised:
+            make_server(self.path)
+        self.assertIn(self.path, str(raised.exception))
+        with open(self.path, "rb") as handle:
+            self.assertEqual(handle.read(), damaged)
+
     def test_the_cli_restarts_with_its_keys_and_envelopes(self) -> None:
         first = self.start_cli("--port", "0")
         port = int(first.stdout.readline().rsplit(":", 1)[1].split()[0])  # type: ignore[union-attr]
