@@ -3722,7 +3722,7 @@ class _Keyring:
         keys = _key_entries(data)
         active = [key for key in keys if key.exp_ms is None]
         if len(active) > 1:
-            raise ValueError("an evidence keyring needs unique kids and one open-ended key")
+            raise ValueError("an evidence keyring has at most one open-ended key")
         ring = cls(keys)
         if not active:
             ring._keys.append(_new_key_entry(now_ms))
@@ -3779,7 +3779,7 @@ def _key_entries(data: Any) -> List[_KeyEntry]:
         raise ValueError("an evidence keyring is a JWK Set: {\"keys\": [...]}")
     keys = [_key_entry_from_jwk(jwk) for jwk in data["keys"]]
     if len({key.kid for key in keys}) != len(keys):
-        raise ValueError("an evidence keyring needs unique kids and one open-ended key")
+        raise ValueError("an evidence keyring needs unique kids")
     return keys
 
 
@@ -4771,12 +4771,12 @@ class LocalCyclesServer:
         self._read_timeout_s = float(read_timeout_s)
         self._max_connections = max_connections
         self.clock = Clock()
+        retention_ms = int(retention_s * 1000)
         self._ledger = _Ledger(
             self.clock, default_ttl_ms, max_ttl_ms, default_grace_ms, max_extensions,
-            default_overage_policy, retention_ms=int(retention_s * 1000),
+            default_overage_policy, retention_ms=retention_ms,
         )
         enabled = evidence or evidence_key is not None
-        retention_ms = int(retention_s * 1000)
         self._evidence = self._evidence_log(evidence_key, retention_ms) if enabled else None
         self._api = _Api(self._ledger, self._evidence)
         self._faults = _FaultRegistry()
