@@ -3750,6 +3750,7 @@ class _Keyring:
                 retired_active = True
         if retired_active:
             self.rotate(at_ms)
+        self._keys[:-1] = sorted(self._keys[:-1], key=lambda key: key.nbf_ms)
         return retired_active
 
     @property

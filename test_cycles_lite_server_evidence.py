@@ -212,6 +212,28 @@ class TestRestart(EvidenceCase):
             after = client.create_reservation(create_body("r2")).body["cycles_evidence"]
             self.assert_authentic(client, after, keys[-1]["kid"])
 
+    def test_a_key_file_key_the_state_retired_never_signs_again(self) -> None:
+        key_file = os.path.join(self.folder, "evidence-key.json")
+        refs = []
+        with make_server(self.path, evidence_key=key_file) as srv:
+            port = srv.port
+            refs.append(self.client(port).create_reservation(create_body("r1")).body)
+            file_kid = self.kids(self.client(port))[0]
+        with make_server(self.path, port=port) as srv:  # without the file: its key retired
+            refs.append(self.client(port).create_reservation(create_body("r2")).body)
+        with make_server(self.path, port=port, evidence_key=key_file) as srv:
+            client = self.client(port)
+            keys = client.get_evidence_jwks().body["keys"]
+            self.assertEqual([key["status"] for key in keys], ["retired", "retired", "active"])
+            self.assertEqual(keys[0]["kid"], file_kid)
+            refs.append(client.create_reservation(create_body("r3")).body)
+            for body, key in zip(refs, keys):
+                self.assert_authentic(client, body["cycles_evidence"], key["kid"])
+        with open(key_file, encoding="utf-8") as handle:
+            saved = json.load(handle)["keys"]
+        self.assertEqual(saved[-1]["kid"], keys[-1]["kid"])  # the file holds the new key
+        self.assertIn("d", saved[-1])
+
     def test_a_damaged_evidence_section_is_refused_and_left_as_it_was(self) -> None:
         with make_server(self.path) as srv:
             client = self.client(srv.port)
