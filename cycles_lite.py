@@ -108,12 +108,13 @@ if TYPE_CHECKING:  # pragma: no cover
     _Check = Callable[[str, Any, bool], Any]
     _M = TypeVar("_M", bound="_Model")
     _T = TypeVar("_T")
-    _Guard = TypeVar("_Guard", bound="_Reservation")
+    _SyncGuard = TypeVar("_SyncGuard", bound="_SyncFace")
+    _AsyncGuard = TypeVar("_AsyncGuard", bound="_AsyncFace")
     _F = TypeVar("_F", bound=Callable[..., Any])
     # A lifecycle step generator: yields effects, receives their results, returns _T.
     _Steps = Generator["_Effect", Any, _T]
-    # A blocking send of one call: CyclesClient._call, or _send_detached bound to a client.
-    _SendFn = Callable[["_Call"], "CyclesResponse"]
+    # A blocking send of one effect through a client's public method (see _sender).
+    _SendFn = Callable[["_Send"], "CyclesResponse"]
 
 __version__ = "0.1.0"
 
@@ -2376,9 +2377,22 @@ def _perform(
     try:
         status, headers, body = transport.send(prepared, deadline)
     except Exception as exc:
-        _log.debug("%s %s failed: %s: %s", prepared.method, prepared.path, type(exc).__name__, exc)
+        if not _is_network_error(exc):  # a bug: its outcome is as unknown, but say so loudly
+            _log.error("%s %s failed: internal error", prepared.method, prepared.path, exc_info=exc)
+        else:
+            _log.debug(
+                "%s %s failed: %s: %s", prepared.method, prepared.path, type(exc).__name__, exc
+            )
         return CyclesResponse.transport_error(exc)
     return _read_response(status, headers, body)
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    """What a network, a TLS peer or an HTTP server can cause; anything else is a bug."""
+    http_client = sys.modules.get("http.client")
+    return isinstance(exc, OSError) or (
+        http_client is not None and isinstance(exc, http_client.HTTPException)
+    )
 
 
 # ===========================================================================
@@ -2540,11 +2554,36 @@ def _page(
             trace_id=response.trace_id,
         )
     cursor = response.get_body_attribute("next_cursor")
-    query = call.query or {}
     more = response.get_body_attribute("has_more") is not False
-    if more and isinstance(cursor, str) and cursor and cursor != query.get("cursor"):
+    if more and isinstance(cursor, str) and cursor:
         return [i for i in items if isinstance(i, dict)], call.with_cursor(cursor)
     return [i for i in items if isinstance(i, dict)], None
+
+
+def _refuse_repeated_cursor(call: _Call, followed: set[str]) -> None:
+    """Before fetching a page: a cursor followed already (A -> B -> A) means the server is
+    looping; end the iteration with CyclesProtocolError instead of looping for ever."""
+    cursor = (call.query or {}).get("cursor")
+    if cursor is None:
+        return
+    if cursor in followed:
+        raise CyclesProtocolError(
+            f"{call.operation} page failed: the server returned a cursor it had returned"
+            " before; stopping instead of looping"
+        )
+    followed.add(cursor)
+
+
+def _open_attempt_deadline(transport: _Transport, deadline: float | None) -> float | None:
+    """The deadline of an attempt made beneath a lifecycle step (see ``_attempt``), unless
+    given; RuntimeError on a closed client, except for a settlement retry, which may
+    outlive the client that started it."""
+    attempt = _attempt.get()
+    if transport.closed and not (attempt is not None and attempt.detached):
+        raise RuntimeError("the client is closed")
+    if deadline is None and attempt is not None:
+        return attempt.deadline
+    return deadline
 
 
 class CyclesClient:
@@ -2701,7 +2740,9 @@ class CyclesClient:
 
     def _pages(self, call: _Call, items_key: str) -> Iterator[dict[str, Any]]:
         next_call: _Call | None = call
+        followed: set[str] = set()
         while next_call is not None:
+            _refuse_repeated_cursor(next_call, followed)
             items, next_call = _page(next_call, self._call(next_call), items_key)
             yield from items
 
@@ -2710,19 +2751,12 @@ class CyclesClient:
 
         Never raises for HTTP or transport errors.
 
-        ``deadline`` is a ``time.monotonic()`` value; by default now + ``attempt_timeout``.
+        ``deadline`` is a ``time.monotonic()`` value; by default the lifecycle step's
+        (``_attempt``), else now + ``attempt_timeout``.
         """
         prepared = _build_request(self._config, call)
-        if self._transport.closed:
-            raise RuntimeError("the client is closed")
+        deadline = _open_attempt_deadline(self._transport, deadline)
         return _perform(self._transport, prepared, deadline)
-
-
-def _send_detached(config: CyclesConfig, transport: _Transport, call: _Call) -> CyclesResponse:
-    """``CyclesClient._call`` for the settlement worker, over the client's pool (async
-    clients have no other), working even after the client is closed: a settlement
-    retry may outlive the client that started it."""
-    return _perform(transport, _build_request(config, call))
 
 
 # ===========================================================================
@@ -2874,7 +2908,9 @@ class AsyncCyclesClient:
 
     async def _pages(self, call: _Call, items_key: str) -> AsyncIterator[dict[str, Any]]:
         next_call: _Call | None = call
+        followed: set[str] = set()
         while next_call is not None:
+            _refuse_repeated_cursor(next_call, followed)
             items, next_call = _page(next_call, await self._call(next_call), items_key)
             for item in items:
                 yield item
@@ -2896,8 +2932,7 @@ class AsyncCyclesClient:
         safety margin relies on that bound).
         """
         prepared = _build_request(self._config, call)
-        if self._transport.closed:
-            raise RuntimeError("the client is closed")
+        deadline = _open_attempt_deadline(self._transport, deadline)
         if deadline is None:
             deadline = time.monotonic() + self._transport.attempt_timeout
         future = self._io_executor().submit(_perform, self._transport, prepared, deadline)
@@ -3642,12 +3677,19 @@ class _Effect:
 
 
 class _Send(_Effect):
-    """One attempt of ``call``; the result is a CyclesResponse (never an exception)."""
+    """One attempt of a protocol operation through the client's public method
+    (``create_reservation``, ``commit_reservation``, ...); the result is a
+    CyclesResponse (never an exception).  The idempotency key is in ``body``, so a
+    resent effect is a retry with the same key."""
 
-    __slots__ = ("call",)
+    __slots__ = ("body", "operation", "reservation_id")
 
-    def __init__(self, call: _Call) -> None:
-        self.call = call
+    def __init__(
+        self, operation: str, body: Dict[str, Any], reservation_id: str | None = None
+    ) -> None:
+        self.operation = operation
+        self.body = body
+        self.reservation_id = reservation_id
 
 
 class _Sleep(_Effect):
@@ -3682,6 +3724,155 @@ class _StopHeartbeat(_Effect):
 
     def __init__(self, handle: Any) -> None:
         self.handle = handle
+
+
+# -- the wire: the client's public methods ------------------------------------------
+#
+# Every protocol operation of the lifecycle, the settlement retries and journal
+# replay goes through the client's public method, as in runcycles, so a mocked or
+# subclassed client sees each one.  The safety properties stay beneath or around
+# them: the idempotency key is in the body (a resent effect is a retry with the same
+# key), the attempt's deadline reaches ``_call`` through the ``_attempt`` context
+# variable, and the journal and the outcome table wrap the call.  A method that
+# raises or answers something other than a CyclesResponse is logged at ERROR and
+# counts as a transport failure: the outcome is unknown, so a settlement keeps its
+# record and retries the same key.
+
+_PUBLIC_METHODS = {
+    "create": "create_reservation",
+    "commit": "commit_reservation",
+    "release": "release_reservation",
+    "extend": "extend_reservation",
+    "event": "create_event",
+}
+
+
+class _Attempt:
+    """What ``_call`` beneath a public method inherits from the step that called it."""
+
+    __slots__ = ("deadline", "detached")
+
+    def __init__(self, deadline: float, detached: bool) -> None:
+        self.deadline = deadline  # time.monotonic() by which the attempt ends
+        self.detached = detached  # a settlement retry: it may outlive a closed client
+
+
+_attempt: contextvars.ContextVar[_Attempt | None] = contextvars.ContextVar(
+    "cycles_lite_attempt", default=None
+)
+
+
+class _ClientMismatch(TypeError):
+    """A sync reservation on an async client, or the reverse."""
+
+
+@functools.lru_cache(maxsize=None)
+def _detached_config() -> CyclesConfig:
+    return CyclesConfig(base_url="http://localhost", api_key="unused", journal_enabled=False)
+
+
+def _config_of(client: Any) -> CyclesConfig:
+    """The client's ``_config``; a test double without one runs on the defaults, unjournaled
+    (nothing identifies its server)."""
+    config = getattr(client, "_config", None)
+    return config if isinstance(config, CyclesConfig) else _detached_config()
+
+
+def _check_client(client: Any, is_async: bool, head: str = "client: expected") -> None:
+    """TypeError unless ``client`` has the public methods (a duck-typed object will do)
+    and is not the other kind of client."""
+    wanted, other = (
+        (AsyncCyclesClient, CyclesClient) if is_async else (CyclesClient, AsyncCyclesClient)
+    )
+    missing = [m for m in _PUBLIC_METHODS.values() if not callable(getattr(client, m, None))]
+    if isinstance(client, other) or missing:
+        detail = f" (missing {', '.join(missing)})" if missing and client is not None else ""
+        article = "an" if is_async else "a"
+        raise _ClientMismatch(
+            f"{head} {article} {wanted.__name__}, got {_type_name(client)}{detail}"
+        )
+
+
+def _invoke(client: Any, effect: _Send) -> Any:
+    """Call the public method of ``effect``; whatever it returns (a coroutine if async)."""
+    method = getattr(client, _PUBLIC_METHODS[effect.operation])
+    if effect.reservation_id is None:
+        return method(effect.body)
+    return method(effect.reservation_id, effect.body)
+
+
+def _refuse_kind(effect: _Send, result: Any, is_async: bool) -> None:
+    """An awaitable where an answer was due (or the reverse): a TypeError at the create,
+    the first call; later (a duck with mixed methods) it counts as a bad answer."""
+    if inspect.iscoroutine(result):
+        result.close()  # never awaited: nothing was sent
+    if effect.operation == "create":
+        kind, other = ("an async", "a sync") if is_async else ("a sync", "an async")
+        raise _ClientMismatch(
+            f"{_PUBLIC_METHODS['create']}() returned {_type_name(result)}: {kind}"
+            f" reservation needs {kind} client, not {other} one"
+        )
+
+
+def _response_of(effect: _Send, result: Any) -> CyclesResponse:
+    if isinstance(result, CyclesResponse):
+        return result
+    problem = TypeError(
+        f"{_PUBLIC_METHODS[effect.operation]}() returned {_type_name(result)},"
+        " not a CyclesResponse"
+    )
+    _log.error("%s; counted as a transport failure", problem)
+    return CyclesResponse.transport_error(problem)
+
+
+def _failed_send(effect: _Send, exc: Exception) -> CyclesResponse:
+    """A public method raised: a bug or a test double's error, never plain network trouble
+    (the client answers that with a transport-error response)."""
+    _log.error(
+        "%s() raised %s; counted as a transport failure (a settlement keeps its"
+        " idempotency key and retries)",
+        _PUBLIC_METHODS[effect.operation],
+        type(exc).__name__,
+        exc_info=exc,
+    )
+    return CyclesResponse.transport_error(exc)
+
+
+def _send_now(client: Any, effect: _Send, *, detached: bool = False) -> CyclesResponse:
+    """One attempt through the public method, on this thread.
+
+    ``detached``: a settlement retry (the worker, ``flush``, ``recover``), which runs an
+    async client's coroutine to completion on a private event loop, and may still use
+    the pool of a client closed since the settlement began.
+    """
+    token = _attempt.set(
+        _Attempt(time.monotonic() + _config_of(client).attempt_timeout, detached)
+    )
+    try:
+        result = _invoke(client, effect)
+        if inspect.isawaitable(result):
+            if not detached:
+                _refuse_kind(effect, result, is_async=False)
+                return _response_of(effect, result)
+            result = _run_to_completion(result)
+        return _response_of(effect, result)
+    finally:
+        _attempt.reset(token)
+
+
+def _run_to_completion(awaitable: Any) -> Any:
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(awaitable)
+    finally:
+        loop.close()
+
+
+def _sender(client: Any, *, detached: bool = False) -> _SendFn:
+    """The blocking send of ``client``'s sync drivers."""
+    return functools.partial(_send_now, client, detached=detached)
 
 
 def _drive(send: _SendFn, steps: _Steps[_T]) -> _T:
@@ -3724,16 +3915,19 @@ def _perform_effect(send: _SendFn, effect: _Effect) -> Any:
 
 
 def _send_safely(send: _SendFn, effect: _Send) -> CyclesResponse:
-    """A closed client or a bug becomes a transport error (``send`` itself never raises
-    for HTTP trouble)."""
+    """``send(effect)``; an exception from the public method (a bug, a closed client, a test
+    double's error) is logged at ERROR and becomes a transport-error response.  A client
+    of the wrong kind raises TypeError."""
     try:
-        return send(effect.call)
+        return send(effect)
+    except _ClientMismatch:
+        raise
     except Exception as exc:
-        return CyclesResponse.transport_error(exc)
+        return _failed_send(effect, exc)
 
 
 async def _drive_async(
-    client: AsyncCyclesClient, steps: _Steps[_T], heartbeat: _TaskHeartbeat | None = None
+    client: Any, steps: _Steps[_T], heartbeat: _TaskHeartbeat | None = None
 ) -> _T:
     """The asyncio driver: the same steps, each effect awaited (never blocking the loop).
 
@@ -3757,24 +3951,22 @@ async def _drive_async(
 
 
 async def _perform_effect_async(
-    client: AsyncCyclesClient, effect: _Effect, heartbeat: _TaskHeartbeat | None = None
+    client: Any, effect: _Effect, heartbeat: _TaskHeartbeat | None = None
 ) -> Any:
     import asyncio
 
     if isinstance(effect, _Send):
         try:
-            future, deadline = client._submit(effect.call)
+            return await _send_async(client, effect, heartbeat)
+        except _ClientMismatch:
+            raise
         except Exception as exc:
-            return CyclesResponse.transport_error(exc)
-        if heartbeat is not None:
-            heartbeat.in_flight, heartbeat.deadline = future, deadline
-        return await asyncio.wrap_future(future)
+            return _failed_send(effect, exc)
     if isinstance(effect, _Sleep):
         await asyncio.sleep(effect.seconds)
         return None
     if isinstance(effect, _Blocking):
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(client._io_executor(), effect.work)
+        return await asyncio.get_running_loop().run_in_executor(None, effect.work)
     if isinstance(effect, _StartHeartbeat):
         return _TaskHeartbeat(client, effect.steps)
     if isinstance(effect, _StopHeartbeat):
@@ -3783,21 +3975,89 @@ async def _perform_effect_async(
     raise TypeError(f"unknown effect {effect!r}")
 
 
+async def _send_async(
+    client: Any, effect: _Send, heartbeat: _TaskHeartbeat | None
+) -> CyclesResponse:
+    """One attempt through the async public method.
+
+    A create, an extend or a release runs as its own task, awaited through
+    ``asyncio.shield``: a heartbeat stop waits for its extend instead of cutting it off,
+    a release whose caller is cancelled still goes out, and so does a create, whose
+    reservation is then released (shielded from the cancellation: nobody will use it).
+    A commit is not shielded: an interrupted commit is handed to the settlement worker,
+    which resends it with the same key.
+    """
+    import asyncio
+
+    deadline = time.monotonic() + _config_of(client).attempt_timeout
+    token = _attempt.set(_Attempt(deadline, False))
+    try:
+        result = _invoke(client, effect)
+        if not inspect.isawaitable(result):
+            _refuse_kind(effect, result, is_async=True)
+            return _response_of(effect, result)
+        if effect.operation not in _SHIELDED:
+            return _response_of(effect, await result)
+        task = asyncio.ensure_future(result)  # the task copies the context: _attempt with it
+    finally:
+        _attempt.reset(token)
+    if heartbeat is not None:
+        heartbeat.in_flight, heartbeat.deadline = task, deadline
+    try:
+        return _response_of(effect, await asyncio.shield(task))
+    except asyncio.CancelledError:
+        _keep_running(task)
+        task.add_done_callback(functools.partial(_release_orphan, client, effect))
+        raise
+
+
+_SHIELDED = frozenset({"create", "extend", "release"})
+_shielded_tasks: set[Any] = set()  # strong references: tasks nobody awaits any more
+
+
+def _keep_running(task: Any) -> None:
+    _shielded_tasks.add(task)
+    task.add_done_callback(_shielded_tasks.discard)
+
+
+def _release_orphan(client: Any, create: _Send, task: Any) -> None:
+    """The create of a cancelled call answered: release what it reserved (a done callback)."""
+    import asyncio
+
+    if task.cancelled() or task.exception() is not None or create.operation != "create":
+        return  # (an exception is retrieved here, so asyncio does not report it)
+    response = task.result()
+    if not isinstance(response, CyclesResponse) or not _is_schema_valid("create", response):
+        return
+    body = response.body or {}
+    reservation_id = body.get("reservation_id")
+    if body.get("decision") == Decision.DENY.value or not isinstance(reservation_id, str):
+        return
+    key = _derived_key("release", create.body.get("idempotency_key"))
+    release = _release_body_steps(reservation_id, key, "cancelled_before_use")
+    _keep_running(asyncio.ensure_future(_drive_async(client, release)))
+
+
 class _TaskHeartbeat:
     """The async heartbeat driver: one asyncio task running the steps.
 
     ``stop()`` is final and, like ``_ScheduledHeartbeat.stop()``, waits for a beat in
-    flight: cancelling the task only stops the waiting, so it then waits for the
-    extend already handed to an I/O thread (bounded by that attempt's deadline), and
-    drops its result.  No extend is on the wire when the commit goes out.
+    flight: cancelling the task only stops the waiting (the extend runs shielded), so
+    it then waits for the extend (bounded by that attempt's deadline), and drops its
+    result.  No extend is on the wire when the commit goes out.
     """
 
-    def __init__(self, client: AsyncCyclesClient, steps: _Steps[None]) -> None:
+    def __init__(self, client: Any, steps: _Steps[None]) -> None:
         import asyncio
 
-        self.in_flight: Future[CyclesResponse] | None = None
+        self.in_flight: asyncio.Future[CyclesResponse] | None = None
         self.deadline = 0.0
         self._task = asyncio.get_running_loop().create_task(_drive_async(client, steps, self))
+
+    @property
+    def stopped(self) -> bool:
+        """True once the task ended: stopped, or the steps gave up on their own."""
+        return self._task.done()
 
     async def stop(self) -> None:
         import asyncio
@@ -3810,7 +4070,8 @@ class _TaskHeartbeat:
         in_flight = self.in_flight
         if in_flight is not None and not in_flight.done():
             left = max(0.0, self.deadline - time.monotonic())
-            await asyncio.wait({asyncio.wrap_future(in_flight)}, timeout=left)
+            await asyncio.wait({in_flight}, timeout=left)
+            in_flight.cancel()  # past its deadline (a slow test double): stop waiting
 
 
 class _ScheduledHeartbeat:
@@ -4306,7 +4567,7 @@ def _describe(response: CyclesResponse) -> str:
 # -- create ----------------------------------------------------------------------
 
 
-def _send_resending_once(call: _Call) -> _Steps[Tuple[CyclesResponse, float, float]]:
+def _send_resending_once(send: _Send) -> _Steps[Tuple[CyclesResponse, float, float]]:
     """One attempt, and one immediate resend with the same key if the outcome is ambiguous.
 
     Ambiguous: a transport error, a 5xx, or a 2xx that is not the operation's
@@ -4314,16 +4575,16 @@ def _send_resending_once(call: _Call) -> _Steps[Tuple[CyclesResponse, float, flo
     receive times (ms), which the heartbeat schedule starts from.
     """
     sent_ms = _monotonic_ms()
-    response = yield _Send(call)
+    response = yield send
     received_ms = _monotonic_ms()
-    if _is_ambiguous(call.operation, response):
+    if _is_ambiguous(send.operation, response):
         _log.warning(
             "%s: ambiguous outcome (%s); resending once with the same idempotency key",
-            call.operation,
+            send.operation,
             _describe(response),
         )
         sent_ms = _monotonic_ms()
-        response = yield _Send(call)
+        response = yield send
         received_ms = _monotonic_ms()
     return response, sent_ms, received_ms
 
@@ -4336,7 +4597,7 @@ def _is_ambiguous(operation: str, response: CyclesResponse) -> bool:
 
 def _create_steps(body: Dict[str, Any]) -> _Steps[Tuple[ReservationCreateResponse, float, float]]:
     """POST /v1/reservations; a denial or a lasting failure raises the typed exception."""
-    response, sent_ms, received_ms = yield from _send_resending_once(_create_call(body))
+    response, sent_ms, received_ms = yield from _send_resending_once(_Send("create", body))
     if not _is_schema_valid("create", response):
         if response.is_success:
             raise CyclesProtocolError(
@@ -4456,6 +4717,23 @@ def _commit_metadata(value: Any) -> Dict[str, Any]:
     return dict(_object_check("metadata", value, False))
 
 
+def _release_body_steps(
+    reservation_id: str, key: str, reason: str
+) -> _Steps[CyclesProtocolError | None]:
+    """POST .../release, resent once with the same key if the outcome is ambiguous;
+    the error if it did not release (the reservation is then left to expire)."""
+    body = {"idempotency_key": key, "reason": reason}
+    response, _, _ = yield from _send_resending_once(_Send("release", body, reservation_id))
+    if _is_schema_valid("release", response):
+        return None
+    _log.warning(
+        "release failed (%s); the reservation is left to expire: reservation_id=%s",
+        _describe(response),
+        reservation_id,
+    )
+    return _protocol_error(response, "Release failed")
+
+
 # -- the lifecycle ---------------------------------------------------------------
 
 
@@ -4468,13 +4746,13 @@ class _Reservation:
     """
 
     _failure_reason = "guarded_method_failed"
-    _client_kind: ClassVar[type] = object  # the face's client class
+    _is_async: ClassVar[bool] = False  # the face's kind of client
 
     def __init__(
         self, client: Any, create_body: Dict[str, Any], caller_key: str | None
     ) -> None:
         self._client = client
-        self._config: CyclesConfig = client._config
+        self._config = _config_of(client)
         self._create_body = create_body
         self._caller_key = caller_key
         self._created: ReservationCreateResponse | None = None
@@ -4575,12 +4853,8 @@ class _Reservation:
             reserved=created.reserved,
             balances=created.balances,
         )
-        self._phase = "open"
-        try:
-            self._heartbeat = yield _StartHeartbeat(self._heartbeat_steps(sent_ms, received_ms))
-        except Exception:
-            yield from self._release_steps("heartbeat_start_failed")
-            raise
+        self._phase = "open"  # from here on, every way out releases or settles (_leave)
+        self._heartbeat = yield _StartHeartbeat(self._heartbeat_steps(sent_ms, received_ms))
         self._context_token = _current_context.set(self._context)
         self._opened_at = time.monotonic()
         _log.debug(
@@ -4609,6 +4883,21 @@ class _Reservation:
     # -- heartbeat -----------------------------------------------------------------
 
     def _heartbeat_steps(self, sent_ms: float, received_ms: float) -> _Steps[None]:
+        """The beats; an internal error stops them like any other stop (lease lost)."""
+        try:
+            yield from self._beat_steps(sent_ms, received_ms)
+        except Exception:
+            context = self._context
+            if context is not None and context.heartbeat_stopped is None:
+                context.heartbeat_stopped = "internal_error"
+            _log.error(
+                "heartbeat stopped by an internal error; the lease will lapse:"
+                " reservation_id=%s",
+                self.reservation_id,
+                exc_info=True,
+            )
+
+    def _beat_steps(self, sent_ms: float, received_ms: float) -> _Steps[None]:
         """Keep the lease alive: the spec's schedule from ``_HeartbeatPlan``.
 
         A fresh key for every new beat, the same key for retries of a failed one;
@@ -4625,14 +4914,16 @@ class _Reservation:
             received_ms=received_ms,
         )
         due_ms = received_ms + beat.delay_ms
-        call: _Call | None = None
+        send: _Send | None = None
         while beat.action != "stop":
             yield _Sleep(max(0.0, due_ms - _monotonic_ms()) / 1000.0)
-            if call is None or beat.action == "extend":
+            if self._phase != "open":
+                return  # settled meanwhile (a stop that never reached this driver)
+            if send is None or beat.action == "extend":
                 body = {"idempotency_key": _new_key(), "extend_by_ms": ttl_ms}
-                call = _extend_call(self.reservation_id, body)
+                send = _Send("extend", body, self.reservation_id)
             sent_ms = _monotonic_ms()
-            response = yield _Send(call)
+            response = yield send
             received_ms = _monotonic_ms()
             beat = self._after_extend(plan, response, sent_ms, received_ms)
             due_ms = received_ms + beat.delay_ms
@@ -4785,17 +5076,8 @@ class _Reservation:
         self._phase = "closed"
         if self._heartbeat is not None:
             yield _StopHeartbeat(self._heartbeat)
-        body = {"idempotency_key": _derived_key("release", self._caller_key), "reason": reason}
-        call = _release_call(self._config, self.reservation_id, body, admin=False)
-        response, _, _ = yield from _send_resending_once(call)
-        if _is_schema_valid("release", response):
-            return
-        self._release_error = _protocol_error(response, "Release failed")
-        _log.warning(
-            "release failed (%s); the reservation is left to expire: reservation_id=%s",
-            _describe(response),
-            self.reservation_id,
-        )
+        key = _derived_key("release", self._caller_key)
+        self._release_error = yield from _release_body_steps(self.reservation_id, key, reason)
 
     def _abandon_steps(self, error: BaseException) -> _Steps[None]:
         """The work ran but its actual amount is unknown: settle nothing (see the README)."""
@@ -4829,35 +5111,61 @@ class _Reservation:
 
 
 class _SyncFace(_Reservation):
-    """The ``with`` statement of a reservation on a CyclesClient (the blocking driver)."""
+    """The ``with`` statement of a reservation on a CyclesClient (the blocking driver).
 
-    _client_kind: ClassVar[type] = CyclesClient
+    Enter and exit share one way out (``_leave``), taken on any exception, a
+    KeyboardInterrupt included: release or settle (``_exit_steps``), then stop the
+    heartbeat and restore the context whatever happens on the way.
+    """
 
-    def __enter__(self: _Guard) -> _Guard:
-        _drive(self._client._call, self._open_steps())
+    def __enter__(self: _SyncGuard) -> _SyncGuard:
+        try:
+            _drive(_sender(self._client), self._open_steps())
+        except BaseException as exc:
+            self._leave(exc)
+            raise
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self._leave(exc)
+
+    def _leave(self, error: BaseException | None) -> None:
         try:
-            _drive(self._client._call, self._exit_steps(exc))
+            _drive(_sender(self._client), self._exit_steps(error))
         finally:
-            self._restore_context()
+            try:
+                if self._heartbeat is not None and not self._heartbeat.stopped:
+                    self._heartbeat.stop()  # an interruption came first: stop it here
+            finally:
+                self._restore_context()
 
 
 class _AsyncFace(_Reservation):
-    """The ``async with`` statement of a reservation on an AsyncCyclesClient."""
+    """The ``async with`` statement of a reservation on an AsyncCyclesClient (the rules of
+    _SyncFace; a create in flight when the caller is cancelled is released on arrival)."""
 
-    _client_kind: ClassVar[type] = AsyncCyclesClient
+    _is_async: ClassVar[bool] = True
 
-    async def __aenter__(self: _Guard) -> _Guard:
-        await _drive_async(self._client, self._open_steps())
+    async def __aenter__(self: _AsyncGuard) -> _AsyncGuard:
+        try:
+            await _drive_async(self._client, self._open_steps())
+        except BaseException as exc:
+            await self._leave(exc)
+            raise
         return self
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        await self._leave(exc)
+
+    async def _leave(self, error: BaseException | None) -> None:
         try:
-            await _drive_async(self._client, self._exit_steps(exc))
+            await _drive_async(self._client, self._exit_steps(error))
         finally:
-            self._restore_context()
+            try:
+                if self._heartbeat is not None and not self._heartbeat.stopped:
+                    await self._heartbeat.stop()  # an interruption came first: stop it here
+            finally:
+                self._restore_context()
 
 
 class _GuardOptions(_Reservation):
@@ -4885,11 +5193,11 @@ class _GuardOptions(_Reservation):
         metadata: Dict[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> None:
-        _check_kind(client, self._client_kind)
+        _check_client(client, self._is_async)
         if isinstance(estimate, Amount):
             unit, estimate = estimate.unit, estimate.amount
         subject = _subject_with_defaults(
-            client._config,
+            _config_of(client),
             dict(tenant=tenant, workspace=workspace, app=app, workflow=workflow, agent=agent,
                  toolset=toolset),
             dimensions,
@@ -4939,12 +5247,12 @@ class ReservationGuard(_GuardOptions, _SyncFace):
     ) -> None:
         """Commit ``actual``: the first attempt now, retries as configured.  A failed commit
         never raises (see ``settlement_error``); bad arguments raise ValueError."""
-        _drive(self._client._call, self._commit_steps(actual, metrics, metadata))
+        _drive(_sender(self._client), self._commit_steps(actual, metrics, metadata))
 
     def release(self, reason: str | None = None) -> None:
         """Release the reservation (for work that did not happen)."""
         self._require_open("release")
-        _drive(self._client._call, self._release_steps(reason or "released_by_caller"))
+        _drive(_sender(self._client), self._release_steps(reason or "released_by_caller"))
 
 
 class AsyncReservationGuard(_GuardOptions, _AsyncFace):
@@ -4987,9 +5295,9 @@ class _StreamOptions(_Reservation):
         idempotency_key: str | None = None,
         raise_on_commit_failure: bool = False,
     ) -> None:
-        _check_kind(client, self._client_kind)
+        _check_client(client, self._is_async)
         if subject is None:
-            subject_body = _subject_with_defaults(client._config, {}, None)
+            subject_body = _subject_with_defaults(_config_of(client), {}, None)
         else:
             subject_body = _subject("subject", subject, False).model_dump(exclude_none=True)
         amount = _amount("estimate", estimate, False)
@@ -5948,7 +6256,7 @@ class _Settlement:
         commit_body: Dict[str, Any],
         event_body: Dict[str, Any],
     ) -> _Settlement:
-        config: CyclesConfig = client._config
+        config = _config_of(client)
         record = _PendingSettlement(
             reservation_id=reservation_id,
             base_url=config.base_url,
@@ -5962,10 +6270,10 @@ class _Settlement:
     @classmethod
     def for_record(cls, client: Any, record: _PendingSettlement) -> _Settlement:
         """Also the hook for journal replay: settle a surviving record through the worker."""
-        config: CyclesConfig = client._config
+        config = _config_of(client)
         return cls(
             record=record,
-            send=functools.partial(_send_detached, config, client._transport),
+            send=_sender(client, detached=True),
             policy=_retry_policy(config),
             journal=_journal_for(config),
             inline=config.commit_retry == "inline",
@@ -5980,9 +6288,9 @@ class _Settlement:
         record = self.record
         if record.mode == "event":
             assert record.event_fallback_body is not None
-            return _Send(_event_call(record.event_fallback_body))
+            return _Send("event", record.event_fallback_body)
         assert record.commit_body is not None
-        return _Send(_commit_call(record.reservation_id, record.commit_body))
+        return _Send("commit", record.commit_body, record.reservation_id)
 
 
 def _settle_new_steps(job: _Settlement, heartbeat: Any) -> _Steps[_Disposition]:
@@ -6352,13 +6660,15 @@ def _replay_on_first_use(client: Any) -> None:
     alike, and the surviving records are settled on the settlement worker.
     Never raises.
     """
+    if not issubclass(type(client), (CyclesClient, AsyncCyclesClient)):
+        return  # a test double or a duck: never hand it records other processes left
     if client in _clients_seen:
         return
     with _replay_lock:
         if client in _clients_seen:
             return
         _clients_seen.add(client)
-    if not client._config.journal_enabled:
+    if not _config_of(client).journal_enabled:
         return
     # Only records written before now are adopted: later ones belong to settlements
     # of this process that are still running (the async scan runs concurrently).
@@ -6369,7 +6679,7 @@ def _replay_on_first_use(client: Any) -> None:
 def _replay_in_background(client: Any, first_use_ms: int) -> None:
     """Queue this identity's surviving records, at most ``replay_room()`` of them."""
     try:
-        journal = _journal_for(client._config)
+        journal = _journal_for(_config_of(client))
         if journal is None or not _claim_replay(journal):
             return
         records, _quarantined = _scan_journal(journal)
@@ -6525,12 +6835,8 @@ def set_default_config(config: CyclesConfig) -> None:
 def _resolve_client(explicit: Any, is_async: bool) -> Any:
     """The client of one call, resolved at call time (set_default_* may come after decoration)."""
     client = explicit if explicit is not None else _default_client_for(is_async)
-    expected = AsyncCyclesClient if is_async else CyclesClient
-    if not isinstance(client, expected):
-        kind = "Async function requires an AsyncCyclesClient" if is_async else (
-            "Sync function requires a CyclesClient"
-        )
-        raise TypeError(f"{kind}, got {type(client).__name__}")
+    head = "Async function requires" if is_async else "Sync function requires"
+    _check_client(client, is_async, head)
     return client
 
 
@@ -6735,13 +7041,13 @@ def _sync_guarded(fn: Callable[..., Any], spec: _CyclesSpec, explicit: Any) -> C
     @functools.wraps(fn)
     def guarded(*args: Any, **kwargs: Any) -> Any:
         client = _resolve_client(explicit, is_async=False)
-        body = spec.create_body(client._config, args, kwargs)
+        body = spec.create_body(_config_of(client), args, kwargs)
         if spec.dry_run:
-            return _drive(client._call, _dry_run_steps(body))
+            return _drive(_sender(client), _dry_run_steps(body))
         with _SyncFace(client, body, None) as guard:
             result = fn(*args, **kwargs)
             _reject_awaitable(result)
-            _drive(client._call, _settle_call_steps(spec, guard, result))
+            _drive(_sender(client), _settle_call_steps(spec, guard, result))
         return result
 
     return guarded
@@ -6751,7 +7057,7 @@ def _async_guarded(fn: Callable[..., Any], spec: _CyclesSpec, explicit: Any) -> 
     @functools.wraps(fn)
     async def guarded(*args: Any, **kwargs: Any) -> Any:
         client = _resolve_client(explicit, is_async=True)
-        body = spec.create_body(client._config, args, kwargs)
+        body = spec.create_body(_config_of(client), args, kwargs)
         if spec.dry_run:
             return await _drive_async(client, _dry_run_steps(body))
         async with _AsyncFace(client, body, None) as guard:
