@@ -125,6 +125,8 @@ __all__ = [  # noqa: RUF022 - grouped as in runcycles
     "ReservationExpiredError",
     "ReservationFinalizedError",
     "TenantClosedError",
+    "CyclesConnectionError",
+    "InvalidFieldError",
     # Models
     "Unit",
     "Amount",
@@ -382,10 +384,12 @@ class CyclesTransportError(CyclesError):
         self.cause = cause
 
 
-class _TransportProtocolError(CyclesProtocolError, CyclesTransportError):
-    """A transport failure raised where runcycles raises ``CyclesProtocolError(status=-1)``.
+class CyclesConnectionError(CyclesProtocolError, CyclesTransportError):
+    """The server could not be reached or did not answer (connection refused, DNS,
+    TLS, timeout, dropped connection), raised where runcycles raises
+    ``CyclesProtocolError(status=-1)``.
 
-    Catch it as either class.
+    Catch it as either class; ``status`` is -1 and ``cause`` the underlying error.
     """
 
     def __init__(self, message: str, *, cause: BaseException | None = None) -> None:
@@ -416,7 +420,7 @@ def _protocol_error(response: CyclesResponse, prefix: str) -> CyclesProtocolErro
 
 def _build_protocol_error(response: CyclesResponse, prefix: str) -> CyclesProtocolError:
     if response.is_transport_error:
-        return _TransportProtocolError(
+        return CyclesConnectionError(
             f"{prefix}: {response.error_message or 'transport error'}",
             cause=response.transport_exception,
         )
@@ -559,17 +563,21 @@ class _RequiredMarker:
 _REQUIRED: Any = _RequiredMarker()
 
 
-class _FieldError(ValueError):
-    """A ValueError whose message starts with the dotted path of the bad field."""
+class InvalidFieldError(ValueError):
+    """Invalid input: a ValueError whose message starts with the dotted path of the bad
+    field (``path``), then the ``problem``.  Raised before anything is sent."""
 
     def __init__(self, path: str, problem: str) -> None:
         super().__init__(f"{path}: {problem}")
         self.path = path
         self.problem = problem
 
-    def under(self, parent: str) -> _FieldError:
+    def under(self, parent: str) -> InvalidFieldError:
         joiner = "" if self.path.startswith("[") else "."
-        return _FieldError(parent + joiner + self.path, self.problem)
+        return InvalidFieldError(parent + joiner + self.path, self.problem)
+
+
+_FieldError = InvalidFieldError  # the short name used by the field checks
 
 
 def _type_name(value: Any) -> str:
@@ -631,9 +639,9 @@ def _model_check(model_class: Type[_Model]) -> _Check:
         if isinstance(value, model_class):
             return value
         if not isinstance(value, dict):
-            raise _FieldError(
-                path, f"must be a {model_class.__name__} or a dict, got {_type_name(value)}"
-            )
+            name = model_class.__name__
+            article = "an" if name[0] in "AEIOU" else "a"
+            raise _FieldError(path, f"must be {article} {name} or a dict, got {_type_name(value)}")
         try:
             return model_class._from_dict(value, tolerant)
         except _FieldError as exc:
@@ -1518,7 +1526,7 @@ class CyclesResponse:
     def transport_error(cls, ex: BaseException) -> CyclesResponse:
         return cls(
             status=-1,
-            error_message=str(ex) or type(ex).__name__,
+            error_message=_transport_failure_message(ex),
             _is_transport_error=True,
             transport_exception=ex,
         )
@@ -2202,7 +2210,10 @@ def _read_response(
             captured[lower] = value
     body = _json_object(body_bytes)
     if 200 <= status < 300:
-        return CyclesResponse.success(status, body if body is not None else {}, captured)
+        response = CyclesResponse.success(status, body if body is not None else {}, captured)
+        if body is None:
+            response.error_message = _not_cycles_message(status, captured)
+        return response
     return CyclesResponse.http_error(status, _error_message(status, body, captured), body, captured)
 
 
@@ -2226,7 +2237,47 @@ def _error_message(status: int, body: Dict[str, Any] | None, headers: Mapping[st
             text = _str_or_none(body.get(key))
             if text:
                 return text
-    return f"HTTP {status}"
+    return _not_cycles_message(status, headers)
+
+
+def _not_cycles_message(status: int, headers: Mapping[str, str]) -> str:
+    """The message for an answer without a Cycles (JSON) body: an HTML page, a proxy."""
+    content_type = headers.get("content-type") or "no content type"
+    return (
+        f"HTTP {status} ({content_type}) is not a Cycles answer: "
+        "the base URL does not look like a Cycles server"
+    )
+
+
+def _transport_failure_message(exc: BaseException) -> str:
+    """A plain description of a request that got no HTTP answer (for messages and logs)."""
+    detail = str(exc) or type(exc).__name__
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused: nothing listens at the base URL (is the server running?)"
+    socket, ssl, http_client = (sys.modules.get(m) for m in ("socket", "ssl", "http.client"))
+    if socket is not None and isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host of the base URL ({exc.strerror or detail})"
+    if ssl is not None and isinstance(exc, ssl.SSLError):
+        return f"TLS failure: {detail}"
+    if isinstance(exc, TimeoutError) or (socket is not None and isinstance(exc, socket.timeout)):
+        return "timed out" if detail == "timed out" else f"timed out ({detail})"
+    closed: Tuple[type, ...] = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
+    if http_client is not None:
+        closed += (http_client.IncompleteRead,)
+        if not isinstance(exc, closed) and isinstance(exc, http_client.HTTPException):
+            return f"not a valid HTTP answer ({type(exc).__name__}: {detail})"
+    if isinstance(exc, closed):
+        return f"the connection closed before a complete answer ({detail})"
+    return detail
+
+
+def _never_sent(response: CyclesResponse) -> bool:
+    """True when a transport failure proves the request never reached a server."""
+    socket = sys.modules.get("socket")
+    exc = response.transport_exception
+    return isinstance(exc, ConnectionRefusedError) or (
+        socket is not None and isinstance(exc, socket.gaierror)
+    )
 
 
 class _AttemptDeadlineExceeded(TimeoutError):
@@ -3696,8 +3747,9 @@ def _send_resending_once(call: _Call) -> _Steps[Tuple[CyclesResponse, float, flo
     received_ms = _monotonic_ms()
     if _is_ambiguous(call.operation, response):
         _log.warning(
-            "%s: ambiguous outcome (%s); resending once with the same idempotency key",
+            "%s: %s (%s); resending once with the same idempotency key",
             call.operation,
+            "not sent" if _never_sent(response) else "ambiguous outcome",
             _describe(response),
         )
         sent_ms = _monotonic_ms()
@@ -3718,7 +3770,8 @@ def _create_steps(body: Dict[str, Any]) -> _Steps[Tuple[ReservationCreateRespons
     if not _is_schema_valid("create", response):
         if response.is_success:
             raise CyclesProtocolError(
-                "Create reservation did not produce a schema-valid HTTP 200 response",
+                "Create reservation did not produce a schema-valid HTTP 200 response"
+                + (f": {response.error_message}" if response.error_message else ""),
                 status=response.status,
                 request_id=response.request_id,
                 trace_id=response.trace_id,
@@ -6306,6 +6359,8 @@ def _cli_failed(response: CyclesResponse, what: str, print_body: bool) -> int:
     code = _error_code(response)
     code_text = " " + code if code else ""
     detail = f"HTTP {response.status}{code_text}: {response.error_message}"
+    if (response.error_message or "").startswith(f"HTTP {response.status} "):
+        detail = response.error_message or ""
     if response.request_id:
         detail += f" (request id {response.request_id})"
     _cli_error(f"{what} failed: {_cli_cell(detail)}")
@@ -6370,7 +6425,7 @@ def _cli_check(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
         "api_key": "set" if config.api_key else "not set",
         "admin_api_key": "set" if config.admin_api_key else "not set",
         "auth": "admin key" if admin_only else "api key",
-        "ok": response.is_success,
+        "ok": _is_schema_valid("list", response),
         "status": response.status,
         "latency_ms": elapsed_ms,
         "tenant": response.cycles_tenant or (tenant if admin_only else None),
@@ -6382,6 +6437,9 @@ def _cli_check(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
         _cli_table(["CHECK", "RESULT"], [[k, _cli_cell(v)] for k, v in report.items()])
     if not response.is_success:
         return _cli_failed(response, "check", print_body=False)  # the report is the output
+    if not report["ok"]:
+        _cli_error("check failed: " + _not_cycles_message(response.status, response.headers))
+        return EXIT_API_ERROR
     return EXIT_OK
 
 
