@@ -6220,6 +6220,127 @@ def _async_guarded(fn: Callable[..., Any], spec: _CyclesSpec, explicit: Any) -> 
 
 
 # ===========================================================================
+# Runtime annotations: typing.get_type_hints() on the public classes
+# ===========================================================================
+# Annotations are strings (``from __future__ import annotations``) that name typing
+# names imported for the type checker only, and use ``X | None`` and ``dict[...]``,
+# which Python 3.8/3.9 cannot evaluate: typing.get_type_hints() (pydantic's
+# TypeAdapter, cattrs, FastAPI) would raise NameError or TypeError.  Each public
+# class's ``__annotations__`` therefore translates itself into typing objects the
+# first time a tool reads its values; ``typing`` is imported then, never at import.
+# Names only the type checker knows (private aliases) read as ``typing.Any``.
+
+
+class _LazyAnnotations(dict):  # type: ignore[type-arg]
+    """A class's ``__annotations__``: strings until a tool reads the values."""
+
+    def _resolved(self) -> _LazyAnnotations:
+        if not getattr(self, "_done", False):
+            module = sys.modules[__name__].__dict__
+            for name, text in dict.items(self):
+                if isinstance(text, str):
+                    dict.__setitem__(self, name, _runtime_annotation(text, module))
+            self._done = True
+        return self
+
+    def items(self) -> Any:
+        return dict.items(self._resolved())
+
+    def values(self) -> Any:
+        return dict.values(self._resolved())
+
+    def __getitem__(self, name: str) -> Any:
+        return dict.__getitem__(self._resolved(), name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return dict.get(self._resolved(), name, default)
+
+
+class _AnnotationNames(dict):  # type: ignore[type-arg]
+    """The names an annotation may use, each wrapped in a _TypeExpr (eval's locals)."""
+
+    def __init__(self, module: Mapping[str, Any]) -> None:
+        super().__init__()
+        self._module = module
+
+    def __missing__(self, name: str) -> _TypeExpr:
+        import builtins
+        import typing
+
+        for namespace in (self._module, vars(typing), vars(builtins)):
+            if name in namespace:
+                return _TypeExpr(namespace[name])
+        return _TypeExpr(typing.Any)
+
+
+class _TypeExpr:
+    """A value inside an annotation being evaluated: ``|`` makes a Union, ``[...]``
+    subscripts (``dict[...]`` as ``typing.Dict[...]`` on Python 3.8)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __or__(self, other: Any) -> _TypeExpr:
+        import typing
+
+        return _TypeExpr(typing.Union[self.value, _type_value(other)])
+
+    def __ror__(self, other: Any) -> _TypeExpr:
+        import typing
+
+        return _TypeExpr(typing.Union[_type_value(other), self.value])
+
+    def __getitem__(self, args: Any) -> _TypeExpr:
+        import typing
+
+        builtin_generics: Dict[Any, Any] = {
+            dict: typing.Dict, list: typing.List, set: typing.Set, tuple: typing.Tuple,
+            frozenset: typing.FrozenSet, type: typing.Type,
+        }
+        origin = builtin_generics.get(self.value, self.value)
+        return _TypeExpr(origin[_type_value(args)])
+
+    def __getattr__(self, name: str) -> _TypeExpr:
+        import typing
+
+        return _TypeExpr(getattr(self.value, name, typing.Any))
+
+
+def _type_value(part: Any) -> Any:
+    if isinstance(part, _TypeExpr):
+        return part.value
+    if isinstance(part, (tuple, list)):
+        return type(part)(_type_value(item) for item in part)
+    return part
+
+
+def _runtime_annotation(text: str, module: Mapping[str, Any]) -> Any:
+    """The typing object an annotation string stands for (``typing.Any`` if it cannot
+    be evaluated)."""
+    import typing
+
+    try:
+        value = eval(text, {"__builtins__": {}}, _AnnotationNames(module))  # noqa: S307
+    except Exception:  # an annotation is never worth an error here
+        return typing.Any
+    return _type_value(value)
+
+
+def _annotate_public_classes(names: Iterable[str]) -> None:
+    """Give every public class (and the classes of this module it inherits from)
+    annotations that typing.get_type_hints() can evaluate."""
+    namespace = globals()
+    for name in names:
+        public = namespace.get(name)
+        for cls in public.__mro__ if isinstance(public, type) else ():
+            own = vars(cls).get("__annotations__")  # what get_type_hints() reads
+            if cls.__module__ == __name__ and own and not isinstance(own, _LazyAnnotations):
+                cls.__annotations__ = _LazyAnnotations(own)
+
+
+# ===========================================================================
 # CLI
 # ===========================================================================
 
@@ -6590,6 +6711,8 @@ def _cli_recover(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
         _cli_table(["result", "records"], [[name, str(value)] for name, value in counts.items()])
     return EXIT_OK if summary.unresolved == 0 and summary.quarantined == 0 else EXIT_API_ERROR
 
+
+_annotate_public_classes(__all__)
 
 if __name__ == "__main__":
     sys.exit(main())
