@@ -63,8 +63,18 @@ $(CONFORMANCE_VENV)/.ok:
 
 # The protocol's official client-recovery runner (it needs PyYAML, from a throwaway
 # venv) runs our adapter once per scenario; the adapter runs the mapped native tests.
-conformance: $(CONFORMANCE_VENV)/.ok
-	$(CONFORMANCE_VENV)/bin/python $(SHARED)/reference/official/scripts/run_client_recovery_conformance.py \
+# The runner comes from a checkout of https://github.com/runcycles/cycles-protocol:
+# `make conformance PROTOCOL_DIR=/path/to/cycles-protocol`.
+PROTOCOL_DIR ?= $(SHARED)/reference/official
+CONFORMANCE_RUNNER = $(PROTOCOL_DIR)/scripts/run_client_recovery_conformance.py
+conformance:
+	@if [ ! -f "$(CONFORMANCE_RUNNER)" ]; then \
+	  echo "make conformance: the official runner is not at $(CONFORMANCE_RUNNER)." >&2; \
+	  echo "Check out https://github.com/runcycles/cycles-protocol and name it:" >&2; \
+	  echo "  make conformance PROTOCOL_DIR=/path/to/cycles-protocol" >&2; \
+	  exit 2; fi
+	@$(MAKE) --no-print-directory $(CONFORMANCE_VENV)/.ok
+	$(CONFORMANCE_VENV)/bin/python "$(CONFORMANCE_RUNNER)" \
 	  --claim durable --report-json recovery-conformance.json \
 	  --adapter $(PYTHON) conformance/cycles_lite_recovery_adapter.py
 
