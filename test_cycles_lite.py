@@ -514,7 +514,10 @@ class TestModels(unittest.TestCase):
             CyclesResponse.transport_error(ConnectionResetError("rst")), "C"
         )
         self.assertIsInstance(transport, CyclesTransportError)
-        self.assertEqual((transport.status, str(transport)), (-1, "C: rst"))
+        self.assertEqual(
+            (transport.status, str(transport)),
+            (-1, "C: the connection closed before a complete answer (rst)"),
+        )
         self.assertIsInstance(transport.cause, ConnectionResetError)  # type: ignore[attr-defined]
         self.assertTrue(transport.is_retryable())
 

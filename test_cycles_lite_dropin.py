@@ -355,15 +355,9 @@ class TestWheel(unittest.TestCase):
 
 
 class TestActionableErrors(unittest.TestCase):
-    def setUp(self) -> None:
-        journal = tempfile.TemporaryDirectory()
-        self.addCleanup(journal.cleanup)
-        self.journal = journal.name
-
     def _client(self, url: str) -> cl.CyclesClient:
         client = cl.CyclesClient(cl.CyclesConfig(
-            base_url=url, api_key="k", tenant="acme", journal_dir=self.journal,
-            retry_enabled=False,
+            base_url=url, api_key="k", tenant="acme", journal_enabled=False, retry_enabled=False,
         ))
         self.addCleanup(client.close)
         return client
@@ -446,7 +440,7 @@ class TestActionableErrors(unittest.TestCase):
 
     def _cli(self, url: str) -> typing.Tuple[int, str]:
         env = {"CYCLES_BASE_URL": url, "CYCLES_API_KEY": "k", "CYCLES_TENANT": "acme",
-               "CYCLES_JOURNAL_DIR": self.journal}
+               "CYCLES_JOURNAL_ENABLED": "false"}
         err = io.StringIO()
         with mock.patch.dict(os.environ, env), contextlib.redirect_stderr(err), \
                 contextlib.redirect_stdout(io.StringIO()):
