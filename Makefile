@@ -91,6 +91,7 @@ package: $(DEV_VENV)/.ok
 	  $(PKG_VENV)/bin/python -m pip install -q --disable-pip-version-check $$source && \
 	  cp tools/typed_user.py $(PKG_VENV)/ && cd $(PKG_VENV) && \
 	  bin/python -c "import cycles_lite, cycles_lite_server; print('installed from $$source:', cycles_lite.__file__)" && \
+	  bin/python -c "import typing, cycles_lite as c; [typing.get_type_hints(getattr(c, n)) for n in c.__all__ if isinstance(getattr(c, n), type)]" && \
 	  bin/python -m cycles_lite --version && bin/cycles-lite --version && \
 	  bin/python -m cycles_lite_server --help > /dev/null && bin/cycles-lite-server --help > /dev/null && \
 	  $(abspath $(DEV_VENV))/bin/mypy --strict --python-executable bin/python typed_user.py && \
