@@ -6236,10 +6236,9 @@ class _LazyAnnotations(dict):  # type: ignore[type-arg]
 
     def _resolved(self) -> _LazyAnnotations:
         if not getattr(self, "_done", False):
-            module = sys.modules[__name__].__dict__
             for name, text in dict.items(self):
                 if isinstance(text, str):
-                    dict.__setitem__(self, name, _runtime_annotation(text, module))
+                    dict.__setitem__(self, name, _runtime_annotation(text))
             self._done = True
         return self
 
@@ -6259,15 +6258,11 @@ class _LazyAnnotations(dict):  # type: ignore[type-arg]
 class _AnnotationNames(dict):  # type: ignore[type-arg]
     """The names an annotation may use, each wrapped in a _TypeExpr (eval's locals)."""
 
-    def __init__(self, module: Mapping[str, Any]) -> None:
-        super().__init__()
-        self._module = module
-
     def __missing__(self, name: str) -> _TypeExpr:
         import builtins
         import typing
 
-        for namespace in (self._module, vars(typing), vars(builtins)):
+        for namespace in (globals(), vars(typing), vars(builtins)):
             if name in namespace:
                 return _TypeExpr(namespace[name])
         return _TypeExpr(typing.Any)
@@ -6300,6 +6295,8 @@ class _TypeExpr:
             frozenset: typing.FrozenSet, type: typing.Type,
         }
         origin = builtin_generics.get(self.value, self.value)
+        if origin is typing.Literal:  # its strings are values, not names
+            return _TypeExpr(origin[args])
         return _TypeExpr(origin[_type_value(args)])
 
     def __getattr__(self, name: str) -> _TypeExpr:
@@ -6313,16 +6310,18 @@ def _type_value(part: Any) -> Any:
         return part.value
     if isinstance(part, (tuple, list)):
         return type(part)(_type_value(item) for item in part)
+    if isinstance(part, str):  # a quoted name inside an annotation: List["_Effect"]
+        return _runtime_annotation(part)
     return part
 
 
-def _runtime_annotation(text: str, module: Mapping[str, Any]) -> Any:
+def _runtime_annotation(text: str) -> Any:
     """The typing object an annotation string stands for (``typing.Any`` if it cannot
     be evaluated)."""
     import typing
 
     try:
-        value = eval(text, {"__builtins__": {}}, _AnnotationNames(module))  # noqa: S307
+        value = eval(text, {"__builtins__": {}}, _AnnotationNames())  # noqa: S307
     except Exception:  # an annotation is never worth an error here
         return typing.Any
     return _type_value(value)
