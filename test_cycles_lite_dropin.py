@@ -256,6 +256,21 @@ class TestTypeHints(unittest.TestCase):
                          typing.Optional[typing.List[str]])
         self.assertEqual(typing.get_type_hints(cl.CyclesConfig)["base_url"], str)
 
+    def test_quoted_names_resolve_and_literals_stay_values(self) -> None:
+        self.assertEqual(cl._runtime_annotation('List["Amount"] | None'),
+                         typing.Optional[typing.List[cl.Amount]])
+        self.assertEqual(cl._runtime_annotation('Literal["a", "b"]'), typing.Literal["a", "b"])
+        self.assertEqual(cl._runtime_annotation("NotAName[int]"), typing.Any)
+        self.assertEqual(cl._runtime_annotation("dict[str, _Check]"),
+                         typing.Dict[str, typing.Any])
+
+    def test_a_user_subclass_gets_its_own_and_inherited_hints(self) -> None:
+        class Priced(cl.Amount):
+            label: typing.Optional[str] = None
+
+        hints = typing.get_type_hints(Priced)
+        self.assertEqual((hints["amount"], hints["label"]), (int, typing.Optional[str]))
+
     def test_dataclass_fields_and_constructors_are_unchanged(self) -> None:
         amount = cl.Amount(unit=cl.Unit.TOKENS, amount=5)
         typing.get_type_hints(cl.Amount)
