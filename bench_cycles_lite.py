@@ -264,6 +264,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--worker":
         return _worker_main(argv[1:])
+    if argv and argv[0] == "--code-lines":
+        return _code_lines_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=300)
     parser.add_argument("--calls", type=int, default=300)
@@ -356,6 +358,41 @@ def _table(rows: List[str]) -> str:
     head = ("| measure | cycles_lite | runcycles 0.5.3 | lite / official "
             "| raw http.client floor |\n|---|---:|---:|---:|---:|")
     return "\n".join([head, *rows])
+
+
+# ---------------------------------------------------------------------------
+# Code lines: non-blank, non-comment lines outside docstrings, counted with tokenize.
+# ``python bench_cycles_lite.py --code-lines [FILE ...]`` (default: cycles_lite.py).
+# ---------------------------------------------------------------------------
+
+def count_code_lines(path: str) -> int:
+    """Lines holding a token other than a comment, a line break or a docstring."""
+    import io
+    import token
+    import tokenize
+
+    with open(path, "rb") as handle:
+        tokens = list(tokenize.tokenize(io.BytesIO(handle.read()).readline))
+    skip = {token.COMMENT, token.NL, token.NEWLINE, token.INDENT, token.DEDENT,
+            token.ENCODING, token.ENDMARKER}
+    lines = set()
+    previous = token.NEWLINE  # a string opening a logical line is a docstring
+    for tok in tokens:
+        if tok.type in skip:
+            if tok.type in (token.NEWLINE, token.INDENT, token.DEDENT):
+                previous = token.NEWLINE
+            continue
+        is_docstring = tok.type == token.STRING and previous == token.NEWLINE
+        previous = tok.type
+        if not is_docstring:
+            lines.update(range(tok.start[0], tok.end[0] + 1))
+    return len(lines)
+
+
+def _code_lines_main(paths: Sequence[str]) -> int:
+    for path in paths or [os.path.join(HERE, "cycles_lite.py")]:
+        print(f"{count_code_lines(path)} code lines in {os.path.relpath(path)}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -32,6 +32,26 @@ or network errors; they raise ``ValueError`` for invalid input::
 Command line: ``python -m cycles_lite COMMAND`` with ``check``, ``balances``,
 ``reservations``, ``reservation ID``, ``release ID`` and ``recover`` (settle what the
 commit journal holds after a crash or an outage).
+
+Contents (the section banners below, in order)::
+
+    Constants
+    Errors
+    Models                  each field declared once, with its check
+    Config                  each setting declared once: default, check, env variable
+    Transport
+    Client
+    Async client
+    Guard and heartbeat
+        Effects and drivers     incl. the one sync heartbeat scheduler thread
+        Heartbeat plan          the spec's HEARTBEAT GUIDANCE, a pure state object
+        The reservation lifecycle: one object, three faces
+    Settlement and journal
+        Settlement outcome table
+        Commit journal, on-disk compatible with runcycles 0.5.3
+    Decorator
+    Runtime annotations     typing.get_type_hints() on the public classes, resolved lazily
+    CLI                     commands from one table
 """
 
 from __future__ import annotations
@@ -741,14 +761,20 @@ def _dump_value(value: Any, exclude_none: bool, json_mode: bool) -> Any:
     return value
 
 
+def _field(check: _Check, *, required: bool = False) -> Any:
+    """A model field and its check, declared together: ``amount: int = _field(_int64)``."""
+    return field(default=_REQUIRED if required else None, metadata={"check": check})
+
+
 class _Model:
     """Base of the protocol dataclasses: validation at construction, dump, tolerant parse.
 
-    Subclasses list a check per field in ``_fields``; a field whose default is
-    ``_REQUIRED`` must be given.  ``extra`` keeps the unknown fields of a parsed
-    response (a newer server may add fields; they are never refused).
+    Each field is declared once, with its check (``_field``); a required field
+    must be given.  ``extra`` keeps the unknown fields of a parsed response (a
+    newer server may add fields; they are never refused).
     """
 
+    # Collected from the field declarations: name -> check, and the required names.
     _fields: ClassVar[Dict[str, _Check]] = {}
     _required: ClassVar[FrozenSet[str]] = frozenset()
     # Request models refuse unknown fields in model_validate too; the server would.
@@ -756,8 +782,15 @@ class _Model:
     extra: Dict[str, Any]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Runs before ``@dataclass``: the class still holds each field's ``_field(...)``."""
         super().__init_subclass__(**kwargs)
-        cls._required = frozenset(n for n in cls._fields if getattr(cls, n, None) is _REQUIRED)
+        checks, required = dict(cls._fields), set(cls._required)
+        for name, declared in list(cls.__dict__.items()):
+            if isinstance(declared, dataclasses.Field) and "check" in declared.metadata:
+                checks[name] = declared.metadata["check"]
+                if declared.default is _REQUIRED:
+                    required.add(name)
+        cls._fields, cls._required = checks, frozenset(required)
 
     def __post_init__(self) -> None:
         self.extra = {}
@@ -854,44 +887,36 @@ _int64 = _int_check(0, INT64_MAX, "a non-negative int64")
 _any_str = _str_check()
 _idempotency_key = _str_check(MAX_IDEMPOTENCY_KEY_LENGTH, min_len=1)
 _str_list = _list_check(_any_str)
+_subject_str = _str_check(MAX_SUBJECT_FIELD_LENGTH)
 
 
 @dataclass(repr=False, eq=False)
 class Amount(_Model):
     """A non-negative int64 amount in one unit."""
 
-    unit: Unit | str = _REQUIRED
-    amount: int = _REQUIRED
-
-    _fields = {"unit": _enum_check(Unit), "amount": _int64}
+    unit: Unit | str = _field(_enum_check(Unit), required=True)
+    amount: int = _field(_int64, required=True)
 
 
 @dataclass(repr=False, eq=False)
 class SignedAmount(_Model):
     """An amount that may be negative (only ``Balance.remaining``)."""
 
-    unit: Unit | str = _REQUIRED
-    amount: int = _REQUIRED
-
-    _fields = {"unit": _enum_check(Unit), "amount": _int_check(what="an int64")}
+    unit: Unit | str = _field(_enum_check(Unit), required=True)
+    amount: int = _field(_int_check(what="an int64"), required=True)
 
 
 @dataclass(repr=False, eq=False)
 class Subject(_Model):
     """Who spends: the scope hierarchy (at least one standard field in a request)."""
 
-    tenant: str | None = None
-    workspace: str | None = None
-    app: str | None = None
-    workflow: str | None = None
-    agent: str | None = None
-    toolset: str | None = None
-    dimensions: dict[str, str] | None = None
-
-    _fields = dict(
-        {name: _str_check(MAX_SUBJECT_FIELD_LENGTH) for name in SUBJECT_FIELDS},
-        dimensions=_dimensions_check,
-    )
+    tenant: str | None = _field(_subject_str)
+    workspace: str | None = _field(_subject_str)
+    app: str | None = _field(_subject_str)
+    workflow: str | None = _field(_subject_str)
+    agent: str | None = _field(_subject_str)
+    toolset: str | None = _field(_subject_str)
+    dimensions: dict[str, str] | None = _field(_dimensions_check)
 
     def has_at_least_one_standard_field(self) -> bool:
         return any(getattr(self, name) for name in SUBJECT_FIELDS)
@@ -901,34 +926,20 @@ class Subject(_Model):
 class Action(_Model):
     """What is being done: ``kind`` (e.g. llm.completion), ``name``, optional tags."""
 
-    kind: str = _REQUIRED
-    name: str = _REQUIRED
-    tags: list[str] | None = None
-
-    _fields = {
-        "kind": _str_check(MAX_ACTION_KIND_LENGTH),
-        "name": _str_check(MAX_ACTION_NAME_LENGTH),
-        "tags": _list_check(_str_check(MAX_TAG_LENGTH), MAX_TAGS),
-    }
+    kind: str = _field(_str_check(MAX_ACTION_KIND_LENGTH), required=True)
+    name: str = _field(_str_check(MAX_ACTION_NAME_LENGTH), required=True)
+    tags: list[str] | None = _field(_list_check(_str_check(MAX_TAG_LENGTH), MAX_TAGS))
 
 
 @dataclass(repr=False, eq=False)
 class Caps(_Model):
     """Limits that come with an ALLOW_WITH_CAPS decision (advisory for the client)."""
 
-    max_tokens: int | None = None
-    max_steps_remaining: int | None = None
-    tool_allowlist: list[str] | None = None
-    tool_denylist: list[str] | None = None
-    cooldown_ms: int | None = None
-
-    _fields = {
-        "max_tokens": _int64,
-        "max_steps_remaining": _int64,
-        "tool_allowlist": _list_check(_str_check(256)),
-        "tool_denylist": _list_check(_str_check(256)),
-        "cooldown_ms": _int64,
-    }
+    max_tokens: int | None = _field(_int64)
+    max_steps_remaining: int | None = _field(_int64)
+    tool_allowlist: list[str] | None = _field(_list_check(_str_check(256)))
+    tool_denylist: list[str] | None = _field(_list_check(_str_check(256)))
+    cooldown_ms: int | None = _field(_int64)
 
     def is_tool_allowed(self, tool: str) -> bool:
         """The spec's precedence: a non-empty allowlist wins, then a non-empty denylist."""
@@ -943,19 +954,11 @@ class Caps(_Model):
 class CyclesMetrics(_Model):
     """Standard metrics sent with a commit or event."""
 
-    tokens_input: int | None = None
-    tokens_output: int | None = None
-    latency_ms: int | None = None
-    model_version: str | None = None
-    custom: dict[str, Any] | None = None
-
-    _fields = {
-        "tokens_input": _int64,
-        "tokens_output": _int64,
-        "latency_ms": _int64,
-        "model_version": _str_check(128),
-        "custom": _object_check,
-    }
+    tokens_input: int | None = _field(_int64)
+    tokens_output: int | None = _field(_int64)
+    latency_ms: int | None = _field(_int64)
+    model_version: str | None = _field(_str_check(128))
+    custom: dict[str, Any] | None = _field(_object_check)
 
     def put_custom(self, key: str, value: Any) -> None:
         if self.custom is None:
@@ -979,55 +982,38 @@ _amount = _model_check(Amount)
 class Balance(_Model):
     """One scope's budget state; ``remaining`` may be negative."""
 
-    scope: str = _REQUIRED
-    scope_path: str = _REQUIRED
-    remaining: SignedAmount = _REQUIRED
-    reserved: Amount | None = None
-    spent: Amount | None = None
-    allocated: Amount | None = None
-    debt: Amount | None = None
-    overdraft_limit: Amount | None = None
-    is_over_limit: bool | None = None
-
-    _fields = {
-        "scope": _any_str,
-        "scope_path": _any_str,
-        "remaining": _model_check(SignedAmount),
-        "reserved": _amount,
-        "spent": _amount,
-        "allocated": _amount,
-        "debt": _amount,
-        "overdraft_limit": _amount,
-        "is_over_limit": _bool_check,
-    }
+    scope: str = _field(_any_str, required=True)
+    scope_path: str = _field(_any_str, required=True)
+    remaining: SignedAmount = _field(_model_check(SignedAmount), required=True)
+    reserved: Amount | None = _field(_amount)
+    spent: Amount | None = _field(_amount)
+    allocated: Amount | None = _field(_amount)
+    debt: Amount | None = _field(_amount)
+    overdraft_limit: Amount | None = _field(_amount)
+    is_over_limit: bool | None = _field(_bool_check)
 
 
 @dataclass(repr=False, eq=False)
 class CyclesEvidenceRef(_Model):
     """Where to fetch a signed evidence envelope (``get_evidence(evidence_id)``)."""
 
-    evidence_id: str = _REQUIRED
-    cycles_evidence_url: str = _REQUIRED
+    evidence_id: str = _field(_evidence_id_check, required=True)
+    cycles_evidence_url: str = _field(_absolute_uri_check, required=True)
 
-    _fields = {
-        "evidence_id": _evidence_id_check,
-        "cycles_evidence_url": _absolute_uri_check,
-    }
+
+_evidence_ref = _model_check(CyclesEvidenceRef)
 
 
 @dataclass(repr=False, eq=False)
 class ReservationEvidence(_Model):
     """Evidence references of a reservation's reserve, commit and release."""
 
-    reserve: CyclesEvidenceRef | None = None
-    commit: CyclesEvidenceRef | None = None
-    release: CyclesEvidenceRef | None = None
-
-    _fields = dict.fromkeys(("reserve", "commit", "release"), _model_check(CyclesEvidenceRef))
+    reserve: CyclesEvidenceRef | None = _field(_evidence_ref)
+    commit: CyclesEvidenceRef | None = _field(_evidence_ref)
+    release: CyclesEvidenceRef | None = _field(_evidence_ref)
 
 
 _balances = _list_check(_model_check(Balance))
-_evidence_ref = _model_check(CyclesEvidenceRef)
 _caps = _model_check(Caps)
 _subject = _model_check(Subject)
 _action = _model_check(Action)
@@ -1050,113 +1036,67 @@ class _Request(_Model):
 class ReservationCreateRequest(_Request):
     """Body of ``POST /v1/reservations``."""
 
-    idempotency_key: str = _REQUIRED
-    subject: Subject = _REQUIRED
-    action: Action = _REQUIRED
-    estimate: Amount = _REQUIRED
-    ttl_ms: int | None = None
-    grace_period_ms: int | None = None
-    overage_policy: CommitOveragePolicy | str | None = None
-    dry_run: bool | None = None
-    metadata: dict[str, Any] | None = None
-
-    _fields = {
-        "idempotency_key": _idempotency_key,
-        "subject": _subject,
-        "action": _action,
-        "estimate": _amount,
-        "ttl_ms": _int_check(MIN_TTL_MS, MAX_TTL_MS),
-        "grace_period_ms": _int_check(0, MAX_GRACE_PERIOD_MS),
-        "overage_policy": _overage_policy,
-        "dry_run": _bool_check,
-        "metadata": _object_check,
-    }
+    idempotency_key: str = _field(_idempotency_key, required=True)
+    subject: Subject = _field(_subject, required=True)
+    action: Action = _field(_action, required=True)
+    estimate: Amount = _field(_amount, required=True)
+    ttl_ms: int | None = _field(_int_check(MIN_TTL_MS, MAX_TTL_MS))
+    grace_period_ms: int | None = _field(_int_check(0, MAX_GRACE_PERIOD_MS))
+    overage_policy: CommitOveragePolicy | str | None = _field(_overage_policy)
+    dry_run: bool | None = _field(_bool_check)
+    metadata: dict[str, Any] | None = _field(_object_check)
 
 
 @dataclass(repr=False, eq=False)
 class CommitRequest(_Request):
     """Body of ``POST /v1/reservations/{id}/commit``."""
 
-    idempotency_key: str = _REQUIRED
-    actual: Amount = _REQUIRED
-    metrics: CyclesMetrics | None = None
-    metadata: dict[str, Any] | None = None
-
-    _fields = {
-        "idempotency_key": _idempotency_key,
-        "actual": _amount,
-        "metrics": _metrics,
-        "metadata": _object_check,
-    }
+    idempotency_key: str = _field(_idempotency_key, required=True)
+    actual: Amount = _field(_amount, required=True)
+    metrics: CyclesMetrics | None = _field(_metrics)
+    metadata: dict[str, Any] | None = _field(_object_check)
 
 
 @dataclass(repr=False, eq=False)
 class ReleaseRequest(_Request):
     """Body of ``POST /v1/reservations/{id}/release``."""
 
-    idempotency_key: str = _REQUIRED
-    reason: str | None = None
-
-    _fields = {"idempotency_key": _idempotency_key, "reason": _str_check(256)}
+    idempotency_key: str = _field(_idempotency_key, required=True)
+    reason: str | None = _field(_str_check(256))
 
 
 @dataclass(repr=False, eq=False)
 class ReservationExtendRequest(_Request):
     """Body of ``POST /v1/reservations/{id}/extend`` (adds to the current expiry)."""
 
-    idempotency_key: str = _REQUIRED
-    extend_by_ms: int = _REQUIRED
-    metadata: dict[str, Any] | None = None
-
-    _fields = {
-        "idempotency_key": _idempotency_key,
-        "extend_by_ms": _int_check(1, MAX_EXTEND_BY_MS),
-        "metadata": _object_check,
-    }
+    idempotency_key: str = _field(_idempotency_key, required=True)
+    extend_by_ms: int = _field(_int_check(1, MAX_EXTEND_BY_MS), required=True)
+    metadata: dict[str, Any] | None = _field(_object_check)
 
 
 @dataclass(repr=False, eq=False)
 class DecisionRequest(_Request):
     """Body of ``POST /v1/decide`` (a hint only; it holds nothing)."""
 
-    idempotency_key: str = _REQUIRED
-    subject: Subject = _REQUIRED
-    action: Action = _REQUIRED
-    estimate: Amount = _REQUIRED
-    metadata: dict[str, Any] | None = None
-
-    _fields = {
-        "idempotency_key": _idempotency_key,
-        "subject": _subject,
-        "action": _action,
-        "estimate": _amount,
-        "metadata": _object_check,
-    }
+    idempotency_key: str = _field(_idempotency_key, required=True)
+    subject: Subject = _field(_subject, required=True)
+    action: Action = _field(_action, required=True)
+    estimate: Amount = _field(_amount, required=True)
+    metadata: dict[str, Any] | None = _field(_object_check)
 
 
 @dataclass(repr=False, eq=False)
 class EventCreateRequest(_Request):
     """Body of ``POST /v1/events``: a direct debit without a reservation."""
 
-    idempotency_key: str = _REQUIRED
-    subject: Subject = _REQUIRED
-    action: Action = _REQUIRED
-    actual: Amount = _REQUIRED
-    overage_policy: CommitOveragePolicy | str | None = None
-    metrics: CyclesMetrics | None = None
-    client_time_ms: int | None = None
-    metadata: dict[str, Any] | None = None
-
-    _fields = {
-        "idempotency_key": _idempotency_key,
-        "subject": _subject,
-        "action": _action,
-        "actual": _amount,
-        "overage_policy": _overage_policy,
-        "metrics": _metrics,
-        "client_time_ms": _int64,
-        "metadata": _object_check,
-    }
+    idempotency_key: str = _field(_idempotency_key, required=True)
+    subject: Subject = _field(_subject, required=True)
+    action: Action = _field(_action, required=True)
+    actual: Amount = _field(_amount, required=True)
+    overage_policy: CommitOveragePolicy | str | None = _field(_overage_policy)
+    metrics: CyclesMetrics | None = _field(_metrics)
+    client_time_ms: int | None = _field(_int64)
+    metadata: dict[str, Any] | None = _field(_object_check)
 
 
 class _Decided:
@@ -1173,149 +1113,85 @@ class _Decided:
 class ReservationCreateResponse(_Decided, _Model):
     """Answer to a reservation (live or dry run)."""
 
-    decision: Decision | str = _REQUIRED
-    reservation_id: str | None = None
-    affected_scopes: list[str] = _REQUIRED
-    expires_at_ms: int | None = None
-    remaining_ttl_ms: int | None = None
-    scope_path: str | None = None
-    reserved: Amount | None = None
-    caps: Caps | None = None
-    reason_code: str | None = None
-    retry_after_ms: int | None = None
-    balances: list[Balance] | None = None
-    cycles_evidence: CyclesEvidenceRef | None = None
-
-    _fields = {
-        "decision": _enum_check(Decision),
-        "reservation_id": _any_str,
-        "affected_scopes": _str_list,
-        "expires_at_ms": _int64,
-        "remaining_ttl_ms": _int64,
-        "scope_path": _any_str,
-        "reserved": _amount,
-        "caps": _caps,
-        "reason_code": _any_str,
-        "retry_after_ms": _int64,
-        "balances": _balances,
-        "cycles_evidence": _evidence_ref,
-    }
+    decision: Decision | str = _field(_enum_check(Decision), required=True)
+    reservation_id: str | None = _field(_str_check(min_len=1))
+    affected_scopes: list[str] = _field(_str_list, required=True)
+    expires_at_ms: int | None = _field(_int64)
+    remaining_ttl_ms: int | None = _field(_int64)
+    scope_path: str | None = _field(_any_str)
+    reserved: Amount | None = _field(_amount)
+    caps: Caps | None = _field(_caps)
+    reason_code: str | None = _field(_any_str)
+    retry_after_ms: int | None = _field(_int64)
+    balances: list[Balance] | None = _field(_balances)
+    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref)
 
 
 @dataclass(repr=False, eq=False)
 class CommitResponse(_Model):
     """Answer to a commit; ``charged`` may be less than the actual."""
 
-    status: CommitStatus | str = _REQUIRED
-    charged: Amount = _REQUIRED
-    released: Amount | None = None
-    balances: list[Balance] | None = None
-    cycles_evidence: CyclesEvidenceRef | None = None
-
-    _fields = {
-        "status": _enum_check(CommitStatus),
-        "charged": _amount,
-        "released": _amount,
-        "balances": _balances,
-        "cycles_evidence": _evidence_ref,
-    }
+    status: CommitStatus | str = _field(_enum_check(CommitStatus), required=True)
+    charged: Amount = _field(_amount, required=True)
+    released: Amount | None = _field(_amount)
+    balances: list[Balance] | None = _field(_balances)
+    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref)
 
 
 @dataclass(repr=False, eq=False)
 class ReleaseResponse(_Model):
     """Answer to a release."""
 
-    status: ReleaseStatus | str = _REQUIRED
-    released: Amount = _REQUIRED
-    balances: list[Balance] | None = None
-    cycles_evidence: CyclesEvidenceRef | None = None
-
-    _fields = {
-        "status": _enum_check(ReleaseStatus),
-        "released": _amount,
-        "balances": _balances,
-        "cycles_evidence": _evidence_ref,
-    }
+    status: ReleaseStatus | str = _field(_enum_check(ReleaseStatus), required=True)
+    released: Amount = _field(_amount, required=True)
+    balances: list[Balance] | None = _field(_balances)
+    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref)
 
 
 @dataclass(repr=False, eq=False)
 class ReservationExtendResponse(_Model):
     """Answer to an extend; ``expires_at_ms`` is authoritative."""
 
-    status: ExtendStatus | str = _REQUIRED
-    expires_at_ms: int = _REQUIRED
-    remaining_ttl_ms: int | None = None
-    balances: list[Balance] | None = None
-
-    _fields = {
-        "status": _enum_check(ExtendStatus),
-        "expires_at_ms": _int64,
-        "remaining_ttl_ms": _int64,
-        "balances": _balances,
-    }
+    status: ExtendStatus | str = _field(_enum_check(ExtendStatus), required=True)
+    expires_at_ms: int = _field(_int64, required=True)
+    remaining_ttl_ms: int | None = _field(_int64)
+    balances: list[Balance] | None = _field(_balances)
 
 
 @dataclass(repr=False, eq=False)
 class DecisionResponse(_Decided, _Model):
     """Answer to ``decide``."""
 
-    decision: Decision | str = _REQUIRED
-    caps: Caps | None = None
-    reason_code: str | None = None
-    retry_after_ms: int | None = None
-    affected_scopes: list[str] | None = None
-    cycles_evidence: CyclesEvidenceRef | None = None
-
-    _fields = {
-        "decision": _enum_check(Decision),
-        "caps": _caps,
-        "reason_code": _any_str,
-        "retry_after_ms": _int64,
-        "affected_scopes": _str_list,
-        "cycles_evidence": _evidence_ref,
-    }
+    decision: Decision | str = _field(_enum_check(Decision), required=True)
+    caps: Caps | None = _field(_caps)
+    reason_code: str | None = _field(_any_str)
+    retry_after_ms: int | None = _field(_int64)
+    affected_scopes: list[str] | None = _field(_str_list)
+    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref)
 
 
 @dataclass(repr=False, eq=False)
 class EventCreateResponse(_Model):
     """Answer to an event (HTTP 201)."""
 
-    status: EventStatus | str = _REQUIRED
-    event_id: str = _REQUIRED
-    charged: Amount | None = None
-    balances: list[Balance] | None = None
-
-    _fields = {
-        "status": _enum_check(EventStatus),
-        "event_id": _any_str,
-        "charged": _amount,
-        "balances": _balances,
-    }
+    status: EventStatus | str = _field(_enum_check(EventStatus), required=True)
+    event_id: str = _field(_any_str, required=True)
+    charged: Amount | None = _field(_amount)
+    balances: list[Balance] | None = _field(_balances)
 
 
 @dataclass(repr=False, eq=False)
 class DryRunResult(_Decided, _Model):
     """What a ``dry_run`` guarded call returns instead of running the function."""
 
-    decision: Decision | str = _REQUIRED
-    caps: Caps | None = None
-    affected_scopes: list[str] | None = None
-    scope_path: str | None = None
-    reserved: Amount | None = None
-    balances: list[Balance] | None = None
-    reason_code: str | None = None
-    retry_after_ms: int | None = None
-
-    _fields = {
-        "decision": _enum_check(Decision),
-        "caps": _caps,
-        "affected_scopes": _str_list,
-        "scope_path": _any_str,
-        "reserved": _amount,
-        "balances": _balances,
-        "reason_code": _any_str,
-        "retry_after_ms": _int64,
-    }
+    decision: Decision | str = _field(_enum_check(Decision), required=True)
+    caps: Caps | None = _field(_caps)
+    affected_scopes: list[str] | None = _field(_str_list)
+    scope_path: str | None = _field(_any_str)
+    reserved: Amount | None = _field(_amount)
+    balances: list[Balance] | None = _field(_balances)
+    reason_code: str | None = _field(_any_str)
+    retry_after_ms: int | None = _field(_int64)
 
     def has_caps(self) -> bool:
         return self.caps is not None
@@ -1325,44 +1201,18 @@ class DryRunResult(_Decided, _Model):
 class ErrorResponse(_Model):
     """The error body (the code is kept as the raw string; ``error_code`` maps it)."""
 
-    error: str = _REQUIRED
-    message: str = _REQUIRED
-    request_id: str = _REQUIRED
-    trace_id: str | None = None
-    details: dict[str, Any] | None = None
-    cycles_evidence: CyclesEvidenceRef | None = None
-
-    _fields = {
-        "error": _any_str,
-        "message": _any_str,
-        "request_id": _any_str,
-        "trace_id": _any_str,
-        "details": _object_check,
-        "cycles_evidence": _evidence_ref,
-    }
+    error: str = _field(_any_str, required=True)
+    message: str = _field(_any_str, required=True)
+    request_id: str = _field(_any_str, required=True)
+    trace_id: str | None = _field(_any_str)
+    details: dict[str, Any] | None = _field(_object_check)
+    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref)
 
     @property
     def error_code(self) -> ErrorCode | None:
         return ErrorCode.from_string(self.error)
 
 
-_RESERVATION_VIEW_FIELDS: Dict[str, _Check] = {
-    "reservation_id": _any_str,
-    "status": _enum_check(ReservationStatus),
-    "subject": _subject,
-    "action": _action,
-    "reserved": _amount,
-    "created_at_ms": _int64,
-    "expires_at_ms": _int64,
-    "scope_path": _any_str,
-    "affected_scopes": _str_list,
-    "idempotency_key": _any_str,
-    "committed": _amount,
-    "finalized_at_ms": _int64,
-    "metadata": _object_check,
-    "committed_metadata": _object_check,
-    "evidence": _model_check(ReservationEvidence),
-}
 
 
 class _ReservationView:
@@ -1385,23 +1235,21 @@ class _ReservationView:
 class _ReservationRecord(_ReservationView, _Model):
     """The fields ``GET /v1/reservations/{id}`` and a listing row share."""
 
-    reservation_id: str = _REQUIRED
-    status: ReservationStatus | str = _REQUIRED
-    subject: Subject = _REQUIRED
-    action: Action = _REQUIRED
-    reserved: Amount = _REQUIRED
-    created_at_ms: int = _REQUIRED
-    expires_at_ms: int = _REQUIRED
-    scope_path: str = _REQUIRED
-    affected_scopes: list[str] = _REQUIRED
-    idempotency_key: str | None = None
-    committed: Amount | None = None
-    finalized_at_ms: int | None = None
-    metadata: dict[str, Any] | None = None
-    committed_metadata: dict[str, Any] | None = None
-    evidence: ReservationEvidence | None = None
-
-    _fields = _RESERVATION_VIEW_FIELDS
+    reservation_id: str = _field(_any_str, required=True)
+    status: ReservationStatus | str = _field(_enum_check(ReservationStatus), required=True)
+    subject: Subject = _field(_subject, required=True)
+    action: Action = _field(_action, required=True)
+    reserved: Amount = _field(_amount, required=True)
+    created_at_ms: int = _field(_int64, required=True)
+    expires_at_ms: int = _field(_int64, required=True)
+    scope_path: str = _field(_any_str, required=True)
+    affected_scopes: list[str] = _field(_str_list, required=True)
+    idempotency_key: str | None = _field(_any_str)
+    committed: Amount | None = _field(_amount)
+    finalized_at_ms: int | None = _field(_int64)
+    metadata: dict[str, Any] | None = _field(_object_check)
+    committed_metadata: dict[str, Any] | None = _field(_object_check)
+    evidence: ReservationEvidence | None = _field(_model_check(ReservationEvidence))
 
 
 class ReservationDetail(_ReservationRecord):
@@ -1416,26 +1264,20 @@ class ReservationSummary(_ReservationRecord):
 class ReservationListResponse(_Model):
     """A page of ``GET /v1/reservations``."""
 
-    reservations: list[ReservationSummary] = _REQUIRED
-    has_more: bool | None = None
-    next_cursor: str | None = None
-
-    _fields = {
-        "reservations": _list_check(_model_check(ReservationSummary)),
-        "has_more": _bool_check,
-        "next_cursor": _any_str,
-    }
+    reservations: list[ReservationSummary] = _field(
+        _list_check(_model_check(ReservationSummary)), required=True
+    )
+    has_more: bool | None = _field(_bool_check)
+    next_cursor: str | None = _field(_any_str)
 
 
 @dataclass(repr=False, eq=False)
 class BalanceResponse(_Model):
     """A page of ``GET /v1/balances``."""
 
-    balances: list[Balance] = _REQUIRED
-    has_more: bool | None = None
-    next_cursor: str | None = None
-
-    _fields = {"balances": _balances, "has_more": _bool_check, "next_cursor": _any_str}
+    balances: list[Balance] = _field(_balances, required=True)
+    has_more: bool | None = _field(_bool_check)
+    next_cursor: str | None = _field(_any_str)
 
 
 @dataclass
@@ -1637,76 +1479,47 @@ def _header_int(raw: str | None) -> int | None:
 
 
 # The schema-validity judgement: is this the operation's expected success answer?
-# Only the required fields (and the ones lease arithmetic reads) are checked;
-# unknown extra fields never make an answer invalid.
-
-
-def _is_amount(value: Any) -> bool:
-    return (
-        isinstance(value, dict)
-        and isinstance(value.get("unit"), str)
-        and _is_int(value.get("amount"), 0, INT64_MAX)
-    )
-
-
-def _is_str_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
-def _optional(body: Mapping[str, Any], key: str, valid: Callable[[Any], bool]) -> bool:
-    value = body.get(key)
-    return value is None or valid(value)
-
-
-def _is_ms(value: Any) -> bool:
-    return _is_int(value, 0, INT64_MAX)
-
-
-_DECISIONS = frozenset(d.value for d in Decision)
-
-_SUCCESS_SCHEMAS: Dict[str, Tuple[int, Callable[[Mapping[str, Any]], bool]]] = {
+# Derived from the response models: the success status, the model's required fields
+# (each passing its check), the optional fields lease arithmetic reads (checked when
+# present) and the values a field must hold.  Unknown extra fields never make an
+# answer invalid.  One row per operation the lifecycle and settlement act on
+# (the event is the fallback settlement of an expired reservation).
+_SUCCESS_ANSWERS: Dict[str, Tuple[int, Type[_Model], Tuple[str, ...], Dict[str, Any]]] = {
     "create": (
         200,
-        lambda b: (
-            b.get("decision") in _DECISIONS
-            and _is_str_list(b.get("affected_scopes"))
-            and _optional(b, "reservation_id", lambda v: isinstance(v, str) and bool(v))
-            and _optional(b, "expires_at_ms", _is_ms)
-            and _optional(b, "remaining_ttl_ms", _is_ms)
-        ),
+        ReservationCreateResponse,
+        ("reservation_id", "expires_at_ms", "remaining_ttl_ms"),
+        {"decision": frozenset(Decision)},
     ),
-    "commit": (200, lambda b: b.get("status") == "COMMITTED" and _is_amount(b.get("charged"))),
-    "release": (200, lambda b: b.get("status") == "RELEASED" and _is_amount(b.get("released"))),
+    "commit": (200, CommitResponse, (), {"status": {CommitStatus.COMMITTED}}),
+    "release": (200, ReleaseResponse, (), {"status": {ReleaseStatus.RELEASED}}),
     "extend": (
-        200,
-        lambda b: (
-            b.get("status") == "ACTIVE"
-            and _is_ms(b.get("expires_at_ms"))
-            and _optional(b, "remaining_ttl_ms", _is_ms)
-        ),
+        200, ReservationExtendResponse, ("remaining_ttl_ms",), {"status": {ExtendStatus.ACTIVE}}
     ),
-    "event": (201, lambda b: b.get("status") == "APPLIED" and isinstance(b.get("event_id"), str)),
-    "decide": (200, lambda b: b.get("decision") in _DECISIONS),
-    "balances": (200, lambda b: isinstance(b.get("balances"), list)),
-    "list": (200, lambda b: isinstance(b.get("reservations"), list)),
-    "get": (
-        200,
-        lambda b: isinstance(b.get("reservation_id"), str) and isinstance(b.get("status"), str),
-    ),
-    "evidence": (200, lambda b: isinstance(b.get("evidence_id"), str)),
-    "jwks": (200, lambda b: isinstance(b.get("keys"), list)),
+    "event": (201, EventCreateResponse, (), {"status": {EventStatus.APPLIED}}),
 }
 
 
 def _is_schema_valid(operation: str, response: CyclesResponse) -> bool:
     """True only for the operation's success status with a body holding its required fields."""
-    schema = _SUCCESS_SCHEMAS.get(operation)
-    if schema is None or response.status != schema[0] or not isinstance(response.body, dict):
+    answer = _SUCCESS_ANSWERS.get(operation)
+    body = response.body
+    if answer is None or response.status != answer[0] or not isinstance(body, dict):
         return False
-    try:
-        return bool(schema[1](response.body))
-    except Exception:
-        return False
+    _, model, read, pinned = answer
+    for name in (*model._required, *read):
+        value = body.get(name)
+        if value is None:
+            if name in model._required:
+                return False
+            continue
+        try:
+            checked = model._fields[name](name, value, True)
+        except ValueError:
+            return False
+        if name in pinned and checked not in pinned[name]:
+            return False
+    return True
 
 
 # ===========================================================================
@@ -1804,18 +1617,31 @@ def _valid_trace_id(value: Any) -> bool:
     return _is_hex(value, 32) and set(value) != {"0"}
 
 
-def _seconds(name: str, value: Any, *, allow_zero: bool) -> float:
-    valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not valid or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name}: must be a finite number of seconds {bound}, got {value!r}")
-    return float(value)
+# Setting checks: (field name, value) -> the normalised value, or ValueError naming it.
 
 
-def _count(name: str, value: Any, lo: int, hi: int) -> int:
-    if not _is_int(value, lo, hi):
-        raise ValueError(f"{name}: must be an integer in [{lo}, {hi}], got {value!r}")
-    return int(value)
+def _seconds(allow_zero: bool, optional: bool = False) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> Any:
+        if value is None and optional:
+            return None
+        valid = (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        )
+        if not valid or value < 0 or (value == 0 and not allow_zero):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise ValueError(f"{name}: must be a finite number of seconds {bound}, got {value!r}")
+        return float(value)
+
+    return check
+
+
+def _count(lo: int, hi: int) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> Any:
+        if not _is_int(value, lo, hi):
+            raise ValueError(f"{name}: must be an integer in [{lo}, {hi}], got {value!r}")
+        return int(value)
+
+    return check
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -1824,21 +1650,101 @@ def _flag(name: str, value: Any) -> bool:
     return value
 
 
-def _optional_str(name: str, value: Any, max_len: int | None = None) -> None:
-    if value is None:
-        return
-    if not isinstance(value, str):
-        raise ValueError(f"{name}: must be a string or None, got {_type_name(value)}")
-    if max_len is not None and len(value) > max_len:
-        raise ValueError(f"{name}: must be at most {max_len} characters")
+def _optional_str(max_len: int | None = None) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise ValueError(f"{name}: must be a string or None, got {_type_name(value)}")
+        if max_len is not None and len(value) > max_len:
+            raise ValueError(f"{name}: must be at most {max_len} characters")
+        return value
+
+    return check
 
 
 def _optional_path(name: str, value: Any) -> str | None:
     """A str (an ``os.PathLike`` is converted) or None."""
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
-    _optional_str(name, value)
-    return None if value is None else str(value)
+    return _optional_str()(name, value)  # type: ignore[no-any-return]
+
+
+def _base_url_setting(name: str, value: Any) -> Any:
+    _parse_base_url(value, name)
+    return value
+
+
+def _api_key_setting(name: str, value: Any) -> Any:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{name}: must be a string")
+    if value and not _is_header_value(value):
+        raise ValueError(f"{name}: must be printable ASCII without spaces at the ends")
+    return value
+
+
+def _multiplier_setting(name: str, value: Any) -> Any:
+    value = _positive_seconds(name, value)
+    if value < 1:
+        raise ValueError(f"{name}: must be >= 1, got {value!r}")
+    return value
+
+
+def _commit_retry_setting(name: str, value: Any) -> Any:
+    if isinstance(value, str):
+        value = value.strip().lower()
+    if value not in ("background", "inline"):
+        raise ValueError(f"{name}: must be 'background' or 'inline', got {value!r}")
+    return value
+
+
+def _ca_bundle_setting(name: str, value: Any) -> Any:
+    value = _optional_path(name, value)
+    if value is not None and not os.path.exists(value):
+        raise ValueError(f"{name}: no such file or directory: {value!r}")
+    return value
+
+
+def _ssl_context_setting(name: str, value: Any) -> Any:
+    if value is not None and not hasattr(value, "wrap_socket"):
+        raise ValueError(f"{name}: must be an ssl.SSLContext")
+    return value
+
+
+def _proxy_setting(name: str, value: Any) -> Any:
+    if value is not None:
+        _parse_proxy(value)
+    return value
+
+
+def _user_agent_setting(name: str, value: Any) -> Any:
+    if not _is_header_value(value):
+        raise ValueError(f"{name}: must be a non-empty printable ASCII string")
+    return value
+
+
+def _traceparent_setting(name: str, value: Any) -> Any:
+    if not (value is None or callable(value) or _valid_traceparent(value)):
+        raise ValueError(f"{name}: must be '00-<32 hex>-<16 hex>-<2 hex>' or a callable")
+    return value
+
+
+def _trace_id_setting(name: str, value: Any) -> Any:
+    if value is not None and not _valid_trace_id(value):
+        raise ValueError(f"{name}: must be 32 lowercase hex characters, not all zero")
+    return value
+
+
+def _option(default: Any, check: Callable[[str, Any], Any], env: str | None = None) -> Any:
+    """A setting declared once: its default, its check, and how ``from_env`` reads
+    ``<prefix><NAME>`` (an ``_EnvReader`` method; None: not from the environment)."""
+    return field(default=default, metadata={"check": check, "env": env})
+
+
+_subject_setting = _optional_str(MAX_SUBJECT_FIELD_LENGTH)
+_positive_seconds = _seconds(allow_zero=False)
+_seconds_or_zero = _seconds(allow_zero=True)
+_per_mille = _count(0, 1000)
 
 
 @dataclass(repr=False)
@@ -1873,103 +1779,51 @@ class CyclesConfig:
       crash, not just a process crash; costs a disk flush per guarded call).
     """
 
-    base_url: str
-    api_key: str = ""
+    base_url: str = field(metadata={"check": _base_url_setting, "env": "text"})
+    api_key: str = _option("", _api_key_setting, "text")
 
-    tenant: str | None = None
-    workspace: str | None = None
-    app: str | None = None
-    workflow: str | None = None
-    agent: str | None = None
-    toolset: str | None = None
+    tenant: str | None = _option(None, _subject_setting, "text")
+    workspace: str | None = _option(None, _subject_setting, "text")
+    app: str | None = _option(None, _subject_setting, "text")
+    workflow: str | None = _option(None, _subject_setting, "text")
+    agent: str | None = _option(None, _subject_setting, "text")
+    toolset: str | None = _option(None, _subject_setting, "text")
 
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    read_timeout: float = DEFAULT_READ_TIMEOUT
+    connect_timeout: float = _option(DEFAULT_CONNECT_TIMEOUT, _positive_seconds, "seconds")
+    read_timeout: float = _option(DEFAULT_READ_TIMEOUT, _positive_seconds, "seconds")
 
-    retry_enabled: bool = True
-    retry_max_attempts: int = 5
-    retry_initial_delay: float = 0.5
-    retry_multiplier: float = 2.0
-    retry_max_delay: float = 30.0
-    retry_flush_timeout: float = 10.0
+    retry_enabled: bool = _option(True, _flag, "flag")
+    retry_max_attempts: int = _option(5, _per_mille, "integer")
+    retry_initial_delay: float = _option(0.5, _seconds_or_zero, "seconds")
+    retry_multiplier: float = _option(2.0, _multiplier_setting, "seconds")
+    retry_max_delay: float = _option(30.0, _seconds_or_zero, "seconds")
+    retry_flush_timeout: float = _option(10.0, _seconds_or_zero, "seconds")
 
-    journal_enabled: bool = True
-    journal_dir: str | None = None
+    journal_enabled: bool = _option(True, _flag, "flag")
+    journal_dir: str | None = _option(None, _optional_path, "text")
 
-    admin_api_key: str | None = None
-    request_timeout: float | None = None
-    ca_bundle: str | None = None
-    ssl_context: ssl.SSLContext | None = None
-    proxy: str | None = None
-    user_agent: str = DEFAULT_USER_AGENT
-    traceparent: str | Callable[[], str | None] | None = None
-    trace_id: str | None = None
-    pool_maxsize: int = DEFAULT_POOL_MAXSIZE
-    commit_retry: str = "background"
-    journal_fsync: bool = False
+    admin_api_key: str | None = _option(None, _api_key_setting, "text")
+    request_timeout: float | None = _option(None, _seconds(False, optional=True), "seconds")
+    ca_bundle: str | None = _option(None, _ca_bundle_setting, "text")
+    ssl_context: ssl.SSLContext | None = _option(None, _ssl_context_setting)
+    proxy: str | None = _option(None, _proxy_setting, "text")
+    user_agent: str = _option(DEFAULT_USER_AGENT, _user_agent_setting, "text")
+    traceparent: str | Callable[[], str | None] | None = _option(
+        None, _traceparent_setting, "text"
+    )
+    trace_id: str | None = _option(None, _trace_id_setting, "text")
+    pool_maxsize: int = _option(DEFAULT_POOL_MAXSIZE, _per_mille, "integer")
+    commit_retry: str = _option("background", _commit_retry_setting, "text")
+    journal_fsync: bool = _option(False, _flag, "flag")
 
     def __post_init__(self) -> None:
-        _parse_base_url(self.base_url)
-        for name in ("api_key", "admin_api_key"):
-            key = getattr(self, name)
-            if key is not None and not isinstance(key, str):
-                raise ValueError(f"{name}: must be a string")
-            if key and not _is_header_value(key):
-                raise ValueError(f"{name}: must be printable ASCII without spaces at the ends")
+        for setting in dataclasses.fields(self):
+            check = setting.metadata["check"]
+            setattr(self, setting.name, check(setting.name, getattr(self, setting.name)))
         if not self.api_key and not self.admin_api_key:
             raise ValueError("api_key: required (or admin_api_key for admin-only use)")
-        for name in SUBJECT_FIELDS:
-            _optional_str(name, getattr(self, name), MAX_SUBJECT_FIELD_LENGTH)
-        self.connect_timeout = _seconds("connect_timeout", self.connect_timeout, allow_zero=False)
-        self.read_timeout = _seconds("read_timeout", self.read_timeout, allow_zero=False)
-        if self.request_timeout is not None:
-            self.request_timeout = _seconds(
-                "request_timeout", self.request_timeout, allow_zero=False
-            )
-        self.retry_enabled = _flag("retry_enabled", self.retry_enabled)
-        self.retry_max_attempts = _count("retry_max_attempts", self.retry_max_attempts, 0, 1000)
-        self.retry_initial_delay = _seconds(
-            "retry_initial_delay", self.retry_initial_delay, allow_zero=True
-        )
-        self.retry_multiplier = _seconds(
-            "retry_multiplier", self.retry_multiplier, allow_zero=False
-        )
-        if self.retry_multiplier < 1:
-            raise ValueError(f"retry_multiplier: must be >= 1, got {self.retry_multiplier!r}")
-        self.retry_max_delay = _seconds("retry_max_delay", self.retry_max_delay, allow_zero=True)
-        self.retry_flush_timeout = _seconds(
-            "retry_flush_timeout", self.retry_flush_timeout, allow_zero=True
-        )
-        self.journal_enabled = _flag("journal_enabled", self.journal_enabled)
-        self.journal_dir = _optional_path("journal_dir", self.journal_dir)
-        self.journal_fsync = _flag("journal_fsync", self.journal_fsync)
-        if isinstance(self.commit_retry, str):
-            self.commit_retry = self.commit_retry.strip().lower()
-        if self.commit_retry not in ("background", "inline"):
-            raise ValueError(
-                f"commit_retry: must be 'background' or 'inline', got {self.commit_retry!r}"
-            )
-        self._check_transport_options()
-
-    def _check_transport_options(self) -> None:
-        self.ca_bundle = _optional_path("ca_bundle", self.ca_bundle)
-        if self.ca_bundle is not None and not os.path.exists(self.ca_bundle):
-            raise ValueError(f"ca_bundle: no such file or directory: {self.ca_bundle!r}")
-        if self.ssl_context is not None:
-            if not hasattr(self.ssl_context, "wrap_socket"):
-                raise ValueError("ssl_context: must be an ssl.SSLContext")
-            if self.ca_bundle is not None:
-                raise ValueError("ssl_context: give either ssl_context or ca_bundle, not both")
-        if self.proxy is not None:
-            _parse_proxy(self.proxy)
-        if not _is_header_value(self.user_agent):
-            raise ValueError("user_agent: must be a non-empty printable ASCII string")
-        traceparent = self.traceparent
-        if not (traceparent is None or callable(traceparent) or _valid_traceparent(traceparent)):
-            raise ValueError("traceparent: must be '00-<32 hex>-<16 hex>-<2 hex>' or a callable")
-        if self.trace_id is not None and not _valid_trace_id(self.trace_id):
-            raise ValueError("trace_id: must be 32 lowercase hex characters, not all zero")
-        self.pool_maxsize = _count("pool_maxsize", self.pool_maxsize, 0, 1000)
+        if self.ssl_context is not None and self.ca_bundle is not None:
+            raise ValueError("ssl_context: give either ssl_context or ca_bundle, not both")
 
     @property
     def attempt_timeout(self) -> float:
@@ -2002,45 +1856,19 @@ class CyclesConfig:
         true/false/1/0/yes/no/on/off; a malformed value raises ValueError naming the variable.
         """
         env = _EnvReader(os.environ if environ is None else environ, prefix)
-        base_url = env.text("BASE_URL")
-        api_key = env.text("API_KEY")
-        admin_api_key = env.text("ADMIN_API_KEY")
-        if not base_url:
+        settings: Dict[str, Any] = {}
+        for setting in dataclasses.fields(cls):
+            read = setting.metadata["env"]
+            value = None if read is None else getattr(env, read)(setting.name.upper())
+            if value is not None:
+                settings[setting.name] = value
+        if "base_url" not in settings:
             raise ValueError(f"{prefix}BASE_URL environment variable is required")
-        if not api_key and not admin_api_key:
+        if "api_key" not in settings and "admin_api_key" not in settings:
             raise ValueError(
                 f"{prefix}API_KEY environment variable is required (or {prefix}ADMIN_API_KEY)"
             )
-        return cls(
-            base_url=base_url,
-            api_key=api_key or "",
-            tenant=env.text("TENANT"),
-            workspace=env.text("WORKSPACE"),
-            app=env.text("APP"),
-            workflow=env.text("WORKFLOW"),
-            agent=env.text("AGENT"),
-            toolset=env.text("TOOLSET"),
-            connect_timeout=env.seconds("CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT),
-            read_timeout=env.seconds("READ_TIMEOUT", DEFAULT_READ_TIMEOUT),
-            retry_enabled=env.flag("RETRY_ENABLED", True),
-            retry_max_attempts=env.integer("RETRY_MAX_ATTEMPTS", 5),
-            retry_initial_delay=env.seconds("RETRY_INITIAL_DELAY", 0.5),
-            retry_multiplier=env.seconds("RETRY_MULTIPLIER", 2.0),
-            retry_max_delay=env.seconds("RETRY_MAX_DELAY", 30.0),
-            retry_flush_timeout=env.seconds("RETRY_FLUSH_TIMEOUT", 10.0),
-            journal_enabled=env.flag("JOURNAL_ENABLED", True),
-            journal_dir=env.text("JOURNAL_DIR"),
-            admin_api_key=admin_api_key,
-            request_timeout=env.seconds("REQUEST_TIMEOUT", None),
-            ca_bundle=env.text("CA_BUNDLE"),
-            proxy=env.text("PROXY"),
-            user_agent=env.text("USER_AGENT") or DEFAULT_USER_AGENT,
-            traceparent=env.text("TRACEPARENT"),
-            trace_id=env.text("TRACE_ID"),
-            pool_maxsize=env.integer("POOL_MAXSIZE", DEFAULT_POOL_MAXSIZE),
-            commit_retry=env.text("COMMIT_RETRY") or "background",
-            journal_fsync=env.flag("JOURNAL_FSYNC", False),
-        )
+        return cls(**settings)
 
 
 class _EnvReader:
@@ -2058,10 +1886,10 @@ class _EnvReader:
         raw = self._environ.get(self._prefix + name, "")
         return ValueError(f"{self._prefix}{name}: expected {expected}, got {raw!r}")
 
-    def seconds(self, name: str, default: Any) -> Any:
+    def seconds(self, name: str) -> float | None:
         raw = self.text(name)
         if raw is None:
-            return default
+            return None
         try:
             value = float(raw)
         except ValueError:
@@ -2070,19 +1898,19 @@ class _EnvReader:
             raise self._fail(name, "a finite, non-negative number of seconds")
         return value
 
-    def integer(self, name: str, default: int) -> int:
+    def integer(self, name: str) -> int | None:
         raw = self.text(name)
         if raw is None:
-            return default
+            return None
         try:
             return int(raw)
         except ValueError:
             raise self._fail(name, "an integer") from None
 
-    def flag(self, name: str, default: bool) -> bool:
+    def flag(self, name: str) -> bool | None:
         raw = self.text(name)
         if raw is None:
-            return default
+            return None
         word = raw.lower()
         if word in _TRUE_WORDS:
             return True
@@ -3117,8 +2945,8 @@ class AsyncCyclesClient:
 # generators that *yield* the effects they need (an HTTP attempt, a sleep,
 # blocking file I/O, starting or stopping the heartbeat) and receive their
 # results.  ``_drive`` performs effects on the calling thread, ``_drive_async``
-# awaits them, and each heartbeat has its own driver: a chain of daemon timers
-# (sync) or one task (async).  Sync and async differ only in the driver.
+# awaits them, and each heartbeat has its own driver: beats on the one process-wide
+# scheduler thread (sync) or one task (async).  Sync and async differ only in the driver.
 # ---------------------------------------------------------------------------
 
 
@@ -3203,7 +3031,7 @@ def _perform_effect(send: _SendFn, effect: _Effect) -> Any:
     if isinstance(effect, _Blocking):
         return effect.work()
     if isinstance(effect, _StartHeartbeat):
-        return _TimerHeartbeat(send, effect.steps).start()
+        return _ScheduledHeartbeat(send, effect.steps).start()
     if isinstance(effect, _StopHeartbeat):
         effect.handle.stop()
         return None
@@ -3273,7 +3101,7 @@ async def _perform_effect_async(
 class _TaskHeartbeat:
     """The async heartbeat driver: one asyncio task running the steps.
 
-    ``stop()`` is final and, like ``_TimerHeartbeat.stop()``, waits for a beat in
+    ``stop()`` is final and, like ``_ScheduledHeartbeat.stop()``, waits for a beat in
     flight: cancelling the task only stops the waiting, so it then waits for the
     extend already handed to an I/O thread (bounded by that attempt's deadline), and
     drops its result.  No extend is on the wire when the commit goes out.
@@ -3300,51 +3128,44 @@ class _TaskHeartbeat:
             await asyncio.wait({asyncio.wrap_future(in_flight)}, timeout=left)
 
 
-class _TimerHeartbeat:
-    """The sync heartbeat driver: a chain of daemon ``threading.Timer``s, one armed at a time.
+class _ScheduledHeartbeat:
+    """The sync heartbeat driver: its beats run on the process-wide ``_heartbeats`` thread.
 
-    Each timer runs one beat on its own thread (the extend attempt is bounded by
-    the transport's whole-attempt deadline: no thread per attempt) and arms the
-    next.  ``stop()`` is final (a heartbeat is never restarted): it cancels the
-    armed timer and waits for a beat in flight, so no extend is on the wire when
-    the commit goes out and no heartbeat thread outlives the guarded call; a
-    result that arrives after ``stop()`` is never fed to the schedule.
+    ``start()`` runs the steps up to their first sleep (they always sleep before
+    sending) and hands the heartbeat to the scheduler, which runs each beat when it
+    is due (the extend attempt is bounded by the transport's whole-attempt
+    deadline) and schedules the next.  ``stop()`` is final (a heartbeat is never
+    restarted): it unschedules the heartbeat and waits for a beat in flight, so no
+    extend is on the wire when the commit goes out; a result that arrives after
+    ``stop()`` is never fed to the schedule.
     """
 
     def __init__(self, send: _SendFn, steps: _Steps[None]) -> None:
         self._send = send
         self._steps = steps
         self._lock = threading.Lock()
-        self._stopped = False
-        self._timers: List[threading.Timer] = []  # the armed timer and the one that armed it
+        self.stopped = False
 
-    def start(self) -> _TimerHeartbeat:
-        self._run_until_sleep(None)
+    def start(self) -> _ScheduledHeartbeat:
+        _heartbeats.schedule(self, self.beat())
         return self
 
     def stop(self) -> None:
         with self._lock:
-            self._stopped = True
-            timers, self._timers = self._timers, []
+            self.stopped = True
             self._steps.close()
-        for timer in timers:
-            timer.cancel()
-            if timer is not threading.current_thread():
-                timer.join()
+        _heartbeats.unschedule(self)
 
-    def _beat(self) -> None:
-        self._run_until_sleep(None)
-
-    def _run_until_sleep(self, reply: Any) -> None:
-        effect = self._resume(reply)
+    def beat(self) -> float | None:
+        """Run the steps up to their next sleep: its seconds, or None once they are done."""
+        effect = self._resume(None)
         while isinstance(effect, _Send):
             effect = self._resume(_send_safely(self._send, effect))
-        if isinstance(effect, _Sleep):
-            self._arm(effect.seconds)
+        return effect.seconds if isinstance(effect, _Sleep) else None
 
     def _resume(self, reply: Any) -> _Effect | None:
         with self._lock:
-            if self._stopped:
+            if self.stopped:
                 return None  # stopped meanwhile: a late extend result is dropped
             try:
                 return self._steps.send(reply)
@@ -3354,19 +3175,106 @@ class _TimerHeartbeat:
                 _log.exception("heartbeat stopped by an internal error")
                 return None
 
-    def _arm(self, seconds: float) -> None:
-        with self._lock:
-            if self._stopped:
+
+# How long the scheduler thread waits for a new heartbeat before it exits: calls in
+# a steady stream share one thread, and an idle process keeps none for long.
+_HEARTBEAT_IDLE_EXIT_S = 1.0
+
+
+class _HeartbeatScheduler:
+    """One daemon thread runs every live sync heartbeat's beats in due order.
+
+    Started lazily by the first heartbeat, it exits after ``_HEARTBEAT_IDLE_EXIT_S``
+    with nothing scheduled.  Beats run one at a time; each is one extend attempt,
+    bounded by its whole-attempt deadline.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Empty and threadless (also in a forked child: the parent's thread is not there)."""
+        self._cond = threading.Condition(threading.Lock())
+        self._heap: List[Tuple[float, int, _ScheduledHeartbeat]] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._running: _ScheduledHeartbeat | None = None
+        self._active_at = time.monotonic()  # when a heartbeat last came or went
+
+    def schedule(self, heartbeat: _ScheduledHeartbeat, seconds: float | None) -> None:
+        if seconds is None:
+            return
+        with self._cond:
+            if heartbeat.stopped:
                 return
-            timer = threading.Timer(seconds, self._beat)
-            timer.daemon = True
-            timer.name = "cycles-lite-heartbeat"
-            self._timers = [*self._timers[-1:], timer]
-            timer.start()
+            self._active_at = time.monotonic()
+            entry = (self._active_at + seconds, next(self._order), heartbeat)
+            heapq.heappush(self._heap, entry)
+            if self._thread is None:
+                thread = threading.Thread(
+                    target=self._work, name="cycles-lite-heartbeat", daemon=True
+                )
+                thread.start()  # it waits for this lock before looking at the heap
+                self._thread = thread
+            elif self._heap[0] is entry:
+                self._cond.notify()
+
+    def unschedule(self, heartbeat: _ScheduledHeartbeat) -> None:
+        """Drop ``heartbeat``'s next beat and wait for its beat in flight, if any."""
+        with self._cond:
+            self._heap = [entry for entry in self._heap if entry[2] is not heartbeat]
+            heapq.heapify(self._heap)
+            self._active_at = time.monotonic()
+            if not self._heap:
+                self._cond.notify()  # the thread's idle spell starts now
+            while self._running is heartbeat and threading.current_thread() is not self._thread:
+                self._cond.wait()
+
+    def _work(self) -> None:
+        with self._cond:
+            try:
+                while True:
+                    heartbeat = self._next_due()
+                    if heartbeat is None:
+                        return
+                    self._running = heartbeat
+                    self._cond.release()
+                    try:
+                        seconds = heartbeat.beat()
+                    finally:
+                        self._cond.acquire()
+                        self._running = None
+                        self._cond.notify_all()
+                    if seconds is not None and not heartbeat.stopped:
+                        entry = (time.monotonic() + seconds, next(self._order), heartbeat)
+                        heapq.heappush(self._heap, entry)
+            finally:
+                self._thread = None  # the next heartbeat starts a new thread
+
+    def _next_due(self) -> _ScheduledHeartbeat | None:
+        """Under the lock: pop the next due heartbeat, or None after an idle spell."""
+        while True:
+            if not self._heap:
+                idle_s = time.monotonic() - self._active_at
+                if idle_s >= _HEARTBEAT_IDLE_EXIT_S:
+                    return None
+                self._cond.wait(_HEARTBEAT_IDLE_EXIT_S - idle_s)
+                continue
+            due, _, heartbeat = self._heap[0]
+            wait = due - time.monotonic()
+            if wait <= 0:
+                heapq.heappop(self._heap)
+                return heartbeat
+            self._cond.wait(wait)
+
+
+_heartbeats = _HeartbeatScheduler()
+if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows
+    os.register_at_fork(after_in_child=_heartbeats.reset)
 
 
 # ---------------------------------------------------------------------------
-# Heartbeat scheduler (protocol HEARTBEAT GUIDANCE, v0.1.25.16)
+# Heartbeat plan (protocol HEARTBEAT GUIDANCE, v0.1.25.16)
 #
 # A pure state object: the driver feeds it monotonic timestamps (ms) and the
 # outcome of each create/extend attempt; it answers with the next beat.
@@ -3457,50 +3365,28 @@ class _HeartbeatPlan:
             raise ValueError("attempt_budget_ms must be >= 0 or None")
         self._extend_by_ms = extend_by_ms
         self._timeout_budget_ms = attempt_budget_ms
-        self._max_rtt_ms = 0
+        self.max_rtt_ms = 0  # the largest round trip seen
         # Primary path: the last lead floor and when its response arrived.
         self._lead_floor_ms: int | None = None
         self._lead_anchor_ms: float | None = None
         self._zero_delay_used = False
         self._prev_failure_window_ms: int | None = None
         # Fallback path: expiry differences in the server frame.
-        self._fallback = False
+        self.fallback = False
         self._reserve_received_ms: float | None = None
         self._first_expires_at_ms: int | None = None
         self._last_expires_at_ms: int | None = None
         self._last_success_ms: float | None = None
         self._last_grant_ms: int | None = None
-        self._stopped_reason: str | None = None
-        self._lease_lost = False
-
-    # -- observable state ---------------------------------------------------
-
-    @property
-    def stopped(self) -> bool:
-        return self._stopped_reason is not None
-
-    @property
-    def stopped_reason(self) -> str | None:
-        return self._stopped_reason
-
-    @property
-    def lease_lost(self) -> bool:
-        """True once the heartbeat gave up on its own (any stop except close())."""
-        return self._lease_lost
-
-    @property
-    def fallback(self) -> bool:
-        """True while scheduling on the non-normative fallback path."""
-        return self._fallback
-
-    @property
-    def max_rtt_ms(self) -> int:
-        return self._max_rtt_ms
+        # Observable state: why it stopped (None while it runs); lease_lost once it
+        # gave up on its own (any stop except close()); fallback while on that path.
+        self.stopped_reason: str | None = None
+        self.lease_lost = False
 
     def close(self, reason: str = "closed") -> None:
         """Owner stop (settlement started): every later result is ignored."""
-        if self._stopped_reason is None:
-            self._stopped_reason = reason
+        if self.stopped_reason is None:
+            self.stopped_reason = reason
 
     # -- budgets --------------------------------------------------------------
 
@@ -3508,16 +3394,16 @@ class _HeartbeatPlan:
         """None means +infinity (unknown or unbounded request timeout)."""
         if self._timeout_budget_ms is None:
             return None
-        return max(self._timeout_budget_ms, 1000, 2 * self._max_rtt_ms)
+        return max(self._timeout_budget_ms, 1000, 2 * self.max_rtt_ms)
 
     def _safety_margin(self) -> int:
-        return max(1000, 2 * self._max_rtt_ms)
+        return max(1000, 2 * self.max_rtt_ms)
 
     def _stop(self, reason: str) -> _Beat:
-        if self._stopped_reason is None:
-            self._stopped_reason = reason
-            self._lease_lost = True
-        return _Beat("stop", 0, self._stopped_reason)
+        if self.stopped_reason is None:
+            self.stopped_reason = reason
+            self.lease_lost = True
+        return _Beat("stop", 0, self.stopped_reason)
 
     # -- success --------------------------------------------------------------
 
@@ -3530,17 +3416,17 @@ class _HeartbeatPlan:
         received_ms: float,
     ) -> _Beat:
         """A schema-valid 200 from create (the first call) or from an extend."""
-        if self._stopped_reason is not None:
-            return _Beat("stop", 0, self._stopped_reason)
+        if self.stopped_reason is not None:
+            return _Beat("stop", 0, self.stopped_reason)
         self._prev_failure_window_ms = None
         rtt = _ceil_elapsed_ms(sent_ms, received_ms)
         if rtt is not None:
-            self._max_rtt_ms = max(self._max_rtt_ms, rtt)
+            self.max_rtt_ms = max(self.max_rtt_ms, rtt)
         grant, since_last = self._track_expiry(expires_at_ms, received_ms)
         if remaining_ttl_ms is None and expires_at_ms is not None:
-            self._fallback = True
+            self.fallback = True
             return self._fallback_after_success(grant, since_last, received_ms)
-        self._fallback = False
+        self.fallback = False
         return self._primary_after_success(remaining_ttl_ms, rtt, received_ms)
 
     def _track_expiry(
@@ -3636,15 +3522,15 @@ class _HeartbeatPlan:
         ``retry_after_ms`` must be parsed without the one-hour cap
         (``CyclesResponse.retry_after_ms_header``).
         """
-        if self._stopped_reason is not None:
-            return _Beat("stop", 0, self._stopped_reason)
+        if self.stopped_reason is not None:
+            return _Beat("stop", 0, self.stopped_reason)
         if kind == "terminal":
             return self._stop("terminal")
         if kind == "rejected":
             return self._stop("rejected")
         if kind not in ("transient", "rate_limited"):
             raise ValueError("kind must be transient, rate_limited, terminal or rejected")
-        if self._fallback:
+        if self.fallback:
             return self._fallback_after_failure(kind, retry_after_ms)
         if self._lead_floor_ms is None:
             return self._stop("no_valid_lease")
@@ -5044,10 +4930,6 @@ class _CommitJournal:
     # -- location -------------------------------------------------------------
 
     @property
-    def enabled(self) -> bool:
-        return self._resolve() is not None
-
-    @property
     def directory(self) -> str | None:
         return self._resolve()
 
@@ -5102,13 +4984,6 @@ class _CommitJournal:
             return _probe_writable(directory)
         except (OSError, ValueError):
             return False
-
-    def record_path(self, reservation_id: str) -> str | None:
-        """Full path of the record for ``reservation_id`` (None when disabled)."""
-        directory = self._resolve()
-        if directory is None:
-            return None
-        return os.path.join(directory, _journal_filename(reservation_id))
 
     # -- write / remove -------------------------------------------------------
 
@@ -5201,21 +5076,6 @@ class _CommitJournal:
             return None
 
     # -- scan -----------------------------------------------------------------
-
-    def pending_count(self) -> int:
-        """Number of record files (any server), without parsing them."""
-        directory = self._resolve()
-        if directory is None:
-            return 0
-        try:
-            with os.scandir(directory) as entries:
-                return sum(
-                    1
-                    for entry in entries
-                    if entry.name.endswith(_JOURNAL_SUFFIX) and entry.is_file(follow_symlinks=False)
-                )
-        except OSError:
-            return 0
 
     def load_pending(self) -> List[_PendingSettlement]:
         """Records for this base URL, oldest name first. Never raises.
@@ -6402,69 +6262,12 @@ def _cli_parser(argparse: Any) -> Any:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-
-    check = commands.add_parser(
-        "check", parents=[common], help="check config, connectivity, auth and tenant"
-    )
-    check.add_argument(
-        "--tenant", help="tenant to probe with an admin-only key (default: CYCLES_TENANT)"
-    )
-    check.set_defaults(run=_cli_check)
-
-    balances = commands.add_parser(
-        "balances", parents=[common], help="show balances (default: CYCLES_TENANT)"
-    )
-    _add_subject_filters(balances)
-    balances.add_argument("--limit", type=int)
-    balances.add_argument("--cursor")
-    balances.add_argument("--all", action="store_true", help="follow cursors to the end")
-    balances.set_defaults(run=_cli_balances)
-
-    listing = commands.add_parser("reservations", parents=[common], help="list reservations")
-    _add_subject_filters(listing)
-    listing.add_argument("--status", help="ACTIVE, COMMITTED, RELEASED or EXPIRED")
-    listing.add_argument("--idempotency-key")
-    listing.add_argument("--sort-by")
-    listing.add_argument("--sort-dir", choices=["asc", "desc"])
-    listing.add_argument("--limit", type=int)
-    listing.add_argument("--cursor")
-    listing.add_argument("--all", action="store_true", help="follow cursors to the end")
-    listing.add_argument(
-        "--admin", action="store_true", help="use CYCLES_ADMIN_API_KEY (needs a tenant)"
-    )
-    listing.set_defaults(run=_cli_reservations)
-
-    show = commands.add_parser("reservation", parents=[common], help="show one reservation")
-    show.add_argument("reservation_id", metavar="ID")
-    show.add_argument("--admin", action="store_true", help="use CYCLES_ADMIN_API_KEY")
-    show.set_defaults(run=_cli_reservation)
-
-    release = commands.add_parser("release", parents=[common], help="release a (stuck) reservation")
-    release.add_argument("reservation_id", metavar="ID")
-    release.add_argument("--reason", help="e.g. '[INCIDENT_FORCE_RELEASE] stuck worker'")
-    release.add_argument("--idempotency-key", help="default: a fresh key")
-    release.add_argument("--admin", action="store_true", help="use CYCLES_ADMIN_API_KEY")
-    release.set_defaults(run=_cli_release)
-
-    recover = commands.add_parser(
-        "recover",
-        parents=[common],
-        help="settle what the commit journal still holds (after a crash or an outage)",
-    )
-    recover.add_argument(
-        "--timeout",
-        type=float,
-        default=30.0,
-        metavar="S",
-        help="give up after S seconds; what is left stays journaled (default: 30)",
-    )
-    recover.set_defaults(run=_cli_recover)
+    for name, summary, run, arguments in _CLI_COMMANDS:
+        command = commands.add_parser(name, parents=[common], help=summary)
+        for flag, options in arguments:
+            command.add_argument(flag, **options)
+        command.set_defaults(run=run)
     return parser
-
-
-def _add_subject_filters(parser: Any) -> None:
-    for name in SUBJECT_FIELDS:
-        parser.add_argument("--" + name)
 
 
 def _cli_error(message: str) -> None:
@@ -6571,44 +6374,28 @@ def _cli_balances(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
         _cli_error("balances: give a subject filter such as --tenant, or set CYCLES_TENANT")
         return EXIT_USAGE
     filters.update(_cli_filters(args, ("limit", "cursor")))
-    if args.all:
-        body: Dict[str, Any] = {"balances": list(client.iter_balances(**filters))}
-    else:
-        response = client.get_balances(**filters)
-        if not response.is_success:
-            return _cli_failed(response, "balances", args.json)
-        body = response.body or {}
-    if args.json:
-        _cli_json(body)
-        return EXIT_OK
-    rows = []
-    for item in body.get("balances") or []:
-        if not isinstance(item, dict):
-            continue
-        remaining = item.get("remaining")
-        rows.append(
-            [
-                _cli_cell(item.get("scope_path") or item.get("scope")),
-                _cli_cell(remaining.get("unit") if isinstance(remaining, dict) else ""),
-                _cli_amount(remaining),
-                _cli_amount(item.get("reserved")),
-                _cli_amount(item.get("spent")),
-                _cli_amount(item.get("allocated")),
-                _cli_amount(item.get("debt")),
-                "yes" if item.get("is_over_limit") else "",
-            ]
-        )
-    _cli_table(
-        ["SCOPE", "UNIT", "REMAINING", "RESERVED", "SPENT", "ALLOCATED", "DEBT", "OVER LIMIT"], rows
+    return _cli_listing(
+        args,
+        "balances",
+        lambda: client.iter_balances(**filters),
+        lambda: client.get_balances(**filters),
+        ["SCOPE", "UNIT", "REMAINING", "RESERVED", "SPENT", "ALLOCATED", "DEBT", "OVER LIMIT"],
+        _cli_balance_row,
     )
-    _cli_more(body)
-    return EXIT_OK
 
 
-def _cli_more(body: Mapping[str, Any]) -> None:
-    cursor = body.get("next_cursor")
-    if body.get("has_more") and isinstance(cursor, str):
-        print(f"(more: --cursor {_cli_cell(cursor)}, or --all)", file=sys.stderr)
+def _cli_balance_row(item: Mapping[str, Any]) -> List[str]:
+    remaining = item.get("remaining")
+    return [
+        _cli_cell(item.get("scope_path") or item.get("scope")),
+        _cli_cell(remaining.get("unit") if isinstance(remaining, dict) else ""),
+        _cli_amount(remaining),
+        _cli_amount(item.get("reserved")),
+        _cli_amount(item.get("spent")),
+        _cli_amount(item.get("allocated")),
+        _cli_amount(item.get("debt")),
+        "yes" if item.get("is_over_limit") else "",
+    ]
 
 
 def _cli_reservations(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
@@ -6619,33 +6406,55 @@ def _cli_reservations(client: CyclesClient, config: CyclesConfig, args: Any) -> 
     admin = True if args.admin else None
     if (args.admin or not config.api_key) and "tenant" not in filters and config.tenant:
         filters["tenant"] = config.tenant
+    return _cli_listing(
+        args,
+        "reservations",
+        lambda: client.iter_reservations(admin=admin, **filters),
+        lambda: client.list_reservations(admin=admin, **filters),
+        ["ID", "STATUS", "SCOPE", "RESERVED", "CREATED", "EXPIRES"],
+        _cli_reservation_row,
+    )
+
+
+def _cli_reservation_row(item: Mapping[str, Any]) -> List[str]:
+    return [
+        _cli_cell(item.get("reservation_id")),
+        _cli_cell(item.get("status")),
+        _cli_cell(item.get("scope_path")),
+        _cli_amount(item.get("reserved"), with_unit=True),
+        _cli_time(item.get("created_at_ms")),
+        _cli_time(item.get("expires_at_ms")),
+    ]
+
+
+def _cli_listing(
+    args: Any,
+    what: str,
+    every_item: Callable[[], Iterable[Dict[str, Any]]],
+    one_page: Callable[[], CyclesResponse],
+    headers: Sequence[str],
+    row: Callable[[Mapping[str, Any]], List[str]],
+) -> int:
+    """A list command: one page (or with ``--all`` every item), as JSON or a table."""
     if args.all:
-        body: Dict[str, Any] = {
-            "reservations": list(client.iter_reservations(admin=admin, **filters))
-        }
+        body: Dict[str, Any] = {what: list(every_item())}
     else:
-        response = client.list_reservations(admin=admin, **filters)
+        response = one_page()
         if not response.is_success:
-            return _cli_failed(response, "reservations", args.json)
+            return _cli_failed(response, what, args.json)
         body = response.body or {}
     if args.json:
         _cli_json(body)
         return EXIT_OK
-    rows = [
-        [
-            _cli_cell(item.get("reservation_id")),
-            _cli_cell(item.get("status")),
-            _cli_cell(item.get("scope_path")),
-            _cli_amount(item.get("reserved"), with_unit=True),
-            _cli_time(item.get("created_at_ms")),
-            _cli_time(item.get("expires_at_ms")),
-        ]
-        for item in body.get("reservations") or []
-        if isinstance(item, dict)
-    ]
-    _cli_table(["ID", "STATUS", "SCOPE", "RESERVED", "CREATED", "EXPIRES"], rows)
+    _cli_table(headers, [row(item) for item in body.get(what) or [] if isinstance(item, dict)])
     _cli_more(body)
     return EXIT_OK
+
+
+def _cli_more(body: Mapping[str, Any]) -> None:
+    cursor = body.get("next_cursor")
+    if body.get("has_more") and isinstance(cursor, str):
+        print(f"(more: --cursor {_cli_cell(cursor)}, or --all)", file=sys.stderr)
 
 
 def _cli_reservation(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
@@ -6710,6 +6519,51 @@ def _cli_recover(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
         _cli_table(["result", "records"], [[name, str(value)] for name, value in counts.items()])
     return EXIT_OK if summary.unresolved == 0 and summary.quarantined == 0 else EXIT_API_ERROR
 
+
+def _arg(flag: str, **options: Any) -> Tuple[str, Dict[str, Any]]:
+    """One command-line argument: its flag (or name) and its ``add_argument`` options."""
+    return flag, options
+
+
+_SUBJECT_FILTERS = [_arg("--" + name) for name in SUBJECT_FIELDS]
+_PAGING = [
+    _arg("--limit", type=int),
+    _arg("--cursor"),
+    _arg("--all", action="store_true", help="follow cursors to the end"),
+]
+_ADMIN = _arg("--admin", action="store_true", help="use CYCLES_ADMIN_API_KEY")
+_RESERVATION_ID = _arg("reservation_id", metavar="ID")
+
+# Every command: (name, help, routine, arguments).
+_CLI_COMMANDS: List[Tuple[str, str, Callable[..., int], List[Tuple[str, Dict[str, Any]]]]] = [
+    ("check", "check config, connectivity, auth and tenant", _cli_check, [
+        _arg("--tenant", help="tenant to probe with an admin-only key (default: CYCLES_TENANT)"),
+    ]),
+    ("balances", "show balances (default: CYCLES_TENANT)", _cli_balances, [
+        *_SUBJECT_FILTERS, *_PAGING,
+    ]),
+    ("reservations", "list reservations", _cli_reservations, [
+        *_SUBJECT_FILTERS,
+        _arg("--status", help="ACTIVE, COMMITTED, RELEASED or EXPIRED"),
+        _arg("--idempotency-key"),
+        _arg("--sort-by"),
+        _arg("--sort-dir", choices=["asc", "desc"]),
+        *_PAGING,
+        _arg("--admin", action="store_true", help="use CYCLES_ADMIN_API_KEY (needs a tenant)"),
+    ]),
+    ("reservation", "show one reservation", _cli_reservation, [_RESERVATION_ID, _ADMIN]),
+    ("release", "release a (stuck) reservation", _cli_release, [
+        _RESERVATION_ID,
+        _arg("--reason", help="e.g. '[INCIDENT_FORCE_RELEASE] stuck worker'"),
+        _arg("--idempotency-key", help="default: a fresh key"),
+        _ADMIN,
+    ]),
+    ("recover", "settle what the commit journal still holds (after a crash or an outage)",
+     _cli_recover, [
+        _arg("--timeout", type=float, default=30.0, metavar="S",
+             help="give up after S seconds; what is left stays journaled (default: 30)"),
+    ]),
+]
 
 _annotate_public_classes(__all__)
 
