@@ -6082,6 +6082,7 @@ def _async_guarded(fn: Callable[..., Any], spec: _CyclesSpec, explicit: Any) -> 
 # ===========================================================================
 # Runtime annotations: typing.get_type_hints() on the public classes
 # ===========================================================================
+
 # Annotations are strings (``from __future__ import annotations``) that name typing
 # names imported for the type checker only, and use ``X | None`` and ``dict[...]``,
 # which Python 3.8/3.9 cannot evaluate: typing.get_type_hints() (pydantic's
@@ -6348,7 +6349,7 @@ def _cli_check(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
         "api_key": "set" if config.api_key else "not set",
         "admin_api_key": "set" if config.admin_api_key else "not set",
         "auth": "admin key" if admin_only else "api key",
-        "ok": _is_schema_valid("list", response),
+        "ok": response.is_success and isinstance(response.get_body_attribute("reservations"), list),
         "status": response.status,
         "latency_ms": elapsed_ms,
         "tenant": response.cycles_tenant or (tenant if admin_only else None),
