@@ -139,14 +139,13 @@ def _run_snippet(code: str, home: str, cwd: str = HERE) -> subprocess.CompletedP
 
 
 class TestReadmeRunsAsWritten(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls.readme = _readme()
-        cls.server = ReadmeServer(cls.readme)
-        cls.url = cls.server.start()
-        cls.addClassCleanup(cls.server.stop)
+    """Each test starts its own server: the printed balances depend on the ledger."""
 
     def setUp(self) -> None:
+        self.readme = _readme()
+        self.server = ReadmeServer(self.readme)
+        self.server.start()
+        self.addCleanup(self.server.stop)
         home = tempfile.TemporaryDirectory()
         self.addCleanup(home.cleanup)
         self.home = home.name
@@ -174,6 +173,25 @@ class TestReadmeRunsAsWritten(unittest.TestCase):
         result = _run_snippet(self.server.localize(example), self.home)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(result.stdout.splitlines(), _expected_prints(example))
+
+    def test_low_level_example_runs_verbatim(self) -> None:
+        code = _blocks(_section(self.readme, "### Low-level client"), "python")[0]
+        result = _run_snippet(self.server.localize(code), self.home)
+        self.assertEqual((result.returncode, result.stdout, result.stderr), (0, "", ""))
+
+    def test_command_line_examples_run_against_the_same_server(self) -> None:
+        block = _blocks(_section(self.readme, "### Command line"), "sh")[0]
+        exported = next(line for line in block.splitlines() if line.startswith("export "))
+        env = dict(os.environ, HOME=self.home)
+        env.update(pair.split("=", 1) for pair in shlex.split(exported)[1:])
+        env["CYCLES_BASE_URL"] = self.server.localize(env["CYCLES_BASE_URL"])
+        for command in ("check", "balances"):
+            line = next(x for x in block.splitlines()
+                        if x.startswith(f"python -m cycles_lite {command}"))
+            argv = shlex.split(re.sub(r"\[[^]]*\]", "", line.split("#")[0]))  # no [options]
+            result = subprocess.run([sys.executable, *argv[1:]], cwd=HERE, env=env,
+                                    capture_output=True, text=True, timeout=60)
+            self.assertEqual(result.returncode, 0, (line, result.stderr))
 
     def test_every_example_uses_one_url_one_key_one_tenant(self) -> None:
         key, tenant, port = self.server.api_key, self.server.tenant, self.server.port
