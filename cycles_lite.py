@@ -31,7 +31,8 @@ or network errors; they raise ``ValueError`` for invalid input::
 
 Command line: ``python -m cycles_lite COMMAND`` with ``check``, ``balances``,
 ``reservations``, ``reservation ID``, ``release ID`` and ``recover`` (settle what the
-commit journal holds after a crash or an outage).
+commit journal holds after a crash or an outage), and ``verify-evidence FILE|ID``
+(``verify_evidence``: signed CyclesEvidence checked offline, standard library only).
 
 Contents (the section banners below, in order)::
 
@@ -42,6 +43,7 @@ Contents (the section banners below, in order)::
     Transport
     Client
     Async client
+    Evidence                verify_evidence: RFC 8785, RFC 8032 Ed25519, key resolution
     Guard and heartbeat
         Effects and drivers     incl. the one sync heartbeat scheduler thread
         Heartbeat plan          the spec's HEARTBEAT GUIDANCE, a pure state object
@@ -190,6 +192,9 @@ __all__ = [  # noqa: RUF022 - grouped as in runcycles
     "RecoverySummary",
     "flush",
     "aflush",
+    # Evidence
+    "EvidenceVerification",
+    "verify_evidence",
 ]
 
 _log = logging.getLogger(__name__)
@@ -2669,6 +2674,22 @@ class CyclesClient:
         """The server's evidence signing keys (public: no key is sent)."""
         return self._call(_JWKS_CALL)
 
+    def verify_evidence(
+        self,
+        evidence_id_or_envelope: str | dict[str, Any] | bytes,
+        *,
+        jwks: dict[str, Any] | str | bytes | None = None,
+        expected_signer: str | None = None,
+    ) -> EvidenceVerification:
+        """Fetch (an envelope given by id, the server's JWK Set) and ``verify_evidence``.
+
+        The JWK Set is fetched from ``{server_id}/.well-known/cycles-jwks.json`` when
+        that is this client's server (else pass ``jwks=``).  A failed fetch is
+        ``signer_resolution_failed``, never ``signature_invalid``.
+        """
+        steps = _verify_evidence_steps(self._config, evidence_id_or_envelope, jwks, expected_signer)
+        return _fetch_and_verify(self, steps)
+
     def iter_balances(self, **filters: str) -> Iterator[dict[str, Any]]:
         """Every balance matching the filters, following cursors.
 
@@ -2831,6 +2852,17 @@ class AsyncCyclesClient:
     async def get_evidence_jwks(self) -> CyclesResponse:
         return await self._call(_JWKS_CALL)
 
+    async def verify_evidence(
+        self,
+        evidence_id_or_envelope: str | dict[str, Any] | bytes,
+        *,
+        jwks: dict[str, Any] | str | bytes | None = None,
+        expected_signer: str | None = None,
+    ) -> EvidenceVerification:
+        """``CyclesClient.verify_evidence``; verification itself runs on the loop (~2 ms)."""
+        steps = _verify_evidence_steps(self._config, evidence_id_or_envelope, jwks, expected_signer)
+        return await _fetch_and_verify_async(self, steps)
+
     def iter_balances(self, **filters: str) -> AsyncIterator[dict[str, Any]]:
         """``async for`` over every matching balance (see ``CyclesClient.iter_balances``)."""
         return self._pages(_balances_call(filters), "balances")
@@ -2932,6 +2964,711 @@ class AsyncCyclesClient:
                     _ASYNC_MAX_WORKERS, thread_name_prefix="cycles-lite-io"
                 )
             return self._executor
+
+
+# ===========================================================================
+# Evidence: verify signed CyclesEvidence envelopes offline (cycles-evidence-v0.2)
+# ===========================================================================
+#
+# RFC 8785 (JCS) canonical bytes, a pure-Python RFC 8032 Ed25519 verifier and the
+# spec's signer-key resolution.  A bad envelope or key set is a disposition with a
+# reason, never an exception; only a wrong argument raises.  hashlib and base64 are
+# imported when something is verified, not when this module is imported.
+
+EVIDENCE_SCHEMA_VERSION = "cycles-evidence/v0.1"
+JWKS_SUFFIX = "/.well-known/cycles-jwks.json"
+EVIDENCE_ARTIFACT_TYPES = ("decide", "reserve", "commit", "release", "error")
+
+AUTHENTIC = "authentic"
+BINDING_ONLY = "binding_only"
+SIGNER_AUTHORITY_FAILED = "signer_authority_failed"
+SIGNER_RESOLUTION_FAILED = "signer_resolution_failed"
+SIGNATURE_INVALID = "signature_invalid"
+
+_ENVELOPE_FIELDS = frozenset(
+    {
+        "schema_version",
+        "artifact_type",
+        "server_id",
+        "signer_did",
+        "issued_at_ms",
+        "trace_id",
+        "payload",
+        "evidence_id",
+        "signature",
+    }
+)
+_DID_CYCLES_PREFIX = "did:cycles:"
+
+
+@dataclass(frozen=True)
+class EvidenceVerification:
+    """The outcome of verifying one CyclesEvidence envelope (cycles-evidence-v0.2).
+
+    ``disposition`` is exactly one of ``"authentic"`` (signature valid and the key
+    is the one window-covering key of ``server_id``'s JWK Set), ``"binding_only"``
+    (signature valid, no authority resolved), ``"signer_authority_failed"`` (the
+    set was read but does not authorise the key), ``"signer_resolution_failed"``
+    (the set or the envelope could not be obtained or parsed: says nothing about
+    the bytes) or ``"signature_invalid"`` (tampered or malformed envelope).
+
+    ``signer_pin_matched``: None without an ``expected_signer`` pin, else whether
+    the verifying key equals it.  ``ok`` is True for ``authentic`` (unless a pin
+    was given and did not match) and for ``binding_only`` with a matching pin.
+    ``signer_kid``: the ``kid`` of the JWK that established authority (archive
+    that JWK with the envelope to verify it again once the server is gone).
+    """
+
+    disposition: str
+    signer_pin_matched: bool | None
+    evidence_id: str | None
+    artifact_type: str | None
+    reason: str
+    signer_kid: str | None = None
+    ok: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        pin = self.signer_pin_matched
+        ok = (self.disposition == AUTHENTIC and pin is not False) or (
+            self.disposition == BINDING_ONLY and pin is True
+        )
+        object.__setattr__(self, "ok", ok)
+
+
+# -- RFC 8785: JSON Canonicalization Scheme ------------------------------------
+
+
+class _JcsError(ValueError):
+    """A value that has no RFC 8785 form (NaN, a lone surrogate, a non-string key...)."""
+
+
+def _jcs(value: Any) -> bytes:
+    """The RFC 8785 canonical UTF-8 bytes of a JSON value."""
+    parts: List[str] = []
+    try:
+        _jcs_write(value, parts)
+        return "".join(parts).encode("utf-8")
+    except RecursionError:
+        raise _JcsError("nested too deeply") from None
+    except UnicodeEncodeError:
+        raise _JcsError("a string holds a lone surrogate (not valid Unicode)") from None
+
+
+def _jcs_write(value: Any, parts: List[str]) -> None:
+    if isinstance(value, str):
+        parts.append(json.dumps(value, ensure_ascii=False))  # the escapes of RFC 8785 3.2.2.2
+    elif value is None or value is True or value is False:
+        parts.append("null" if value is None else "true" if value else "false")
+    elif isinstance(value, int):
+        parts.append(str(value) if -(2**53) <= value <= 2**53 else _es_number(float(value)))
+    elif isinstance(value, float):
+        parts.append(_es_number(value))
+    elif isinstance(value, dict):
+        if not all(isinstance(key, str) for key in value):
+            raise _JcsError("an object key is not a string")
+        parts.append("{")
+        for index, key in enumerate(sorted(value, key=_utf16_order)):
+            parts.append("," if index else "")
+            parts.append(json.dumps(key, ensure_ascii=False))
+            parts.append(":")
+            _jcs_write(value[key], parts)
+        parts.append("}")
+    elif isinstance(value, (list, tuple)):
+        parts.append("[")
+        for index, item in enumerate(value):
+            parts.append("," if index else "")
+            _jcs_write(item, parts)
+        parts.append("]")
+    else:
+        raise _JcsError(f"{_type_name(value)} is not a JSON value")
+
+
+def _utf16_order(key: str) -> bytes:
+    """RFC 8785 3.2.3: properties sort by their UTF-16 code units."""
+    return key.encode("utf-16-be", "surrogatepass")
+
+
+def _es_number(value: float) -> str:
+    """ECMAScript Number.prototype.toString of a double (RFC 8785 3.2.2.3)."""
+    if value != value or value in (math.inf, -math.inf):
+        raise _JcsError("NaN and Infinity have no JSON form")
+    if value == 0:
+        return "0"
+    if value < 0:
+        return "-" + _es_number(-value)
+    # repr() is the shortest round-tripping decimal, as ECMAScript requires.
+    mantissa, _, exponent = repr(value).partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    all_digits = whole + fraction
+    significant = all_digits.lstrip("0")
+    point = len(whole) + int(exponent or 0) - (len(all_digits) - len(significant))
+    digits = significant.rstrip("0")
+    count = len(digits)
+    if count <= point <= 21:
+        return digits + "0" * (point - count)
+    if 0 < point <= 21:
+        return digits[:point] + "." + digits[point:]
+    if -6 < point <= 0:
+        return "0." + "0" * -point + digits
+    power = point - 1
+    head = digits[0] + ("." + digits[1:] if count > 1 else "")
+    return f"{head}e{'+' if power >= 0 else '-'}{abs(power)}"
+
+
+# -- RFC 8032: Ed25519 verification (pure Python, cofactorless) ------------------
+
+_ED_P = 2**255 - 19
+_ED_L = 2**252 + 27742317777372353535851937790883648493
+_ED_D = 37095705934669439343138083508754565189542113879843219016388785533085940283555
+_ED_D2 = 16295367250680780974490674513165176452449235426866156013048779062215315747161
+_ED_SQRT_M1 = 19681161376707505956807079304988542015446066515923890162744021073123829784752
+# Extended coordinates (X, Y, Z, T) with x = X/Z, y = Y/Z, x*y = T/Z.
+_ED_IDENTITY = (0, 1, 1, 0)
+_ED_BASE = (
+    15112221349535400772501151409588531511454012693041857206046113283949847762202,
+    46316835694926478169428394003475163141307993866256225615783033603165251855960,
+    1,
+    46827403850823179245072216630277197565144205554125654976674165829533817101731,
+)
+_ed_base_table: List[List[Tuple[int, int, int, int]]] = []
+_ed_table_lock = threading.Lock()
+
+
+def _ed_add(
+    a: Tuple[int, int, int, int], b: Tuple[int, int, int, int]
+) -> Tuple[int, int, int, int]:
+    """Point addition on -x^2 + y^2 = 1 + d x^2 y^2 (RFC 8032 5.1.4)."""
+    p = _ED_P
+    x1, y1, z1, t1 = a
+    x2, y2, z2, t2 = b
+    aa = (y1 - x1) * (y2 - x2) % p
+    bb = (y1 + x1) * (y2 + x2) % p
+    cc = t1 * _ED_D2 % p * t2 % p
+    dd = 2 * z1 * z2 % p
+    e, f, g, h = bb - aa, dd - cc, dd + cc, bb + aa
+    return e * f % p, g * h % p, f * g % p, e * h % p
+
+
+def _ed_double(a: Tuple[int, int, int, int]) -> Tuple[int, int, int, int]:
+    p = _ED_P
+    x1, y1, z1, _ = a
+    aa = x1 * x1 % p
+    bb = y1 * y1 % p
+    cc = 2 * z1 * z1 % p
+    h = aa + bb
+    e = h - (x1 + y1) * (x1 + y1) % p
+    g = aa - bb
+    f = cc + g
+    return e * f % p, g * h % p, f * g % p, e * h % p
+
+
+def _ed_decode(data: bytes) -> Tuple[int, int, int, int] | None:
+    """RFC 8032 5.1.3, strict: None for y >= p, no square root, or x = 0 with the sign bit."""
+    p = _ED_P
+    y = int.from_bytes(data, "little")
+    sign = y >> 255
+    y &= (1 << 255) - 1
+    if y >= p:
+        return None
+    u = (y * y - 1) % p
+    v = (_ED_D * y * y + 1) % p
+    x = u * pow(v, 3, p) * pow(u * pow(v, 7, p), (p - 5) // 8, p) % p
+    vxx = v * x * x % p
+    if vxx == (-u) % p:
+        x = x * _ED_SQRT_M1 % p
+    elif vxx != u:
+        return None
+    if x == 0 and sign:
+        return None
+    if x & 1 != sign:
+        x = p - x
+    return x, y, 1, x * y % p
+
+
+def _ed_base_multiples() -> List[List[Tuple[int, int, int, int]]]:
+    """j * 16**i * B for i < 64, j < 16: built once, so [s]B costs at most 64 additions."""
+    with _ed_table_lock:
+        if not _ed_base_table:
+            step = _ED_BASE
+            for _ in range(64):
+                row = [_ED_IDENTITY, step]
+                for _ in range(14):
+                    row.append(_ed_add(row[-1], step))
+                _ed_base_table.append(row)
+                step = _ed_add(row[-1], step)  # 16 * step
+        return _ed_base_table
+
+
+def _ed_base_mul(scalar: int) -> Tuple[int, int, int, int]:
+    total = _ED_IDENTITY
+    for row in _ed_base_multiples():
+        nibble = scalar & 15
+        if nibble:
+            total = _ed_add(total, row[nibble])
+        scalar >>= 4
+    return total
+
+
+def _ed_mul(scalar: int, point: Tuple[int, int, int, int]) -> Tuple[int, int, int, int]:
+    """[scalar]point with a 4-bit fixed window (scalar < 2**256)."""
+    multiples = [_ED_IDENTITY, point]
+    for _ in range(14):
+        multiples.append(_ed_add(multiples[-1], point))
+    total = _ED_IDENTITY
+    for shift in range(252, -4, -4):
+        total = _ed_double(_ed_double(_ed_double(_ed_double(total))))
+        nibble = (scalar >> shift) & 15
+        if nibble:
+            total = _ed_add(total, multiples[nibble])
+    return total
+
+
+def _ed25519_verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
+    """RFC 8032 5.1.7 with the cofactorless check [S]B = R + [k]A."""
+    import hashlib
+
+    if len(public_key) != 32 or len(signature) != 64:
+        return False
+    point_a = _ed_decode(public_key)
+    point_r = _ed_decode(signature[:32])
+    s = int.from_bytes(signature[32:], "little")
+    if point_a is None or point_r is None or s >= _ED_L:
+        return False
+    digest = hashlib.sha512(signature[:32] + public_key + message).digest()
+    k = int.from_bytes(digest, "little") % _ED_L
+    x, y, z, t = point_a
+    minus_ka = _ed_mul(k, (_ED_P - x, y, z, _ED_P - t))
+    x1, y1, z1, _ = _ed_add(_ed_base_mul(s), minus_ka)  # [S]B - [k]A, to compare with R
+    x2, y2, z2, _ = point_r
+    p = _ED_P
+    return (x1 * z2 - x2 * z1) % p == 0 and (y1 * z2 - y2 * z1) % p == 0
+
+
+# -- the verifier ----------------------------------------------------------------
+
+
+class _Verdict(Exception):
+    """A disposition reached early; ``key`` is the verifying key when it was known."""
+
+    def __init__(self, disposition: str, reason: str, key: bytes | None = None) -> None:
+        super().__init__(reason)
+        self.disposition = disposition
+        self.reason = reason
+        self.key = key
+
+
+class _Unresolved:
+    """A JWK Set that could not be obtained or parsed, and why."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class _Jwk:
+    """One valid JWK of a set: the Ed25519 key bytes and its validity window."""
+
+    __slots__ = ("exp_ms", "key", "kid", "nbf_ms")
+
+    def __init__(self, kid: str, key: bytes, nbf_ms: int, exp_ms: int | None) -> None:
+        self.kid = kid
+        self.key = key
+        self.nbf_ms = nbf_ms
+        self.exp_ms = exp_ms
+
+    def covers(self, issued_at_ms: int) -> bool:
+        """The window gate: ``nbf <= issued_at < exp`` (an absent exp is open-ended)."""
+        return self.nbf_ms <= issued_at_ms and (self.exp_ms is None or issued_at_ms < self.exp_ms)
+
+
+def verify_evidence(
+    envelope: dict[str, Any] | str | bytes,
+    *,
+    jwks: dict[str, Any] | str | bytes | None = None,
+    expected_signer: str | None = None,
+) -> EvidenceVerification:
+    """Verify a CyclesEvidence envelope offline (cycles-evidence-v0.2).
+
+    ``envelope``: a dict, or its JSON text or bytes.  ``jwks``: the server's JWK
+    Set (dict, JSON text or bytes); without it no signer authority is resolved
+    (``binding_only`` at best).  ``expected_signer``: a raw-hex Ed25519 key to pin.
+    Raises TypeError or ValueError for a wrong argument only; everything about the
+    envelope and the key set is in the returned ``EvidenceVerification``.
+    """
+    pin = _signer_pin(expected_signer)
+    key_set = None if jwks is None else _key_set_argument(jwks)
+    return _verify_envelope(_envelope_argument(envelope), key_set, pin)
+
+
+def _signer_pin(expected_signer: Any) -> str | None:
+    if expected_signer is None:
+        return None
+    if not isinstance(expected_signer, str):
+        raise TypeError(f"expected_signer: expected a str, got {_type_name(expected_signer)}")
+    pin = expected_signer.strip().lower()
+    if not _is_hex(pin, 64):
+        raise ValueError("expected_signer: must be a raw Ed25519 public key, 64 hex characters")
+    return pin
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _unique_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate object key")
+    return result
+
+
+def _parse_strict_json(name: str, raw: str | bytes | bytearray) -> Any:
+    """``json.loads`` refusing duplicate keys and NaN/Infinity (I-JSON); ValueError."""
+    if not isinstance(raw, (str, bytes, bytearray)):
+        raise TypeError(f"{name}: expected a dict, JSON text or bytes, got {_type_name(raw)}")
+    try:
+        return json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _envelope_argument(envelope: Any) -> Any:
+    """The envelope as a JSON value, or a _Verdict to report when the text is not JSON."""
+    if isinstance(envelope, dict):
+        return envelope
+    try:
+        return _parse_strict_json("envelope", envelope)
+    except ValueError as exc:
+        return _Verdict(SIGNATURE_INVALID, f"the envelope is not valid JSON: {exc}")
+
+
+def _key_set_argument(jwks: Any) -> Any:
+    if isinstance(jwks, dict):
+        return jwks
+    try:
+        return _parse_strict_json("jwks", jwks)
+    except ValueError as exc:
+        return _Unresolved(f"the JWK Set is not valid JSON: {exc}")
+
+
+def _verify_envelope(
+    envelope: Any, key_set: Any, pin: str | None, evidence_id: str | None = None
+) -> EvidenceVerification:
+    """The spec's verification of one parsed envelope (or the _Verdict already reached)
+    against a key set (None: no authority resolution; _Unresolved: not obtained)."""
+    artifact_type = None
+    if isinstance(envelope, dict):
+        claimed = envelope.get("evidence_id")
+        evidence_id = claimed if _is_hex(claimed, 64) else None
+        kind = envelope.get("artifact_type")
+        artifact_type = kind if kind in EVIDENCE_ARTIFACT_TYPES else None
+    kid: str | None = None
+    key: bytes | None = None
+    try:
+        if isinstance(envelope, _Verdict):
+            raise envelope
+        key, kid, disposition, reason = _evaluate_envelope(envelope, key_set)
+    except _Verdict as verdict:
+        key, disposition, reason = verdict.key, verdict.disposition, verdict.reason
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # a safety net
+        key, disposition = None, SIGNATURE_INVALID
+        reason = f"the envelope cannot be verified: {exc}"
+    pin_matched = None if pin is None else key is not None and key.hex() == pin
+    if pin_matched is False:
+        reason += "; the signer does not match expected_signer"
+    return EvidenceVerification(disposition, pin_matched, evidence_id, artifact_type, reason, kid)
+
+
+def _evaluate_envelope(
+    envelope: Any, key_set: Any
+) -> Tuple[bytes, str | None, str, str]:
+    """(verifying key, authorising kid, disposition, reason); raises _Verdict early."""
+    _check_envelope_shape(envelope)
+    message = _signing_input(envelope)
+    signature = bytes.fromhex(envelope["signature"])
+    signer = envelope["signer_did"]
+    issued_at = envelope["issued_at_ms"]
+    if _is_hex(signer, 64):
+        key = bytes.fromhex(signer)
+        if not _ed25519_verify(key, message, signature):
+            reason = "the signature does not verify against signer_did"
+            raise _Verdict(SIGNATURE_INVALID, reason, key)
+        if key_set is None:
+            reason = "signature valid; signer authority not resolved (no JWK Set)"
+            return key, None, BINDING_ONLY, reason
+        jwk = _select_by_key(_valid_jwks(key_set, key), key, issued_at)
+    else:
+        kid = _did_cycles_kid(signer, envelope["server_id"], key_set)
+        jwk = _select_by_kid(_valid_jwks(key_set, None), kid, issued_at)
+        key = jwk.key
+        if not _ed25519_verify(key, message, signature):
+            reason = f"the signature does not verify against key {kid!r}"
+            raise _Verdict(SIGNATURE_INVALID, reason, key)
+    reason = f"signature valid; signed by key {jwk.kid!r} of {envelope['server_id']}"
+    return key, jwk.kid, AUTHENTIC, reason
+
+
+def _invalid_envelope(reason: str) -> _Verdict:
+    return _Verdict(SIGNATURE_INVALID, "malformed envelope: " + reason)
+
+
+def _check_envelope_shape(envelope: Any) -> None:
+    if not isinstance(envelope, dict):
+        raise _invalid_envelope("not a JSON object")
+    version = envelope.get("schema_version")
+    if version != EVIDENCE_SCHEMA_VERSION:
+        shown = "missing" if version is None else f"{version!r} is not understood"
+        raise _Verdict(SIGNATURE_INVALID, f"unsupported envelope: schema_version {shown}")
+    unknown = sorted(str(name) for name in envelope if name not in _ENVELOPE_FIELDS)
+    if unknown:
+        raise _invalid_envelope(f"unknown field {unknown[0]!r}")
+    checks: Tuple[Tuple[str, Callable[[Any], bool], str], ...] = (
+        ("artifact_type", lambda v: v in EVIDENCE_ARTIFACT_TYPES, "an artifact type"),
+        ("server_id", lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+        ("signer_did", lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+        ("issued_at_ms", lambda v: _is_int(v, 0, INT64_MAX), "a non-negative integer"),
+        ("payload", lambda v: isinstance(v, dict), "an object"),
+        ("evidence_id", lambda v: _is_hex(v, 64), "64 lowercase hex characters"),
+        ("signature", lambda v: _is_hex(v, 128), "128 lowercase hex characters"),
+    )
+    for name, valid, expected in checks:
+        if name not in envelope:
+            raise _invalid_envelope(f"{name} is missing")
+        if not valid(envelope[name]):
+            raise _invalid_envelope(f"{name} must be {expected}")
+    if "trace_id" in envelope and not _is_hex(envelope["trace_id"], 32):
+        raise _invalid_envelope("trace_id must be 32 lowercase hex characters")
+    kind, payload = envelope["artifact_type"], envelope["payload"]
+    if list(payload) != [kind] or not isinstance(payload[kind], dict):
+        keys = ", ".join(sorted(str(k) for k in payload)) or "none"
+        raise _invalid_envelope(
+            f"artifact_type {kind!r} needs exactly the payload key {kind!r} holding an object"
+            f" (payload keys: {keys})"
+        )
+
+
+def _signing_input(envelope: Dict[str, Any]) -> bytes:
+    """Check ``evidence_id`` (SHA-256 of JCS with id and signature emptied) and return the
+    signed bytes (JCS with the id set and the signature emptied)."""
+    import hashlib
+
+    try:
+        hashed = _jcs(dict(envelope, evidence_id="", signature=""))
+        signed = _jcs(dict(envelope, signature=""))
+    except _JcsError as exc:
+        raise _invalid_envelope(f"no RFC 8785 canonical form: {exc}") from None
+    if hashlib.sha256(hashed).hexdigest() != envelope["evidence_id"]:
+        raise _Verdict(
+            SIGNATURE_INVALID, "evidence_id does not match the envelope's content (tampered)"
+        )
+    return signed
+
+
+def _did_cycles_kid(signer: str, server_id: str, key_set: Any) -> str:
+    """The ``#kid`` of a did:cycles signer bound to ``server_id``; raises _Verdict."""
+    import hashlib
+
+    if not signer.startswith(_DID_CYCLES_PREFIX):
+        raise _Verdict(
+            SIGNER_RESOLUTION_FAILED,
+            "signer_did is neither a raw-hex key nor a did:cycles DID: cannot be resolved",
+        )
+    server_hash, sep, kid = signer[len(_DID_CYCLES_PREFIX) :].partition("#")
+    if not sep or not kid or not server_hash:
+        raise _Verdict(SIGNER_RESOLUTION_FAILED, "malformed did:cycles signer_did")
+    if key_set is None:
+        raise _Verdict(SIGNER_RESOLUTION_FAILED, "a did:cycles signer needs the server's JWK Set")
+    if isinstance(key_set, _Unresolved):
+        raise _Verdict(SIGNER_RESOLUTION_FAILED, key_set.reason)
+    if hashlib.sha256(server_id.encode("utf-8")).hexdigest() != server_hash:
+        reason = "signer_did does not bind to this envelope's server_id"
+        raise _Verdict(SIGNER_AUTHORITY_FAILED, reason)
+    return kid
+
+
+def _valid_jwks(key_set: Any, key: bytes | None) -> List[_Jwk]:
+    """The set's valid JWKs, after the set-level rules (parseable, unique kid)."""
+    if isinstance(key_set, _Unresolved):
+        raise _Verdict(SIGNER_RESOLUTION_FAILED, key_set.reason, key)
+    entries = key_set.get("keys") if isinstance(key_set, dict) else None
+    if not isinstance(entries, list):
+        raise _Verdict(SIGNER_RESOLUTION_FAILED, "the JWK Set has no 'keys' list", key)
+    seen: set[str] = set()
+    for entry in entries:
+        kid = entry.get("kid") if isinstance(entry, dict) else None
+        if isinstance(kid, str):
+            if kid in seen:
+                reason = f"duplicate kid {kid!r} in the JWK Set"
+                raise _Verdict(SIGNER_AUTHORITY_FAILED, reason, key)
+            seen.add(kid)
+    return [jwk for jwk in map(_parse_jwk, entries) if isinstance(jwk, _Jwk)]
+
+
+def _parse_jwk(entry: Any) -> _Jwk | str:
+    """A valid Ed25519 JWK, or why it is excluded from candidacy."""
+    if not isinstance(entry, dict):
+        return "not an object"
+    if entry.get("kty") != "OKP" or entry.get("crv") != "Ed25519":
+        return "not an OKP Ed25519 key"
+    if "alg" in entry and entry["alg"] != "EdDSA":
+        return "alg is not EdDSA"
+    kid, nbf, exp = entry.get("kid"), entry.get("cycles_nbf_ms"), entry.get("cycles_exp_ms")
+    if not isinstance(kid, str) or not kid:
+        return "no kid"
+    if isinstance(nbf, bool) or not isinstance(nbf, int):
+        return "cycles_nbf_ms missing or not an integer"
+    if exp is not None and (isinstance(exp, bool) or not isinstance(exp, int)):
+        return "cycles_exp_ms not an integer"
+    key = _base64url_key(entry.get("x"))
+    if key is None:
+        return "x is not the base64url of 32 bytes"
+    return _Jwk(kid, key, nbf, exp)
+
+
+def _base64url_key(text: Any) -> bytes | None:
+    """Strict unpadded base64url of exactly 32 bytes (RFC 7515 2), else None."""
+    import base64
+
+    if not isinstance(text, str) or len(text) != 43:
+        return None
+    if any(ch not in _BASE64URL_ALPHABET for ch in text):
+        return None
+    key = base64.urlsafe_b64decode(text + "=")
+    return key if base64.urlsafe_b64encode(key).decode("ascii").rstrip("=") == text else None
+
+
+_BASE64URL_ALPHABET = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+)
+
+
+def _select_by_kid(jwks: List[_Jwk], kid: str, issued_at_ms: int) -> _Jwk:
+    found = [jwk for jwk in jwks if jwk.kid == kid]
+    if not found:
+        raise _Verdict(SIGNER_AUTHORITY_FAILED, f"no valid key with kid {kid!r} in the JWK Set")
+    if not found[0].covers(issued_at_ms):
+        raise _Verdict(
+            SIGNER_AUTHORITY_FAILED,
+            f"key {kid!r} is not valid at issued_at_ms {issued_at_ms}",
+            found[0].key,
+        )
+    return found[0]
+
+
+def _select_by_key(jwks: List[_Jwk], key: bytes, issued_at_ms: int) -> _Jwk:
+    """The raw-hex bridge: exactly one window-covering JWK whose x is this key."""
+    same_key = [jwk for jwk in jwks if jwk.key == key]
+    covering = [jwk for jwk in same_key if jwk.covers(issued_at_ms)]
+    if len(covering) == 1:
+        return covering[0]
+    if covering:
+        kids = ", ".join(repr(jwk.kid) for jwk in covering)
+        reason = f"ambiguous: keys {kids} all cover issued_at_ms {issued_at_ms}"
+    elif same_key:
+        reason = f"the signer key is in the JWK Set but not valid at issued_at_ms {issued_at_ms}"
+    else:
+        reason = "the signer key is not in the JWK Set"
+    raise _Verdict(SIGNER_AUTHORITY_FAILED, reason, key)
+
+
+# -- fetching: client.verify_evidence ----------------------------------------------
+
+def _jwks_url(server_id: str) -> str:
+    """The JWK Set URL: the suffix appended to the verbatim server_id (one '/' at the join)."""
+    return (server_id[:-1] if server_id.endswith("/") else server_id) + JWKS_SUFFIX
+
+
+def _is_own_jwks_url(config: CyclesConfig, url: str) -> bool:
+    """Whether ``url`` is where this client's ``get_evidence_jwks`` goes."""
+    origin = _parse_base_url(config.base_url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    except ValueError:
+        return False
+    return (
+        parts.scheme.lower() == origin.scheme
+        and (parts.hostname or "") == origin.host.lower()
+        and port == origin.port
+        and parts.path == origin.base_path + JWKS_PATH
+        and not parts.query
+        and not parts.fragment
+    )
+
+
+def _verify_evidence_steps(
+    config: CyclesConfig, target: Any, jwks: Any, expected_signer: Any
+) -> Generator[Tuple[str, str], CyclesResponse, EvidenceVerification]:
+    """Fetch what verification needs, then verify: yields ``("evidence", id)`` or
+    ``("jwks", "")`` and receives the response.
+
+    A failed fetch is ``signer_resolution_failed``, never ``signature_invalid``.
+    """
+    pin = _signer_pin(expected_signer)
+    key_set = None if jwks is None else _key_set_argument(jwks)
+    if isinstance(target, str) and _is_hex(target, 64):
+        response = yield ("evidence", target)
+        if not response.is_success or not response.body:
+            reason = f"could not fetch evidence {target}: {_describe(response)}"
+            unfetched = _Verdict(SIGNER_RESOLUTION_FAILED, reason)
+            return _verify_envelope(unfetched, None, pin, target)
+        envelope: Any = response.body
+        if envelope.get("evidence_id") != target:
+            reason = f"the server answered {target} with another envelope"
+            other = _Verdict(SIGNATURE_INVALID, reason)
+            return _verify_envelope(other, None, pin, target)
+    elif isinstance(target, str) and not target.lstrip().startswith("{"):
+        raise ValueError("evidence_id_or_envelope: expected a 64-hex evidence id or an envelope")
+    else:
+        envelope = _envelope_argument(target)
+    server_id = envelope.get("server_id") if isinstance(envelope, dict) else None
+    if key_set is None and isinstance(server_id, str):
+        url = _jwks_url(server_id)
+        if not _is_own_jwks_url(config, url):
+            key_set = _Unresolved(f"the JWK Set {url} is not on this client's server; pass jwks=")
+        else:
+            response = yield ("jwks", "")
+            key_set = response.body
+            if not response.is_success:
+                key_set = _Unresolved(f"could not fetch the JWK Set {url}: {_describe(response)}")
+    return _verify_envelope(envelope, key_set, pin)
+
+
+def _fetch_and_verify(
+    client: CyclesClient,
+    steps: Generator[Tuple[str, str], CyclesResponse, EvidenceVerification],
+) -> EvidenceVerification:
+    """Run _verify_evidence_steps with the client's own public requests."""
+    try:
+        what, evidence_id = next(steps)
+        while True:
+            if what == "evidence":
+                response = client.get_evidence(evidence_id)
+            else:
+                response = client.get_evidence_jwks()
+            what, evidence_id = steps.send(response)
+    except StopIteration as done:
+        result: EvidenceVerification = done.value
+        return result
+
+
+async def _fetch_and_verify_async(
+    client: AsyncCyclesClient,
+    steps: Generator[Tuple[str, str], CyclesResponse, EvidenceVerification],
+) -> EvidenceVerification:
+    """_fetch_and_verify for the async client."""
+    try:
+        what, evidence_id = next(steps)
+        while True:
+            if what == "evidence":
+                response = await client.get_evidence(evidence_id)
+            else:
+                response = await client.get_evidence_jwks()
+            what, evidence_id = steps.send(response)
+    except StopIteration as done:
+        result: EvidenceVerification = done.value
+        return result
 
 
 # ===========================================================================
@@ -6229,6 +6966,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help/--version (0) or a usage error argparse has printed (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if args.command == "verify-evidence":  # may run offline: no configuration needed
+        return _cli_verify_evidence(args)
     try:
         config = CyclesConfig.from_env()
     except ValueError as exc:
@@ -6521,6 +7260,49 @@ def _cli_recover(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
     return EXIT_OK if summary.unresolved == 0 and summary.quarantined == 0 else EXIT_API_ERROR
 
 
+def _cli_verify_evidence(args: Any) -> int:
+    """Exit 0 only when the envelope is ok.  Runs without configuration: without --jwks
+    the JWK Set comes from CYCLES_BASE_URL when it is set, else a FILE is checked
+    offline (binding_only at best)."""
+    try:
+        jwks = _cli_read(args.jwks) if args.jwks else None
+        is_id = _is_hex(args.target, 64) and not os.path.exists(args.target)
+        target: str | bytes = args.target if is_id else _cli_read(args.target)
+        if jwks is not None and not is_id:
+            result = verify_evidence(target, jwks=jwks, expected_signer=args.expected_signer)
+        elif is_id or os.environ.get("CYCLES_BASE_URL"):
+            with CyclesClient(CyclesConfig.from_env()) as client:
+                result = client.verify_evidence(
+                    target, jwks=jwks, expected_signer=args.expected_signer
+                )
+        else:
+            result = verify_evidence(target, expected_signer=args.expected_signer)
+    except (OSError, ValueError) as exc:
+        _cli_error(f"verify-evidence: {exc}")
+        return EXIT_USAGE
+    if args.json:
+        _cli_json(dataclasses.asdict(result))
+    else:
+        print(f"{result.disposition}: {_cli_cell(result.reason)}")
+        rows = [
+            ["evidence_id", _cli_cell(result.evidence_id)],
+            ["artifact_type", _cli_cell(result.artifact_type)],
+            ["signer_kid", _cli_cell(result.signer_kid)],
+            ["signer_pin_matched", _cli_cell(result.signer_pin_matched)],
+            ["ok", "yes" if result.ok else "no"],
+        ]
+        _cli_table(["FIELD", "VALUE"], rows)
+    return EXIT_OK if result.ok else EXIT_API_ERROR
+
+
+def _cli_read(path: str) -> bytes:
+    """A file's bytes, or stdin's for '-'."""
+    if path == "-":
+        return sys.stdin.buffer.read()
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
 def _arg(flag: str, **options: Any) -> Tuple[str, Dict[str, Any]]:
     """One command-line argument: its flag (or name) and its ``add_argument`` options."""
     return flag, options
@@ -6563,6 +7345,12 @@ _CLI_COMMANDS: List[Tuple[str, str, Callable[..., int], List[Tuple[str, Dict[str
      _cli_recover, [
         _arg("--timeout", type=float, default=30.0, metavar="S",
              help="give up after S seconds; what is left stays journaled (default: 30)"),
+    ]),
+    ("verify-evidence", "verify a signed CyclesEvidence envelope: a file ('-': stdin) or an id",
+     _cli_verify_evidence, [
+        _arg("target", metavar="FILE|ID"),
+        _arg("--jwks", metavar="FILE", help="the server's JWK Set (default: CYCLES_BASE_URL's)"),
+        _arg("--expected-signer", metavar="HEX", help="pin the raw-hex signer key"),
     ]),
 ]
 

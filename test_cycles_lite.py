@@ -108,6 +108,8 @@ EXTRA_NAMES = {
     "aflush",
     "CyclesConnectionError",
     "InvalidFieldError",
+    "EvidenceVerification",
+    "verify_evidence",
 }
 
 ERROR_STATUS = {
