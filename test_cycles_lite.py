@@ -2124,7 +2124,7 @@ class TestSettlementOutcomeTable(unittest.TestCase):
 
     def test_bad_arguments(self) -> None:
         with self.assertRaises(ValueError):
-            decide("release", 200)
+            decide("extend", 200)
         with self.assertRaises(ValueError):
             decide("commit", 200, attempt=0)
 
@@ -4336,7 +4336,7 @@ class _LcSettlementCases(_LcCase):
         self.srv.inject("commit", "status", status=502, times=3)
         with self.assertLogs(_LC_LOGGER, "ERROR") as logs:
             self.call(lambda: None, estimate=10, actual=3, client=client)
-            self.assertTrue(cl.flush(5))
+            self.assertEqual(cl.flush(5), cl.FlushResult(settled=0, pending=1, given_up=0))
         rid = self.reservation_id()
         self.assert_one_key("commit", 3)
         self.assertNotIn("release", self.ops())
