@@ -2160,9 +2160,9 @@ def _effective_deadline(default: float) -> float:
 
 
 def _out_of_time(at: float | None = None) -> bool:
-    """True when the enclosing ``deadline()`` has passed (by ``at``, default now)."""
+    """True when the enclosing ``deadline()`` has passed, or will have by ``at``."""
     bound = _deadline.get()
-    return bound is not None and (time.monotonic() if at is None else at) >= bound
+    return bound is not None and max(time.monotonic(), at or 0.0) >= bound
 
 
 @contextlib.contextmanager
@@ -5481,6 +5481,16 @@ def _journal_for(config: CyclesConfig) -> _CommitJournal | None:
         return journal
 
 
+@_after_fork_in_child
+def _journals_after_fork() -> None:
+    """The child finds the journals it uses afresh (another thread may have held a lock)."""
+    global _journals_lock, _replay_lock, _journal_warn_lock
+    _journals_lock, _replay_lock, _journal_warn_lock = (
+        threading.Lock(), threading.Lock(), threading.Lock()
+    )
+    _journals.clear()
+
+
 @dataclass
 class _Settlement:
     """One unresolved commit, or its event fallback, and the attempts made so far."""
@@ -6251,6 +6261,13 @@ _default_client: CyclesClient | None = None
 _default_async_client: AsyncCyclesClient | None = None
 _default_config: CyclesConfig | None = None
 _config_clients: Dict[bool, Any] = {}  # clients made from _default_config, by is_async
+
+
+@_after_fork_in_child
+def _defaults_after_fork() -> None:
+    """The default clients stay (their pools reset themselves); the lock is the child's."""
+    global _defaults_lock
+    _defaults_lock = threading.Lock()
 
 
 def set_default_client(client: CyclesClient | AsyncCyclesClient) -> None:

@@ -106,6 +106,8 @@ EXTRA_NAMES = {
     "RecoverySummary",
     "flush",
     "aflush",
+    "FlushResult",
+    "deadline",
 }
 
 ERROR_STATUS = {
@@ -4986,7 +4988,7 @@ def barrier(step):
 
 
 def flush(step):
-    emit("flushed", drained=cycles_lite.flush(step.get("timeout", 5.0)))
+    emit("flushed", drained=bool(cycles_lite.flush(step.get("timeout", 5.0))))
 
 
 def move(step):
