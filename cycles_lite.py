@@ -5830,6 +5830,22 @@ class _SettlementQueue:
             heapq.heapify(self._heap)
             self._cond.notify_all()
 
+    def take_kept(self, reservation_ids: set[str] | None = None) -> int:
+        """Take kept jobs (those of ``reservation_ids``, default all) out of the queue, for
+        ``recover()`` to settle from their journal records; how many were taken."""
+        with self._cond:
+            heap = self._heap
+            taken = [
+                e for e in heap
+                if e[2].kept and (reservation_ids is None or e[2].record.reservation_id in reservation_ids)
+            ]
+            if taken:
+                self._heap = [e for e in heap if e not in taken]
+                heapq.heapify(self._heap)
+                self.kept -= len(taken)
+                self._cond.notify_all()
+            return len(taken)
+
     def pending(self) -> int:
         with self._cond:
             return len(self._heap) + len(self._running)
@@ -5876,10 +5892,10 @@ class _SettlementQueue:
                 self._running
             )
 
-    def flush(self, timeout: float | None) -> FlushResult:
+    def flush(self, timeout: float | None, *, retry_kept: bool = True) -> FlushResult:
         """Settle what is pending on this thread, waiting for not-yet-due retries while the
         deadline (``timeout``, and the enclosing ``deadline()``) allows; kept settlements
-        get one attempt each, without waiting for them.  See FlushResult."""
+        get one attempt each (``retry_kept``), without waiting for them.  See FlushResult."""
         limit = None if timeout is None else time.monotonic() + max(0.0, timeout)
         bound = _deadline.get() if limit is None else _effective_deadline(limit)
         started = time.monotonic()
@@ -5887,7 +5903,7 @@ class _SettlementQueue:
             settled, given_up = self._settled, self._given_up
         while True:
             with self._cond:
-                if self.kept:
+                if retry_kept and self.kept:
                     self._wake(started)  # each kept job: one attempt during this flush
                 job = self._next_due(bound, live_only=True)
                 if job is None:
@@ -5983,8 +5999,8 @@ class _SettlementQueue:
 
     def _flush_at_exit(self) -> None:
         timeout = self._exit_flush_timeout
-        if timeout > 0:
-            result = self.flush(timeout)
+        if timeout > 0:  # kept settlements already had their budget: the next process's
+            result = self.flush(timeout, retry_kept=False)
             if not result:
                 _log.warning(
                     "%d settlement(s) still open at exit; journal records are replayed later",
@@ -6204,6 +6220,7 @@ def _recover(client: Any, timeout: float | None) -> RecoverySummary:
     _claim_replay(journal)  # this is the process's replay of this identity
     records, summary.quarantined = _scan_journal(journal)
     summary.found = len(records)
+    _settlements.take_kept({r.reservation_id for r in records})  # parked: recover takes over
     fresh = _not_queued(records)
     summary.kept = len(records) - len(fresh)
     jobs = _replay_jobs(client, fresh)
