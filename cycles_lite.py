@@ -3391,6 +3391,13 @@ class _TimerHeartbeat:
         self._lock = threading.Lock()
         self._stopped = False
         self._timers: List[threading.Timer] = []  # the armed timer and the one that armed it
+        _reset_after_fork(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: its timers are not there and the parent keeps beating."""
+        self._lock = threading.Lock()
+        self._stopped = True
+        self._timers = []
 
     def start(self) -> _TimerHeartbeat:
         self._run_until_sleep(None)
@@ -5835,12 +5842,13 @@ class _SettlementQueue:
         ``recover()`` to settle from their journal records; how many were taken."""
         with self._cond:
             heap = self._heap
+            wanted = reservation_ids
             taken = [
-                e for e in heap
-                if e[2].kept and (reservation_ids is None or e[2].record.reservation_id in reservation_ids)
+                entry for entry in heap
+                if entry[2].kept and (wanted is None or entry[2].record.reservation_id in wanted)
             ]
             if taken:
-                self._heap = [e for e in heap if e not in taken]
+                self._heap = [entry for entry in heap if entry not in taken]
                 heapq.heapify(self._heap)
                 self.kept -= len(taken)
                 self._cond.notify_all()
