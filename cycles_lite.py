@@ -5727,7 +5727,8 @@ def _report_settlement(job: _Settlement, response: CyclesResponse, step: _Settle
         )
     else:
         kept = "kept (journal and memory)" if job.journal else "kept in memory (no journal)"
-        _log.error(
+        log = _log.warning if job.times_kept else _log.error  # ERROR once per settlement
+        log(
             "%s not settled after %d attempt(s) (%s, %s%s): the spend is NOT recorded yet;"
             " %s, retried later by this process: reservation_id=%s",
             what,

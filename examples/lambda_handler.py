@@ -112,10 +112,10 @@ def main() -> None:
             response = handler({"prompt": f"invocation {number}"}, FakeLambdaContext())
             took = time.monotonic() - started
             longest = max(longest, took)
-            print(f"   -> {response} in {took:.2f} s (deadline {deadline_s:.1f} s)")
+            print(f"   -> {response} in {took:.3f} s (deadline {deadline_s:.1f} s)")
         server.clear_faults()
         balance = server.balance("tenant:acme")
-        print(f"longest invocation: {longest:.2f} s against a {deadline_s:.1f} s deadline")
+        print(f"longest invocation: {longest:.3f} s against a {deadline_s:.1f} s deadline")
         print(f"spend reported by the handler: {sum(reported_spend)};"
               f" recorded by the server: {balance['spent']} (reserved {balance['reserved']})")
         client().close()
