@@ -314,6 +314,15 @@ class TestFork(DeploymentCase):
         self.assertLess(report["stop_s"], 1.0)
         self.assertEqual(self.srv.reservation(guard.reservation_id)["status"], "COMMITTED")
 
+    def test_a_fork_without_the_hooks_is_caught_by_the_pid_check(self) -> None:
+        client = self.warmed_client()
+        stale = list(client._transport._idle)
+        client._transport._pid = -1  # as if forked from C code, which skips the at-fork hooks
+        self.assertTrue(client.get_balances(tenant="acme").is_success)
+        self.assertEqual(client._transport._pid, os.getpid())
+        self.assertTrue(all(conn.sock is None for conn in stale))  # never reused: closed
+        self.assertNotIn(stale[0], client._transport._idle)
+
     def test_the_reset_runs_for_every_registered_reset(self) -> None:
         calls: List[str] = []
         reset = cl._after_fork_in_child(lambda: calls.append("reset"))
