@@ -264,6 +264,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--worker":
         return _worker_main(argv[1:])
+    if argv and argv[0] in ("--server", "--server-worker"):
+        return server_main(argv[1:] if argv[0] == "--server" else argv)
+    if argv and argv[0] == "--code-lines":
+        return _code_lines_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=300)
     parser.add_argument("--calls", type=int, default=300)
@@ -356,6 +360,317 @@ def _table(rows: List[str]) -> str:
     head = ("| measure | cycles_lite | runcycles 0.5.3 | lite / official "
             "| raw http.client floor |\n|---|---:|---:|---:|---:|")
     return "\n".join([head, *rows])
+
+
+# ---------------------------------------------------------------------------
+# Server (issue 10): memory per lifecycle, list cost at 100k rows, p99 under
+# concurrent lists, restart replay. `python bench_cycles_lite.py --server`
+# ---------------------------------------------------------------------------
+
+SERVER_ADMIN_KEY = "bench-admin"
+
+
+def _server_http(port: int) -> Any:
+    import http.client
+
+    return http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+
+
+def _server_call(conn: Any, method: str, path: str, body: Any = None,
+                 admin: bool = False) -> Any:
+    headers = {"X-Admin-API-Key": SERVER_ADMIN_KEY} if admin else {"X-Cycles-API-Key": API_KEY}
+    payload = None if body is None else json.dumps(body)
+    if payload is not None:
+        headers["Content-Type"] = "application/json"
+    conn.request(method, path, body=payload, headers=headers)
+    response = conn.getresponse()
+    data = response.read()
+    return response.status, json.loads(data) if data else None
+
+
+def _lifecycle(conn: Any, key: str) -> None:
+    """One reserve -> commit over HTTP."""
+    status, body = _server_call(conn, "POST", "/v1/reservations", {
+        "idempotency_key": "r-" + key, "subject": {"tenant": TENANT},
+        "action": {"kind": "llm", "name": "bench"},
+        "estimate": {"unit": "USD_MICROCENTS", "amount": 10}})
+    assert status == 200, body
+    status, body = _server_call(conn, "POST", f"/v1/reservations/{body['reservation_id']}/commit",
+                                {"idempotency_key": "c-" + key,
+                                 "actual": {"unit": "USD_MICROCENTS", "amount": 10}})
+    assert status == 200, body
+
+
+def _server_instance(**settings: Any) -> Any:
+    sys.path.insert(0, HERE)
+    from cycles_lite_server import LocalCyclesServer
+
+    return LocalCyclesServer(
+        api_keys={API_KEY: TENANT}, admin_keys=[SERVER_ADMIN_KEY],
+        budgets=[{"scope": f"tenant:{TENANT}", "allocated": 10**15}], **settings)
+
+
+def _server_memory(lifecycles: int) -> Dict[str, Any]:
+    """Traced Python memory of an in-process server: the request log filled first,
+    then ``lifecycles`` reserve->commit pairs, then past the retention window."""
+    import tracemalloc
+
+    tracemalloc.start()
+    srv = _server_instance(retention_s=3600).start()
+    srv.clock.freeze()
+    conn = _server_http(srv.port)
+    baseline = tracemalloc.get_traced_memory()[0]
+    for index in range(6000):  # 12k requests: the request log is at its cap
+        _lifecycle(conn, f"warm{index}")
+    warm = tracemalloc.get_traced_memory()[0]
+    for index in range(lifecycles):
+        _lifecycle(conn, f"m{index}")
+    grown = tracemalloc.get_traced_memory()[0]
+    srv.clock.advance(3_601_000)
+    while srv._ledger._reservations or srv._ledger._idempotency:  # each request prunes a batch
+        _server_call(conn, "GET", f"/v1/balances?tenant={TENANT}")
+    pruned = tracemalloc.get_traced_memory()[0]
+    srv.clear_requests()  # the request log is bounded, but not part of any lifecycle
+    cleared = tracemalloc.get_traced_memory()[0]
+    conn.close()
+    srv.stop()
+    tracemalloc.stop()
+    per_10k = 10_000 / lifecycles
+    return {
+        "request_log_and_warmup_mb": (warm - baseline) / 1e6,
+        "growth_per_10k_lifecycles_mb": (grown - warm) * per_10k / 1e6,
+        "after_retention_vs_before_lifecycles_mb": (pruned - warm) / 1e6,
+        "after_retention_vs_start_mb": (pruned - baseline) / 1e6,
+        "after_retention_and_log_cleared_vs_start_mb": (cleared - baseline) / 1e6,
+    }
+
+
+def _server_worker(rows: int) -> int:
+    """A server seeded with ``rows`` committed reservations (through the ledger,
+    not HTTP, to save minutes); prints its port and the state save/load times."""
+    import hashlib
+
+    srv = _server_instance(max_connections=64)
+    ledger = srv._ledger
+    for index in range(rows):
+        body = {"idempotency_key": f"seed{index}", "subject": {"tenant": TENANT},
+                "action": {"kind": "llm", "name": "seed"},
+                "estimate": {"unit": "USD_MICROCENTS", "amount": 10}}
+        digest = hashlib.sha256(str(index).encode()).hexdigest()
+        created = ledger.create(TENANT, body, digest)
+        caller = type("Caller", (), {"tenant": TENANT, "admin": False})()
+        ledger.commit(caller, created.body["reservation_id"],
+                      {"idempotency_key": f"c{index}",
+                       "actual": {"unit": "USD_MICROCENTS", "amount": 10}}, digest)
+    folder = tempfile.mkdtemp()
+    try:
+        srv._state = None
+        from cycles_lite_server import _StateFile
+
+        state = _StateFile(os.path.join(folder, "state.json"), 3600)
+        start = time.perf_counter()
+        state.save(srv._state_sections, ledger.changes, force=True)
+        saved = time.perf_counter() - start
+        size = os.path.getsize(state.path)
+        start = time.perf_counter()
+        _StateFile(state.path, 3600).load(_server_instance()._state_sections)
+        loaded = time.perf_counter() - start
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    srv.start()
+    print(json.dumps({"port": srv.port, "state_save_s": saved, "state_load_s": loaded,
+                      "state_mb": size / 1e6}), flush=True)
+    sys.stdin.read()  # until the parent closes our stdin
+    srv.stop()
+    return 0
+
+
+def _percentiles(samples: List[float]) -> Dict[str, float]:
+    ordered = sorted(samples)
+    return {"p50_ms": ordered[len(ordered) // 2] * 1000,
+            "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000,
+            "max_ms": ordered[-1] * 1000}
+
+
+def _timed_calls(step: Any, count: int) -> List[float]:
+    samples = []
+    for index in range(count):
+        start = time.perf_counter()
+        step(index)
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def _in_background(step: Any, pause_s: float) -> Any:
+    """Run ``step`` in a loop on a thread until the returned stop() is called."""
+    import threading
+
+    stopping = threading.Event()
+
+    def loop() -> None:
+        index = 0
+        while not stopping.is_set():
+            step(index)
+            index += 1
+            stopping.wait(pause_s)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        stopping.set()
+        thread.join()
+
+    return stop
+
+
+def _server_latency(rows: int, lists: int, lifecycles: int) -> Dict[str, Any]:
+    worker = subprocess.Popen([sys.executable, __file__, "--server-worker", str(rows)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert worker.stdout is not None and worker.stdin is not None
+    started = json.loads(worker.stdout.readline())
+    port = started["port"]
+    results: Dict[str, Any] = {"rows": rows, "state_save_s": started["state_save_s"],
+                               "state_load_s": started["state_load_s"],
+                               "state_mb": started["state_mb"]}
+    try:
+        lister, loader = _server_http(port), _server_http(port)
+        page = f"/v1/reservations?tenant={TENANT}&limit=50"
+
+        def list_once(_: int) -> None:
+            status, body = _server_call(lister, "GET", page)
+            assert status == 200 and len(body["reservations"]) == 50, body
+
+        results["list_idle"] = _percentiles(_timed_calls(list_once, lists))
+        stop = _in_background(lambda i: _lifecycle(loader, f"bg{i}"), 0.0)
+        results["list_under_reserve_commit_load"] = _percentiles(_timed_calls(list_once, lists))
+        stop()
+        results["reserve_commit_idle"] = _percentiles(
+            _timed_calls(lambda i: _lifecycle(loader, f"idle{i}"), lifecycles))
+        background_lister = _server_http(port)
+        stop = _in_background(lambda i: _server_call(background_lister, "GET", page), 0.05)
+        results["reserve_commit_with_lists_every_50ms"] = _percentiles(
+            _timed_calls(lambda i: _lifecycle(loader, f"busy{i}"), lifecycles))
+        stop()
+    finally:
+        worker.stdin.close()
+        worker.wait(60)
+    return results
+
+
+def _server_restart_replay() -> Dict[str, Any]:
+    """Event + reserve + commit, SIGTERM, restart with only --state, replay every key."""
+    import signal
+
+    folder = tempfile.mkdtemp()
+    state = os.path.join(folder, "state.json")
+
+    def launch(*extra: str) -> Any:
+        process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "cycles_lite_server.py"), "--port", "0",
+             "--quiet", "--state", state, *extra], stdout=subprocess.PIPE, text=True)
+        assert process.stdout is not None
+        port = int(process.stdout.readline().rsplit(":", 1)[1].split()[0])
+        return process, _server_http(port)
+
+    def stop(process: Any) -> None:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+
+    event = {"idempotency_key": "e1", "subject": {"tenant": TENANT},
+             "action": {"kind": "tool", "name": "search"},
+             "actual": {"unit": "USD_MICROCENTS", "amount": 25}}
+    reserve = {"idempotency_key": "r1", "subject": {"tenant": TENANT},
+               "action": {"kind": "llm", "name": "chat"},
+               "estimate": {"unit": "USD_MICROCENTS", "amount": 100}}
+    try:
+        process, conn = launch("--api-key", f"{API_KEY}={TENANT}",
+                               "--budget", f"tenant:{TENANT}=USD_MICROCENTS:1000")
+        first_event = _server_call(conn, "POST", "/v1/events", event)
+        first_reserve = _server_call(conn, "POST", "/v1/reservations", reserve)
+        commit_path = f"/v1/reservations/{first_reserve[1]['reservation_id']}/commit"
+        commit = {"idempotency_key": "c1", "actual": {"unit": "USD_MICROCENTS", "amount": 80}}
+        first_commit = _server_call(conn, "POST", commit_path, commit)
+        before = _server_call(conn, "GET", f"/v1/balances?tenant={TENANT}")[1]
+        stop(process)
+        process, conn = launch()
+        replays = [_server_call(conn, "POST", "/v1/events", event),
+                   _server_call(conn, "POST", "/v1/reservations", reserve),
+                   _server_call(conn, "POST", commit_path, commit)]
+        after = _server_call(conn, "GET", f"/v1/balances?tenant={TENANT}")[1]
+        stop(process)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    def settled(response: Any) -> Any:  # remaining_ttl_ms is live by design: 0 once committed
+        status, body = response
+        return status, {k: v for k, v in body.items() if k != "remaining_ttl_ms"}
+
+    originals = [first_event, first_reserve, first_commit]
+    return {
+        "replays_identical_but_remaining_ttl_ms":
+            [settled(r) for r in replays] == [settled(r) for r in originals],
+        "balances_unchanged": before == after,
+        "spent_after_restart": after["balances"][0]["spent"]["amount"],
+    }
+
+
+def server_main(argv: Sequence[str]) -> int:
+    """Measure the local server as an all-day development server (issue 10)."""
+    if argv and argv[0] == "--server-worker":
+        return _server_worker(int(argv[1]))
+    parser = argparse.ArgumentParser(description=server_main.__doc__)
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--lifecycles", type=int, default=10_000,
+                        help="for the memory figure")
+    parser.add_argument("--samples", type=int, default=300,
+                        help="list calls and reserve->commit pairs timed per case")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    results = {
+        "memory": _server_memory(args.lifecycles),
+        "latency": _server_latency(args.rows, args.samples, args.samples),
+        "restart_replay": _server_restart_replay(),
+    }
+    print(json.dumps(results, indent=2))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Code lines: non-blank, non-comment lines outside docstrings, counted with tokenize.
+# ``python bench_cycles_lite.py --code-lines [FILE ...]`` (default: cycles_lite.py).
+# ---------------------------------------------------------------------------
+
+def count_code_lines(path: str) -> int:
+    """Lines holding a token other than a comment, a line break or a docstring."""
+    import io
+    import token
+    import tokenize
+
+    with open(path, "rb") as handle:
+        tokens = list(tokenize.tokenize(io.BytesIO(handle.read()).readline))
+    skip = {token.COMMENT, token.NL, token.NEWLINE, token.INDENT, token.DEDENT,
+            token.ENCODING, token.ENDMARKER}
+    lines = set()
+    previous = token.NEWLINE  # a string opening a logical line is a docstring
+    for tok in tokens:
+        if tok.type in skip:
+            if tok.type in (token.NEWLINE, token.INDENT, token.DEDENT):
+                previous = token.NEWLINE
+            continue
+        is_docstring = tok.type == token.STRING and previous == token.NEWLINE
+        previous = tok.type
+        if not is_docstring:
+            lines.update(range(tok.start[0], tok.end[0] + 1))
+    return len(lines)
+
+
+def _code_lines_main(paths: Sequence[str]) -> int:
+    for path in paths or [os.path.join(HERE, "cycles_lite.py")]:
+        print(f"{count_code_lines(path)} code lines in {os.path.relpath(path)}")
+    return 0
 
 
 if __name__ == "__main__":

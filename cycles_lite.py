@@ -31,7 +31,29 @@ or network errors; they raise ``ValueError`` for invalid input::
 
 Command line: ``python -m cycles_lite COMMAND`` with ``check``, ``balances``,
 ``reservations``, ``reservation ID``, ``release ID`` and ``recover`` (settle what the
-commit journal holds after a crash or an outage).
+commit journal holds after a crash or an outage), and ``verify-evidence FILE|ID``
+(``verify_evidence``: signed CyclesEvidence checked offline, standard library only).
+
+Contents (the section banners below, in order)::
+
+    Constants
+    Errors
+    Models                  each field declared once, with its check
+    Config                  each setting declared once: default, check, env variable
+    Per process: fork safety and deadlines      the at-fork resets; deadline()
+    Transport
+    Client
+    Async client
+    Evidence                verify_evidence: RFC 8785, RFC 8032 Ed25519, key resolution
+    Guard and heartbeat
+        Effects and drivers     incl. the one sync heartbeat scheduler thread
+        Heartbeat plan          the spec's HEARTBEAT GUIDANCE, a pure state object
+        The reservation lifecycle: one object, three faces
+    Settlement and journal
+        Settlement outcome table
+        Commit journal, on-disk compatible with runcycles 0.5.3
+    Decorator
+    CLI                     commands from one table
 """
 
 from __future__ import annotations
@@ -87,12 +109,13 @@ if TYPE_CHECKING:  # pragma: no cover
     _Check = Callable[[str, Any, bool], Any]
     _M = TypeVar("_M", bound="_Model")
     _T = TypeVar("_T")
-    _Guard = TypeVar("_Guard", bound="_Reservation")
+    _SyncGuard = TypeVar("_SyncGuard", bound="_SyncFace")
+    _AsyncGuard = TypeVar("_AsyncGuard", bound="_AsyncFace")
     _F = TypeVar("_F", bound=Callable[..., Any])
     # A lifecycle step generator: yields effects, receives their results, returns _T.
     _Steps = Generator["_Effect", Any, _T]
-    # A blocking send of one call: CyclesClient._call, or _send_detached bound to a client.
-    _SendFn = Callable[["_Call"], "CyclesResponse"]
+    # A blocking send of one effect through a client's public method (see _sender).
+    _SendFn = Callable[["_Send"], "CyclesResponse"]
 
 __version__ = "0.1.0"
 
@@ -170,6 +193,9 @@ __all__ = [  # noqa: RUF022 - grouped as in runcycles
     "aflush",
     "FlushResult",
     "deadline",
+    # Evidence
+    "EvidenceVerification",
+    "verify_evidence",
 ]
 
 _log = logging.getLogger(__name__)
@@ -735,14 +761,20 @@ def _dump_value(value: Any, exclude_none: bool, json_mode: bool) -> Any:
     return value
 
 
+def _field(check: _Check, *, required: bool = False) -> Any:
+    """A model field and its check, declared together: ``amount: int = _field(_int64)``."""
+    return field(default=_REQUIRED if required else None, metadata={"check": check})
+
+
 class _Model:
     """Base of the protocol dataclasses: validation at construction, dump, tolerant parse.
 
-    Subclasses list a check per field in ``_fields``; a field whose default is
-    ``_REQUIRED`` must be given.  ``extra`` keeps the unknown fields of a parsed
-    response (a newer server may add fields; they are never refused).
+    Each field is declared once, with its check (``_field``); a required field
+    must be given.  ``extra`` keeps the unknown fields of a parsed response (a
+    newer server may add fields; they are never refused).
     """
 
+    # Collected from the field declarations: name -> check, and the required names.
     _fields: ClassVar[Dict[str, _Check]] = {}
     _required: ClassVar[FrozenSet[str]] = frozenset()
     # Request models refuse unknown fields in model_validate too; the server would.
@@ -750,8 +782,15 @@ class _Model:
     extra: Dict[str, Any]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Runs before ``@dataclass``: the class still holds each field's ``_field(...)``."""
         super().__init_subclass__(**kwargs)
-        cls._required = frozenset(n for n in cls._fields if getattr(cls, n, None) is _REQUIRED)
+        checks, required = dict(cls._fields), set(cls._required)
+        for name, declared in list(cls.__dict__.items()):
+            if isinstance(declared, dataclasses.Field) and "check" in declared.metadata:
+                checks[name] = declared.metadata["check"]
+                if declared.default is _REQUIRED:
+                    required.add(name)
+        cls._fields, cls._required = checks, frozenset(required)
 
     def __post_init__(self) -> None:
         self.extra = {}
@@ -848,44 +887,36 @@ _int64 = _int_check(0, INT64_MAX, "a non-negative int64")
 _any_str = _str_check()
 _idempotency_key = _str_check(MAX_IDEMPOTENCY_KEY_LENGTH, min_len=1)
 _str_list = _list_check(_any_str)
+_subject_str = _str_check(MAX_SUBJECT_FIELD_LENGTH)
 
 
 @dataclass(repr=False, eq=False)
 class Amount(_Model):
     """A non-negative int64 amount in one unit."""
 
-    unit: Unit | str = _REQUIRED
-    amount: int = _REQUIRED
-
-    _fields = {"unit": _enum_check(Unit), "amount": _int64}
+    unit: Unit | str = _field(_enum_check(Unit), required=True)
+    amount: int = _field(_int64, required=True)
 
 
 @dataclass(repr=False, eq=False)
 class SignedAmount(_Model):
     """An amount that may be negative (only ``Balance.remaining``)."""
 
-    unit: Unit | str = _REQUIRED
-    amount: int = _REQUIRED
-
-    _fields = {"unit": _enum_check(Unit), "amount": _int_check(what="an int64")}
+    unit: Unit | str = _field(_enum_check(Unit), required=True)
+    amount: int = _field(_int_check(what="an int64"), required=True)
 
 
 @dataclass(repr=False, eq=False)
 class Subject(_Model):
     """Who spends: the scope hierarchy (at least one standard field in a request)."""
 
-    tenant: str | None = None
-    workspace: str | None = None
-    app: str | None = None
-    workflow: str | None = None
-    agent: str | None = None
-    toolset: str | None = None
-    dimensions: dict[str, str] | None = None
-
-    _fields = dict(
-        {name: _str_check(MAX_SUBJECT_FIELD_LENGTH) for name in SUBJECT_FIELDS},
-        dimensions=_dimensions_check,
-    )
+    tenant: str | None = _field(_subject_str)
+    workspace: str | None = _field(_subject_str)
+    app: str | None = _field(_subject_str)
+    workflow: str | None = _field(_subject_str)
+    agent: str | None = _field(_subject_str)
+    toolset: str | None = _field(_subject_str)
+    dimensions: dict[str, str] | None = _field(_dimensions_check)
 
     def has_at_least_one_standard_field(self) -> bool:
         return any(getattr(self, name) for name in SUBJECT_FIELDS)
@@ -895,34 +926,20 @@ class Subject(_Model):
 class Action(_Model):
     """What is being done: ``kind`` (e.g. llm.completion), ``name``, optional tags."""
 
-    kind: str = _REQUIRED
-    name: str = _REQUIRED
-    tags: list[str] | None = None
-
-    _fields = {
-        "kind": _str_check(MAX_ACTION_KIND_LENGTH),
-        "name": _str_check(MAX_ACTION_NAME_LENGTH),
-        "tags": _list_check(_str_check(MAX_TAG_LENGTH), MAX_TAGS),
-    }
+    kind: str = _field(_str_check(MAX_ACTION_KIND_LENGTH), required=True)
+    name: str = _field(_str_check(MAX_ACTION_NAME_LENGTH), required=True)
+    tags: list[str] | None = _field(_list_check(_str_check(MAX_TAG_LENGTH), MAX_TAGS))
 
 
 @dataclass(repr=False, eq=False)
 class Caps(_Model):
     """Limits that come with an ALLOW_WITH_CAPS decision (advisory for the client)."""
 
-    max_tokens: int | None = None
-    max_steps_remaining: int | None = None
-    tool_allowlist: list[str] | None = None
-    tool_denylist: list[str] | None = None
-    cooldown_ms: int | None = None
-
-    _fields = {
-        "max_tokens": _int64,
-        "max_steps_remaining": _int64,
-        "tool_allowlist": _list_check(_str_check(256)),
-        "tool_denylist": _list_check(_str_check(256)),
-        "cooldown_ms": _int64,
-    }
+    max_tokens: int | None = _field(_int64)
+    max_steps_remaining: int | None = _field(_int64)
+    tool_allowlist: list[str] | None = _field(_list_check(_str_check(256)))
+    tool_denylist: list[str] | None = _field(_list_check(_str_check(256)))
+    cooldown_ms: int | None = _field(_int64)
 
     def is_tool_allowed(self, tool: str) -> bool:
         """The spec's precedence: a non-empty allowlist wins, then a non-empty denylist."""
@@ -937,19 +954,11 @@ class Caps(_Model):
 class CyclesMetrics(_Model):
     """Standard metrics sent with a commit or event."""
 
-    tokens_input: int | None = None
-    tokens_output: int | None = None
-    latency_ms: int | None = None
-    model_version: str | None = None
-    custom: dict[str, Any] | None = None
-
-    _fields = {
-        "tokens_input": _int64,
-        "tokens_output": _int64,
-        "latency_ms": _int64,
-        "model_version": _str_check(128),
-        "custom": _object_check,
-    }
+    tokens_input: int | None = _field(_int64)
+    tokens_output: int | None = _field(_int64)
+    latency_ms: int | None = _field(_int64)
+    model_version: str | None = _field(_str_check(128))
+    custom: dict[str, Any] | None = _field(_object_check)
 
     def put_custom(self, key: str, value: Any) -> None:
         if self.custom is None:
@@ -973,55 +982,38 @@ _amount = _model_check(Amount)
 class Balance(_Model):
     """One scope's budget state; ``remaining`` may be negative."""
 
-    scope: str = _REQUIRED
-    scope_path: str = _REQUIRED
-    remaining: SignedAmount = _REQUIRED
-    reserved: Amount | None = None
-    spent: Amount | None = None
-    allocated: Amount | None = None
-    debt: Amount | None = None
-    overdraft_limit: Amount | None = None
-    is_over_limit: bool | None = None
-
-    _fields = {
-        "scope": _any_str,
-        "scope_path": _any_str,
-        "remaining": _model_check(SignedAmount),
-        "reserved": _amount,
-        "spent": _amount,
-        "allocated": _amount,
-        "debt": _amount,
-        "overdraft_limit": _amount,
-        "is_over_limit": _bool_check,
-    }
+    scope: str = _field(_any_str, required=True)
+    scope_path: str = _field(_any_str, required=True)
+    remaining: SignedAmount = _field(_model_check(SignedAmount), required=True)
+    reserved: Amount | None = _field(_amount)
+    spent: Amount | None = _field(_amount)
+    allocated: Amount | None = _field(_amount)
+    debt: Amount | None = _field(_amount)
+    overdraft_limit: Amount | None = _field(_amount)
+    is_over_limit: bool | None = _field(_bool_check)
 
 
 @dataclass(repr=False, eq=False)
 class CyclesEvidenceRef(_Model):
     """Where to fetch a signed evidence envelope (``get_evidence(evidence_id)``)."""
 
-    evidence_id: str = _REQUIRED
-    cycles_evidence_url: str = _REQUIRED
+    evidence_id: str = _field(_evidence_id_check, required=True)
+    cycles_evidence_url: str = _field(_absolute_uri_check, required=True)
 
-    _fields = {
-        "evidence_id": _evidence_id_check,
-        "cycles_evidence_url": _absolute_uri_check,
-    }
+
+_evidence_ref = _model_check(CyclesEvidenceRef)
 
 
 @dataclass(repr=False, eq=False)
 class ReservationEvidence(_Model):
     """Evidence references of a reservation's reserve, commit and release."""
 
-    reserve: CyclesEvidenceRef | None = None
-    commit: CyclesEvidenceRef | None = None
-    release: CyclesEvidenceRef | None = None
-
-    _fields = dict.fromkeys(("reserve", "commit", "release"), _model_check(CyclesEvidenceRef))
+    reserve: CyclesEvidenceRef | None = _field(_evidence_ref)
+    commit: CyclesEvidenceRef | None = _field(_evidence_ref)
+    release: CyclesEvidenceRef | None = _field(_evidence_ref)
 
 
 _balances = _list_check(_model_check(Balance))
-_evidence_ref = _model_check(CyclesEvidenceRef)
 _caps = _model_check(Caps)
 _subject = _model_check(Subject)
 _action = _model_check(Action)
@@ -1044,113 +1036,67 @@ class _Request(_Model):
 class ReservationCreateRequest(_Request):
     """Body of ``POST /v1/reservations``."""
 
-    idempotency_key: str = _REQUIRED
-    subject: Subject = _REQUIRED
-    action: Action = _REQUIRED
-    estimate: Amount = _REQUIRED
-    ttl_ms: int | None = None
-    grace_period_ms: int | None = None
-    overage_policy: CommitOveragePolicy | str | None = None
-    dry_run: bool | None = None
-    metadata: dict[str, Any] | None = None
-
-    _fields = {
-        "idempotency_key": _idempotency_key,
-        "subject": _subject,
-        "action": _action,
-        "estimate": _amount,
-        "ttl_ms": _int_check(MIN_TTL_MS, MAX_TTL_MS),
-        "grace_period_ms": _int_check(0, MAX_GRACE_PERIOD_MS),
-        "overage_policy": _overage_policy,
-        "dry_run": _bool_check,
-        "metadata": _object_check,
-    }
+    idempotency_key: str = _field(_idempotency_key, required=True)
+    subject: Subject = _field(_subject, required=True)
+    action: Action = _field(_action, required=True)
+    estimate: Amount = _field(_amount, required=True)
+    ttl_ms: int | None = _field(_int_check(MIN_TTL_MS, MAX_TTL_MS))
+    grace_period_ms: int | None = _field(_int_check(0, MAX_GRACE_PERIOD_MS))
+    overage_policy: CommitOveragePolicy | str | None = _field(_overage_policy)
+    dry_run: bool | None = _field(_bool_check)
+    metadata: dict[str, Any] | None = _field(_object_check)
 
 
 @dataclass(repr=False, eq=False)
 class CommitRequest(_Request):
     """Body of ``POST /v1/reservations/{id}/commit``."""
 
-    idempotency_key: str = _REQUIRED
-    actual: Amount = _REQUIRED
-    metrics: CyclesMetrics | None = None
-    metadata: dict[str, Any] | None = None
-
-    _fields = {
-        "idempotency_key": _idempotency_key,
-        "actual": _amount,
-        "metrics": _metrics,
-        "metadata": _object_check,
-    }
+    idempotency_key: str = _field(_idempotency_key, required=True)
+    actual: Amount = _field(_amount, required=True)
+    metrics: CyclesMetrics | None = _field(_metrics)
+    metadata: dict[str, Any] | None = _field(_object_check)
 
 
 @dataclass(repr=False, eq=False)
 class ReleaseRequest(_Request):
     """Body of ``POST /v1/reservations/{id}/release``."""
 
-    idempotency_key: str = _REQUIRED
-    reason: str | None = None
-
-    _fields = {"idempotency_key": _idempotency_key, "reason": _str_check(256)}
+    idempotency_key: str = _field(_idempotency_key, required=True)
+    reason: str | None = _field(_str_check(256))
 
 
 @dataclass(repr=False, eq=False)
 class ReservationExtendRequest(_Request):
     """Body of ``POST /v1/reservations/{id}/extend`` (adds to the current expiry)."""
 
-    idempotency_key: str = _REQUIRED
-    extend_by_ms: int = _REQUIRED
-    metadata: dict[str, Any] | None = None
-
-    _fields = {
-        "idempotency_key": _idempotency_key,
-        "extend_by_ms": _int_check(1, MAX_EXTEND_BY_MS),
-        "metadata": _object_check,
-    }
+    idempotency_key: str = _field(_idempotency_key, required=True)
+    extend_by_ms: int = _field(_int_check(1, MAX_EXTEND_BY_MS), required=True)
+    metadata: dict[str, Any] | None = _field(_object_check)
 
 
 @dataclass(repr=False, eq=False)
 class DecisionRequest(_Request):
     """Body of ``POST /v1/decide`` (a hint only; it holds nothing)."""
 
-    idempotency_key: str = _REQUIRED
-    subject: Subject = _REQUIRED
-    action: Action = _REQUIRED
-    estimate: Amount = _REQUIRED
-    metadata: dict[str, Any] | None = None
-
-    _fields = {
-        "idempotency_key": _idempotency_key,
-        "subject": _subject,
-        "action": _action,
-        "estimate": _amount,
-        "metadata": _object_check,
-    }
+    idempotency_key: str = _field(_idempotency_key, required=True)
+    subject: Subject = _field(_subject, required=True)
+    action: Action = _field(_action, required=True)
+    estimate: Amount = _field(_amount, required=True)
+    metadata: dict[str, Any] | None = _field(_object_check)
 
 
 @dataclass(repr=False, eq=False)
 class EventCreateRequest(_Request):
     """Body of ``POST /v1/events``: a direct debit without a reservation."""
 
-    idempotency_key: str = _REQUIRED
-    subject: Subject = _REQUIRED
-    action: Action = _REQUIRED
-    actual: Amount = _REQUIRED
-    overage_policy: CommitOveragePolicy | str | None = None
-    metrics: CyclesMetrics | None = None
-    client_time_ms: int | None = None
-    metadata: dict[str, Any] | None = None
-
-    _fields = {
-        "idempotency_key": _idempotency_key,
-        "subject": _subject,
-        "action": _action,
-        "actual": _amount,
-        "overage_policy": _overage_policy,
-        "metrics": _metrics,
-        "client_time_ms": _int64,
-        "metadata": _object_check,
-    }
+    idempotency_key: str = _field(_idempotency_key, required=True)
+    subject: Subject = _field(_subject, required=True)
+    action: Action = _field(_action, required=True)
+    actual: Amount = _field(_amount, required=True)
+    overage_policy: CommitOveragePolicy | str | None = _field(_overage_policy)
+    metrics: CyclesMetrics | None = _field(_metrics)
+    client_time_ms: int | None = _field(_int64)
+    metadata: dict[str, Any] | None = _field(_object_check)
 
 
 class _Decided:
@@ -1167,149 +1113,85 @@ class _Decided:
 class ReservationCreateResponse(_Decided, _Model):
     """Answer to a reservation (live or dry run)."""
 
-    decision: Decision | str = _REQUIRED
-    reservation_id: str | None = None
-    affected_scopes: list[str] = _REQUIRED
-    expires_at_ms: int | None = None
-    remaining_ttl_ms: int | None = None
-    scope_path: str | None = None
-    reserved: Amount | None = None
-    caps: Caps | None = None
-    reason_code: str | None = None
-    retry_after_ms: int | None = None
-    balances: list[Balance] | None = None
-    cycles_evidence: CyclesEvidenceRef | None = None
-
-    _fields = {
-        "decision": _enum_check(Decision),
-        "reservation_id": _any_str,
-        "affected_scopes": _str_list,
-        "expires_at_ms": _int64,
-        "remaining_ttl_ms": _int64,
-        "scope_path": _any_str,
-        "reserved": _amount,
-        "caps": _caps,
-        "reason_code": _any_str,
-        "retry_after_ms": _int64,
-        "balances": _balances,
-        "cycles_evidence": _evidence_ref,
-    }
+    decision: Decision | str = _field(_enum_check(Decision), required=True)
+    reservation_id: str | None = _field(_str_check(min_len=1))
+    affected_scopes: list[str] = _field(_str_list, required=True)
+    expires_at_ms: int | None = _field(_int64)
+    remaining_ttl_ms: int | None = _field(_int64)
+    scope_path: str | None = _field(_any_str)
+    reserved: Amount | None = _field(_amount)
+    caps: Caps | None = _field(_caps)
+    reason_code: str | None = _field(_any_str)
+    retry_after_ms: int | None = _field(_int64)
+    balances: list[Balance] | None = _field(_balances)
+    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref)
 
 
 @dataclass(repr=False, eq=False)
 class CommitResponse(_Model):
     """Answer to a commit; ``charged`` may be less than the actual."""
 
-    status: CommitStatus | str = _REQUIRED
-    charged: Amount = _REQUIRED
-    released: Amount | None = None
-    balances: list[Balance] | None = None
-    cycles_evidence: CyclesEvidenceRef | None = None
-
-    _fields = {
-        "status": _enum_check(CommitStatus),
-        "charged": _amount,
-        "released": _amount,
-        "balances": _balances,
-        "cycles_evidence": _evidence_ref,
-    }
+    status: CommitStatus | str = _field(_enum_check(CommitStatus), required=True)
+    charged: Amount = _field(_amount, required=True)
+    released: Amount | None = _field(_amount)
+    balances: list[Balance] | None = _field(_balances)
+    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref)
 
 
 @dataclass(repr=False, eq=False)
 class ReleaseResponse(_Model):
     """Answer to a release."""
 
-    status: ReleaseStatus | str = _REQUIRED
-    released: Amount = _REQUIRED
-    balances: list[Balance] | None = None
-    cycles_evidence: CyclesEvidenceRef | None = None
-
-    _fields = {
-        "status": _enum_check(ReleaseStatus),
-        "released": _amount,
-        "balances": _balances,
-        "cycles_evidence": _evidence_ref,
-    }
+    status: ReleaseStatus | str = _field(_enum_check(ReleaseStatus), required=True)
+    released: Amount = _field(_amount, required=True)
+    balances: list[Balance] | None = _field(_balances)
+    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref)
 
 
 @dataclass(repr=False, eq=False)
 class ReservationExtendResponse(_Model):
     """Answer to an extend; ``expires_at_ms`` is authoritative."""
 
-    status: ExtendStatus | str = _REQUIRED
-    expires_at_ms: int = _REQUIRED
-    remaining_ttl_ms: int | None = None
-    balances: list[Balance] | None = None
-
-    _fields = {
-        "status": _enum_check(ExtendStatus),
-        "expires_at_ms": _int64,
-        "remaining_ttl_ms": _int64,
-        "balances": _balances,
-    }
+    status: ExtendStatus | str = _field(_enum_check(ExtendStatus), required=True)
+    expires_at_ms: int = _field(_int64, required=True)
+    remaining_ttl_ms: int | None = _field(_int64)
+    balances: list[Balance] | None = _field(_balances)
 
 
 @dataclass(repr=False, eq=False)
 class DecisionResponse(_Decided, _Model):
     """Answer to ``decide``."""
 
-    decision: Decision | str = _REQUIRED
-    caps: Caps | None = None
-    reason_code: str | None = None
-    retry_after_ms: int | None = None
-    affected_scopes: list[str] | None = None
-    cycles_evidence: CyclesEvidenceRef | None = None
-
-    _fields = {
-        "decision": _enum_check(Decision),
-        "caps": _caps,
-        "reason_code": _any_str,
-        "retry_after_ms": _int64,
-        "affected_scopes": _str_list,
-        "cycles_evidence": _evidence_ref,
-    }
+    decision: Decision | str = _field(_enum_check(Decision), required=True)
+    caps: Caps | None = _field(_caps)
+    reason_code: str | None = _field(_any_str)
+    retry_after_ms: int | None = _field(_int64)
+    affected_scopes: list[str] | None = _field(_str_list)
+    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref)
 
 
 @dataclass(repr=False, eq=False)
 class EventCreateResponse(_Model):
     """Answer to an event (HTTP 201)."""
 
-    status: EventStatus | str = _REQUIRED
-    event_id: str = _REQUIRED
-    charged: Amount | None = None
-    balances: list[Balance] | None = None
-
-    _fields = {
-        "status": _enum_check(EventStatus),
-        "event_id": _any_str,
-        "charged": _amount,
-        "balances": _balances,
-    }
+    status: EventStatus | str = _field(_enum_check(EventStatus), required=True)
+    event_id: str = _field(_any_str, required=True)
+    charged: Amount | None = _field(_amount)
+    balances: list[Balance] | None = _field(_balances)
 
 
 @dataclass(repr=False, eq=False)
 class DryRunResult(_Decided, _Model):
     """What a ``dry_run`` guarded call returns instead of running the function."""
 
-    decision: Decision | str = _REQUIRED
-    caps: Caps | None = None
-    affected_scopes: list[str] | None = None
-    scope_path: str | None = None
-    reserved: Amount | None = None
-    balances: list[Balance] | None = None
-    reason_code: str | None = None
-    retry_after_ms: int | None = None
-
-    _fields = {
-        "decision": _enum_check(Decision),
-        "caps": _caps,
-        "affected_scopes": _str_list,
-        "scope_path": _any_str,
-        "reserved": _amount,
-        "balances": _balances,
-        "reason_code": _any_str,
-        "retry_after_ms": _int64,
-    }
+    decision: Decision | str = _field(_enum_check(Decision), required=True)
+    caps: Caps | None = _field(_caps)
+    affected_scopes: list[str] | None = _field(_str_list)
+    scope_path: str | None = _field(_any_str)
+    reserved: Amount | None = _field(_amount)
+    balances: list[Balance] | None = _field(_balances)
+    reason_code: str | None = _field(_any_str)
+    retry_after_ms: int | None = _field(_int64)
 
     def has_caps(self) -> bool:
         return self.caps is not None
@@ -1319,44 +1201,18 @@ class DryRunResult(_Decided, _Model):
 class ErrorResponse(_Model):
     """The error body (the code is kept as the raw string; ``error_code`` maps it)."""
 
-    error: str = _REQUIRED
-    message: str = _REQUIRED
-    request_id: str = _REQUIRED
-    trace_id: str | None = None
-    details: dict[str, Any] | None = None
-    cycles_evidence: CyclesEvidenceRef | None = None
-
-    _fields = {
-        "error": _any_str,
-        "message": _any_str,
-        "request_id": _any_str,
-        "trace_id": _any_str,
-        "details": _object_check,
-        "cycles_evidence": _evidence_ref,
-    }
+    error: str = _field(_any_str, required=True)
+    message: str = _field(_any_str, required=True)
+    request_id: str = _field(_any_str, required=True)
+    trace_id: str | None = _field(_any_str)
+    details: dict[str, Any] | None = _field(_object_check)
+    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref)
 
     @property
     def error_code(self) -> ErrorCode | None:
         return ErrorCode.from_string(self.error)
 
 
-_RESERVATION_VIEW_FIELDS: Dict[str, _Check] = {
-    "reservation_id": _any_str,
-    "status": _enum_check(ReservationStatus),
-    "subject": _subject,
-    "action": _action,
-    "reserved": _amount,
-    "created_at_ms": _int64,
-    "expires_at_ms": _int64,
-    "scope_path": _any_str,
-    "affected_scopes": _str_list,
-    "idempotency_key": _any_str,
-    "committed": _amount,
-    "finalized_at_ms": _int64,
-    "metadata": _object_check,
-    "committed_metadata": _object_check,
-    "evidence": _model_check(ReservationEvidence),
-}
 
 
 class _ReservationView:
@@ -1379,23 +1235,21 @@ class _ReservationView:
 class _ReservationRecord(_ReservationView, _Model):
     """The fields ``GET /v1/reservations/{id}`` and a listing row share."""
 
-    reservation_id: str = _REQUIRED
-    status: ReservationStatus | str = _REQUIRED
-    subject: Subject = _REQUIRED
-    action: Action = _REQUIRED
-    reserved: Amount = _REQUIRED
-    created_at_ms: int = _REQUIRED
-    expires_at_ms: int = _REQUIRED
-    scope_path: str = _REQUIRED
-    affected_scopes: list[str] = _REQUIRED
-    idempotency_key: str | None = None
-    committed: Amount | None = None
-    finalized_at_ms: int | None = None
-    metadata: dict[str, Any] | None = None
-    committed_metadata: dict[str, Any] | None = None
-    evidence: ReservationEvidence | None = None
-
-    _fields = _RESERVATION_VIEW_FIELDS
+    reservation_id: str = _field(_any_str, required=True)
+    status: ReservationStatus | str = _field(_enum_check(ReservationStatus), required=True)
+    subject: Subject = _field(_subject, required=True)
+    action: Action = _field(_action, required=True)
+    reserved: Amount = _field(_amount, required=True)
+    created_at_ms: int = _field(_int64, required=True)
+    expires_at_ms: int = _field(_int64, required=True)
+    scope_path: str = _field(_any_str, required=True)
+    affected_scopes: list[str] = _field(_str_list, required=True)
+    idempotency_key: str | None = _field(_any_str)
+    committed: Amount | None = _field(_amount)
+    finalized_at_ms: int | None = _field(_int64)
+    metadata: dict[str, Any] | None = _field(_object_check)
+    committed_metadata: dict[str, Any] | None = _field(_object_check)
+    evidence: ReservationEvidence | None = _field(_model_check(ReservationEvidence))
 
 
 class ReservationDetail(_ReservationRecord):
@@ -1410,26 +1264,20 @@ class ReservationSummary(_ReservationRecord):
 class ReservationListResponse(_Model):
     """A page of ``GET /v1/reservations``."""
 
-    reservations: list[ReservationSummary] = _REQUIRED
-    has_more: bool | None = None
-    next_cursor: str | None = None
-
-    _fields = {
-        "reservations": _list_check(_model_check(ReservationSummary)),
-        "has_more": _bool_check,
-        "next_cursor": _any_str,
-    }
+    reservations: list[ReservationSummary] = _field(
+        _list_check(_model_check(ReservationSummary)), required=True
+    )
+    has_more: bool | None = _field(_bool_check)
+    next_cursor: str | None = _field(_any_str)
 
 
 @dataclass(repr=False, eq=False)
 class BalanceResponse(_Model):
     """A page of ``GET /v1/balances``."""
 
-    balances: list[Balance] = _REQUIRED
-    has_more: bool | None = None
-    next_cursor: str | None = None
-
-    _fields = {"balances": _balances, "has_more": _bool_check, "next_cursor": _any_str}
+    balances: list[Balance] = _field(_balances, required=True)
+    has_more: bool | None = _field(_bool_check)
+    next_cursor: str | None = _field(_any_str)
 
 
 @dataclass
@@ -1631,76 +1479,47 @@ def _header_int(raw: str | None) -> int | None:
 
 
 # The schema-validity judgement: is this the operation's expected success answer?
-# Only the required fields (and the ones lease arithmetic reads) are checked;
-# unknown extra fields never make an answer invalid.
-
-
-def _is_amount(value: Any) -> bool:
-    return (
-        isinstance(value, dict)
-        and isinstance(value.get("unit"), str)
-        and _is_int(value.get("amount"), 0, INT64_MAX)
-    )
-
-
-def _is_str_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
-def _optional(body: Mapping[str, Any], key: str, valid: Callable[[Any], bool]) -> bool:
-    value = body.get(key)
-    return value is None or valid(value)
-
-
-def _is_ms(value: Any) -> bool:
-    return _is_int(value, 0, INT64_MAX)
-
-
-_DECISIONS = frozenset(d.value for d in Decision)
-
-_SUCCESS_SCHEMAS: Dict[str, Tuple[int, Callable[[Mapping[str, Any]], bool]]] = {
+# Derived from the response models: the success status, the model's required fields
+# (each passing its check), the optional fields lease arithmetic reads (checked when
+# present) and the values a field must hold.  Unknown extra fields never make an
+# answer invalid.  One row per operation the lifecycle and settlement act on
+# (the event is the fallback settlement of an expired reservation).
+_SUCCESS_ANSWERS: Dict[str, Tuple[int, Type[_Model], Tuple[str, ...], Dict[str, Any]]] = {
     "create": (
         200,
-        lambda b: (
-            b.get("decision") in _DECISIONS
-            and _is_str_list(b.get("affected_scopes"))
-            and _optional(b, "reservation_id", lambda v: isinstance(v, str) and bool(v))
-            and _optional(b, "expires_at_ms", _is_ms)
-            and _optional(b, "remaining_ttl_ms", _is_ms)
-        ),
+        ReservationCreateResponse,
+        ("reservation_id", "expires_at_ms", "remaining_ttl_ms"),
+        {"decision": frozenset(Decision)},
     ),
-    "commit": (200, lambda b: b.get("status") == "COMMITTED" and _is_amount(b.get("charged"))),
-    "release": (200, lambda b: b.get("status") == "RELEASED" and _is_amount(b.get("released"))),
+    "commit": (200, CommitResponse, (), {"status": {CommitStatus.COMMITTED}}),
+    "release": (200, ReleaseResponse, (), {"status": {ReleaseStatus.RELEASED}}),
     "extend": (
-        200,
-        lambda b: (
-            b.get("status") == "ACTIVE"
-            and _is_ms(b.get("expires_at_ms"))
-            and _optional(b, "remaining_ttl_ms", _is_ms)
-        ),
+        200, ReservationExtendResponse, ("remaining_ttl_ms",), {"status": {ExtendStatus.ACTIVE}}
     ),
-    "event": (201, lambda b: b.get("status") == "APPLIED" and isinstance(b.get("event_id"), str)),
-    "decide": (200, lambda b: b.get("decision") in _DECISIONS),
-    "balances": (200, lambda b: isinstance(b.get("balances"), list)),
-    "list": (200, lambda b: isinstance(b.get("reservations"), list)),
-    "get": (
-        200,
-        lambda b: isinstance(b.get("reservation_id"), str) and isinstance(b.get("status"), str),
-    ),
-    "evidence": (200, lambda b: isinstance(b.get("evidence_id"), str)),
-    "jwks": (200, lambda b: isinstance(b.get("keys"), list)),
+    "event": (201, EventCreateResponse, (), {"status": {EventStatus.APPLIED}}),
 }
 
 
 def _is_schema_valid(operation: str, response: CyclesResponse) -> bool:
     """True only for the operation's success status with a body holding its required fields."""
-    schema = _SUCCESS_SCHEMAS.get(operation)
-    if schema is None or response.status != schema[0] or not isinstance(response.body, dict):
+    answer = _SUCCESS_ANSWERS.get(operation)
+    body = response.body
+    if answer is None or response.status != answer[0] or not isinstance(body, dict):
         return False
-    try:
-        return bool(schema[1](response.body))
-    except Exception:
-        return False
+    _, model, read, pinned = answer
+    for name in (*model._required, *read):
+        value = body.get(name)
+        if value is None:
+            if name in model._required:
+                return False
+            continue
+        try:
+            checked = model._fields[name](name, value, True)
+        except ValueError:
+            return False
+        if name in pinned and checked not in pinned[name]:
+            return False
+    return True
 
 
 # ===========================================================================
@@ -1798,18 +1617,31 @@ def _valid_trace_id(value: Any) -> bool:
     return _is_hex(value, 32) and set(value) != {"0"}
 
 
-def _seconds(name: str, value: Any, *, allow_zero: bool) -> float:
-    valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not valid or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name}: must be a finite number of seconds {bound}, got {value!r}")
-    return float(value)
+# Setting checks: (field name, value) -> the normalised value, or ValueError naming it.
 
 
-def _count(name: str, value: Any, lo: int, hi: int) -> int:
-    if not _is_int(value, lo, hi):
-        raise ValueError(f"{name}: must be an integer in [{lo}, {hi}], got {value!r}")
-    return int(value)
+def _seconds(allow_zero: bool, optional: bool = False) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> Any:
+        if value is None and optional:
+            return None
+        valid = (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        )
+        if not valid or value < 0 or (value == 0 and not allow_zero):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise ValueError(f"{name}: must be a finite number of seconds {bound}, got {value!r}")
+        return float(value)
+
+    return check
+
+
+def _count(lo: int, hi: int) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> Any:
+        if not _is_int(value, lo, hi):
+            raise ValueError(f"{name}: must be an integer in [{lo}, {hi}], got {value!r}")
+        return int(value)
+
+    return check
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -1818,21 +1650,101 @@ def _flag(name: str, value: Any) -> bool:
     return value
 
 
-def _optional_str(name: str, value: Any, max_len: int | None = None) -> None:
-    if value is None:
-        return
-    if not isinstance(value, str):
-        raise ValueError(f"{name}: must be a string or None, got {_type_name(value)}")
-    if max_len is not None and len(value) > max_len:
-        raise ValueError(f"{name}: must be at most {max_len} characters")
+def _optional_str(max_len: int | None = None) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise ValueError(f"{name}: must be a string or None, got {_type_name(value)}")
+        if max_len is not None and len(value) > max_len:
+            raise ValueError(f"{name}: must be at most {max_len} characters")
+        return value
+
+    return check
 
 
 def _optional_path(name: str, value: Any) -> str | None:
     """A str (an ``os.PathLike`` is converted) or None."""
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
-    _optional_str(name, value)
-    return None if value is None else str(value)
+    return _optional_str()(name, value)  # type: ignore[no-any-return]
+
+
+def _base_url_setting(name: str, value: Any) -> Any:
+    _parse_base_url(value, name)
+    return value
+
+
+def _api_key_setting(name: str, value: Any) -> Any:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{name}: must be a string")
+    if value and not _is_header_value(value):
+        raise ValueError(f"{name}: must be printable ASCII without spaces at the ends")
+    return value
+
+
+def _multiplier_setting(name: str, value: Any) -> Any:
+    value = _positive_seconds(name, value)
+    if value < 1:
+        raise ValueError(f"{name}: must be >= 1, got {value!r}")
+    return value
+
+
+def _commit_retry_setting(name: str, value: Any) -> Any:
+    if isinstance(value, str):
+        value = value.strip().lower()
+    if value not in ("background", "inline"):
+        raise ValueError(f"{name}: must be 'background' or 'inline', got {value!r}")
+    return value
+
+
+def _ca_bundle_setting(name: str, value: Any) -> Any:
+    value = _optional_path(name, value)
+    if value is not None and not os.path.exists(value):
+        raise ValueError(f"{name}: no such file or directory: {value!r}")
+    return value
+
+
+def _ssl_context_setting(name: str, value: Any) -> Any:
+    if value is not None and not hasattr(value, "wrap_socket"):
+        raise ValueError(f"{name}: must be an ssl.SSLContext")
+    return value
+
+
+def _proxy_setting(name: str, value: Any) -> Any:
+    if value is not None:
+        _parse_proxy(value)
+    return value
+
+
+def _user_agent_setting(name: str, value: Any) -> Any:
+    if not _is_header_value(value):
+        raise ValueError(f"{name}: must be a non-empty printable ASCII string")
+    return value
+
+
+def _traceparent_setting(name: str, value: Any) -> Any:
+    if not (value is None or callable(value) or _valid_traceparent(value)):
+        raise ValueError(f"{name}: must be '00-<32 hex>-<16 hex>-<2 hex>' or a callable")
+    return value
+
+
+def _trace_id_setting(name: str, value: Any) -> Any:
+    if value is not None and not _valid_trace_id(value):
+        raise ValueError(f"{name}: must be 32 lowercase hex characters, not all zero")
+    return value
+
+
+def _option(default: Any, check: Callable[[str, Any], Any], env: str | None = None) -> Any:
+    """A setting declared once: its default, its check, and how ``from_env`` reads
+    ``<prefix><NAME>`` (an ``_EnvReader`` method; None: not from the environment)."""
+    return field(default=default, metadata={"check": check, "env": env})
+
+
+_subject_setting = _optional_str(MAX_SUBJECT_FIELD_LENGTH)
+_positive_seconds = _seconds(allow_zero=False)
+_seconds_or_zero = _seconds(allow_zero=True)
+_per_mille = _count(0, 1000)
 
 
 @dataclass(repr=False)
@@ -1867,103 +1779,51 @@ class CyclesConfig:
       crash, not just a process crash; costs a disk flush per guarded call).
     """
 
-    base_url: str
-    api_key: str = ""
+    base_url: str = field(metadata={"check": _base_url_setting, "env": "text"})
+    api_key: str = _option("", _api_key_setting, "text")
 
-    tenant: str | None = None
-    workspace: str | None = None
-    app: str | None = None
-    workflow: str | None = None
-    agent: str | None = None
-    toolset: str | None = None
+    tenant: str | None = _option(None, _subject_setting, "text")
+    workspace: str | None = _option(None, _subject_setting, "text")
+    app: str | None = _option(None, _subject_setting, "text")
+    workflow: str | None = _option(None, _subject_setting, "text")
+    agent: str | None = _option(None, _subject_setting, "text")
+    toolset: str | None = _option(None, _subject_setting, "text")
 
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    read_timeout: float = DEFAULT_READ_TIMEOUT
+    connect_timeout: float = _option(DEFAULT_CONNECT_TIMEOUT, _positive_seconds, "seconds")
+    read_timeout: float = _option(DEFAULT_READ_TIMEOUT, _positive_seconds, "seconds")
 
-    retry_enabled: bool = True
-    retry_max_attempts: int = 5
-    retry_initial_delay: float = 0.5
-    retry_multiplier: float = 2.0
-    retry_max_delay: float = 30.0
-    retry_flush_timeout: float = 10.0
+    retry_enabled: bool = _option(True, _flag, "flag")
+    retry_max_attempts: int = _option(5, _per_mille, "integer")
+    retry_initial_delay: float = _option(0.5, _seconds_or_zero, "seconds")
+    retry_multiplier: float = _option(2.0, _multiplier_setting, "seconds")
+    retry_max_delay: float = _option(30.0, _seconds_or_zero, "seconds")
+    retry_flush_timeout: float = _option(10.0, _seconds_or_zero, "seconds")
 
-    journal_enabled: bool = True
-    journal_dir: str | None = None
+    journal_enabled: bool = _option(True, _flag, "flag")
+    journal_dir: str | None = _option(None, _optional_path, "text")
 
-    admin_api_key: str | None = None
-    request_timeout: float | None = None
-    ca_bundle: str | None = None
-    ssl_context: ssl.SSLContext | None = None
-    proxy: str | None = None
-    user_agent: str = DEFAULT_USER_AGENT
-    traceparent: str | Callable[[], str | None] | None = None
-    trace_id: str | None = None
-    pool_maxsize: int = DEFAULT_POOL_MAXSIZE
-    commit_retry: str = "background"
-    journal_fsync: bool = False
+    admin_api_key: str | None = _option(None, _api_key_setting, "text")
+    request_timeout: float | None = _option(None, _seconds(False, optional=True), "seconds")
+    ca_bundle: str | None = _option(None, _ca_bundle_setting, "text")
+    ssl_context: ssl.SSLContext | None = _option(None, _ssl_context_setting)
+    proxy: str | None = _option(None, _proxy_setting, "text")
+    user_agent: str = _option(DEFAULT_USER_AGENT, _user_agent_setting, "text")
+    traceparent: str | Callable[[], str | None] | None = _option(
+        None, _traceparent_setting, "text"
+    )
+    trace_id: str | None = _option(None, _trace_id_setting, "text")
+    pool_maxsize: int = _option(DEFAULT_POOL_MAXSIZE, _per_mille, "integer")
+    commit_retry: str = _option("background", _commit_retry_setting, "text")
+    journal_fsync: bool = _option(False, _flag, "flag")
 
     def __post_init__(self) -> None:
-        _parse_base_url(self.base_url)
-        for name in ("api_key", "admin_api_key"):
-            key = getattr(self, name)
-            if key is not None and not isinstance(key, str):
-                raise ValueError(f"{name}: must be a string")
-            if key and not _is_header_value(key):
-                raise ValueError(f"{name}: must be printable ASCII without spaces at the ends")
+        for setting in dataclasses.fields(self):
+            check = setting.metadata["check"]
+            setattr(self, setting.name, check(setting.name, getattr(self, setting.name)))
         if not self.api_key and not self.admin_api_key:
             raise ValueError("api_key: required (or admin_api_key for admin-only use)")
-        for name in SUBJECT_FIELDS:
-            _optional_str(name, getattr(self, name), MAX_SUBJECT_FIELD_LENGTH)
-        self.connect_timeout = _seconds("connect_timeout", self.connect_timeout, allow_zero=False)
-        self.read_timeout = _seconds("read_timeout", self.read_timeout, allow_zero=False)
-        if self.request_timeout is not None:
-            self.request_timeout = _seconds(
-                "request_timeout", self.request_timeout, allow_zero=False
-            )
-        self.retry_enabled = _flag("retry_enabled", self.retry_enabled)
-        self.retry_max_attempts = _count("retry_max_attempts", self.retry_max_attempts, 0, 1000)
-        self.retry_initial_delay = _seconds(
-            "retry_initial_delay", self.retry_initial_delay, allow_zero=True
-        )
-        self.retry_multiplier = _seconds(
-            "retry_multiplier", self.retry_multiplier, allow_zero=False
-        )
-        if self.retry_multiplier < 1:
-            raise ValueError(f"retry_multiplier: must be >= 1, got {self.retry_multiplier!r}")
-        self.retry_max_delay = _seconds("retry_max_delay", self.retry_max_delay, allow_zero=True)
-        self.retry_flush_timeout = _seconds(
-            "retry_flush_timeout", self.retry_flush_timeout, allow_zero=True
-        )
-        self.journal_enabled = _flag("journal_enabled", self.journal_enabled)
-        self.journal_dir = _optional_path("journal_dir", self.journal_dir)
-        self.journal_fsync = _flag("journal_fsync", self.journal_fsync)
-        if isinstance(self.commit_retry, str):
-            self.commit_retry = self.commit_retry.strip().lower()
-        if self.commit_retry not in ("background", "inline"):
-            raise ValueError(
-                f"commit_retry: must be 'background' or 'inline', got {self.commit_retry!r}"
-            )
-        self._check_transport_options()
-
-    def _check_transport_options(self) -> None:
-        self.ca_bundle = _optional_path("ca_bundle", self.ca_bundle)
-        if self.ca_bundle is not None and not os.path.exists(self.ca_bundle):
-            raise ValueError(f"ca_bundle: no such file or directory: {self.ca_bundle!r}")
-        if self.ssl_context is not None:
-            if not hasattr(self.ssl_context, "wrap_socket"):
-                raise ValueError("ssl_context: must be an ssl.SSLContext")
-            if self.ca_bundle is not None:
-                raise ValueError("ssl_context: give either ssl_context or ca_bundle, not both")
-        if self.proxy is not None:
-            _parse_proxy(self.proxy)
-        if not _is_header_value(self.user_agent):
-            raise ValueError("user_agent: must be a non-empty printable ASCII string")
-        traceparent = self.traceparent
-        if not (traceparent is None or callable(traceparent) or _valid_traceparent(traceparent)):
-            raise ValueError("traceparent: must be '00-<32 hex>-<16 hex>-<2 hex>' or a callable")
-        if self.trace_id is not None and not _valid_trace_id(self.trace_id):
-            raise ValueError("trace_id: must be 32 lowercase hex characters, not all zero")
-        self.pool_maxsize = _count("pool_maxsize", self.pool_maxsize, 0, 1000)
+        if self.ssl_context is not None and self.ca_bundle is not None:
+            raise ValueError("ssl_context: give either ssl_context or ca_bundle, not both")
 
     @property
     def attempt_timeout(self) -> float:
@@ -1996,45 +1856,19 @@ class CyclesConfig:
         true/false/1/0/yes/no/on/off; a malformed value raises ValueError naming the variable.
         """
         env = _EnvReader(os.environ if environ is None else environ, prefix)
-        base_url = env.text("BASE_URL")
-        api_key = env.text("API_KEY")
-        admin_api_key = env.text("ADMIN_API_KEY")
-        if not base_url:
+        settings: Dict[str, Any] = {}
+        for setting in dataclasses.fields(cls):
+            read = setting.metadata["env"]
+            value = None if read is None else getattr(env, read)(setting.name.upper())
+            if value is not None:
+                settings[setting.name] = value
+        if "base_url" not in settings:
             raise ValueError(f"{prefix}BASE_URL environment variable is required")
-        if not api_key and not admin_api_key:
+        if "api_key" not in settings and "admin_api_key" not in settings:
             raise ValueError(
                 f"{prefix}API_KEY environment variable is required (or {prefix}ADMIN_API_KEY)"
             )
-        return cls(
-            base_url=base_url,
-            api_key=api_key or "",
-            tenant=env.text("TENANT"),
-            workspace=env.text("WORKSPACE"),
-            app=env.text("APP"),
-            workflow=env.text("WORKFLOW"),
-            agent=env.text("AGENT"),
-            toolset=env.text("TOOLSET"),
-            connect_timeout=env.seconds("CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT),
-            read_timeout=env.seconds("READ_TIMEOUT", DEFAULT_READ_TIMEOUT),
-            retry_enabled=env.flag("RETRY_ENABLED", True),
-            retry_max_attempts=env.integer("RETRY_MAX_ATTEMPTS", 5),
-            retry_initial_delay=env.seconds("RETRY_INITIAL_DELAY", 0.5),
-            retry_multiplier=env.seconds("RETRY_MULTIPLIER", 2.0),
-            retry_max_delay=env.seconds("RETRY_MAX_DELAY", 30.0),
-            retry_flush_timeout=env.seconds("RETRY_FLUSH_TIMEOUT", 10.0),
-            journal_enabled=env.flag("JOURNAL_ENABLED", True),
-            journal_dir=env.text("JOURNAL_DIR"),
-            admin_api_key=admin_api_key,
-            request_timeout=env.seconds("REQUEST_TIMEOUT", None),
-            ca_bundle=env.text("CA_BUNDLE"),
-            proxy=env.text("PROXY"),
-            user_agent=env.text("USER_AGENT") or DEFAULT_USER_AGENT,
-            traceparent=env.text("TRACEPARENT"),
-            trace_id=env.text("TRACE_ID"),
-            pool_maxsize=env.integer("POOL_MAXSIZE", DEFAULT_POOL_MAXSIZE),
-            commit_retry=env.text("COMMIT_RETRY") or "background",
-            journal_fsync=env.flag("JOURNAL_FSYNC", False),
-        )
+        return cls(**settings)
 
 
 class _EnvReader:
@@ -2052,10 +1886,10 @@ class _EnvReader:
         raw = self._environ.get(self._prefix + name, "")
         return ValueError(f"{self._prefix}{name}: expected {expected}, got {raw!r}")
 
-    def seconds(self, name: str, default: Any) -> Any:
+    def seconds(self, name: str) -> float | None:
         raw = self.text(name)
         if raw is None:
-            return default
+            return None
         try:
             value = float(raw)
         except ValueError:
@@ -2064,19 +1898,19 @@ class _EnvReader:
             raise self._fail(name, "a finite, non-negative number of seconds")
         return value
 
-    def integer(self, name: str, default: int) -> int:
+    def integer(self, name: str) -> int | None:
         raw = self.text(name)
         if raw is None:
-            return default
+            return None
         try:
             return int(raw)
         except ValueError:
             raise self._fail(name, "an integer") from None
 
-    def flag(self, name: str, default: bool) -> bool:
+    def flag(self, name: str) -> bool | None:
         raw = self.text(name)
         if raw is None:
-            return default
+            return None
         word = raw.lower()
         if word in _TRUE_WORDS:
             return True
@@ -2656,9 +2490,22 @@ def _perform(
     try:
         status, headers, body = transport.send(prepared, deadline)
     except Exception as exc:
-        _log.debug("%s %s failed: %s: %s", prepared.method, prepared.path, type(exc).__name__, exc)
+        if not _is_network_error(exc):  # a bug: its outcome is as unknown, but say so loudly
+            _log.error("%s %s failed: internal error", prepared.method, prepared.path, exc_info=exc)
+        else:
+            _log.debug(
+                "%s %s failed: %s: %s", prepared.method, prepared.path, type(exc).__name__, exc
+            )
         return CyclesResponse.transport_error(exc)
     return _read_response(status, headers, body)
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    """What a network, a TLS peer or an HTTP server can cause; anything else is a bug."""
+    http_client = sys.modules.get("http.client")
+    return isinstance(exc, OSError) or (
+        http_client is not None and isinstance(exc, http_client.HTTPException)
+    )
 
 
 # ===========================================================================
@@ -2820,11 +2667,36 @@ def _page(
             trace_id=response.trace_id,
         )
     cursor = response.get_body_attribute("next_cursor")
-    query = call.query or {}
     more = response.get_body_attribute("has_more") is not False
-    if more and isinstance(cursor, str) and cursor and cursor != query.get("cursor"):
+    if more and isinstance(cursor, str) and cursor:
         return [i for i in items if isinstance(i, dict)], call.with_cursor(cursor)
     return [i for i in items if isinstance(i, dict)], None
+
+
+def _refuse_repeated_cursor(call: _Call, followed: set[str]) -> None:
+    """Before fetching a page: a cursor followed already (A -> B -> A) means the server is
+    looping; end the iteration with CyclesProtocolError instead of looping for ever."""
+    cursor = (call.query or {}).get("cursor")
+    if cursor is None:
+        return
+    if cursor in followed:
+        raise CyclesProtocolError(
+            f"{call.operation} page failed: the server returned a cursor it had returned"
+            " before; stopping instead of looping"
+        )
+    followed.add(cursor)
+
+
+def _open_attempt_deadline(transport: _Transport, deadline: float | None) -> float | None:
+    """The deadline of an attempt made beneath a lifecycle step (see ``_attempt``), unless
+    given; RuntimeError on a closed client, except for a settlement retry, which may
+    outlive the client that started it."""
+    attempt = _attempt.get()
+    if transport.closed and not (attempt is not None and attempt.detached):
+        raise RuntimeError("the client is closed")
+    if deadline is None and attempt is not None:
+        return attempt.deadline
+    return deadline
 
 
 class CyclesClient:
@@ -2902,6 +2774,22 @@ class CyclesClient:
         """The server's evidence signing keys (public: no key is sent)."""
         return self._call(_JWKS_CALL)
 
+    def verify_evidence(
+        self,
+        evidence_id_or_envelope: str | dict[str, Any] | bytes,
+        *,
+        jwks: dict[str, Any] | str | bytes | None = None,
+        expected_signer: str | None = None,
+    ) -> EvidenceVerification:
+        """Fetch (an envelope given by id, the server's JWK Set) and ``verify_evidence``.
+
+        The JWK Set is fetched from ``{server_id}/.well-known/cycles-jwks.json`` when
+        that is this client's server (else pass ``jwks=``).  A failed fetch is
+        ``signer_resolution_failed``, never ``signature_invalid``.
+        """
+        steps = _verify_evidence_steps(self._config, evidence_id_or_envelope, jwks, expected_signer)
+        return _fetch_and_verify(self, steps)
+
     def iter_balances(self, **filters: str) -> Iterator[dict[str, Any]]:
         """Every balance matching the filters, following cursors.
 
@@ -2965,7 +2853,9 @@ class CyclesClient:
 
     def _pages(self, call: _Call, items_key: str) -> Iterator[dict[str, Any]]:
         next_call: _Call | None = call
+        followed: set[str] = set()
         while next_call is not None:
+            _refuse_repeated_cursor(next_call, followed)
             items, next_call = _page(next_call, self._call(next_call), items_key)
             yield from items
 
@@ -2974,19 +2864,12 @@ class CyclesClient:
 
         Never raises for HTTP or transport errors.
 
-        ``deadline`` is a ``time.monotonic()`` value; by default now + ``attempt_timeout``.
+        ``deadline`` is a ``time.monotonic()`` value; by default the lifecycle step's
+        (``_attempt``), else now + ``attempt_timeout``.
         """
         prepared = _build_request(self._config, call)
-        if self._transport.closed:
-            raise RuntimeError("the client is closed")
+        deadline = _open_attempt_deadline(self._transport, deadline)
         return _perform(self._transport, prepared, deadline)
-
-
-def _send_detached(config: CyclesConfig, transport: _Transport, call: _Call) -> CyclesResponse:
-    """``CyclesClient._call`` for the settlement worker, over the client's pool (async
-    clients have no other), working even after the client is closed: a settlement
-    retry may outlive the client that started it."""
-    return _perform(transport, _build_request(config, call))
 
 
 # ===========================================================================
@@ -3070,6 +2953,17 @@ class AsyncCyclesClient:
     async def get_evidence_jwks(self) -> CyclesResponse:
         return await self._call(_JWKS_CALL)
 
+    async def verify_evidence(
+        self,
+        evidence_id_or_envelope: str | dict[str, Any] | bytes,
+        *,
+        jwks: dict[str, Any] | str | bytes | None = None,
+        expected_signer: str | None = None,
+    ) -> EvidenceVerification:
+        """``CyclesClient.verify_evidence``; verification itself runs on the loop (~2 ms)."""
+        steps = _verify_evidence_steps(self._config, evidence_id_or_envelope, jwks, expected_signer)
+        return await _fetch_and_verify_async(self, steps)
+
     def iter_balances(self, **filters: str) -> AsyncIterator[dict[str, Any]]:
         """``async for`` over every matching balance (see ``CyclesClient.iter_balances``)."""
         return self._pages(_balances_call(filters), "balances")
@@ -3133,7 +3027,9 @@ class AsyncCyclesClient:
 
     async def _pages(self, call: _Call, items_key: str) -> AsyncIterator[dict[str, Any]]:
         next_call: _Call | None = call
+        followed: set[str] = set()
         while next_call is not None:
+            _refuse_repeated_cursor(next_call, followed)
             items, next_call = _page(next_call, await self._call(next_call), items_key)
             for item in items:
                 yield item
@@ -3155,8 +3051,7 @@ class AsyncCyclesClient:
         safety margin relies on that bound).
         """
         prepared = _build_request(self._config, call)
-        if self._transport.closed:
-            raise RuntimeError("the client is closed")
+        deadline = _open_attempt_deadline(self._transport, deadline)
         if deadline is None:
             deadline = time.monotonic() + self._transport.attempt_timeout
         deadline = _effective_deadline(deadline)  # read here: the I/O thread has no context
@@ -3175,6 +3070,711 @@ class AsyncCyclesClient:
 
 
 # ===========================================================================
+# Evidence: verify signed CyclesEvidence envelopes offline (cycles-evidence-v0.2)
+# ===========================================================================
+#
+# RFC 8785 (JCS) canonical bytes, a pure-Python RFC 8032 Ed25519 verifier and the
+# spec's signer-key resolution.  A bad envelope or key set is a disposition with a
+# reason, never an exception; only a wrong argument raises.  hashlib and base64 are
+# imported when something is verified, not when this module is imported.
+
+EVIDENCE_SCHEMA_VERSION = "cycles-evidence/v0.1"
+JWKS_SUFFIX = "/.well-known/cycles-jwks.json"
+EVIDENCE_ARTIFACT_TYPES = ("decide", "reserve", "commit", "release", "error")
+
+AUTHENTIC = "authentic"
+BINDING_ONLY = "binding_only"
+SIGNER_AUTHORITY_FAILED = "signer_authority_failed"
+SIGNER_RESOLUTION_FAILED = "signer_resolution_failed"
+SIGNATURE_INVALID = "signature_invalid"
+
+_ENVELOPE_FIELDS = frozenset(
+    {
+        "schema_version",
+        "artifact_type",
+        "server_id",
+        "signer_did",
+        "issued_at_ms",
+        "trace_id",
+        "payload",
+        "evidence_id",
+        "signature",
+    }
+)
+_DID_CYCLES_PREFIX = "did:cycles:"
+
+
+@dataclass(frozen=True)
+class EvidenceVerification:
+    """The outcome of verifying one CyclesEvidence envelope (cycles-evidence-v0.2).
+
+    ``disposition`` is exactly one of ``"authentic"`` (signature valid and the key
+    is the one window-covering key of ``server_id``'s JWK Set), ``"binding_only"``
+    (signature valid, no authority resolved), ``"signer_authority_failed"`` (the
+    set was read but does not authorise the key), ``"signer_resolution_failed"``
+    (the set or the envelope could not be obtained or parsed: says nothing about
+    the bytes) or ``"signature_invalid"`` (tampered or malformed envelope).
+
+    ``signer_pin_matched``: None without an ``expected_signer`` pin, else whether
+    the verifying key equals it.  ``ok`` is True for ``authentic`` (unless a pin
+    was given and did not match) and for ``binding_only`` with a matching pin.
+    ``signer_kid``: the ``kid`` of the JWK that established authority (archive
+    that JWK with the envelope to verify it again once the server is gone).
+    """
+
+    disposition: str
+    signer_pin_matched: bool | None
+    evidence_id: str | None
+    artifact_type: str | None
+    reason: str
+    signer_kid: str | None = None
+    ok: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        pin = self.signer_pin_matched
+        ok = (self.disposition == AUTHENTIC and pin is not False) or (
+            self.disposition == BINDING_ONLY and pin is True
+        )
+        object.__setattr__(self, "ok", ok)
+
+
+# -- RFC 8785: JSON Canonicalization Scheme ------------------------------------
+
+
+class _JcsError(ValueError):
+    """A value that has no RFC 8785 form (NaN, a lone surrogate, a non-string key...)."""
+
+
+def _jcs(value: Any) -> bytes:
+    """The RFC 8785 canonical UTF-8 bytes of a JSON value."""
+    parts: List[str] = []
+    try:
+        _jcs_write(value, parts)
+        return "".join(parts).encode("utf-8")
+    except RecursionError:
+        raise _JcsError("nested too deeply") from None
+    except UnicodeEncodeError:
+        raise _JcsError("a string holds a lone surrogate (not valid Unicode)") from None
+
+
+def _jcs_write(value: Any, parts: List[str]) -> None:
+    if isinstance(value, str):
+        parts.append(json.dumps(value, ensure_ascii=False))  # the escapes of RFC 8785 3.2.2.2
+    elif value is None or value is True or value is False:
+        parts.append("null" if value is None else "true" if value else "false")
+    elif isinstance(value, int):
+        parts.append(str(value) if -(2**53) <= value <= 2**53 else _es_number(float(value)))
+    elif isinstance(value, float):
+        parts.append(_es_number(value))
+    elif isinstance(value, dict):
+        if not all(isinstance(key, str) for key in value):
+            raise _JcsError("an object key is not a string")
+        parts.append("{")
+        for index, key in enumerate(sorted(value, key=_utf16_order)):
+            parts.append("," if index else "")
+            parts.append(json.dumps(key, ensure_ascii=False))
+            parts.append(":")
+            _jcs_write(value[key], parts)
+        parts.append("}")
+    elif isinstance(value, (list, tuple)):
+        parts.append("[")
+        for index, item in enumerate(value):
+            parts.append("," if index else "")
+            _jcs_write(item, parts)
+        parts.append("]")
+    else:
+        raise _JcsError(f"{_type_name(value)} is not a JSON value")
+
+
+def _utf16_order(key: str) -> bytes:
+    """RFC 8785 3.2.3: properties sort by their UTF-16 code units."""
+    return key.encode("utf-16-be", "surrogatepass")
+
+
+def _es_number(value: float) -> str:
+    """ECMAScript Number.prototype.toString of a double (RFC 8785 3.2.2.3)."""
+    if value != value or value in (math.inf, -math.inf):
+        raise _JcsError("NaN and Infinity have no JSON form")
+    if value == 0:
+        return "0"
+    if value < 0:
+        return "-" + _es_number(-value)
+    # repr() is the shortest round-tripping decimal, as ECMAScript requires.
+    mantissa, _, exponent = repr(value).partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    all_digits = whole + fraction
+    significant = all_digits.lstrip("0")
+    point = len(whole) + int(exponent or 0) - (len(all_digits) - len(significant))
+    digits = significant.rstrip("0")
+    count = len(digits)
+    if count <= point <= 21:
+        return digits + "0" * (point - count)
+    if 0 < point <= 21:
+        return digits[:point] + "." + digits[point:]
+    if -6 < point <= 0:
+        return "0." + "0" * -point + digits
+    power = point - 1
+    head = digits[0] + ("." + digits[1:] if count > 1 else "")
+    return f"{head}e{'+' if power >= 0 else '-'}{abs(power)}"
+
+
+# -- RFC 8032: Ed25519 verification (pure Python, cofactorless) ------------------
+
+_ED_P = 2**255 - 19
+_ED_L = 2**252 + 27742317777372353535851937790883648493
+_ED_D = 37095705934669439343138083508754565189542113879843219016388785533085940283555
+_ED_D2 = 16295367250680780974490674513165176452449235426866156013048779062215315747161
+_ED_SQRT_M1 = 19681161376707505956807079304988542015446066515923890162744021073123829784752
+# Extended coordinates (X, Y, Z, T) with x = X/Z, y = Y/Z, x*y = T/Z.
+_ED_IDENTITY = (0, 1, 1, 0)
+_ED_BASE = (
+    15112221349535400772501151409588531511454012693041857206046113283949847762202,
+    46316835694926478169428394003475163141307993866256225615783033603165251855960,
+    1,
+    46827403850823179245072216630277197565144205554125654976674165829533817101731,
+)
+_ed_base_table: List[List[Tuple[int, int, int, int]]] = []
+_ed_table_lock = threading.Lock()
+
+
+def _ed_add(
+    a: Tuple[int, int, int, int], b: Tuple[int, int, int, int]
+) -> Tuple[int, int, int, int]:
+    """Point addition on -x^2 + y^2 = 1 + d x^2 y^2 (RFC 8032 5.1.4)."""
+    p = _ED_P
+    x1, y1, z1, t1 = a
+    x2, y2, z2, t2 = b
+    aa = (y1 - x1) * (y2 - x2) % p
+    bb = (y1 + x1) * (y2 + x2) % p
+    cc = t1 * _ED_D2 % p * t2 % p
+    dd = 2 * z1 * z2 % p
+    e, f, g, h = bb - aa, dd - cc, dd + cc, bb + aa
+    return e * f % p, g * h % p, f * g % p, e * h % p
+
+
+def _ed_double(a: Tuple[int, int, int, int]) -> Tuple[int, int, int, int]:
+    p = _ED_P
+    x1, y1, z1, _ = a
+    aa = x1 * x1 % p
+    bb = y1 * y1 % p
+    cc = 2 * z1 * z1 % p
+    h = aa + bb
+    e = h - (x1 + y1) * (x1 + y1) % p
+    g = aa - bb
+    f = cc + g
+    return e * f % p, g * h % p, f * g % p, e * h % p
+
+
+def _ed_decode(data: bytes) -> Tuple[int, int, int, int] | None:
+    """RFC 8032 5.1.3, strict: None for y >= p, no square root, or x = 0 with the sign bit."""
+    p = _ED_P
+    y = int.from_bytes(data, "little")
+    sign = y >> 255
+    y &= (1 << 255) - 1
+    if y >= p:
+        return None
+    u = (y * y - 1) % p
+    v = (_ED_D * y * y + 1) % p
+    x = u * pow(v, 3, p) * pow(u * pow(v, 7, p), (p - 5) // 8, p) % p
+    vxx = v * x * x % p
+    if vxx == (-u) % p:
+        x = x * _ED_SQRT_M1 % p
+    elif vxx != u:
+        return None
+    if x == 0 and sign:
+        return None
+    if x & 1 != sign:
+        x = p - x
+    return x, y, 1, x * y % p
+
+
+def _ed_base_multiples() -> List[List[Tuple[int, int, int, int]]]:
+    """j * 16**i * B for i < 64, j < 16: built once, so [s]B costs at most 64 additions."""
+    with _ed_table_lock:
+        if not _ed_base_table:
+            step = _ED_BASE
+            for _ in range(64):
+                row = [_ED_IDENTITY, step]
+                for _ in range(14):
+                    row.append(_ed_add(row[-1], step))
+                _ed_base_table.append(row)
+                step = _ed_add(row[-1], step)  # 16 * step
+        return _ed_base_table
+
+
+def _ed_base_mul(scalar: int) -> Tuple[int, int, int, int]:
+    total = _ED_IDENTITY
+    for row in _ed_base_multiples():
+        nibble = scalar & 15
+        if nibble:
+            total = _ed_add(total, row[nibble])
+        scalar >>= 4
+    return total
+
+
+def _ed_mul(scalar: int, point: Tuple[int, int, int, int]) -> Tuple[int, int, int, int]:
+    """[scalar]point with a 4-bit fixed window (scalar < 2**256)."""
+    multiples = [_ED_IDENTITY, point]
+    for _ in range(14):
+        multiples.append(_ed_add(multiples[-1], point))
+    total = _ED_IDENTITY
+    for shift in range(252, -4, -4):
+        total = _ed_double(_ed_double(_ed_double(_ed_double(total))))
+        nibble = (scalar >> shift) & 15
+        if nibble:
+            total = _ed_add(total, multiples[nibble])
+    return total
+
+
+def _ed25519_verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
+    """RFC 8032 5.1.7 with the cofactorless check [S]B = R + [k]A."""
+    import hashlib
+
+    if len(public_key) != 32 or len(signature) != 64:
+        return False
+    point_a = _ed_decode(public_key)
+    point_r = _ed_decode(signature[:32])
+    s = int.from_bytes(signature[32:], "little")
+    if point_a is None or point_r is None or s >= _ED_L:
+        return False
+    digest = hashlib.sha512(signature[:32] + public_key + message).digest()
+    k = int.from_bytes(digest, "little") % _ED_L
+    x, y, z, t = point_a
+    minus_ka = _ed_mul(k, (_ED_P - x, y, z, _ED_P - t))
+    x1, y1, z1, _ = _ed_add(_ed_base_mul(s), minus_ka)  # [S]B - [k]A, to compare with R
+    x2, y2, z2, _ = point_r
+    p = _ED_P
+    return (x1 * z2 - x2 * z1) % p == 0 and (y1 * z2 - y2 * z1) % p == 0
+
+
+# -- the verifier ----------------------------------------------------------------
+
+
+class _Verdict(Exception):
+    """A disposition reached early; ``key`` is the verifying key when it was known."""
+
+    def __init__(self, disposition: str, reason: str, key: bytes | None = None) -> None:
+        super().__init__(reason)
+        self.disposition = disposition
+        self.reason = reason
+        self.key = key
+
+
+class _Unresolved:
+    """A JWK Set that could not be obtained or parsed, and why."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class _Jwk:
+    """One valid JWK of a set: the Ed25519 key bytes and its validity window."""
+
+    __slots__ = ("exp_ms", "key", "kid", "nbf_ms")
+
+    def __init__(self, kid: str, key: bytes, nbf_ms: int, exp_ms: int | None) -> None:
+        self.kid = kid
+        self.key = key
+        self.nbf_ms = nbf_ms
+        self.exp_ms = exp_ms
+
+    def covers(self, issued_at_ms: int) -> bool:
+        """The window gate: ``nbf <= issued_at < exp`` (an absent exp is open-ended)."""
+        return self.nbf_ms <= issued_at_ms and (self.exp_ms is None or issued_at_ms < self.exp_ms)
+
+
+def verify_evidence(
+    envelope: dict[str, Any] | str | bytes,
+    *,
+    jwks: dict[str, Any] | str | bytes | None = None,
+    expected_signer: str | None = None,
+) -> EvidenceVerification:
+    """Verify a CyclesEvidence envelope offline (cycles-evidence-v0.2).
+
+    ``envelope``: a dict, or its JSON text or bytes.  ``jwks``: the server's JWK
+    Set (dict, JSON text or bytes); without it no signer authority is resolved
+    (``binding_only`` at best).  ``expected_signer``: a raw-hex Ed25519 key to pin.
+    Raises TypeError or ValueError for a wrong argument only; everything about the
+    envelope and the key set is in the returned ``EvidenceVerification``.
+    """
+    pin = _signer_pin(expected_signer)
+    key_set = None if jwks is None else _key_set_argument(jwks)
+    return _verify_envelope(_envelope_argument(envelope), key_set, pin)
+
+
+def _signer_pin(expected_signer: Any) -> str | None:
+    if expected_signer is None:
+        return None
+    if not isinstance(expected_signer, str):
+        raise TypeError(f"expected_signer: expected a str, got {_type_name(expected_signer)}")
+    pin = expected_signer.strip().lower()
+    if not _is_hex(pin, 64):
+        raise ValueError("expected_signer: must be a raw Ed25519 public key, 64 hex characters")
+    return pin
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _unique_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate object key")
+    return result
+
+
+def _parse_strict_json(name: str, raw: str | bytes | bytearray) -> Any:
+    """``json.loads`` refusing duplicate keys and NaN/Infinity (I-JSON); ValueError."""
+    if not isinstance(raw, (str, bytes, bytearray)):
+        raise TypeError(f"{name}: expected a dict, JSON text or bytes, got {_type_name(raw)}")
+    try:
+        return json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _envelope_argument(envelope: Any) -> Any:
+    """The envelope as a JSON value, or a _Verdict to report when the text is not JSON."""
+    if isinstance(envelope, dict):
+        return envelope
+    try:
+        return _parse_strict_json("envelope", envelope)
+    except ValueError as exc:
+        return _Verdict(SIGNATURE_INVALID, f"the envelope is not valid JSON: {exc}")
+
+
+def _key_set_argument(jwks: Any) -> Any:
+    if isinstance(jwks, dict):
+        return jwks
+    try:
+        return _parse_strict_json("jwks", jwks)
+    except ValueError as exc:
+        return _Unresolved(f"the JWK Set is not valid JSON: {exc}")
+
+
+def _verify_envelope(
+    envelope: Any, key_set: Any, pin: str | None, evidence_id: str | None = None
+) -> EvidenceVerification:
+    """The spec's verification of one parsed envelope (or the _Verdict already reached)
+    against a key set (None: no authority resolution; _Unresolved: not obtained)."""
+    artifact_type = None
+    if isinstance(envelope, dict):
+        claimed = envelope.get("evidence_id")
+        evidence_id = claimed if _is_hex(claimed, 64) else None
+        kind = envelope.get("artifact_type")
+        artifact_type = kind if kind in EVIDENCE_ARTIFACT_TYPES else None
+    kid: str | None = None
+    key: bytes | None = None
+    try:
+        if isinstance(envelope, _Verdict):
+            raise envelope
+        key, kid, disposition, reason = _evaluate_envelope(envelope, key_set)
+    except _Verdict as verdict:
+        key, disposition, reason = verdict.key, verdict.disposition, verdict.reason
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # a safety net
+        key, disposition = None, SIGNATURE_INVALID
+        reason = f"the envelope cannot be verified: {exc}"
+    pin_matched = None if pin is None else key is not None and key.hex() == pin
+    if pin_matched is False:
+        reason += "; the signer does not match expected_signer"
+    return EvidenceVerification(disposition, pin_matched, evidence_id, artifact_type, reason, kid)
+
+
+def _evaluate_envelope(
+    envelope: Any, key_set: Any
+) -> Tuple[bytes, str | None, str, str]:
+    """(verifying key, authorising kid, disposition, reason); raises _Verdict early."""
+    _check_envelope_shape(envelope)
+    message = _signing_input(envelope)
+    signature = bytes.fromhex(envelope["signature"])
+    signer = envelope["signer_did"]
+    issued_at = envelope["issued_at_ms"]
+    if _is_hex(signer, 64):
+        key = bytes.fromhex(signer)
+        if not _ed25519_verify(key, message, signature):
+            reason = "the signature does not verify against signer_did"
+            raise _Verdict(SIGNATURE_INVALID, reason, key)
+        if key_set is None:
+            reason = "signature valid; signer authority not resolved (no JWK Set)"
+            return key, None, BINDING_ONLY, reason
+        jwk = _select_by_key(_valid_jwks(key_set, key), key, issued_at)
+    else:
+        kid = _did_cycles_kid(signer, envelope["server_id"], key_set)
+        jwk = _select_by_kid(_valid_jwks(key_set, None), kid, issued_at)
+        key = jwk.key
+        if not _ed25519_verify(key, message, signature):
+            reason = f"the signature does not verify against key {kid!r}"
+            raise _Verdict(SIGNATURE_INVALID, reason, key)
+    reason = f"signature valid; signed by key {jwk.kid!r} of {envelope['server_id']}"
+    return key, jwk.kid, AUTHENTIC, reason
+
+
+def _invalid_envelope(reason: str) -> _Verdict:
+    return _Verdict(SIGNATURE_INVALID, "malformed envelope: " + reason)
+
+
+def _check_envelope_shape(envelope: Any) -> None:
+    if not isinstance(envelope, dict):
+        raise _invalid_envelope("not a JSON object")
+    version = envelope.get("schema_version")
+    if version != EVIDENCE_SCHEMA_VERSION:
+        shown = "missing" if version is None else f"{version!r} is not understood"
+        raise _Verdict(SIGNATURE_INVALID, f"unsupported envelope: schema_version {shown}")
+    unknown = sorted(str(name) for name in envelope if name not in _ENVELOPE_FIELDS)
+    if unknown:
+        raise _invalid_envelope(f"unknown field {unknown[0]!r}")
+    checks: Tuple[Tuple[str, Callable[[Any], bool], str], ...] = (
+        ("artifact_type", lambda v: v in EVIDENCE_ARTIFACT_TYPES, "an artifact type"),
+        ("server_id", lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+        ("signer_did", lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+        ("issued_at_ms", lambda v: _is_int(v, 0, INT64_MAX), "a non-negative integer"),
+        ("payload", lambda v: isinstance(v, dict), "an object"),
+        ("evidence_id", lambda v: _is_hex(v, 64), "64 lowercase hex characters"),
+        ("signature", lambda v: _is_hex(v, 128), "128 lowercase hex characters"),
+    )
+    for name, valid, expected in checks:
+        if name not in envelope:
+            raise _invalid_envelope(f"{name} is missing")
+        if not valid(envelope[name]):
+            raise _invalid_envelope(f"{name} must be {expected}")
+    if "trace_id" in envelope and not _is_hex(envelope["trace_id"], 32):
+        raise _invalid_envelope("trace_id must be 32 lowercase hex characters")
+    kind, payload = envelope["artifact_type"], envelope["payload"]
+    if list(payload) != [kind] or not isinstance(payload[kind], dict):
+        keys = ", ".join(sorted(str(k) for k in payload)) or "none"
+        raise _invalid_envelope(
+            f"artifact_type {kind!r} needs exactly the payload key {kind!r} holding an object"
+            f" (payload keys: {keys})"
+        )
+
+
+def _signing_input(envelope: Dict[str, Any]) -> bytes:
+    """Check ``evidence_id`` (SHA-256 of JCS with id and signature emptied) and return the
+    signed bytes (JCS with the id set and the signature emptied)."""
+    import hashlib
+
+    try:
+        hashed = _jcs(dict(envelope, evidence_id="", signature=""))
+        signed = _jcs(dict(envelope, signature=""))
+    except _JcsError as exc:
+        raise _invalid_envelope(f"no RFC 8785 canonical form: {exc}") from None
+    if hashlib.sha256(hashed).hexdigest() != envelope["evidence_id"]:
+        raise _Verdict(
+            SIGNATURE_INVALID, "evidence_id does not match the envelope's content (tampered)"
+        )
+    return signed
+
+
+def _did_cycles_kid(signer: str, server_id: str, key_set: Any) -> str:
+    """The ``#kid`` of a did:cycles signer bound to ``server_id``; raises _Verdict."""
+    import hashlib
+
+    if not signer.startswith(_DID_CYCLES_PREFIX):
+        raise _Verdict(
+            SIGNER_RESOLUTION_FAILED,
+            "signer_did is neither a raw-hex key nor a did:cycles DID: cannot be resolved",
+        )
+    server_hash, sep, kid = signer[len(_DID_CYCLES_PREFIX) :].partition("#")
+    if not sep or not kid or not server_hash:
+        raise _Verdict(SIGNER_RESOLUTION_FAILED, "malformed did:cycles signer_did")
+    if key_set is None:
+        raise _Verdict(SIGNER_RESOLUTION_FAILED, "a did:cycles signer needs the server's JWK Set")
+    if isinstance(key_set, _Unresolved):
+        raise _Verdict(SIGNER_RESOLUTION_FAILED, key_set.reason)
+    if hashlib.sha256(server_id.encode("utf-8")).hexdigest() != server_hash:
+        reason = "signer_did does not bind to this envelope's server_id"
+        raise _Verdict(SIGNER_AUTHORITY_FAILED, reason)
+    return kid
+
+
+def _valid_jwks(key_set: Any, key: bytes | None) -> List[_Jwk]:
+    """The set's valid JWKs, after the set-level rules (parseable, unique kid)."""
+    if isinstance(key_set, _Unresolved):
+        raise _Verdict(SIGNER_RESOLUTION_FAILED, key_set.reason, key)
+    entries = key_set.get("keys") if isinstance(key_set, dict) else None
+    if not isinstance(entries, list):
+        raise _Verdict(SIGNER_RESOLUTION_FAILED, "the JWK Set has no 'keys' list", key)
+    seen: set[str] = set()
+    for entry in entries:
+        kid = entry.get("kid") if isinstance(entry, dict) else None
+        if isinstance(kid, str):
+            if kid in seen:
+                reason = f"duplicate kid {kid!r} in the JWK Set"
+                raise _Verdict(SIGNER_AUTHORITY_FAILED, reason, key)
+            seen.add(kid)
+    return [jwk for jwk in map(_parse_jwk, entries) if isinstance(jwk, _Jwk)]
+
+
+def _parse_jwk(entry: Any) -> _Jwk | str:
+    """A valid Ed25519 JWK, or why it is excluded from candidacy."""
+    if not isinstance(entry, dict):
+        return "not an object"
+    if entry.get("kty") != "OKP" or entry.get("crv") != "Ed25519":
+        return "not an OKP Ed25519 key"
+    if "alg" in entry and entry["alg"] != "EdDSA":
+        return "alg is not EdDSA"
+    kid, nbf, exp = entry.get("kid"), entry.get("cycles_nbf_ms"), entry.get("cycles_exp_ms")
+    if not isinstance(kid, str) or not kid:
+        return "no kid"
+    if isinstance(nbf, bool) or not isinstance(nbf, int):
+        return "cycles_nbf_ms missing or not an integer"
+    if exp is not None and (isinstance(exp, bool) or not isinstance(exp, int)):
+        return "cycles_exp_ms not an integer"
+    key = _base64url_key(entry.get("x"))
+    if key is None:
+        return "x is not the base64url of 32 bytes"
+    return _Jwk(kid, key, nbf, exp)
+
+
+def _base64url_key(text: Any) -> bytes | None:
+    """Strict unpadded base64url of exactly 32 bytes (RFC 7515 2), else None."""
+    import base64
+
+    if not isinstance(text, str) or len(text) != 43:
+        return None
+    if any(ch not in _BASE64URL_ALPHABET for ch in text):
+        return None
+    key = base64.urlsafe_b64decode(text + "=")
+    return key if base64.urlsafe_b64encode(key).decode("ascii").rstrip("=") == text else None
+
+
+_BASE64URL_ALPHABET = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+)
+
+
+def _select_by_kid(jwks: List[_Jwk], kid: str, issued_at_ms: int) -> _Jwk:
+    found = [jwk for jwk in jwks if jwk.kid == kid]
+    if not found:
+        raise _Verdict(SIGNER_AUTHORITY_FAILED, f"no valid key with kid {kid!r} in the JWK Set")
+    if not found[0].covers(issued_at_ms):
+        raise _Verdict(
+            SIGNER_AUTHORITY_FAILED,
+            f"key {kid!r} is not valid at issued_at_ms {issued_at_ms}",
+            found[0].key,
+        )
+    return found[0]
+
+
+def _select_by_key(jwks: List[_Jwk], key: bytes, issued_at_ms: int) -> _Jwk:
+    """The raw-hex bridge: exactly one window-covering JWK whose x is this key."""
+    same_key = [jwk for jwk in jwks if jwk.key == key]
+    covering = [jwk for jwk in same_key if jwk.covers(issued_at_ms)]
+    if len(covering) == 1:
+        return covering[0]
+    if covering:
+        kids = ", ".join(repr(jwk.kid) for jwk in covering)
+        reason = f"ambiguous: keys {kids} all cover issued_at_ms {issued_at_ms}"
+    elif same_key:
+        reason = f"the signer key is in the JWK Set but not valid at issued_at_ms {issued_at_ms}"
+    else:
+        reason = "the signer key is not in the JWK Set"
+    raise _Verdict(SIGNER_AUTHORITY_FAILED, reason, key)
+
+
+# -- fetching: client.verify_evidence ----------------------------------------------
+
+def _jwks_url(server_id: str) -> str:
+    """The JWK Set URL: the suffix appended to the verbatim server_id (one '/' at the join)."""
+    return (server_id[:-1] if server_id.endswith("/") else server_id) + JWKS_SUFFIX
+
+
+def _is_own_jwks_url(config: CyclesConfig, url: str) -> bool:
+    """Whether ``url`` is where this client's ``get_evidence_jwks`` goes."""
+    origin = _parse_base_url(config.base_url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    except ValueError:
+        return False
+    return (
+        parts.scheme.lower() == origin.scheme
+        and (parts.hostname or "") == origin.host.lower()
+        and port == origin.port
+        and parts.path == origin.base_path + JWKS_PATH
+        and not parts.query
+        and not parts.fragment
+    )
+
+
+def _verify_evidence_steps(
+    config: CyclesConfig, target: Any, jwks: Any, expected_signer: Any
+) -> Generator[Tuple[str, str], CyclesResponse, EvidenceVerification]:
+    """Fetch what verification needs, then verify: yields ``("evidence", id)`` or
+    ``("jwks", "")`` and receives the response.
+
+    A failed fetch is ``signer_resolution_failed``, never ``signature_invalid``.
+    """
+    pin = _signer_pin(expected_signer)
+    key_set = None if jwks is None else _key_set_argument(jwks)
+    if isinstance(target, str) and _is_hex(target, 64):
+        response = yield ("evidence", target)
+        if not response.is_success or not response.body:
+            reason = f"could not fetch evidence {target}: {_describe(response)}"
+            unfetched = _Verdict(SIGNER_RESOLUTION_FAILED, reason)
+            return _verify_envelope(unfetched, None, pin, target)
+        envelope: Any = response.body
+        if envelope.get("evidence_id") != target:
+            reason = f"the server answered {target} with another envelope"
+            other = _Verdict(SIGNATURE_INVALID, reason)
+            return _verify_envelope(other, None, pin, target)
+    elif isinstance(target, str) and not target.lstrip().startswith("{"):
+        raise ValueError("evidence_id_or_envelope: expected a 64-hex evidence id or an envelope")
+    else:
+        envelope = _envelope_argument(target)
+    server_id = envelope.get("server_id") if isinstance(envelope, dict) else None
+    if key_set is None and isinstance(server_id, str):
+        url = _jwks_url(server_id)
+        if not _is_own_jwks_url(config, url):
+            key_set = _Unresolved(f"the JWK Set {url} is not on this client's server; pass jwks=")
+        else:
+            response = yield ("jwks", "")
+            key_set = response.body
+            if not response.is_success:
+                key_set = _Unresolved(f"could not fetch the JWK Set {url}: {_describe(response)}")
+    return _verify_envelope(envelope, key_set, pin)
+
+
+def _fetch_and_verify(
+    client: CyclesClient,
+    steps: Generator[Tuple[str, str], CyclesResponse, EvidenceVerification],
+) -> EvidenceVerification:
+    """Run _verify_evidence_steps with the client's own public requests."""
+    try:
+        what, evidence_id = next(steps)
+        while True:
+            if what == "evidence":
+                response = client.get_evidence(evidence_id)
+            else:
+                response = client.get_evidence_jwks()
+            what, evidence_id = steps.send(response)
+    except StopIteration as done:
+        result: EvidenceVerification = done.value
+        return result
+
+
+async def _fetch_and_verify_async(
+    client: AsyncCyclesClient,
+    steps: Generator[Tuple[str, str], CyclesResponse, EvidenceVerification],
+) -> EvidenceVerification:
+    """_fetch_and_verify for the async client."""
+    try:
+        what, evidence_id = next(steps)
+        while True:
+            if what == "evidence":
+                response = await client.get_evidence(evidence_id)
+            else:
+                response = await client.get_evidence_jwks()
+            what, evidence_id = steps.send(response)
+    except StopIteration as done:
+        result: EvidenceVerification = done.value
+        return result
+
+
+# ===========================================================================
 # Guard and heartbeat
 # ===========================================================================
 
@@ -3185,8 +3785,8 @@ class AsyncCyclesClient:
 # generators that *yield* the effects they need (an HTTP attempt, a sleep,
 # blocking file I/O, starting or stopping the heartbeat) and receive their
 # results.  ``_drive`` performs effects on the calling thread, ``_drive_async``
-# awaits them, and each heartbeat has its own driver: a chain of daemon timers
-# (sync) or one task (async).  Sync and async differ only in the driver.
+# awaits them, and each heartbeat has its own driver: beats on the one process-wide
+# scheduler thread (sync) or one task (async).  Sync and async differ only in the driver.
 # ---------------------------------------------------------------------------
 
 
@@ -3197,16 +3797,27 @@ class _Effect:
 
 
 class _Send(_Effect):
-    """One attempt of ``call``; the result is a CyclesResponse (never an exception).
+    """One attempt of a protocol operation through the client's public method
+    (``create_reservation``, ``commit_reservation``, ...); the result is a
+    CyclesResponse (never an exception).  The idempotency key is in ``body``, so a
+    resent effect is a retry with the same key.
 
     ``deadline``: the ``deadline()`` bound of work that a background driver (the sync
     heartbeat) runs outside the caller's context, None for the current one.
     """
 
-    __slots__ = ("call", "deadline")
+    __slots__ = ("body", "deadline", "operation", "reservation_id")
 
-    def __init__(self, call: _Call, deadline: float | None = None) -> None:
-        self.call = call
+    def __init__(
+        self,
+        operation: str,
+        body: Dict[str, Any],
+        reservation_id: str | None = None,
+        deadline: float | None = None,
+    ) -> None:
+        self.operation = operation
+        self.body = body
+        self.reservation_id = reservation_id
         self.deadline = deadline
 
 
@@ -3244,6 +3855,155 @@ class _StopHeartbeat(_Effect):
         self.handle = handle
 
 
+# -- the wire: the client's public methods ------------------------------------------
+#
+# Every protocol operation of the lifecycle, the settlement retries and journal
+# replay goes through the client's public method, as in runcycles, so a mocked or
+# subclassed client sees each one.  The safety properties stay beneath or around
+# them: the idempotency key is in the body (a resent effect is a retry with the same
+# key), the attempt's deadline reaches ``_call`` through the ``_attempt`` context
+# variable, and the journal and the outcome table wrap the call.  A method that
+# raises or answers something other than a CyclesResponse is logged at ERROR and
+# counts as a transport failure: the outcome is unknown, so a settlement keeps its
+# record and retries the same key.
+
+_PUBLIC_METHODS = {
+    "create": "create_reservation",
+    "commit": "commit_reservation",
+    "release": "release_reservation",
+    "extend": "extend_reservation",
+    "event": "create_event",
+}
+
+
+class _Attempt:
+    """What ``_call`` beneath a public method inherits from the step that called it."""
+
+    __slots__ = ("deadline", "detached")
+
+    def __init__(self, deadline: float, detached: bool) -> None:
+        self.deadline = deadline  # time.monotonic() by which the attempt ends
+        self.detached = detached  # a settlement retry: it may outlive a closed client
+
+
+_attempt: contextvars.ContextVar[_Attempt | None] = contextvars.ContextVar(
+    "cycles_lite_attempt", default=None
+)
+
+
+class _ClientMismatch(TypeError):
+    """A sync reservation on an async client, or the reverse."""
+
+
+@functools.lru_cache(maxsize=None)
+def _detached_config() -> CyclesConfig:
+    return CyclesConfig(base_url="http://localhost", api_key="unused", journal_enabled=False)
+
+
+def _config_of(client: Any) -> CyclesConfig:
+    """The client's ``_config``; a test double without one runs on the defaults, unjournaled
+    (nothing identifies its server)."""
+    config = getattr(client, "_config", None)
+    return config if isinstance(config, CyclesConfig) else _detached_config()
+
+
+def _check_client(client: Any, is_async: bool, head: str = "client: expected") -> None:
+    """TypeError unless ``client`` has the public methods (a duck-typed object will do)
+    and is not the other kind of client."""
+    wanted, other = (
+        (AsyncCyclesClient, CyclesClient) if is_async else (CyclesClient, AsyncCyclesClient)
+    )
+    missing = [m for m in _PUBLIC_METHODS.values() if not callable(getattr(client, m, None))]
+    if isinstance(client, other) or missing:
+        detail = f" (missing {', '.join(missing)})" if missing and client is not None else ""
+        article = "an" if is_async else "a"
+        raise _ClientMismatch(
+            f"{head} {article} {wanted.__name__}, got {_type_name(client)}{detail}"
+        )
+
+
+def _invoke(client: Any, effect: _Send) -> Any:
+    """Call the public method of ``effect``; whatever it returns (a coroutine if async)."""
+    method = getattr(client, _PUBLIC_METHODS[effect.operation])
+    if effect.reservation_id is None:
+        return method(effect.body)
+    return method(effect.reservation_id, effect.body)
+
+
+def _refuse_kind(effect: _Send, result: Any, is_async: bool) -> None:
+    """An awaitable where an answer was due (or the reverse): a TypeError at the create,
+    the first call; later (a duck with mixed methods) it counts as a bad answer."""
+    if inspect.iscoroutine(result):
+        result.close()  # never awaited: nothing was sent
+    if effect.operation == "create":
+        kind, other = ("an async", "a sync") if is_async else ("a sync", "an async")
+        raise _ClientMismatch(
+            f"{_PUBLIC_METHODS['create']}() returned {_type_name(result)}: {kind}"
+            f" reservation needs {kind} client, not {other} one"
+        )
+
+
+def _response_of(effect: _Send, result: Any) -> CyclesResponse:
+    if isinstance(result, CyclesResponse):
+        return result
+    problem = TypeError(
+        f"{_PUBLIC_METHODS[effect.operation]}() returned {_type_name(result)},"
+        " not a CyclesResponse"
+    )
+    _log.error("%s; counted as a transport failure", problem)
+    return CyclesResponse.transport_error(problem)
+
+
+def _failed_send(effect: _Send, exc: Exception) -> CyclesResponse:
+    """A public method raised: a bug or a test double's error, never plain network trouble
+    (the client answers that with a transport-error response)."""
+    _log.error(
+        "%s() raised %s; counted as a transport failure (a settlement keeps its"
+        " idempotency key and retries)",
+        _PUBLIC_METHODS[effect.operation],
+        type(exc).__name__,
+        exc_info=exc,
+    )
+    return CyclesResponse.transport_error(exc)
+
+
+def _send_now(client: Any, effect: _Send, *, detached: bool = False) -> CyclesResponse:
+    """One attempt through the public method, on this thread.
+
+    ``detached``: a settlement retry (the worker, ``flush``, ``recover``), which runs an
+    async client's coroutine to completion on a private event loop, and may still use
+    the pool of a client closed since the settlement began.
+    """
+    token = _attempt.set(
+        _Attempt(time.monotonic() + _config_of(client).attempt_timeout, detached)
+    )
+    try:
+        result = _invoke(client, effect)
+        if inspect.isawaitable(result):
+            if not detached:
+                _refuse_kind(effect, result, is_async=False)
+                return _response_of(effect, result)
+            result = _run_to_completion(result)
+        return _response_of(effect, result)
+    finally:
+        _attempt.reset(token)
+
+
+def _run_to_completion(awaitable: Any) -> Any:
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(awaitable)
+    finally:
+        loop.close()
+
+
+def _sender(client: Any, *, detached: bool = False) -> _SendFn:
+    """The blocking send of ``client``'s sync drivers."""
+    return functools.partial(_send_now, client, detached=detached)
+
+
 def _drive(send: _SendFn, steps: _Steps[_T]) -> _T:
     """The blocking driver: perform each effect on the calling thread.
 
@@ -3276,7 +4036,7 @@ def _perform_effect(send: _SendFn, effect: _Effect) -> Any:
     if isinstance(effect, _Blocking):
         return effect.work()
     if isinstance(effect, _StartHeartbeat):
-        return _TimerHeartbeat(send, effect.steps).start()
+        return _ScheduledHeartbeat(send, effect.steps).start()
     if isinstance(effect, _StopHeartbeat):
         effect.handle.stop()
         return None
@@ -3284,17 +4044,20 @@ def _perform_effect(send: _SendFn, effect: _Effect) -> Any:
 
 
 def _send_safely(send: _SendFn, effect: _Send) -> CyclesResponse:
-    """A closed client or a bug becomes a transport error (``send`` itself never raises
-    for HTTP trouble)."""
+    """``send(effect)``; an exception from the public method (a bug, a closed client, a test
+    double's error) is logged at ERROR and becomes a transport-error response.  A client
+    of the wrong kind raises TypeError."""
     try:
         with _bounded_by(effect.deadline):
-            return send(effect.call)
+            return send(effect)
+    except _ClientMismatch:
+        raise
     except Exception as exc:
-        return CyclesResponse.transport_error(exc)
+        return _failed_send(effect, exc)
 
 
 async def _drive_async(
-    client: AsyncCyclesClient, steps: _Steps[_T], heartbeat: _TaskHeartbeat | None = None
+    client: Any, steps: _Steps[_T], heartbeat: _TaskHeartbeat | None = None
 ) -> _T:
     """The asyncio driver: the same steps, each effect awaited (never blocking the loop).
 
@@ -3318,24 +4081,22 @@ async def _drive_async(
 
 
 async def _perform_effect_async(
-    client: AsyncCyclesClient, effect: _Effect, heartbeat: _TaskHeartbeat | None = None
+    client: Any, effect: _Effect, heartbeat: _TaskHeartbeat | None = None
 ) -> Any:
     import asyncio
 
     if isinstance(effect, _Send):
         try:
-            future, deadline = client._submit(effect.call)
+            return await _send_async(client, effect, heartbeat)
+        except _ClientMismatch:
+            raise
         except Exception as exc:
-            return CyclesResponse.transport_error(exc)
-        if heartbeat is not None:
-            heartbeat.in_flight, heartbeat.deadline = future, deadline
-        return await asyncio.wrap_future(future)
+            return _failed_send(effect, exc)
     if isinstance(effect, _Sleep):
         await asyncio.sleep(effect.seconds)
         return None
     if isinstance(effect, _Blocking):
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(client._io_executor(), effect.work)
+        return await asyncio.get_running_loop().run_in_executor(None, effect.work)
     if isinstance(effect, _StartHeartbeat):
         return _TaskHeartbeat(client, effect.steps)
     if isinstance(effect, _StopHeartbeat):
@@ -3344,21 +4105,89 @@ async def _perform_effect_async(
     raise TypeError(f"unknown effect {effect!r}")
 
 
+async def _send_async(
+    client: Any, effect: _Send, heartbeat: _TaskHeartbeat | None
+) -> CyclesResponse:
+    """One attempt through the async public method.
+
+    A create, an extend or a release runs as its own task, awaited through
+    ``asyncio.shield``: a heartbeat stop waits for its extend instead of cutting it off,
+    a release whose caller is cancelled still goes out, and so does a create, whose
+    reservation is then released (shielded from the cancellation: nobody will use it).
+    A commit is not shielded: an interrupted commit is handed to the settlement worker,
+    which resends it with the same key.
+    """
+    import asyncio
+
+    deadline = time.monotonic() + _config_of(client).attempt_timeout
+    token = _attempt.set(_Attempt(deadline, False))
+    try:
+        result = _invoke(client, effect)
+        if not inspect.isawaitable(result):
+            _refuse_kind(effect, result, is_async=True)
+            return _response_of(effect, result)
+        if effect.operation not in _SHIELDED:
+            return _response_of(effect, await result)
+        task = asyncio.ensure_future(result)  # the task copies the context: _attempt with it
+    finally:
+        _attempt.reset(token)
+    if heartbeat is not None:
+        heartbeat.in_flight, heartbeat.deadline = task, deadline
+    try:
+        return _response_of(effect, await asyncio.shield(task))
+    except asyncio.CancelledError:
+        _keep_running(task)
+        task.add_done_callback(functools.partial(_release_orphan, client, effect))
+        raise
+
+
+_SHIELDED = frozenset({"create", "extend", "release"})
+_shielded_tasks: set[Any] = set()  # strong references: tasks nobody awaits any more
+
+
+def _keep_running(task: Any) -> None:
+    _shielded_tasks.add(task)
+    task.add_done_callback(_shielded_tasks.discard)
+
+
+def _release_orphan(client: Any, create: _Send, task: Any) -> None:
+    """The create of a cancelled call answered: release what it reserved (a done callback)."""
+    import asyncio
+
+    if task.cancelled() or task.exception() is not None or create.operation != "create":
+        return  # (an exception is retrieved here, so asyncio does not report it)
+    response = task.result()
+    if not isinstance(response, CyclesResponse) or not _is_schema_valid("create", response):
+        return
+    body = response.body or {}
+    reservation_id = body.get("reservation_id")
+    if body.get("decision") == Decision.DENY.value or not isinstance(reservation_id, str):
+        return
+    key = _derived_key("release", create.body.get("idempotency_key"))
+    release = _release_body_steps(client, reservation_id, key, "cancelled_before_use")
+    _keep_running(asyncio.ensure_future(_drive_async(client, release)))
+
+
 class _TaskHeartbeat:
     """The async heartbeat driver: one asyncio task running the steps.
 
-    ``stop()`` is final and, like ``_TimerHeartbeat.stop()``, waits for a beat in
-    flight: cancelling the task only stops the waiting, so it then waits for the
-    extend already handed to an I/O thread (bounded by that attempt's deadline), and
-    drops its result.  No extend is on the wire when the commit goes out.
+    ``stop()`` is final and, like ``_ScheduledHeartbeat.stop()``, waits for a beat in
+    flight: cancelling the task only stops the waiting (the extend runs shielded), so
+    it then waits for the extend (bounded by that attempt's deadline), and drops its
+    result.  No extend is on the wire when the commit goes out.
     """
 
-    def __init__(self, client: AsyncCyclesClient, steps: _Steps[None]) -> None:
+    def __init__(self, client: Any, steps: _Steps[None]) -> None:
         import asyncio
 
-        self.in_flight: Future[CyclesResponse] | None = None
+        self.in_flight: asyncio.Future[CyclesResponse] | None = None
         self.deadline = 0.0
         self._task = asyncio.get_running_loop().create_task(_drive_async(client, steps, self))
+
+    @property
+    def stopped(self) -> bool:
+        """True once the task ended: stopped, or the steps gave up on their own."""
+        return self._task.done()
 
     async def stop(self) -> None:
         import asyncio
@@ -3371,61 +4200,54 @@ class _TaskHeartbeat:
         in_flight = self.in_flight
         if in_flight is not None and not in_flight.done():
             left = max(0.0, self.deadline - time.monotonic())
-            await asyncio.wait({asyncio.wrap_future(in_flight)}, timeout=left)
+            await asyncio.wait({in_flight}, timeout=left)
+            in_flight.cancel()  # past its deadline (a slow test double): stop waiting
 
 
-class _TimerHeartbeat:
-    """The sync heartbeat driver: a chain of daemon ``threading.Timer``s, one armed at a time.
+class _ScheduledHeartbeat:
+    """The sync heartbeat driver: its beats run on the process-wide ``_heartbeats`` thread.
 
-    Each timer runs one beat on its own thread (the extend attempt is bounded by
-    the transport's whole-attempt deadline: no thread per attempt) and arms the
-    next.  ``stop()`` is final (a heartbeat is never restarted): it cancels the
-    armed timer and waits for a beat in flight, so no extend is on the wire when
-    the commit goes out and no heartbeat thread outlives the guarded call; a
-    result that arrives after ``stop()`` is never fed to the schedule.
+    ``start()`` runs the steps up to their first sleep (they always sleep before
+    sending) and hands the heartbeat to the scheduler, which runs each beat when it
+    is due (the extend attempt is bounded by the transport's whole-attempt
+    deadline) and schedules the next.  ``stop()`` is final (a heartbeat is never
+    restarted): it unschedules the heartbeat and waits for a beat in flight, so no
+    extend is on the wire when the commit goes out; a result that arrives after
+    ``stop()`` is never fed to the schedule.
     """
 
     def __init__(self, send: _SendFn, steps: _Steps[None]) -> None:
         self._send = send
         self._steps = steps
         self._lock = threading.Lock()
-        self._stopped = False
-        self._timers: List[threading.Timer] = []  # the armed timer and the one that armed it
+        self.stopped = False
         _reset_after_fork(self)
 
     def _after_fork(self) -> None:
-        """In a forked child: its timers are not there and the parent keeps beating."""
+        """In a forked child: the parent keeps beating (the scheduler resets itself)."""
         self._lock = threading.Lock()
-        self._stopped = True
-        self._timers = []
+        self.stopped = True
 
-    def start(self) -> _TimerHeartbeat:
-        self._run_until_sleep(None)
+    def start(self) -> _ScheduledHeartbeat:
+        _heartbeats.schedule(self, self.beat())
         return self
 
     def stop(self) -> None:
         with self._lock:
-            self._stopped = True
-            timers, self._timers = self._timers, []
+            self.stopped = True
             self._steps.close()
-        for timer in timers:
-            timer.cancel()
-            if timer is not threading.current_thread():
-                timer.join()
+        _heartbeats.unschedule(self)
 
-    def _beat(self) -> None:
-        self._run_until_sleep(None)
-
-    def _run_until_sleep(self, reply: Any) -> None:
-        effect = self._resume(reply)
+    def beat(self) -> float | None:
+        """Run the steps up to their next sleep: its seconds, or None once they are done."""
+        effect = self._resume(None)
         while isinstance(effect, _Send):
             effect = self._resume(_send_safely(self._send, effect))
-        if isinstance(effect, _Sleep):
-            self._arm(effect.seconds)
+        return effect.seconds if isinstance(effect, _Sleep) else None
 
     def _resume(self, reply: Any) -> _Effect | None:
         with self._lock:
-            if self._stopped:
+            if self.stopped:
                 return None  # stopped meanwhile: a late extend result is dropped
             try:
                 return self._steps.send(reply)
@@ -3435,19 +4257,105 @@ class _TimerHeartbeat:
                 _log.exception("heartbeat stopped by an internal error")
                 return None
 
-    def _arm(self, seconds: float) -> None:
-        with self._lock:
-            if self._stopped:
+
+# How long the scheduler thread waits for a new heartbeat before it exits: calls in
+# a steady stream share one thread, and an idle process keeps none for long.
+_HEARTBEAT_IDLE_EXIT_S = 1.0
+
+
+class _HeartbeatScheduler:
+    """One daemon thread runs every live sync heartbeat's beats in due order.
+
+    Started lazily by the first heartbeat, it exits after ``_HEARTBEAT_IDLE_EXIT_S``
+    with nothing scheduled.  Beats run one at a time; each is one extend attempt,
+    bounded by its whole-attempt deadline.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Empty and threadless (also in a forked child: the parent's thread is not there)."""
+        self._cond = threading.Condition(threading.Lock())
+        self._heap: List[Tuple[float, int, _ScheduledHeartbeat]] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._running: _ScheduledHeartbeat | None = None
+        self._active_at = time.monotonic()  # when a heartbeat last came or went
+
+    def schedule(self, heartbeat: _ScheduledHeartbeat, seconds: float | None) -> None:
+        if seconds is None:
+            return
+        with self._cond:
+            if heartbeat.stopped:
                 return
-            timer = threading.Timer(seconds, self._beat)
-            timer.daemon = True
-            timer.name = "cycles-lite-heartbeat"
-            self._timers = [*self._timers[-1:], timer]
-            timer.start()
+            self._active_at = time.monotonic()
+            entry = (self._active_at + seconds, next(self._order), heartbeat)
+            heapq.heappush(self._heap, entry)
+            if self._thread is None:
+                thread = threading.Thread(
+                    target=self._work, name="cycles-lite-heartbeat", daemon=True
+                )
+                thread.start()  # it waits for this lock before looking at the heap
+                self._thread = thread
+            elif self._heap[0] is entry:
+                self._cond.notify()
+
+    def unschedule(self, heartbeat: _ScheduledHeartbeat) -> None:
+        """Drop ``heartbeat``'s next beat and wait for its beat in flight, if any."""
+        with self._cond:
+            self._heap = [entry for entry in self._heap if entry[2] is not heartbeat]
+            heapq.heapify(self._heap)
+            self._active_at = time.monotonic()
+            if not self._heap:
+                self._cond.notify()  # the thread's idle spell starts now
+            while self._running is heartbeat and threading.current_thread() is not self._thread:
+                self._cond.wait()
+
+    def _work(self) -> None:
+        with self._cond:
+            try:
+                while True:
+                    heartbeat = self._next_due()
+                    if heartbeat is None:
+                        return
+                    self._running = heartbeat
+                    self._cond.release()
+                    try:
+                        seconds = heartbeat.beat()
+                    finally:
+                        self._cond.acquire()
+                        self._running = None
+                        self._cond.notify_all()
+                    if seconds is not None and not heartbeat.stopped:
+                        entry = (time.monotonic() + seconds, next(self._order), heartbeat)
+                        heapq.heappush(self._heap, entry)
+            finally:
+                self._thread = None  # the next heartbeat starts a new thread
+
+    def _next_due(self) -> _ScheduledHeartbeat | None:
+        """Under the lock: pop the next due heartbeat, or None after an idle spell."""
+        while True:
+            if not self._heap:
+                idle_s = time.monotonic() - self._active_at
+                if idle_s >= _HEARTBEAT_IDLE_EXIT_S:
+                    return None
+                self._cond.wait(_HEARTBEAT_IDLE_EXIT_S - idle_s)
+                continue
+            due, _, heartbeat = self._heap[0]
+            wait = due - time.monotonic()
+            if wait <= 0:
+                heapq.heappop(self._heap)
+                return heartbeat
+            self._cond.wait(wait)
+
+
+_heartbeats = _HeartbeatScheduler()
+_after_fork_in_child(_heartbeats.reset)
 
 
 # ---------------------------------------------------------------------------
-# Heartbeat scheduler (protocol HEARTBEAT GUIDANCE, v0.1.25.16)
+# Heartbeat plan (protocol HEARTBEAT GUIDANCE, v0.1.25.16)
 #
 # A pure state object: the driver feeds it monotonic timestamps (ms) and the
 # outcome of each create/extend attempt; it answers with the next beat.
@@ -3538,50 +4446,28 @@ class _HeartbeatPlan:
             raise ValueError("attempt_budget_ms must be >= 0 or None")
         self._extend_by_ms = extend_by_ms
         self._timeout_budget_ms = attempt_budget_ms
-        self._max_rtt_ms = 0
+        self.max_rtt_ms = 0  # the largest round trip seen
         # Primary path: the last lead floor and when its response arrived.
         self._lead_floor_ms: int | None = None
         self._lead_anchor_ms: float | None = None
         self._zero_delay_used = False
         self._prev_failure_window_ms: int | None = None
         # Fallback path: expiry differences in the server frame.
-        self._fallback = False
+        self.fallback = False
         self._reserve_received_ms: float | None = None
         self._first_expires_at_ms: int | None = None
         self._last_expires_at_ms: int | None = None
         self._last_success_ms: float | None = None
         self._last_grant_ms: int | None = None
-        self._stopped_reason: str | None = None
-        self._lease_lost = False
-
-    # -- observable state ---------------------------------------------------
-
-    @property
-    def stopped(self) -> bool:
-        return self._stopped_reason is not None
-
-    @property
-    def stopped_reason(self) -> str | None:
-        return self._stopped_reason
-
-    @property
-    def lease_lost(self) -> bool:
-        """True once the heartbeat gave up on its own (any stop except close())."""
-        return self._lease_lost
-
-    @property
-    def fallback(self) -> bool:
-        """True while scheduling on the non-normative fallback path."""
-        return self._fallback
-
-    @property
-    def max_rtt_ms(self) -> int:
-        return self._max_rtt_ms
+        # Observable state: why it stopped (None while it runs); lease_lost once it
+        # gave up on its own (any stop except close()); fallback while on that path.
+        self.stopped_reason: str | None = None
+        self.lease_lost = False
 
     def close(self, reason: str = "closed") -> None:
         """Owner stop (settlement started): every later result is ignored."""
-        if self._stopped_reason is None:
-            self._stopped_reason = reason
+        if self.stopped_reason is None:
+            self.stopped_reason = reason
 
     # -- budgets --------------------------------------------------------------
 
@@ -3589,16 +4475,16 @@ class _HeartbeatPlan:
         """None means +infinity (unknown or unbounded request timeout)."""
         if self._timeout_budget_ms is None:
             return None
-        return max(self._timeout_budget_ms, 1000, 2 * self._max_rtt_ms)
+        return max(self._timeout_budget_ms, 1000, 2 * self.max_rtt_ms)
 
     def _safety_margin(self) -> int:
-        return max(1000, 2 * self._max_rtt_ms)
+        return max(1000, 2 * self.max_rtt_ms)
 
     def _stop(self, reason: str) -> _Beat:
-        if self._stopped_reason is None:
-            self._stopped_reason = reason
-            self._lease_lost = True
-        return _Beat("stop", 0, self._stopped_reason)
+        if self.stopped_reason is None:
+            self.stopped_reason = reason
+            self.lease_lost = True
+        return _Beat("stop", 0, self.stopped_reason)
 
     # -- success --------------------------------------------------------------
 
@@ -3611,17 +4497,17 @@ class _HeartbeatPlan:
         received_ms: float,
     ) -> _Beat:
         """A schema-valid 200 from create (the first call) or from an extend."""
-        if self._stopped_reason is not None:
-            return _Beat("stop", 0, self._stopped_reason)
+        if self.stopped_reason is not None:
+            return _Beat("stop", 0, self.stopped_reason)
         self._prev_failure_window_ms = None
         rtt = _ceil_elapsed_ms(sent_ms, received_ms)
         if rtt is not None:
-            self._max_rtt_ms = max(self._max_rtt_ms, rtt)
+            self.max_rtt_ms = max(self.max_rtt_ms, rtt)
         grant, since_last = self._track_expiry(expires_at_ms, received_ms)
         if remaining_ttl_ms is None and expires_at_ms is not None:
-            self._fallback = True
+            self.fallback = True
             return self._fallback_after_success(grant, since_last, received_ms)
-        self._fallback = False
+        self.fallback = False
         return self._primary_after_success(remaining_ttl_ms, rtt, received_ms)
 
     def _track_expiry(
@@ -3717,15 +4603,15 @@ class _HeartbeatPlan:
         ``retry_after_ms`` must be parsed without the one-hour cap
         (``CyclesResponse.retry_after_ms_header``).
         """
-        if self._stopped_reason is not None:
-            return _Beat("stop", 0, self._stopped_reason)
+        if self.stopped_reason is not None:
+            return _Beat("stop", 0, self.stopped_reason)
         if kind == "terminal":
             return self._stop("terminal")
         if kind == "rejected":
             return self._stop("rejected")
         if kind not in ("transient", "rate_limited"):
             raise ValueError("kind must be transient, rate_limited, terminal or rejected")
-        if self._fallback:
+        if self.fallback:
             return self._fallback_after_failure(kind, retry_after_ms)
         if self._lead_floor_ms is None:
             return self._stop("no_valid_lease")
@@ -3816,7 +4702,7 @@ def _describe(response: CyclesResponse) -> str:
 # -- create ----------------------------------------------------------------------
 
 
-def _send_resending_once(call: _Call) -> _Steps[Tuple[CyclesResponse, float, float]]:
+def _send_resending_once(send: _Send) -> _Steps[Tuple[CyclesResponse, float, float]]:
     """One attempt, and one immediate resend with the same key if the outcome is ambiguous.
 
     Ambiguous: a transport error, a 5xx, or a 2xx that is not the operation's
@@ -3824,16 +4710,16 @@ def _send_resending_once(call: _Call) -> _Steps[Tuple[CyclesResponse, float, flo
     receive times (ms), which the heartbeat schedule starts from.
     """
     sent_ms = _monotonic_ms()
-    response = yield _Send(call)
+    response = yield send
     received_ms = _monotonic_ms()
-    if _is_ambiguous(call.operation, response) and not _out_of_time():
+    if _is_ambiguous(send.operation, response) and not _out_of_time():
         _log.warning(
             "%s: ambiguous outcome (%s); resending once with the same idempotency key",
-            call.operation,
+            send.operation,
             _describe(response),
         )
         sent_ms = _monotonic_ms()
-        response = yield _Send(call)
+        response = yield send
         received_ms = _monotonic_ms()
     return response, sent_ms, received_ms
 
@@ -3846,7 +4732,7 @@ def _is_ambiguous(operation: str, response: CyclesResponse) -> bool:
 
 def _create_steps(body: Dict[str, Any]) -> _Steps[Tuple[ReservationCreateResponse, float, float]]:
     """POST /v1/reservations; a denial or a lasting failure raises the typed exception."""
-    response, sent_ms, received_ms = yield from _send_resending_once(_create_call(body))
+    response, sent_ms, received_ms = yield from _send_resending_once(_Send("create", body))
     if not _is_schema_valid("create", response):
         if response.is_success:
             raise CyclesProtocolError(
@@ -3966,6 +4852,27 @@ def _commit_metadata(value: Any) -> Dict[str, Any]:
     return dict(_object_check("metadata", value, False))
 
 
+def _release_body_steps(
+    client: Any, reservation_id: str, key: str, reason: str
+) -> _Steps[CyclesProtocolError | None]:
+    """POST .../release: one attempt here; a transient failure (429, 5xx, a dropped
+    connection, a timeout) is retried on the settlement worker with the same key,
+    honouring Retry-After, within the retry policy; a refusal is final.  Returns the
+    first attempt's error when it did not release."""
+    body = {"idempotency_key": key, "reason": reason}
+    job = _Settlement.for_release(client, _Send("release", body, reservation_id))
+    outcome = yield from _settle_steps(job, retry_inline=False)
+    if outcome is _Disposition.RETRY and not _settlements.submit(job):
+        _log.warning(
+            "settlement queue full: release not retried; the reservation is left to"
+            " expire: reservation_id=%s",
+            reservation_id,
+        )
+    if outcome is _Disposition.SUCCESS or job.last_response is None:
+        return None
+    return _protocol_error(job.last_response, "Release failed")
+
+
 # -- the lifecycle ---------------------------------------------------------------
 
 
@@ -3978,13 +4885,13 @@ class _Reservation:
     """
 
     _failure_reason = "guarded_method_failed"
-    _client_kind: ClassVar[type] = object  # the face's client class
+    _is_async: ClassVar[bool] = False  # the face's kind of client
 
     def __init__(
         self, client: Any, create_body: Dict[str, Any], caller_key: str | None
     ) -> None:
         self._client = client
-        self._config: CyclesConfig = client._config
+        self._config = _config_of(client)
         self._create_body = create_body
         self._caller_key = caller_key
         self._created: ReservationCreateResponse | None = None
@@ -4085,12 +4992,8 @@ class _Reservation:
             reserved=created.reserved,
             balances=created.balances,
         )
-        self._phase = "open"
-        try:
-            self._heartbeat = yield _StartHeartbeat(self._heartbeat_steps(sent_ms, received_ms))
-        except Exception:
-            yield from self._release_steps("heartbeat_start_failed")
-            raise
+        self._phase = "open"  # from here on, every way out releases or settles (_leave)
+        self._heartbeat = yield _StartHeartbeat(self._heartbeat_steps(sent_ms, received_ms))
         self._context_token = _current_context.set(self._context)
         self._opened_at = time.monotonic()
         _log.debug(
@@ -4119,6 +5022,21 @@ class _Reservation:
     # -- heartbeat -----------------------------------------------------------------
 
     def _heartbeat_steps(self, sent_ms: float, received_ms: float) -> _Steps[None]:
+        """The beats; an internal error stops them like any other stop (lease lost)."""
+        try:
+            yield from self._beat_steps(sent_ms, received_ms)
+        except Exception:
+            context = self._context
+            if context is not None and context.heartbeat_stopped is None:
+                context.heartbeat_stopped = "internal_error"
+            _log.error(
+                "heartbeat stopped by an internal error; the lease will lapse:"
+                " reservation_id=%s",
+                self.reservation_id,
+                exc_info=True,
+            )
+
+    def _beat_steps(self, sent_ms: float, received_ms: float) -> _Steps[None]:
         """Keep the lease alive: the spec's schedule from ``_HeartbeatPlan``.
 
         A fresh key for every new beat, the same key for retries of a failed one;
@@ -4135,18 +5053,20 @@ class _Reservation:
             received_ms=received_ms,
         )
         due_ms = received_ms + beat.delay_ms
-        call: _Call | None = None
+        send: _Send | None = None
         bound = _deadline.get()  # the heartbeat runs outside the caller's context
         while beat.action != "stop":
             if bound is not None and due_ms >= bound * 1000.0:
                 _log.debug("heartbeat: the deadline comes before the next beat; stopping")
                 return
             yield _Sleep(max(0.0, due_ms - _monotonic_ms()) / 1000.0)
-            if call is None or beat.action == "extend":
+            if self._phase != "open":
+                return  # settled meanwhile (a stop that never reached this driver)
+            if send is None or beat.action == "extend":
                 body = {"idempotency_key": _new_key(), "extend_by_ms": ttl_ms}
-                call = _extend_call(self.reservation_id, body)
+                send = _Send("extend", body, self.reservation_id, bound)
             sent_ms = _monotonic_ms()
-            response = yield _Send(call, bound)
+            response = yield send
             received_ms = _monotonic_ms()
             beat = self._after_extend(plan, response, sent_ms, received_ms)
             due_ms = received_ms + beat.delay_ms
@@ -4304,18 +5224,10 @@ class _Reservation:
         self._phase = "closed"
         if self._heartbeat is not None:
             yield _StopHeartbeat(self._heartbeat)
-        body = {"idempotency_key": _derived_key("release", self._caller_key), "reason": reason}
-        call = _release_call(self._config, self.reservation_id, body, admin=False)
-        job = _Settlement.for_release(self._client, self.reservation_id, call)
-        outcome = yield from _settle_steps(job, retry_inline=False)
-        if outcome is _Disposition.RETRY and not _settlements.submit(job):
-            _log.warning(
-                "settlement queue full: release not retried; the reservation is left to"
-                " expire: reservation_id=%s",
-                self.reservation_id,
-            )
-        if outcome is not _Disposition.SUCCESS and job.last_response is not None:
-            self._release_error = _protocol_error(job.last_response, "Release failed")
+        key = _derived_key("release", self._caller_key)
+        self._release_error = yield from _release_body_steps(
+            self._client, self.reservation_id, key, reason
+        )
 
     def _abandon_steps(self, error: BaseException) -> _Steps[None]:
         """The work ran but its actual amount is unknown: settle nothing (see the README)."""
@@ -4349,35 +5261,61 @@ class _Reservation:
 
 
 class _SyncFace(_Reservation):
-    """The ``with`` statement of a reservation on a CyclesClient (the blocking driver)."""
+    """The ``with`` statement of a reservation on a CyclesClient (the blocking driver).
 
-    _client_kind: ClassVar[type] = CyclesClient
+    Enter and exit share one way out (``_leave``), taken on any exception, a
+    KeyboardInterrupt included: release or settle (``_exit_steps``), then stop the
+    heartbeat and restore the context whatever happens on the way.
+    """
 
-    def __enter__(self: _Guard) -> _Guard:
-        _drive(self._client._call, self._open_steps())
+    def __enter__(self: _SyncGuard) -> _SyncGuard:
+        try:
+            _drive(_sender(self._client), self._open_steps())
+        except BaseException as exc:
+            self._leave(exc)
+            raise
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self._leave(exc)
+
+    def _leave(self, error: BaseException | None) -> None:
         try:
-            _drive(self._client._call, self._exit_steps(exc))
+            _drive(_sender(self._client), self._exit_steps(error))
         finally:
-            self._restore_context()
+            try:
+                if self._heartbeat is not None and not self._heartbeat.stopped:
+                    self._heartbeat.stop()  # an interruption came first: stop it here
+            finally:
+                self._restore_context()
 
 
 class _AsyncFace(_Reservation):
-    """The ``async with`` statement of a reservation on an AsyncCyclesClient."""
+    """The ``async with`` statement of a reservation on an AsyncCyclesClient (the rules of
+    _SyncFace; a create in flight when the caller is cancelled is released on arrival)."""
 
-    _client_kind: ClassVar[type] = AsyncCyclesClient
+    _is_async: ClassVar[bool] = True
 
-    async def __aenter__(self: _Guard) -> _Guard:
-        await _drive_async(self._client, self._open_steps())
+    async def __aenter__(self: _AsyncGuard) -> _AsyncGuard:
+        try:
+            await _drive_async(self._client, self._open_steps())
+        except BaseException as exc:
+            await self._leave(exc)
+            raise
         return self
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        await self._leave(exc)
+
+    async def _leave(self, error: BaseException | None) -> None:
         try:
-            await _drive_async(self._client, self._exit_steps(exc))
+            await _drive_async(self._client, self._exit_steps(error))
         finally:
-            self._restore_context()
+            try:
+                if self._heartbeat is not None and not self._heartbeat.stopped:
+                    await self._heartbeat.stop()  # an interruption came first: stop it here
+            finally:
+                self._restore_context()
 
 
 class _GuardOptions(_Reservation):
@@ -4405,11 +5343,11 @@ class _GuardOptions(_Reservation):
         metadata: Dict[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> None:
-        _check_kind(client, self._client_kind)
+        _check_client(client, self._is_async)
         if isinstance(estimate, Amount):
             unit, estimate = estimate.unit, estimate.amount
         subject = _subject_with_defaults(
-            client._config,
+            _config_of(client),
             dict(tenant=tenant, workspace=workspace, app=app, workflow=workflow, agent=agent,
                  toolset=toolset),
             dimensions,
@@ -4459,12 +5397,12 @@ class ReservationGuard(_GuardOptions, _SyncFace):
     ) -> None:
         """Commit ``actual``: the first attempt now, retries as configured.  A failed commit
         never raises (see ``settlement_error``); bad arguments raise ValueError."""
-        _drive(self._client._call, self._commit_steps(actual, metrics, metadata))
+        _drive(_sender(self._client), self._commit_steps(actual, metrics, metadata))
 
     def release(self, reason: str | None = None) -> None:
         """Release the reservation (for work that did not happen)."""
         self._require_open("release")
-        _drive(self._client._call, self._release_steps(reason or "released_by_caller"))
+        _drive(_sender(self._client), self._release_steps(reason or "released_by_caller"))
 
 
 class AsyncReservationGuard(_GuardOptions, _AsyncFace):
@@ -4507,9 +5445,9 @@ class _StreamOptions(_Reservation):
         idempotency_key: str | None = None,
         raise_on_commit_failure: bool = False,
     ) -> None:
-        _check_kind(client, self._client_kind)
+        _check_client(client, self._is_async)
         if subject is None:
-            subject_body = _subject_with_defaults(client._config, {}, None)
+            subject_body = _subject_with_defaults(_config_of(client), {}, None)
         else:
             subject_body = _subject("subject", subject, False).model_dump(exclude_none=True)
         amount = _amount("estimate", estimate, False)
@@ -5140,10 +6078,6 @@ class _CommitJournal:
     # -- location -------------------------------------------------------------
 
     @property
-    def enabled(self) -> bool:
-        return self._resolve() is not None
-
-    @property
     def directory(self) -> str | None:
         return self._resolve()
 
@@ -5198,13 +6132,6 @@ class _CommitJournal:
             return _probe_writable(directory)
         except (OSError, ValueError):
             return False
-
-    def record_path(self, reservation_id: str) -> str | None:
-        """Full path of the record for ``reservation_id`` (None when disabled)."""
-        directory = self._resolve()
-        if directory is None:
-            return None
-        return os.path.join(directory, _journal_filename(reservation_id))
 
     # -- write / remove -------------------------------------------------------
 
@@ -5307,21 +6234,6 @@ class _CommitJournal:
             return {name for name in os.listdir(directory) if name.endswith(_JOURNAL_SUFFIX)}
         except OSError:
             return set()
-
-    def pending_count(self) -> int:
-        """Number of record files (any server), without parsing them."""
-        directory = self._resolve()
-        if directory is None:
-            return 0
-        try:
-            with os.scandir(directory) as entries:
-                return sum(
-                    1
-                    for entry in entries
-                    if entry.name.endswith(_JOURNAL_SUFFIX) and entry.is_file(follow_symlinks=False)
-                )
-        except OSError:
-            return 0
 
     def load_pending(self) -> List[_PendingSettlement]:
         """Records for this base URL, oldest name first. Never raises.
@@ -5513,7 +6425,7 @@ class _Settlement:
     last_response: CyclesResponse | None = None
     last_step: _SettlementStep | None = None
     journaled: bool = True  # False until a new settlement's record is written
-    release_call: _Call | None = None  # set for a release retried in the background
+    release: _Send | None = None  # set for a release retried in the background
     # Kept after its retry budget (STOP_KEEP), the process still owns it: see _SettlementQueue.
     kept: bool = False
     times_kept: int = 0
@@ -5528,7 +6440,7 @@ class _Settlement:
         commit_body: Dict[str, Any],
         event_body: Dict[str, Any],
     ) -> _Settlement:
-        config: CyclesConfig = client._config
+        config = _config_of(client)
         record = _PendingSettlement(
             reservation_id=reservation_id,
             base_url=config.base_url,
@@ -5542,10 +6454,10 @@ class _Settlement:
     @classmethod
     def for_record(cls, client: Any, record: _PendingSettlement) -> _Settlement:
         """Also the hook for journal replay: settle a surviving record through the worker."""
-        config: CyclesConfig = client._config
+        config = _config_of(client)
         return cls(
             record=record,
-            send=functools.partial(_send_detached, config, client._transport),
+            send=_sender(client, detached=True),
             policy=_retry_policy(config),
             journal=_journal_for(config),
             inline=config.commit_retry == "inline",
@@ -5553,13 +6465,15 @@ class _Settlement:
         )
 
     @classmethod
-    def for_release(cls, client: Any, reservation_id: str, call: _Call) -> _Settlement:
-        """A release whose first attempt failed transiently: retried in memory only (an
+    def for_release(cls, client: Any, release: _Send) -> _Settlement:
+        """A release, retried in memory only when its first attempt fails transiently (an
         unreleased reservation costs nothing once its TTL passes)."""
-        job = cls.for_record(client, _PendingSettlement(reservation_id, "", mode="release"))
+        assert release.reservation_id is not None
+        record = _PendingSettlement(release.reservation_id, "", mode="release")
+        job = cls.for_record(client, record)
         job.journal = None
         job.inline = False
-        job.release_call = call
+        job.release = release
         return job
 
     @property
@@ -5583,13 +6497,13 @@ class _Settlement:
 
     def request(self) -> _Send:
         record = self.record
-        if self.release_call is not None:
-            return _Send(self.release_call)
+        if self.release is not None:
+            return self.release
         if record.mode == "event":
             assert record.event_fallback_body is not None
-            return _Send(_event_call(record.event_fallback_body))
+            return _Send("event", record.event_fallback_body)
         assert record.commit_body is not None
-        return _Send(_commit_call(record.reservation_id, record.commit_body))
+        return _Send("commit", record.commit_body, record.reservation_id)
 
 
 def _settle_new_steps(job: _Settlement, heartbeat: Any) -> _Steps[_Disposition]:
@@ -6135,13 +7049,15 @@ def _replay_on_first_use(client: Any) -> None:
     Never raises.
     """
     _settlements.wake_kept()
+    if not issubclass(type(client), (CyclesClient, AsyncCyclesClient)):
+        return  # a test double or a duck: never hand it records other processes left
     if client in _clients_seen:
         return
     with _replay_lock:
         if client in _clients_seen:
             return
         _clients_seen.add(client)
-    if not client._config.journal_enabled:
+    if not _config_of(client).journal_enabled:
         return
     # Only records written before now are adopted: later ones belong to settlements
     # of this process that are still running (the async scan runs concurrently).
@@ -6152,7 +7068,7 @@ def _replay_on_first_use(client: Any) -> None:
 def _replay_in_background(client: Any, first_use_ms: int) -> None:
     """Queue this identity's surviving records, at most ``replay_room()`` of them."""
     try:
-        journal = _journal_for(client._config)
+        journal = _journal_for(_config_of(client))
         if journal is None or not _claim_replay(journal):
             return
         records, _quarantined = _scan_journal(journal)
@@ -6319,12 +7235,8 @@ def set_default_config(config: CyclesConfig) -> None:
 def _resolve_client(explicit: Any, is_async: bool) -> Any:
     """The client of one call, resolved at call time (set_default_* may come after decoration)."""
     client = explicit if explicit is not None else _default_client_for(is_async)
-    expected = AsyncCyclesClient if is_async else CyclesClient
-    if not isinstance(client, expected):
-        kind = "Async function requires an AsyncCyclesClient" if is_async else (
-            "Sync function requires a CyclesClient"
-        )
-        raise TypeError(f"{kind}, got {type(client).__name__}")
+    head = "Async function requires" if is_async else "Sync function requires"
+    _check_client(client, is_async, head)
     return client
 
 
@@ -6529,13 +7441,13 @@ def _sync_guarded(fn: Callable[..., Any], spec: _CyclesSpec, explicit: Any) -> C
     @functools.wraps(fn)
     def guarded(*args: Any, **kwargs: Any) -> Any:
         client = _resolve_client(explicit, is_async=False)
-        body = spec.create_body(client._config, args, kwargs)
+        body = spec.create_body(_config_of(client), args, kwargs)
         if spec.dry_run:
-            return _drive(client._call, _dry_run_steps(body))
+            return _drive(_sender(client), _dry_run_steps(body))
         with _SyncFace(client, body, None) as guard:
             result = fn(*args, **kwargs)
             _reject_awaitable(result)
-            _drive(client._call, _settle_call_steps(spec, guard, result))
+            _drive(_sender(client), _settle_call_steps(spec, guard, result))
         return result
 
     return guarded
@@ -6545,7 +7457,7 @@ def _async_guarded(fn: Callable[..., Any], spec: _CyclesSpec, explicit: Any) -> 
     @functools.wraps(fn)
     async def guarded(*args: Any, **kwargs: Any) -> Any:
         client = _resolve_client(explicit, is_async=True)
-        body = spec.create_body(client._config, args, kwargs)
+        body = spec.create_body(_config_of(client), args, kwargs)
         if spec.dry_run:
             return await _drive_async(client, _dry_run_steps(body))
         async with _AsyncFace(client, body, None) as guard:
@@ -6585,6 +7497,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help/--version (0) or a usage error argparse has printed (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if args.command == "verify-evidence":  # may run offline: no configuration needed
+        return _cli_verify_evidence(args)
     try:
         config = CyclesConfig.from_env()
     except ValueError as exc:
@@ -6619,69 +7533,12 @@ def _cli_parser(argparse: Any) -> Any:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-
-    check = commands.add_parser(
-        "check", parents=[common], help="check config, connectivity, auth and tenant"
-    )
-    check.add_argument(
-        "--tenant", help="tenant to probe with an admin-only key (default: CYCLES_TENANT)"
-    )
-    check.set_defaults(run=_cli_check)
-
-    balances = commands.add_parser(
-        "balances", parents=[common], help="show balances (default: CYCLES_TENANT)"
-    )
-    _add_subject_filters(balances)
-    balances.add_argument("--limit", type=int)
-    balances.add_argument("--cursor")
-    balances.add_argument("--all", action="store_true", help="follow cursors to the end")
-    balances.set_defaults(run=_cli_balances)
-
-    listing = commands.add_parser("reservations", parents=[common], help="list reservations")
-    _add_subject_filters(listing)
-    listing.add_argument("--status", help="ACTIVE, COMMITTED, RELEASED or EXPIRED")
-    listing.add_argument("--idempotency-key")
-    listing.add_argument("--sort-by")
-    listing.add_argument("--sort-dir", choices=["asc", "desc"])
-    listing.add_argument("--limit", type=int)
-    listing.add_argument("--cursor")
-    listing.add_argument("--all", action="store_true", help="follow cursors to the end")
-    listing.add_argument(
-        "--admin", action="store_true", help="use CYCLES_ADMIN_API_KEY (needs a tenant)"
-    )
-    listing.set_defaults(run=_cli_reservations)
-
-    show = commands.add_parser("reservation", parents=[common], help="show one reservation")
-    show.add_argument("reservation_id", metavar="ID")
-    show.add_argument("--admin", action="store_true", help="use CYCLES_ADMIN_API_KEY")
-    show.set_defaults(run=_cli_reservation)
-
-    release = commands.add_parser("release", parents=[common], help="release a (stuck) reservation")
-    release.add_argument("reservation_id", metavar="ID")
-    release.add_argument("--reason", help="e.g. '[INCIDENT_FORCE_RELEASE] stuck worker'")
-    release.add_argument("--idempotency-key", help="default: a fresh key")
-    release.add_argument("--admin", action="store_true", help="use CYCLES_ADMIN_API_KEY")
-    release.set_defaults(run=_cli_release)
-
-    recover = commands.add_parser(
-        "recover",
-        parents=[common],
-        help="settle what the commit journal still holds (after a crash or an outage)",
-    )
-    recover.add_argument(
-        "--timeout",
-        type=float,
-        default=30.0,
-        metavar="S",
-        help="give up after S seconds; what is left stays journaled (default: 30)",
-    )
-    recover.set_defaults(run=_cli_recover)
+    for name, summary, run, arguments in _CLI_COMMANDS:
+        command = commands.add_parser(name, parents=[common], help=summary)
+        for flag, options in arguments:
+            command.add_argument(flag, **options)
+        command.set_defaults(run=run)
     return parser
-
-
-def _add_subject_filters(parser: Any) -> None:
-    for name in SUBJECT_FIELDS:
-        parser.add_argument("--" + name)
 
 
 def _cli_error(message: str) -> None:
@@ -6783,44 +7640,28 @@ def _cli_balances(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
         _cli_error("balances: give a subject filter such as --tenant, or set CYCLES_TENANT")
         return EXIT_USAGE
     filters.update(_cli_filters(args, ("limit", "cursor")))
-    if args.all:
-        body: Dict[str, Any] = {"balances": list(client.iter_balances(**filters))}
-    else:
-        response = client.get_balances(**filters)
-        if not response.is_success:
-            return _cli_failed(response, "balances", args.json)
-        body = response.body or {}
-    if args.json:
-        _cli_json(body)
-        return EXIT_OK
-    rows = []
-    for item in body.get("balances") or []:
-        if not isinstance(item, dict):
-            continue
-        remaining = item.get("remaining")
-        rows.append(
-            [
-                _cli_cell(item.get("scope_path") or item.get("scope")),
-                _cli_cell(remaining.get("unit") if isinstance(remaining, dict) else ""),
-                _cli_amount(remaining),
-                _cli_amount(item.get("reserved")),
-                _cli_amount(item.get("spent")),
-                _cli_amount(item.get("allocated")),
-                _cli_amount(item.get("debt")),
-                "yes" if item.get("is_over_limit") else "",
-            ]
-        )
-    _cli_table(
-        ["SCOPE", "UNIT", "REMAINING", "RESERVED", "SPENT", "ALLOCATED", "DEBT", "OVER LIMIT"], rows
+    return _cli_listing(
+        args,
+        "balances",
+        lambda: client.iter_balances(**filters),
+        lambda: client.get_balances(**filters),
+        ["SCOPE", "UNIT", "REMAINING", "RESERVED", "SPENT", "ALLOCATED", "DEBT", "OVER LIMIT"],
+        _cli_balance_row,
     )
-    _cli_more(body)
-    return EXIT_OK
 
 
-def _cli_more(body: Mapping[str, Any]) -> None:
-    cursor = body.get("next_cursor")
-    if body.get("has_more") and isinstance(cursor, str):
-        print(f"(more: --cursor {_cli_cell(cursor)}, or --all)", file=sys.stderr)
+def _cli_balance_row(item: Mapping[str, Any]) -> List[str]:
+    remaining = item.get("remaining")
+    return [
+        _cli_cell(item.get("scope_path") or item.get("scope")),
+        _cli_cell(remaining.get("unit") if isinstance(remaining, dict) else ""),
+        _cli_amount(remaining),
+        _cli_amount(item.get("reserved")),
+        _cli_amount(item.get("spent")),
+        _cli_amount(item.get("allocated")),
+        _cli_amount(item.get("debt")),
+        "yes" if item.get("is_over_limit") else "",
+    ]
 
 
 def _cli_reservations(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
@@ -6831,33 +7672,55 @@ def _cli_reservations(client: CyclesClient, config: CyclesConfig, args: Any) -> 
     admin = True if args.admin else None
     if (args.admin or not config.api_key) and "tenant" not in filters and config.tenant:
         filters["tenant"] = config.tenant
+    return _cli_listing(
+        args,
+        "reservations",
+        lambda: client.iter_reservations(admin=admin, **filters),
+        lambda: client.list_reservations(admin=admin, **filters),
+        ["ID", "STATUS", "SCOPE", "RESERVED", "CREATED", "EXPIRES"],
+        _cli_reservation_row,
+    )
+
+
+def _cli_reservation_row(item: Mapping[str, Any]) -> List[str]:
+    return [
+        _cli_cell(item.get("reservation_id")),
+        _cli_cell(item.get("status")),
+        _cli_cell(item.get("scope_path")),
+        _cli_amount(item.get("reserved"), with_unit=True),
+        _cli_time(item.get("created_at_ms")),
+        _cli_time(item.get("expires_at_ms")),
+    ]
+
+
+def _cli_listing(
+    args: Any,
+    what: str,
+    every_item: Callable[[], Iterable[Dict[str, Any]]],
+    one_page: Callable[[], CyclesResponse],
+    headers: Sequence[str],
+    row: Callable[[Mapping[str, Any]], List[str]],
+) -> int:
+    """A list command: one page (or with ``--all`` every item), as JSON or a table."""
     if args.all:
-        body: Dict[str, Any] = {
-            "reservations": list(client.iter_reservations(admin=admin, **filters))
-        }
+        body: Dict[str, Any] = {what: list(every_item())}
     else:
-        response = client.list_reservations(admin=admin, **filters)
+        response = one_page()
         if not response.is_success:
-            return _cli_failed(response, "reservations", args.json)
+            return _cli_failed(response, what, args.json)
         body = response.body or {}
     if args.json:
         _cli_json(body)
         return EXIT_OK
-    rows = [
-        [
-            _cli_cell(item.get("reservation_id")),
-            _cli_cell(item.get("status")),
-            _cli_cell(item.get("scope_path")),
-            _cli_amount(item.get("reserved"), with_unit=True),
-            _cli_time(item.get("created_at_ms")),
-            _cli_time(item.get("expires_at_ms")),
-        ]
-        for item in body.get("reservations") or []
-        if isinstance(item, dict)
-    ]
-    _cli_table(["ID", "STATUS", "SCOPE", "RESERVED", "CREATED", "EXPIRES"], rows)
+    _cli_table(headers, [row(item) for item in body.get(what) or [] if isinstance(item, dict)])
     _cli_more(body)
     return EXIT_OK
+
+
+def _cli_more(body: Mapping[str, Any]) -> None:
+    cursor = body.get("next_cursor")
+    if body.get("has_more") and isinstance(cursor, str):
+        print(f"(more: --cursor {_cli_cell(cursor)}, or --all)", file=sys.stderr)
 
 
 def _cli_reservation(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
@@ -6922,6 +7785,100 @@ def _cli_recover(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
         _cli_table(["result", "records"], [[name, str(value)] for name, value in counts.items()])
     return EXIT_OK if summary.unresolved == 0 and summary.quarantined == 0 else EXIT_API_ERROR
 
+
+def _cli_verify_evidence(args: Any) -> int:
+    """Exit 0 only when the envelope is ok.  Runs without configuration: without --jwks
+    the JWK Set comes from CYCLES_BASE_URL when it is set, else a FILE is checked
+    offline (binding_only at best)."""
+    try:
+        jwks = _cli_read(args.jwks) if args.jwks else None
+        is_id = _is_hex(args.target, 64) and not os.path.exists(args.target)
+        target: str | bytes = args.target if is_id else _cli_read(args.target)
+        if jwks is not None and not is_id:
+            result = verify_evidence(target, jwks=jwks, expected_signer=args.expected_signer)
+        elif is_id or os.environ.get("CYCLES_BASE_URL"):
+            with CyclesClient(CyclesConfig.from_env()) as client:
+                result = client.verify_evidence(
+                    target, jwks=jwks, expected_signer=args.expected_signer
+                )
+        else:
+            result = verify_evidence(target, expected_signer=args.expected_signer)
+    except (OSError, ValueError) as exc:
+        _cli_error(f"verify-evidence: {exc}")
+        return EXIT_USAGE
+    if args.json:
+        _cli_json(dataclasses.asdict(result))
+    else:
+        print(f"{result.disposition}: {_cli_cell(result.reason)}")
+        rows = [
+            ["evidence_id", _cli_cell(result.evidence_id)],
+            ["artifact_type", _cli_cell(result.artifact_type)],
+            ["signer_kid", _cli_cell(result.signer_kid)],
+            ["signer_pin_matched", _cli_cell(result.signer_pin_matched)],
+            ["ok", "yes" if result.ok else "no"],
+        ]
+        _cli_table(["FIELD", "VALUE"], rows)
+    return EXIT_OK if result.ok else EXIT_API_ERROR
+
+
+def _cli_read(path: str) -> bytes:
+    """A file's bytes, or stdin's for '-'."""
+    if path == "-":
+        return sys.stdin.buffer.read()
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def _arg(flag: str, **options: Any) -> Tuple[str, Dict[str, Any]]:
+    """One command-line argument: its flag (or name) and its ``add_argument`` options."""
+    return flag, options
+
+
+_SUBJECT_FILTERS = [_arg("--" + name) for name in SUBJECT_FIELDS]
+_PAGING = [
+    _arg("--limit", type=int),
+    _arg("--cursor"),
+    _arg("--all", action="store_true", help="follow cursors to the end"),
+]
+_ADMIN = _arg("--admin", action="store_true", help="use CYCLES_ADMIN_API_KEY")
+_RESERVATION_ID = _arg("reservation_id", metavar="ID")
+
+# Every command: (name, help, routine, arguments).
+_CLI_COMMANDS: List[Tuple[str, str, Callable[..., int], List[Tuple[str, Dict[str, Any]]]]] = [
+    ("check", "check config, connectivity, auth and tenant", _cli_check, [
+        _arg("--tenant", help="tenant to probe with an admin-only key (default: CYCLES_TENANT)"),
+    ]),
+    ("balances", "show balances (default: CYCLES_TENANT)", _cli_balances, [
+        *_SUBJECT_FILTERS, *_PAGING,
+    ]),
+    ("reservations", "list reservations", _cli_reservations, [
+        *_SUBJECT_FILTERS,
+        _arg("--status", help="ACTIVE, COMMITTED, RELEASED or EXPIRED"),
+        _arg("--idempotency-key"),
+        _arg("--sort-by"),
+        _arg("--sort-dir", choices=["asc", "desc"]),
+        *_PAGING,
+        _arg("--admin", action="store_true", help="use CYCLES_ADMIN_API_KEY (needs a tenant)"),
+    ]),
+    ("reservation", "show one reservation", _cli_reservation, [_RESERVATION_ID, _ADMIN]),
+    ("release", "release a (stuck) reservation", _cli_release, [
+        _RESERVATION_ID,
+        _arg("--reason", help="e.g. '[INCIDENT_FORCE_RELEASE] stuck worker'"),
+        _arg("--idempotency-key", help="default: a fresh key"),
+        _ADMIN,
+    ]),
+    ("recover", "settle what the commit journal still holds (after a crash or an outage)",
+     _cli_recover, [
+        _arg("--timeout", type=float, default=30.0, metavar="S",
+             help="give up after S seconds; what is left stays journaled (default: 30)"),
+    ]),
+    ("verify-evidence", "verify a signed CyclesEvidence envelope: a file ('-': stdin) or an id",
+     _cli_verify_evidence, [
+        _arg("target", metavar="FILE|ID"),
+        _arg("--jwks", metavar="FILE", help="the server's JWK Set (default: CYCLES_BASE_URL's)"),
+        _arg("--expected-signer", metavar="HEX", help="pin the raw-hex signer key"),
+    ]),
+]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,175 @@
+"""Issue 12 (lean core): one heartbeat thread for the process, declarations said once.
+
+Real HTTP to ``cycles_lite_server``; nothing mocked but ``threading.Thread.start``
+(counted, still called).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import threading
+import time
+import unittest
+import warnings
+from typing import Any, List
+from unittest import mock
+
+import cycles_lite as cl
+from cycles_lite import CyclesClient, CyclesConfig
+from cycles_lite_server import LocalCyclesServer
+
+API_KEY = "core-key"
+TENANT = "acme"
+
+
+class _ServerCase(unittest.TestCase):
+    srv: LocalCyclesServer
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.srv = LocalCyclesServer(
+            api_keys={API_KEY: TENANT},
+            tenants={TENANT: "ACTIVE"},
+            budgets=[{"scope": f"tenant:{TENANT}", "unit": "USD_MICROCENTS", "allocated": 10**12}],
+        ).start()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.srv.stop()
+
+    def new_client(self, **options: Any) -> CyclesClient:
+        config = CyclesConfig(
+            base_url=self.srv.url, api_key=API_KEY, tenant=TENANT, journal_enabled=False, **options
+        )
+        client = CyclesClient(config)
+        self.addCleanup(client.close)
+        return client
+
+
+def _count_thread_starts(test: unittest.TestCase) -> List[str]:
+    started: List[str] = []
+    real_start = threading.Thread.start
+
+    def counting_start(thread: threading.Thread) -> None:
+        started.append(thread.name)
+        real_start(thread)
+
+    patcher = mock.patch.object(threading.Thread, "start", counting_start)
+    patcher.start()
+    test.addCleanup(patcher.stop)
+    return started
+
+
+class TestHeartbeatScheduler(_ServerCase):
+    def test_guarded_calls_in_a_stream_start_no_thread(self) -> None:
+        client = self.new_client()
+
+        @cl.cycles(estimate=10, actual=5, action_kind="llm.completion", action_name="m",
+                   agent="a", client=client)
+        def guarded(i: int) -> int:
+            return i
+
+        guarded(0)  # the scheduler thread starts with the first heartbeat
+        started = _count_thread_starts(self)
+        self.assertEqual([guarded(i) for i in range(1, 30)], list(range(1, 30)))
+        self.assertEqual(started, [])
+
+    def test_one_scheduler_thread_serves_every_live_reservation(self) -> None:
+        client = self.new_client()
+        guards = [client.reserve(estimate=10, action_kind="k", action_name="n", agent=f"a{i}")
+                  for i in range(5)]
+        for guard in guards:
+            guard.__enter__()
+        try:
+            names = [t.name for t in threading.enumerate()]
+            self.assertEqual(names.count("cycles-lite-heartbeat"), 1)
+        finally:
+            for guard in guards:
+                guard.__exit__(None, None, None)
+        self.assertTrue(_wait_for(lambda: cl._heartbeats._thread is None, 5.0))
+        self.assertNotIn("cycles-lite-heartbeat", [t.name for t in threading.enumerate()])
+
+    @unittest.skipUnless(hasattr(os, "fork"), "needs os.fork")
+    def test_a_forked_child_starts_its_own_scheduler(self) -> None:
+        client = self.new_client()
+        with client.reserve(estimate=10, action_kind="k", action_name="n", agent="parent"):
+            read_end, write_end = os.pipe()
+            with warnings.catch_warnings():  # 3.12+: fork() of a multi-threaded process
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child reports through the pipe
+                ok = cl._heartbeats._thread is None and not cl._heartbeats._heap
+                os.write(write_end, b"1" if ok else b"0")
+                os._exit(0)
+            os.close(write_end)
+            with os.fdopen(read_end, "rb") as pipe:
+                self.assertEqual(pipe.read(), b"1")
+            os.waitpid(pid, 0)
+
+
+class TestDeclarations(unittest.TestCase):
+    def test_every_model_field_is_declared_with_its_check(self) -> None:
+        models = [
+            obj for obj in vars(cl).values()
+            if isinstance(obj, type) and issubclass(obj, cl._Model) and obj._fields
+        ]
+        self.assertGreater(len(models), 25)
+        for model in models:
+            with self.subTest(model=model.__name__):
+                names = [f.name for f in dataclasses.fields(model)]
+                self.assertEqual(list(model._fields), names)  # repr, dump and parse see each
+                required = {f.name for f in dataclasses.fields(model) if f.default is cl._REQUIRED}
+                self.assertEqual(model._required, required)
+
+    def test_success_schemas_name_fields_of_their_models(self) -> None:
+        for operation, (_, model, read, pinned) in cl._SUCCESS_ANSWERS.items():
+            with self.subTest(operation=operation):
+                self.assertLessEqual({*read, *pinned}, set(model._fields))
+
+    def test_every_setting_has_a_check_and_reads_its_own_variable(self) -> None:
+        environ = {"CYCLES_BASE_URL": "http://localhost:1", "CYCLES_API_KEY": "k"}
+        for setting in dataclasses.fields(CyclesConfig):
+            self.assertTrue(callable(setting.metadata["check"]), setting.name)
+        self.assertEqual(
+            [s.name for s in dataclasses.fields(CyclesConfig) if s.metadata["env"] is None],
+            ["ssl_context"],
+        )
+        config = CyclesConfig.from_env(environ=dict(environ, CYCLES_POOL_MAXSIZE="7"))
+        self.assertEqual((config.base_url, config.api_key, config.pool_maxsize),
+                         ("http://localhost:1", "k", 7))
+
+
+class TestModuleLayout(unittest.TestCase):
+    def test_the_docstring_contents_mirror_the_section_banners(self) -> None:
+        with open(cl.__file__, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+        banners = [
+            (0 if rule.startswith("# ===") else 1, title[2:].strip())
+            for rule, title in zip(lines, lines[1:])
+            if rule.startswith(("# =====", "# -----")) and title.startswith("# ")
+        ]
+        doc = (cl.__doc__ or "").split("Contents", 1)[1].splitlines()[2:]
+        contents = [
+            ((len(line) - len(line.lstrip())) // 4 - 1, re.split(r"\s{2,}", line.strip())[0])
+            for line in doc
+            if line.strip()
+        ]
+        self.assertEqual(len(contents), len(banners), (contents, banners))
+        for (depth, entry), (banner_depth, banner) in zip(contents, banners):
+            self.assertEqual(depth, banner_depth, entry)
+            self.assertTrue(banner.startswith(entry), (entry, banner))
+
+
+def _wait_for(predicate: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+if __name__ == "__main__":
+    unittest.main()
