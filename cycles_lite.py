@@ -6702,8 +6702,13 @@ class _SettlementQueue:
         self._given_up = 0
 
     def submit(self, job: _Settlement) -> bool:
+        """Queue ``job``; False when full.  Kept jobs have room of their own (half the
+        capacity), so a long outage never crowds live retries out onto the callers."""
         with self._cond:
-            if len(self._heap) + len(self._running) >= self._capacity:
+            if job.kept:
+                if self.kept >= self._capacity // 2:
+                    return False
+            elif self._live_count() >= self._capacity:
                 return False
             if self._worker is None and not self._start_worker():
                 return False
@@ -6724,11 +6729,7 @@ class _SettlementQueue:
             return
         job.keep()
         if not self.submit(job):
-            _log.warning(
-                "settlement queue full: %s left to the journal: reservation_id=%s",
-                job.operation,
-                job.record.reservation_id,
-            )
+            _left_to_journal(job)
 
     def wake_kept(self) -> None:
         """A guarded call: kept jobs last tried ``_KEPT_RETRY_ACTIVITY_GAP_S`` ago are due."""
@@ -6776,7 +6777,11 @@ class _SettlementQueue:
     def replay_room(self) -> int:
         """How many replayed records may be queued now: half the capacity, less what waits."""
         with self._cond:
-            return max(0, self._capacity // 2 - len(self._heap) - len(self._running))
+            return max(0, self._capacity // 2 - self._live_count())
+
+    def _live_count(self) -> int:
+        """Under the lock: queued retries under their budget, and running jobs."""
+        return len(self._heap) - self.kept + len(self._running)
 
     def start_scan(self, scan: Callable[[], None]) -> None:
         """Run ``scan`` on a one-shot daemon thread; ``flush()`` waits for it."""
@@ -6806,7 +6811,7 @@ class _SettlementQueue:
 
     def _live(self) -> bool:
         """Work flush waits for: a retry under its budget, a running job, a scan."""
-        return len(self._heap) > self.kept or bool(self._running) or bool(self._scans)
+        return self._live_count() > 0 or bool(self._scans)
 
     def busy(self) -> set[str]:
         """Reservation ids this process is already settling (queued, kept or running)."""
@@ -6912,13 +6917,16 @@ class _SettlementQueue:
                 job.keep()
             with self._cond:
                 self._running.remove(job.record.reservation_id)
-                if outcome is _Disposition.RETRY or kept:
+                room = self.kept < self._capacity // 2
+                if outcome is _Disposition.RETRY or (kept and room):
                     self._push(job)
                 elif outcome is _Disposition.SUCCESS:
                     self._settled += 1
-                else:
+                elif not kept:
                     self._given_up += 1
                 self._cond.notify_all()
+            if kept and not room:
+                _left_to_journal(job)
 
     def _flush_at_exit(self) -> None:
         timeout = self._exit_flush_timeout
@@ -6929,6 +6937,15 @@ class _SettlementQueue:
                     "%d settlement(s) still open at exit; journal records are replayed later",
                     result.pending,
                 )
+
+
+def _left_to_journal(job: _Settlement) -> None:
+    _log.warning(
+        "settlement queue full: %s left to the journal (recover() or the next process"
+        " settles it): reservation_id=%s",
+        job.operation,
+        job.record.reservation_id,
+    )
 
 
 _settlements = _SettlementQueue()

@@ -428,6 +428,27 @@ class TestKeptSettlements(DeploymentCase):
         self.assertEqual(self.balance()["reserved"], 1_000)  # rejected: never released
         self.srv.clock.advance(120_000)
 
+    def test_kept_settlements_never_crowd_live_retries_out(self) -> None:
+        queue = cl._SettlementQueue(capacity=4)  # room for 2 kept, 4 live
+        self.addCleanup(setattr, cl, "_settlements", cl._settlements)
+        cl._settlements = queue
+        keeper = self.client(retry_max_attempts=0)  # kept at the first failure
+        self.srv.inject("commit", "status", status=503, times=4)
+        with self.assertLogs(LOGGER, "WARNING") as logs:
+            for actual in (1, 2, 3):
+                self.guarded(keeper, actual)()
+        self.assertEqual((queue.kept, len(self.journal_records())), (2, 3))
+        self.assertIn("left to the journal", "\n".join(logs.output))
+        live = self.client(retry_initial_delay=0.2, retry_max_delay=0.2)
+        self.guarded(live, 4)()  # its retry is queued, not run on the caller
+        self.assertEqual(queue.pending(), 3)
+        self.assertEqual(len(self.srv.requests_for("commit")), 4)
+        result = cl.flush(5)
+        self.assertEqual((result.settled, result.pending), (3, 1))  # the third: journal only
+        self.assertEqual(keeper.recover(timeout=5).settled, 1)
+        self.assertTrue(cl.flush(5))
+        self.assertEqual(self.balance()["spent"], 10)
+
     def test_flush_result_reads_as_a_bool(self) -> None:
         self.assertTrue(cl.FlushResult())
         self.assertFalse(cl.FlushResult(settled=3, pending=1))
