@@ -207,7 +207,7 @@ def _fork(work: Callable[[], Dict[str, Any]]) -> Callable[[], Dict[str, Any]]:
 @unittest.skipUnless(hasattr(os, "fork"), "os.fork does not exist here")
 class TestFork(DeploymentCase):
     def warmed_client(self) -> cl.CyclesClient:
-        client = self.client(pool_maxsize=8)
+        client = self.client(pool_maxsize=8, request_timeout=5.0)  # no timeouts under load
         for _ in range(3):  # idle keep-alive connections in the pool at fork time
             self.assertTrue(client.get_balances(tenant="acme").is_success)
         self.guarded(client, 5)()
@@ -273,11 +273,12 @@ class TestFork(DeploymentCase):
         def child() -> Dict[str, Any]:
             inherited = sorted(cl._settlements.busy())
             client = cl.CyclesClient(self.config(api_key=CHILD_KEY, tenant="kid",
-                                                 journal_dir=child_journal))
+                                                 journal_dir=child_journal, request_timeout=5.0))
             self.guarded(client, 11)()
             queued = cl._settlements.pending()
+            by_its_worker = _wait_for(lambda: cl._settlements.pending() == 0)  # no flush yet
             result = cl.flush(10)
-            return {"inherited": inherited, "queued": queued,
+            return {"inherited": inherited, "queued": queued, "by_its_worker": by_its_worker,
                     "flush": [result.settled, result.pending, result.given_up]}
 
         self.srv.inject("commit", "status", status=503)  # the child's first commit
@@ -285,7 +286,8 @@ class TestFork(DeploymentCase):
         self.assertEqual(report.get("exit"), 0, report)
         self.assertEqual(report["inherited"], [])  # none of the parent's jobs
         self.assertEqual(report["queued"], 1)  # its own retry, on its own worker
-        self.assertEqual(report["flush"][1:], [0, 0])
+        self.assertTrue(report["by_its_worker"])
+        self.assertEqual(report["flush"], [0, 0, 0])
         kid = self.srv.balance("tenant:kid", UNIT)
         self.assertEqual((kid["spent"], kid["reserved"]), (11, 0))
         self.assertEqual(cl._settlements.busy(), parent_job)  # the parent is unaffected
@@ -376,11 +378,13 @@ class TestKeptSettlements(DeploymentCase):
             self.guarded(client, 10)()
             self.assertFalse(cl.flush(5))
         attempts = len(self.srv.requests_for("commit"))
+        started = time.monotonic()
         for _ in range(20):  # busy traffic (guarded calls that release) right after
             with self.assertRaises(KeyError), client.reserve(1, action_kind="llm.completion"):
                 raise KeyError("released")
         time.sleep(0.3)
-        self.assertEqual(len(self.srv.requests_for("commit")), attempts)
+        wakes = 1 + int((time.monotonic() - started) // cl._KEPT_RETRY_ACTIVITY_GAP_S)
+        self.assertLessEqual(len(self.srv.requests_for("commit")), attempts + wakes - 1)
         self.assertEqual(len(self.srv.requests_for("release")), 20)
 
     def test_the_worker_retries_kept_commits_at_a_slow_capped_interval(self) -> None:
