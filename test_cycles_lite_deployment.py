@@ -570,6 +570,22 @@ class TestDeadline(DeploymentCase):
                 self.assertEqual(self.srv.reservation(guard.reservation_id)["status"],
                                  "COMMITTED")
 
+    def test_no_async_heartbeat_beat_starts_after_the_deadline(self) -> None:
+        client = cl.AsyncCyclesClient(self.config(request_timeout=0.2))
+
+        async def run() -> None:
+            with cl.deadline(0.3):  # the first beat would be due ~0.5 s in
+                async with client.reserve(1_000, action_kind="llm.completion",
+                                          ttl_ms=3_500) as guard:
+                    await asyncio.sleep(1.0)
+                    await guard.commit(2)
+            await cl.aflush(5)
+            await client.aclose()
+
+        asyncio.run(run())
+        self.assertEqual(self.srv.requests_for("extend"), [])
+        self.assertEqual(self.balance()["spent"], 2)
+
     def test_async_code_uses_the_same_with_statement(self) -> None:
         client = cl.AsyncCyclesClient(self.config(request_timeout=None, read_timeout=5.0))
         self.srv.inject("create", "delay", delay_ms=3_000, times=2)
