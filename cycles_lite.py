@@ -1980,11 +1980,8 @@ def deadline(seconds: float) -> Iterator[None]:
     """
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds != seconds:
         raise ValueError(f"seconds: must be a number, got {seconds!r}")
-    token = _deadline.set(_effective_deadline(time.monotonic() + max(0.0, seconds)))
-    try:
+    with _bounded_by(time.monotonic() + max(0.0, seconds)):
         yield
-    finally:
-        _deadline.reset(token)
 
 
 def _effective_deadline(default: float) -> float:
