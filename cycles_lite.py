@@ -6532,9 +6532,9 @@ def _settle_steps(job: _Settlement, *, retry_inline: bool) -> _Steps[_Dispositio
     A job not journaled yet (a new settlement, possibly handed over by an interrupted
     caller) gets its record written before its first attempt leaves the process."""
     if not job.journaled:
-        job.journaled = True
         if job.journal is not None:
             yield _Blocking(functools.partial(job.journal.write, job.record))
+        job.journaled = True  # not before: an interrupted write is redone by the worker
     while True:
         if _out_of_time(job.due):  # no attempt starts after the caller's deadline
             return _Disposition.RETRY
@@ -7037,7 +7037,8 @@ class RecoverySummary:
 
 _replay_lock = threading.Lock()
 _replayed_journals: set[str] = set()  # identity directories replayed by this process
-_clients_seen: weakref.WeakSet[Any] = weakref.WeakSet()
+# By identity: a client subclass may define ``__eq__`` and so be unhashable.
+_clients_seen: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
 
 def _claim_replay(journal: _CommitJournal) -> bool:
@@ -7065,12 +7066,12 @@ def _replay_on_first_use(client: Any) -> None:
     _settlements.wake_kept()
     if not issubclass(type(client), (CyclesClient, AsyncCyclesClient)):
         return  # a test double or a duck: never hand it records other processes left
-    if client in _clients_seen:
+    if _clients_seen.get(id(client)) is client:
         return
     with _replay_lock:
-        if client in _clients_seen:
+        if _clients_seen.get(id(client)) is client:
             return
-        _clients_seen.add(client)
+        _clients_seen[id(client)] = client
     if not _config_of(client).journal_enabled:
         return
     # Only records written before now are adopted: later ones belong to settlements
