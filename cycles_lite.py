@@ -40,6 +40,7 @@ Contents (the section banners below, in order)::
     Errors
     Models                  each field declared once, with its check
     Config                  each setting declared once: default, check, env variable
+    Per process: fork safety and deadlines      the at-fork resets; deadline()
     Transport
     Client
     Async client
@@ -109,12 +110,13 @@ if TYPE_CHECKING:  # pragma: no cover
     _Check = Callable[[str, Any, bool], Any]
     _M = TypeVar("_M", bound="_Model")
     _T = TypeVar("_T")
-    _Guard = TypeVar("_Guard", bound="_Reservation")
+    _SyncGuard = TypeVar("_SyncGuard", bound="_SyncFace")
+    _AsyncGuard = TypeVar("_AsyncGuard", bound="_AsyncFace")
     _F = TypeVar("_F", bound=Callable[..., Any])
     # A lifecycle step generator: yields effects, receives their results, returns _T.
     _Steps = Generator["_Effect", Any, _T]
-    # A blocking send of one call: CyclesClient._call, or _send_detached bound to a client.
-    _SendFn = Callable[["_Call"], "CyclesResponse"]
+    # A blocking send of one effect through a client's public method (see _sender).
+    _SendFn = Callable[["_Send"], "CyclesResponse"]
 
 __version__ = "0.1.0"
 
@@ -192,6 +194,8 @@ __all__ = [  # noqa: RUF022 - grouped as in runcycles
     "RecoverySummary",
     "flush",
     "aflush",
+    "FlushResult",
+    "deadline",
     # Evidence
     "EvidenceVerification",
     "verify_evidence",
@@ -1925,6 +1929,96 @@ class _EnvReader:
 
 
 # ===========================================================================
+# Per process: fork safety and deadlines
+# ===========================================================================
+#
+# A forked child (gunicorn/uWSGI pre-fork, Celery's prefork pool, multiprocessing's
+# "fork" start method) inherits this module's memory but only the thread that forked.
+# What belongs to the parent process (pooled sockets, the settlement queue and its
+# worker, locks another thread may have held, the heartbeat scheduler) is made the
+# child's own here, right after the fork, before any code of the child runs.  This is
+# the one place to add to: ``@_after_fork_in_child`` for module state,
+# ``_reset_after_fork(obj)`` for an object with an ``_after_fork()`` method.
+
+
+_fork_resets: List[Callable[[], None]] = []
+_fork_objects: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _after_fork_in_child(reset: Callable[[], None]) -> Callable[[], None]:
+    """Register ``reset`` to run in every forked child (a decorator)."""
+    _fork_resets.append(reset)
+    return reset
+
+
+def _reset_after_fork(obj: Any) -> None:
+    """Call ``obj._after_fork()`` in every forked child while ``obj`` is alive."""
+    _fork_objects.add(obj)
+
+
+def _run_fork_resets() -> None:
+    for reset in [*_fork_resets, *(obj._after_fork for obj in list(_fork_objects))]:
+        try:
+            reset()
+        except Exception:  # one broken reset must not leave the others undone
+            _log.exception("cycles-lite: resetting state after fork failed")
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows
+    os.register_at_fork(after_in_child=_run_fork_resets)
+
+
+# A deadline (``time.monotonic()`` value) that bounds all Cycles work started under it:
+# every attempt's deadline, inline retries and ``flush``.  None: unbounded.
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "cycles_lite_deadline", default=None
+)
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Bound all Cycles work started inside the block by ``seconds`` from now.
+
+    ``with cycles_lite.deadline(context.get_remaining_time_in_millis() / 1000 - 0.3):``
+    (plain ``with``, in sync and async code alike).  Creates, heartbeats, commits,
+    releases, inline retries, ``flush`` and ``recover`` started inside end by then:
+    an HTTP attempt is cut at the deadline, no retry waits past it, and a
+    settlement that does not fit stays in the journal and on the background worker
+    (never dropped).  Nested deadlines only shorten; a negative ``seconds`` counts as
+    0 (nothing fits: the work is journaled for later).
+    """
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds != seconds:
+        raise ValueError(f"seconds: must be a number, got {seconds!r}")
+    with _bounded_by(time.monotonic() + max(0.0, seconds)):
+        yield
+
+
+def _effective_deadline(default: float) -> float:
+    """``default`` (a monotonic deadline), cut to the enclosing ``deadline()`` if sooner."""
+    bound = _deadline.get()
+    return default if bound is None or bound >= default else bound
+
+
+def _out_of_time(at: float | None = None) -> bool:
+    """True when the enclosing ``deadline()`` has passed, or will have by ``at``."""
+    bound = _deadline.get()
+    return bound is not None and max(time.monotonic(), at or 0.0) >= bound
+
+
+@contextlib.contextmanager
+def _bounded_by(bound: float | None) -> Iterator[None]:
+    """Run the block under the absolute deadline ``bound`` (None: as it is)."""
+    if bound is None:
+        yield
+        return
+    token = _deadline.set(_effective_deadline(bound))
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+# ===========================================================================
 # Transport
 # ===========================================================================
 #
@@ -2250,7 +2344,20 @@ class _Transport:
         self._ca_bundle = config.ca_bundle
         self._idle: List[Any] = []
         self._lock = threading.Lock()
+        self._pid = os.getpid()
         self.closed = False
+        _reset_after_fork(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: forget the parent's connections (their sockets are shared
+        with it) and its lock; closing our copies of the descriptors leaves the parent's
+        connections open."""
+        idle, self._idle = self._idle, []
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        for conn in idle:
+            with contextlib.suppress(Exception):
+                conn.close()
 
     def send(
         self, prepared: _Prepared, deadline: float
@@ -2340,6 +2447,8 @@ class _Transport:
             chunks.append(chunk)
 
     def _checkout(self, deadline: float, *, fresh: bool) -> Tuple[Any, bool]:
+        if self._pid != os.getpid():  # forked without the at-fork hooks (a C-level fork)
+            self._after_fork()
         while not fresh:
             with self._lock:
                 conn = self._idle.pop() if self._idle else None
@@ -2421,16 +2530,31 @@ def _perform(
 ) -> CyclesResponse:
     """Send and read one attempt; never raises for HTTP or transport failures.
 
-    Blocking: the async client runs it on its worker threads.
+    Blocking: the async client runs it on its worker threads.  The attempt ends by
+    ``deadline`` (default now + ``attempt_timeout``), or the enclosing ``deadline()``.
     """
     if deadline is None:
         deadline = time.monotonic() + transport.attempt_timeout
+    deadline = _effective_deadline(deadline)
     try:
         status, headers, body = transport.send(prepared, deadline)
     except Exception as exc:
-        _log.debug("%s %s failed: %s: %s", prepared.method, prepared.path, type(exc).__name__, exc)
+        if not _is_network_error(exc):  # a bug: its outcome is as unknown, but say so loudly
+            _log.error("%s %s failed: internal error", prepared.method, prepared.path, exc_info=exc)
+        else:
+            _log.debug(
+                "%s %s failed: %s: %s", prepared.method, prepared.path, type(exc).__name__, exc
+            )
         return CyclesResponse.transport_error(exc)
     return _read_response(status, headers, body)
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    """What a network, a TLS peer or an HTTP server can cause; anything else is a bug."""
+    http_client = sys.modules.get("http.client")
+    return isinstance(exc, OSError) or (
+        http_client is not None and isinstance(exc, http_client.HTTPException)
+    )
 
 
 # ===========================================================================
@@ -2592,11 +2716,36 @@ def _page(
             trace_id=response.trace_id,
         )
     cursor = response.get_body_attribute("next_cursor")
-    query = call.query or {}
     more = response.get_body_attribute("has_more") is not False
-    if more and isinstance(cursor, str) and cursor and cursor != query.get("cursor"):
+    if more and isinstance(cursor, str) and cursor:
         return [i for i in items if isinstance(i, dict)], call.with_cursor(cursor)
     return [i for i in items if isinstance(i, dict)], None
+
+
+def _refuse_repeated_cursor(call: _Call, followed: set[str]) -> None:
+    """Before fetching a page: a cursor followed already (A -> B -> A) means the server is
+    looping; end the iteration with CyclesProtocolError instead of looping for ever."""
+    cursor = (call.query or {}).get("cursor")
+    if cursor is None:
+        return
+    if cursor in followed:
+        raise CyclesProtocolError(
+            f"{call.operation} page failed: the server returned a cursor it had returned"
+            " before; stopping instead of looping"
+        )
+    followed.add(cursor)
+
+
+def _open_attempt_deadline(transport: _Transport, deadline: float | None) -> float | None:
+    """The deadline of an attempt made beneath a lifecycle step (see ``_attempt``), unless
+    given; RuntimeError on a closed client, except for a settlement retry, which may
+    outlive the client that started it."""
+    attempt = _attempt.get()
+    if transport.closed and not (attempt is not None and attempt.detached):
+        raise RuntimeError("the client is closed")
+    if deadline is None and attempt is not None:
+        return attempt.deadline
+    return deadline
 
 
 class CyclesClient:
@@ -2753,7 +2902,9 @@ class CyclesClient:
 
     def _pages(self, call: _Call, items_key: str) -> Iterator[dict[str, Any]]:
         next_call: _Call | None = call
+        followed: set[str] = set()
         while next_call is not None:
+            _refuse_repeated_cursor(next_call, followed)
             items, next_call = _page(next_call, self._call(next_call), items_key)
             yield from items
 
@@ -2762,19 +2913,12 @@ class CyclesClient:
 
         Never raises for HTTP or transport errors.
 
-        ``deadline`` is a ``time.monotonic()`` value; by default now + ``attempt_timeout``.
+        ``deadline`` is a ``time.monotonic()`` value; by default the lifecycle step's
+        (``_attempt``), else now + ``attempt_timeout``.
         """
         prepared = _build_request(self._config, call)
-        if self._transport.closed:
-            raise RuntimeError("the client is closed")
+        deadline = _open_attempt_deadline(self._transport, deadline)
         return _perform(self._transport, prepared, deadline)
-
-
-def _send_detached(config: CyclesConfig, transport: _Transport, call: _Call) -> CyclesResponse:
-    """``CyclesClient._call`` for the settlement worker, over the client's pool (async
-    clients have no other), working even after the client is closed: a settlement
-    retry may outlive the client that started it."""
-    return _perform(transport, _build_request(config, call))
 
 
 # ===========================================================================
@@ -2798,6 +2942,12 @@ class AsyncCyclesClient:
         self._config = config
         self._transport = _Transport(config)
         self._executor: ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
+        _reset_after_fork(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's I/O threads are not there; start afresh."""
+        self._executor = None
         self._executor_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -2926,7 +3076,9 @@ class AsyncCyclesClient:
 
     async def _pages(self, call: _Call, items_key: str) -> AsyncIterator[dict[str, Any]]:
         next_call: _Call | None = call
+        followed: set[str] = set()
         while next_call is not None:
+            _refuse_repeated_cursor(next_call, followed)
             items, next_call = _page(next_call, await self._call(next_call), items_key)
             for item in items:
                 yield item
@@ -2948,10 +3100,10 @@ class AsyncCyclesClient:
         safety margin relies on that bound).
         """
         prepared = _build_request(self._config, call)
-        if self._transport.closed:
-            raise RuntimeError("the client is closed")
+        deadline = _open_attempt_deadline(self._transport, deadline)
         if deadline is None:
             deadline = time.monotonic() + self._transport.attempt_timeout
+        deadline = _effective_deadline(deadline)  # read here: the I/O thread has no context
         future = self._io_executor().submit(_perform, self._transport, prepared, deadline)
         return future, deadline
 
@@ -3694,12 +3846,28 @@ class _Effect:
 
 
 class _Send(_Effect):
-    """One attempt of ``call``; the result is a CyclesResponse (never an exception)."""
+    """One attempt of a protocol operation through the client's public method
+    (``create_reservation``, ``commit_reservation``, ...); the result is a
+    CyclesResponse (never an exception).  The idempotency key is in ``body``, so a
+    resent effect is a retry with the same key.
 
-    __slots__ = ("call",)
+    ``deadline``: the ``deadline()`` bound of work that a background driver (the sync
+    heartbeat) runs outside the caller's context, None for the current one.
+    """
 
-    def __init__(self, call: _Call) -> None:
-        self.call = call
+    __slots__ = ("body", "deadline", "operation", "reservation_id")
+
+    def __init__(
+        self,
+        operation: str,
+        body: Dict[str, Any],
+        reservation_id: str | None = None,
+        deadline: float | None = None,
+    ) -> None:
+        self.operation = operation
+        self.body = body
+        self.reservation_id = reservation_id
+        self.deadline = deadline
 
 
 class _Sleep(_Effect):
@@ -3734,6 +3902,155 @@ class _StopHeartbeat(_Effect):
 
     def __init__(self, handle: Any) -> None:
         self.handle = handle
+
+
+# -- the wire: the client's public methods ------------------------------------------
+#
+# Every protocol operation of the lifecycle, the settlement retries and journal
+# replay goes through the client's public method, as in runcycles, so a mocked or
+# subclassed client sees each one.  The safety properties stay beneath or around
+# them: the idempotency key is in the body (a resent effect is a retry with the same
+# key), the attempt's deadline reaches ``_call`` through the ``_attempt`` context
+# variable, and the journal and the outcome table wrap the call.  A method that
+# raises or answers something other than a CyclesResponse is logged at ERROR and
+# counts as a transport failure: the outcome is unknown, so a settlement keeps its
+# record and retries the same key.
+
+_PUBLIC_METHODS = {
+    "create": "create_reservation",
+    "commit": "commit_reservation",
+    "release": "release_reservation",
+    "extend": "extend_reservation",
+    "event": "create_event",
+}
+
+
+class _Attempt:
+    """What ``_call`` beneath a public method inherits from the step that called it."""
+
+    __slots__ = ("deadline", "detached")
+
+    def __init__(self, deadline: float, detached: bool) -> None:
+        self.deadline = deadline  # time.monotonic() by which the attempt ends
+        self.detached = detached  # a settlement retry: it may outlive a closed client
+
+
+_attempt: contextvars.ContextVar[_Attempt | None] = contextvars.ContextVar(
+    "cycles_lite_attempt", default=None
+)
+
+
+class _ClientMismatch(TypeError):
+    """A sync reservation on an async client, or the reverse."""
+
+
+@functools.lru_cache(maxsize=None)
+def _detached_config() -> CyclesConfig:
+    return CyclesConfig(base_url="http://localhost", api_key="unused", journal_enabled=False)
+
+
+def _config_of(client: Any) -> CyclesConfig:
+    """The client's ``_config``; a test double without one runs on the defaults, unjournaled
+    (nothing identifies its server)."""
+    config = getattr(client, "_config", None)
+    return config if isinstance(config, CyclesConfig) else _detached_config()
+
+
+def _check_client(client: Any, is_async: bool, head: str = "client: expected") -> None:
+    """TypeError unless ``client`` has the public methods (a duck-typed object will do)
+    and is not the other kind of client."""
+    wanted, other = (
+        (AsyncCyclesClient, CyclesClient) if is_async else (CyclesClient, AsyncCyclesClient)
+    )
+    missing = [m for m in _PUBLIC_METHODS.values() if not callable(getattr(client, m, None))]
+    if isinstance(client, other) or missing:
+        detail = f" (missing {', '.join(missing)})" if missing and client is not None else ""
+        article = "an" if is_async else "a"
+        raise _ClientMismatch(
+            f"{head} {article} {wanted.__name__}, got {_type_name(client)}{detail}"
+        )
+
+
+def _invoke(client: Any, effect: _Send) -> Any:
+    """Call the public method of ``effect``; whatever it returns (a coroutine if async)."""
+    method = getattr(client, _PUBLIC_METHODS[effect.operation])
+    if effect.reservation_id is None:
+        return method(effect.body)
+    return method(effect.reservation_id, effect.body)
+
+
+def _refuse_kind(effect: _Send, result: Any, is_async: bool) -> None:
+    """An awaitable where an answer was due (or the reverse): a TypeError at the create,
+    the first call; later (a duck with mixed methods) it counts as a bad answer."""
+    if inspect.iscoroutine(result):
+        result.close()  # never awaited: nothing was sent
+    if effect.operation == "create":
+        kind, other = ("an async", "a sync") if is_async else ("a sync", "an async")
+        raise _ClientMismatch(
+            f"{_PUBLIC_METHODS['create']}() returned {_type_name(result)}: {kind}"
+            f" reservation needs {kind} client, not {other} one"
+        )
+
+
+def _response_of(effect: _Send, result: Any) -> CyclesResponse:
+    if isinstance(result, CyclesResponse):
+        return result
+    problem = TypeError(
+        f"{_PUBLIC_METHODS[effect.operation]}() returned {_type_name(result)},"
+        " not a CyclesResponse"
+    )
+    _log.error("%s; counted as a transport failure", problem)
+    return CyclesResponse.transport_error(problem)
+
+
+def _failed_send(effect: _Send, exc: Exception) -> CyclesResponse:
+    """A public method raised: a bug or a test double's error, never plain network trouble
+    (the client answers that with a transport-error response)."""
+    _log.error(
+        "%s() raised %s; counted as a transport failure (a settlement keeps its"
+        " idempotency key and retries)",
+        _PUBLIC_METHODS[effect.operation],
+        type(exc).__name__,
+        exc_info=exc,
+    )
+    return CyclesResponse.transport_error(exc)
+
+
+def _send_now(client: Any, effect: _Send, *, detached: bool = False) -> CyclesResponse:
+    """One attempt through the public method, on this thread.
+
+    ``detached``: a settlement retry (the worker, ``flush``, ``recover``), which runs an
+    async client's coroutine to completion on a private event loop, and may still use
+    the pool of a client closed since the settlement began.
+    """
+    token = _attempt.set(
+        _Attempt(time.monotonic() + _config_of(client).attempt_timeout, detached)
+    )
+    try:
+        result = _invoke(client, effect)
+        if inspect.isawaitable(result):
+            if not detached:
+                _refuse_kind(effect, result, is_async=False)
+                return _response_of(effect, result)
+            result = _run_to_completion(result)
+        return _response_of(effect, result)
+    finally:
+        _attempt.reset(token)
+
+
+def _run_to_completion(awaitable: Any) -> Any:
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(awaitable)
+    finally:
+        loop.close()
+
+
+def _sender(client: Any, *, detached: bool = False) -> _SendFn:
+    """The blocking send of ``client``'s sync drivers."""
+    return functools.partial(_send_now, client, detached=detached)
 
 
 def _drive(send: _SendFn, steps: _Steps[_T]) -> _T:
@@ -3776,16 +4093,20 @@ def _perform_effect(send: _SendFn, effect: _Effect) -> Any:
 
 
 def _send_safely(send: _SendFn, effect: _Send) -> CyclesResponse:
-    """A closed client or a bug becomes a transport error (``send`` itself never raises
-    for HTTP trouble)."""
+    """``send(effect)``; an exception from the public method (a bug, a closed client, a test
+    double's error) is logged at ERROR and becomes a transport-error response.  A client
+    of the wrong kind raises TypeError."""
     try:
-        return send(effect.call)
+        with _bounded_by(effect.deadline):
+            return send(effect)
+    except _ClientMismatch:
+        raise
     except Exception as exc:
-        return CyclesResponse.transport_error(exc)
+        return _failed_send(effect, exc)
 
 
 async def _drive_async(
-    client: AsyncCyclesClient, steps: _Steps[_T], heartbeat: _TaskHeartbeat | None = None
+    client: Any, steps: _Steps[_T], heartbeat: _TaskHeartbeat | None = None
 ) -> _T:
     """The asyncio driver: the same steps, each effect awaited (never blocking the loop).
 
@@ -3809,24 +4130,22 @@ async def _drive_async(
 
 
 async def _perform_effect_async(
-    client: AsyncCyclesClient, effect: _Effect, heartbeat: _TaskHeartbeat | None = None
+    client: Any, effect: _Effect, heartbeat: _TaskHeartbeat | None = None
 ) -> Any:
     import asyncio
 
     if isinstance(effect, _Send):
         try:
-            future, deadline = client._submit(effect.call)
+            return await _send_async(client, effect, heartbeat)
+        except _ClientMismatch:
+            raise
         except Exception as exc:
-            return CyclesResponse.transport_error(exc)
-        if heartbeat is not None:
-            heartbeat.in_flight, heartbeat.deadline = future, deadline
-        return await asyncio.wrap_future(future)
+            return _failed_send(effect, exc)
     if isinstance(effect, _Sleep):
         await asyncio.sleep(effect.seconds)
         return None
     if isinstance(effect, _Blocking):
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(client._io_executor(), effect.work)
+        return await asyncio.get_running_loop().run_in_executor(None, effect.work)
     if isinstance(effect, _StartHeartbeat):
         return _TaskHeartbeat(client, effect.steps)
     if isinstance(effect, _StopHeartbeat):
@@ -3835,21 +4154,89 @@ async def _perform_effect_async(
     raise TypeError(f"unknown effect {effect!r}")
 
 
+async def _send_async(
+    client: Any, effect: _Send, heartbeat: _TaskHeartbeat | None
+) -> CyclesResponse:
+    """One attempt through the async public method.
+
+    A create, an extend or a release runs as its own task, awaited through
+    ``asyncio.shield``: a heartbeat stop waits for its extend instead of cutting it off,
+    a release whose caller is cancelled still goes out, and so does a create, whose
+    reservation is then released (shielded from the cancellation: nobody will use it).
+    A commit is not shielded: an interrupted commit is handed to the settlement worker,
+    which resends it with the same key.
+    """
+    import asyncio
+
+    deadline = time.monotonic() + _config_of(client).attempt_timeout
+    token = _attempt.set(_Attempt(deadline, False))
+    try:
+        result = _invoke(client, effect)
+        if not inspect.isawaitable(result):
+            _refuse_kind(effect, result, is_async=True)
+            return _response_of(effect, result)
+        if effect.operation not in _SHIELDED:
+            return _response_of(effect, await result)
+        task = asyncio.ensure_future(result)  # the task copies the context: _attempt with it
+    finally:
+        _attempt.reset(token)
+    if heartbeat is not None:
+        heartbeat.in_flight, heartbeat.deadline = task, deadline
+    try:
+        return _response_of(effect, await asyncio.shield(task))
+    except asyncio.CancelledError:
+        _keep_running(task)
+        task.add_done_callback(functools.partial(_release_orphan, client, effect))
+        raise
+
+
+_SHIELDED = frozenset({"create", "extend", "release"})
+_shielded_tasks: set[Any] = set()  # strong references: tasks nobody awaits any more
+
+
+def _keep_running(task: Any) -> None:
+    _shielded_tasks.add(task)
+    task.add_done_callback(_shielded_tasks.discard)
+
+
+def _release_orphan(client: Any, create: _Send, task: Any) -> None:
+    """The create of a cancelled call answered: release what it reserved (a done callback)."""
+    import asyncio
+
+    if task.cancelled() or task.exception() is not None or create.operation != "create":
+        return  # (an exception is retrieved here, so asyncio does not report it)
+    response = task.result()
+    if not isinstance(response, CyclesResponse) or not _is_schema_valid("create", response):
+        return
+    body = response.body or {}
+    reservation_id = body.get("reservation_id")
+    if body.get("decision") == Decision.DENY.value or not isinstance(reservation_id, str):
+        return
+    key = _derived_key("release", create.body.get("idempotency_key"))
+    release = _release_body_steps(client, reservation_id, key, "cancelled_before_use")
+    _keep_running(asyncio.ensure_future(_drive_async(client, release)))
+
+
 class _TaskHeartbeat:
     """The async heartbeat driver: one asyncio task running the steps.
 
     ``stop()`` is final and, like ``_ScheduledHeartbeat.stop()``, waits for a beat in
-    flight: cancelling the task only stops the waiting, so it then waits for the
-    extend already handed to an I/O thread (bounded by that attempt's deadline), and
-    drops its result.  No extend is on the wire when the commit goes out.
+    flight: cancelling the task only stops the waiting (the extend runs shielded), so
+    it then waits for the extend (bounded by that attempt's deadline), and drops its
+    result.  No extend is on the wire when the commit goes out.
     """
 
-    def __init__(self, client: AsyncCyclesClient, steps: _Steps[None]) -> None:
+    def __init__(self, client: Any, steps: _Steps[None]) -> None:
         import asyncio
 
-        self.in_flight: Future[CyclesResponse] | None = None
+        self.in_flight: asyncio.Future[CyclesResponse] | None = None
         self.deadline = 0.0
         self._task = asyncio.get_running_loop().create_task(_drive_async(client, steps, self))
+
+    @property
+    def stopped(self) -> bool:
+        """True once the task ended: stopped, or the steps gave up on their own."""
+        return self._task.done()
 
     async def stop(self) -> None:
         import asyncio
@@ -3862,7 +4249,8 @@ class _TaskHeartbeat:
         in_flight = self.in_flight
         if in_flight is not None and not in_flight.done():
             left = max(0.0, self.deadline - time.monotonic())
-            await asyncio.wait({asyncio.wrap_future(in_flight)}, timeout=left)
+            await asyncio.wait({in_flight}, timeout=left)
+            in_flight.cancel()  # past its deadline (a slow test double): stop waiting
 
 
 class _ScheduledHeartbeat:
@@ -3882,6 +4270,12 @@ class _ScheduledHeartbeat:
         self._steps = steps
         self._lock = threading.Lock()
         self.stopped = False
+        _reset_after_fork(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: the parent keeps beating (the scheduler resets itself)."""
+        self._lock = threading.Lock()
+        self.stopped = True
 
     def start(self) -> _ScheduledHeartbeat:
         _heartbeats.schedule(self, self.beat())
@@ -4006,8 +4400,7 @@ class _HeartbeatScheduler:
 
 
 _heartbeats = _HeartbeatScheduler()
-if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows
-    os.register_at_fork(after_in_child=_heartbeats.reset)
+_after_fork_in_child(_heartbeats.reset)
 
 
 # ---------------------------------------------------------------------------
@@ -4358,7 +4751,7 @@ def _describe(response: CyclesResponse) -> str:
 # -- create ----------------------------------------------------------------------
 
 
-def _send_resending_once(call: _Call) -> _Steps[Tuple[CyclesResponse, float, float]]:
+def _send_resending_once(send: _Send) -> _Steps[Tuple[CyclesResponse, float, float]]:
     """One attempt, and one immediate resend with the same key if the outcome is ambiguous.
 
     Ambiguous: a transport error, a 5xx, or a 2xx that is not the operation's
@@ -4366,17 +4759,17 @@ def _send_resending_once(call: _Call) -> _Steps[Tuple[CyclesResponse, float, flo
     receive times (ms), which the heartbeat schedule starts from.
     """
     sent_ms = _monotonic_ms()
-    response = yield _Send(call)
+    response = yield send
     received_ms = _monotonic_ms()
-    if _is_ambiguous(call.operation, response):
+    if _is_ambiguous(send.operation, response) and not _out_of_time():
         _log.warning(
             "%s: %s (%s); resending once with the same idempotency key",
-            call.operation,
+            send.operation,
             "not sent" if _never_sent(response) else "ambiguous outcome",
             _describe(response),
         )
         sent_ms = _monotonic_ms()
-        response = yield _Send(call)
+        response = yield send
         received_ms = _monotonic_ms()
     return response, sent_ms, received_ms
 
@@ -4389,7 +4782,7 @@ def _is_ambiguous(operation: str, response: CyclesResponse) -> bool:
 
 def _create_steps(body: Dict[str, Any]) -> _Steps[Tuple[ReservationCreateResponse, float, float]]:
     """POST /v1/reservations; a denial or a lasting failure raises the typed exception."""
-    response, sent_ms, received_ms = yield from _send_resending_once(_create_call(body))
+    response, sent_ms, received_ms = yield from _send_resending_once(_Send("create", body))
     if not _is_schema_valid("create", response):
         if response.is_success:
             raise CyclesProtocolError(
@@ -4510,6 +4903,27 @@ def _commit_metadata(value: Any) -> Dict[str, Any]:
     return dict(_object_check("metadata", value, False))
 
 
+def _release_body_steps(
+    client: Any, reservation_id: str, key: str, reason: str
+) -> _Steps[CyclesProtocolError | None]:
+    """POST .../release: one attempt here; a transient failure (429, 5xx, a dropped
+    connection, a timeout) is retried on the settlement worker with the same key,
+    honouring Retry-After, within the retry policy; a refusal is final.  Returns the
+    first attempt's error when it did not release."""
+    body = {"idempotency_key": key, "reason": reason}
+    job = _Settlement.for_release(client, _Send("release", body, reservation_id))
+    outcome = yield from _settle_steps(job, retry_inline=False)
+    if outcome is _Disposition.RETRY and not _settlements.submit(job):
+        _log.warning(
+            "settlement queue full: release not retried; the reservation is left to"
+            " expire: reservation_id=%s",
+            reservation_id,
+        )
+    if outcome is _Disposition.SUCCESS or job.last_response is None:
+        return None
+    return _protocol_error(job.last_response, "Release failed")
+
+
 # -- the lifecycle ---------------------------------------------------------------
 
 
@@ -4522,13 +4936,13 @@ class _Reservation:
     """
 
     _failure_reason = "guarded_method_failed"
-    _client_kind: ClassVar[type] = object  # the face's client class
+    _is_async: ClassVar[bool] = False  # the face's kind of client
 
     def __init__(
         self, client: Any, create_body: Dict[str, Any], caller_key: str | None
     ) -> None:
         self._client = client
-        self._config: CyclesConfig = client._config
+        self._config = _config_of(client)
         self._create_body = create_body
         self._caller_key = caller_key
         self._created: ReservationCreateResponse | None = None
@@ -4629,12 +5043,8 @@ class _Reservation:
             reserved=created.reserved,
             balances=created.balances,
         )
-        self._phase = "open"
-        try:
-            self._heartbeat = yield _StartHeartbeat(self._heartbeat_steps(sent_ms, received_ms))
-        except Exception:
-            yield from self._release_steps("heartbeat_start_failed")
-            raise
+        self._phase = "open"  # from here on, every way out releases or settles (_leave)
+        self._heartbeat = yield _StartHeartbeat(self._heartbeat_steps(sent_ms, received_ms))
         self._context_token = _current_context.set(self._context)
         self._opened_at = time.monotonic()
         _log.debug(
@@ -4663,6 +5073,21 @@ class _Reservation:
     # -- heartbeat -----------------------------------------------------------------
 
     def _heartbeat_steps(self, sent_ms: float, received_ms: float) -> _Steps[None]:
+        """The beats; an internal error stops them like any other stop (lease lost)."""
+        try:
+            yield from self._beat_steps(sent_ms, received_ms)
+        except Exception:
+            context = self._context
+            if context is not None and context.heartbeat_stopped is None:
+                context.heartbeat_stopped = "internal_error"
+            _log.error(
+                "heartbeat stopped by an internal error; the lease will lapse:"
+                " reservation_id=%s",
+                self.reservation_id,
+                exc_info=True,
+            )
+
+    def _beat_steps(self, sent_ms: float, received_ms: float) -> _Steps[None]:
         """Keep the lease alive: the spec's schedule from ``_HeartbeatPlan``.
 
         A fresh key for every new beat, the same key for retries of a failed one;
@@ -4679,14 +5104,20 @@ class _Reservation:
             received_ms=received_ms,
         )
         due_ms = received_ms + beat.delay_ms
-        call: _Call | None = None
+        send: _Send | None = None
+        bound = _deadline.get()  # the heartbeat runs outside the caller's context
         while beat.action != "stop":
+            if bound is not None and due_ms >= bound * 1000.0:
+                _log.debug("heartbeat: the deadline comes before the next beat; stopping")
+                return
             yield _Sleep(max(0.0, due_ms - _monotonic_ms()) / 1000.0)
-            if call is None or beat.action == "extend":
+            if self._phase != "open":
+                return  # settled meanwhile (a stop that never reached this driver)
+            if send is None or beat.action == "extend":
                 body = {"idempotency_key": _new_key(), "extend_by_ms": ttl_ms}
-                call = _extend_call(self.reservation_id, body)
+                send = _Send("extend", body, self.reservation_id, bound)
             sent_ms = _monotonic_ms()
-            response = yield _Send(call)
+            response = yield send
             received_ms = _monotonic_ms()
             beat = self._after_extend(plan, response, sent_ms, received_ms)
             due_ms = received_ms + beat.delay_ms
@@ -4834,21 +5265,19 @@ class _Reservation:
         return max(0, int((time.monotonic() - self._opened_at) * 1000))
 
     def _release_steps(self, reason: str) -> _Steps[None]:
-        """Give the budget back (only when the guarded work did not happen)."""
+        """Give the budget back (only when the guarded work did not happen).
+
+        One attempt on the caller; a transient failure (429, 5xx, a dropped
+        connection, a timeout) is retried on the settlement worker with the same key,
+        honouring Retry-After, within the retry policy; a refusal is final.
+        """
         _reason_check("reason", reason, False)
         self._phase = "closed"
         if self._heartbeat is not None:
             yield _StopHeartbeat(self._heartbeat)
-        body = {"idempotency_key": _derived_key("release", self._caller_key), "reason": reason}
-        call = _release_call(self._config, self.reservation_id, body, admin=False)
-        response, _, _ = yield from _send_resending_once(call)
-        if _is_schema_valid("release", response):
-            return
-        self._release_error = _protocol_error(response, "Release failed")
-        _log.warning(
-            "release failed (%s); the reservation is left to expire: reservation_id=%s",
-            _describe(response),
-            self.reservation_id,
+        key = _derived_key("release", self._caller_key)
+        self._release_error = yield from _release_body_steps(
+            self._client, self.reservation_id, key, reason
         )
 
     def _abandon_steps(self, error: BaseException) -> _Steps[None]:
@@ -4883,35 +5312,61 @@ class _Reservation:
 
 
 class _SyncFace(_Reservation):
-    """The ``with`` statement of a reservation on a CyclesClient (the blocking driver)."""
+    """The ``with`` statement of a reservation on a CyclesClient (the blocking driver).
 
-    _client_kind: ClassVar[type] = CyclesClient
+    Enter and exit share one way out (``_leave``), taken on any exception, a
+    KeyboardInterrupt included: release or settle (``_exit_steps``), then stop the
+    heartbeat and restore the context whatever happens on the way.
+    """
 
-    def __enter__(self: _Guard) -> _Guard:
-        _drive(self._client._call, self._open_steps())
+    def __enter__(self: _SyncGuard) -> _SyncGuard:
+        try:
+            _drive(_sender(self._client), self._open_steps())
+        except BaseException as exc:
+            self._leave(exc)
+            raise
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self._leave(exc)
+
+    def _leave(self, error: BaseException | None) -> None:
         try:
-            _drive(self._client._call, self._exit_steps(exc))
+            _drive(_sender(self._client), self._exit_steps(error))
         finally:
-            self._restore_context()
+            try:
+                if self._heartbeat is not None and not self._heartbeat.stopped:
+                    self._heartbeat.stop()  # an interruption came first: stop it here
+            finally:
+                self._restore_context()
 
 
 class _AsyncFace(_Reservation):
-    """The ``async with`` statement of a reservation on an AsyncCyclesClient."""
+    """The ``async with`` statement of a reservation on an AsyncCyclesClient (the rules of
+    _SyncFace; a create in flight when the caller is cancelled is released on arrival)."""
 
-    _client_kind: ClassVar[type] = AsyncCyclesClient
+    _is_async: ClassVar[bool] = True
 
-    async def __aenter__(self: _Guard) -> _Guard:
-        await _drive_async(self._client, self._open_steps())
+    async def __aenter__(self: _AsyncGuard) -> _AsyncGuard:
+        try:
+            await _drive_async(self._client, self._open_steps())
+        except BaseException as exc:
+            await self._leave(exc)
+            raise
         return self
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        await self._leave(exc)
+
+    async def _leave(self, error: BaseException | None) -> None:
         try:
-            await _drive_async(self._client, self._exit_steps(exc))
+            await _drive_async(self._client, self._exit_steps(error))
         finally:
-            self._restore_context()
+            try:
+                if self._heartbeat is not None and not self._heartbeat.stopped:
+                    await self._heartbeat.stop()  # an interruption came first: stop it here
+            finally:
+                self._restore_context()
 
 
 class _GuardOptions(_Reservation):
@@ -4939,11 +5394,11 @@ class _GuardOptions(_Reservation):
         metadata: Dict[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> None:
-        _check_kind(client, self._client_kind)
+        _check_client(client, self._is_async)
         if isinstance(estimate, Amount):
             unit, estimate = estimate.unit, estimate.amount
         subject = _subject_with_defaults(
-            client._config,
+            _config_of(client),
             dict(tenant=tenant, workspace=workspace, app=app, workflow=workflow, agent=agent,
                  toolset=toolset),
             dimensions,
@@ -4993,12 +5448,12 @@ class ReservationGuard(_GuardOptions, _SyncFace):
     ) -> None:
         """Commit ``actual``: the first attempt now, retries as configured.  A failed commit
         never raises (see ``settlement_error``); bad arguments raise ValueError."""
-        _drive(self._client._call, self._commit_steps(actual, metrics, metadata))
+        _drive(_sender(self._client), self._commit_steps(actual, metrics, metadata))
 
     def release(self, reason: str | None = None) -> None:
         """Release the reservation (for work that did not happen)."""
         self._require_open("release")
-        _drive(self._client._call, self._release_steps(reason or "released_by_caller"))
+        _drive(_sender(self._client), self._release_steps(reason or "released_by_caller"))
 
 
 class AsyncReservationGuard(_GuardOptions, _AsyncFace):
@@ -5041,9 +5496,9 @@ class _StreamOptions(_Reservation):
         idempotency_key: str | None = None,
         raise_on_commit_failure: bool = False,
     ) -> None:
-        _check_kind(client, self._client_kind)
+        _check_client(client, self._is_async)
         if subject is None:
-            subject_body = _subject_with_defaults(client._config, {}, None)
+            subject_body = _subject_with_defaults(_config_of(client), {}, None)
         else:
             subject_body = _subject("subject", subject, False).model_dump(exclude_none=True)
         amount = _amount("estimate", estimate, False)
@@ -5254,9 +5709,9 @@ def _decide_settlement(
     now_ms: int,
     rand: Callable[[], float],
 ) -> _SettlementStep:
-    """Classify one finished commit or event attempt.
+    """Classify one finished commit, event or release attempt.
 
-    ``operation`` is "commit" or "event"; ``status`` is the HTTP status or -1
+    ``operation`` is "commit", "event" or "release"; ``status`` is the HTTP status or -1
     for a transport error (timeout, connection failure, unreadable response);
     ``error_code`` is the string ``error`` field read straight from a JSON
     object body (None when absent or not a string); ``schema_valid`` is the
@@ -5289,16 +5744,19 @@ def _decide_settlement(
          anything else (no code, an HTML proxy page, an unknown or future
          code, RESERVATION_EXPIRED or a bare 410 on an event, which has no
          reservation to expire) -> RETRY "unrecognized_4xx".
+    A release follows rules 1-5; any 4xx but 429 (and INTERNAL_ERROR) is final:
+    STOP_DISCARD "release_refused:<CODE or status>" (already settled, expired, not
+    found, no permission: retrying cannot change it).
     A RETRY on or after ``policy.max_attempts`` becomes STOP_KEEP
     "retries_exhausted" with ``cause`` set to the retry reason.
     FALLBACK_EVENT is immediate (delay 0) and does not count as exhaustion;
     the caller restarts its attempt count for the event.
     """
-    if operation not in ("commit", "event"):
-        raise ValueError("operation must be 'commit' or 'event'")
+    if operation not in ("commit", "event", "release"):
+        raise ValueError("operation must be 'commit', 'event' or 'release'")
     if attempt < 1:
         raise ValueError("attempt must be >= 1")
-    success_status = 200 if operation == "commit" else 201
+    success_status = 201 if operation == "event" else 200
     if schema_valid and status == success_status:
         return _SettlementStep(_Disposition.SUCCESS, 0, None, "settled")
 
@@ -5332,6 +5790,9 @@ def _settlement_failure_reason(
         return "redirect"
     if not 400 <= status <= 499:
         return "unexpected_status"
+    if operation == "release" and code != "INTERNAL_ERROR":
+        refused = "release_refused:" + (code or str(status))
+        return _SettlementStep(_Disposition.STOP_DISCARD, 0, None, refused)
     if status in (401, 403):
         return _SettlementStep(_Disposition.STOP_KEEP, 0, None, "auth_failed")
     if code == "RESERVATION_FINALIZED":
@@ -5456,7 +5917,8 @@ class _PendingSettlement:
     ``mode`` is "commit" (send ``commit_body`` to the reservation's commit
     endpoint) or "event" (send ``event_fallback_body`` to /v1/events); both
     bodies carry the original idempotency key. ``not_before_ms`` is an
-    absolute wall-clock floor from a 429.
+    absolute wall-clock floor from a 429.  (A "release" record exists in memory
+    only, for a release retried in the background; it is never journaled.)
     """
 
     reservation_id: str
@@ -5814,6 +6276,16 @@ class _CommitJournal:
 
     # -- scan -----------------------------------------------------------------
 
+    def record_names(self) -> set[str]:
+        """File names of the records, if this process already found the directory."""
+        directory = self._directory if self._resolved else None
+        if directory is None:
+            return set()
+        try:
+            return {name for name in os.listdir(directory) if name.endswith(_JOURNAL_SUFFIX)}
+        except OSError:
+            return set()
+
     def load_pending(self) -> List[_PendingSettlement]:
         """Records for this base URL, oldest name first. Never raises.
 
@@ -5979,6 +6451,16 @@ def _journal_for(config: CyclesConfig) -> _CommitJournal | None:
         return journal
 
 
+@_after_fork_in_child
+def _journals_after_fork() -> None:
+    """The child finds the journals it uses afresh (another thread may have held a lock)."""
+    global _journals_lock, _replay_lock, _journal_warn_lock
+    _journals_lock, _replay_lock, _journal_warn_lock = (
+        threading.Lock(), threading.Lock(), threading.Lock()
+    )
+    _journals.clear()
+
+
 @dataclass
 class _Settlement:
     """One unresolved commit, or its event fallback, and the attempts made so far."""
@@ -5992,7 +6474,14 @@ class _Settlement:
     attempt: int = 0
     due: float = 0.0  # time.monotonic() of the next attempt
     last_response: CyclesResponse | None = None
+    last_step: _SettlementStep | None = None
     journaled: bool = True  # False until a new settlement's record is written
+    release: _Send | None = None  # set for a release retried in the background
+    # Kept after its retry budget (STOP_KEEP), the process still owns it: see _SettlementQueue.
+    kept: bool = False
+    times_kept: int = 0
+    kept_at: float = 0.0  # time.monotonic() when it was last kept
+    not_before: float = 0.0  # time.monotonic() before which no attempt may start (429)
 
     @classmethod
     def new(
@@ -6002,7 +6491,7 @@ class _Settlement:
         commit_body: Dict[str, Any],
         event_body: Dict[str, Any],
     ) -> _Settlement:
-        config: CyclesConfig = client._config
+        config = _config_of(client)
         record = _PendingSettlement(
             reservation_id=reservation_id,
             base_url=config.base_url,
@@ -6016,37 +6505,72 @@ class _Settlement:
     @classmethod
     def for_record(cls, client: Any, record: _PendingSettlement) -> _Settlement:
         """Also the hook for journal replay: settle a surviving record through the worker."""
-        config: CyclesConfig = client._config
+        config = _config_of(client)
         return cls(
             record=record,
-            send=functools.partial(_send_detached, config, client._transport),
+            send=_sender(client, detached=True),
             policy=_retry_policy(config),
             journal=_journal_for(config),
             inline=config.commit_retry == "inline",
             flush_timeout=config.retry_flush_timeout,
         )
 
+    @classmethod
+    def for_release(cls, client: Any, release: _Send) -> _Settlement:
+        """A release, retried in memory only when its first attempt fails transiently (an
+        unreleased reservation costs nothing once its TTL passes)."""
+        assert release.reservation_id is not None
+        record = _PendingSettlement(release.reservation_id, "", mode="release")
+        job = cls.for_record(client, record)
+        job.journal = None
+        job.inline = False
+        job.release = release
+        return job
+
     @property
     def operation(self) -> str:
-        return "event" if self.record.mode == "event" else "commit"
+        return self.record.mode
+
+    def keep(self) -> None:
+        """Retries ran out but the record stays: try again after a slow, growing
+        interval (sooner on activity or ``flush``), never before a 429's floor."""
+        step = self.last_step
+        now = time.monotonic()
+        floor_ms = step.delay_ms if step is not None and step.cause == "rate_limited" else 0
+        self.kept = True
+        self.times_kept += 1
+        self.kept_at = now
+        self.not_before = now + floor_ms / 1000.0
+        interval = _capped_exponential(
+            _KEPT_RETRY_FIRST_MS, 2.0, self.times_kept - 1, _KEPT_RETRY_MAX_MS
+        )
+        self.due = now + max(floor_ms, interval) / 1000.0
 
     def request(self) -> _Send:
         record = self.record
+        if self.release is not None:
+            return self.release
         if record.mode == "event":
             assert record.event_fallback_body is not None
-            return _Send(_event_call(record.event_fallback_body))
+            return _Send("event", record.event_fallback_body)
         assert record.commit_body is not None
-        return _Send(_commit_call(record.reservation_id, record.commit_body))
+        return _Send("commit", record.commit_body, record.reservation_id)
 
 
 def _settle_new_steps(job: _Settlement, heartbeat: Any) -> _Steps[_Disposition]:
     """Stop the heartbeat, journal the settlement, attempt it, then retry here (inline)
-    or on the worker.  From the first step on, an interruption hands the job on."""
+    or on the worker.  From the first step on, an interruption hands the job on.
+
+    What the caller's ``deadline()`` leaves no time for goes to the worker; a
+    settlement kept after its retry budget stays the process's (``_SettlementQueue``).
+    """
     try:
         yield _StopHeartbeat(heartbeat)
         outcome = yield from _settle_steps(job, retry_inline=job.inline)
         if outcome is _Disposition.RETRY and not _settlements.submit(job):
             outcome = yield from _settle_steps(job, retry_inline=True)  # queue full: settle here
+        if outcome is _Disposition.STOP_KEEP:
+            _settlements.keep(job)
     except BaseException as exc:
         if not isinstance(exc, (Exception, GeneratorExit)):
             # Interrupted (task cancelled, Ctrl-C): the worker carries on, same key.
@@ -6062,10 +6586,12 @@ def _settle_steps(job: _Settlement, *, retry_inline: bool) -> _Steps[_Dispositio
     A job not journaled yet (a new settlement, possibly handed over by an interrupted
     caller) gets its record written before its first attempt leaves the process."""
     if not job.journaled:
-        job.journaled = True
         if job.journal is not None:
             yield _Blocking(functools.partial(job.journal.write, job.record))
+        job.journaled = True  # not before: an interrupted write is redone by the worker
     while True:
+        if _out_of_time(job.due):  # no attempt starts after the caller's deadline
+            return _Disposition.RETRY
         wait = job.due - time.monotonic()
         if wait > 0:
             yield _Sleep(wait)
@@ -6088,6 +6614,7 @@ def _settlement_attempt(job: _Settlement) -> _Steps[_SettlementStep]:
     job.attempt += 1
     response = yield job.request()
     job.last_response = response
+    job.kept = False
     step = _decide_settlement(
         job.operation,
         status=response.status,
@@ -6108,6 +6635,7 @@ def _settlement_attempt(job: _Settlement) -> _Steps[_SettlementStep]:
         step = _SettlementStep(_Disposition.STOP_KEEP, 0, None, "no_event_fallback_body")
     if job.journal is not None and step.disposition in _RECORD_DONE:
         yield _Blocking(functools.partial(job.journal.remove, job.record.reservation_id))
+    job.last_step = step
     _report_settlement(job, response, step)
     return step
 
@@ -6138,6 +6666,13 @@ def _report_settlement(job: _Settlement, response: CyclesResponse, step: _Settle
             _describe(response),
             rid,
         )
+    elif disposition is _Disposition.STOP_DISCARD and what == "release":
+        _log.warning(
+            "release refused (%s, %s); not retried: reservation_id=%s",
+            _describe(response),
+            step.reason,
+            rid,
+        )
     elif disposition is _Disposition.STOP_DISCARD:
         _log.warning(
             "%s not settled (%s, %s); not retried, nothing released: reservation_id=%s",
@@ -6146,11 +6681,21 @@ def _report_settlement(job: _Settlement, response: CyclesResponse, step: _Settle
             step.reason,
             rid,
         )
+    elif what == "release":
+        _log.warning(
+            "release not settled after %d attempt(s) (%s, %s); the reservation holds its"
+            " budget until it expires: reservation_id=%s",
+            job.attempt,
+            _describe(response),
+            step.cause or step.reason,
+            rid,
+        )
     else:
-        kept = "the journal record is kept for replay" if job.journal else "no journal"
-        _log.error(
+        kept = "kept (journal and memory)" if job.journal else "kept in memory (no journal)"
+        log = _log.warning if job.times_kept else _log.error  # ERROR once per settlement
+        log(
             "%s not settled after %d attempt(s) (%s, %s%s): the spend is NOT recorded yet;"
-            " %s: reservation_id=%s",
+            " %s, retried later by this process: reservation_id=%s",
             what,
             job.attempt,
             _describe(response),
@@ -6159,6 +6704,14 @@ def _report_settlement(job: _Settlement, response: CyclesResponse, step: _Settle
             kept,
             rid,
         )
+
+
+# Settlements kept after their retry budget stay the process's: retried after 30 s,
+# then at doubling intervals up to 5 min by the worker, on the next guarded call once
+# _KEPT_RETRY_ACTIVITY_GAP_S passed since the last attempt, and once by every flush().
+_KEPT_RETRY_FIRST_MS = 30_000
+_KEPT_RETRY_MAX_MS = 300_000
+_KEPT_RETRY_ACTIVITY_GAP_S = 2.0
 
 
 class _SettlementQueue:
@@ -6171,32 +6724,102 @@ class _SettlementQueue:
     it is full and the caller settles inline instead of dropping anything; journal
     replay takes at most half of it (``replay_room``), so live retries keep room.
     A journal scan (``start_scan``) counts as pending work until it has submitted.
+
+    A commit or event kept after its retry budget (``keep``) stays here too, due
+    after a slow, capped interval (``_Settlement.keep``): the worker tries it again
+    then, a guarded call wakes it sooner (``wake_kept``), and ``flush`` tries each
+    once without waiting for it.  So a long outage never strands spend in a warm
+    process, and never becomes a tight loop.
     """
 
     def __init__(self, capacity: int = 1024) -> None:
         self._capacity = capacity
+        self._exit_flush_timeout = 0.0
+        self._atexit_registered = False
+        self._after_fork()
+        _reset_after_fork(self)
+
+    def _after_fork(self) -> None:
+        """Empty, threadless and unlocked: also a forked child's start (the parent's
+        jobs stay the parent's; their journal records stay on disk)."""
         self._cond = threading.Condition()
         self._heap: List[Tuple[float, int, _Settlement]] = []
         self._order = itertools.count()
         self._running: List[str] = []  # reservation ids being settled right now
         self._scans = 0  # journal scans still running (they submit what they find)
         self._worker: threading.Thread | None = None
-        self._exit_flush_timeout = 0.0
-        self._atexit_registered = False
+        self.kept = 0  # kept jobs in the heap; read without the lock as a hint
+        self._settled = 0  # outcomes of the jobs run here, for FlushResult
+        self._given_up = 0
 
     def submit(self, job: _Settlement) -> bool:
+        """Queue ``job``; False when full.  Kept jobs have room of their own (half the
+        capacity), so a long outage never crowds live retries out onto the callers."""
         with self._cond:
-            if len(self._heap) + len(self._running) >= self._capacity:
+            if job.kept:
+                if self.kept >= self._capacity // 2:
+                    return False
+            elif self._live_count() >= self._capacity:
                 return False
             if self._worker is None and not self._start_worker():
                 return False
-            heapq.heappush(self._heap, (job.due, next(self._order), job))
+            self._push(job)
             self._exit_flush_timeout = max(self._exit_flush_timeout, job.flush_timeout)
             if not self._atexit_registered:
                 atexit.register(self._flush_at_exit)
                 self._atexit_registered = True
             self._cond.notify_all()
         return True
+
+    def keep(self, job: _Settlement) -> None:
+        """A settlement out of retries: kept for later (a release is given up: its
+        reservation expires by itself)."""
+        if job.operation == "release":
+            with self._cond:
+                self._given_up += 1
+            return
+        job.keep()
+        if not self.submit(job):
+            _left_to_journal(job)
+
+    def wake_kept(self) -> None:
+        """A guarded call: kept jobs last tried ``_KEPT_RETRY_ACTIVITY_GAP_S`` ago are due."""
+        if self.kept:
+            with self._cond:
+                self._wake(time.monotonic() - _KEPT_RETRY_ACTIVITY_GAP_S)
+
+    def _wake(self, tried_before: float) -> None:
+        """Under the lock: kept jobs last tried before ``tried_before`` are due now (or at
+        their 429 floor)."""
+        now = time.monotonic()
+        woken = False
+        for index, (due, order, job) in enumerate(self._heap):
+            if job.kept and job.kept_at < tried_before:
+                earliest = max(job.not_before, now)
+                if earliest < due:
+                    job.due = earliest
+                    self._heap[index] = (earliest, order, job)
+                    woken = True
+        if woken:
+            heapq.heapify(self._heap)
+            self._cond.notify_all()
+
+    def take_kept(self, reservation_ids: set[str] | None = None) -> int:
+        """Take kept jobs (those of ``reservation_ids``, default all) out of the queue, for
+        ``recover()`` to settle from their journal records; how many were taken."""
+        with self._cond:
+            heap = self._heap
+            wanted = reservation_ids
+            taken = [
+                entry for entry in heap
+                if entry[2].kept and (wanted is None or entry[2].record.reservation_id in wanted)
+            ]
+            if taken:
+                self._heap = [entry for entry in heap if entry not in taken]
+                heapq.heapify(self._heap)
+                self.kept -= len(taken)
+                self._cond.notify_all()
+            return len(taken)
 
     def pending(self) -> int:
         with self._cond:
@@ -6205,7 +6828,11 @@ class _SettlementQueue:
     def replay_room(self) -> int:
         """How many replayed records may be queued now: half the capacity, less what waits."""
         with self._cond:
-            return max(0, self._capacity // 2 - len(self._heap) - len(self._running))
+            return max(0, self._capacity // 2 - self._live_count())
+
+    def _live_count(self) -> int:
+        """Under the lock: queued retries under their budget, and running jobs."""
+        return len(self._heap) - self.kept + len(self._running)
 
     def start_scan(self, scan: Callable[[], None]) -> None:
         """Run ``scan`` on a one-shot daemon thread; ``flush()`` waits for it."""
@@ -6233,23 +6860,47 @@ class _SettlementQueue:
     def _idle(self) -> bool:
         return not self._heap and not self._running and not self._scans
 
+    def _live(self) -> bool:
+        """Work flush waits for: a retry under its budget, a running job, a scan."""
+        return self._live_count() > 0 or bool(self._scans)
+
     def busy(self) -> set[str]:
-        """Reservation ids this process is already settling (queued or running)."""
+        """Reservation ids this process is already settling (queued, kept or running)."""
         with self._cond:
             return {job.record.reservation_id for _due, _n, job in self._heap} | set(
                 self._running
             )
 
-    def flush(self, timeout: float | None) -> bool:
+    def flush(self, timeout: float | None, *, retry_kept: bool = True) -> FlushResult:
         """Settle what is pending on this thread, waiting for not-yet-due retries while the
-        deadline allows.  True when nothing is pending any more."""
-        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        deadline (``timeout``, and the enclosing ``deadline()``) allows; kept settlements
+        get one attempt each (``retry_kept``), without waiting for them.  See FlushResult."""
+        limit = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        bound = _deadline.get() if limit is None else _effective_deadline(limit)
+        started = time.monotonic()
+        with self._cond:
+            settled, given_up = self._settled, self._given_up
         while True:
             with self._cond:
-                job = self._next_due(deadline)
+                if retry_kept and self.kept:
+                    self._wake(started)  # each kept job: one attempt during this flush
+                job = self._next_due(bound, live_only=True)
                 if job is None:
-                    return self._idle()
+                    settled, given_up = self._settled - settled, self._given_up - given_up
+                    break
             self._run(job)
+        return FlushResult(settled, self._unsettled(), given_up)
+
+    def _unsettled(self) -> int:
+        """Settlements this process knows are open: in memory, or in a journal it uses."""
+        in_memory = self.busy()
+        names = {_journal_filename(rid) for rid in in_memory}
+        with _journals_lock:
+            journals = list(_journals.values())
+        on_disk: set[str] = set()
+        for journal in journals:
+            on_disk |= journal.record_names()
+        return len(in_memory) + len(on_disk - names)
 
     def _start_worker(self) -> bool:
         worker = threading.Thread(target=self._work, name="cycles-lite-settlement", daemon=True)
@@ -6269,19 +6920,28 @@ class _SettlementQueue:
                     return
             self._run(job)
 
-    def _next_due(self, deadline: float | None) -> _Settlement | None:
+    def _push(self, job: _Settlement) -> None:
+        """Under the lock."""
+        heapq.heappush(self._heap, (job.due, next(self._order), job))
+        self.kept += job.kept
+
+    def _next_due(self, deadline: float | None, *, live_only: bool = False) -> _Settlement | None:
         """Under the lock: pop the next due job (waiting for it until ``deadline``).
 
         None when nothing is pending (not even a job another thread is running, or a
-        journal scan) or the deadline passed.
+        journal scan) or the deadline passed; with ``live_only`` (flush) also when only
+        kept jobs that are not due yet remain.
         """
         while True:
             now = time.monotonic()
-            if self._heap and self._heap[0][0] <= now:
+            if self._heap and self._heap[0][0] <= now and (deadline is None or now < deadline):
                 job = heapq.heappop(self._heap)[2]
+                self.kept -= job.kept
                 self._running.append(job.record.reservation_id)
                 return job
             if self._idle() or (deadline is not None and now >= deadline):
+                return None
+            if live_only and not self._live():
                 return None
             if (
                 deadline is not None
@@ -6303,41 +6963,90 @@ class _SettlementQueue:
             _log.exception("settlement failed: reservation_id=%s", job.record.reservation_id)
             outcome = _Disposition.STOP_KEEP
         finally:
+            kept = outcome is _Disposition.STOP_KEEP and job.operation != "release"
+            if kept:
+                job.keep()
             with self._cond:
                 self._running.remove(job.record.reservation_id)
-                if outcome is _Disposition.RETRY:
-                    heapq.heappush(self._heap, (job.due, next(self._order), job))
+                room = self.kept < self._capacity // 2
+                if outcome is _Disposition.RETRY or (kept and room):
+                    self._push(job)
+                elif outcome is _Disposition.SUCCESS:
+                    self._settled += 1
+                elif not kept:
+                    self._given_up += 1
                 self._cond.notify_all()
+            if kept and not room:
+                _left_to_journal(job)
 
     def _flush_at_exit(self) -> None:
         timeout = self._exit_flush_timeout
-        if timeout > 0 and not self.flush(timeout):
-            _log.warning(
-                "%d settlement(s) still pending at exit; journal records are replayed later",
-                self.pending(),
-            )
+        if timeout > 0:  # kept settlements already had their budget: the next process's
+            result = self.flush(timeout, retry_kept=False)
+            if not result:
+                _log.warning(
+                    "%d settlement(s) still open at exit; journal records are replayed later",
+                    result.pending,
+                )
+
+
+def _left_to_journal(job: _Settlement) -> None:
+    _log.warning(
+        "settlement queue full: %s left to the journal (recover() or the next process"
+        " settles it): reservation_id=%s",
+        job.operation,
+        job.record.reservation_id,
+    )
 
 
 _settlements = _SettlementQueue()
 
 
-def flush(timeout: float | None = None) -> bool:
+@dataclass(frozen=True)
+class FlushResult:
+    """What ``flush()`` / ``aflush()`` did, and what is left.  True only when ``pending``
+    is 0, so ``if cycles_lite.flush(2):`` reads as before (test it for truth, not ``is True``).
+
+    * ``settled``: queued settlements (commit retries, events, replayed and kept
+      records) that reached the ledger while it ran, here or on the worker.
+    * ``pending``: settlements this process knows are still open afterwards: queued
+      or kept in memory, or in the journal of a server and principal (base URL and
+      tenant) this process uses.  They stay journaled and are retried later: by the
+      worker, the next guarded call, the next ``flush``, or the next process.
+    * ``given_up``: settlements that ended while it ran without reaching the ledger
+      and with nothing left to retry: a recognised rejection (nothing is released,
+      the record is removed) or a release out of retries (its reservation expires).
+    """
+
+    settled: int = 0
+    pending: int = 0
+    given_up: int = 0
+
+    def __bool__(self) -> bool:
+        return self.pending == 0
+
+
+def flush(timeout: float | None = None) -> FlushResult:
     """Wait for pending settlement retries, running them on the calling thread.
 
-    Returns True when nothing is pending; False when ``timeout`` seconds passed
-    first (the unsettled ones stay queued, and journaled when the journal is on).
-    Call it before a serverless handler returns.  Never starts a thread.
+    Kept settlements (out of retries, still journaled) get one more attempt each.
+    Ends by ``timeout`` seconds and by the enclosing ``deadline()``; what is left
+    stays queued and journaled.  Returns a FlushResult: true when nothing this
+    process knows of is unsettled.  Call it before a serverless handler returns.
+    Never starts a thread.
     """
     return _settlements.flush(timeout)
 
 
-async def aflush(timeout: float | None = None) -> bool:
+async def aflush(timeout: float | None = None) -> FlushResult:
     """``flush(timeout)`` for async code: the same drain, on the event loop's default
-    executor, so the loop keeps running.  Cancelling it stops the waiting only: the
-    drain on the executor thread still ends by ``timeout``."""
+    executor (in the caller's context, so ``deadline()`` applies), so the loop keeps
+    running.  Cancelling it stops the waiting only: the drain on the executor thread
+    still ends by ``timeout``."""
     import asyncio
 
-    return await asyncio.get_running_loop().run_in_executor(None, _settlements.flush, timeout)
+    drain = functools.partial(contextvars.copy_context().run, _settlements.flush, timeout)
+    return await asyncio.get_running_loop().run_in_executor(None, drain)
 
 
 # -- journal replay --------------------------------------------------------------
@@ -6382,7 +7091,8 @@ class RecoverySummary:
 
 _replay_lock = threading.Lock()
 _replayed_journals: set[str] = set()  # identity directories replayed by this process
-_clients_seen: weakref.WeakSet[Any] = weakref.WeakSet()
+# By identity: a client subclass may define ``__eq__`` and so be unhashable.
+_clients_seen: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
 
 def _claim_replay(journal: _CommitJournal) -> bool:
@@ -6400,19 +7110,23 @@ def _claim_replay(journal: _CommitJournal) -> bool:
 def _replay_on_first_use(client: Any) -> None:
     """Start replaying ``client``'s journal in the background, once per process and identity.
 
-    Called when a guarded call (decorator, guard or stream) first uses ``client``.
+    Called when a guarded call (decorator, guard or stream) uses ``client``; every
+    call also wakes the settlements this process kept after their retry budget.
     Never delays that call: the journal (key derivation, directory, scan,
     quarantine) is read on a one-shot daemon thread, for sync and async clients
     alike, and the surviving records are settled on the settlement worker.
     Never raises.
     """
-    if client in _clients_seen:
+    _settlements.wake_kept()
+    if not issubclass(type(client), (CyclesClient, AsyncCyclesClient)):
+        return  # a test double or a duck: never hand it records other processes left
+    if _clients_seen.get(id(client)) is client:
         return
     with _replay_lock:
-        if client in _clients_seen:
+        if _clients_seen.get(id(client)) is client:
             return
-        _clients_seen.add(client)
-    if not client._config.journal_enabled:
+        _clients_seen[id(client)] = client
+    if not _config_of(client).journal_enabled:
         return
     # Only records written before now are adopted: later ones belong to settlements
     # of this process that are still running (the async scan runs concurrently).
@@ -6423,7 +7137,7 @@ def _replay_on_first_use(client: Any) -> None:
 def _replay_in_background(client: Any, first_use_ms: int) -> None:
     """Queue this identity's surviving records, at most ``replay_room()`` of them."""
     try:
-        journal = _journal_for(client._config)
+        journal = _journal_for(_config_of(client))
         if journal is None or not _claim_replay(journal):
             return
         records, _quarantined = _scan_journal(journal)
@@ -6495,15 +7209,17 @@ def _recover(client: Any, timeout: float | None) -> RecoverySummary:
     if journal is None or journal.directory is None:
         _log.info("recover: the commit journal is disabled or not writable; nothing to replay")
         return summary
-    deadline = None if timeout is None else time.monotonic() + timeout
+    limit = None if timeout is None else time.monotonic() + timeout
+    bound = _deadline.get() if limit is None else _effective_deadline(limit)
     _claim_replay(journal)  # this is the process's replay of this identity
     records, summary.quarantined = _scan_journal(journal)
     summary.found = len(records)
+    _settlements.take_kept({r.reservation_id for r in records})  # parked: recover takes over
     fresh = _not_queued(records)
     summary.kept = len(records) - len(fresh)
     jobs = _replay_jobs(client, fresh)
     commit_mode = {id(job) for job in jobs if job.record.mode == "commit"}
-    _settle_until(jobs, deadline, summary)
+    _settle_until(jobs, bound, summary)
     summary.switched_to_event = sum(
         1 for job in jobs if id(job) in commit_mode and job.record.mode == "event"
     )
@@ -6529,6 +7245,7 @@ def _settle_until(
             summary.discarded += 1
         else:
             summary.kept += 1
+            _settlements.keep(job)
     for _due, _n, job in heap:
         if job.attempt:
             summary.kept += 1
@@ -6542,7 +7259,8 @@ async def _recover_async(client: Any, timeout: float | None) -> RecoverySummary:
     import asyncio
 
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(client._io_executor(), _recover, client, timeout)
+    replay = functools.partial(contextvars.copy_context().run, _recover, client, timeout)
+    return await loop.run_in_executor(client._io_executor(), replay)
 
 
 # ===========================================================================
@@ -6554,6 +7272,13 @@ _default_client: CyclesClient | None = None
 _default_async_client: AsyncCyclesClient | None = None
 _default_config: CyclesConfig | None = None
 _config_clients: Dict[bool, Any] = {}  # clients made from _default_config, by is_async
+
+
+@_after_fork_in_child
+def _defaults_after_fork() -> None:
+    """The default clients stay (their pools reset themselves); the lock is the child's."""
+    global _defaults_lock
+    _defaults_lock = threading.Lock()
 
 
 def set_default_client(client: CyclesClient | AsyncCyclesClient) -> None:
@@ -6579,12 +7304,8 @@ def set_default_config(config: CyclesConfig) -> None:
 def _resolve_client(explicit: Any, is_async: bool) -> Any:
     """The client of one call, resolved at call time (set_default_* may come after decoration)."""
     client = explicit if explicit is not None else _default_client_for(is_async)
-    expected = AsyncCyclesClient if is_async else CyclesClient
-    if not isinstance(client, expected):
-        kind = "Async function requires an AsyncCyclesClient" if is_async else (
-            "Sync function requires a CyclesClient"
-        )
-        raise TypeError(f"{kind}, got {type(client).__name__}")
+    head = "Async function requires" if is_async else "Sync function requires"
+    _check_client(client, is_async, head)
     return client
 
 
@@ -6789,13 +7510,13 @@ def _sync_guarded(fn: Callable[..., Any], spec: _CyclesSpec, explicit: Any) -> C
     @functools.wraps(fn)
     def guarded(*args: Any, **kwargs: Any) -> Any:
         client = _resolve_client(explicit, is_async=False)
-        body = spec.create_body(client._config, args, kwargs)
+        body = spec.create_body(_config_of(client), args, kwargs)
         if spec.dry_run:
-            return _drive(client._call, _dry_run_steps(body))
+            return _drive(_sender(client), _dry_run_steps(body))
         with _SyncFace(client, body, None) as guard:
             result = fn(*args, **kwargs)
             _reject_awaitable(result)
-            _drive(client._call, _settle_call_steps(spec, guard, result))
+            _drive(_sender(client), _settle_call_steps(spec, guard, result))
         return result
 
     return guarded
@@ -6805,7 +7526,7 @@ def _async_guarded(fn: Callable[..., Any], spec: _CyclesSpec, explicit: Any) -> 
     @functools.wraps(fn)
     async def guarded(*args: Any, **kwargs: Any) -> Any:
         client = _resolve_client(explicit, is_async=True)
-        body = spec.create_body(client._config, args, kwargs)
+        body = spec.create_body(_config_of(client), args, kwargs)
         if spec.dry_run:
             return await _drive_async(client, _dry_run_steps(body))
         async with _AsyncFace(client, body, None) as guard:

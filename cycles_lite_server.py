@@ -971,17 +971,29 @@ def _zdict() -> bytes:
 
 
 def _deflate_text(text: str) -> bytes:
-    import zlib
-
-    packer = zlib.compressobj(6, zlib.DEFLATED, -15, 8, zlib.Z_DEFAULT_STRATEGY, _zdict())
-    return packer.compress(text.encode("utf-8")) + packer.flush()
+    return _deflate(text.encode("utf-8"), _zdict())
 
 
 def _inflate_text(blob: bytes) -> str:
+    return _inflate(blob, _zdict()).decode("utf-8")
+
+
+def _deflate(data: bytes, zdict: bytes) -> bytes:
+    """Raw deflate with a preset dictionary."""
     import zlib
 
-    unpacker = zlib.decompressobj(-15, _zdict())
-    return (unpacker.decompress(blob) + unpacker.flush()).decode("utf-8")
+    packer = zlib.compressobj(6, zlib.DEFLATED, -15, 8, zlib.Z_DEFAULT_STRATEGY, zdict)
+    return packer.compress(data) + packer.flush()
+
+
+def _inflate(blob: bytes, zdict: bytes) -> bytes:
+    import zlib
+
+    unpacker = zlib.decompressobj(-15, zdict)
+    try:
+        return unpacker.decompress(blob) + unpacker.flush()
+    except zlib.error as error:
+        raise ValueError(f"a damaged compressed record ({error})") from None
 
 
 class _TenantRows:
@@ -1153,6 +1165,8 @@ class _Ledger:
         self._undo: Optional[List[Callable[[], object]]] = None
         self._seq = 0
         self.changes = 0  # bumped by every change; --state saves when it moved
+        # told the id of each reservation pruned (lock held): what refers to it goes too
+        self.on_reservation_pruned: Optional[Callable[[str], None]] = None
 
     # -- seeding and inspection ------------------------------------------------
 
@@ -1477,6 +1491,8 @@ class _Ledger:
                     for slot in slots:
                         if slot is not None:
                             self._idempotency.pop(slot, None)
+                    if self.on_reservation_pruned is not None:
+                        self.on_reservation_pruned(key)
             elif kind == "event":
                 self._events.pop(key, None)
             else:
@@ -3703,12 +3719,10 @@ class _Keyring:
 
     @classmethod
     def from_dict(cls, data: Any, now_ms: int) -> _Keyring:
-        if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
-            raise ValueError("an evidence keyring is a JWK Set: {\"keys\": [...]}")
-        keys = [_key_entry_from_jwk(jwk) for jwk in data["keys"]]
+        keys = _key_entries(data)
         active = [key for key in keys if key.exp_ms is None]
-        if len(active) > 1 or len({key.kid for key in keys}) != len(keys):
-            raise ValueError("an evidence keyring needs unique kids and one open-ended key")
+        if len(active) > 1:
+            raise ValueError("an evidence keyring has at most one open-ended key")
         ring = cls(keys)
         if not active:
             ring._keys.append(_new_key_entry(now_ms))
@@ -3718,6 +3732,26 @@ class _Keyring:
 
     def to_dict(self, private: bool = False) -> JsonObject:
         return {"keys": [key.jwk(with_private=private) for key in self._keys]}
+
+    def adopt(self, saved: Any, at_ms: int) -> bool:
+        """Keep the keys of a saved JWK Set (a --state file) that this ring lacks, as
+        retired ones (a key still open there is closed at ``at_ms``). If the saved set
+        had retired this ring's active key, rotate at ``at_ms``: a retired key never
+        signs again. True when the ring's own keys changed."""
+        known = {key.kid for key in self._keys}
+        retired_active = False
+        for entry in _key_entries(saved):
+            if entry.kid not in known:
+                entry.private = None
+                if entry.exp_ms is None:
+                    entry.exp_ms = max(at_ms, entry.nbf_ms)
+                self._keys.insert(len(self._keys) - 1, entry)
+            elif entry.kid == self.active.kid and entry.exp_ms is not None:
+                retired_active = True
+        if retired_active:
+            self.rotate(at_ms)
+        self._keys[:-1] = sorted(self._keys[:-1], key=lambda key: key.nbf_ms)
+        return retired_active
 
     @property
     def active(self) -> _KeyEntry:
@@ -3739,6 +3773,15 @@ def _new_key_entry(nbf_ms: int) -> _KeyEntry:
     private = _Ed25519Key(os.urandom(32))
     kid = hashlib.sha256(private.public).hexdigest()[:16]
     return _KeyEntry(kid, private.public, nbf_ms, None, private)
+
+
+def _key_entries(data: Any) -> List[_KeyEntry]:
+    if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+        raise ValueError("an evidence keyring is a JWK Set: {\"keys\": [...]}")
+    keys = [_key_entry_from_jwk(jwk) for jwk in data["keys"]]
+    if len({key.kid for key in keys}) != len(keys):
+        raise ValueError("an evidence keyring needs unique kids")
+    return keys
 
 
 def _key_entry_from_jwk(jwk: Any) -> _KeyEntry:
@@ -3787,32 +3830,55 @@ def _save_keyring_file(path: str, ring: _Keyring) -> None:
 # -- the evidence log ----------------------------------------------------------------
 
 
+# A stored ref: (server_id, evidence_id, replay digest); the server_id string is
+# shared by every ref, the digest (b"" for denials) finds a same-key replay.
+_Ref = Tuple[str, str, bytes]
+
+
 class _EvidenceLog:
     """Signs, stores and serves envelopes; remembers the refs of each reservation.
 
     A same-key replay gets the original envelope's ref (the attested response does
-    not change on replay), a new operation a new envelope.
+    not change on replay), a new operation a new envelope. Retention: a
+    reservation's envelopes (reserve, commit, release) go when the ledger prunes
+    the reservation (``forget_reservation``), the others (decide, dry runs,
+    denials) ``retention_ms`` after they were issued, like the idempotency records
+    that refer to them. Envelopes are kept deflated, with the first one stored as
+    the preset dictionary (a few hundred bytes each instead of about 1.2 KB).
+    Nested values are replaced, never changed in place, so ``dump_state`` needs
+    the lock only for shallow copies.
     """
 
     def __init__(
         self, keyring: _Keyring, clock: Clock, server_id: Callable[[], str],
-        key_file: Optional[str] = None,
+        key_file: Optional[str] = None, *, retention_ms: int = DEFAULT_RETENTION_S * 1000,
+        generated_keyring: bool = False,
     ) -> None:
         self._keyring = keyring
         self._clock = clock
         self._server_id = server_id
         self._key_file = key_file
+        self._retention_ms = retention_ms
+        # a generated keyring gives way to a --state file's (its active key retired)
+        self._generated_keyring = generated_keyring
         self._lock = threading.Lock()
-        self._envelopes: Dict[str, bytes] = {}
-        self._by_request: Dict[Tuple[str, ...], JsonObject] = {}
-        self._by_reservation: Dict[str, JsonObject] = {}
+        self._envelopes: Dict[str, bytes] = {}  # evidence_id -> deflated JCS bytes
+        self._zdict = b""  # the start of the first envelope stored
+        self._server_ids: Dict[str, str] = {}  # one shared string per server_id
+        self._by_request: Dict[bytes, _Ref] = {}  # decide and dry-run refs by replay digest
+        self._by_reservation: Dict[str, Dict[str, _Ref]] = {}  # reservation -> artifact -> ref
+        # (prune at ms, evidence_id, replay digest) in time order, for envelopes of no reservation
+        self._expiring: Deque[Tuple[int, str, bytes]] = collections.deque()
         self._last_issued_ms = -1
+        self.changes = 0  # bumped by every change; --state saves when it moved
 
     # -- publishing --------------------------------------------------------------
 
     def envelope(self, evidence_id: str) -> Optional[bytes]:
         with self._lock:
-            return self._envelopes.get(evidence_id)
+            self._prune(self._clock.now_ms())
+            blob = self._envelopes.get(evidence_id)
+            return None if blob is None else _inflate(blob, self._zdict)
 
     def jwks(self, private: bool = False) -> JsonObject:
         with self._lock:
@@ -3823,6 +3889,7 @@ class _EvidenceLog:
             kid = self._keyring.rotate(max(self._clock.now_ms(), self._last_issued_ms + 1))
             if self._key_file is not None:
                 _save_keyring_file(self._key_file, self._keyring)
+            self.changes += 1
             return kid
 
     def attach_refs(self, rows: Iterable[JsonObject]) -> None:
@@ -3831,7 +3898,7 @@ class _EvidenceLog:
             for row in rows:
                 refs = self._by_reservation.get(str(row.get("reservation_id")))
                 if refs:
-                    row["evidence"] = copy.deepcopy(refs)
+                    row["evidence"] = {name: _ref_json(ref) for name, ref in refs.items()}
 
     # -- recording ---------------------------------------------------------------
 
@@ -3839,6 +3906,8 @@ class _EvidenceLog:
         self, operation: str, request: _Request, caller: _Caller, route: _Route, body: JsonObject
     ) -> None:
         """Stamp ``cycles_evidence`` on a successful decide/reserve/commit/release body."""
+        import hashlib
+
         sent = _parse_json(request.raw_body)
         artifact = _ARTIFACT_OF[operation]
         reservation_id = route.reservation_id or str(body.get("reservation_id") or "")
@@ -3846,17 +3915,26 @@ class _EvidenceLog:
             "" if route.reservation_id else str(caller.tenant), operation, reservation_id,
             str(sent.get("idempotency_key")), _payload_hash(sent),
         )
+        digest = hashlib.sha256(json.dumps(replay_key).encode("utf-8")).digest()[:16]
+        of_reservation = artifact != "decide" and bool(reservation_id)
         inner: JsonObject = {"request": sent, "response": _attested(artifact, body)}
         if route.reservation_id is not None:
             inner = {"reservation_id": route.reservation_id, **inner}
         with self._lock:
-            ref = self._by_request.get(replay_key)
-            if ref is None:
-                ref = self._sign(artifact, {artifact: inner}, request.trace_id)
-                self._by_request[replay_key] = ref
-                if artifact != "decide" and reservation_id:
-                    self._by_reservation.setdefault(reservation_id, {})[artifact] = ref
-        body["cycles_evidence"] = copy.deepcopy(ref)
+            if of_reservation:
+                refs = self._by_reservation.get(reservation_id, {})
+                ref = refs.get(artifact)
+                if ref is None or ref[2] != digest:
+                    ref = self._sign(artifact, {artifact: inner}, request.trace_id, digest)
+                    self._by_reservation[reservation_id] = dict(refs, **{artifact: ref})
+            else:
+                found = self._by_request.get(digest)
+                if found is None:
+                    found = self._sign(artifact, {artifact: inner}, request.trace_id, digest)
+                    self._by_request[digest] = found
+                    self._expire_later(found)
+                ref = found
+        body["cycles_evidence"] = _ref_json(ref)
 
     def record_denial(
         self, operation: str, request: _Request, route: _Route, status: int, body: JsonObject
@@ -3871,14 +3949,107 @@ class _EvidenceLog:
             inner["request"] = _parse_json(request.raw_body)
         inner["response"] = _attested("error", body)
         with self._lock:
-            ref = self._sign("error", {"error": inner}, request.trace_id)
-        body["cycles_evidence"] = copy.deepcopy(ref)
+            ref = self._sign("error", {"error": inner}, request.trace_id, b"")
+            self._expire_later(ref)
+        body["cycles_evidence"] = _ref_json(ref)
 
-    def _sign(self, artifact: str, payload: JsonObject, trace_id: str) -> JsonObject:
-        """Build, hash, sign and store one envelope (lock held); its CyclesEvidenceRef."""
+    # -- retention -----------------------------------------------------------------
+
+    def forget_reservation(self, reservation_id: str) -> None:
+        """The ledger pruned this reservation: its envelopes go too."""
+        with self._lock:
+            refs = self._by_reservation.pop(reservation_id, None)
+            if refs is not None:
+                for ref in refs.values():
+                    self._envelopes.pop(ref[1], None)
+                self.changes += 1
+
+    def _expire_later(self, ref: _Ref) -> None:
+        """Keep an envelope of no reservation for the retention window (lock held)."""
+        self._expiring.append((self._last_issued_ms + self._retention_ms, ref[1], ref[2]))
+
+    def _prune(self, now: int) -> None:
+        """Forget what has outlived the retention window, at most _PRUNE_BATCH at a time."""
+        queue = self._expiring
+        for _ in range(_PRUNE_BATCH):
+            if not queue or queue[0][0] > now:
+                return
+            _, evidence_id, digest = queue.popleft()
+            self._envelopes.pop(evidence_id, None)
+            if digest:
+                self._by_request.pop(digest, None)
+            self.changes += 1
+
+    # -- persistence (--state) -------------------------------------------------------
+
+    def dump_state(self) -> JsonObject:
+        """Everything a restart needs but the private key: public keys only."""
+        with self._lock:
+            keys = self._keyring.to_dict(private=False)
+            last_issued_ms, zdict = self._last_issued_ms, self._zdict
+            envelopes = list(self._envelopes.items())
+            by_request = list(self._by_request.values())
+            by_reservation = list(self._by_reservation.items())
+            expiring = list(self._expiring)
+        return {
+            "keys": keys,
+            "last_issued_ms": last_issued_ms,
+            "zdict": base64.b64encode(zdict).decode("ascii"),
+            "envelopes": {evidence_id: base64.b64encode(blob).decode("ascii")
+                          for evidence_id, blob in envelopes},
+            "by_request": [_dump_ref(ref) for ref in by_request],
+            "by_reservation": {rid: {name: _dump_ref(ref) for name, ref in refs.items()}
+                               for rid, refs in by_reservation},
+            "expiring": [[at, evidence_id, digest.hex()] for at, evidence_id, digest in expiring],
+        }
+
+    def load_state(self, saved: JsonObject) -> None:
+        """Continue a dump_state() document (raises on a bad one).
+
+        The saved keys come back as retired ones, closed at this restart: without
+        a given key (file or dict) a fresh key signs from now on; with one, that
+        key keeps signing unless the saved set had retired it.
+        """
+        with self._lock:
+            self._last_issued_ms = max(self._last_issued_ms, int(saved["last_issued_ms"]))
+            restart_at = max(self._clock.now_ms(), self._last_issued_ms + 1)
+            if self._generated_keyring:
+                self._keyring = _Keyring.from_dict(saved["keys"], restart_at)
+            elif self._keyring.adopt(saved["keys"], restart_at) and self._key_file:
+                _save_keyring_file(self._key_file, self._keyring)
+            self._zdict = base64.b64decode(str(saved["zdict"]), validate=True)
+            self._envelopes = {
+                str(evidence_id): base64.b64decode(str(blob), validate=True)
+                for evidence_id, blob in saved["envelopes"].items()
+            }
+            for blob in self._envelopes.values():  # every envelope must open
+                json.loads(_inflate(blob, self._zdict))
+            self._by_request = {}
+            for saved_ref in saved["by_request"]:
+                ref = self._load_ref(saved_ref)
+                self._by_request[ref[2]] = ref
+            self._by_reservation = {
+                str(rid): {str(name): self._load_ref(ref) for name, ref in refs.items()}
+                for rid, refs in saved["by_reservation"].items()
+            }
+            self._expiring = collections.deque(
+                (int(at), str(evidence_id), bytes.fromhex(str(digest)))
+                for at, evidence_id, digest in saved["expiring"]
+            )
+
+    def _load_ref(self, saved: Sequence[Any]) -> _Ref:
+        server_id, evidence_id, digest = (str(part) for part in saved)
+        return (self._server_ids.setdefault(server_id, server_id), evidence_id,
+                bytes.fromhex(digest))
+
+    def _sign(self, artifact: str, payload: JsonObject, trace_id: str, digest: bytes) -> _Ref:
+        """Build, hash, sign and store one envelope (lock held); its ref."""
         import hashlib
 
+        self._prune(self._clock.now_ms())
+        self.changes += 1
         server_id = self._server_id()
+        server_id = self._server_ids.setdefault(server_id, server_id)
         key = self._keyring.active
         # Never before the last envelope nor before the active key's window (a rotation
         # may have started it 1 ms ahead of a frozen or coarse clock).
@@ -3900,12 +4071,23 @@ class _EvidenceLog:
         }
         envelope["evidence_id"] = hashlib.sha256(_canonical_bytes(envelope)).hexdigest()
         envelope["signature"] = key.private.sign(_canonical_bytes(envelope)).hex()
-        evidence_id = envelope["evidence_id"]
-        self._envelopes[evidence_id] = _canonical_bytes(envelope)
-        return {
-            "evidence_id": evidence_id,
-            "cycles_evidence_url": f"{server_id}/evidence/{evidence_id}",
-        }
+        evidence_id: str = envelope["evidence_id"]
+        raw = _canonical_bytes(envelope)
+        if not self._zdict:
+            self._zdict = raw[:4096]
+        self._envelopes[evidence_id] = _deflate(raw, self._zdict)
+        return (server_id, evidence_id, digest)
+
+
+def _ref_json(ref: _Ref) -> JsonObject:
+    """The CyclesEvidenceRef of a stored ref."""
+    server_id, evidence_id, _ = ref
+    url = f"{server_id}/evidence/{evidence_id}"
+    return {"evidence_id": evidence_id, "cycles_evidence_url": url}
+
+
+def _dump_ref(ref: _Ref) -> List[str]:
+    return [ref[0], ref[1], ref[2].hex()]
 
 
 def _attested(artifact: str, body: JsonObject) -> JsonObject:
@@ -4590,12 +4772,13 @@ class LocalCyclesServer:
         self._read_timeout_s = float(read_timeout_s)
         self._max_connections = max_connections
         self.clock = Clock()
+        retention_ms = int(retention_s * 1000)
         self._ledger = _Ledger(
             self.clock, default_ttl_ms, max_ttl_ms, default_grace_ms, max_extensions,
-            default_overage_policy, retention_ms=int(retention_s * 1000),
+            default_overage_policy, retention_ms=retention_ms,
         )
         enabled = evidence or evidence_key is not None
-        self._evidence = self._evidence_log(evidence_key) if enabled else None
+        self._evidence = self._evidence_log(evidence_key, retention_ms) if enabled else None
         self._api = _Api(self._ledger, self._evidence)
         self._faults = _FaultRegistry()
         self._log_lock = threading.Lock()
@@ -4614,6 +4797,11 @@ class LocalCyclesServer:
             ),
             "ledger": _StateSection(self._ledger.dump_state, self._ledger.load_state),
         }
+        if self._evidence is not None:
+            self._ledger.on_reservation_pruned = self._evidence.forget_reservation
+            self._state_sections["evidence"] = _StateSection(
+                self._evidence.dump_state, self._evidence.load_state
+            )
         self._state = _StateFile(state_file, state_interval_s) if state_file else None
         restored = self._state is not None and self._state.load(self._state_sections)
         # With a restored state the file wins; the seeds below add what it lacks.
@@ -4671,7 +4859,8 @@ class LocalCyclesServer:
         if self._state is None:
             return False
         try:
-            return self._state.save(self._state_sections, self._ledger.changes, force)
+            changes = self._ledger.changes + (self._evidence.changes if self._evidence else 0)
+            return self._state.save(self._state_sections, changes, force)
         except OSError as error:
             self._log_line(f"could not save state to {self._state.path}: {error}")
             return False
@@ -4872,9 +5061,12 @@ class LocalCyclesServer:
 
     # -- evidence ----------------------------------------------------------------
 
-    def _evidence_log(self, key: Union[str, Mapping[str, Any], None]) -> _EvidenceLog:
+    def _evidence_log(
+        self, key: Union[str, Mapping[str, Any], None], retention_ms: int
+    ) -> _EvidenceLog:
         """Signed evidence (``evidence=True``, implied by ``evidence_key``): the key is a
-        keyring file (created if missing), a dict from ``evidence_keys()``, or None (fresh)."""
+        keyring file (created if missing), a dict from ``evidence_keys()``, or None (fresh;
+        a --state file's keys then take over, their active one retired)."""
         now = self.clock.now_ms()
         if isinstance(key, str):
             keyring = _load_keyring_file(key, now)
@@ -4883,7 +5075,10 @@ class LocalCyclesServer:
         else:
             keyring = _Keyring.generate(now)
         key_file = key if isinstance(key, str) else None
-        return _EvidenceLog(keyring, self.clock, lambda: self.url + "/v1", key_file)
+        return _EvidenceLog(
+            keyring, self.clock, lambda: self.url + "/v1", key_file,
+            retention_ms=retention_ms, generated_keyring=key is None,
+        )
 
     def rotate_evidence_key(self) -> str:
         """Retire the active evidence key now and sign with a fresh one; returns its kid.
@@ -4992,9 +5187,9 @@ def _cli_parser() -> Any:
     add("--port", type=int, default=None, help="port (default 7878; 0 = any)")
     add("--config", help="JSON file with LocalCyclesServer arguments (flags win)")
     add("--state", metavar="FILE",
-        help="keep tenants, keys, budgets, reservations, idempotency records and events "
-             "in FILE across restarts (written atomically at shutdown and every "
-             "--state-interval seconds)")
+        help="keep tenants, keys, budgets, reservations, idempotency records, events "
+             "and evidence (envelopes, public keys) in FILE across restarts (written "
+             "atomically at shutdown and every --state-interval seconds)")
     add("--state-interval", type=float, metavar="SECONDS", dest="state_interval_s",
         help=f"how often to save --state when something changed (default "
              f"{DEFAULT_STATE_INTERVAL_S:g})")
