@@ -799,7 +799,9 @@ class TestCli(unittest.TestCase):
                             (["--tenant", "acme,max_ttl_ms=5"], "max_ttl_ms must be between"),
                             (["--budget", "tenant:acme=USD_MICROCENTS:5,status=OPEN"],
                              "bad option 'status=OPEN'"),
-                            (["--retention", "0"], "retention_s must be a positive number")):
+                            (["--retention", "0"], "retention_s must be a positive number"),
+                            (["--port", "70000"], "--port must be between 0 and 65535"),
+                            (["--port", "-1"], "--port must be between 0 and 65535")):
             done = self.run_cli("--port", "0", *args)
             self.assertEqual(done.returncode, 2, (args, done.stderr))
             self.assertIn(words, done.stderr)
