@@ -85,8 +85,10 @@ Choices where the spec is silent (the reference server's, "[R]", unless noted):
   event) fails closed with 500; reads still work (this server's own hook).
 * Finalized and expired reservations, idempotency records and events are
   kept ``retention_s`` (24 h) of server clock, then pruned; afterwards a
-  get is 404 and a replayed key is new. JSON nested deeper than 64 levels
-  is 400. A request that fails after validation undoes every change (500).
+  get is 404 and a replayed key is new. JSON nested deeper than 64 levels,
+  numbers outside a double's range (``1e400``) and lone UTF-16 surrogates
+  are 400. A request that fails after validation, evidence signing included,
+  undoes every change (500).
 
 All-day use (this server's own): ``/actuator/health``; the governance-admin
 subset (tenants create/get/list; budgets create/list/lookup/fund/freeze/
@@ -136,6 +138,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 if TYPE_CHECKING:  # pragma: no cover
     import ssl
+    from io import BufferedIOBase
 
 __version__ = "0.1.0"
 
@@ -4408,7 +4411,7 @@ class _HTTPServer(ThreadingHTTPServer):
 class _LastLineReader:
     """The request stream as http.client.parse_headers reads it, keeping the last line."""
 
-    def __init__(self, stream: IO[bytes]) -> None:
+    def __init__(self, stream: BufferedIOBase) -> None:
         self._stream = stream
         self.last = b""
 
