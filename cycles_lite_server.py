@@ -4811,7 +4811,7 @@ class _StateFile:
         """ValueError naming the file unless a save could write next to it."""
         probe = f"{self.path}.tmp-{os.getpid()}"
         try:
-            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT, 0o600))
             os.unlink(probe)
         except OSError as error:
             raise ValueError(
