@@ -4472,8 +4472,11 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         # http.client.parse_headers takes end of input (a timeout's shutdown, a
         # half-close) for the end of the headers: such a request is dropped unrun.
-        if header_lines.last not in (b"\r\n", b"\n") or self.conn.cut:
+        if header_lines.last not in (b"\r\n", b"\n"):
             self._drop("its headers were cut short")
+            return False
+        if self.conn.cut:
+            self._drop("its connection was closed (read timeout or stop)")
             return False
         return True
 
