@@ -412,7 +412,7 @@ class TestLoops(AsyncServerCase):
         async def scenario() -> None:
             await client.get_balances(tenant=TENANT)
             parent_pool = client._transport._pool()
-            cl._forget_async_pools_in_child()  # what os.register_at_fork runs in a child
+            client._transport._after_fork()  # what the at-fork registry runs in a child
             self.assertIsNot(client._transport._pool(), parent_pool)
             self.assertTrue((await client.get_balances(tenant=TENANT)).is_success)
             await client.aclose()
@@ -602,12 +602,12 @@ class TestAflushAndRecover(AsyncServerCase):
             return "ok"
 
         async def scenario() -> List[bool]:
-            self.assertTrue(await cl.aflush(0))  # nothing pending
+            self.assertTrue(await cl.aflush(0))  # nothing pending (and no thread for it)
             await guarded()
             loop = asyncio.get_running_loop()
             pending = [t for t in cl._settlement_tasks if t.get_loop() is loop]
             self.assertEqual(len(pending), 1)  # the retry is a task on this loop
-            answers = [await cl.aflush(0.05), await cl.aflush(5)]
+            answers = [bool(await cl.aflush(0.05)), bool(await cl.aflush(5))]
             await client.aclose()
             return answers
 
