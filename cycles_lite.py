@@ -2831,6 +2831,7 @@ class _AsyncTransport(_TransportBase):
         self._host = _host_header(self._origin)
         self._pools: Dict[asyncio.AbstractEventLoop, _LoopPool] = {}
         self._pools_lock = threading.Lock()
+        self._pid = os.getpid()
         _reset_after_fork(self)
 
     async def send(
@@ -2878,11 +2879,14 @@ class _AsyncTransport(_TransportBase):
         _forked_pools.append(self._pools)
         self._pools = {}
         self._pools_lock = threading.Lock()
+        self._pid = os.getpid()
 
     def _pool(self) -> _LoopPool:
         import asyncio
 
         loop = asyncio.get_running_loop()
+        if self._pid != os.getpid():  # forked without the at-fork hooks (a C-level fork)
+            self._after_fork()
         pool = self._pools.get(loop)
         if pool is not None and not pool.closed:
             return pool
