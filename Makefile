@@ -46,7 +46,7 @@ $(DEV_VENV)/.ok:
 
 lint: $(DEV_VENV)/.ok
 	$(DEV_VENV)/bin/ruff check .
-	$(DEV_VENV)/bin/mypy --strict cycles_lite.py cycles_lite_server.py
+	$(DEV_VENV)/bin/mypy --strict cycles_lite.py cycles_lite_server.py tools/cycles_lite_build.py
 
 $(BENCH_VENV)/.ok:
 	$(PYTHON) -m venv $(BENCH_VENV)
@@ -63,23 +63,42 @@ $(CONFORMANCE_VENV)/.ok:
 
 # The protocol's official client-recovery runner (it needs PyYAML, from a throwaway
 # venv) runs our adapter once per scenario; the adapter runs the mapped native tests.
-conformance: $(CONFORMANCE_VENV)/.ok
-	$(CONFORMANCE_VENV)/bin/python $(SHARED)/reference/official/scripts/run_client_recovery_conformance.py \
+# The runner comes from a checkout of https://github.com/runcycles/cycles-protocol:
+# `make conformance PROTOCOL_DIR=/path/to/cycles-protocol`.
+PROTOCOL_DIR ?= $(SHARED)/reference/official
+CONFORMANCE_RUNNER = $(PROTOCOL_DIR)/scripts/run_client_recovery_conformance.py
+conformance:
+	@if [ ! -f "$(CONFORMANCE_RUNNER)" ]; then \
+	  echo "make conformance: the official runner is not at $(CONFORMANCE_RUNNER)." >&2; \
+	  echo "Check out https://github.com/runcycles/cycles-protocol and name it:" >&2; \
+	  echo "  make conformance PROTOCOL_DIR=/path/to/cycles-protocol" >&2; \
+	  exit 2; fi
+	@$(MAKE) --no-print-directory $(CONFORMANCE_VENV)/.ok
+	$(CONFORMANCE_VENV)/bin/python "$(CONFORMANCE_RUNNER)" \
 	  --claim durable --report-json recovery-conformance.json \
 	  --adapter $(PYTHON) conformance/cycles_lite_recovery_adapter.py
 
-# pip install . and a wheel build, in a throwaway venv.
-package:
-	rm -rf build dist /tmp/cycles-lite-pkg && $(PYTHON) -m venv /tmp/cycles-lite-pkg
-	/tmp/cycles-lite-pkg/bin/python -m pip install -q --disable-pip-version-check build
-	/tmp/cycles-lite-pkg/bin/python -m build -q --wheel --outdir dist .
-	/tmp/cycles-lite-pkg/bin/python -m pip install -q --disable-pip-version-check dist/*.whl
-	cd /tmp && /tmp/cycles-lite-pkg/bin/python -c "import cycles_lite, cycles_lite_server; print('wheel installs', cycles_lite.__version__)"
-	/tmp/cycles-lite-pkg/bin/python -m pip uninstall -q -y cycles-lite
-	/tmp/cycles-lite-pkg/bin/python -m pip install -q --disable-pip-version-check .
-	cd /tmp && /tmp/cycles-lite-pkg/bin/python -c "import cycles_lite, cycles_lite_server; print('pip install . works', cycles_lite.__version__)"
-	cd /tmp && /tmp/cycles-lite-pkg/bin/cycles-lite --version
-	rm -rf build *.egg-info
+# The wheel (built by tools/cycles_lite_build.py) and `pip install .`, each in a throwaway
+# venv: they import and run, and mypy --strict type-checks a user's script against the
+# installed copy, outside the source tree. Neither writes into the source tree.
+PKG_VENV ?= /tmp/cycles-lite-pkg
+package: $(DEV_VENV)/.ok
+	rm -rf build dist *.egg-info $(PKG_VENV) && $(PYTHON) -m venv $(PKG_VENV)
+	$(PKG_VENV)/bin/python -m pip install -q --disable-pip-version-check build
+	$(PKG_VENV)/bin/python -m build -q --wheel --outdir dist .
+	for source in dist/*.whl .; do \
+	  $(PKG_VENV)/bin/python -m pip uninstall -q -y cycles-lite 2>/dev/null; \
+	  $(PKG_VENV)/bin/python -m pip install -q --disable-pip-version-check $$source && \
+	  cp tools/typed_user.py $(PKG_VENV)/ && cd $(PKG_VENV) && \
+	  bin/python -c "import cycles_lite, cycles_lite_server; print('installed from $$source:', cycles_lite.__file__)" && \
+	  bin/python -c "import typing, cycles_lite as c; [typing.get_type_hints(getattr(c, n)) for n in c.__all__ if isinstance(getattr(c, n), type)]" && \
+	  bin/python -m cycles_lite --version && bin/cycles-lite --version && \
+	  bin/python -m cycles_lite_server --help > /dev/null && bin/cycles-lite-server --help > /dev/null && \
+	  $(abspath $(DEV_VENV))/bin/mypy --strict --python-executable bin/python typed_user.py && \
+	  cd $(CURDIR) || exit 1; \
+	done
+	@if [ -e build ] || ls -d *.egg-info > /dev/null 2>&1; then \
+	  echo "the build wrote build/ or *.egg-info into the source tree"; exit 1; fi
 
 clean:
 	rm -rf $(DEV_VENV) $(BENCH_VENV) $(CONFORMANCE_VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache __pycache__

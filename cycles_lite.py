@@ -40,6 +40,7 @@ Contents (the section banners below, in order)::
     Errors
     Models                  each field declared once, with its check
     Config                  each setting declared once: default, check, env variable
+    Per process: fork safety and deadlines      the at-fork resets; deadline()
     Transport
     Client
     Async client
@@ -52,6 +53,7 @@ Contents (the section banners below, in order)::
         Settlement outcome table
         Commit journal, on-disk compatible with runcycles 0.5.3
     Decorator
+    Runtime annotations     typing.get_type_hints() on the public classes, resolved lazily
     CLI                     commands from one table
 """
 
@@ -147,6 +149,8 @@ __all__ = [  # noqa: RUF022 - grouped as in runcycles
     "ReservationExpiredError",
     "ReservationFinalizedError",
     "TenantClosedError",
+    "CyclesConnectionError",
+    "InvalidFieldError",
     # Models
     "Unit",
     "Amount",
@@ -190,6 +194,8 @@ __all__ = [  # noqa: RUF022 - grouped as in runcycles
     "RecoverySummary",
     "flush",
     "aflush",
+    "FlushResult",
+    "deadline",
     # Evidence
     "EvidenceVerification",
     "verify_evidence",
@@ -407,10 +413,12 @@ class CyclesTransportError(CyclesError):
         self.cause = cause
 
 
-class _TransportProtocolError(CyclesProtocolError, CyclesTransportError):
-    """A transport failure raised where runcycles raises ``CyclesProtocolError(status=-1)``.
+class CyclesConnectionError(CyclesProtocolError, CyclesTransportError):
+    """The server could not be reached or did not answer (connection refused, DNS,
+    TLS, timeout, dropped connection), raised where runcycles raises
+    ``CyclesProtocolError(status=-1)``.
 
-    Catch it as either class.
+    Catch it as either class; ``status`` is -1 and ``cause`` the underlying error.
     """
 
     def __init__(self, message: str, *, cause: BaseException | None = None) -> None:
@@ -441,7 +449,7 @@ def _protocol_error(response: CyclesResponse, prefix: str) -> CyclesProtocolErro
 
 def _build_protocol_error(response: CyclesResponse, prefix: str) -> CyclesProtocolError:
     if response.is_transport_error:
-        return _TransportProtocolError(
+        return CyclesConnectionError(
             f"{prefix}: {response.error_message or 'transport error'}",
             cause=response.transport_exception,
         )
@@ -584,17 +592,21 @@ class _RequiredMarker:
 _REQUIRED: Any = _RequiredMarker()
 
 
-class _FieldError(ValueError):
-    """A ValueError whose message starts with the dotted path of the bad field."""
+class InvalidFieldError(ValueError):
+    """Invalid input: a ValueError whose message starts with the dotted path of the bad
+    field (``path``), then the ``problem``.  Raised before anything is sent."""
 
     def __init__(self, path: str, problem: str) -> None:
         super().__init__(f"{path}: {problem}")
         self.path = path
         self.problem = problem
 
-    def under(self, parent: str) -> _FieldError:
+    def under(self, parent: str) -> InvalidFieldError:
         joiner = "" if self.path.startswith("[") else "."
-        return _FieldError(parent + joiner + self.path, self.problem)
+        return InvalidFieldError(parent + joiner + self.path, self.problem)
+
+
+_FieldError = InvalidFieldError  # the short name used by the field checks
 
 
 def _type_name(value: Any) -> str:
@@ -656,9 +668,9 @@ def _model_check(model_class: Type[_Model]) -> _Check:
         if isinstance(value, model_class):
             return value
         if not isinstance(value, dict):
-            raise _FieldError(
-                path, f"must be a {model_class.__name__} or a dict, got {_type_name(value)}"
-            )
+            name = model_class.__name__
+            article = "an" if name[0] in "AEIOU" else "a"
+            raise _FieldError(path, f"must be {article} {name} or a dict, got {_type_name(value)}")
         try:
             return model_class._from_dict(value, tolerant)
         except _FieldError as exc:
@@ -1365,7 +1377,7 @@ class CyclesResponse:
     def transport_error(cls, ex: BaseException) -> CyclesResponse:
         return cls(
             status=-1,
-            error_message=str(ex) or type(ex).__name__,
+            error_message=_transport_failure_message(ex),
             _is_transport_error=True,
             transport_exception=ex,
         )
@@ -1917,6 +1929,96 @@ class _EnvReader:
 
 
 # ===========================================================================
+# Per process: fork safety and deadlines
+# ===========================================================================
+#
+# A forked child (gunicorn/uWSGI pre-fork, Celery's prefork pool, multiprocessing's
+# "fork" start method) inherits this module's memory but only the thread that forked.
+# What belongs to the parent process (pooled sockets, the settlement queue and its
+# worker, locks another thread may have held, the heartbeat scheduler) is made the
+# child's own here, right after the fork, before any code of the child runs.  This is
+# the one place to add to: ``@_after_fork_in_child`` for module state,
+# ``_reset_after_fork(obj)`` for an object with an ``_after_fork()`` method.
+
+
+_fork_resets: List[Callable[[], None]] = []
+_fork_objects: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _after_fork_in_child(reset: Callable[[], None]) -> Callable[[], None]:
+    """Register ``reset`` to run in every forked child (a decorator)."""
+    _fork_resets.append(reset)
+    return reset
+
+
+def _reset_after_fork(obj: Any) -> None:
+    """Call ``obj._after_fork()`` in every forked child while ``obj`` is alive."""
+    _fork_objects.add(obj)
+
+
+def _run_fork_resets() -> None:
+    for reset in [*_fork_resets, *(obj._after_fork for obj in list(_fork_objects))]:
+        try:
+            reset()
+        except Exception:  # one broken reset must not leave the others undone
+            _log.exception("cycles-lite: resetting state after fork failed")
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows
+    os.register_at_fork(after_in_child=_run_fork_resets)
+
+
+# A deadline (``time.monotonic()`` value) that bounds all Cycles work started under it:
+# every attempt's deadline, inline retries and ``flush``.  None: unbounded.
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "cycles_lite_deadline", default=None
+)
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Bound all Cycles work started inside the block by ``seconds`` from now.
+
+    ``with cycles_lite.deadline(context.get_remaining_time_in_millis() / 1000 - 0.3):``
+    (plain ``with``, in sync and async code alike).  Creates, heartbeats, commits,
+    releases, inline retries, ``flush`` and ``recover`` started inside end by then:
+    an HTTP attempt is cut at the deadline, no retry waits past it, and a
+    settlement that does not fit stays in the journal and on the background worker
+    (never dropped).  Nested deadlines only shorten; a negative ``seconds`` counts as
+    0 (nothing fits: the work is journaled for later).
+    """
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds != seconds:
+        raise ValueError(f"seconds: must be a number, got {seconds!r}")
+    with _bounded_by(time.monotonic() + max(0.0, seconds)):
+        yield
+
+
+def _effective_deadline(default: float) -> float:
+    """``default`` (a monotonic deadline), cut to the enclosing ``deadline()`` if sooner."""
+    bound = _deadline.get()
+    return default if bound is None or bound >= default else bound
+
+
+def _out_of_time(at: float | None = None) -> bool:
+    """True when the enclosing ``deadline()`` has passed, or will have by ``at``."""
+    bound = _deadline.get()
+    return bound is not None and max(time.monotonic(), at or 0.0) >= bound
+
+
+@contextlib.contextmanager
+def _bounded_by(bound: float | None) -> Iterator[None]:
+    """Run the block under the absolute deadline ``bound`` (None: as it is)."""
+    if bound is None:
+        yield
+        return
+    token = _deadline.set(_effective_deadline(bound))
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+# ===========================================================================
 # Transport
 # ===========================================================================
 #
@@ -2035,7 +2137,10 @@ def _read_response(
             captured[lower] = value
     body = _json_object(body_bytes)
     if 200 <= status < 300:
-        return CyclesResponse.success(status, body if body is not None else {}, captured)
+        response = CyclesResponse.success(status, body if body is not None else {}, captured)
+        if body is None:
+            response.error_message = _not_cycles_message(status, captured)
+        return response
     return CyclesResponse.http_error(status, _error_message(status, body, captured), body, captured)
 
 
@@ -2059,7 +2164,47 @@ def _error_message(status: int, body: Dict[str, Any] | None, headers: Mapping[st
             text = _str_or_none(body.get(key))
             if text:
                 return text
-    return f"HTTP {status}"
+    return _not_cycles_message(status, headers)
+
+
+def _not_cycles_message(status: int, headers: Mapping[str, str]) -> str:
+    """The message for an answer without a Cycles (JSON) body: an HTML page, a proxy."""
+    content_type = headers.get("content-type") or "no content type"
+    return (
+        f"HTTP {status} ({content_type}) is not a Cycles answer: "
+        "the base URL does not look like a Cycles server"
+    )
+
+
+def _transport_failure_message(exc: BaseException) -> str:
+    """A plain description of a request that got no HTTP answer (for messages and logs)."""
+    detail = str(exc) or type(exc).__name__
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused: nothing listens at the base URL (is the server running?)"
+    socket, ssl, http_client = (sys.modules.get(m) for m in ("socket", "ssl", "http.client"))
+    if socket is not None and isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host of the base URL ({exc.strerror or detail})"
+    if ssl is not None and isinstance(exc, ssl.SSLError):
+        return f"TLS failure: {detail}"
+    if isinstance(exc, TimeoutError) or (socket is not None and isinstance(exc, socket.timeout)):
+        return "timed out" if detail == "timed out" else f"timed out ({detail})"
+    closed: Tuple[type, ...] = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
+    if http_client is not None:
+        closed += (http_client.IncompleteRead,)
+        if not isinstance(exc, closed) and isinstance(exc, http_client.HTTPException):
+            return f"not a valid HTTP answer ({type(exc).__name__}: {detail})"
+    if isinstance(exc, closed):
+        return f"the connection closed before a complete answer ({detail})"
+    return detail
+
+
+def _never_sent(response: CyclesResponse) -> bool:
+    """True when a transport failure proves the request never reached a server."""
+    socket = sys.modules.get("socket")
+    exc = response.transport_exception
+    return isinstance(exc, ConnectionRefusedError) or (
+        socket is not None and isinstance(exc, socket.gaierror)
+    )
 
 
 class _AttemptDeadlineExceeded(TimeoutError):
@@ -2199,7 +2344,20 @@ class _Transport:
         self._ca_bundle = config.ca_bundle
         self._idle: List[Any] = []
         self._lock = threading.Lock()
+        self._pid = os.getpid()
         self.closed = False
+        _reset_after_fork(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: forget the parent's connections (their sockets are shared
+        with it) and its lock; closing our copies of the descriptors leaves the parent's
+        connections open."""
+        idle, self._idle = self._idle, []
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        for conn in idle:
+            with contextlib.suppress(Exception):
+                conn.close()
 
     def send(
         self, prepared: _Prepared, deadline: float
@@ -2289,6 +2447,8 @@ class _Transport:
             chunks.append(chunk)
 
     def _checkout(self, deadline: float, *, fresh: bool) -> Tuple[Any, bool]:
+        if self._pid != os.getpid():  # forked without the at-fork hooks (a C-level fork)
+            self._after_fork()
         while not fresh:
             with self._lock:
                 conn = self._idle.pop() if self._idle else None
@@ -2370,10 +2530,12 @@ def _perform(
 ) -> CyclesResponse:
     """Send and read one attempt; never raises for HTTP or transport failures.
 
-    Blocking: the async client runs it on its worker threads.
+    Blocking: the async client runs it on its worker threads.  The attempt ends by
+    ``deadline`` (default now + ``attempt_timeout``), or the enclosing ``deadline()``.
     """
     if deadline is None:
         deadline = time.monotonic() + transport.attempt_timeout
+    deadline = _effective_deadline(deadline)
     try:
         status, headers, body = transport.send(prepared, deadline)
     except Exception as exc:
@@ -2781,6 +2943,12 @@ class AsyncCyclesClient:
         self._transport = _Transport(config)
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
+        _reset_after_fork(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's I/O threads are not there; start afresh."""
+        self._executor = None
+        self._executor_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self._config.base_url!r})"
@@ -2935,6 +3103,7 @@ class AsyncCyclesClient:
         deadline = _open_attempt_deadline(self._transport, deadline)
         if deadline is None:
             deadline = time.monotonic() + self._transport.attempt_timeout
+        deadline = _effective_deadline(deadline)  # read here: the I/O thread has no context
         future = self._io_executor().submit(_perform, self._transport, prepared, deadline)
         return future, deadline
 
@@ -3680,16 +3849,25 @@ class _Send(_Effect):
     """One attempt of a protocol operation through the client's public method
     (``create_reservation``, ``commit_reservation``, ...); the result is a
     CyclesResponse (never an exception).  The idempotency key is in ``body``, so a
-    resent effect is a retry with the same key."""
+    resent effect is a retry with the same key.
 
-    __slots__ = ("body", "operation", "reservation_id")
+    ``deadline``: the ``deadline()`` bound of work that a background driver (the sync
+    heartbeat) runs outside the caller's context, None for the current one.
+    """
+
+    __slots__ = ("body", "deadline", "operation", "reservation_id")
 
     def __init__(
-        self, operation: str, body: Dict[str, Any], reservation_id: str | None = None
+        self,
+        operation: str,
+        body: Dict[str, Any],
+        reservation_id: str | None = None,
+        deadline: float | None = None,
     ) -> None:
         self.operation = operation
         self.body = body
         self.reservation_id = reservation_id
+        self.deadline = deadline
 
 
 class _Sleep(_Effect):
@@ -3940,7 +4118,8 @@ def _send_safely(send: _SendFn, effect: _Send) -> CyclesResponse:
     double's error) is logged at ERROR and becomes a transport-error response.  A client
     of the wrong kind raises TypeError."""
     try:
-        return send(effect)
+        with _bounded_by(effect.deadline):
+            return send(effect)
     except _ClientMismatch as exc:
         raise TypeError(*exc.args) from None
     except Exception as exc:
@@ -4055,7 +4234,7 @@ def _release_orphan(client: Any, create: _Send, task: Any) -> None:
     if body.get("decision") == Decision.DENY.value or not isinstance(reservation_id, str):
         return
     key = _derived_key("release", create.body.get("idempotency_key"))
-    release = _release_body_steps(reservation_id, key, "cancelled_before_use")
+    release = _release_body_steps(client, reservation_id, key, "cancelled_before_use")
     _keep_running(asyncio.ensure_future(_drive_async(client, release)))
 
 
@@ -4117,6 +4296,11 @@ class _ScheduledHeartbeat:
         self.stopped = False
         self.queued = False  # an entry of it is in the scheduler's heap
         self.deadline = 0.0  # time.monotonic() by which its beat in flight ends
+        _reset_after_fork(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: the parent keeps beating (the scheduler resets itself)."""
+        self.stopped = True
 
     def start(self) -> _ScheduledHeartbeat:
         _heartbeats.schedule(self, self.beat())
@@ -4351,8 +4535,7 @@ class _HeartbeatScheduler:
 
 
 _heartbeats = _HeartbeatScheduler()
-if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows
-    os.register_at_fork(after_in_child=_heartbeats.reset)
+_after_fork_in_child(_heartbeats.reset)
 
 
 # ---------------------------------------------------------------------------
@@ -4713,10 +4896,11 @@ def _send_resending_once(send: _Send) -> _Steps[Tuple[CyclesResponse, float, flo
     sent_ms = _monotonic_ms()
     response = yield send
     received_ms = _monotonic_ms()
-    if _is_ambiguous(send.operation, response):
+    if _is_ambiguous(send.operation, response) and not _out_of_time():
         _log.warning(
-            "%s: ambiguous outcome (%s); resending once with the same idempotency key",
+            "%s: %s (%s); resending once with the same idempotency key",
             send.operation,
+            "not sent" if _never_sent(response) else "ambiguous outcome",
             _describe(response),
         )
         sent_ms = _monotonic_ms()
@@ -4737,7 +4921,8 @@ def _create_steps(body: Dict[str, Any]) -> _Steps[Tuple[ReservationCreateRespons
     if not _is_schema_valid("create", response):
         if response.is_success:
             raise CyclesProtocolError(
-                "Create reservation did not produce a schema-valid HTTP 200 response",
+                "Create reservation did not produce a schema-valid HTTP 200 response"
+                + (f": {response.error_message}" if response.error_message else ""),
                 status=response.status,
                 request_id=response.request_id,
                 trace_id=response.trace_id,
@@ -4854,20 +5039,24 @@ def _commit_metadata(value: Any) -> Dict[str, Any]:
 
 
 def _release_body_steps(
-    reservation_id: str, key: str, reason: str
+    client: Any, reservation_id: str, key: str, reason: str
 ) -> _Steps[CyclesProtocolError | None]:
-    """POST .../release, resent once with the same key if the outcome is ambiguous;
-    the error if it did not release (the reservation is then left to expire)."""
+    """POST .../release: one attempt here; a transient failure (429, 5xx, a dropped
+    connection, a timeout) is retried on the settlement worker with the same key,
+    honouring Retry-After, within the retry policy; a refusal is final.  Returns the
+    first attempt's error when it did not release."""
     body = {"idempotency_key": key, "reason": reason}
-    response, _, _ = yield from _send_resending_once(_Send("release", body, reservation_id))
-    if _is_schema_valid("release", response):
+    job = _Settlement.for_release(client, _Send("release", body, reservation_id))
+    outcome = yield from _settle_steps(job, retry_inline=False)
+    if outcome is _Disposition.RETRY and not _settlements.submit(job):
+        _log.warning(
+            "settlement queue full: release not retried; the reservation is left to"
+            " expire: reservation_id=%s",
+            reservation_id,
+        )
+    if outcome is _Disposition.SUCCESS or job.last_response is None:
         return None
-    _log.warning(
-        "release failed (%s); the reservation is left to expire: reservation_id=%s",
-        _describe(response),
-        reservation_id,
-    )
-    return _protocol_error(response, "Release failed")
+    return _protocol_error(job.last_response, "Release failed")
 
 
 # -- the lifecycle ---------------------------------------------------------------
@@ -5053,13 +5242,17 @@ class _Reservation:
         )
         due_ms = received_ms + beat.delay_ms
         send: _Send | None = None
+        bound = _deadline.get()  # the heartbeat runs outside the caller's context
         while beat.action != "stop":
+            if bound is not None and due_ms >= bound * 1000.0:
+                _log.debug("heartbeat: the deadline comes before the next beat; stopping")
+                return
             yield _Sleep(max(0.0, due_ms - _monotonic_ms()) / 1000.0)
             if self._phase != "open":
                 return  # settled meanwhile (a stop that never reached this driver)
             if send is None or beat.action == "extend":
                 body = {"idempotency_key": _new_key(), "extend_by_ms": ttl_ms}
-                send = _Send("extend", body, self.reservation_id)
+                send = _Send("extend", body, self.reservation_id, bound)
             sent_ms = _monotonic_ms()
             response = yield send
             received_ms = _monotonic_ms()
@@ -5209,13 +5402,20 @@ class _Reservation:
         return max(0, int((time.monotonic() - self._opened_at) * 1000))
 
     def _release_steps(self, reason: str) -> _Steps[None]:
-        """Give the budget back (only when the guarded work did not happen)."""
+        """Give the budget back (only when the guarded work did not happen).
+
+        One attempt on the caller; a transient failure (429, 5xx, a dropped
+        connection, a timeout) is retried on the settlement worker with the same key,
+        honouring Retry-After, within the retry policy; a refusal is final.
+        """
         _reason_check("reason", reason, False)
         self._phase = "closed"
         if self._heartbeat is not None:
             yield _StopHeartbeat(self._heartbeat)
         key = _derived_key("release", self._caller_key)
-        self._release_error = yield from _release_body_steps(self.reservation_id, key, reason)
+        self._release_error = yield from _release_body_steps(
+            self._client, self.reservation_id, key, reason
+        )
 
     def _abandon_steps(self, error: BaseException) -> _Steps[None]:
         """The work ran but its actual amount is unknown: settle nothing (see the README)."""
@@ -5646,9 +5846,9 @@ def _decide_settlement(
     now_ms: int,
     rand: Callable[[], float],
 ) -> _SettlementStep:
-    """Classify one finished commit or event attempt.
+    """Classify one finished commit, event or release attempt.
 
-    ``operation`` is "commit" or "event"; ``status`` is the HTTP status or -1
+    ``operation`` is "commit", "event" or "release"; ``status`` is the HTTP status or -1
     for a transport error (timeout, connection failure, unreadable response);
     ``error_code`` is the string ``error`` field read straight from a JSON
     object body (None when absent or not a string); ``schema_valid`` is the
@@ -5681,16 +5881,19 @@ def _decide_settlement(
          anything else (no code, an HTML proxy page, an unknown or future
          code, RESERVATION_EXPIRED or a bare 410 on an event, which has no
          reservation to expire) -> RETRY "unrecognized_4xx".
+    A release follows rules 1-5; any 4xx but 429 (and INTERNAL_ERROR) is final:
+    STOP_DISCARD "release_refused:<CODE or status>" (already settled, expired, not
+    found, no permission: retrying cannot change it).
     A RETRY on or after ``policy.max_attempts`` becomes STOP_KEEP
     "retries_exhausted" with ``cause`` set to the retry reason.
     FALLBACK_EVENT is immediate (delay 0) and does not count as exhaustion;
     the caller restarts its attempt count for the event.
     """
-    if operation not in ("commit", "event"):
-        raise ValueError("operation must be 'commit' or 'event'")
+    if operation not in ("commit", "event", "release"):
+        raise ValueError("operation must be 'commit', 'event' or 'release'")
     if attempt < 1:
         raise ValueError("attempt must be >= 1")
-    success_status = 200 if operation == "commit" else 201
+    success_status = 201 if operation == "event" else 200
     if schema_valid and status == success_status:
         return _SettlementStep(_Disposition.SUCCESS, 0, None, "settled")
 
@@ -5724,6 +5927,9 @@ def _settlement_failure_reason(
         return "redirect"
     if not 400 <= status <= 499:
         return "unexpected_status"
+    if operation == "release" and code != "INTERNAL_ERROR":
+        refused = "release_refused:" + (code or str(status))
+        return _SettlementStep(_Disposition.STOP_DISCARD, 0, None, refused)
     if status in (401, 403):
         return _SettlementStep(_Disposition.STOP_KEEP, 0, None, "auth_failed")
     if code == "RESERVATION_FINALIZED":
@@ -5848,7 +6054,8 @@ class _PendingSettlement:
     ``mode`` is "commit" (send ``commit_body`` to the reservation's commit
     endpoint) or "event" (send ``event_fallback_body`` to /v1/events); both
     bodies carry the original idempotency key. ``not_before_ms`` is an
-    absolute wall-clock floor from a 429.
+    absolute wall-clock floor from a 429.  (A "release" record exists in memory
+    only, for a release retried in the background; it is never journaled.)
     """
 
     reservation_id: str
@@ -6206,6 +6413,16 @@ class _CommitJournal:
 
     # -- scan -----------------------------------------------------------------
 
+    def record_names(self) -> set[str]:
+        """File names of the records, if this process already found the directory."""
+        directory = self._directory if self._resolved else None
+        if directory is None:
+            return set()
+        try:
+            return {name for name in os.listdir(directory) if name.endswith(_JOURNAL_SUFFIX)}
+        except OSError:
+            return set()
+
     def load_pending(self) -> List[_PendingSettlement]:
         """Records for this base URL, oldest name first. Never raises.
 
@@ -6371,6 +6588,16 @@ def _journal_for(config: CyclesConfig) -> _CommitJournal | None:
         return journal
 
 
+@_after_fork_in_child
+def _journals_after_fork() -> None:
+    """The child finds the journals it uses afresh (another thread may have held a lock)."""
+    global _journals_lock, _replay_lock, _journal_warn_lock
+    _journals_lock, _replay_lock, _journal_warn_lock = (
+        threading.Lock(), threading.Lock(), threading.Lock()
+    )
+    _journals.clear()
+
+
 @dataclass
 class _Settlement:
     """One unresolved commit, or its event fallback, and the attempts made so far."""
@@ -6384,7 +6611,14 @@ class _Settlement:
     attempt: int = 0
     due: float = 0.0  # time.monotonic() of the next attempt
     last_response: CyclesResponse | None = None
+    last_step: _SettlementStep | None = None
     journaled: bool = True  # False until a new settlement's record is written
+    release: _Send | None = None  # set for a release retried in the background
+    # Kept after its retry budget (STOP_KEEP), the process still owns it: see _SettlementQueue.
+    kept: bool = False
+    times_kept: int = 0
+    kept_at: float = 0.0  # time.monotonic() when it was last kept
+    not_before: float = 0.0  # time.monotonic() before which no attempt may start (429)
 
     @classmethod
     def new(
@@ -6418,12 +6652,41 @@ class _Settlement:
             flush_timeout=config.retry_flush_timeout,
         )
 
+    @classmethod
+    def for_release(cls, client: Any, release: _Send) -> _Settlement:
+        """A release, retried in memory only when its first attempt fails transiently (an
+        unreleased reservation costs nothing once its TTL passes)."""
+        assert release.reservation_id is not None
+        record = _PendingSettlement(release.reservation_id, "", mode="release")
+        job = cls.for_record(client, record)
+        job.journal = None
+        job.inline = False
+        job.release = release
+        return job
+
     @property
     def operation(self) -> str:
-        return "event" if self.record.mode == "event" else "commit"
+        return self.record.mode
+
+    def keep(self) -> None:
+        """Retries ran out but the record stays: try again after a slow, growing
+        interval (sooner on activity or ``flush``), never before a 429's floor."""
+        step = self.last_step
+        now = time.monotonic()
+        floor_ms = step.delay_ms if step is not None and step.cause == "rate_limited" else 0
+        self.kept = True
+        self.times_kept += 1
+        self.kept_at = now
+        self.not_before = now + floor_ms / 1000.0
+        interval = _capped_exponential(
+            _KEPT_RETRY_FIRST_MS, 2.0, self.times_kept - 1, _KEPT_RETRY_MAX_MS
+        )
+        self.due = now + max(floor_ms, interval) / 1000.0
 
     def request(self) -> _Send:
         record = self.record
+        if self.release is not None:
+            return self.release
         if record.mode == "event":
             assert record.event_fallback_body is not None
             return _Send("event", record.event_fallback_body)
@@ -6433,12 +6696,18 @@ class _Settlement:
 
 def _settle_new_steps(job: _Settlement, heartbeat: Any) -> _Steps[_Disposition]:
     """Stop the heartbeat, journal the settlement, attempt it, then retry here (inline)
-    or on the worker.  From the first step on, an interruption hands the job on."""
+    or on the worker.  From the first step on, an interruption hands the job on.
+
+    What the caller's ``deadline()`` leaves no time for goes to the worker; a
+    settlement kept after its retry budget stays the process's (``_SettlementQueue``).
+    """
     try:
         yield _StopHeartbeat(heartbeat)
         outcome = yield from _settle_steps(job, retry_inline=job.inline)
         if outcome is _Disposition.RETRY and not _settlements.submit(job):
             outcome = yield from _settle_steps(job, retry_inline=True)  # queue full: settle here
+        if outcome is _Disposition.STOP_KEEP:
+            _settlements.keep(job)
     except Exception:  # a bug, never the caller's: the worker retries with the same key
         _log.exception(
             "settlement failed by an internal error; retried in the background:"
@@ -6446,7 +6715,10 @@ def _settle_new_steps(job: _Settlement, heartbeat: Any) -> _Steps[_Disposition]:
             job.record.reservation_id,
         )
         job.due = time.monotonic()
-        return _Disposition.RETRY if _settlements.submit(job) else _Disposition.STOP_KEEP
+        if _settlements.submit(job):
+            return _Disposition.RETRY
+        _settlements.keep(job)
+        return _Disposition.STOP_KEEP
     except BaseException as exc:
         if not isinstance(exc, GeneratorExit):
             # Interrupted (task cancelled, Ctrl-C): the worker carries on, same key.
@@ -6462,10 +6734,12 @@ def _settle_steps(job: _Settlement, *, retry_inline: bool) -> _Steps[_Dispositio
     A job not journaled yet (a new settlement, possibly handed over by an interrupted
     caller) gets its record written before its first attempt leaves the process."""
     if not job.journaled:
-        job.journaled = True
         if job.journal is not None:
             yield _Blocking(functools.partial(job.journal.write, job.record))
+        job.journaled = True  # not before: an interrupted write is redone by the worker
     while True:
+        if _out_of_time(job.due):  # no attempt starts after the caller's deadline
+            return _Disposition.RETRY
         wait = job.due - time.monotonic()
         if wait > 0:
             yield _Sleep(wait)
@@ -6488,6 +6762,7 @@ def _settlement_attempt(job: _Settlement) -> _Steps[_SettlementStep]:
     job.attempt += 1
     response = yield job.request()
     job.last_response = response
+    job.kept = False
     step = _decide_settlement(
         job.operation,
         status=response.status,
@@ -6508,6 +6783,7 @@ def _settlement_attempt(job: _Settlement) -> _Steps[_SettlementStep]:
         step = _SettlementStep(_Disposition.STOP_KEEP, 0, None, "no_event_fallback_body")
     if job.journal is not None and step.disposition in _RECORD_DONE:
         yield _Blocking(functools.partial(job.journal.remove, job.record.reservation_id))
+    job.last_step = step
     _report_settlement(job, response, step)
     return step
 
@@ -6538,6 +6814,13 @@ def _report_settlement(job: _Settlement, response: CyclesResponse, step: _Settle
             _describe(response),
             rid,
         )
+    elif disposition is _Disposition.STOP_DISCARD and what == "release":
+        _log.warning(
+            "release refused (%s, %s); not retried: reservation_id=%s",
+            _describe(response),
+            step.reason,
+            rid,
+        )
     elif disposition is _Disposition.STOP_DISCARD:
         _log.warning(
             "%s not settled (%s, %s); not retried, nothing released: reservation_id=%s",
@@ -6546,11 +6829,21 @@ def _report_settlement(job: _Settlement, response: CyclesResponse, step: _Settle
             step.reason,
             rid,
         )
+    elif what == "release":
+        _log.warning(
+            "release not settled after %d attempt(s) (%s, %s); the reservation holds its"
+            " budget until it expires: reservation_id=%s",
+            job.attempt,
+            _describe(response),
+            step.cause or step.reason,
+            rid,
+        )
     else:
-        kept = "the journal record is kept for replay" if job.journal else "no journal"
-        _log.error(
+        kept = "kept (journal and memory)" if job.journal else "kept in memory (no journal)"
+        log = _log.warning if job.times_kept else _log.error  # ERROR once per settlement
+        log(
             "%s not settled after %d attempt(s) (%s, %s%s): the spend is NOT recorded yet;"
-            " %s: reservation_id=%s",
+            " %s, retried later by this process: reservation_id=%s",
             what,
             job.attempt,
             _describe(response),
@@ -6559,6 +6852,14 @@ def _report_settlement(job: _Settlement, response: CyclesResponse, step: _Settle
             kept,
             rid,
         )
+
+
+# Settlements kept after their retry budget stay the process's: retried after 30 s,
+# then at doubling intervals up to 5 min by the worker, on the next guarded call once
+# _KEPT_RETRY_ACTIVITY_GAP_S passed since the last attempt, and once by every flush().
+_KEPT_RETRY_FIRST_MS = 30_000
+_KEPT_RETRY_MAX_MS = 300_000
+_KEPT_RETRY_ACTIVITY_GAP_S = 2.0
 
 
 class _SettlementQueue:
@@ -6571,32 +6872,102 @@ class _SettlementQueue:
     it is full and the caller settles inline instead of dropping anything; journal
     replay takes at most half of it (``replay_room``), so live retries keep room.
     A journal scan (``start_scan``) counts as pending work until it has submitted.
+
+    A commit or event kept after its retry budget (``keep``) stays here too, due
+    after a slow, capped interval (``_Settlement.keep``): the worker tries it again
+    then, a guarded call wakes it sooner (``wake_kept``), and ``flush`` tries each
+    once without waiting for it.  So a long outage never strands spend in a warm
+    process, and never becomes a tight loop.
     """
 
     def __init__(self, capacity: int = 1024) -> None:
         self._capacity = capacity
+        self._exit_flush_timeout = 0.0
+        self._atexit_registered = False
+        self._after_fork()
+        _reset_after_fork(self)
+
+    def _after_fork(self) -> None:
+        """Empty, threadless and unlocked: also a forked child's start (the parent's
+        jobs stay the parent's; their journal records stay on disk)."""
         self._cond = threading.Condition()
         self._heap: List[Tuple[float, int, _Settlement]] = []
         self._order = itertools.count()
         self._running: List[str] = []  # reservation ids being settled right now
         self._scans = 0  # journal scans still running (they submit what they find)
         self._worker: threading.Thread | None = None
-        self._exit_flush_timeout = 0.0
-        self._atexit_registered = False
+        self.kept = 0  # kept jobs in the heap; read without the lock as a hint
+        self._settled = 0  # outcomes of the jobs run here, for FlushResult
+        self._given_up = 0
 
     def submit(self, job: _Settlement) -> bool:
+        """Queue ``job``; False when full.  Kept jobs have room of their own (half the
+        capacity), so a long outage never crowds live retries out onto the callers."""
         with self._cond:
-            if len(self._heap) + len(self._running) >= self._capacity:
+            if job.kept:
+                if self.kept >= self._capacity // 2:
+                    return False
+            elif self._live_count() >= self._capacity:
                 return False
             if self._worker is None and not self._start_worker():
                 return False
-            heapq.heappush(self._heap, (job.due, next(self._order), job))
+            self._push(job)
             self._exit_flush_timeout = max(self._exit_flush_timeout, job.flush_timeout)
             if not self._atexit_registered:
                 atexit.register(self._flush_at_exit)
                 self._atexit_registered = True
             self._cond.notify_all()
         return True
+
+    def keep(self, job: _Settlement) -> None:
+        """A settlement out of retries: kept for later (a release is given up: its
+        reservation expires by itself)."""
+        if job.operation == "release":
+            with self._cond:
+                self._given_up += 1
+            return
+        job.keep()
+        if not self.submit(job):
+            _left_to_journal(job)
+
+    def wake_kept(self) -> None:
+        """A guarded call: kept jobs last tried ``_KEPT_RETRY_ACTIVITY_GAP_S`` ago are due."""
+        if self.kept:
+            with self._cond:
+                self._wake(time.monotonic() - _KEPT_RETRY_ACTIVITY_GAP_S)
+
+    def _wake(self, tried_before: float) -> None:
+        """Under the lock: kept jobs last tried before ``tried_before`` are due now (or at
+        their 429 floor)."""
+        now = time.monotonic()
+        woken = False
+        for index, (due, order, job) in enumerate(self._heap):
+            if job.kept and job.kept_at < tried_before:
+                earliest = max(job.not_before, now)
+                if earliest < due:
+                    job.due = earliest
+                    self._heap[index] = (earliest, order, job)
+                    woken = True
+        if woken:
+            heapq.heapify(self._heap)
+            self._cond.notify_all()
+
+    def take_kept(self, reservation_ids: set[str] | None = None) -> int:
+        """Take kept jobs (those of ``reservation_ids``, default all) out of the queue, for
+        ``recover()`` to settle from their journal records; how many were taken."""
+        with self._cond:
+            heap = self._heap
+            wanted = reservation_ids
+            taken = [
+                entry for entry in heap
+                if entry[2].kept and (wanted is None or entry[2].record.reservation_id in wanted)
+            ]
+            if taken:
+                self._heap = [entry for entry in heap if entry not in taken]
+                heapq.heapify(self._heap)
+                self.kept -= len(taken)
+                self._cond.notify_all()
+            return len(taken)
 
     def pending(self) -> int:
         with self._cond:
@@ -6605,7 +6976,11 @@ class _SettlementQueue:
     def replay_room(self) -> int:
         """How many replayed records may be queued now: half the capacity, less what waits."""
         with self._cond:
-            return max(0, self._capacity // 2 - len(self._heap) - len(self._running))
+            return max(0, self._capacity // 2 - self._live_count())
+
+    def _live_count(self) -> int:
+        """Under the lock: queued retries under their budget, and running jobs."""
+        return len(self._heap) - self.kept + len(self._running)
 
     def start_scan(self, scan: Callable[[], None]) -> None:
         """Run ``scan`` on a one-shot daemon thread; ``flush()`` waits for it."""
@@ -6633,23 +7008,47 @@ class _SettlementQueue:
     def _idle(self) -> bool:
         return not self._heap and not self._running and not self._scans
 
+    def _live(self) -> bool:
+        """Work flush waits for: a retry under its budget, a running job, a scan."""
+        return self._live_count() > 0 or bool(self._scans)
+
     def busy(self) -> set[str]:
-        """Reservation ids this process is already settling (queued or running)."""
+        """Reservation ids this process is already settling (queued, kept or running)."""
         with self._cond:
             return {job.record.reservation_id for _due, _n, job in self._heap} | set(
                 self._running
             )
 
-    def flush(self, timeout: float | None) -> bool:
+    def flush(self, timeout: float | None, *, retry_kept: bool = True) -> FlushResult:
         """Settle what is pending on this thread, waiting for not-yet-due retries while the
-        deadline allows.  True when nothing is pending any more."""
-        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        deadline (``timeout``, and the enclosing ``deadline()``) allows; kept settlements
+        get one attempt each (``retry_kept``), without waiting for them.  See FlushResult."""
+        limit = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        bound = _deadline.get() if limit is None else _effective_deadline(limit)
+        started = time.monotonic()
+        with self._cond:
+            settled, given_up = self._settled, self._given_up
         while True:
             with self._cond:
-                job = self._next_due(deadline)
+                if retry_kept and self.kept:
+                    self._wake(started)  # each kept job: one attempt during this flush
+                job = self._next_due(bound, live_only=True)
                 if job is None:
-                    return self._idle()
+                    settled, given_up = self._settled - settled, self._given_up - given_up
+                    break
             self._run(job)
+        return FlushResult(settled, self._unsettled(), given_up)
+
+    def _unsettled(self) -> int:
+        """Settlements this process knows are open: in memory, or in a journal it uses."""
+        in_memory = self.busy()
+        names = {_journal_filename(rid) for rid in in_memory}
+        with _journals_lock:
+            journals = list(_journals.values())
+        on_disk: set[str] = set()
+        for journal in journals:
+            on_disk |= journal.record_names()
+        return len(in_memory) + len(on_disk - names)
 
     def _start_worker(self) -> bool:
         worker = threading.Thread(target=self._work, name="cycles-lite-settlement", daemon=True)
@@ -6669,19 +7068,28 @@ class _SettlementQueue:
                     return
             self._run(job)
 
-    def _next_due(self, deadline: float | None) -> _Settlement | None:
+    def _push(self, job: _Settlement) -> None:
+        """Under the lock."""
+        heapq.heappush(self._heap, (job.due, next(self._order), job))
+        self.kept += job.kept
+
+    def _next_due(self, deadline: float | None, *, live_only: bool = False) -> _Settlement | None:
         """Under the lock: pop the next due job (waiting for it until ``deadline``).
 
         None when nothing is pending (not even a job another thread is running, or a
-        journal scan) or the deadline passed.
+        journal scan) or the deadline passed; with ``live_only`` (flush) also when only
+        kept jobs that are not due yet remain.
         """
         while True:
             now = time.monotonic()
-            if self._heap and self._heap[0][0] <= now:
+            if self._heap and self._heap[0][0] <= now and (deadline is None or now < deadline):
                 job = heapq.heappop(self._heap)[2]
+                self.kept -= job.kept
                 self._running.append(job.record.reservation_id)
                 return job
             if self._idle() or (deadline is not None and now >= deadline):
+                return None
+            if live_only and not self._live():
                 return None
             if (
                 deadline is not None
@@ -6703,41 +7111,90 @@ class _SettlementQueue:
             _log.exception("settlement failed: reservation_id=%s", job.record.reservation_id)
             outcome = _Disposition.STOP_KEEP
         finally:
+            kept = outcome is _Disposition.STOP_KEEP and job.operation != "release"
+            if kept:
+                job.keep()
             with self._cond:
                 self._running.remove(job.record.reservation_id)
-                if outcome is _Disposition.RETRY:
-                    heapq.heappush(self._heap, (job.due, next(self._order), job))
+                room = self.kept < self._capacity // 2
+                if outcome is _Disposition.RETRY or (kept and room):
+                    self._push(job)
+                elif outcome is _Disposition.SUCCESS:
+                    self._settled += 1
+                elif not kept:
+                    self._given_up += 1
                 self._cond.notify_all()
+            if kept and not room:
+                _left_to_journal(job)
 
     def _flush_at_exit(self) -> None:
         timeout = self._exit_flush_timeout
-        if timeout > 0 and not self.flush(timeout):
-            _log.warning(
-                "%d settlement(s) still pending at exit; journal records are replayed later",
-                self.pending(),
-            )
+        if timeout > 0:  # kept settlements already had their budget: the next process's
+            result = self.flush(timeout, retry_kept=False)
+            if not result:
+                _log.warning(
+                    "%d settlement(s) still open at exit; journal records are replayed later",
+                    result.pending,
+                )
+
+
+def _left_to_journal(job: _Settlement) -> None:
+    _log.warning(
+        "settlement queue full: %s left to the journal (recover() or the next process"
+        " settles it): reservation_id=%s",
+        job.operation,
+        job.record.reservation_id,
+    )
 
 
 _settlements = _SettlementQueue()
 
 
-def flush(timeout: float | None = None) -> bool:
+@dataclass(frozen=True)
+class FlushResult:
+    """What ``flush()`` / ``aflush()`` did, and what is left.  True only when ``pending``
+    is 0, so ``if cycles_lite.flush(2):`` reads as before (test it for truth, not ``is True``).
+
+    * ``settled``: queued settlements (commit retries, events, replayed and kept
+      records) that reached the ledger while it ran, here or on the worker.
+    * ``pending``: settlements this process knows are still open afterwards: queued
+      or kept in memory, or in the journal of a server and principal (base URL and
+      tenant) this process uses.  They stay journaled and are retried later: by the
+      worker, the next guarded call, the next ``flush``, or the next process.
+    * ``given_up``: settlements that ended while it ran without reaching the ledger
+      and with nothing left to retry: a recognised rejection (nothing is released,
+      the record is removed) or a release out of retries (its reservation expires).
+    """
+
+    settled: int = 0
+    pending: int = 0
+    given_up: int = 0
+
+    def __bool__(self) -> bool:
+        return self.pending == 0
+
+
+def flush(timeout: float | None = None) -> FlushResult:
     """Wait for pending settlement retries, running them on the calling thread.
 
-    Returns True when nothing is pending; False when ``timeout`` seconds passed
-    first (the unsettled ones stay queued, and journaled when the journal is on).
-    Call it before a serverless handler returns.  Never starts a thread.
+    Kept settlements (out of retries, still journaled) get one more attempt each.
+    Ends by ``timeout`` seconds and by the enclosing ``deadline()``; what is left
+    stays queued and journaled.  Returns a FlushResult: true when nothing this
+    process knows of is unsettled.  Call it before a serverless handler returns.
+    Never starts a thread.
     """
     return _settlements.flush(timeout)
 
 
-async def aflush(timeout: float | None = None) -> bool:
+async def aflush(timeout: float | None = None) -> FlushResult:
     """``flush(timeout)`` for async code: the same drain, on the event loop's default
-    executor, so the loop keeps running.  Cancelling it stops the waiting only: the
-    drain on the executor thread still ends by ``timeout``."""
+    executor (in the caller's context, so ``deadline()`` applies), so the loop keeps
+    running.  Cancelling it stops the waiting only: the drain on the executor thread
+    still ends by ``timeout``."""
     import asyncio
 
-    return await asyncio.get_running_loop().run_in_executor(None, _settlements.flush, timeout)
+    drain = functools.partial(contextvars.copy_context().run, _settlements.flush, timeout)
+    return await asyncio.get_running_loop().run_in_executor(None, drain)
 
 
 # -- journal replay --------------------------------------------------------------
@@ -6782,7 +7239,8 @@ class RecoverySummary:
 
 _replay_lock = threading.Lock()
 _replayed_journals: set[str] = set()  # identity directories replayed by this process
-_clients_seen: weakref.WeakSet[Any] = weakref.WeakSet()
+# By identity: a client subclass may define ``__eq__`` and so be unhashable.
+_clients_seen: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
 
 def _claim_replay(journal: _CommitJournal) -> bool:
@@ -6800,20 +7258,22 @@ def _claim_replay(journal: _CommitJournal) -> bool:
 def _replay_on_first_use(client: Any) -> None:
     """Start replaying ``client``'s journal in the background, once per process and identity.
 
-    Called when a guarded call (decorator, guard or stream) first uses ``client``.
+    Called when a guarded call (decorator, guard or stream) uses ``client``; every
+    call also wakes the settlements this process kept after their retry budget.
     Never delays that call: the journal (key derivation, directory, scan,
     quarantine) is read on a one-shot daemon thread, for sync and async clients
     alike, and the surviving records are settled on the settlement worker.
     Never raises.
     """
+    _settlements.wake_kept()
     if not issubclass(type(client), (CyclesClient, AsyncCyclesClient)):
         return  # a test double or a duck: never hand it records other processes left
-    if client in _clients_seen:
+    if _clients_seen.get(id(client)) is client:
         return
     with _replay_lock:
-        if client in _clients_seen:
+        if _clients_seen.get(id(client)) is client:
             return
-        _clients_seen.add(client)
+        _clients_seen[id(client)] = client
     if not _config_of(client).journal_enabled:
         return
     # Only records written before now are adopted: later ones belong to settlements
@@ -6897,15 +7357,17 @@ def _recover(client: Any, timeout: float | None) -> RecoverySummary:
     if journal is None or journal.directory is None:
         _log.info("recover: the commit journal is disabled or not writable; nothing to replay")
         return summary
-    deadline = None if timeout is None else time.monotonic() + timeout
+    limit = None if timeout is None else time.monotonic() + timeout
+    bound = _deadline.get() if limit is None else _effective_deadline(limit)
     _claim_replay(journal)  # this is the process's replay of this identity
     records, summary.quarantined = _scan_journal(journal)
     summary.found = len(records)
+    _settlements.take_kept({r.reservation_id for r in records})  # parked: recover takes over
     fresh = _not_queued(records)
     summary.kept = len(records) - len(fresh)
     jobs = _replay_jobs(client, fresh)
     commit_mode = {id(job) for job in jobs if job.record.mode == "commit"}
-    _settle_until(jobs, deadline, summary)
+    _settle_until(jobs, bound, summary)
     summary.switched_to_event = sum(
         1 for job in jobs if id(job) in commit_mode and job.record.mode == "event"
     )
@@ -6931,6 +7393,7 @@ def _settle_until(
             summary.discarded += 1
         else:
             summary.kept += 1
+            _settlements.keep(job)
     for _due, _n, job in heap:
         if job.attempt:
             summary.kept += 1
@@ -6944,7 +7407,8 @@ async def _recover_async(client: Any, timeout: float | None) -> RecoverySummary:
     import asyncio
 
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(client._io_executor(), _recover, client, timeout)
+    replay = functools.partial(contextvars.copy_context().run, _recover, client, timeout)
+    return await loop.run_in_executor(client._io_executor(), replay)
 
 
 # ===========================================================================
@@ -6956,6 +7420,13 @@ _default_client: CyclesClient | None = None
 _default_async_client: AsyncCyclesClient | None = None
 _default_config: CyclesConfig | None = None
 _config_clients: Dict[bool, Any] = {}  # clients made from _default_config, by is_async
+
+
+@_after_fork_in_child
+def _defaults_after_fork() -> None:
+    """The default clients stay (their pools reset themselves); the lock is the child's."""
+    global _defaults_lock
+    _defaults_lock = threading.Lock()
 
 
 def set_default_client(client: CyclesClient | AsyncCyclesClient) -> None:
@@ -7215,6 +7686,127 @@ def _async_guarded(fn: Callable[..., Any], spec: _CyclesSpec, explicit: Any) -> 
 
 
 # ===========================================================================
+# Runtime annotations: typing.get_type_hints() on the public classes
+# ===========================================================================
+
+# Annotations are strings (``from __future__ import annotations``) that name typing
+# names imported for the type checker only, and use ``X | None`` and ``dict[...]``,
+# which Python 3.8/3.9 cannot evaluate: typing.get_type_hints() (pydantic's
+# TypeAdapter, cattrs, FastAPI) would raise NameError or TypeError.  Each public
+# class's ``__annotations__`` therefore translates itself into typing objects the
+# first time a tool reads its values; ``typing`` is imported then, never at import.
+# Names only the type checker knows (private aliases) read as ``typing.Any``.
+
+
+class _LazyAnnotations(dict):  # type: ignore[type-arg]
+    """A class's ``__annotations__``: strings until a tool reads the values."""
+
+    def _resolved(self) -> _LazyAnnotations:
+        if not getattr(self, "_done", False):
+            for name, text in dict.items(self):
+                if isinstance(text, str):
+                    dict.__setitem__(self, name, _runtime_annotation(text))
+            self._done = True
+        return self
+
+    def items(self) -> Any:
+        return dict.items(self._resolved())
+
+    def values(self) -> Any:
+        return dict.values(self._resolved())
+
+    def __getitem__(self, name: str) -> Any:
+        return dict.__getitem__(self._resolved(), name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return dict.get(self._resolved(), name, default)
+
+
+class _AnnotationNames(dict):  # type: ignore[type-arg]
+    """The names an annotation may use, each wrapped in a _TypeExpr (eval's locals)."""
+
+    def __missing__(self, name: str) -> _TypeExpr:
+        import builtins
+        import typing
+
+        for namespace in (globals(), vars(typing), vars(builtins)):
+            if name in namespace:
+                return _TypeExpr(namespace[name])
+        return _TypeExpr(typing.Any)
+
+
+class _TypeExpr:
+    """A value inside an annotation being evaluated: ``|`` makes a Union, ``[...]``
+    subscripts (``dict[...]`` as ``typing.Dict[...]`` on Python 3.8)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __or__(self, other: Any) -> _TypeExpr:
+        import typing
+
+        return _TypeExpr(typing.Union[self.value, _type_value(other)])
+
+    def __ror__(self, other: Any) -> _TypeExpr:
+        import typing
+
+        return _TypeExpr(typing.Union[_type_value(other), self.value])
+
+    def __getitem__(self, args: Any) -> _TypeExpr:
+        import typing
+
+        builtin_generics: Dict[Any, Any] = {
+            dict: typing.Dict, list: typing.List, set: typing.Set, tuple: typing.Tuple,
+            frozenset: typing.FrozenSet, type: typing.Type,
+        }
+        origin = builtin_generics.get(self.value, self.value)
+        if origin is typing.Literal:  # its strings are values, not names
+            return _TypeExpr(origin[args])
+        return _TypeExpr(origin[_type_value(args)])
+
+    def __getattr__(self, name: str) -> _TypeExpr:
+        import typing
+
+        return _TypeExpr(getattr(self.value, name, typing.Any))
+
+
+def _type_value(part: Any) -> Any:
+    if isinstance(part, _TypeExpr):
+        return part.value
+    if isinstance(part, (tuple, list)):
+        return type(part)(_type_value(item) for item in part)
+    if isinstance(part, str):  # a quoted name inside an annotation: List["_Effect"]
+        return _runtime_annotation(part)
+    return part
+
+
+def _runtime_annotation(text: str) -> Any:
+    """The typing object an annotation string stands for (``typing.Any`` if it cannot
+    be evaluated)."""
+    import typing
+
+    try:
+        value = eval(text, {"__builtins__": {}}, _AnnotationNames())  # noqa: S307
+    except Exception:  # an annotation is never worth an error here
+        return typing.Any
+    return _type_value(value)
+
+
+def _annotate_public_classes(names: Iterable[str]) -> None:
+    """Give every public class (and the classes of this module it inherits from)
+    annotations that typing.get_type_hints() can evaluate."""
+    namespace = globals()
+    for name in names:
+        public = namespace.get(name)
+        for cls in public.__mro__ if isinstance(public, type) else ():
+            own = vars(cls).get("__annotations__")  # what get_type_hints() reads
+            if cls.__module__ == __name__ and own and not isinstance(own, _LazyAnnotations):
+                cls.__annotations__ = _LazyAnnotations(own)
+
+
+# ===========================================================================
 # CLI
 # ===========================================================================
 
@@ -7299,6 +7891,8 @@ def _cli_failed(response: CyclesResponse, what: str, print_body: bool) -> int:
     code = _error_code(response)
     code_text = " " + code if code else ""
     detail = f"HTTP {response.status}{code_text}: {response.error_message}"
+    if (response.error_message or "").startswith(f"HTTP {response.status} "):
+        detail = response.error_message or ""
     if response.request_id:
         detail += f" (request id {response.request_id})"
     _cli_error(f"{what} failed: {_cli_cell(detail)}")
@@ -7363,7 +7957,7 @@ def _cli_check(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
         "api_key": "set" if config.api_key else "not set",
         "admin_api_key": "set" if config.admin_api_key else "not set",
         "auth": "admin key" if admin_only else "api key",
-        "ok": response.is_success,
+        "ok": response.is_success and isinstance(response.get_body_attribute("reservations"), list),
         "status": response.status,
         "latency_ms": elapsed_ms,
         "tenant": response.cycles_tenant or (tenant if admin_only else None),
@@ -7375,6 +7969,9 @@ def _cli_check(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
         _cli_table(["CHECK", "RESULT"], [[k, _cli_cell(v)] for k, v in report.items()])
     if not response.is_success:
         return _cli_failed(response, "check", print_body=False)  # the report is the output
+    if not report["ok"]:
+        _cli_error("check failed: " + _not_cycles_message(response.status, response.headers))
+        return EXIT_API_ERROR
     return EXIT_OK
 
 
@@ -7625,6 +8222,8 @@ _CLI_COMMANDS: List[Tuple[str, str, Callable[..., int], List[Tuple[str, Dict[str
         _arg("--expected-signer", metavar="HEX", help="pin the raw-hex signer key"),
     ]),
 ]
+
+_annotate_public_classes(__all__)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -106,6 +106,10 @@ EXTRA_NAMES = {
     "RecoverySummary",
     "flush",
     "aflush",
+    "CyclesConnectionError",
+    "InvalidFieldError",
+    "FlushResult",
+    "deadline",
     "EvidenceVerification",
     "verify_evidence",
 }
@@ -455,7 +459,8 @@ class TestModels(unittest.TestCase):
 
     def test_read_response_is_pure_and_tolerant(self) -> None:
         html = cl._read_response(502, [("Content-Type", "text/html")], b"<html>bad gateway</html>")
-        self.assertEqual((html.status, html.body, html.error_message), (502, None, "HTTP 502"))
+        self.assertEqual((html.status, html.body), (502, None))
+        self.assertTrue(html.error_message.startswith("HTTP 502 (text/html) is not a Cycles"))
         self.assertTrue(html.is_server_error)
         broken = cl._read_response(200, [], b'{"status": "COMMI')
         self.assertEqual((broken.is_success, broken.body), (True, {}))
@@ -512,7 +517,10 @@ class TestModels(unittest.TestCase):
             CyclesResponse.transport_error(ConnectionResetError("rst")), "C"
         )
         self.assertIsInstance(transport, CyclesTransportError)
-        self.assertEqual((transport.status, str(transport)), (-1, "C: rst"))
+        self.assertEqual(
+            (transport.status, str(transport)),
+            (-1, "C: the connection closed before a complete answer (rst)"),
+        )
         self.assertIsInstance(transport.cause, ConnectionResetError)  # type: ignore[attr-defined]
         self.assertTrue(transport.is_retryable())
 
@@ -2125,7 +2133,7 @@ class TestSettlementOutcomeTable(unittest.TestCase):
 
     def test_bad_arguments(self) -> None:
         with self.assertRaises(ValueError):
-            decide("release", 200)
+            decide("extend", 200)
         with self.assertRaises(ValueError):
             decide("commit", 200, attempt=0)
 
@@ -4358,7 +4366,7 @@ class _LcSettlementCases(_LcCase):
         self.srv.inject("commit", "status", status=502, times=3)
         with self.assertLogs(_LC_LOGGER, "ERROR") as logs:
             self.call(lambda: None, estimate=10, actual=3, client=client)
-            self.assertTrue(cl.flush(5))
+            self.assertEqual(cl.flush(5), cl.FlushResult(settled=0, pending=1, given_up=0))
         rid = self.reservation_id()
         self.assert_one_key("commit", 3)
         self.assertNotIn("release", self.ops())
@@ -5008,7 +5016,8 @@ def barrier(step):
 
 
 def flush(step):
-    emit("flushed", drained=cycles_lite.flush(step.get("timeout", 5.0)))
+    result = cycles_lite.flush(step.get("timeout", 5.0))
+    emit("flushed", drained=bool(result), pending=result.pending)
 
 
 def move(step):
@@ -5105,6 +5114,13 @@ class _DurCase(unittest.TestCase):
         os.mkdir(self.home)
         self.journal_root = os.path.join(self.workdir, "journal")
         self.srv = self._start_server({_DUR_KEY: _DUR_TENANT})
+        self.addCleanup(self._forget_kept_settlements)
+
+    def _forget_kept_settlements(self) -> None:
+        """Commits kept in this process's memory die with the test's journal and server."""
+        self.srv.clear_faults()
+        cycles_lite.flush(10.0)
+        cycles_lite._settlements.take_kept()
 
     def _start_server(self, api_keys: Dict[str, str]) -> LocalCyclesServer:
         srv = LocalCyclesServer(
@@ -5564,8 +5580,9 @@ class TestJournalRules(_DurCase):
         cases: List[Tuple[str, Dict[str, Any], Optional[str], int, int]] = [
             ("success", {}, None, 1, 0),
             ("exhausted", {"status": 503}, "commit", 3, 0),
-            ("unauthorized", {"status": 401}, "commit", 1, 0),
-            ("forbidden", {"status": 403}, "commit", 1, 0),
+            # kept at the first attempt: flush tries a kept commit once more
+            ("unauthorized", {"status": 401}, "commit", 2, 0),
+            ("forbidden", {"status": 403}, "commit", 2, 0),
             ("unknown-code-4xx", {"status": 422, "error": "SOMETHING_NEW"}, "commit", 3, 0),
             ("proxy-html-4xx", {"html": 404}, "commit", 3, 0),
             ("codeless-4xx", {"status": 400, "body": {"message": "?"}}, "commit", 3, 0),
@@ -5589,7 +5606,7 @@ class TestJournalRules(_DurCase):
                     self.srv.inject("event", "status", status=event_status, times=None)
                 client = self.client(journal_dir=root, retry_max_attempts=2)
                 self.assertEqual(_dur_guarded(client), "done")
-                self.assertTrue(cycles_lite.flush(10.0))
+                self.assertEqual(cycles_lite.flush(10.0).pending, 0 if kept_mode is None else 1)
                 records = list(_dur_records(root).values())
                 if kept_mode is None:
                     self.assertEqual(records, [])
@@ -5601,6 +5618,8 @@ class TestJournalRules(_DurCase):
                 keys = {_dur_key_of(r) for r in commits + events}
                 self.assertEqual(len(keys), 1, "every attempt reuses the original key")
                 self.assertEqual(self.srv.requests_for("release"), [], "never released")
+                cycles_lite._settlements.take_kept()  # its journal is this subtest's only:
+                shutil.rmtree(root)  # gone, so later flushes do not count its records
         self.srv.clear_faults()
 
     def test_429_floor_is_persisted_and_flush_leaves_records_intact(self) -> None:
@@ -5662,7 +5681,7 @@ class TestJournalRules(_DurCase):
             return "ok"
 
         work()
-        self.assertTrue(cycles_lite.flush(5.0))
+        self.assertFalse(cycles_lite.flush(5.0))  # kept: retried once more, still failing
         self.srv.clear_faults()
         path, _record = _dur_only_record(self, self.journal_root)
         self.assertEqual(
@@ -5855,7 +5874,7 @@ class TestRecoveryReplay(_DurCase):
         child.finish(self)
         guarded = [e for e in child.events() if e["event"] == "guarded"]
         self.assertLess(guarded[0]["elapsed_ms"], 1_000, "the replay did not delay the call")
-        self.assertTrue(child.event("flushed")["drained"])
+        self.assertEqual(child.event("flushed")["pending"], 1, "the late record, on disk")
         events = self.srv.requests_for("event")
         key = record["event_fallback_body"]["idempotency_key"]
         self.assertEqual([(_dur_key_of(r), r.status) for r in events], [(key, 201)])

@@ -321,10 +321,11 @@ class TestSyncClientMock(_MockCases, unittest.TestCase):
         self.assertTrue(journal.write(left))
         self.client._config = config
         self.decorated()
-        self.assertTrue(cl.flush(5))
+        self.assertEqual(cl.flush(5).pending, 1)  # left for a real client, and reported
         self.assertEqual([c.args[0] for c in self.client.commit_reservation.call_args_list],
                          ["res-1"])
         self.assertEqual(len(journal.load_pending()), 1)  # still there for a real client
+        journal.remove(left.reservation_id)
 
 
 class TestAsyncClientMock(_MockCases, unittest.TestCase):
@@ -887,3 +888,54 @@ class TestRepeatingCursor(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TestReviewFindings(_ServerCase):
+    """Two holes a review found in the lifecycle's bookkeeping."""
+
+    def test_a_client_subclass_with_eq_is_accepted(self) -> None:
+        class ComparableClient(CyclesClient):
+            def __eq__(self, other: object) -> bool:  # makes instances unhashable
+                return self is other
+
+        client = ComparableClient(self.config(journal_enabled=True,
+                                              journal_dir=self.journal_dir()))
+        self.addCleanup(client.close)
+        for _ in range(2):
+            with client.reserve(10) as guard:
+                guard.commit(7)
+        self.assertEqual(self.balance()["spent"], 14)
+
+    def test_a_commit_interrupted_inside_its_journal_write_is_journaled_by_the_worker(
+        self,
+    ) -> None:
+        directory = self.journal_dir()
+        client = CyclesClient(self.config(journal_enabled=True, journal_dir=directory,
+                                          retry_initial_delay=0.05))
+        self.addCleanup(client.close)
+        self.srv.inject("commit", "status", times=1, status=503)
+        real_write = cl._CommitJournal.write
+        writes: List[str] = []
+
+        def write_interrupted_once(journal: Any, record: Any) -> bool:
+            writes.append(record.reservation_id)
+            if len(writes) == 1:
+                raise KeyboardInterrupt  # Ctrl-C lands inside the journal write
+            return real_write(journal, record)
+
+        with mock.patch.object(cl._CommitJournal, "write", write_interrupted_once):
+            with self.assertRaises(KeyboardInterrupt):
+                with client.reserve(10):
+                    pass
+            self.assertTrue(cl.flush(10))
+        self.assertEqual(len(writes), 2, "the worker writes the record the caller could not")
+        self.assertEqual(self.balance()["spent"], 10)
+        self.assertEqual(self.balance()["reserved"], 0)
+
+    def journal_dir(self) -> str:
+        import shutil
+        import tempfile
+
+        directory = tempfile.mkdtemp(prefix="cycles-lite-life-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        return directory
