@@ -85,8 +85,10 @@ Choices where the spec is silent (the reference server's, "[R]", unless noted):
   event) fails closed with 500; reads still work (this server's own hook).
 * Finalized and expired reservations, idempotency records and events are
   kept ``retention_s`` (24 h) of server clock, then pruned; afterwards a
-  get is 404 and a replayed key is new. JSON nested deeper than 64 levels
-  is 400. A request that fails after validation undoes every change (500).
+  get is 404 and a replayed key is new. JSON nested deeper than 64 levels,
+  numbers outside a double's range (``1e400``) and lone UTF-16 surrogates
+  are 400. A request that fails after validation, evidence signing included,
+  undoes every change (500).
 
 All-day use (this server's own): ``/actuator/health``; the governance-admin
 subset (tenants create/get/list; budgets create/list/lookup/fund/freeze/
@@ -136,6 +138,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 if TYPE_CHECKING:  # pragma: no cover
     import ssl
+    from io import BufferedIOBase
 
 __version__ = "0.1.0"
 
@@ -207,6 +210,8 @@ _GRACE_RANGE = (0, 60_000)
 _EXTEND_RANGE = (1, 86_400_000)
 _TLS_HANDSHAKE_TIMEOUT_S = 10.0
 _STOP_JOIN_TIMEOUT_S = 2.0
+# a log line shows at most this much of a request's path, error text, ...
+_LOGGED_TEXT_CHARS = 300
 _MAX_DRAIN_BYTES = 16 << 20
 _SECRET_HEADERS = frozenset({"x-cycles-api-key", "x-admin-api-key"})
 
@@ -214,6 +219,7 @@ _SUBJECT_VALUE_RE = re.compile(r"[a-zA-Z0-9_.-]+")
 _TRACEPARENT_RE = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
 _TRACE_ID_RE = re.compile(r"[0-9a-f]{32}")
 _EVIDENCE_ID_RE = re.compile(r"[0-9a-f]{64}")
+_KEY_MARKER_RE = re.compile(r"cyc_[a-z]{1,16}_")
 _LIMIT_RE = re.compile(r"[0-9]{1,4}")
 _DATETIME_RE = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
@@ -478,13 +484,49 @@ def _reject_json_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _parse_json(raw: bytes) -> Any:
-    """Strict JSON: UTF-8, no NaN/Infinity, at most MAX_JSON_DEPTH levels. Raises ValueError."""
+_INFINITY = float("inf")
+
+
+class _Unrepresentable(ValueError):
+    """Valid JSON text whose value has no canonical JSON form (JCS, UTF-8)."""
+
+
+# \ud800-\udfff escapes: json.loads turns an unpaired one into a lone surrogate
+_SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (_INFINITY, -_INFINITY):
+        raise _Unrepresentable(f"number {text[:40]} is out of range")
+    return value
+
+
+def _float_sized_int(text: str) -> int:
+    """An integer a JSON number (an IEEE double) can hold the magnitude of."""
+    value = int(text)
     try:
-        value = json.loads(raw.decode("utf-8"), parse_constant=_reject_json_constant)
+        float(value)
+    except OverflowError:
+        raise _Unrepresentable(f"number {text[:40]}... is out of range") from None
+    return value
+
+
+def _parse_json(raw: bytes) -> Any:
+    """Strict JSON: UTF-8, finite numbers (no NaN/Infinity, nothing like 1e400), no
+    lone UTF-16 surrogates, at most MAX_JSON_DEPTH levels. Raises ValueError."""
+    try:
+        text = raw.decode("utf-8")
+        value = json.loads(text, parse_constant=_reject_json_constant,
+                           parse_float=_finite_float, parse_int=_float_sized_int)
     except RecursionError as exc:
         raise _TooDeep() from exc
     _check_depth(value)
+    if _SURROGATE_ESCAPE_RE.search(text):
+        try:
+            _canonical_json(value).encode("utf-8")
+        except UnicodeEncodeError:
+            raise _Unrepresentable("a string holds a lone UTF-16 surrogate") from None
     return value
 
 
@@ -1058,8 +1100,12 @@ _DEFAULT_PERMISSIONS = (
 
 
 def _key_prefix(secret: str) -> str:
-    """The visible start of a key (at most 14 characters, never more than half of it)."""
-    return secret[: min(14, len(secret) // 2)]
+    """The visible start of a given key: a ``cyc_live_``-style marker, then at most
+    4 characters, never more than a quarter of what follows the marker."""
+    marker = _KEY_MARKER_RE.match(secret)
+    head = marker.group(0) if marker else ""
+    rest = secret[len(head):]
+    return head + rest[: min(4, len(rest) // 4)]
 
 
 def _secret_hash(secret: str) -> str:
@@ -1163,6 +1209,8 @@ class _Ledger:
         # (prune at ms, kind, key), in time order: the clock never goes backward
         self._prune_queue: Deque[Tuple[int, str, Any]] = collections.deque()
         self._undo: Optional[List[Callable[[], object]]] = None
+        # run on a successful outcome inside its atomic unit (see sealing())
+        self._seal: Optional[Callable[[_Outcome], None]] = None
         self._seq = 0
         self.changes = 0  # bumped by every change; --state saves when it moved
         # told the id of each reservation pruned (lock held): what refers to it goes too
@@ -1412,6 +1460,23 @@ class _Ledger:
         self.changes += 1
         self._retire_pending()
 
+    @contextlib.contextmanager
+    def sealing(self, seal: Callable[[_Outcome], None]) -> Iterator[None]:
+        """Hold the lock; the reserve/decide/commit/release run inside calls ``seal``
+        with its outcome before its change is kept: if ``seal`` raises, it is undone."""
+        with self._lock:
+            self._seal = seal
+            try:
+                yield
+            finally:
+                self._seal = None
+
+    def _sealed(self, outcome: _Outcome) -> _Outcome:
+        """Seal an outcome (call inside _atomic): evidence is signed before the change stays."""
+        if self._seal is not None:
+            self._seal(outcome)
+        return outcome
+
     def _touch(self, *records: Any) -> None:
         """Remember the fields of budgets/reservations about to change."""
         if self._undo is None:
@@ -1516,7 +1581,7 @@ class _Ledger:
                 if request.get("dry_run", False):
                     body = self._dry_run_body(closed, scopes, estimate)
                     self._bind(slot, _Stored.of(payload_hash, 200, body), None)
-                    return _Outcome(200, body)
+                    return self._sealed(_Outcome(200, body))
                 if closed:
                     raise ApiError(409, "TENANT_CLOSED", f"Tenant {tenant} is closed")
                 evaluation = self._evaluate(scopes, estimate["unit"], estimate["amount"])
@@ -1542,7 +1607,7 @@ class _Ledger:
                 if evaluation.caps:
                     body["caps"] = copy.deepcopy(evaluation.caps)
                 self._bind(slot, _Stored.of(payload_hash, 200, body), reservation)
-                return _Outcome(200, body, applied=True)
+                return self._sealed(_Outcome(200, body, applied=True))
 
     def decide(self, tenant: str, request: JsonObject, payload_hash: str) -> _Outcome:
         with self._lock:
@@ -1560,7 +1625,7 @@ class _Ledger:
                     if name in body:
                         decision[name] = body[name]
                 self._bind(slot, _Stored.of(payload_hash, 200, decision), None)
-                return _Outcome(200, decision)
+                return self._sealed(_Outcome(200, decision))
 
     def _dry_run_body(self, closed: bool, scopes: List[str], estimate: JsonObject) -> JsonObject:
         """A non-mutating evaluation: denials become 200 DENY with a reason_code."""
@@ -1723,7 +1788,7 @@ class _Ledger:
                     }
                 body["balances"] = [b.snapshot() for b in budgets]
                 self._bind(slot, _Stored.of(payload_hash, 200, body), reservation)
-                return _Outcome(200, body, applied=True)
+                return self._sealed(_Outcome(200, body, applied=True))
 
     def release(
         self, caller: _Caller, reservation_id: str, request: JsonObject, payload_hash: str
@@ -1753,7 +1818,7 @@ class _Ledger:
                     "balances": [b.snapshot() for b in budgets],
                 }
                 self._bind(slot, _Stored.of(payload_hash, 200, body), reservation)
-                return _Outcome(200, body, applied=True)
+                return self._sealed(_Outcome(200, body, applied=True))
 
     def extend(
         self, caller: _Caller, reservation_id: str, request: JsonObject, payload_hash: str
@@ -2353,8 +2418,8 @@ class _Api:
             else:
                 caller = self._authenticate(route.operation, request)
                 outcome = self._dispatch(route, request, caller)
-                if self._evidence_log is not None:
-                    self._stamp_evidence(route, request, caller, outcome.body)
+                if self._evidence_log is not None and route.operation == "get":
+                    self._evidence_log.attach_refs([outcome.body])
             return _Response(
                 outcome.status, outcome.body, tenant=caller.tenant, applied=outcome.applied
             )
@@ -2368,18 +2433,6 @@ class _Api:
                     route.operation, request, route, response.status, response.body
                 )
             return response
-
-    def _stamp_evidence(
-        self, route: _Route, request: _Request, caller: _Caller, body: JsonObject
-    ) -> None:
-        """Evidence refs on a decide/reserve/commit/release answer and a reservation."""
-        evidence = self._evidence_log
-        if evidence is None:
-            return
-        if route.operation in _ARTIFACT_OF:
-            evidence.record_success(route.operation, request, caller, route, body)
-        elif route.operation == "get":
-            evidence.attach_refs([body])
 
     def _authenticate(self, operation: str, request: _Request) -> _Caller:
         api_key = request.headers.get("x-cycles-api-key")
@@ -2433,6 +2486,25 @@ class _Api:
         digest = _payload_hash(body)
         if operation in ("create", "decide", "event"):
             _check_subject_tenant(body["subject"], str(caller.tenant))
+        apply = functools.partial(self._apply, operation, caller, reservation_id, body, digest)
+        evidence = self._evidence_log
+        if evidence is None or operation not in _ARTIFACT_OF:
+            return apply()
+        sealed: List[_Outcome] = []
+
+        def seal(outcome: _Outcome) -> None:
+            evidence.record_success(operation, request, caller, route, outcome.body)
+            sealed.append(outcome)
+
+        # The envelope is signed inside the ledger change: if signing fails, so does it.
+        with self._ledger.sealing(seal):
+            outcome = apply()
+        if not sealed:  # a replay: nothing changed, so nothing to undo if signing fails
+            seal(outcome)
+        return outcome
+
+    def _apply(self, operation: str, caller: _Caller, reservation_id: str, body: JsonObject,
+               digest: str) -> _Outcome:
         ledger = self._ledger
         if operation == "create":
             return ledger.create(str(caller.tenant), body, digest)
@@ -2632,7 +2704,7 @@ def _validated_body(
         raise _invalid("request body is required")
     try:
         body = _parse_json(request.raw_body)
-    except _TooDeep as exc:
+    except (_TooDeep, _Unrepresentable) as exc:
         raise _invalid(f"request body: {exc}") from None
     except ValueError:
         raise _invalid("request body is not valid JSON") from None
@@ -2853,6 +2925,10 @@ class _AdminPlane:
                 ledger._touch(existing)
                 existing.display_name = body["name"]
                 return _Outcome(200, self._tenant_view(existing))
+            parent = body.get("parent_tenant_id")
+            if parent is not None and parent not in ledger._tenants:
+                raise ApiError(400, "TENANT_NOT_FOUND", f"parent_tenant_id: Tenant {parent} "
+                                                        "not found")
             tenant = _Tenant(name=body["tenant_id"], created_at_ms=ledger._clock.now_ms(),
                              display_name=body["name"])
             for wire, attribute in _TENANT_FIELDS:
@@ -2958,8 +3034,8 @@ class _AdminPlane:
         if record is None:
             raise ApiError(400, "TENANT_NOT_FOUND", f"Tenant {tenant} not found")
         self._ledger._guard_mutation(tenant)
-        if record.status != "ACTIVE":
-            raise _invalid(f"Tenant {tenant} is {record.status}")
+        if record.status != "ACTIVE":  # the spec: "Tenant must exist and be ACTIVE" (400)
+            raise ApiError(400, "TENANT_SUSPENDED", f"Tenant {tenant} is {record.status}")
 
     def _listBudgets(self, request: _Request, caller: _Caller, _: Optional[str]) -> _Outcome:
         params = _QueryParams(request.query)
@@ -3110,6 +3186,8 @@ class _AdminPlane:
             now = ledger._clock.now_ms()
             expires = (_parse_datetime_ms(body["expires_at"]) if "expires_at" in body
                        else now + _KEY_LIFETIME_MS)
+            if expires <= now:
+                raise _invalid("expires_at must be in the future")
             record = _ApiKey(
                 key_id=str(uuid.uuid4()), tenant_id=tenant, key_prefix=secret[:15],
                 created_at_ms=now, name=body["name"], description=body.get("description"),
@@ -4155,6 +4233,7 @@ class _Connection:
         self.idle = True
         self.phase = "idle"
         self.since = time.monotonic()
+        self.cut = False  # shut down by the server: what is read from it now is never run
 
     def enter(self, phase: str) -> None:
         with self.lock:
@@ -4176,6 +4255,7 @@ class _Connection:
         return now - self.since > limit
 
     def shutdown(self) -> None:
+        self.cut = True
         # socket.socket.shutdown, not SSLSocket.shutdown: leave the TLS object
         # to the handler thread that may be blocked reading it.
         with contextlib.suppress(OSError):
@@ -4320,11 +4400,24 @@ class _HTTPServer(ThreadingHTTPServer):
         error = sys.exc_info()[1]
         if isinstance(error, OSError):
             return
-        self.owner._log_line(f"internal error while serving {client_address}: {error!r}")
+        self.owner._log_line(
+            f"internal error while serving {client_address}: {_capped(repr(error))}")
 
     def connection_for(self, request: Any) -> _Connection:
         with self.registry_lock:
             return self.connections.get(id(request)) or _Connection(request)
+
+
+class _LastLineReader:
+    """The request stream as http.client.parse_headers reads it, keeping the last line."""
+
+    def __init__(self, stream: BufferedIOBase) -> None:
+        self._stream = stream
+        self.last = b""
+
+    def readline(self, limit: int = -1) -> bytes:
+        self.last = self._stream.readline(limit)
+        return self.last
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -4366,12 +4459,32 @@ class _Handler(BaseHTTPRequestHandler):
 
     def parse_request(self) -> bool:
         self.conn.enter("reading")
-        if not super().parse_request():
-            return False
+        rfile = self.rfile
+        header_lines = _LastLineReader(rfile)
+        self.rfile = header_lines  # type: ignore[assignment]
+        try:
+            if not super().parse_request():
+                return False
+        finally:
+            self.rfile = rfile
         if self.request_version == "HTTP/0.9":
             self.send_error(400, "HTTP/0.9 requests are not supported")
             return False
+        # http.client.parse_headers takes end of input (a timeout's shutdown, a
+        # half-close) for the end of the headers: such a request is dropped unrun.
+        if header_lines.last not in (b"\r\n", b"\n"):
+            self._drop("its headers were cut short")
+            return False
+        if self.conn.cut:
+            self._drop("its connection was closed (read timeout or stop)")
+            return False
         return True
+
+    def _drop(self, why: str) -> None:
+        """Close without running or answering the request."""
+        self.close_connection = True
+        self.server.owner._log_line(
+            f"{_capped(self.command or '')} {_capped(self.path or '')} dropped: {why}")
 
     def log_message(self, format: str, *args: Any) -> None:
         """Silence http.server's stderr logging; requests are logged by _serve."""
@@ -4445,7 +4558,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             plan = self._plan(route, request, entry)
         except Exception as error:  # answer 500, never kill the thread
-            owner._log_line(f"internal error on {self.command} {split.path}: {error!r}")
+            owner._log_line(f"internal error on {self.command} {_capped(split.path)}: "
+                            f"{_capped(repr(error))}")
             plan = _Plan(_error_response(500, "INTERNAL_ERROR", "Internal server error", request))
         response = plan.response
         entry.applied = plan.applied
@@ -4474,6 +4588,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return _Plan(_error_response(error.status, "INVALID_REQUEST", error.message, request))
         entry.raw_body = request.raw_body[:MAX_LOGGED_BODY_BYTES]
+        if self.conn.cut:  # timed out or stopping while the body came in
+            self.close_connection = True
+            return _Plan(None)
         self.conn.enter("working")
         fault = owner._faults.take(entry.operation)
         entry.fault = fault.kind if fault else None
@@ -4582,6 +4699,18 @@ class _Handler(BaseHTTPRequestHandler):
         return payload[-1:]
 
 
+def _printable(text: str) -> str:
+    """``text`` with every non-printable character (CR, LF, NUL, ...) escaped."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
+
+
+def _capped(text: str, limit: int = _LOGGED_TEXT_CHARS) -> str:
+    """At most ``limit`` characters of request-derived text for one log line."""
+    return text if len(text) <= limit else text[:limit] + f"...({len(text)} chars)"
+
+
 def _try_json(raw: bytes) -> Any:
     if not raw:
         return None
@@ -4681,6 +4810,17 @@ class _StateFile:
             self._saved_changes = changes
             return True
 
+    def check_writable(self) -> None:
+        """ValueError naming the file unless a save could write next to it."""
+        probe = f"{self.path}.tmp-{os.getpid()}"
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT, 0o600))
+            os.unlink(probe)
+        except OSError as error:
+            raise ValueError(
+                f"--state {self.path}: cannot write it: {error.strerror or error}"
+            ) from None
+
 
 def _write_atomically(path: str, text: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
@@ -4705,8 +4845,11 @@ def _write_atomically(path: str, text: str) -> None:
 
 
 def _check_seconds(name: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"{name} must be a positive number of seconds")
+    """A positive, finite number of seconds a thread can wait for (no inf, no NaN)."""
+    if (not isinstance(value, (int, float)) or isinstance(value, bool)
+            or not 0 < value <= threading.TIMEOUT_MAX):
+        raise ValueError(f"{name} must be a positive number of seconds, at most "
+                         f"{threading.TIMEOUT_MAX:.0f}, not {value!r}")
 
 
 # =============================================================================
@@ -4758,6 +4901,7 @@ class LocalCyclesServer:
         _check_amount("max_connections", max_connections, minimum=1)
         _check_amount("default_ttl_ms", default_ttl_ms, minimum=1)
         _check_amount("max_ttl_ms", max_ttl_ms, minimum=1)
+        _check_ttl_order(default_ttl_ms, max_ttl_ms, "settings")
         _check_amount("default_grace_ms", default_grace_ms)
         _check_amount("max_extensions", max_extensions)
         _check_amount("max_body_bytes", max_body_bytes, minimum=1)
@@ -4804,6 +4948,9 @@ class LocalCyclesServer:
             )
         self._state = _StateFile(state_file, state_interval_s) if state_file else None
         restored = self._state is not None and self._state.load(self._state_sections)
+        if self._state is not None:
+            self._state.check_writable()
+        self._state_error: Optional[str] = None  # why the last --state save failed
         # With a restored state the file wins; the seeds below add what it lacks.
         for name, spec in (tenants or {}).items():
             if restored and self._ledger.has_tenant(name):
@@ -4860,10 +5007,13 @@ class LocalCyclesServer:
             return False
         try:
             changes = self._ledger.changes + (self._evidence.changes if self._evidence else 0)
-            return self._state.save(self._state_sections, changes, force)
+            saved = self._state.save(self._state_sections, changes, force)
         except OSError as error:
-            self._log_line(f"could not save state to {self._state.path}: {error}")
+            self._state_error = f"could not save state to {self._state.path}: {error}"
+            self._log_line(self._state_error)
             return False
+        self._state_error = None
+        return saved
 
     def stop(self) -> None:
         """Stop serving, close every socket and wait briefly for handler threads."""
@@ -4962,8 +5112,8 @@ class LocalCyclesServer:
         status = "dropped" if entry.status is None else str(entry.status)
         extras = f" fault={entry.fault}" if entry.fault else ""
         self._log_line(
-            f"{entry.method} {entry.path} {status} op={entry.operation} "
-            f"tenant={entry.tenant or '-'}{details} {elapsed_ms:.1f}ms "
+            f"{_capped(entry.method)} {_capped(entry.path)} {status} op={entry.operation} "
+            f"tenant={entry.tenant or '-'}{_capped(details)} {elapsed_ms:.1f}ms "
             f"id={entry.request_id}{extras}"
         )
 
@@ -4972,6 +5122,7 @@ class LocalCyclesServer:
         if stream is None:
             return
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+        line = _printable(line)  # what came from a request can never forge a line
         with self._log_lock:
             try:
                 stream.write(f"{stamp}Z {line}\n")
@@ -5106,8 +5257,12 @@ class LocalCyclesServer:
 
 
 _BUDGET_OPTIONS = ("overdraft_limit", "debt", "spent")
+# an admin key kept out of the process list (the variable cycles_lite's client reads)
+_ADMIN_KEY_ENV = "CYCLES_ADMIN_API_KEY"
 # nobody inspects a command-line server's request log: keep it small
 _CLI_LOGGED_REQUESTS = 1000
+# MALFORMED (a simulated unreadable record) is for tests through the Python API
+_CLI_TENANT_STATUSES = ("ACTIVE", "SUSPENDED", "CLOSED")
 _TENANT_OPTIONS = ("default_ttl_ms", "max_ttl_ms", "default_grace_ms", "max_extensions")
 # the spec's ranges for the reservation policy settings
 _POLICY_RANGES = {
@@ -5155,6 +5310,9 @@ def _parse_tenant_flag(text: str) -> Tuple[str, JsonObject]:
     head, _, options = text.partition(",")
     name, _, status = head.partition("=")
     spec: JsonObject = {"status": status or "ACTIVE"}
+    if spec["status"] not in _CLI_TENANT_STATUSES:
+        raise ValueError(f"--tenant {text!r}: status must be one of "
+                         f"{', '.join(_CLI_TENANT_STATUSES)}, not {status!r}")
     for option in filter(None, options.split(",")):
         key, _, value = option.partition("=")
         if key in _TENANT_OPTIONS and value.isdigit():
@@ -5172,6 +5330,15 @@ def _check_policy_ranges(values: Mapping[str, Any], where: str) -> None:
         value = values.get(name)
         if value is not None and (not _is_int(value) or not low <= value <= high):
             raise ValueError(f"{where}: {name} must be between {low} and {high}, not {value!r}")
+    default_ttl, max_ttl = values.get("default_ttl_ms"), values.get("max_ttl_ms")
+    if default_ttl is not None and max_ttl is not None:
+        _check_ttl_order(default_ttl, max_ttl, where)
+
+
+def _check_ttl_order(default_ttl_ms: int, max_ttl_ms: int, where: str) -> None:
+    if default_ttl_ms > max_ttl_ms:
+        raise ValueError(f"{where}: default_ttl_ms ({default_ttl_ms}) must not exceed "
+                         f"max_ttl_ms ({max_ttl_ms})")
 
 
 def _cli_parser() -> Any:
@@ -5196,7 +5363,9 @@ def _cli_parser() -> Any:
     add("--api-key", action="append", default=[], metavar="KEY=TENANT",
         help="visible in the process list; prefer --config or the admin API for real keys")
     add("--admin-key", action="append", default=[], metavar="KEY",
-        help="accept this X-Admin-API-Key (admin API; list/get/release of reservations)")
+        help="accept this X-Admin-API-Key (admin API; list/get/release of reservations); "
+             f"visible in the process list (ps): prefer the {_ADMIN_KEY_ENV} environment "
+             "variable, which adds its key too")
     add("--tenant", action="append", default=[], metavar="TENANT[=STATUS][,OPTION=N...]",
         help="add a tenant; STATUS is ACTIVE, SUSPENDED or CLOSED; options: "
              "default_ttl_ms, max_ttl_ms, default_grace_ms, max_extensions, "
@@ -5282,6 +5451,8 @@ def _build_from_cli(argv: Optional[Sequence[str]], stream: IO[str]) -> LocalCycl
             parser.error("--api-key expects KEY=TENANT")
         api_keys[key] = tenant
     admin_keys = list(config.pop("admin_keys", [])) + list(args.admin_key)
+    if os.environ.get(_ADMIN_KEY_ENV):
+        admin_keys.append(os.environ[_ADMIN_KEY_ENV])
     for name in _PLAIN_FLAGS:
         if getattr(args, name) is not None:
             config[name] = getattr(args, name)
@@ -5292,6 +5463,8 @@ def _build_from_cli(argv: Optional[Sequence[str]], stream: IO[str]) -> LocalCycl
         parser.error(str(exc))
     host = args.host or config.pop("host", "127.0.0.1")
     port = args.port if args.port is not None else config.pop("port", 7878)
+    if not _is_int(port) or not 0 <= port <= 65535:
+        parser.error(f"--port must be between 0 and 65535, not {port!r}")
     config.pop("host", None)
     config.pop("port", None)
     if args.state:
@@ -5362,6 +5535,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         server.stop()
         signal.signal(signal.SIGTERM, previous)
+    if server._state_error is not None:
+        print(f"cycles_lite_server: {server._state_error}; changes since the last save "
+              "are lost", file=sys.stderr)
+        return 1
     print("Cycles local server stopped", flush=True)
     return 0
 

@@ -546,7 +546,8 @@ class TestDifferencesTable(unittest.TestCase):
             "Invalid input": "ValueError",
             "Empty `tool_allowlist`": "no restriction",
             "`ErrorCode.UNKNOWN`, unknown error codes": "not retryable",
-            "Release after the guarded function raised": "resent once",
+            "A release whose first attempt fails (429, 503, dropped connection, timeout)":
+                "retried in the background with the same key",
             "Proxies": "`CYCLES_PROXY` only",
         }
         for name, ours in required.items():

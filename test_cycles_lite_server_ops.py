@@ -775,7 +775,13 @@ class TestAdminApiKeys(AdminCase):
                          "INVALID_REQUEST")
         self.assertUnauthorized("GET", "/v1/admin/api-keys")
         past = {"tenant_id": "acme", "name": "old", "expires_at": "2001-01-01T00:00:00Z"}
-        secret = admin_call(self.srv, "POST", "/v1/admin/api-keys", past)[2]["key_secret"]
+        self.assertError(admin_call(self.srv, "POST", "/v1/admin/api-keys", past), 400,
+                         "INVALID_REQUEST")
+        soon = time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                             time.gmtime(self.srv.clock.now_ms() // 1000 + 2))
+        short = {"tenant_id": "acme", "name": "old", "expires_at": soon}
+        secret = admin_call(self.srv, "POST", "/v1/admin/api-keys", short)[2]["key_secret"]
+        self.srv.clock.advance(3000)
         self.assertError(call(self.srv, "GET", "/v1/balances?tenant=acme", key=secret), 401,
                          "UNAUTHORIZED")
         expired = admin_call(self.srv, "GET", "/v1/admin/api-keys?status=EXPIRED")[2]["keys"]
@@ -793,7 +799,9 @@ class TestCli(unittest.TestCase):
                             (["--tenant", "acme,max_ttl_ms=5"], "max_ttl_ms must be between"),
                             (["--budget", "tenant:acme=USD_MICROCENTS:5,status=OPEN"],
                              "bad option 'status=OPEN'"),
-                            (["--retention", "0"], "retention_s must be a positive number")):
+                            (["--retention", "0"], "retention_s must be a positive number"),
+                            (["--port", "70000"], "--port must be between 0 and 65535"),
+                            (["--port", "-1"], "--port must be between 0 and 65535")):
             done = self.run_cli("--port", "0", *args)
             self.assertEqual(done.returncode, 2, (args, done.stderr))
             self.assertIn(words, done.stderr)
