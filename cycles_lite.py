@@ -4282,8 +4282,8 @@ class _ScheduledHeartbeat:
     is due (one extend attempt, bounded by the transport's whole-attempt deadline,
     ``attempt_s``) and schedules the next.  ``stop()`` is final (a heartbeat is never
     restarted): it unschedules the heartbeat and waits for a beat in flight until that
-    attempt's deadline, so no extend is on the wire when the commit goes out; a result
-    that arrives after ``stop()`` is never fed to the steps.
+    attempt's deadline, so no extend that keeps to its deadline is on the wire when the
+    commit goes out; a result that arrives after ``stop()`` is never fed to the steps.
 
     The steps run outside every lock (they log).  The scheduler's lock guards
     ``stopped`` and which beat is running; whoever finds the steps idle closes them.
