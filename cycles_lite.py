@@ -4499,12 +4499,14 @@ class _Blocking(_Effect):
 
 
 class _StartHeartbeat(_Effect):
-    """Run ``steps`` in the background; the result is a handle for _StopHeartbeat."""
+    """Run ``steps`` in the background; the result is a handle for _StopHeartbeat.
+    ``attempt_s``: how long one extend attempt may take (the client's attempt timeout)."""
 
-    __slots__ = ("steps",)
+    __slots__ = ("attempt_s", "steps")
 
-    def __init__(self, steps: _Steps[None]) -> None:
+    def __init__(self, steps: _Steps[None], attempt_s: float) -> None:
         self.steps = steps
+        self.attempt_s = attempt_s
 
 
 class _StopHeartbeat(_Effect):
@@ -4553,7 +4555,8 @@ _attempt: contextvars.ContextVar[_Attempt | None] = contextvars.ContextVar(
 
 
 class _ClientMismatch(TypeError):
-    """A sync reservation on an async client, or the reverse."""
+    """A sync reservation on an async client, or the reverse: raised past the wire
+    handlers, which treat other errors as transport failures; callers get a TypeError."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -4578,7 +4581,7 @@ def _check_client(client: Any, is_async: bool, head: str = "client: expected") -
     if isinstance(client, other) or missing:
         detail = f" (missing {', '.join(missing)})" if missing and client is not None else ""
         article = "an" if is_async else "a"
-        raise _ClientMismatch(
+        raise TypeError(
             f"{head} {article} {wanted.__name__}, got {_type_name(client)}{detail}"
         )
 
@@ -4605,14 +4608,32 @@ def _refuse_kind(effect: _Send, result: Any, is_async: bool) -> None:
 
 
 def _response_of(effect: _Send, result: Any) -> CyclesResponse:
-    if isinstance(result, CyclesResponse):
+    """``result`` if it is a well-formed CyclesResponse (a mock or a subclass may not be),
+    else a transport failure: the outcome is unknown, a settlement retries the same key."""
+    flaw = _response_flaw(result)
+    if flaw is None and isinstance(result, CyclesResponse):
         return result
-    problem = TypeError(
-        f"{_PUBLIC_METHODS[effect.operation]}() returned {_type_name(result)},"
-        " not a CyclesResponse"
-    )
+    problem = TypeError(f"{_PUBLIC_METHODS[effect.operation]}() returned {flaw}")
     _log.error("%s; counted as a transport failure", problem)
     return CyclesResponse.transport_error(problem)
+
+
+def _response_flaw(result: Any) -> str | None:
+    """What makes ``result`` unusable as a CyclesResponse, or None."""
+    from collections.abc import Mapping as AnyMapping
+
+    if not isinstance(result, CyclesResponse):
+        return f"{_type_name(result)}, not a CyclesResponse"
+    status = getattr(result, "status", None)
+    if isinstance(status, bool) or not isinstance(status, int):
+        return f"a CyclesResponse whose status is {_type_name(status)}, not an int"
+    headers = getattr(result, "headers", None)
+    if not isinstance(headers, AnyMapping):
+        return f"a CyclesResponse whose headers are {_type_name(headers)}, not a mapping"
+    body = getattr(result, "body", None)
+    if body is not None and not isinstance(body, dict):
+        return f"a CyclesResponse whose body is {_type_name(body)}, not a dict or None"
+    return None
 
 
 def _failed_send(effect: _Send, exc: Exception) -> CyclesResponse:
@@ -4700,7 +4721,7 @@ def _perform_effect(send: _SendFn, effect: _Effect) -> Any:
     if isinstance(effect, _Blocking):
         return effect.work()
     if isinstance(effect, _StartHeartbeat):
-        return _ScheduledHeartbeat(send, effect.steps).start()
+        return _ScheduledHeartbeat(send, effect.steps, effect.attempt_s).start()
     if isinstance(effect, _StopHeartbeat):
         effect.handle.stop()
         return None
@@ -4714,8 +4735,8 @@ def _send_safely(send: _SendFn, effect: _Send) -> CyclesResponse:
     try:
         with _bounded_by(effect.deadline):
             return send(effect)
-    except _ClientMismatch:
-        raise
+    except _ClientMismatch as exc:
+        raise TypeError(*exc.args) from None
     except Exception as exc:
         return _failed_send(effect, exc)
 
@@ -4752,8 +4773,8 @@ async def _perform_effect_async(
     if isinstance(effect, _Send):
         try:
             return await _send_async(client, effect, heartbeat)
-        except _ClientMismatch:
-            raise
+        except _ClientMismatch as exc:
+            raise TypeError(*exc.args) from None
         except Exception as exc:
             return _failed_send(effect, exc)
     if isinstance(effect, _Sleep):
@@ -4869,27 +4890,31 @@ class _TaskHeartbeat:
 
 
 class _ScheduledHeartbeat:
-    """The sync heartbeat driver: its beats run on the process-wide ``_heartbeats`` thread.
+    """The sync heartbeat driver: its beats run on the process-wide ``_heartbeats`` pool.
 
     ``start()`` runs the steps up to their first sleep (they always sleep before
     sending) and hands the heartbeat to the scheduler, which runs each beat when it
-    is due (the extend attempt is bounded by the transport's whole-attempt
-    deadline) and schedules the next.  ``stop()`` is final (a heartbeat is never
-    restarted): it unschedules the heartbeat and waits for a beat in flight, so no
-    extend is on the wire when the commit goes out; a result that arrives after
-    ``stop()`` is never fed to the schedule.
+    is due (one extend attempt, bounded by the transport's whole-attempt deadline,
+    ``attempt_s``) and schedules the next.  ``stop()`` is final (a heartbeat is never
+    restarted): it unschedules the heartbeat and waits for a beat in flight until that
+    attempt's deadline, so no extend that keeps to its deadline is on the wire when the
+    commit goes out; a result that arrives after ``stop()`` is never fed to the steps.
+
+    The steps run outside every lock (they log).  The scheduler's lock guards
+    ``stopped`` and which beat is running; whoever finds the steps idle closes them.
     """
 
-    def __init__(self, send: _SendFn, steps: _Steps[None]) -> None:
+    def __init__(self, send: _SendFn, steps: _Steps[None], attempt_s: float) -> None:
         self._send = send
         self._steps = steps
-        self._lock = threading.Lock()
+        self.attempt_s = attempt_s
         self.stopped = False
+        self.queued = False  # an entry of it is in the scheduler's heap
+        self.deadline = 0.0  # time.monotonic() by which its beat in flight ends
         _reset_after_fork(self)
 
     def _after_fork(self) -> None:
         """In a forked child: the parent keeps beating (the scheduler resets itself)."""
-        self._lock = threading.Lock()
         self.stopped = True
 
     def start(self) -> _ScheduledHeartbeat:
@@ -4897,121 +4922,231 @@ class _ScheduledHeartbeat:
         return self
 
     def stop(self) -> None:
-        with self._lock:
-            self.stopped = True
+        if _heartbeats.unschedule(self):  # else the beat in flight closes them when it ends
+            self.close()
+
+    def close(self) -> None:
+        # ValueError in a forked child: the parent's thread was inside the steps.
+        with contextlib.suppress(ValueError):
             self._steps.close()
-        _heartbeats.unschedule(self)
 
     def beat(self) -> float | None:
-        """Run the steps up to their next sleep: its seconds, or None once they are done."""
-        effect = self._resume(None)
-        while isinstance(effect, _Send):
-            effect = self._resume(_send_safely(self._send, effect))
-        return effect.seconds if isinstance(effect, _Sleep) else None
+        """Run the steps up to their next sleep: its seconds, or None once they are done
+        or stopped.  Never raises: whatever goes wrong ends this heartbeat only."""
+        try:
+            effect: _Effect | None = self._steps.send(None)
+            while isinstance(effect, _Send) and not self.stopped:
+                effect = self._extend(effect)
+        except StopIteration:
+            return None
+        except BaseException:  # a bug in the steps: the thread serves the other heartbeats
+            _log.error("heartbeat stopped by an internal error", exc_info=True)
+            return None
+        return effect.seconds if isinstance(effect, _Sleep) and not self.stopped else None
 
-    def _resume(self, reply: Any) -> _Effect | None:
-        with self._lock:
-            if self.stopped:
-                return None  # stopped meanwhile: a late extend result is dropped
-            try:
-                return self._steps.send(reply)
-            except StopIteration:
-                return None
-            except Exception:  # a bug must not kill the thread with a traceback
-                _log.exception("heartbeat stopped by an internal error")
-                return None
+    def _extend(self, effect: _Send) -> _Effect | None:
+        self.deadline = time.monotonic() + self.attempt_s
+        try:
+            reply = _send_safely(self._send, effect)
+        except BaseException as exc:  # SystemExit from a test double, say: an internal error
+            error = RuntimeError(
+                f"{_PUBLIC_METHODS[effect.operation]}() raised {type(exc).__name__}"
+            )
+            error.__cause__ = exc
+            return self._steps.throw(error)  # the steps record it and end
+        if self.stopped:
+            return None  # stopped meanwhile: the late result is dropped
+        return self._steps.send(reply)
 
 
-# How long the scheduler thread waits for a new heartbeat before it exits: calls in
-# a steady stream share one thread, and an idle process keeps none for long.
+# How long a heartbeat thread waits for work before it exits: calls in a steady
+# stream share one thread, and an idle process keeps none for long.
 _HEARTBEAT_IDLE_EXIT_S = 1.0
 
 
 class _HeartbeatScheduler:
-    """One daemon thread runs every live sync heartbeat's beats in due order.
+    """Every live sync heartbeat's beats, each run when due, on a few daemon threads.
 
-    Started lazily by the first heartbeat, it exits after ``_HEARTBEAT_IDLE_EXIT_S``
-    with nothing scheduled.  Beats run one at a time; each is one extend attempt,
-    bounded by its whole-attempt deadline.
+    One thread at a time, the leader, waits for the next due beat: the single timer.
+    Taking a beat, the leader hands the timing on if another beat falls due before this
+    one's attempt deadline (to an idle thread of the pool, else a new one), then runs
+    the beat (one extend attempt) itself, and afterwards leads again or waits to.  So
+    an extend in flight never delays another heartbeat's beat, and fast beats run on
+    the one thread.  A thread exits after ``_HEARTBEAT_IDLE_EXIT_S`` without work; the
+    next heartbeat starts one again.  A stopped heartbeat's entry stays in the heap and
+    is skipped when it comes up (the heap is compacted when half of it is stale).
     """
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        """Empty and threadless (also in a forked child: the parent's thread is not there)."""
-        self._cond = threading.Condition(threading.Lock())
+        """Empty and threadless, on new locks (also in a forked child: the parent's
+        threads and the locks they held are not there)."""
+        self._lock = threading.Lock()
+        self._timing = threading.Condition(self._lock)  # the leader waits for a due beat
+        self._handoff = threading.Condition(self._lock)  # idle threads wait to lead
+        self._landed = threading.Condition(self._lock)  # stop() waits for a beat in flight
         self._heap: List[Tuple[float, int, _ScheduledHeartbeat]] = []
+        self._stale = 0  # entries of stopped heartbeats in the heap
         self._order = itertools.count()
-        self._thread: threading.Thread | None = None
-        self._running: _ScheduledHeartbeat | None = None
+        self._threads = 0
+        self._leader = False  # a thread times the heap (or is about to)
+        self._idle = 0  # threads waiting to lead
+        self._grants = 0  # leads handed to idle threads, not taken yet
+        self._running: Dict[_ScheduledHeartbeat, threading.Thread] = {}
         self._active_at = time.monotonic()  # when a heartbeat last came or went
 
     def schedule(self, heartbeat: _ScheduledHeartbeat, seconds: float | None) -> None:
         if seconds is None:
             return
-        with self._cond:
+        with self._lock:
             if heartbeat.stopped:
                 return
             self._active_at = time.monotonic()
-            entry = (self._active_at + seconds, next(self._order), heartbeat)
-            heapq.heappush(self._heap, entry)
-            if self._thread is None:
-                thread = threading.Thread(
-                    target=self._work, name="cycles-lite-heartbeat", daemon=True
-                )
-                thread.start()  # it waits for this lock before looking at the heap
-                self._thread = thread
-            elif self._heap[0] is entry:
-                self._cond.notify()
+            self._push(heartbeat, seconds)
 
-    def unschedule(self, heartbeat: _ScheduledHeartbeat) -> None:
-        """Drop ``heartbeat``'s next beat and wait for its beat in flight, if any."""
-        with self._cond:
-            self._heap = [entry for entry in self._heap if entry[2] is not heartbeat]
+    def unschedule(self, heartbeat: _ScheduledHeartbeat) -> bool:
+        """Stop ``heartbeat`` for good and wait for its beat in flight, if any, until that
+        attempt's deadline.  True when none is running any more (its steps are idle)."""
+        with self._lock:
+            if not heartbeat.stopped:
+                heartbeat.stopped = True
+                self._active_at = time.monotonic()
+                if heartbeat.queued:
+                    self._drop_later()
+            runner = self._running.get(heartbeat)
+            while runner is not None and runner is not threading.current_thread():
+                left = heartbeat.deadline - time.monotonic()
+                if left <= 0:
+                    break  # a slow test double: its late result is dropped
+                self._landed.wait(left)
+                runner = self._running.get(heartbeat)
+            return runner is None
+
+    def _drop_later(self) -> None:
+        """Under the lock: one more stale entry; compact the heap once half of it is."""
+        self._stale += 1
+        if self._stale * 2 > len(self._heap):
+            self._heap = [entry for entry in self._heap if not entry[2].stopped]
             heapq.heapify(self._heap)
-            self._active_at = time.monotonic()
+            self._stale = 0
             if not self._heap:
-                self._cond.notify()  # the thread's idle spell starts now
-            while self._running is heartbeat and threading.current_thread() is not self._thread:
-                self._cond.wait()
+                self._timing.notify()  # the leader's idle spell starts now
 
-    def _work(self) -> None:
-        with self._cond:
+    def _push(self, heartbeat: _ScheduledHeartbeat, seconds: float) -> None:
+        """Under the lock: schedule the next beat; someone must be timing it."""
+        entry = (time.monotonic() + seconds, next(self._order), heartbeat)
+        heapq.heappush(self._heap, entry)
+        heartbeat.queued = True
+        if not self._leader:
+            self._appoint_leader()
+        elif self._heap[0] is entry:
+            self._timing.notify()
+
+    def _appoint_leader(self) -> None:
+        """Under the lock: an idle thread takes the timing over, else a new thread."""
+        self._leader = True
+        if self._idle > self._grants:
+            self._grants += 1
+            self._handoff.notify()
+            return
+        thread = threading.Thread(
+            target=self._work, args=(True,), name="cycles-lite-heartbeat", daemon=True
+        )
+        self._threads += 1
+        try:
+            thread.start()  # it waits for this lock before looking at the heap
+        except RuntimeError:  # interpreter shutdown: the leases lapse with the process
+            self._threads -= 1
+            self._leader = False
+
+    def _work(self, leading: bool) -> None:
+        with self._lock:
             try:
-                while True:
+                while leading or self._wait_to_lead():
                     heartbeat = self._next_due()
+                    self._leader = False
                     if heartbeat is None:
                         return
-                    self._running = heartbeat
-                    self._cond.release()
-                    try:
-                        seconds = heartbeat.beat()
-                    finally:
-                        self._cond.acquire()
-                        self._running = None
-                        self._cond.notify_all()
-                    if seconds is not None and not heartbeat.stopped:
-                        entry = (time.monotonic() + seconds, next(self._order), heartbeat)
-                        heapq.heappush(self._heap, entry)
+                    if self._due_before(time.monotonic() + heartbeat.attempt_s):
+                        self._appoint_leader()
+                    seconds = self._run(heartbeat)
+                    leading = not self._leader  # nobody times the heap: this thread will
+                    self._leader = True
+                    self._after_beat(heartbeat, seconds)
             finally:
-                self._thread = None  # the next heartbeat starts a new thread
+                self._threads -= 1
+
+    def _wait_to_lead(self) -> bool:
+        """Under the lock: lead now if nobody does, else wait for a lead to be handed
+        over; False after an idle spell."""
+        if not self._leader:
+            self._leader = True
+            return True
+        self._idle += 1
+        try:
+            until = time.monotonic() + _HEARTBEAT_IDLE_EXIT_S
+            while not self._grants:
+                left = until - time.monotonic()
+                if left <= 0:
+                    return False
+                self._handoff.wait(left)
+            self._grants -= 1
+            return True
+        finally:
+            self._idle -= 1
 
     def _next_due(self) -> _ScheduledHeartbeat | None:
-        """Under the lock: pop the next due heartbeat, or None after an idle spell."""
+        """Under the lock, leading: pop the next due heartbeat, or None after an idle spell."""
         while True:
+            self._skip_stale()
             if not self._heap:
                 idle_s = time.monotonic() - self._active_at
                 if idle_s >= _HEARTBEAT_IDLE_EXIT_S:
                     return None
-                self._cond.wait(_HEARTBEAT_IDLE_EXIT_S - idle_s)
+                self._timing.wait(_HEARTBEAT_IDLE_EXIT_S - idle_s)
                 continue
-            due, _, heartbeat = self._heap[0]
-            wait = due - time.monotonic()
+            wait = self._heap[0][0] - time.monotonic()
             if wait <= 0:
-                heapq.heappop(self._heap)
+                heartbeat = heapq.heappop(self._heap)[2]
+                heartbeat.queued = False
                 return heartbeat
-            self._cond.wait(wait)
+            self._timing.wait(wait)
+
+    def _skip_stale(self) -> None:
+        while self._heap and self._heap[0][2].stopped:
+            heapq.heappop(self._heap)
+            self._stale -= 1
+
+    def _due_before(self, moment: float) -> bool:
+        """Under the lock: whether a live beat falls due before ``moment``."""
+        self._skip_stale()
+        return bool(self._heap) and self._heap[0][0] < moment
+
+    def _run(self, heartbeat: _ScheduledHeartbeat) -> float | None:
+        """Under the lock, released while the beat runs: its next sleep."""
+        heartbeat.deadline = time.monotonic() + heartbeat.attempt_s
+        self._running[heartbeat] = threading.current_thread()
+        self._lock.release()
+        try:
+            return heartbeat.beat()
+        finally:
+            self._lock.acquire()
+            del self._running[heartbeat]
+            self._landed.notify_all()
+
+    def _after_beat(self, heartbeat: _ScheduledHeartbeat, seconds: float | None) -> None:
+        """Under the lock: schedule the next beat, or close the steps of a stopped one."""
+        if not heartbeat.stopped:
+            if seconds is not None:
+                self._push(heartbeat, seconds)
+            return
+        self._lock.release()
+        try:
+            heartbeat.close()
+        finally:
+            self._lock.acquire()
 
 
 _heartbeats = _HeartbeatScheduler()
@@ -5659,7 +5794,9 @@ class _Reservation:
             balances=created.balances,
         )
         self._phase = "open"  # from here on, every way out releases or settles (_leave)
-        self._heartbeat = yield _StartHeartbeat(self._heartbeat_steps(sent_ms, received_ms))
+        self._heartbeat = yield _StartHeartbeat(
+            self._heartbeat_steps(sent_ms, received_ms), self._config.attempt_timeout
+        )
         self._context_token = _current_context.set(self._context)
         self._opened_at = time.monotonic()
         _log.debug(
@@ -7188,8 +7325,19 @@ def _settle_new_steps(job: _Settlement, heartbeat: Any) -> _Steps[_Disposition]:
             outcome = yield from _settle_steps(job, retry_inline=True)  # queue full: settle here
         if outcome is _Disposition.STOP_KEEP:
             _settlements.keep(job)
+    except Exception:  # a bug, never the caller's: the worker retries with the same key
+        _log.exception(
+            "settlement failed by an internal error; retried in the background:"
+            " reservation_id=%s",
+            job.record.reservation_id,
+        )
+        job.due = time.monotonic()
+        if _settlements.submit(job):
+            return _Disposition.RETRY
+        _settlements.keep(job)
+        return _Disposition.STOP_KEEP
     except BaseException as exc:
-        if not isinstance(exc, (Exception, GeneratorExit)):
+        if not isinstance(exc, GeneratorExit):
             # Interrupted (task cancelled, Ctrl-C): the worker carries on, same key.
             job.due = time.monotonic()
             _settlements.submit(job)

@@ -88,7 +88,7 @@ class TestHeartbeatScheduler(_ServerCase):
         finally:
             for guard in guards:
                 guard.__exit__(None, None, None)
-        self.assertTrue(_wait_for(lambda: cl._heartbeats._thread is None, 5.0))
+        self.assertTrue(_wait_for(lambda: cl._heartbeats._threads == 0, 5.0))
         self.assertNotIn("cycles-lite-heartbeat", [t.name for t in threading.enumerate()])
 
     @unittest.skipUnless(hasattr(os, "fork"), "needs os.fork")
@@ -100,7 +100,7 @@ class TestHeartbeatScheduler(_ServerCase):
                 warnings.simplefilter("ignore", DeprecationWarning)
                 pid = os.fork()
             if pid == 0:  # pragma: no cover - the child reports through the pipe
-                ok = cl._heartbeats._thread is None and not cl._heartbeats._heap
+                ok = cl._heartbeats._threads == 0 and not cl._heartbeats._heap
                 os.write(write_end, b"1" if ok else b"0")
                 os._exit(0)
             os.close(write_end)
