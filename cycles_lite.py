@@ -7655,7 +7655,8 @@ class _SettlementQueue:
                 if job is None:
                     settled, given_up = self._settled - settled, self._given_up - given_up
                     break
-            self._run(job)
+            with _bounded_by(bound):  # an attempt started here ends by flush's own deadline too
+                self._run(job)
         return FlushResult(settled, self._unsettled(), given_up)
 
     def _unsettled(self) -> int:

@@ -681,3 +681,24 @@ class TestReleaseRetry(DeploymentCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TestFlushTimeoutBoundsItsOwnAttempts(DeploymentCase):
+    """Review: ``flush(timeout)`` cut its own HTTP attempts only under ``deadline()``."""
+
+    def test_an_attempt_started_by_flush_ends_by_its_timeout(self) -> None:
+        client = self.client(request_timeout=5.0)
+        self.srv.inject("commit", "status", status=503, times=None)
+        with self.assertLogs(LOGGER, "ERROR"):
+            self.guarded(client, 7)()
+            self.assertTrue(_wait_for(lambda: cl._settlements.kept == 1))
+        self.srv.clear_faults()
+        self.srv.inject("commit", "delay", delay_ms=3_000, times=None)  # a silent server
+        started = time.monotonic()
+        result = cl.flush(0.3)  # its one attempt at the kept commit runs on this thread
+        self.assertLess(time.monotonic() - started, 2.0)  # not the 5 s attempt timeout
+        self.assertFalse(result)
+        self.assertEqual((result.pending, len(self.journal_records())), (1, 1))
+        self.srv.clear_faults()
+        self.assertTrue(cl.flush(10))
+        self.assertEqual((self.balance()["spent"], len(set(self.keys("commit")))), (7, 1))
