@@ -7642,8 +7642,7 @@ class _SettlementQueue:
         """Settle what is pending on this thread, waiting for not-yet-due retries while the
         deadline (``timeout``, and the enclosing ``deadline()``) allows; kept settlements
         get one attempt each (``retry_kept``), without waiting for them.  See FlushResult."""
-        limit = None if timeout is None else time.monotonic() + max(0.0, timeout)
-        bound = _deadline.get() if limit is None else _effective_deadline(limit)
+        bound = _flush_bound(timeout)
         started = time.monotonic()
         with self._cond:
             settled, given_up = self._settled, self._given_up
@@ -7794,6 +7793,16 @@ class FlushResult:
         return self.pending == 0
 
 
+def _flush_bound(timeout: float | None) -> float | None:
+    """The deadline of ``flush(timeout)``: ``timeout`` seconds from now (a negative one
+    counts as 0), cut to the enclosing ``deadline()``; None: unbounded."""
+    if timeout is None:
+        return _deadline.get()
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout:
+        raise ValueError(f"timeout: must be a number of seconds or None, got {timeout!r}")
+    return _effective_deadline(time.monotonic() + max(0.0, timeout))
+
+
 def flush(timeout: float | None = None) -> FlushResult:
     """Wait for pending settlement retries, running them on the calling thread.
 
@@ -7815,8 +7824,7 @@ async def aflush(timeout: float | None = None) -> FlushResult:
     enclosing ``deadline()``; cancelling it stops the waiting only."""
     import asyncio
 
-    limit = None if timeout is None else time.monotonic() + max(0.0, timeout)
-    bound = _deadline.get() if limit is None else _effective_deadline(limit)
+    bound = _flush_bound(timeout)
     loop = asyncio.get_running_loop()
     mine = [task for task in list(_settlement_tasks) if task.get_loop() is loop]
     outcomes: List[_Disposition] = []

@@ -702,3 +702,19 @@ class TestFlushTimeoutBoundsItsOwnAttempts(DeploymentCase):
         self.srv.clear_faults()
         self.assertTrue(cl.flush(10))
         self.assertEqual((self.balance()["spent"], len(set(self.keys("commit")))), (7, 1))
+
+
+class TestFlushTimeoutIsChecked(DeploymentCase):
+    """Review: ``flush("3")`` raised a bare TypeError from inside the arithmetic."""
+
+    def test_a_bad_timeout_is_a_value_error_naming_it(self) -> None:
+        for bad in ("3", True, float("nan"), [1]):
+            with self.subTest(timeout=bad):
+                with self.assertRaisesRegex(ValueError, r"^timeout: must be a number"):
+                    cl.flush(bad)  # type: ignore[arg-type]
+                with self.assertRaisesRegex(ValueError, r"^timeout: must be a number"):
+                    asyncio.run(cl.aflush(bad))  # type: ignore[arg-type]
+
+    def test_a_negative_timeout_still_counts_as_zero(self) -> None:
+        self.assertTrue(cl.flush(-1.0))
+        self.assertTrue(asyncio.run(cl.aflush(-1)))
