@@ -5008,7 +5008,8 @@ class _HeartbeatScheduler:
 
     def unschedule(self, heartbeat: _ScheduledHeartbeat) -> bool:
         """Stop ``heartbeat`` for good and wait for its beat in flight, if any, until that
-        attempt's deadline.  True when none is running any more (its steps are idle)."""
+        attempt's deadline, or the caller's ``deadline()`` if sooner.  True when none is
+        running any more (its steps are idle)."""
         with self._lock:
             if not heartbeat.stopped:
                 heartbeat.stopped = True
@@ -5017,9 +5018,9 @@ class _HeartbeatScheduler:
                     self._drop_later()
             runner = self._running.get(heartbeat)
             while runner is not None and runner is not threading.current_thread():
-                left = heartbeat.deadline - time.monotonic()
+                left = _effective_deadline(heartbeat.deadline) - time.monotonic()
                 if left <= 0:
-                    break  # a slow test double: its late result is dropped
+                    break  # a slow test double or the caller's deadline: the result is dropped
                 self._landed.wait(left)
                 runner = self._running.get(heartbeat)
             return runner is None

@@ -718,3 +718,24 @@ class TestFlushTimeoutIsChecked(DeploymentCase):
     def test_a_negative_timeout_still_counts_as_zero(self) -> None:
         self.assertTrue(cl.flush(-1.0))
         self.assertTrue(asyncio.run(cl.aflush(-1)))
+
+
+class TestHeartbeatStopHonoursTheDeadline(DeploymentCase):
+    """Review: stopping a sync heartbeat waited for its extend in flight until the
+    attempt timeout, past the ``deadline()`` of the commit that stopped it."""
+
+    def test_a_commit_under_a_deadline_does_not_wait_for_an_extend_in_flight(self) -> None:
+        client = self.client(request_timeout=3.0)
+        self.srv.inject("extend", "delay", delay_ms=2_500)
+        with client.reserve(1_000, action_kind="llm.completion", action_name="m",
+                            ttl_ms=3_500) as guard:  # the first beat is due ~0.5 s in
+            self.assertTrue(_wait_for(lambda: bool(self.srv.requests_for("extend"))
+                                      or bool(cl._heartbeats._running)))
+            time.sleep(0.2)  # the extend is on the wire, its answer 2.5 s away
+            started = time.monotonic()
+            with cl.deadline(0.3):
+                guard.commit(6)
+            self.assertLess(time.monotonic() - started, 1.5)
+        self.assertTrue(cl.flush(10))  # the worker commits it, with the same key
+        self.assertEqual(self.srv.reservation(guard.reservation_id)["status"], "COMMITTED")
+        self.assertEqual((self.balance()["spent"], len(set(self.keys("commit")))), (6, 1))
