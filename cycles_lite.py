@@ -4884,9 +4884,9 @@ class _TaskHeartbeat:
             _log.error("heartbeat task failed", exc_info=task.exception())
         in_flight = self.in_flight
         if in_flight is not None and not in_flight.done():
-            left = max(0.0, self.deadline - time.monotonic())
+            left = max(0.0, _effective_deadline(self.deadline) - time.monotonic())
             await asyncio.wait({in_flight}, timeout=left)
-            in_flight.cancel()  # past its deadline (a slow test double): stop waiting
+            in_flight.cancel()  # past its or the caller's deadline: stop waiting
 
 
 class _ScheduledHeartbeat:

@@ -739,3 +739,23 @@ class TestHeartbeatStopHonoursTheDeadline(DeploymentCase):
         self.assertTrue(cl.flush(10))  # the worker commits it, with the same key
         self.assertEqual(self.srv.reservation(guard.reservation_id)["status"], "COMMITTED")
         self.assertEqual((self.balance()["spent"], len(set(self.keys("commit")))), (6, 1))
+
+    def test_an_async_commit_under_a_deadline_does_not_wait_for_an_extend_either(self) -> None:
+        client = cl.AsyncCyclesClient(self.config(request_timeout=3.0))
+        self.srv.inject("extend", "delay", delay_ms=2_500)
+
+        async def run() -> float:
+            async with client.reserve(1_000, action_kind="llm.completion",
+                                      ttl_ms=3_500) as guard:
+                await asyncio.sleep(0.8)  # the first beat went out ~0.5 s in; 2.5 s to answer
+                self.assertEqual(self.srv.requests_for("extend"), [])  # not answered yet
+                started = time.monotonic()
+                with cl.deadline(0.3):
+                    await guard.commit(4)
+                elapsed = time.monotonic() - started
+            self.assertTrue(await cl.aflush(10))
+            await client.aclose()
+            return elapsed
+
+        self.assertLess(asyncio.run(run()), 1.2)  # not the 1.7 s left of the extend
+        self.assertEqual((self.balance()["spent"], len(set(self.keys("commit")))), (4, 1))
