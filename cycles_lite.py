@@ -8080,13 +8080,19 @@ def _replay_jobs(client: Any, records: List[_PendingSettlement]) -> List[_Settle
 def _recover(client: Any, timeout: float | None) -> RecoverySummary:
     """``client.recover()``: replay the journal on this thread until done or ``timeout``."""
     _check_recover_timeout(timeout)
-    return _drive(_sender(client, detached=True), _recover_steps(client, timeout))
+    with _bounded_by(_timeout_bound(timeout)):  # an attempt running at the timeout ends then
+        return _drive(_sender(client, detached=True), _recover_steps(client, timeout))
 
 
 async def _recover_async(client: Any, timeout: float | None) -> RecoverySummary:
     """``AsyncCyclesClient.recover()``: the same steps on the loop (file I/O on a thread)."""
     _check_recover_timeout(timeout)
-    return await _drive_async(client, _recover_steps(client, timeout))
+    with _bounded_by(_timeout_bound(timeout)):
+        return await _drive_async(client, _recover_steps(client, timeout))
+
+
+def _timeout_bound(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
 
 
 def _check_recover_timeout(timeout: Any) -> None:
@@ -8099,8 +8105,8 @@ def _check_recover_timeout(timeout: Any) -> None:
 def _recover_steps(client: Any, timeout: float | None) -> _Steps[RecoverySummary]:
     """Replay the journal until done or ``timeout``.
 
-    No attempt starts after the deadline; one already running ends by its own
-    attempt deadline (``config.attempt_timeout``)."""
+    No attempt starts after the deadline; one already running is cut at it
+    (``_recover`` runs the steps under it)."""
     summary = RecoverySummary()
     journal = _journal_for(client._config)
     if journal is None or journal.directory is None:

@@ -759,3 +759,38 @@ class TestHeartbeatStopHonoursTheDeadline(DeploymentCase):
 
         self.assertLess(asyncio.run(run()), 1.2)  # not the 1.7 s left of the extend
         self.assertEqual((self.balance()["spent"], len(set(self.keys("commit")))), (4, 1))
+
+
+class TestRecoverTimeoutBoundsItsOwnAttempts(DeploymentCase):
+    """Review: ``recover(timeout)`` waited out an attempt it started until the attempt
+    timeout, past its own timeout."""
+
+    def test_an_attempt_started_by_recover_ends_by_its_timeout(self) -> None:
+        client = self.client(request_timeout=5.0)
+        self.srv.inject("commit", "status", status=503, times=None)
+        with self.assertLogs(LOGGER, "ERROR"):
+            self.guarded(client, 11)()
+            self.assertTrue(_wait_for(lambda: cl._settlements.kept == 1))
+        self.srv.clear_faults()
+        self.srv.inject("commit", "delay", delay_ms=3_000, times=None)
+        for recover in (client.recover, self.async_recover(client)):
+            with self.subTest(recover=recover):
+                started = time.monotonic()
+                summary = recover(0.3)
+                self.assertLess(time.monotonic() - started, 2.0)  # not the 5 s attempt timeout
+                self.assertEqual((summary.found, summary.kept), (1, 1))
+                self.assertEqual(len(self.journal_records()), 1)
+        self.srv.clear_faults()
+        self.assertTrue(cl.flush(10))
+        self.assertEqual((self.balance()["spent"], len(set(self.keys("commit")))), (11, 1))
+
+    def async_recover(self, client: cl.CyclesClient) -> Callable[[float], cl.RecoverySummary]:
+        async_client = cl.AsyncCyclesClient(client._config)
+
+        async def recover(timeout: float) -> cl.RecoverySummary:
+            try:
+                return await async_client.recover(timeout)
+            finally:
+                await async_client.aclose()
+
+        return lambda timeout: asyncio.run(recover(timeout))
