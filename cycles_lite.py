@@ -8133,22 +8133,33 @@ def _recover_steps(client: Any, timeout: float | None) -> _Steps[RecoverySummary
 def _settle_until(
     jobs: List[_Settlement], deadline: float | None, summary: RecoverySummary
 ) -> _Steps[None]:
-    """Run ``jobs`` in due order; hand what is left at the deadline to the background
-    retries (it stays journaled either way)."""
+    """Run ``jobs`` in due order; hand what is left at the deadline, or when interrupted
+    (a cancelled ``await client.recover()``), to the background retries (it stays
+    journaled either way)."""
     heap = [(job.due, n, job) for n, job in enumerate(jobs)]
     heapq.heapify(heap)
-    while heap and (deadline is None or max(heap[0][0], time.monotonic()) < deadline):
-        _due, n, job = heapq.heappop(heap)
-        outcome = yield from _settle_steps(job, retry_inline=False)
-        if outcome is _Disposition.RETRY:
-            heapq.heappush(heap, (job.due, n, job))
-        elif outcome is _Disposition.SUCCESS:
-            summary.settled += 1
-        elif outcome is _Disposition.STOP_DISCARD:
-            summary.discarded += 1
-        else:
-            summary.kept += 1
-            _settlements.keep(job)
+    try:
+        while heap and (deadline is None or max(heap[0][0], time.monotonic()) < deadline):
+            job = heap[0][2]  # popped once settled: an interrupted one is handed over too
+            outcome = yield from _settle_steps(job, retry_inline=False)
+            _due, n, _job = heapq.heappop(heap)
+            if outcome is _Disposition.RETRY:
+                heapq.heappush(heap, (job.due, n, job))
+            elif outcome is _Disposition.SUCCESS:
+                summary.settled += 1
+            elif outcome is _Disposition.STOP_DISCARD:
+                summary.discarded += 1
+            else:
+                summary.kept += 1
+                _settlements.keep(job)
+    finally:
+        _hand_over_recovery(heap, summary)
+
+
+def _hand_over_recovery(
+    heap: List[Tuple[float, int, _Settlement]], summary: RecoverySummary
+) -> None:
+    """``recover()``'s unfinished jobs go to the background retries."""
     for _due, _n, job in heap:
         if job.attempt:
             summary.kept += 1

@@ -794,3 +794,34 @@ class TestRecoverTimeoutBoundsItsOwnAttempts(DeploymentCase):
                 await async_client.aclose()
 
         return lambda timeout: asyncio.run(recover(timeout))
+
+
+class TestCancelledRecoverHandsItsJobsOver(DeploymentCase):
+    """Review: a cancelled ``await client.recover()`` (``asyncio.wait_for``) dropped the
+    kept settlements it had taken over from memory: journaled, but never retried by
+    this warm process again."""
+
+    def test_the_worker_settles_what_a_cancelled_recover_was_settling(self) -> None:
+        client = self.client(request_timeout=5.0)
+        self.srv.inject("commit", "status", status=503, times=None)
+        with self.assertLogs(LOGGER, "ERROR"):
+            self.guarded(client, 13)()
+            self.assertTrue(_wait_for(lambda: cl._settlements.kept == 1))
+        self.srv.clear_faults()
+        self.srv.inject("commit", "status", status=503, times=1)  # recover's attempt fails...
+        self.srv.inject("commit", "delay", delay_ms=2_000, times=1)  # ...then it waits here
+        async_client = cl.AsyncCyclesClient(self.config(retry_initial_delay=0.5,
+                                                        retry_max_delay=0.5))
+
+        async def cancelled_recover() -> None:
+            with self.assertRaises(asyncio.TimeoutError):
+                await asyncio.wait_for(async_client.recover(30), 0.2)
+            await async_client.aclose()
+
+        with self.assertLogs(LOGGER, "WARNING"):
+            asyncio.run(cancelled_recover())
+        self.assertEqual(cl._settlements.pending(), 1)  # handed to the worker, not dropped
+        self.srv.clear_faults()
+        self.assertTrue(cl.flush(10))
+        self.assertEqual((self.balance()["spent"], len(set(self.keys("commit")))), (13, 1))
+        self.assertEqual(self.journal_records(), [])
