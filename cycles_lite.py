@@ -2939,7 +2939,7 @@ class _AsyncTransport(_TransportBase):
             pool.discard_idle()  # its idle siblings are likely stale too
             conn = await self._connect(deadline)
             status, headers, body, keep_alive = await self._exchange(conn, request, deadline)
-        if keep_alive and self._pool_maxsize > 0:
+        if keep_alive and pool.max_idle > 0:  # a late pool keeps nothing open (see _pool)
             return status, headers, body, conn
         conn.close()
         return status, headers, body, None
@@ -2967,7 +2967,10 @@ class _AsyncTransport(_TransportBase):
             conn.writer.write(request)
             if conn.unsent():
                 await watchdog.step(conn.writer.drain)
-            return await _read_http_response(conn.reader, watchdog)
+            response = await _read_http_response(conn.reader, watchdog)
+            if watchdog.expired is not None:  # a body framed by EOF, cut short by the abort
+                raise watchdog.expired
+            return response
         except BaseException as exc:
             conn.close()
             if watchdog.expired is not None and isinstance(exc, Exception):

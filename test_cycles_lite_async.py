@@ -764,5 +764,49 @@ class TestAsyncHttps(unittest.TestCase):
         self.assertEqual(resource_warnings(caught), [])
 
 
+
+class TestReviewFixes(AsyncServerCase):
+    """Found in review: a cut-short body, a late pool's idle connection, stranded retries."""
+
+    def test_eof_framed_body_cut_short_by_the_deadline_is_a_transport_error(self) -> None:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"b\":")
+            await reader.read()  # stalls until the client gives up
+            writer.close()
+
+        async def scenario() -> CyclesResponse:
+            server = await asyncio.start_server(handle, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            client = AsyncCyclesClient(CyclesConfig(
+                base_url=f"http://127.0.0.1:{port}", api_key=API_KEY, journal_enabled=False))
+            try:
+                return await client._call(balances_call(), time.monotonic() + 0.3)
+            finally:
+                await client.aclose()
+                server.close()
+                await server.wait_closed()
+
+        response = run(scenario)
+        self.assertTrue(response.is_transport_error)  # not a 200 with a truncated body
+        self.assertIn("deadline", response.error_message or "")
+
+    def test_a_detached_retry_after_aclose_keeps_no_connection_open(self) -> None:
+        client = self.new_client()
+        run(client.aclose)
+        token = cl._attempt.set(cl._Attempt(time.monotonic() + 5, True))
+        try:  # a settlement retry on the worker's private loop, outliving the client
+            response = cl._run_to_completion(client._call(balances_call()))
+        finally:
+            cl._attempt.reset(token)
+        self.assertTrue(response.is_success)
+        self.assertEqual([pool.idle for pool in client._transport._pools.values()], [[]])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            del client
+            gc.collect()
+        self.assertEqual(resource_warnings(caught), [])
+
+
 if __name__ == "__main__":
     unittest.main()
