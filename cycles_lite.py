@@ -7529,15 +7529,15 @@ class _SettlementQueue:
                     return False
             elif self._live_count() >= self._capacity:
                 return False
+            self._exit_flush_timeout = max(self._exit_flush_timeout, job.flush_timeout)
+            if not self._atexit_registered:  # a loop task too: its loop may end unfinished
+                atexit.register(self._flush_at_exit)
+                self._atexit_registered = True
             if getattr(job, "loop_client", None) is not None and _retry_on_loop(job):
                 return True
             if self._worker is None and not self._start_worker():
                 return False
             self._push(job)
-            self._exit_flush_timeout = max(self._exit_flush_timeout, job.flush_timeout)
-            if not self._atexit_registered:
-                atexit.register(self._flush_at_exit)
-                self._atexit_registered = True
             self._cond.notify_all()
         return True
 
@@ -7645,6 +7645,7 @@ class _SettlementQueue:
         """Settle what is pending on this thread, waiting for not-yet-due retries while the
         deadline (``timeout``, and the enclosing ``deadline()``) allows; kept settlements
         get one attempt each (``retry_kept``), without waiting for them.  See FlushResult."""
+        _rescue_stranded_settlements()
         limit = None if timeout is None else time.monotonic() + max(0.0, timeout)
         bound = _deadline.get() if limit is None else _effective_deadline(limit)
         started = time.monotonic()
@@ -7751,6 +7752,7 @@ class _SettlementQueue:
 
     def _flush_at_exit(self) -> None:
         timeout = self._exit_flush_timeout
+        _rescue_stranded_settlements(at_exit=True)
         if timeout > 0:  # kept settlements already had their budget: the next process's
             result = self.flush(timeout, retry_kept=False)
             if not result:
@@ -7817,6 +7819,7 @@ async def aflush(timeout: float | None = None) -> FlushResult:
     enclosing ``deadline()``; cancelling it stops the waiting only."""
     import asyncio
 
+    _rescue_stranded_settlements()  # onto this loop
     limit = None if timeout is None else time.monotonic() + max(0.0, timeout)
     bound = _deadline.get() if limit is None else _effective_deadline(limit)
     loop = asyncio.get_running_loop()
@@ -7878,6 +7881,24 @@ def _retry_on_loop(job: _Settlement) -> bool:
 
 def _forget_settlement_task(task: asyncio.Task[_Disposition]) -> None:
     _settlement_tasks.pop(task, None)
+
+
+_stranded_tasks: List[Any] = []  # their loops never run them again; kept, never destroyed
+
+
+def _rescue_stranded_settlements(*, at_exit: bool = False) -> None:
+    """Retry tasks whose loop was closed by hand (no ``asyncio.run`` cancelled them,
+    so they never ran to the worker): their jobs go to the worker now (or to this
+    loop's tasks, from ``aflush``).  At exit, so do those of a loop not running."""
+    for task, job in list(_settlement_tasks.items()):
+        loop = task.get_loop()
+        if task.done() or not (loop.is_closed() or (at_exit and not loop.is_running())):
+            continue
+        if _settlement_tasks.pop(task, None) is None:
+            continue  # taken by another thread meanwhile
+        _stranded_tasks.append(task)  # destroyed pending, it would warn and close its coroutine
+        if not _settlements.submit(job):
+            _left_to_journal(job)
 
 
 async def _settle_on_loop(job: _Settlement) -> _Disposition:

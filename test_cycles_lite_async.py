@@ -807,6 +807,50 @@ class TestReviewFixes(AsyncServerCase):
             gc.collect()
         self.assertEqual(resource_warnings(caught), [])
 
+    def stranded_retry(self) -> AsyncCyclesClient:
+        """A commit retry task left pending on a loop that ``run_until_complete`` ran."""
+        client = self.new_client(retry_initial_delay=0.2, retry_max_delay=0.2)
+        self.srv.inject("commit", "status", status=503)
+
+        @cycles(estimate=10, actual=5, action_kind="llm.completion", action_name="m",
+                client=client)
+        async def guarded() -> str:
+            return "ok"
+
+        loop = asyncio.new_event_loop()
+        self.addCleanup(loop.close)
+        self.assertEqual(loop.run_until_complete(guarded()), "ok")
+        self.assertEqual([t.get_loop() for t in cl._settlement_tasks], [loop])
+        return client
+
+    def test_a_retry_task_of_a_loop_closed_by_hand_reaches_the_worker(self) -> None:
+        self.stranded_retry()
+        next(iter(cl._settlement_tasks)).get_loop().close()
+        result = cl.flush(5)
+        self.assertTrue(result)
+        self.assertEqual(result.settled, 1)
+        self.assertEqual(len(self.srv.requests_for("commit")), 2)  # same key: settled once
+        self.assertEqual(cl._settlement_tasks, {})
+        self.srv.check_invariants()
+
+    def test_aflush_on_a_new_loop_settles_a_closed_loops_retry(self) -> None:
+        self.stranded_retry()
+        next(iter(cl._settlement_tasks)).get_loop().close()
+
+        async def scenario() -> Any:
+            with mock.patch.object(cl, "_perform", side_effect=AssertionError("a thread")):
+                return await cl.aflush(5)
+
+        result = run(scenario)
+        self.assertTrue(result)
+        self.assertEqual(len(self.srv.requests_for("commit")), 2)
+
+    def test_at_exit_a_retry_task_of_a_loop_left_unclosed_is_settled(self) -> None:
+        self.stranded_retry()  # the loop is neither running nor closed, as a script leaves it
+        cl._settlements._flush_at_exit()
+        self.assertEqual(len(self.srv.requests_for("commit")), 2)
+        self.assertEqual(cl._settlement_tasks, {})
+
 
 if __name__ == "__main__":
     unittest.main()
