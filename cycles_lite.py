@@ -2814,7 +2814,12 @@ def _parse_response_head(head: bytes) -> Tuple[int, List[Tuple[str, str]], bool]
 
 
 def _is_status(text: str) -> bool:
-    return len(text) == 3 and text.isdigit()
+    return len(text) == 3 and _is_decimal(text)
+
+
+def _is_decimal(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes '\xb2' (superscript two), which int() refuses."""
+    return text.isascii() and text.isdigit()
 
 
 class _AsyncTransport(_TransportBase):
@@ -3037,12 +3042,12 @@ class _AsyncTransport(_TransportBase):
                 lines.append(f"Proxy-Authorization: {proxy.authorization}")
             await loop.sock_sendall(sock, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
             head = b""
-            while not head.endswith(b"\r\n\r\n"):  # the proxy sends nothing after its head
+            while b"\r\n\r\n" not in head:  # a refusal may come with a body; a 200 has none
                 chunk = await loop.sock_recv(sock, 1024)
                 if not chunk or len(head) > _HEAD_LIMIT:
                     raise _MalformedResponse("the proxy did not answer CONNECT")
                 head += chunk
-            status, _headers, _keep = _parse_response_head(head)
+            status, _headers, _keep = _parse_response_head(head.partition(b"\r\n\r\n")[0])
             if status != 200:
                 raise OSError(f"Tunnel connection failed: {status}")
             return sock
@@ -3116,7 +3121,7 @@ async def _read_http_response(
     length = fields.get("content-length")
     if length is None:  # the body runs to the end of the connection
         return status, headers, await _read_to_eof(reader, watchdog), False
-    if not length.strip().isdigit():
+    if not _is_decimal(length.strip()):
         raise _MalformedResponse(f"bad Content-Length: {length[:40]!r}")
     if int(length) > MAX_RESPONSE_BYTES:
         raise _ResponseTooLarge(f"response body larger than {MAX_RESPONSE_BYTES} bytes")

@@ -769,25 +769,8 @@ class TestReviewFixes(AsyncServerCase):
     """Found in review: a cut-short body, a late pool's idle connection, stranded retries."""
 
     def test_eof_framed_body_cut_short_by_the_deadline_is_a_transport_error(self) -> None:
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"b\":")
-            await reader.read()  # stalls until the client gives up
-            writer.close()
-
-        async def scenario() -> CyclesResponse:
-            server = await asyncio.start_server(handle, "127.0.0.1", 0)
-            port = server.sockets[0].getsockname()[1]
-            client = AsyncCyclesClient(CyclesConfig(
-                base_url=f"http://127.0.0.1:{port}", api_key=API_KEY, journal_enabled=False))
-            try:
-                return await client._call(balances_call(), time.monotonic() + 0.3)
-            finally:
-                await client.aclose()
-                server.close()
-                await server.wait_closed()
-
-        response = run(scenario)
+        cut_short = b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"b\":"
+        response = self.stub_answer(cut_short, within=0.3)  # then the stub stalls
         self.assertTrue(response.is_transport_error)  # not a 200 with a truncated body
         self.assertIn("deadline", response.error_message or "")
 
@@ -850,6 +833,53 @@ class TestReviewFixes(AsyncServerCase):
         cl._settlements._flush_at_exit()
         self.assertEqual(len(self.srv.requests_for("commit")), 2)
         self.assertEqual(cl._settlement_tasks, {})
+
+    def stub_answer(
+        self, answer: bytes, *, proxy: bool = False, within: float = 5.0
+    ) -> CyclesResponse:
+        """The client's response, within ``within`` seconds, to ``answer`` from a stub
+        server (as a proxy for ``https://127.0.0.1:9`` when ``proxy``)."""
+        async def scenario() -> CyclesResponse:
+            done = asyncio.Event()
+
+            async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                try:
+                    await reader.readuntil(b"\r\n\r\n")
+                    writer.write(answer)
+                    await reader.read()  # holds the connection open until the client drops it
+                except ConnectionError:
+                    pass
+                finally:
+                    writer.close()
+                    done.set()
+
+            server = await asyncio.start_server(handle, "127.0.0.1", 0)
+            stub = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+            client = AsyncCyclesClient(CyclesConfig(
+                base_url="https://127.0.0.1:9" if proxy else stub, api_key=API_KEY,
+                journal_enabled=False, proxy=stub if proxy else None))
+            try:
+                return await client._call(balances_call(), time.monotonic() + within)
+            finally:
+                await client.aclose()
+                await asyncio.wait_for(done.wait(), 5)
+                server.close()
+                await server.wait_closed()
+
+        return run(scenario)
+
+    def test_a_proxy_refusing_connect_with_a_body_is_reported_at_once(self) -> None:
+        refusal = (b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+                   b"Content-Length: 5\r\n\r\nnope!")
+        response = self.stub_answer(refusal, proxy=True)
+        self.assertTrue(response.is_transport_error)  # not a connect timeout
+        self.assertIn("Tunnel connection failed: 407", response.error_message or "")
+
+    def test_non_ascii_digits_in_the_head_are_a_malformed_response(self) -> None:
+        length = self.stub_answer(b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n{}")
+        self.assertIn("Content-Length", length.error_message or "")
+        status = self.stub_answer(b"HTTP/1.1 \xb200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        self.assertIn("status line", status.error_message or "")
 
 
 if __name__ == "__main__":
