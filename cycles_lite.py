@@ -2878,6 +2878,13 @@ class _AsyncTransport(_TransportBase):
                     pool.close()
         await asyncio.sleep(0)  # the aborted connections finish closing
 
+    def __del__(self) -> None:
+        """Dropped without ``aclose()``: the connections of loops closed by hand (with no
+        ``shutdown_asyncgens()``) are released here, without warnings."""
+        for loop, pool in list(getattr(self, "_pools", {}).items()):
+            if loop.is_closed():
+                pool.close()
+
     def _after_fork(self) -> None:
         """In a forked child: the connections are the parent's.  Forget them without closing
         (that could disturb the parent's), kept referenced so they never warn."""

@@ -881,6 +881,17 @@ class TestReviewFixes(AsyncServerCase):
         status = self.stub_answer(b"HTTP/1.1 \xb200 OK\r\nContent-Length: 2\r\n\r\n{}")
         self.assertIn("status line", status.error_message or "")
 
+    def test_a_client_dropped_after_its_loop_was_closed_by_hand_does_not_warn(self) -> None:
+        client = self.new_client()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loop = asyncio.new_event_loop()
+            self.assertTrue(loop.run_until_complete(client.get_balances(tenant=TENANT)).is_success)
+            loop.close()  # no shutdown_asyncgens(), and no aclose() either
+            del client
+            gc.collect()
+        self.assertEqual(resource_warnings(caught), [])
+
 
 if __name__ == "__main__":
     unittest.main()
