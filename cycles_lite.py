@@ -2976,6 +2976,8 @@ class _AsyncTransport(_TransportBase):
 
         watchdog = _Watchdog(conn, deadline, self._read_timeout)
         try:
+            if time.monotonic() >= deadline:  # as the blocking send: nothing goes out late
+                raise _AttemptDeadlineExceeded("attempt deadline exceeded before sending")
             conn.writer.write(request)
             if conn.unsent():
                 await watchdog.step(conn.writer.drain)

@@ -892,6 +892,22 @@ class TestReviewFixes(AsyncServerCase):
             gc.collect()
         self.assertEqual(resource_warnings(caught), [])
 
+    def test_nothing_is_sent_once_the_deadline_passed(self) -> None:
+        client = self.new_client()
+
+        async def scenario() -> CyclesResponse:
+            await client.get_balances(tenant=TENANT)  # an idle kept-alive connection
+            sent = len(self.srv.requests)
+            response = await client._call(balances_call(), time.monotonic() - 0.01)
+            await client.get_balances(tenant=TENANT)  # after it, on the same server thread
+            self.assertEqual(len(self.srv.requests), sent + 1)
+            await client.aclose()
+            return response
+
+        response = run(scenario)
+        self.assertTrue(response.is_transport_error)
+        self.assertIn("deadline", response.error_message or "")
+
 
 if __name__ == "__main__":
     unittest.main()
