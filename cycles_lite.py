@@ -122,7 +122,7 @@ if TYPE_CHECKING:  # pragma: no cover
     # A blocking send of one effect through a client's public method (see _sender).
     _SendFn = Callable[["_Send"], "CyclesResponse"]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [  # noqa: RUF022 - grouped as in runcycles
     # Client
