@@ -106,9 +106,36 @@ def _worker_decorated(name: str, url: str, calls: int, journal: bool) -> Dict[st
     def guarded() -> str:
         return "ok"
 
+    entries = _function_entries(lib, guarded)
     result = _timed_loop(lambda i: guarded(), calls, close=client.close, count=started)
     result["threads_per_call"] = result.pop("counted") / calls
+    result.update(entries)
     return result
+
+
+def _function_entries(lib: Any, call: Any, warm: int = 20, measured: int = 20) -> Dict[str, float]:
+    """Python function entries per warm call on the caller's thread (generator
+    resumptions included, as ``sys.setprofile`` reports them): inside the client
+    library, and in all (the standard library's included)."""
+    for _ in range(warm):
+        call()
+    home = os.path.dirname(lib.__file__) if lib.__file__.endswith("__init__.py") else lib.__file__
+    counts = {"library": 0, "all": 0}
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call":
+            counts["all"] += 1
+            if frame.f_code.co_filename.startswith(home):
+                counts["library"] += 1
+
+    sys.setprofile(profile)
+    try:
+        for _ in range(measured):
+            call()
+    finally:
+        sys.setprofile(None)
+    return {"library_entries_per_call": counts["library"] / measured,
+            "all_entries_per_call": counts["all"] / measured}
 
 
 def _worker_raw(url: str, pairs: int) -> Dict[str, Any]:
@@ -363,6 +390,12 @@ def _decorated_rows(url: str, args: argparse.Namespace, results: Dict[str, Any],
                          lite["cpu_ms_per_op"], official["cpu_ms_per_op"]))
         rows.append(_row(f"@cycles call ({label}), threads started per call",
                          lite["threads_per_call"], official["threads_per_call"], digits=2))
+        rows.append(_row(f"@cycles call ({label}), function entries in the library",
+                         lite["library_entries_per_call"], official["library_entries_per_call"],
+                         digits=0))
+        rows.append(_row(f"@cycles call ({label}), all Python function entries",
+                         lite["all_entries_per_call"], official["all_entries_per_call"],
+                         digits=0))
 
 
 def _row(label: str, lite: float, official: float, floor: Optional[float] = None,

@@ -122,7 +122,7 @@ if TYPE_CHECKING:  # pragma: no cover
     # A blocking send of one effect through a client's public method (see _sender).
     _SendFn = Callable[["_Send"], "CyclesResponse"]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [  # noqa: RUF022 - grouped as in runcycles
     # Client
@@ -2814,7 +2814,12 @@ def _parse_response_head(head: bytes) -> Tuple[int, List[Tuple[str, str]], bool]
 
 
 def _is_status(text: str) -> bool:
-    return len(text) == 3 and text.isdigit()
+    return len(text) == 3 and _is_decimal(text)
+
+
+def _is_decimal(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes '\xb2' (superscript two), which int() refuses."""
+    return text.isascii() and text.isdigit()
 
 
 class _AsyncTransport(_TransportBase):
@@ -2872,6 +2877,13 @@ class _AsyncTransport(_TransportBase):
                 except RuntimeError:  # closed meanwhile
                     pool.close()
         await asyncio.sleep(0)  # the aborted connections finish closing
+
+    def __del__(self) -> None:
+        """Dropped without ``aclose()``: the connections of loops closed by hand (with no
+        ``shutdown_asyncgens()``) are released here, without warnings."""
+        for loop, pool in list(getattr(self, "_pools", {}).items()):
+            if loop.is_closed():
+                pool.close()
 
     def _after_fork(self) -> None:
         """In a forked child: the connections are the parent's.  Forget them without closing
@@ -2939,7 +2951,7 @@ class _AsyncTransport(_TransportBase):
             pool.discard_idle()  # its idle siblings are likely stale too
             conn = await self._connect(deadline)
             status, headers, body, keep_alive = await self._exchange(conn, request, deadline)
-        if keep_alive and self._pool_maxsize > 0:
+        if keep_alive and pool.max_idle > 0:  # a late pool keeps nothing open (see _pool)
             return status, headers, body, conn
         conn.close()
         return status, headers, body, None
@@ -2964,10 +2976,15 @@ class _AsyncTransport(_TransportBase):
 
         watchdog = _Watchdog(conn, deadline, self._read_timeout)
         try:
+            if time.monotonic() >= deadline:  # as the blocking send: nothing goes out late
+                raise _AttemptDeadlineExceeded("attempt deadline exceeded before sending")
             conn.writer.write(request)
             if conn.unsent():
                 await watchdog.step(conn.writer.drain)
-            return await _read_http_response(conn.reader, watchdog)
+            response = await _read_http_response(conn.reader, watchdog)
+            if watchdog.expired is not None:  # a body framed by EOF, cut short by the abort
+                raise watchdog.expired
+            return response
         except BaseException as exc:
             conn.close()
             if watchdog.expired is not None and isinstance(exc, Exception):
@@ -3034,12 +3051,12 @@ class _AsyncTransport(_TransportBase):
                 lines.append(f"Proxy-Authorization: {proxy.authorization}")
             await loop.sock_sendall(sock, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
             head = b""
-            while not head.endswith(b"\r\n\r\n"):  # the proxy sends nothing after its head
+            while b"\r\n\r\n" not in head:  # a refusal may come with a body; a 200 has none
                 chunk = await loop.sock_recv(sock, 1024)
                 if not chunk or len(head) > _HEAD_LIMIT:
                     raise _MalformedResponse("the proxy did not answer CONNECT")
                 head += chunk
-            status, _headers, _keep = _parse_response_head(head)
+            status, _headers, _keep = _parse_response_head(head.partition(b"\r\n\r\n")[0])
             if status != 200:
                 raise OSError(f"Tunnel connection failed: {status}")
             return sock
@@ -3113,7 +3130,7 @@ async def _read_http_response(
     length = fields.get("content-length")
     if length is None:  # the body runs to the end of the connection
         return status, headers, await _read_to_eof(reader, watchdog), False
-    if not length.strip().isdigit():
+    if not _is_decimal(length.strip()):
         raise _MalformedResponse(f"bad Content-Length: {length[:40]!r}")
     if int(length) > MAX_RESPONSE_BYTES:
         raise _ResponseTooLarge(f"response body larger than {MAX_RESPONSE_BYTES} bytes")
@@ -7527,15 +7544,15 @@ class _SettlementQueue:
                     return False
             elif self._live_count() >= self._capacity:
                 return False
+            self._exit_flush_timeout = max(self._exit_flush_timeout, job.flush_timeout)
+            if not self._atexit_registered:  # a loop task too: its loop may end unfinished
+                atexit.register(self._flush_at_exit)
+                self._atexit_registered = True
             if getattr(job, "loop_client", None) is not None and _retry_on_loop(job):
                 return True
             if self._worker is None and not self._start_worker():
                 return False
             self._push(job)
-            self._exit_flush_timeout = max(self._exit_flush_timeout, job.flush_timeout)
-            if not self._atexit_registered:
-                atexit.register(self._flush_at_exit)
-                self._atexit_registered = True
             self._cond.notify_all()
         return True
 
@@ -7643,7 +7660,8 @@ class _SettlementQueue:
         """Settle what is pending on this thread, waiting for not-yet-due retries while the
         deadline (``timeout``, and the enclosing ``deadline()``) allows; kept settlements
         get one attempt each (``retry_kept``), without waiting for them.  See FlushResult."""
-        bound = _flush_bound(timeout)
+        bound = _flush_bound(timeout)  # a bad timeout is refused before anything is done
+        _rescue_stranded_settlements()
         started = time.monotonic()
         with self._cond:
             settled, given_up = self._settled, self._given_up
@@ -7749,6 +7767,7 @@ class _SettlementQueue:
 
     def _flush_at_exit(self) -> None:
         timeout = self._exit_flush_timeout
+        _rescue_stranded_settlements(at_exit=True)
         if timeout > 0:  # kept settlements already had their budget: the next process's
             result = self.flush(timeout, retry_kept=False)
             if not result:
@@ -7826,6 +7845,7 @@ async def aflush(timeout: float | None = None) -> FlushResult:
     import asyncio
 
     bound = _flush_bound(timeout)
+    _rescue_stranded_settlements()  # onto this loop
     loop = asyncio.get_running_loop()
     mine = [task for task in list(_settlement_tasks) if task.get_loop() is loop]
     outcomes: List[_Disposition] = []
@@ -7885,6 +7905,24 @@ def _retry_on_loop(job: _Settlement) -> bool:
 
 def _forget_settlement_task(task: asyncio.Task[_Disposition]) -> None:
     _settlement_tasks.pop(task, None)
+
+
+_stranded_tasks: List[Any] = []  # their loops never run them again; kept, never destroyed
+
+
+def _rescue_stranded_settlements(*, at_exit: bool = False) -> None:
+    """Retry tasks whose loop was closed by hand (no ``asyncio.run`` cancelled them,
+    so they never ran to the worker): their jobs go to the worker now (or to this
+    loop's tasks, from ``aflush``).  At exit, so do those of a loop not running."""
+    for task, job in list(_settlement_tasks.items()):
+        loop = task.get_loop()
+        if task.done() or not (loop.is_closed() or (at_exit and not loop.is_running())):
+            continue
+        if _settlement_tasks.pop(task, None) is None:
+            continue  # taken by another thread meanwhile
+        _stranded_tasks.append(task)  # destroyed pending, it would warn and close its coroutine
+        if not _settlements.submit(job):
+            _left_to_journal(job)
 
 
 async def _settle_on_loop(job: _Settlement) -> _Disposition:

@@ -764,5 +764,150 @@ class TestAsyncHttps(unittest.TestCase):
         self.assertEqual(resource_warnings(caught), [])
 
 
+
+class TestReviewFixes(AsyncServerCase):
+    """Found in review: a cut-short body, a late pool's idle connection, stranded retries."""
+
+    def test_eof_framed_body_cut_short_by_the_deadline_is_a_transport_error(self) -> None:
+        cut_short = b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"b\":"
+        response = self.stub_answer(cut_short, within=0.3)  # then the stub stalls
+        self.assertTrue(response.is_transport_error)  # not a 200 with a truncated body
+        self.assertIn("deadline", response.error_message or "")
+
+    def test_a_detached_retry_after_aclose_keeps_no_connection_open(self) -> None:
+        client = self.new_client()
+        run(client.aclose)
+        token = cl._attempt.set(cl._Attempt(time.monotonic() + 5, True))
+        try:  # a settlement retry on the worker's private loop, outliving the client
+            response = cl._run_to_completion(client._call(balances_call()))
+        finally:
+            cl._attempt.reset(token)
+        self.assertTrue(response.is_success)
+        self.assertEqual([pool.idle for pool in client._transport._pools.values()], [[]])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            del client
+            gc.collect()
+        self.assertEqual(resource_warnings(caught), [])
+
+    def stranded_retry(self) -> AsyncCyclesClient:
+        """A commit retry task left pending on a loop that ``run_until_complete`` ran."""
+        client = self.new_client(retry_initial_delay=0.2, retry_max_delay=0.2)
+        self.srv.inject("commit", "status", status=503)
+
+        @cycles(estimate=10, actual=5, action_kind="llm.completion", action_name="m",
+                client=client)
+        async def guarded() -> str:
+            return "ok"
+
+        loop = asyncio.new_event_loop()
+        self.addCleanup(loop.close)
+        self.assertEqual(loop.run_until_complete(guarded()), "ok")
+        self.assertEqual([t.get_loop() for t in cl._settlement_tasks], [loop])
+        return client
+
+    def test_a_retry_task_of_a_loop_closed_by_hand_reaches_the_worker(self) -> None:
+        self.stranded_retry()
+        next(iter(cl._settlement_tasks)).get_loop().close()
+        result = cl.flush(5)
+        self.assertTrue(result)
+        self.assertEqual(result.settled, 1)
+        self.assertEqual(len(self.srv.requests_for("commit")), 2)  # same key: settled once
+        self.assertEqual(cl._settlement_tasks, {})
+        self.srv.check_invariants()
+
+    def test_aflush_on_a_new_loop_settles_a_closed_loops_retry(self) -> None:
+        self.stranded_retry()
+        next(iter(cl._settlement_tasks)).get_loop().close()
+
+        async def scenario() -> Any:
+            with mock.patch.object(cl, "_perform", side_effect=AssertionError("a thread")):
+                return await cl.aflush(5)
+
+        result = run(scenario)
+        self.assertTrue(result)
+        self.assertEqual(len(self.srv.requests_for("commit")), 2)
+
+    def test_at_exit_a_retry_task_of_a_loop_left_unclosed_is_settled(self) -> None:
+        self.stranded_retry()  # the loop is neither running nor closed, as a script leaves it
+        cl._settlements._flush_at_exit()
+        self.assertEqual(len(self.srv.requests_for("commit")), 2)
+        self.assertEqual(cl._settlement_tasks, {})
+
+    def stub_answer(
+        self, answer: bytes, *, proxy: bool = False, within: float = 5.0
+    ) -> CyclesResponse:
+        """The client's response, within ``within`` seconds, to ``answer`` from a stub
+        server (as a proxy for ``https://127.0.0.1:9`` when ``proxy``)."""
+        async def scenario() -> CyclesResponse:
+            done = asyncio.Event()
+
+            async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                try:
+                    await reader.readuntil(b"\r\n\r\n")
+                    writer.write(answer)
+                    await reader.read()  # holds the connection open until the client drops it
+                except ConnectionError:
+                    pass
+                finally:
+                    writer.close()
+                    done.set()
+
+            server = await asyncio.start_server(handle, "127.0.0.1", 0)
+            stub = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+            client = AsyncCyclesClient(CyclesConfig(
+                base_url="https://127.0.0.1:9" if proxy else stub, api_key=API_KEY,
+                journal_enabled=False, proxy=stub if proxy else None))
+            try:
+                return await client._call(balances_call(), time.monotonic() + within)
+            finally:
+                await client.aclose()
+                await asyncio.wait_for(done.wait(), 5)
+                server.close()
+                await server.wait_closed()
+
+        return run(scenario)
+
+    def test_a_proxy_refusing_connect_with_a_body_is_reported_at_once(self) -> None:
+        refusal = (b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+                   b"Content-Length: 5\r\n\r\nnope!")
+        response = self.stub_answer(refusal, proxy=True)
+        self.assertTrue(response.is_transport_error)  # not a connect timeout
+        self.assertIn("Tunnel connection failed: 407", response.error_message or "")
+
+    def test_non_ascii_digits_in_the_head_are_a_malformed_response(self) -> None:
+        length = self.stub_answer(b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n{}")
+        self.assertIn("Content-Length", length.error_message or "")
+        status = self.stub_answer(b"HTTP/1.1 \xb200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        self.assertIn("status line", status.error_message or "")
+
+    def test_a_client_dropped_after_its_loop_was_closed_by_hand_does_not_warn(self) -> None:
+        client = self.new_client()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loop = asyncio.new_event_loop()
+            self.assertTrue(loop.run_until_complete(client.get_balances(tenant=TENANT)).is_success)
+            loop.close()  # no shutdown_asyncgens(), and no aclose() either
+            del client
+            gc.collect()
+        self.assertEqual(resource_warnings(caught), [])
+
+    def test_nothing_is_sent_once_the_deadline_passed(self) -> None:
+        client = self.new_client()
+
+        async def scenario() -> CyclesResponse:
+            await client.get_balances(tenant=TENANT)  # an idle kept-alive connection
+            sent = len(self.srv.requests)
+            response = await client._call(balances_call(), time.monotonic() - 0.01)
+            await client.get_balances(tenant=TENANT)  # after it, on the same server thread
+            self.assertEqual(len(self.srv.requests), sent + 1)
+            await client.aclose()
+            return response
+
+        response = run(scenario)
+        self.assertTrue(response.is_transport_error)
+        self.assertIn("deadline", response.error_message or "")
+
+
 if __name__ == "__main__":
     unittest.main()
