@@ -7358,7 +7358,8 @@ def _settle_new_steps(job: _Settlement, heartbeat: Any) -> _Steps[_Disposition]:
         if not isinstance(exc, GeneratorExit):
             # Interrupted (task cancelled, Ctrl-C): the worker carries on, same key.
             job.due = time.monotonic()
-            _settlements.submit(job)
+            if not _settlements.submit(job):
+                _settlements.turn_away(job)
         raise
     return outcome
 
@@ -7534,6 +7535,7 @@ class _SettlementQueue:
         self.kept = 0  # kept jobs in the heap; read without the lock as a hint
         self._settled = 0  # outcomes of the jobs run here, for FlushResult
         self._given_up = 0
+        self._lost = 0  # turned away with no journal record, since the last flush
 
     def submit(self, job: _Settlement) -> bool:
         """Queue ``job``; False when full.  Kept jobs have room of their own (half the
@@ -7565,7 +7567,43 @@ class _SettlementQueue:
             return
         job.keep()
         if not self.submit(job):
-            _left_to_journal(job)
+            self.turn_away(job)
+
+    def turn_away(self, job: _Settlement) -> None:
+        """A job the full settlement queue could not take.  Journaled, it stays on disk for
+        ``recover()`` or the next process; without a record it is lost to this process:
+        logged at ERROR and counted as given up by the next ``flush()``."""
+        rid = job.record.reservation_id
+        if job.journal is not None and job.journaled and job.operation != "release":
+            _log.warning(
+                "settlement queue full: %s left to the journal (recover() or the next process"
+                " settles it): reservation_id=%s",
+                job.operation,
+                rid,
+            )
+            return
+        with self._cond:
+            self._lost += 1
+        if job.operation == "release":
+            _log.error(
+                "settlement queue full: release not retried; the reservation holds its budget"
+                " until it expires: reservation_id=%s",
+                rid,
+            )
+        else:
+            _log.error(
+                "settlement queue full and %s not journaled: the %s is LOST, the spend is NOT"
+                " recorded: reservation_id=%s",
+                job.operation,
+                job.operation,
+                rid,
+            )
+
+    def take_lost(self) -> int:
+        """How many settlements were turned away unjournaled since the last call."""
+        with self._cond:
+            lost, self._lost = self._lost, 0
+            return lost
 
     def wake_kept(self) -> None:
         """A guarded call: kept jobs last tried ``_KEPT_RETRY_ACTIVITY_GAP_S`` ago are due."""
@@ -7675,7 +7713,7 @@ class _SettlementQueue:
                     break
             with _bounded_by(bound):  # an attempt started here ends by flush's own deadline too
                 self._run(job)
-        return FlushResult(settled, self._unsettled(), given_up)
+        return FlushResult(settled, self._unsettled(), given_up + self.take_lost())
 
     def _unsettled(self) -> int:
         """Settlements this process knows are open: in memory, or in a journal it uses."""
@@ -7763,7 +7801,7 @@ class _SettlementQueue:
                     self._given_up += 1
                 self._cond.notify_all()
             if kept and not room:
-                _left_to_journal(job)
+                self.turn_away(job)
 
     def _flush_at_exit(self) -> None:
         timeout = self._exit_flush_timeout
@@ -7775,15 +7813,6 @@ class _SettlementQueue:
                     "%d settlement(s) still open at exit; journal records are replayed later",
                     result.pending,
                 )
-
-
-def _left_to_journal(job: _Settlement) -> None:
-    _log.warning(
-        "settlement queue full: %s left to the journal (recover() or the next process"
-        " settles it): reservation_id=%s",
-        job.operation,
-        job.record.reservation_id,
-    )
 
 
 _settlements = _SettlementQueue()
@@ -7802,7 +7831,9 @@ class FlushResult:
       worker, the next guarded call, the next ``flush``, or the next process.
     * ``given_up``: settlements that ended while it ran without reaching the ledger
       and with nothing left to retry: a recognised rejection (nothing is released,
-      the record is removed) or a release out of retries (its reservation expires).
+      the record is removed) or a release out of retries (its reservation expires);
+      also those the full settlement queue turned away since the previous flush
+      without a journal record to keep them (lost, logged at ERROR).
     """
 
     settled: int = 0
@@ -7858,7 +7889,7 @@ async def aflush(timeout: float | None = None) -> FlushResult:
         drain = functools.partial(contextvars.copy_context().run, _settlements.flush, left)
         result = await loop.run_in_executor(None, drain)
     else:
-        result = FlushResult(0, _settlements._unsettled(), 0)
+        result = FlushResult(0, _settlements._unsettled(), _settlements.take_lost())
     unjournaled = sum(1 for t in mine if not t.done() and _settlement_tasks[t].journal is None)
     return FlushResult(
         result.settled + outcomes.count(_Disposition.SUCCESS),
@@ -7922,7 +7953,7 @@ def _rescue_stranded_settlements(*, at_exit: bool = False) -> None:
             continue  # taken by another thread meanwhile
         _stranded_tasks.append(task)  # destroyed pending, it would warn and close its coroutine
         if not _settlements.submit(job):
-            _left_to_journal(job)
+            _settlements.turn_away(job)
 
 
 async def _settle_on_loop(job: _Settlement) -> _Disposition:
@@ -7939,11 +7970,7 @@ async def _settle_on_loop(job: _Settlement) -> _Disposition:
         outcome = await _drive_async(job.loop_client, _settle_steps(job, retry_inline=True))
     except asyncio.CancelledError:
         if not _settlements.submit(job):
-            _log.error(
-                "settlement dropped from a closing loop, the queue being full: reservation_id=%s"
-                " (its journal record, if any, is replayed later)",
-                job.record.reservation_id,
-            )
+            _settlements.turn_away(job)
         raise
     except Exception:  # never lose the job silently to a bug
         _log.exception("settlement failed: reservation_id=%s", job.record.reservation_id)

@@ -825,3 +825,29 @@ class TestCancelledRecoverHandsItsJobsOver(DeploymentCase):
         self.assertTrue(cl.flush(10))
         self.assertEqual((self.balance()["spent"], len(set(self.keys("commit")))), (13, 1))
         self.assertEqual(self.journal_records(), [])
+
+
+class TestFullQueueWithoutJournalSaysTheSettlementIsLost(DeploymentCase):
+    """Review: with the journal disabled, a settlement the full queue turned away was
+    logged as "left to the journal" and ``flush()`` reported nothing given up."""
+
+    def test_the_log_and_flush_say_it_is_lost(self) -> None:
+        queue = cl._SettlementQueue(capacity=2)  # room for 1 kept
+        self.addCleanup(setattr, cl, "_settlements", cl._settlements)
+        cl._settlements = queue
+        client = self.client(retry_max_attempts=0, journal_enabled=False)  # kept at once
+        self.srv.inject("commit", "status", status=503, times=2)
+        with self.assertLogs(LOGGER, "WARNING") as logs:
+            self.guarded(client, 1)()
+            self.guarded(client, 2)()  # kept too, but the kept half is full
+        output = "\n".join(logs.output)
+        self.assertNotIn("left to the journal", output)
+        lost = [line for line in logs.output if "LOST" in line]
+        self.assertEqual(len(lost), 1, output)
+        self.assertTrue(lost[0].startswith("ERROR:"), lost[0])
+        self.assertEqual(queue.kept, 1)
+        result = cl.flush(5)  # the kept one settles; the other one is counted, not hidden
+        self.assertEqual((result.settled, result.pending, result.given_up), (1, 0, 1))
+        self.assertEqual(cl.flush(5).given_up, 0)  # counted once
+        self.assertEqual(self.balance()["spent"], 1)
+        self.srv.clock.advance(120_000)  # the lost commit's reservation expires
