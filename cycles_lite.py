@@ -452,11 +452,26 @@ def _protocol_error(response: CyclesResponse, prefix: str) -> CyclesProtocolErro
         return CyclesProtocolError(prefix, status=getattr(response, "status", 0))
 
 
+def _public_cause(exc: BaseException | None) -> BaseException | None:
+    """``exc`` for users: one of the transport's private classes (a TimeoutError for a
+    passed attempt deadline, an OSError for a malformed answer) becomes its nearest
+    public base with the same message.  Internally the original stays on the response."""
+    if exc is None or not type(exc).__name__.startswith("_"):
+        return exc
+    public = next(k for k in type(exc).__mro__ if not k.__name__.startswith("_"))
+    try:
+        replacement = public(*exc.args)
+    except Exception:  # a base with another signature: its message is kept all the same
+        replacement = OSError(str(exc))
+    replacement.__cause__ = exc.__cause__
+    return replacement
+
+
 def _build_protocol_error(response: CyclesResponse, prefix: str) -> CyclesProtocolError:
     if response.is_transport_error:
         return CyclesConnectionError(
             f"{prefix}: {response.error_message or 'transport error'}",
-            cause=response.transport_exception,
+            cause=_public_cause(response.transport_exception),
         )
     body = response.body if isinstance(response.body, dict) else {}
     error_code = _error_code(response)
@@ -4839,7 +4854,7 @@ async def _send_async(
         return _response_of(effect, await asyncio.shield(task))
     except asyncio.CancelledError:
         _keep_running(task)
-        task.add_done_callback(functools.partial(_release_orphan, client, effect))
+        task.add_done_callback(functools.partial(_after_cancelled_send, client, effect))
         raise
 
 
@@ -4852,10 +4867,23 @@ def _keep_running(task: Any) -> None:
     task.add_done_callback(_shielded_tasks.discard)
 
 
-def _release_orphan(client: Any, create: _Send, task: Any) -> None:
-    """The create of a cancelled call answered: release what it reserved (a done callback)."""
-    import asyncio
+def _after_cancelled_send(client: Any, effect: _Send, task: Any) -> None:
+    """A done callback on a shielded send whose caller was cancelled.  A release cut off
+    by the end of the event loop (nothing else cancels it) goes to the worker thread
+    with its key, unless the settlement queue already has it; a create that answered
+    has its reservation released."""
+    if effect.operation == "release":
+        if task.cancelled() and effect.reservation_id not in _settlements.busy():
+            job = _Settlement.for_release(client, effect)
+            job.loop_client = None  # the loop is ending: the worker sends it
+            _hand_over_release(job)
+        return
+    _release_orphan(client, effect, task)
 
+
+def _release_orphan(client: Any, create: _Send, task: Any) -> None:
+    """The create of a cancelled call answered: release what it reserved, as a settlement
+    retry task on the loop, handed to the worker thread if the loop ends first."""
     if task.cancelled() or task.exception() is not None or create.operation != "create":
         return  # (an exception is retrieved here, so asyncio does not report it)
     response = task.result()
@@ -4866,8 +4894,7 @@ def _release_orphan(client: Any, create: _Send, task: Any) -> None:
     if body.get("decision") == Decision.DENY.value or not isinstance(reservation_id, str):
         return
     key = _derived_key("release", create.body.get("idempotency_key"))
-    release = _release_body_steps(client, reservation_id, key, "cancelled_before_use")
-    _keep_running(asyncio.ensure_future(_drive_async(client, release)))
+    _hand_over_release(_release_job(client, reservation_id, key, "cancelled_before_use"))
 
 
 class _TaskHeartbeat:
@@ -5671,6 +5698,20 @@ def _commit_metadata(value: Any) -> Dict[str, Any]:
     return dict(_object_check("metadata", value, False))
 
 
+def _release_job(client: Any, reservation_id: str, key: str, reason: str) -> _Settlement:
+    body = {"idempotency_key": key, "reason": reason}
+    return _Settlement.for_release(client, _Send("release", body, reservation_id))
+
+
+def _hand_over_release(job: _Settlement) -> None:
+    """A release to send (again) from the settlement queue, now, with its own key: as a
+    retry task on the running loop (handed to the worker thread if the loop ends
+    first), or on the worker thread for a job without ``loop_client``."""
+    job.due = time.monotonic()
+    if not _settlements.submit(job):
+        _settlements.turn_away(job)
+
+
 def _release_body_steps(
     client: Any, reservation_id: str, key: str, reason: str
 ) -> _Steps[CyclesProtocolError | None]:
@@ -5678,15 +5719,10 @@ def _release_body_steps(
     connection, a timeout) is retried on the settlement worker with the same key,
     honouring Retry-After, within the retry policy; a refusal is final.  Returns the
     first attempt's error when it did not release."""
-    body = {"idempotency_key": key, "reason": reason}
-    job = _Settlement.for_release(client, _Send("release", body, reservation_id))
+    job = _release_job(client, reservation_id, key, reason)
     outcome = yield from _settle_steps(job, retry_inline=False)
     if outcome is _Disposition.RETRY and not _settlements.submit(job):
-        _log.warning(
-            "settlement queue full: release not retried; the reservation is left to"
-            " expire: reservation_id=%s",
-            reservation_id,
-        )
+        _settlements.turn_away(job)
     if outcome is _Disposition.SUCCESS or job.last_response is None:
         return None
     return _protocol_error(job.last_response, "Release failed")
@@ -7539,12 +7575,13 @@ class _SettlementQueue:
 
     def submit(self, job: _Settlement) -> bool:
         """Queue ``job``; False when full.  Kept jobs have room of their own (half the
-        capacity), so a long outage never crowds live retries out onto the callers."""
+        capacity), so a long outage never crowds live retries out onto the callers.
+        The async clients' retry tasks count against the capacity like queued jobs."""
         with self._cond:
             if job.kept:
                 if self.kept >= self._capacity // 2:
                     return False
-            elif self._live_count() >= self._capacity:
+            elif self._occupied() >= self._capacity:
                 return False
             self._exit_flush_timeout = max(self._exit_flush_timeout, job.flush_timeout)
             if not self._atexit_registered:  # a loop task too: its loop may end unfinished
@@ -7651,11 +7688,16 @@ class _SettlementQueue:
     def replay_room(self) -> int:
         """How many replayed records may be queued now: half the capacity, less what waits."""
         with self._cond:
-            return max(0, self._capacity // 2 - self._live_count())
+            return max(0, self._capacity // 2 - self._occupied())
 
     def _live_count(self) -> int:
         """Under the lock: queued retries under their budget, and running jobs."""
         return len(self._heap) - self.kept + len(self._running)
+
+    def _occupied(self) -> int:
+        """Under the lock: what counts against the capacity: the live jobs here and the
+        async clients' retry tasks on their loops."""
+        return self._live_count() + len(_settlement_tasks)
 
     def start_scan(self, scan: Callable[[], None]) -> None:
         """Run ``scan`` on a one-shot daemon thread; ``flush()`` waits for it."""
@@ -7969,6 +8011,9 @@ async def _settle_on_loop(job: _Settlement) -> _Disposition:
     try:
         outcome = await _drive_async(job.loop_client, _settle_steps(job, retry_inline=True))
     except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None:  # its room in the capacity goes with it to the worker
+            _settlement_tasks.pop(current, None)
         if not _settlements.submit(job):
             _settlements.turn_away(job)
         raise

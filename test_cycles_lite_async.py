@@ -911,3 +911,115 @@ class TestReviewFixes(AsyncServerCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TestOrphanReleaseSurvivesTheLoopsEnd(AsyncServerCase):
+    """Review: the release of a call cancelled while its create was in flight ran on a
+    task of its own that the end of the event loop cut off (reservation held to TTL)."""
+
+    def test_the_release_moves_to_the_worker_with_the_same_key(self) -> None:
+        client = self.new_client()
+        self.srv.inject("create", "delay", delay_ms=300)
+        self.srv.inject("release", "delay", delay_ms=1_500)  # in flight when the loop ends
+
+        @cycles(estimate=10, actual=5, action_kind="llm.completion", action_name="m",
+                client=client)
+        async def guarded() -> str:
+            return "ok"
+
+        async def scenario() -> None:
+            call = asyncio.ensure_future(guarded())
+            await asyncio.sleep(0.05)
+            call.cancel()
+            await asyncio.sleep(0.6)  # the create answered at ~0.3 s; the release waits
+
+        run(scenario)
+        self.assertEqual(cl._settlements.pending(), 1)  # handed over, not cut off
+        self.assertTrue(cl.flush(10))
+        keys = [r.body["idempotency_key"] for r in self.srv.requests_for("release")]
+        self.assertGreaterEqual(len(keys), 1)
+        self.assertEqual(len(set(keys)), 1)
+        self.assertTrue(keys[0].startswith("release-"))
+        (create,) = [r for r in self.srv.requests_for("create") if r.status == 200]
+        rid = create.response_body["reservation_id"]
+        self.assertTrue(_wait_until(lambda: self.srv.reservation(rid)["status"] == "RELEASED"))
+        run(client.aclose)
+        self.srv.check_invariants()
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()
+
+
+class TestGuardReleaseSurvivesTheLoopsEnd(AsyncServerCase):
+    """Review: a guard's release still in flight when its cancelled caller's loop ended
+    was cut off with the loop (reservation held to TTL)."""
+
+    def test_the_release_moves_to_the_worker_with_the_same_key(self) -> None:
+        client = self.new_client()
+        self.srv.inject("release", "delay", delay_ms=1_500)
+
+        async def scenario() -> None:
+            async def work() -> None:
+                async with client.reserve(10) as guard:
+                    await guard.release("not needed")
+
+            task = asyncio.ensure_future(work())
+            await asyncio.sleep(0.3)  # the release is on the wire, the server holds it
+            task.cancel()
+            with self.assertRaises(asyncio.CancelledError):
+                await task  # the loop ends now, with the release in flight
+
+        run(scenario)
+        self.assertEqual(cl._settlements.pending(), 1)  # handed over, not cut off
+        self.assertTrue(cl.flush(10))
+        keys = {r.body["idempotency_key"] for r in self.srv.requests_for("release")}
+        self.assertEqual(len(keys), 1)
+        (create,) = [r for r in self.srv.requests_for("create") if r.status == 200]
+        rid = create.response_body["reservation_id"]
+        self.assertTrue(_wait_until(lambda: self.srv.reservation(rid)["status"] == "RELEASED"))
+        run(client.aclose)
+        self.srv.check_invariants()
+
+
+class TestLoopRetryTasksCountAgainstTheCapacity(AsyncServerCase):
+    """Review: async retry tasks did not count toward the settlement queue's capacity,
+    so a long outage could pile up unbounded tasks."""
+
+    def test_beyond_the_capacity_the_retry_runs_on_the_caller(self) -> None:
+        queue = cl._SettlementQueue(capacity=2)
+        self.addCleanup(setattr, cl, "_settlements", cl._settlements)
+        cl._settlements = queue
+        client = self.new_client(retry_initial_delay=0.3, retry_max_delay=0.3)
+        self.srv.inject("commit", "status", status=503, times=4)  # every first attempt
+
+        @cycles(estimate=10, actual=5, action_kind="llm.completion", action_name="m",
+                client=client)
+        async def guarded() -> str:
+            return "ok"
+
+        peak: List[int] = []
+
+        async def watch() -> None:
+            while True:
+                peak.append(len(cl._settlement_tasks))
+                await asyncio.sleep(0.01)
+
+        async def scenario() -> bool:
+            watcher = asyncio.ensure_future(watch())
+            results = await asyncio.gather(*(guarded() for _ in range(4)))
+            self.assertEqual(set(results), {"ok"})
+            settled = await cl.aflush(5)
+            watcher.cancel()
+            await client.aclose()
+            return bool(settled)
+
+        self.assertTrue(run(scenario))
+        self.assertEqual(max(peak), 2)  # the other two retried on their callers
+        self.assertEqual(len(self.srv.requests_for("commit")), 8)
+        self.srv.check_invariants()

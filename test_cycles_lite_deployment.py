@@ -851,3 +851,20 @@ class TestFullQueueWithoutJournalSaysTheSettlementIsLost(DeploymentCase):
         self.assertEqual(cl.flush(5).given_up, 0)  # counted once
         self.assertEqual(self.balance()["spent"], 1)
         self.srv.clock.advance(120_000)  # the lost commit's reservation expires
+
+
+class TestConnectionErrorCauseIsPublic(DeploymentCase):
+    """Review: ``CyclesConnectionError.cause`` could be the private
+    ``_AttemptDeadlineExceeded``; users see a plain TimeoutError with its message."""
+
+    def test_a_passed_attempt_deadline_is_a_plain_timeout_error(self) -> None:
+        client = self.client(request_timeout=5.0)
+        self.srv.inject("create", "delay", delay_ms=1_500, times=None)
+        with self.assertRaises(cl.CyclesConnectionError) as caught, cl.deadline(0.3):
+            with client.reserve(10, action_kind="llm.completion"):
+                pass
+        cause = caught.exception.cause
+        self.assertIs(type(cause), TimeoutError)
+        self.assertIn("deadline", str(cause))
+        self.srv.clear_faults()
+        self.srv.clock.advance(120_000)  # the reservation the cut-off create made expires
