@@ -459,6 +459,7 @@ def _public_cause(exc: BaseException | None) -> BaseException | None:
     if exc is None or not type(exc).__name__.startswith("_"):
         return exc
     public = next(k for k in type(exc).__mro__ if not k.__name__.startswith("_"))
+    replacement: BaseException
     try:
         replacement = public(*exc.args)
     except Exception:  # a base with another signature: its message is kept all the same
@@ -7566,6 +7567,7 @@ class _SettlementQueue:
         self._heap: List[Tuple[float, int, _Settlement]] = []
         self._order = itertools.count()
         self._running: List[str] = []  # reservation ids being settled right now
+        self._recovering: set[str] = set()  # reservation ids a recover() is settling
         self._scans = 0  # journal scans still running (they submit what they find)
         self._worker: threading.Thread | None = None
         self.kept = 0  # kept jobs in the heap; read without the lock as a hint
@@ -7681,6 +7683,28 @@ class _SettlementQueue:
                 self._cond.notify_all()
             return len(taken)
 
+    def take_over(self, reservation_ids: set[str]) -> set[str]:
+        """``recover()``: take the kept jobs of ``reservation_ids`` out of the queue and
+        mark as in progress the ids nothing else here holds (queued, running, or another
+        recover's), so a concurrent recover or replay skips them; those ids, until each
+        is ``given_back``."""
+        with self._cond:  # a re-entrant lock: take_kept inside
+            self.take_kept(reservation_ids)
+            claimed = reservation_ids - self.busy()
+            self._recovering |= claimed
+            return claimed
+
+    def adopt(self, job: _Settlement) -> bool:
+        """Replay: ``submit`` a journal record's job unless this process already settles it
+        (checked under the same lock as ``take_over`` claims)."""
+        with self._cond:
+            return job.record.reservation_id not in self.busy() and self.submit(job)
+
+    def given_back(self, reservation_id: str) -> None:
+        """A job ``take_over`` claimed is done, or queued here."""
+        with self._cond:
+            self._recovering.discard(reservation_id)
+
     def pending(self) -> int:
         with self._cond:
             return len(self._heap) + len(self._running)
@@ -7730,10 +7754,13 @@ class _SettlementQueue:
         return self._live_count() > 0 or bool(self._scans)
 
     def busy(self) -> set[str]:
-        """Reservation ids this process is already settling (queued, kept or running)."""
+        """Reservation ids this process is already settling (queued, kept, running, or
+        being recovered)."""
         with self._cond:
-            return {job.record.reservation_id for _due, _n, job in self._heap} | set(
-                self._running
+            return (
+                {job.record.reservation_id for _due, _n, job in self._heap}
+                | set(self._running)
+                | self._recovering
             )
 
     def flush(self, timeout: float | None, *, retry_kept: bool = True) -> FlushResult:
@@ -8136,7 +8163,7 @@ def _replay_in_background(client: Any, first_use_ms: int) -> None:
         earlier = [r for r in records if r.recorded_at_ms < first_use_ms]
         records = _not_queued(earlier)
         room = _settlements.replay_room()
-        queued = sum(1 for job in _replay_jobs(client, records[:room]) if _settlements.submit(job))
+        queued = sum(1 for job in _replay_jobs(client, records[:room]) if _settlements.adopt(job))
         if queued:
             _log.info(
                 "replaying %d journaled settlement(s) in the background from %s",
@@ -8227,8 +8254,8 @@ def _recover_steps(client: Any, timeout: float | None) -> _Steps[RecoverySummary
     _claim_replay(journal)  # this is the process's replay of this identity
     records, summary.quarantined = yield _Blocking(functools.partial(_scan_journal, journal))
     summary.found = len(records)
-    _settlements.take_kept({r.reservation_id for r in records})  # parked: recover takes over
-    fresh = _not_queued(records)
+    mine = _settlements.take_over({r.reservation_id for r in records})  # kept ones included
+    fresh = [r for r in records if r.reservation_id in mine]
     summary.kept = len(records) - len(fresh)
     jobs = _replay_jobs(client, fresh)
     commit_mode = {id(job) for job in jobs if job.record.mode == "commit"}
@@ -8255,13 +8282,15 @@ def _settle_until(
             _due, n, _job = heapq.heappop(heap)
             if outcome is _Disposition.RETRY:
                 heapq.heappush(heap, (job.due, n, job))
-            elif outcome is _Disposition.SUCCESS:
+                continue
+            if outcome is _Disposition.SUCCESS:
                 summary.settled += 1
             elif outcome is _Disposition.STOP_DISCARD:
                 summary.discarded += 1
             else:
                 summary.kept += 1
                 _settlements.keep(job)
+            _settlements.given_back(job.record.reservation_id)
     finally:
         _hand_over_recovery(heap, summary)
 
@@ -8276,6 +8305,7 @@ def _hand_over_recovery(
         else:
             summary.not_yet_due += 1
         _settlements.submit(job)
+        _settlements.given_back(job.record.reservation_id)
 
 
 # ===========================================================================

@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+import threading
 import time
 import unittest
 import warnings
@@ -868,3 +869,31 @@ class TestConnectionErrorCauseIsPublic(DeploymentCase):
         self.assertIn("deadline", str(cause))
         self.srv.clear_faults()
         self.srv.clock.advance(120_000)  # the reservation the cut-off create made expires
+
+
+class TestConcurrentRecoversSettleEachRecordOnce(DeploymentCase):
+    """Review: two ``recover()`` calls at once sent the same keys together and both
+    counted the same records as settled."""
+
+    def test_the_second_recover_skips_what_the_first_took_over(self) -> None:
+        client = self.client(retry_max_attempts=0, request_timeout=5.0)  # kept at once
+        self.srv.inject("commit", "status", status=503, times=3)
+        with self.assertLogs(LOGGER, "ERROR"):
+            for actual in (1, 2, 3):
+                self.guarded(client, actual)()
+        self.assertEqual(len(self.journal_records()), 3)
+        self.srv.inject("commit", "delay", delay_ms=300, times=None)  # recover takes ~0.9 s
+        summaries: List[cl.RecoverySummary] = []
+        first = threading.Thread(target=lambda: summaries.append(client.recover(10)))
+        first.start()
+        time.sleep(0.15)  # the first recover is settling its first record
+        summaries.append(client.recover(10))
+        first.join()
+        self.assertEqual(sum(s.settled for s in summaries), 3, summaries)
+        self.assertEqual([s.found for s in summaries], [3, 3])
+        for summary in summaries:  # each record counted once per summary
+            self.assertEqual(summary.settled + summary.kept + summary.discarded
+                             + summary.not_yet_due, 3, summary)
+        self.assertEqual(len([r for r in self.srv.requests_for("commit") if r.status == 200]), 3)
+        self.assertEqual(self.balance()["spent"], 6)
+        self.assertEqual(self.journal_records(), [])
