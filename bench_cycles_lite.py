@@ -87,11 +87,10 @@ def _worker_pairs(name: str, url: str, pairs: int) -> Dict[str, Any]:
     return _timed_loop(one_pair, pairs, close=client.close)
 
 
-def _worker_decorated(name: str, url: str, calls: int, journal: bool) -> Dict[str, Any]:
+def _count_thread_starts() -> List[int]:
+    """Count every ``threading.Thread.start`` from now on, in the returned cell."""
     import threading
 
-    lib = _import_client(name)
-    client = lib.CyclesClient(_config(lib, url, journal=journal))
     started = [0]
     original_start = threading.Thread.start
 
@@ -100,6 +99,14 @@ def _worker_decorated(name: str, url: str, calls: int, journal: bool) -> Dict[st
         original_start(self)
 
     threading.Thread.start = counting_start  # type: ignore[method-assign]
+    return started
+
+
+def _worker_decorated(name: str, url: str, calls: int, journal: bool) -> Dict[str, Any]:
+
+    lib = _import_client(name)
+    client = lib.CyclesClient(_config(lib, url, journal=journal))
+    started = _count_thread_starts()
 
     @lib.cycles(estimate=1000, actual=900, action_kind="llm.completion",
                 action_name="bench-model", agent="bench", client=client)
@@ -795,14 +802,7 @@ def _worker_async(name: str, url: str, calls: int, max_connections: int = 0) -> 
     import threading
 
     lib = _import_client(name)
-    started = [0]
-    original_start = threading.Thread.start
-
-    def counting_start(self: threading.Thread) -> None:
-        started[0] += 1
-        original_start(self)
-
-    threading.Thread.start = counting_start  # type: ignore[method-assign]
+    started = _count_thread_starts()
 
     async def run() -> Dict[str, Any]:
         config = _config(lib, url, journal=False)

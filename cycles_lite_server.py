@@ -241,6 +241,15 @@ _DEFAULT_ERROR_CODES = {
 }
 
 
+def _pop_due(queue: Deque[Tuple[Any, ...]], now: int) -> Iterator[Tuple[Any, ...]]:
+    """Pop the retention queue's entries due by ``now`` (each starts with its due
+    time), at most _PRUNE_BATCH of them: pruning is incremental."""
+    for _ in range(_PRUNE_BATCH):
+        if not queue or queue[0][0] > now:
+            return
+        yield queue.popleft()
+
+
 def _default_error_code(status: int) -> Optional[str]:
     if status >= 500:
         return "INTERNAL_ERROR"
@@ -1543,11 +1552,7 @@ class _Ledger:
 
     def _prune(self, now: int) -> None:
         """Forget what has outlived the retention window, at most _PRUNE_BATCH at a time."""
-        queue = self._prune_queue
-        for _ in range(_PRUNE_BATCH):
-            if not queue or queue[0][0] > now:
-                return
-            _, kind, key = queue.popleft()
+        for _, kind, key in _pop_due(self._prune_queue, now):
             if kind == "reservation":
                 record = self._reservations.pop(key, None)
                 if record is not None:
@@ -4048,11 +4053,7 @@ class _EvidenceLog:
 
     def _prune(self, now: int) -> None:
         """Forget what has outlived the retention window, at most _PRUNE_BATCH at a time."""
-        queue = self._expiring
-        for _ in range(_PRUNE_BATCH):
-            if not queue or queue[0][0] > now:
-                return
-            _, evidence_id, digest = queue.popleft()
+        for _, evidence_id, digest in _pop_due(self._expiring, now):
             self._envelopes.pop(evidence_id, None)
             if digest:
                 self._by_request.pop(digest, None)
