@@ -1217,7 +1217,7 @@ class TestAsyncClient(ServerTestCase, EndpointTests):
         self.assertLess(max(self.run_async(scenario())), 0.4 + 0.15)
         # The server finishes the abandoned ones later: keep them out of the next test's log.
         calls = 2 * 8
-        self.assertTrue(_lc_wait_for(lambda: len(self.srv.requests_for("balances")) == calls))
+        self.assertTrue(wait_for(lambda: len(self.srv.requests_for("balances")) == calls))
 
 
 def threads_left(before: Any, wait: float = 2.0) -> List[str]:
@@ -3370,7 +3370,9 @@ def _lc_threads_left(before: Any, wait: float = 3.0) -> List[str]:
         time.sleep(0.01)
 
 
-def _lc_wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout`` passes (False); the
+    other test modules use this one too."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -4137,7 +4139,7 @@ class _LcHeartbeatCases(_LcCase):
 
         def body() -> str:
             seen["ctx"] = ctx = cl.get_cycles_context()
-            seen["reached"] = _lc_wait_for(lambda: predicate(ctx), timeout)
+            seen["reached"] = wait_for(lambda: predicate(ctx), timeout)
             seen["error"] = getattr(ctx, "heartbeat_error", None)
             seen["stopped"] = getattr(ctx, "heartbeat_stopped", None)
             seen["expires"] = getattr(ctx, "expires_at_ms", None)
@@ -4185,7 +4187,7 @@ class _LcHeartbeatCases(_LcCase):
 
         def body() -> str:
             seen["ctx"] = ctx = cl.get_cycles_context()
-            _lc_wait_for(lambda: getattr(ctx, "heartbeat_stopped", None) is not None, 3.0)
+            wait_for(lambda: getattr(ctx, "heartbeat_stopped", None) is not None, 3.0)
             seen["stopped"] = getattr(ctx, "heartbeat_stopped", None)
             return "work done"
 
@@ -4255,7 +4257,7 @@ class _LcHeartbeatCases(_LcCase):
             ctx = cl.get_cycles_context()
             assert ctx is not None
             self.srv.clock.advance(3600)  # past expiry, inside the 5 s grace period
-            _lc_wait_for(lambda: ctx.heartbeat_stopped is not None, 3.0)
+            wait_for(lambda: ctx.heartbeat_stopped is not None, 3.0)
             self.assertEqual(ctx.heartbeat_stopped, "terminal")
             self.assertIn("RESERVATION_EXPIRED", ctx.heartbeat_error)
             return "ok"
@@ -4271,7 +4273,7 @@ class _LcHeartbeatCases(_LcCase):
         def body() -> str:
             ctx = cl.get_cycles_context()
             assert ctx is not None
-            _lc_wait_for(lambda: ctx.heartbeat_stopped is not None, 3.0)
+            wait_for(lambda: ctx.heartbeat_stopped is not None, 3.0)
             self.assertEqual(ctx.heartbeat_stopped, "terminal")
             self.assertIn("MAX_EXTENSIONS_EXCEEDED", ctx.heartbeat_error)
             return "ok"
@@ -4300,7 +4302,7 @@ class _LcHeartbeatCases(_LcCase):
             return "ok"
 
         self.call(body, estimate=10, ttl_ms=3000)
-        self.assertTrue(_lc_wait_for(lambda: len(self.extends()) == 1))
+        self.assertTrue(wait_for(lambda: len(self.extends()) == 1))
         time.sleep(0.05)
         # The beat's result came after the stop: dropped, never written to the context.
         self.assertEqual(seen["ctx"].expires_at_ms, seen["expires"])
@@ -4467,7 +4469,7 @@ class _LcSettlementCases(_LcCase):
         self.assertTrue(cl.flush(5))
         self.assert_one_key("commit", 2)
         self.assert_settled_once(5)
-        self.assertTrue(_lc_wait_for(lambda: cl._settlements._worker is None))  # exits when idle
+        self.assertTrue(wait_for(lambda: cl._settlements._worker is None))  # exits when idle
 
     def test_inline_commit_retry_settles_before_returning(self) -> None:
         client = self.new_client(commit_retry="inline")
@@ -4662,7 +4664,7 @@ class TestSettlementAsync(_LcAsyncMode, _LcSettlementCases, unittest.TestCase):
         self.assertTrue(cl.flush(5))
         self.assert_settled_once(2)
         # The cancelled attempt still reaches the server (a replay of the same key).
-        self.assertTrue(_lc_wait_for(lambda: len(self.srv.requests_for("commit")) == 3))
+        self.assertTrue(wait_for(lambda: len(self.srv.requests_for("commit")) == 3))
         self.assert_one_key("commit", 3)
 
 
@@ -4747,8 +4749,8 @@ class TestRecoveryCore(_LcCase, unittest.TestCase):
             def body() -> str:
                 ctx = cl.get_cycles_context()
                 assert ctx is not None
-                seen["failure_seen"] = _lc_wait_for(lambda: ctx.heartbeat_error is not None, 3)
-                seen["recovered"] = _lc_wait_for(lambda: ctx.heartbeat_error is None, 3)
+                seen["failure_seen"] = wait_for(lambda: ctx.heartbeat_error is not None, 3)
+                seen["recovered"] = wait_for(lambda: ctx.heartbeat_error is None, 3)
                 seen["stopped"] = ctx.heartbeat_stopped
                 return "finished"
 

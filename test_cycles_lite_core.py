@@ -10,7 +10,6 @@ import dataclasses
 import os
 import re
 import threading
-import time
 import unittest
 import warnings
 from typing import Any, List
@@ -19,6 +18,7 @@ from unittest import mock
 import cycles_lite as cl
 from cycles_lite import CyclesClient, CyclesConfig
 from cycles_lite_server import LocalCyclesServer
+from test_cycles_lite import wait_for as _wait_for
 
 API_KEY = "core-key"
 TENANT = "acme"
@@ -161,14 +161,6 @@ class TestModuleLayout(unittest.TestCase):
             self.assertEqual(depth, banner_depth, entry)
             self.assertTrue(banner.startswith(entry), (entry, banner))
 
-
-def _wait_for(predicate: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from unittest import mock
 
 import cycles_lite as cl
 from cycles_lite_server import LocalCyclesServer
+from test_cycles_lite import wait_for as _wait_for
 
 UNIT = "USD_MICROCENTS"
 KEY = "deploy-key"
@@ -33,14 +34,6 @@ CHILD_KEY = "deploy-child-key"
 LOGGER = "cycles_lite"
 BIG = 10**12
 
-
-def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
 
 
 @contextlib.contextmanager

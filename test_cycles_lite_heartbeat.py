@@ -37,6 +37,7 @@ from unittest import mock
 import cycles_lite as cl
 from cycles_lite import CyclesClient, CyclesConfig, CyclesResponse, ReservationGuard
 from cycles_lite_server import LocalCyclesServer
+from test_cycles_lite import wait_for as _wait_for
 
 _KEY = "key-heartbeat-acme-0123456789"
 _UNIT = "USD_MICROCENTS"
@@ -44,14 +45,6 @@ _LOGGER = "cycles_lite"
 # Leases this short get an immediate first beat, then one about every second.
 _SHORT_TTL_MS = 5000
 
-
-def _wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def _new_server() -> LocalCyclesServer:

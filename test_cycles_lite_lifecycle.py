@@ -24,7 +24,7 @@ import os
 import threading
 import time
 import unittest
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 from unittest import mock
 
 import cycles_lite as cl
@@ -42,20 +42,13 @@ from cycles_lite import (
     cycles,
 )
 from cycles_lite_server import LocalCyclesServer
+from test_cycles_lite import wait_for as _wait_for
 
 _KEY = "key-life-acme-0123456789"
 _UNIT = "USD_MICROCENTS"
 _LOGGER = "cycles_lite"
 _ACTION = Action(kind="llm.completion", name="gpt-4o")
 
-
-def _wait_for(predicate: Callable[[], Any], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 # ---------------------------------------------------------------------------
