@@ -5521,11 +5521,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"cycles_lite_server: cannot listen on {where}: {exc.strerror or exc}",
               file=sys.stderr)
         return 2
-    print(f"Cycles local server listening on {server.url} (Ctrl-C to stop)", flush=True)
-    if server._evidence is not None:
-        kid = server.evidence_keys()["keys"][-1]["kid"]
-        print(f"Signing CyclesEvidence with key {kid}: {server.url}/v1{JWKS_PATH}", flush=True)
-    try:
+    try:  # a signal may land while the banner is printed: shut down cleanly then too
+        print(f"Cycles local server listening on {server.url} (Ctrl-C to stop)", flush=True)
+        if server._evidence is not None:
+            kid = server.evidence_keys()["keys"][-1]["kid"]
+            print(f"Signing CyclesEvidence with key {kid}: {server.url}/v1{JWKS_PATH}",
+                  flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
