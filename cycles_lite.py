@@ -110,6 +110,8 @@ if TYPE_CHECKING:  # pragma: no cover
         Union,
     )
 
+    from typing_extensions import dataclass_transform
+
     # A field check: (dotted path, value, tolerant) -> normalised value, or _FieldError.
     _Check = Callable[[str, Any, bool], Any]
     _M = TypeVar("_M", bound="_Model")
@@ -121,6 +123,12 @@ if TYPE_CHECKING:  # pragma: no cover
     _Steps = Generator["_Effect", Any, _T]
     # A blocking send of one effect through a client's public method (see _sender).
     _SendFn = Callable[["_Send"], "CyclesResponse"]
+else:
+
+    def dataclass_transform(**_: Any) -> Callable[[_T], _T]:
+        """For the type checker only: the models' constructors, from their fields."""
+        return lambda cls: cls
+
 
 __version__ = "0.2.0"
 
@@ -603,16 +611,6 @@ class ErrorCode(str, enum.Enum):
 # server response (unknown fields are kept, never refused).
 
 
-class _RequiredMarker:
-    """Default of a required model field: constructing without it is a ValueError."""
-
-    def __repr__(self) -> str:
-        return "<required>"
-
-
-_REQUIRED: Any = _RequiredMarker()
-
-
 class InvalidFieldError(ValueError):
     """Invalid input: a ValueError whose message starts with the dotted path of the bad
     field (``path``), then the ``problem``.  Raised before anything is sent."""
@@ -791,54 +789,67 @@ def _dump_value(value: Any, exclude_none: bool, json_mode: bool) -> Any:
     return value
 
 
-def _field(check: _Check, *, required: bool = False) -> Any:
-    """A model field and its check, declared together: ``amount: int = _field(_int64)``."""
-    return field(default=_REQUIRED if required else None, metadata={"check": check})
+class _Field:
+    """What ``_field(...)`` leaves in a model's class body until the class is made."""
+
+    __slots__ = ("check", "required")
+
+    def __init__(self, check: _Check, required: bool) -> None:
+        self.check = check
+        self.required = required
 
 
+def _field(check: _Check, *, default: Any = ...) -> Any:
+    """A model field and its check, declared together: ``amount: int = _field(_int64)``
+    (required) or ``ttl_ms: int | None = _field(_ttl, default=None)`` (optional)."""
+    return _Field(check, required=default is ...)
+
+
+@dataclass_transform(kw_only_default=True, field_specifiers=(_field,))
 class _Model:
-    """Base of the protocol dataclasses: validation at construction, dump, tolerant parse.
+    """Base of the protocol models: validation at construction, dump, tolerant parse.
 
-    Each field is declared once, with its check (``_field``); a required field
-    must be given.  ``extra`` keeps the unknown fields of a parsed response (a
-    newer server may add fields; they are never refused).
+    Each field is declared once, with its check (``_field``).  The constructor takes
+    the fields as keywords (like runcycles' pydantic models) and checks each given
+    value; a required field must be given.  ``extra`` keeps the unknown fields of a
+    parsed response (a newer server may add fields; they are never refused).
+    ``__init__``, ``__repr__`` and ``__eq__`` are written once here, for every model:
+    generating them per class (``@dataclass``) would cost import time.
     """
 
     # Collected from the field declarations: name -> check, and the required names.
     _fields: ClassVar[Dict[str, _Check]] = {}
-    _required: ClassVar[FrozenSet[str]] = frozenset()
+    _required: ClassVar[Tuple[str, ...]] = ()
     # Request models refuse unknown fields in model_validate too; the server would.
     _strict_validate: ClassVar[bool] = False
     extra: Dict[str, Any]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        """Runs before ``@dataclass``: the class still holds each field's ``_field(...)``."""
         super().__init_subclass__(**kwargs)
-        checks, required = dict(cls._fields), set(cls._required)
-        for name, declared in list(cls.__dict__.items()):
-            if isinstance(declared, dataclasses.Field) and "check" in declared.metadata:
-                checks[name] = declared.metadata["check"]
-                if declared.default is _REQUIRED:
-                    required.add(name)
-        cls._fields, cls._required = checks, frozenset(required)
+        checks = dict(cls._fields)
+        for name, declared in list(vars(cls).items()):
+            if isinstance(declared, _Field):
+                checks[name] = declared.check
+                if declared.required:
+                    cls._required += (name,)
+                delattr(cls, name)
+        cls._fields = checks
 
-    def __post_init__(self) -> None:
-        self.extra = {}
-        for name, check in self._fields.items():
-            value = getattr(self, name)
-            if value is None or value is _REQUIRED:
-                if name in self._required:
-                    raise _FieldError(name, "field required")
-                continue
-            checked = check(name, value, False)
-            if checked is not value:
-                setattr(self, name, checked)
-        self._check_model()
+    def __init__(self, **values: Any) -> None:
+        for name in values.keys() - self._fields.keys():
+            raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {name!r}")
+        fields = self._fields
+        checked = {n: fields[n](n, v, False) for n, v in values.items() if v is not None}
+        self._set(checked, {})
 
-    def _check_model(self) -> None:
-        """Rules that span fields; subclasses override."""
+    def _set(self, checked: Dict[str, Any], extra: Dict[str, Any]) -> None:
+        """Set every field from values that passed their checks (None for the absent)."""
+        for name in self._required:
+            if name not in checked:
+                raise _FieldError(name, "field required")
+        vars(self).update(dict.fromkeys(self._fields), **checked)
+        self.extra = extra
 
-    # Generic repr and eq (dataclass-generated ones would cost import time per class).
     def __repr__(self) -> str:
         shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
         return f"{type(self).__name__}({shown})"
@@ -869,8 +880,8 @@ class _Model:
                     # A malformed optional field must not make the whole answer unreadable
                     # (a usable create answer would leak its reservation): keep it raw.
                     extra[key] = value
-        obj = cls(**known)
-        obj.extra = extra
+        obj = cls.__new__(cls)
+        obj._set(known, extra)
         return obj
 
     @classmethod
@@ -908,7 +919,8 @@ class _Model:
         )
 
     def model_copy(self: _M, *, update: Mapping[str, Any] | None = None) -> _M:
-        copy = dataclasses.replace(self, **dict(update or {}))  # type: ignore[type-var]
+        values = {name: getattr(self, name) for name in self._fields}
+        copy = type(self)(**dict(values, **(update or {})))
         copy.extra = dict(self.extra)
         return copy
 
@@ -920,56 +932,51 @@ _str_list = _list_check(_any_str)
 _subject_str = _str_check(MAX_SUBJECT_FIELD_LENGTH)
 
 
-@dataclass(repr=False, eq=False)
 class Amount(_Model):
     """A non-negative int64 amount in one unit."""
 
-    unit: Unit | str = _field(_enum_check(Unit), required=True)
-    amount: int = _field(_int64, required=True)
+    unit: Unit | str = _field(_enum_check(Unit))
+    amount: int = _field(_int64)
 
 
-@dataclass(repr=False, eq=False)
 class SignedAmount(_Model):
     """An amount that may be negative (only ``Balance.remaining``)."""
 
-    unit: Unit | str = _field(_enum_check(Unit), required=True)
-    amount: int = _field(_int_check(what="an int64"), required=True)
+    unit: Unit | str = _field(_enum_check(Unit))
+    amount: int = _field(_int_check(what="an int64"))
 
 
-@dataclass(repr=False, eq=False)
 class Subject(_Model):
     """Who spends: the scope hierarchy (at least one standard field in a request)."""
 
-    tenant: str | None = _field(_subject_str)
-    workspace: str | None = _field(_subject_str)
-    app: str | None = _field(_subject_str)
-    workflow: str | None = _field(_subject_str)
-    agent: str | None = _field(_subject_str)
-    toolset: str | None = _field(_subject_str)
-    dimensions: dict[str, str] | None = _field(_dimensions_check)
+    tenant: str | None = _field(_subject_str, default=None)
+    workspace: str | None = _field(_subject_str, default=None)
+    app: str | None = _field(_subject_str, default=None)
+    workflow: str | None = _field(_subject_str, default=None)
+    agent: str | None = _field(_subject_str, default=None)
+    toolset: str | None = _field(_subject_str, default=None)
+    dimensions: dict[str, str] | None = _field(_dimensions_check, default=None)
 
     def has_at_least_one_standard_field(self) -> bool:
         return any(getattr(self, name) for name in SUBJECT_FIELDS)
 
 
-@dataclass(repr=False, eq=False)
 class Action(_Model):
     """What is being done: ``kind`` (e.g. llm.completion), ``name``, optional tags."""
 
-    kind: str = _field(_str_check(MAX_ACTION_KIND_LENGTH), required=True)
-    name: str = _field(_str_check(MAX_ACTION_NAME_LENGTH), required=True)
-    tags: list[str] | None = _field(_list_check(_str_check(MAX_TAG_LENGTH), MAX_TAGS))
+    kind: str = _field(_str_check(MAX_ACTION_KIND_LENGTH))
+    name: str = _field(_str_check(MAX_ACTION_NAME_LENGTH))
+    tags: list[str] | None = _field(_list_check(_str_check(MAX_TAG_LENGTH), MAX_TAGS), default=None)
 
 
-@dataclass(repr=False, eq=False)
 class Caps(_Model):
     """Limits that come with an ALLOW_WITH_CAPS decision (advisory for the client)."""
 
-    max_tokens: int | None = _field(_int64)
-    max_steps_remaining: int | None = _field(_int64)
-    tool_allowlist: list[str] | None = _field(_list_check(_str_check(256)))
-    tool_denylist: list[str] | None = _field(_list_check(_str_check(256)))
-    cooldown_ms: int | None = _field(_int64)
+    max_tokens: int | None = _field(_int64, default=None)
+    max_steps_remaining: int | None = _field(_int64, default=None)
+    tool_allowlist: list[str] | None = _field(_list_check(_str_check(256)), default=None)
+    tool_denylist: list[str] | None = _field(_list_check(_str_check(256)), default=None)
+    cooldown_ms: int | None = _field(_int64, default=None)
 
     def is_tool_allowed(self, tool: str) -> bool:
         """The spec's precedence: a non-empty allowlist wins, then a non-empty denylist."""
@@ -980,15 +987,14 @@ class Caps(_Model):
         return True
 
 
-@dataclass(repr=False, eq=False)
 class CyclesMetrics(_Model):
     """Standard metrics sent with a commit or event."""
 
-    tokens_input: int | None = _field(_int64)
-    tokens_output: int | None = _field(_int64)
-    latency_ms: int | None = _field(_int64)
-    model_version: str | None = _field(_str_check(128))
-    custom: dict[str, Any] | None = _field(_object_check)
+    tokens_input: int | None = _field(_int64, default=None)
+    tokens_output: int | None = _field(_int64, default=None)
+    latency_ms: int | None = _field(_int64, default=None)
+    model_version: str | None = _field(_str_check(128), default=None)
+    custom: dict[str, Any] | None = _field(_object_check, default=None)
 
     def put_custom(self, key: str, value: Any) -> None:
         if self.custom is None:
@@ -1008,39 +1014,36 @@ class CyclesMetrics(_Model):
 _amount = _model_check(Amount)
 
 
-@dataclass(repr=False, eq=False)
 class Balance(_Model):
     """One scope's budget state; ``remaining`` may be negative."""
 
-    scope: str = _field(_any_str, required=True)
-    scope_path: str = _field(_any_str, required=True)
-    remaining: SignedAmount = _field(_model_check(SignedAmount), required=True)
-    reserved: Amount | None = _field(_amount)
-    spent: Amount | None = _field(_amount)
-    allocated: Amount | None = _field(_amount)
-    debt: Amount | None = _field(_amount)
-    overdraft_limit: Amount | None = _field(_amount)
-    is_over_limit: bool | None = _field(_bool_check)
+    scope: str = _field(_any_str)
+    scope_path: str = _field(_any_str)
+    remaining: SignedAmount = _field(_model_check(SignedAmount))
+    reserved: Amount | None = _field(_amount, default=None)
+    spent: Amount | None = _field(_amount, default=None)
+    allocated: Amount | None = _field(_amount, default=None)
+    debt: Amount | None = _field(_amount, default=None)
+    overdraft_limit: Amount | None = _field(_amount, default=None)
+    is_over_limit: bool | None = _field(_bool_check, default=None)
 
 
-@dataclass(repr=False, eq=False)
 class CyclesEvidenceRef(_Model):
     """Where to fetch a signed evidence envelope (``get_evidence(evidence_id)``)."""
 
-    evidence_id: str = _field(_evidence_id_check, required=True)
-    cycles_evidence_url: str = _field(_absolute_uri_check, required=True)
+    evidence_id: str = _field(_evidence_id_check)
+    cycles_evidence_url: str = _field(_absolute_uri_check)
 
 
 _evidence_ref = _model_check(CyclesEvidenceRef)
 
 
-@dataclass(repr=False, eq=False)
 class ReservationEvidence(_Model):
     """Evidence references of a reservation's reserve, commit and release."""
 
-    reserve: CyclesEvidenceRef | None = _field(_evidence_ref)
-    commit: CyclesEvidenceRef | None = _field(_evidence_ref)
-    release: CyclesEvidenceRef | None = _field(_evidence_ref)
+    reserve: CyclesEvidenceRef | None = _field(_evidence_ref, default=None)
+    commit: CyclesEvidenceRef | None = _field(_evidence_ref, default=None)
+    release: CyclesEvidenceRef | None = _field(_evidence_ref, default=None)
 
 
 _balances = _list_check(_model_check(Balance))
@@ -1056,77 +1059,72 @@ class _Request(_Model):
 
     _strict_validate = True
 
-    def _check_model(self) -> None:
-        subject = getattr(self, "subject", None)
+    def _set(self, checked: Dict[str, Any], extra: Dict[str, Any]) -> None:
+        super()._set(checked, extra)
+        subject = checked.get("subject")
         if isinstance(subject, Subject) and not subject.has_at_least_one_standard_field():
             raise _FieldError("subject", "must have at least one of " + ", ".join(SUBJECT_FIELDS))
 
 
-@dataclass(repr=False, eq=False)
 class ReservationCreateRequest(_Request):
     """Body of ``POST /v1/reservations``."""
 
-    idempotency_key: str = _field(_idempotency_key, required=True)
-    subject: Subject = _field(_subject, required=True)
-    action: Action = _field(_action, required=True)
-    estimate: Amount = _field(_amount, required=True)
-    ttl_ms: int | None = _field(_int_check(MIN_TTL_MS, MAX_TTL_MS))
-    grace_period_ms: int | None = _field(_int_check(0, MAX_GRACE_PERIOD_MS))
-    overage_policy: CommitOveragePolicy | str | None = _field(_overage_policy)
-    dry_run: bool | None = _field(_bool_check)
-    metadata: dict[str, Any] | None = _field(_object_check)
+    idempotency_key: str = _field(_idempotency_key)
+    subject: Subject = _field(_subject)
+    action: Action = _field(_action)
+    estimate: Amount = _field(_amount)
+    ttl_ms: int | None = _field(_int_check(MIN_TTL_MS, MAX_TTL_MS), default=None)
+    grace_period_ms: int | None = _field(_int_check(0, MAX_GRACE_PERIOD_MS), default=None)
+    overage_policy: CommitOveragePolicy | str | None = _field(_overage_policy, default=None)
+    dry_run: bool | None = _field(_bool_check, default=None)
+    metadata: dict[str, Any] | None = _field(_object_check, default=None)
 
 
-@dataclass(repr=False, eq=False)
 class CommitRequest(_Request):
     """Body of ``POST /v1/reservations/{id}/commit``."""
 
-    idempotency_key: str = _field(_idempotency_key, required=True)
-    actual: Amount = _field(_amount, required=True)
-    metrics: CyclesMetrics | None = _field(_metrics)
-    metadata: dict[str, Any] | None = _field(_object_check)
+    idempotency_key: str = _field(_idempotency_key)
+    actual: Amount = _field(_amount)
+    metrics: CyclesMetrics | None = _field(_metrics, default=None)
+    metadata: dict[str, Any] | None = _field(_object_check, default=None)
 
 
-@dataclass(repr=False, eq=False)
 class ReleaseRequest(_Request):
     """Body of ``POST /v1/reservations/{id}/release``."""
 
-    idempotency_key: str = _field(_idempotency_key, required=True)
-    reason: str | None = _field(_str_check(256))
+    idempotency_key: str = _field(_idempotency_key)
+    reason: str | None = _field(_str_check(256), default=None)
 
 
-@dataclass(repr=False, eq=False)
 class ReservationExtendRequest(_Request):
     """Body of ``POST /v1/reservations/{id}/extend`` (adds to the current expiry)."""
 
-    idempotency_key: str = _field(_idempotency_key, required=True)
-    extend_by_ms: int = _field(_int_check(1, MAX_EXTEND_BY_MS), required=True)
-    metadata: dict[str, Any] | None = _field(_object_check)
+    idempotency_key: str = _field(_idempotency_key)
+    extend_by_ms: int = _field(_int_check(1, MAX_EXTEND_BY_MS))
+    metadata: dict[str, Any] | None = _field(_object_check, default=None)
 
 
-@dataclass(repr=False, eq=False)
 class DecisionRequest(_Request):
     """Body of ``POST /v1/decide`` (a hint only; it holds nothing)."""
 
-    idempotency_key: str = _field(_idempotency_key, required=True)
-    subject: Subject = _field(_subject, required=True)
-    action: Action = _field(_action, required=True)
-    estimate: Amount = _field(_amount, required=True)
-    metadata: dict[str, Any] | None = _field(_object_check)
+    idempotency_key: str = _field(_idempotency_key)
+    subject: Subject = _field(_subject)
+    action: Action = _field(_action)
+    estimate: Amount = _field(_amount)
+    metadata: dict[str, Any] | None = _field(_object_check, default=None)
 
 
-@dataclass(repr=False, eq=False)
 class EventCreateRequest(_Request):
     """Body of ``POST /v1/events``: a direct debit without a reservation."""
 
-    idempotency_key: str = _field(_idempotency_key, required=True)
-    subject: Subject = _field(_subject, required=True)
-    action: Action = _field(_action, required=True)
-    actual: Amount = _field(_amount, required=True)
-    overage_policy: CommitOveragePolicy | str | None = _field(_overage_policy)
-    metrics: CyclesMetrics | None = _field(_metrics)
-    client_time_ms: int | None = _field(_int64)
-    metadata: dict[str, Any] | None = _field(_object_check)
+    idempotency_key: str = _field(_idempotency_key)
+    subject: Subject = _field(_subject)
+    action: Action = _field(_action)
+    actual: Amount = _field(_amount)
+    overage_policy: CommitOveragePolicy | str | None = _field(_overage_policy, default=None)
+    metrics: CyclesMetrics | None = _field(_metrics, default=None)
+    client_time_ms: int | None = _field(_int64, default=None)
+    metadata: dict[str, Any] | None = _field(_object_check, default=None)
 
 
 class _Decided:
@@ -1139,104 +1137,96 @@ class _Decided:
         return self.decision == Decision.DENY
 
 
-@dataclass(repr=False, eq=False)
 class ReservationCreateResponse(_Decided, _Model):
     """Answer to a reservation (live or dry run)."""
 
-    decision: Decision | str = _field(_enum_check(Decision), required=True)
-    reservation_id: str | None = _field(_str_check(min_len=1))
-    affected_scopes: list[str] = _field(_str_list, required=True)
-    expires_at_ms: int | None = _field(_int64)
-    remaining_ttl_ms: int | None = _field(_int64)
-    scope_path: str | None = _field(_any_str)
-    reserved: Amount | None = _field(_amount)
-    caps: Caps | None = _field(_caps)
-    reason_code: str | None = _field(_any_str)
-    retry_after_ms: int | None = _field(_int64)
-    balances: list[Balance] | None = _field(_balances)
-    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref)
+    decision: Decision | str = _field(_enum_check(Decision))
+    reservation_id: str | None = _field(_str_check(min_len=1), default=None)
+    affected_scopes: list[str] = _field(_str_list)
+    expires_at_ms: int | None = _field(_int64, default=None)
+    remaining_ttl_ms: int | None = _field(_int64, default=None)
+    scope_path: str | None = _field(_any_str, default=None)
+    reserved: Amount | None = _field(_amount, default=None)
+    caps: Caps | None = _field(_caps, default=None)
+    reason_code: str | None = _field(_any_str, default=None)
+    retry_after_ms: int | None = _field(_int64, default=None)
+    balances: list[Balance] | None = _field(_balances, default=None)
+    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref, default=None)
 
 
-@dataclass(repr=False, eq=False)
 class CommitResponse(_Model):
     """Answer to a commit; ``charged`` may be less than the actual."""
 
-    status: CommitStatus | str = _field(_enum_check(CommitStatus), required=True)
-    charged: Amount = _field(_amount, required=True)
-    released: Amount | None = _field(_amount)
-    balances: list[Balance] | None = _field(_balances)
-    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref)
+    status: CommitStatus | str = _field(_enum_check(CommitStatus))
+    charged: Amount = _field(_amount)
+    released: Amount | None = _field(_amount, default=None)
+    balances: list[Balance] | None = _field(_balances, default=None)
+    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref, default=None)
 
 
-@dataclass(repr=False, eq=False)
 class ReleaseResponse(_Model):
     """Answer to a release."""
 
-    status: ReleaseStatus | str = _field(_enum_check(ReleaseStatus), required=True)
-    released: Amount = _field(_amount, required=True)
-    balances: list[Balance] | None = _field(_balances)
-    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref)
+    status: ReleaseStatus | str = _field(_enum_check(ReleaseStatus))
+    released: Amount = _field(_amount)
+    balances: list[Balance] | None = _field(_balances, default=None)
+    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref, default=None)
 
 
-@dataclass(repr=False, eq=False)
 class ReservationExtendResponse(_Model):
     """Answer to an extend; ``expires_at_ms`` is authoritative."""
 
-    status: ExtendStatus | str = _field(_enum_check(ExtendStatus), required=True)
-    expires_at_ms: int = _field(_int64, required=True)
-    remaining_ttl_ms: int | None = _field(_int64)
-    balances: list[Balance] | None = _field(_balances)
+    status: ExtendStatus | str = _field(_enum_check(ExtendStatus))
+    expires_at_ms: int = _field(_int64)
+    remaining_ttl_ms: int | None = _field(_int64, default=None)
+    balances: list[Balance] | None = _field(_balances, default=None)
 
 
-@dataclass(repr=False, eq=False)
 class DecisionResponse(_Decided, _Model):
     """Answer to ``decide``."""
 
-    decision: Decision | str = _field(_enum_check(Decision), required=True)
-    caps: Caps | None = _field(_caps)
-    reason_code: str | None = _field(_any_str)
-    retry_after_ms: int | None = _field(_int64)
-    affected_scopes: list[str] | None = _field(_str_list)
-    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref)
+    decision: Decision | str = _field(_enum_check(Decision))
+    caps: Caps | None = _field(_caps, default=None)
+    reason_code: str | None = _field(_any_str, default=None)
+    retry_after_ms: int | None = _field(_int64, default=None)
+    affected_scopes: list[str] | None = _field(_str_list, default=None)
+    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref, default=None)
 
 
-@dataclass(repr=False, eq=False)
 class EventCreateResponse(_Model):
     """Answer to an event (HTTP 201)."""
 
-    status: EventStatus | str = _field(_enum_check(EventStatus), required=True)
-    event_id: str = _field(_any_str, required=True)
-    charged: Amount | None = _field(_amount)
-    balances: list[Balance] | None = _field(_balances)
+    status: EventStatus | str = _field(_enum_check(EventStatus))
+    event_id: str = _field(_any_str)
+    charged: Amount | None = _field(_amount, default=None)
+    balances: list[Balance] | None = _field(_balances, default=None)
 
 
-@dataclass(repr=False, eq=False)
 class DryRunResult(_Decided, _Model):
     """What a ``dry_run`` guarded call returns instead of running the function."""
 
-    decision: Decision | str = _field(_enum_check(Decision), required=True)
-    caps: Caps | None = _field(_caps)
-    affected_scopes: list[str] | None = _field(_str_list)
-    scope_path: str | None = _field(_any_str)
-    reserved: Amount | None = _field(_amount)
-    balances: list[Balance] | None = _field(_balances)
-    reason_code: str | None = _field(_any_str)
-    retry_after_ms: int | None = _field(_int64)
+    decision: Decision | str = _field(_enum_check(Decision))
+    caps: Caps | None = _field(_caps, default=None)
+    affected_scopes: list[str] | None = _field(_str_list, default=None)
+    scope_path: str | None = _field(_any_str, default=None)
+    reserved: Amount | None = _field(_amount, default=None)
+    balances: list[Balance] | None = _field(_balances, default=None)
+    reason_code: str | None = _field(_any_str, default=None)
+    retry_after_ms: int | None = _field(_int64, default=None)
 
     def has_caps(self) -> bool:
         return self.caps is not None
 
 
-@dataclass(repr=False, eq=False)
 class ErrorResponse(_Model):
     """The error body (the code is kept as the raw string; ``error_code`` maps it)."""
 
-    error: str = _field(_any_str, required=True)
-    message: str = _field(_any_str, required=True)
-    request_id: str = _field(_any_str, required=True)
-    trace_id: str | None = _field(_any_str)
-    details: dict[str, Any] | None = _field(_object_check)
-    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref)
+    error: str = _field(_any_str)
+    message: str = _field(_any_str)
+    request_id: str = _field(_any_str)
+    trace_id: str | None = _field(_any_str, default=None)
+    details: dict[str, Any] | None = _field(_object_check, default=None)
+    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref, default=None)
 
     @property
     def error_code(self) -> ErrorCode | None:
@@ -1261,25 +1251,24 @@ class _ReservationView:
         return self.status == ReservationStatus.EXPIRED
 
 
-@dataclass(repr=False, eq=False)
 class _ReservationRecord(_ReservationView, _Model):
     """The fields ``GET /v1/reservations/{id}`` and a listing row share."""
 
-    reservation_id: str = _field(_any_str, required=True)
-    status: ReservationStatus | str = _field(_enum_check(ReservationStatus), required=True)
-    subject: Subject = _field(_subject, required=True)
-    action: Action = _field(_action, required=True)
-    reserved: Amount = _field(_amount, required=True)
-    created_at_ms: int = _field(_int64, required=True)
-    expires_at_ms: int = _field(_int64, required=True)
-    scope_path: str = _field(_any_str, required=True)
-    affected_scopes: list[str] = _field(_str_list, required=True)
-    idempotency_key: str | None = _field(_any_str)
-    committed: Amount | None = _field(_amount)
-    finalized_at_ms: int | None = _field(_int64)
-    metadata: dict[str, Any] | None = _field(_object_check)
-    committed_metadata: dict[str, Any] | None = _field(_object_check)
-    evidence: ReservationEvidence | None = _field(_model_check(ReservationEvidence))
+    reservation_id: str = _field(_any_str)
+    status: ReservationStatus | str = _field(_enum_check(ReservationStatus))
+    subject: Subject = _field(_subject)
+    action: Action = _field(_action)
+    reserved: Amount = _field(_amount)
+    created_at_ms: int = _field(_int64)
+    expires_at_ms: int = _field(_int64)
+    scope_path: str = _field(_any_str)
+    affected_scopes: list[str] = _field(_str_list)
+    idempotency_key: str | None = _field(_any_str, default=None)
+    committed: Amount | None = _field(_amount, default=None)
+    finalized_at_ms: int | None = _field(_int64, default=None)
+    metadata: dict[str, Any] | None = _field(_object_check, default=None)
+    committed_metadata: dict[str, Any] | None = _field(_object_check, default=None)
+    evidence: ReservationEvidence | None = _field(_model_check(ReservationEvidence), default=None)
 
 
 class ReservationDetail(_ReservationRecord):
@@ -1290,24 +1279,22 @@ class ReservationSummary(_ReservationRecord):
     """One row of ``GET /v1/reservations``."""
 
 
-@dataclass(repr=False, eq=False)
 class ReservationListResponse(_Model):
     """A page of ``GET /v1/reservations``."""
 
     reservations: list[ReservationSummary] = _field(
-        _list_check(_model_check(ReservationSummary)), required=True
+        _list_check(_model_check(ReservationSummary))
     )
-    has_more: bool | None = _field(_bool_check)
-    next_cursor: str | None = _field(_any_str)
+    has_more: bool | None = _field(_bool_check, default=None)
+    next_cursor: str | None = _field(_any_str, default=None)
 
 
-@dataclass(repr=False, eq=False)
 class BalanceResponse(_Model):
     """A page of ``GET /v1/balances``."""
 
-    balances: list[Balance] = _field(_balances, required=True)
-    has_more: bool | None = _field(_bool_check)
-    next_cursor: str | None = _field(_any_str)
+    balances: list[Balance] = _field(_balances)
+    has_more: bool | None = _field(_bool_check, default=None)
+    next_cursor: str | None = _field(_any_str, default=None)
 
 
 @dataclass
