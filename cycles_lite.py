@@ -653,7 +653,7 @@ def _str_check(max_len: int | None = None, min_len: int = 0) -> _Check:
 
 def _int_check(lo: int = INT64_MIN, hi: int = INT64_MAX, what: str = "an integer") -> _Check:
     def check(path: str, value: Any, tolerant: bool) -> Any:
-        if not _is_int(value, lo, hi):
+        if type(value) is not int or not lo <= value <= hi:  # _is_int, inlined: a hot path
             raise _FieldError(path, f"must be {what} in [{lo}, {hi}], got {value!r}")
         return value
 
@@ -668,32 +668,12 @@ def _bool_check(path: str, value: Any, tolerant: bool) -> Any:
 
 def _enum_check(enum_class: Type[enum.Enum]) -> _Check:
     """Known values become members; an unknown string stays a plain str (forward compatible)."""
+    members = {member.value: member for member in enum_class}
 
     def check(path: str, value: Any, tolerant: bool) -> Any:
-        if isinstance(value, enum_class):
-            return value
         if not isinstance(value, str):
             raise _FieldError(path, f"must be a string, got {_type_name(value)}")
-        try:
-            return enum_class(value)
-        except ValueError:
-            return value
-
-    return check
-
-
-def _model_check(model_class: Type[_Model]) -> _Check:
-    def check(path: str, value: Any, tolerant: bool) -> Any:
-        if isinstance(value, model_class):
-            return value
-        if not isinstance(value, dict):
-            name = model_class.__name__
-            article = "an" if name[0] in "AEIOU" else "a"
-            raise _FieldError(path, f"must be {article} {name} or a dict, got {_type_name(value)}")
-        try:
-            return model_class._from_dict(value, tolerant)
-        except _FieldError as exc:
-            raise exc.under(path) from None
+        return members.get(value, value)
 
     return check
 
@@ -838,17 +818,52 @@ class _Model:
     def __init__(self, **values: Any) -> None:
         for name in values.keys() - self._fields.keys():
             raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {name!r}")
-        fields = self._fields
-        checked = {n: fields[n](n, v, False) for n, v in values.items() if v is not None}
-        self._set(checked, {})
+        self._load(values, tolerant=False)
 
-    def _set(self, checked: Dict[str, Any], extra: Dict[str, Any]) -> None:
-        """Set every field from values that passed their checks (None for the absent)."""
+    def _load(self, data: Mapping[str, Any], tolerant: bool) -> None:
+        """Check each value of ``data`` and set every field (None when absent).
+
+        Unknown fields go to ``extra`` when ``tolerant`` (parsing a response), else raise.
+        """
+        fields = self._fields
+        known: Dict[str, Any] = {}
+        extra: Dict[str, Any] = {}
+        for key, value in data.items():
+            check = fields.get(key)
+            if check is None:
+                if not tolerant:
+                    raise _FieldError(str(key), "unknown field")
+                extra[key] = value
+            elif value is not None:
+                try:
+                    known[key] = check(key, value, tolerant)
+                except _FieldError:
+                    if not tolerant or key in self._required:
+                        raise
+                    # A malformed optional field must not make the whole answer unreadable
+                    # (a usable create answer would leak its reservation): keep it raw.
+                    extra[key] = value
         for name in self._required:
-            if name not in checked:
+            if name not in known:
                 raise _FieldError(name, "field required")
-        vars(self).update(dict.fromkeys(self._fields), **checked)
+        vars(self).update(dict.fromkeys(fields), **known)
         self.extra = extra
+
+    @classmethod
+    def _parse(cls: Type[_M], path: str, value: Any, tolerant: bool) -> _M:
+        """The check of a field holding this model: a model as it is, a dict parsed."""
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            article = "an" if cls.__name__[0] in "AEIOU" else "a"
+            problem = f"must be {article} {cls.__name__} or a dict, got {_type_name(value)}"
+            raise _FieldError(path, problem)
+        model = cls.__new__(cls)
+        try:
+            model._load(value, tolerant)
+        except _FieldError as exc:
+            raise exc.under(path) from None
+        return model
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
@@ -862,29 +877,6 @@ class _Model:
     __hash__ = None  # type: ignore[assignment]  # mutable, like pydantic models
 
     @classmethod
-    def _from_dict(cls: Type[_M], data: Mapping[str, Any], tolerant: bool) -> _M:
-        known: Dict[str, Any] = {}
-        extra: Dict[str, Any] = {}
-        for key, value in data.items():
-            check = cls._fields.get(key)
-            if check is None:
-                if not tolerant:
-                    raise _FieldError(str(key), "unknown field")
-                extra[key] = value
-            elif value is not None:
-                try:
-                    known[key] = check(key, value, tolerant)
-                except _FieldError:
-                    if not tolerant or key in cls._required:
-                        raise
-                    # A malformed optional field must not make the whole answer unreadable
-                    # (a usable create answer would leak its reservation): keep it raw.
-                    extra[key] = value
-        obj = cls.__new__(cls)
-        obj._set(known, extra)
-        return obj
-
-    @classmethod
     def model_validate(cls: Type[_M], data: Any) -> _M:
         """Parse a dict (e.g. a response body).
 
@@ -896,7 +888,9 @@ class _Model:
             return data
         if not isinstance(data, dict):
             raise _FieldError(cls.__name__, f"expected a dict, got {_type_name(data)}")
-        return cls._from_dict(data, tolerant=not cls._strict_validate)
+        model = cls.__new__(cls)
+        model._load(data, tolerant=not cls._strict_validate)
+        return model
 
     def model_dump(
         self, *, mode: str = "python", exclude_none: bool = False, by_alias: bool = False
@@ -958,7 +952,7 @@ class Subject(_Model):
     dimensions: dict[str, str] | None = _field(_dimensions_check, default=None)
 
     def has_at_least_one_standard_field(self) -> bool:
-        return any(getattr(self, name) for name in SUBJECT_FIELDS)
+        return any(map(vars(self).get, SUBJECT_FIELDS))
 
 
 class Action(_Model):
@@ -1011,7 +1005,7 @@ class CyclesMetrics(_Model):
         )
 
 
-_amount = _model_check(Amount)
+_amount = Amount._parse
 
 
 class Balance(_Model):
@@ -1019,7 +1013,7 @@ class Balance(_Model):
 
     scope: str = _field(_any_str)
     scope_path: str = _field(_any_str)
-    remaining: SignedAmount = _field(_model_check(SignedAmount))
+    remaining: SignedAmount = _field(SignedAmount._parse)
     reserved: Amount | None = _field(_amount, default=None)
     spent: Amount | None = _field(_amount, default=None)
     allocated: Amount | None = _field(_amount, default=None)
@@ -1035,7 +1029,7 @@ class CyclesEvidenceRef(_Model):
     cycles_evidence_url: str = _field(_absolute_uri_check)
 
 
-_evidence_ref = _model_check(CyclesEvidenceRef)
+_evidence_ref = CyclesEvidenceRef._parse
 
 
 class ReservationEvidence(_Model):
@@ -1046,11 +1040,11 @@ class ReservationEvidence(_Model):
     release: CyclesEvidenceRef | None = _field(_evidence_ref, default=None)
 
 
-_balances = _list_check(_model_check(Balance))
-_caps = _model_check(Caps)
-_subject = _model_check(Subject)
-_action = _model_check(Action)
-_metrics = _model_check(CyclesMetrics)
+_balances = _list_check(Balance._parse)
+_caps = Caps._parse
+_subject = Subject._parse
+_action = Action._parse
+_metrics = CyclesMetrics._parse
 _overage_policy = _enum_check(CommitOveragePolicy)
 
 
@@ -1059,9 +1053,9 @@ class _Request(_Model):
 
     _strict_validate = True
 
-    def _set(self, checked: Dict[str, Any], extra: Dict[str, Any]) -> None:
-        super()._set(checked, extra)
-        subject = checked.get("subject")
+    def _load(self, data: Mapping[str, Any], tolerant: bool) -> None:
+        super()._load(data, tolerant)
+        subject = getattr(self, "subject", None)
         if isinstance(subject, Subject) and not subject.has_at_least_one_standard_field():
             raise _FieldError("subject", "must have at least one of " + ", ".join(SUBJECT_FIELDS))
 
@@ -1268,7 +1262,7 @@ class _ReservationRecord(_ReservationView, _Model):
     finalized_at_ms: int | None = _field(_int64, default=None)
     metadata: dict[str, Any] | None = _field(_object_check, default=None)
     committed_metadata: dict[str, Any] | None = _field(_object_check, default=None)
-    evidence: ReservationEvidence | None = _field(_model_check(ReservationEvidence), default=None)
+    evidence: ReservationEvidence | None = _field(ReservationEvidence._parse, default=None)
 
 
 class ReservationDetail(_ReservationRecord):
@@ -1283,7 +1277,7 @@ class ReservationListResponse(_Model):
     """A page of ``GET /v1/reservations``."""
 
     reservations: list[ReservationSummary] = _field(
-        _list_check(_model_check(ReservationSummary))
+        _list_check(ReservationSummary._parse)
     )
     has_more: bool | None = _field(_bool_check, default=None)
     next_cursor: str | None = _field(_any_str, default=None)
