@@ -114,6 +114,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     # A field check: (dotted path, value, tolerant) -> normalised value, or _FieldError.
     _Check = Callable[[str, Any, bool], Any]
+    # A setting check: (field name, value) -> normalised value, or ValueError naming it.
+    _Setting = Callable[[str, Any], Any]
     _M = TypeVar("_M", bound="_Model")
     _T = TypeVar("_T")
     _SyncGuard = TypeVar("_SyncGuard", bound="_SyncFace")
@@ -1537,8 +1539,6 @@ def _is_schema_valid(operation: str, response: CyclesResponse) -> bool:
 # Config
 # ===========================================================================
 
-_TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
-_FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 _MASK = "'***'"
 
 
@@ -1628,57 +1628,57 @@ def _valid_trace_id(value: Any) -> bool:
     return _is_hex(value, 32) and set(value) != {"0"}
 
 
-# Setting checks: (field name, value) -> the normalised value, or ValueError naming it.
+# Setting checks: (field name, value) -> the value (normalised), or ValueError naming the field.
 
 
-def _seconds(allow_zero: bool, optional: bool = False) -> Callable[[str, Any], Any]:
+def _rule(valid: Callable[[Any], bool], problem: str) -> _Setting:
+    """A setting check from a predicate; ``{value!r}`` in ``problem`` shows the refused
+    value (so never in the problem of a secret)."""
+
     def check(name: str, value: Any) -> Any:
-        if value is None and optional:
-            return None
-        valid = (
-            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        )
-        if not valid or value < 0 or (value == 0 and not allow_zero):
-            bound = ">= 0" if allow_zero else "> 0"
-            raise ValueError(f"{name}: must be a finite number of seconds {bound}, got {value!r}")
-        return float(value)
-
-    return check
-
-
-def _count(lo: int, hi: int) -> Callable[[str, Any], Any]:
-    def check(name: str, value: Any) -> Any:
-        if not _is_int(value, lo, hi):
-            raise ValueError(f"{name}: must be an integer in [{lo}, {hi}], got {value!r}")
-        return int(value)
-
-    return check
-
-
-def _flag(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name}: must be a bool, got {value!r}")
-    return value
-
-
-def _optional_str(max_len: int | None = None) -> Callable[[str, Any], Any]:
-    def check(name: str, value: Any) -> Any:
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            raise ValueError(f"{name}: must be a string or None, got {_type_name(value)}")
-        if max_len is not None and len(value) > max_len:
-            raise ValueError(f"{name}: must be at most {max_len} characters")
+        if not valid(value):
+            raise ValueError(f"{name}: " + problem.format(value=value))
         return value
 
     return check
 
 
+def _number(minimum: float, inclusive: bool, optional: bool = False) -> _Setting:
+    """A finite number (of seconds, mostly) above ``minimum``, stored as a float."""
+    bound = f"{'>=' if inclusive else '>'} {minimum:g}"
+
+    def check(name: str, value: Any) -> Any:
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            valid = False
+        else:
+            valid = math.isfinite(value) and (value > minimum or (inclusive and value == minimum))
+        if not valid:
+            raise ValueError(f"{name}: must be a finite number {bound}, got {value!r}")
+        return float(value)
+
+    return check
+
+
+def _count(lo: int, hi: int) -> _Setting:
+    problem = f"must be an integer in [{lo}, {hi}], got {{value!r}}"
+    return _rule(lambda value: _is_int(value, lo, hi), problem)
+
+
 def _optional_path(name: str, value: Any) -> str | None:
     """A str (an ``os.PathLike`` is converted) or None."""
-    if isinstance(value, os.PathLike):
-        value = os.fspath(value)
-    return _optional_str()(name, value)  # type: ignore[no-any-return]
+    value = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{name}: must be a path or None, got {_type_name(value)}")
+    return value
+
+
+def _ca_bundle_setting(name: str, value: Any) -> Any:
+    value = _optional_path(name, value)
+    if value is not None and not os.path.exists(value):
+        raise ValueError(f"{name}: no such file or directory: {value!r}")
+    return value
 
 
 def _base_url_setting(name: str, value: Any) -> Any:
@@ -1686,18 +1686,9 @@ def _base_url_setting(name: str, value: Any) -> Any:
     return value
 
 
-def _api_key_setting(name: str, value: Any) -> Any:
-    if value is not None and not isinstance(value, str):
-        raise ValueError(f"{name}: must be a string")
-    if value and not _is_header_value(value):
-        raise ValueError(f"{name}: must be printable ASCII without spaces at the ends")
-    return value
-
-
-def _multiplier_setting(name: str, value: Any) -> Any:
-    value = _positive_seconds(name, value)
-    if value < 1:
-        raise ValueError(f"{name}: must be >= 1, got {value!r}")
+def _proxy_setting(name: str, value: Any) -> Any:
+    if value is not None:
+        _parse_proxy(value)  # its messages never echo the URL (it may hold a password)
     return value
 
 
@@ -1709,52 +1700,36 @@ def _commit_retry_setting(name: str, value: Any) -> Any:
     return value
 
 
-def _ca_bundle_setting(name: str, value: Any) -> Any:
-    value = _optional_path(name, value)
-    if value is not None and not os.path.exists(value):
-        raise ValueError(f"{name}: no such file or directory: {value!r}")
-    return value
-
-
-def _ssl_context_setting(name: str, value: Any) -> Any:
-    if value is not None and not hasattr(value, "wrap_socket"):
-        raise ValueError(f"{name}: must be an ssl.SSLContext")
-    return value
-
-
-def _proxy_setting(name: str, value: Any) -> Any:
-    if value is not None:
-        _parse_proxy(value)
-    return value
-
-
-def _user_agent_setting(name: str, value: Any) -> Any:
-    if not _is_header_value(value):
-        raise ValueError(f"{name}: must be a non-empty printable ASCII string")
-    return value
-
-
-def _traceparent_setting(name: str, value: Any) -> Any:
-    if not (value is None or callable(value) or _valid_traceparent(value)):
-        raise ValueError(f"{name}: must be '00-<32 hex>-<16 hex>-<2 hex>' or a callable")
-    return value
-
-
-def _trace_id_setting(name: str, value: Any) -> Any:
-    if value is not None and not _valid_trace_id(value):
-        raise ValueError(f"{name}: must be 32 lowercase hex characters, not all zero")
-    return value
-
-
-def _option(default: Any, check: Callable[[str, Any], Any], env: str | None = None) -> Any:
+def _option(default: Any, check: _Setting, env: str | None = None) -> Any:
     """A setting declared once: its default, its check, and how ``from_env`` reads
-    ``<prefix><NAME>`` (an ``_EnvReader`` method; None: not from the environment)."""
+    ``<prefix><NAME>`` (a kind of ``_ENV_KINDS``; None: not from the environment)."""
     return field(default=default, metadata={"check": check, "env": env})
 
 
-_subject_setting = _optional_str(MAX_SUBJECT_FIELD_LENGTH)
-_positive_seconds = _seconds(allow_zero=False)
-_seconds_or_zero = _seconds(allow_zero=True)
+_api_key_setting = _rule(
+    lambda value: value in (None, "") or _is_header_value(value),
+    "must be printable ASCII without spaces at the ends",
+)
+_subject_setting = _rule(
+    lambda value: value is None
+    or (isinstance(value, str) and len(value) <= MAX_SUBJECT_FIELD_LENGTH),
+    f"must be None or a string of at most {MAX_SUBJECT_FIELD_LENGTH} characters",
+)
+_flag = _rule(lambda value: isinstance(value, bool), "must be a bool, got {value!r}")
+_ssl_context_setting = _rule(
+    lambda value: value is None or hasattr(value, "wrap_socket"), "must be an ssl.SSLContext"
+)
+_user_agent_setting = _rule(_is_header_value, "must be a non-empty printable ASCII string")
+_traceparent_setting = _rule(
+    lambda value: value is None or callable(value) or _valid_traceparent(value),
+    "must be '00-<32 hex>-<16 hex>-<2 hex>' or a callable",
+)
+_trace_id_setting = _rule(
+    lambda value: value is None or _valid_trace_id(value),
+    "must be 32 lowercase hex characters, not all zero",
+)
+_positive_seconds = _number(0, inclusive=False)
+_seconds_or_zero = _number(0, inclusive=True)
 _per_mille = _count(0, 1000)
 
 
@@ -1809,7 +1784,7 @@ class CyclesConfig:
     retry_enabled: bool = _option(True, _flag, "flag")
     retry_max_attempts: int = _option(5, _per_mille, "integer")
     retry_initial_delay: float = _option(0.5, _seconds_or_zero, "seconds")
-    retry_multiplier: float = _option(2.0, _multiplier_setting, "seconds")
+    retry_multiplier: float = _option(2.0, _number(1, inclusive=True), "seconds")
     retry_max_delay: float = _option(30.0, _seconds_or_zero, "seconds")
     retry_flush_timeout: float = _option(10.0, _seconds_or_zero, "seconds")
 
@@ -1817,7 +1792,7 @@ class CyclesConfig:
     journal_dir: str | None = _option(None, _optional_path, "text")
 
     admin_api_key: str | None = _option(None, _api_key_setting, "text")
-    request_timeout: float | None = _option(None, _seconds(False, optional=True), "seconds")
+    request_timeout: float | None = _option(None, _number(0, False, optional=True), "seconds")
     ca_bundle: str | None = _option(None, _ca_bundle_setting, "text")
     ssl_context: ssl.SSLContext | None = _option(None, _ssl_context_setting)
     proxy: str | None = _option(None, _proxy_setting, "text")
@@ -1871,13 +1846,13 @@ class CyclesConfig:
         unset; booleans accept true/false/1/0/yes/no/on/off; a malformed value raises
         ValueError naming the variable.
         """
-        env = _EnvReader(os.environ if environ is None else environ, prefix)
+        environ = os.environ if environ is None else environ
         settings: Dict[str, Any] = {}
         for setting in dataclasses.fields(cls):
-            read = setting.metadata["env"]
-            value = None if read is None else getattr(env, read)(setting.name.upper())
-            if value is not None:
-                settings[setting.name] = value
+            variable = prefix + setting.name.upper()
+            raw = environ.get(variable, "").strip()
+            if raw and setting.metadata["env"] is not None:
+                settings[setting.name] = _read_env(variable, raw, setting.metadata["env"])
         if "base_url" not in settings:
             raise ValueError(f"{prefix}BASE_URL environment variable is required")
         if "api_key" not in settings and "admin_api_key" not in settings:
@@ -1887,52 +1862,29 @@ class CyclesConfig:
         return cls(**settings)
 
 
-class _EnvReader:
-    """Typed reads of prefixed environment variables with errors that name the variable."""
+_FLAG_WORDS: Dict[str, bool] = {"1": True, "true": True, "yes": True, "on": True}
+_FLAG_WORDS.update({"0": False, "false": False, "no": False, "off": False})
+# How from_env reads each kind of variable: a parse (KeyError or ValueError when the
+# text is malformed) and what the error says is expected.
+_ENV_KINDS: Dict[str, Tuple[Callable[[str], Any], str]] = {
+    "text": (str, "text"),
+    "integer": (int, "an integer"),
+    "seconds": (float, "a number of seconds"),
+    "flag": (lambda text: _FLAG_WORDS[text.lower()], "one of true/false/1/0/yes/no/on/off"),
+}
 
-    def __init__(self, environ: Mapping[str, str], prefix: str) -> None:
-        self._environ = environ
-        self._prefix = prefix
 
-    def text(self, name: str) -> str | None:
-        value = self._environ.get(self._prefix + name, "").strip()
-        return value or None
-
-    def _fail(self, name: str, expected: str) -> ValueError:
-        raw = self._environ.get(self._prefix + name, "")
-        return ValueError(f"{self._prefix}{name}: expected {expected}, got {raw!r}")
-
-    def seconds(self, name: str) -> float | None:
-        raw = self.text(name)
-        if raw is None:
-            return None
-        try:
-            value = float(raw)
-        except ValueError:
-            raise self._fail(name, "a number of seconds") from None
-        if not math.isfinite(value) or value < 0:
-            raise self._fail(name, "a finite, non-negative number of seconds")
-        return value
-
-    def integer(self, name: str) -> int | None:
-        raw = self.text(name)
-        if raw is None:
-            return None
-        try:
-            return int(raw)
-        except ValueError:
-            raise self._fail(name, "an integer") from None
-
-    def flag(self, name: str) -> bool | None:
-        raw = self.text(name)
-        if raw is None:
-            return None
-        word = raw.lower()
-        if word in _TRUE_WORDS:
-            return True
-        if word in _FALSE_WORDS:
-            return False
-        raise self._fail(name, "one of true/false/1/0/yes/no/on/off")
+def _read_env(variable: str, raw: str, kind: str) -> Any:
+    """A variable's (non-empty) text read as ``kind``; ValueError naming the variable."""
+    parse, expected = _ENV_KINDS[kind]
+    try:
+        value = parse(raw)
+    except (KeyError, ValueError):
+        raise ValueError(f"{variable}: expected {expected}, got {raw!r}") from None
+    if kind == "seconds" and not 0 <= value < math.inf:  # NaN fails this too
+        expected = "a finite, non-negative number of seconds"
+        raise ValueError(f"{variable}: expected {expected}, got {raw!r}")
+    return value
 
 
 # ===========================================================================
