@@ -90,24 +90,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import socket
     import ssl
     from typing import (
-        Any,
-        AsyncIterator,
-        Awaitable,
-        Callable,
-        ClassVar,
-        Deque,
-        Dict,
-        FrozenSet,
-        Generator,
-        Iterable,
-        Iterator,
-        List,
-        Mapping,
-        Sequence,
-        Tuple,
-        Type,
-        TypeVar,
-        Union,
+        Any, AsyncIterator, Awaitable, Callable, ClassVar, Deque, Dict, FrozenSet, Generator,
+        Iterable, Iterator, List, Mapping, Sequence, Tuple, Type, TypeVar, Union,
     )
 
     from typing_extensions import dataclass_transform
@@ -136,83 +120,35 @@ __version__ = "0.2.0"
 
 __all__ = [  # noqa: RUF022 - grouped as in runcycles
     # Client
-    "CyclesClient",
-    "AsyncCyclesClient",
+    "CyclesClient", "AsyncCyclesClient",
     # Config
     "CyclesConfig",
     # Decorator
-    "cycles",
-    "set_default_client",
-    "set_default_config",
+    "cycles", "set_default_client", "set_default_config",
     # Context
-    "CyclesContext",
-    "get_cycles_context",
+    "CyclesContext", "get_cycles_context",
     # Response
     "CyclesResponse",
     # Streaming
-    "StreamReservation",
-    "AsyncStreamReservation",
-    "StreamUsage",
+    "StreamReservation", "AsyncStreamReservation", "StreamUsage",
     # Exceptions
-    "CyclesError",
-    "CyclesProtocolError",
-    "CyclesTransportError",
-    "BudgetExceededError",
-    "DebtOutstandingError",
-    "OverdraftLimitExceededError",
-    "ReservationExpiredError",
-    "ReservationFinalizedError",
-    "TenantClosedError",
-    "CyclesConnectionError",
-    "InvalidFieldError",
+    "CyclesError", "CyclesProtocolError", "CyclesTransportError", "BudgetExceededError",
+    "DebtOutstandingError", "OverdraftLimitExceededError", "ReservationExpiredError",
+    "ReservationFinalizedError", "TenantClosedError", "CyclesConnectionError", "InvalidFieldError",
     # Models
-    "Unit",
-    "Amount",
-    "SignedAmount",
-    "Subject",
-    "Action",
-    "Caps",
-    "Decision",
-    "CyclesMetrics",
-    "CyclesEvidenceRef",
-    "Balance",
-    "CommitOveragePolicy",
-    "ErrorCode",
-    "ErrorResponse",
-    "ReservationStatus",
-    "CommitStatus",
-    "ReleaseStatus",
-    "ExtendStatus",
-    "EventStatus",
-    "ReservationCreateRequest",
-    "CommitRequest",
-    "ReleaseRequest",
-    "ReservationExtendRequest",
-    "DecisionRequest",
-    "EventCreateRequest",
-    "ReservationCreateResponse",
-    "CommitResponse",
-    "ReleaseResponse",
-    "ReservationExtendResponse",
-    "DecisionResponse",
-    "EventCreateResponse",
-    "DryRunResult",
-    "ReservationDetail",
-    "ReservationSummary",
-    "ReservationListResponse",
+    "Unit", "Amount", "SignedAmount", "Subject", "Action", "Caps", "Decision", "CyclesMetrics",
+    "CyclesEvidenceRef", "Balance", "CommitOveragePolicy", "ErrorCode", "ErrorResponse",
+    "ReservationStatus", "CommitStatus", "ReleaseStatus", "ExtendStatus", "EventStatus",
+    "ReservationCreateRequest", "CommitRequest", "ReleaseRequest", "ReservationExtendRequest",
+    "DecisionRequest", "EventCreateRequest", "ReservationCreateResponse", "CommitResponse",
+    "ReleaseResponse", "ReservationExtendResponse", "DecisionResponse", "EventCreateResponse",
+    "DryRunResult", "ReservationDetail", "ReservationSummary", "ReservationListResponse",
     "BalanceResponse",
     # Beyond runcycles
-    "ReservationEvidence",
-    "ReservationGuard",
-    "AsyncReservationGuard",
-    "RecoverySummary",
-    "flush",
-    "aflush",
-    "FlushResult",
-    "deadline",
+    "ReservationEvidence", "ReservationGuard", "AsyncReservationGuard", "RecoverySummary", "flush",
+    "aflush", "FlushResult", "deadline",
     # Evidence
-    "EvidenceVerification",
-    "verify_evidence",
+    "EvidenceVerification", "verify_evidence",
 ]
 
 _log = logging.getLogger(__name__)
@@ -233,19 +169,10 @@ TRACE_ID_HEADER = "X-Cycles-Trace-Id"
 REQUEST_ID_HEADER = "X-Request-Id"
 
 # Response headers kept on CyclesResponse.headers (lower-case names).
-CAPTURED_HEADERS: FrozenSet[str] = frozenset(
-    {
-        "x-request-id",
-        "x-cycles-trace-id",
-        "x-cycles-tenant",
-        "x-ratelimit-remaining",
-        "x-ratelimit-reset",
-        "retry-after",
-        "date",
-        "content-type",
-        "location",
-    }
-)
+CAPTURED_HEADERS: FrozenSet[str] = frozenset({
+    "x-request-id", "x-cycles-trace-id", "x-cycles-tenant", "x-ratelimit-remaining",
+    "x-ratelimit-reset", "retry-after", "date", "content-type", "location",
+})
 
 RESERVATIONS_PATH = "/v1/reservations"
 DECIDE_PATH = "/v1/decide"
@@ -308,10 +235,11 @@ def _is_header_value(value: Any) -> bool:
 
 
 def _parse_decimal(raw: str | None, *, signed: bool) -> int | None:
-    """An integer of at most 19 ASCII digits (optionally signed), else None."""
+    """An integer of at most 19 ASCII digits (optionally signed) between optional blanks
+    (HTTP's spaces and tabs), else None."""
     if raw is None:
         return None
-    text = raw.strip()
+    text = raw.strip(" \t")
     digits = text[1:] if signed and text[:1] in ("+", "-") else text
     if not (0 < len(digits) <= 19 and digits.isascii() and digits.isdigit()):
         return None
@@ -600,12 +528,7 @@ class ErrorCode(str, enum.Enum):
     @classmethod
     def from_string(cls, value: str | None) -> ErrorCode | None:
         """The member for ``value``; UNKNOWN for a code this client does not know; None for None."""
-        if value is None:
-            return None
-        try:
-            return cls(value)
-        except ValueError:
-            return cls.UNKNOWN
+        return None if value is None else cls.__members__.get(value, cls.UNKNOWN)
 
 
 # Validation helpers.  A check takes (field path, value, tolerant) and returns the
@@ -1474,16 +1397,10 @@ def _parse_retry_after_ms(
     heartbeat passes ``cap_ms=None``: capping there would invent an earlier
     retry than the server allowed.
     """
-    if value is None:
+    seconds = _parse_decimal(value, signed=False)
+    if seconds is None or seconds > INT64_MAX // 1000:
         return None
-    text = value.strip(" \t")
-    if not text or len(text) > 19 or any(c not in "0123456789" for c in text):
-        return None
-    seconds = int(text)
-    if seconds > INT64_MAX // 1000:
-        return None
-    ms = seconds * 1000
-    return ms if cap_ms is None else min(ms, cap_ms)
+    return seconds * 1000 if cap_ms is None else min(seconds * 1000, cap_ms)
 
 
 def _header_int(raw: str | None) -> int | None:
