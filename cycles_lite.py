@@ -96,6 +96,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from typing_extensions import dataclass_transform
 
+    from dataclasses import dataclass as _dataclass
+
     # A field check: (dotted path, value, tolerant) -> normalised value, or _FieldError.
     _Check = Callable[[str, Any, bool], Any]
     # A setting check: (field name, value) -> normalised value, or ValueError naming it.
@@ -114,6 +116,12 @@ else:
     def dataclass_transform(**_: Any) -> Callable[[_T], _T]:
         """For the type checker only: the models' constructors, from their fields."""
         return lambda cls: cls
+
+    def _dataclass(cls: Any = None, **options: Any) -> Any:
+        """``@dataclass`` to the type checker; at run time _shared_dataclass (see there)."""
+        if cls is None:
+            return lambda cls: _shared_dataclass(cls, **options)
+        return _shared_dataclass(cls, **options)
 
 
 __version__ = "0.2.0"
@@ -1216,7 +1224,77 @@ class BalanceResponse(_Model):
     next_cursor: str | None = _field(_any_str, default=None)
 
 
-@dataclass
+class _Factory:
+    """The default a signature shows for a field with a ``default_factory``."""
+
+    def __repr__(self) -> str:
+        return "<factory>"
+
+
+def _shared_dataclass(cls: Any, *, repr: bool = True) -> Any:
+    """``@dataclass`` (mutable, ``eq=True``) whose ``__init__``, ``__repr__`` and ``__eq__``
+    are closures made here rather than code generated with ``exec``, which is most of
+    a dataclass's import cost.  ``dataclasses.fields``, ``replace`` and ``asdict`` see
+    a dataclass; ``inspect.signature`` the same parameters as the generated
+    ``__init__``; the type checker sees ``@dataclass`` itself."""
+    cls = dataclasses.dataclass(init=False, repr=False, eq=False)(cls)
+    fields = dataclasses.fields(cls)
+    missing = dataclasses.MISSING
+    positional = tuple(f.name for f in fields)
+    known = frozenset(positional)
+    defaults = {f.name: f.default for f in fields if f.default is not missing}
+    factories = {f.name: f.default_factory for f in fields if f.default_factory is not missing}
+    required = [name for name in positional if name not in defaults and name not in factories]
+    post_init = getattr(cls, "__post_init__", None)
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        values = dict(zip(positional, args), **kwargs)
+        # Shorter than what was passed: too many positional arguments, or a name twice.
+        if len(values) < len(args) + len(kwargs) or not values.keys() <= known:
+            unknown = sorted(values.keys() - known)  # names only: a value may be a secret
+            raise TypeError(f"{cls.__name__}() got unexpected arguments {unknown}")
+        for name in required:
+            if name not in values:
+                raise TypeError(f"{cls.__name__}() missing required argument: {name!r}")
+        state = vars(self)
+        state.update(defaults)
+        state.update(values)
+        for name, make in factories.items():
+            if name not in values:
+                state[name] = make()
+        if post_init is not None:
+            self.__post_init__()
+
+    def __repr__(self: Any) -> str:
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields if f.repr)
+        return f"{cls.__qualname__}({shown})"
+
+    def __eq__(self: Any, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return [getattr(self, n) for n in positional] == [getattr(other, n) for n in positional]
+
+    Parameter = inspect.Parameter
+    shown = {name: _Factory() for name in factories}
+    shown.update(defaults)
+    parameters = [
+        Parameter(name, Parameter.POSITIONAL_OR_KEYWORD, default=shown.get(name, Parameter.empty))
+        for name in ("self", *positional)
+    ]
+    __init__.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    methods: Dict[str, Any] = {"__init__": __init__, "__eq__": __eq__}
+    if repr:
+        methods["__repr__"] = __repr__
+    for name, method in methods.items():
+        if name not in vars(cls):
+            method.__qualname__ = f"{cls.__qualname__}.{name}"
+            setattr(cls, name, method)
+    if "__hash__" not in vars(cls):
+        cls.__hash__ = None  # mutable and compared by value
+    return cls
+
+
+@_dataclass
 class CyclesContext:
     """The reservation a guarded call runs under (``get_cycles_context()``).
 
@@ -1253,7 +1331,7 @@ class CyclesContext:
         self.expires_at_ms = new_expires_at_ms
 
 
-@dataclass
+@_dataclass
 class StreamUsage:
     """Usage accumulated while streaming; read when the stream reservation settles."""
 
@@ -1273,7 +1351,7 @@ class StreamUsage:
         self.actual_cost = amount
 
 
-@dataclass
+@_dataclass
 class CyclesResponse:
     """The outcome of one call: an HTTP answer (any status) or a transport failure (status -1)."""
 
@@ -1650,7 +1728,7 @@ _seconds_or_zero = _number(0, inclusive=True)
 _per_mille = _count(0, 1000)
 
 
-@dataclass(repr=False)
+@_dataclass(repr=False)
 class CyclesConfig:
     """Client configuration: runcycles' fields, defaults and env vars, plus transport options.
 
