@@ -79,7 +79,7 @@ import sys
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import field
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
 # typing is for the type checker only: importing it would cost more than the
@@ -1231,20 +1231,23 @@ class _Factory:
         return "<factory>"
 
 
-def _shared_dataclass(cls: Any, *, repr: bool = True) -> Any:
-    """``@dataclass`` (mutable, ``eq=True``) whose ``__init__``, ``__repr__`` and ``__eq__``
-    are closures made here rather than code generated with ``exec``, which is most of
-    a dataclass's import cost.  ``dataclasses.fields``, ``replace`` and ``asdict`` see
-    a dataclass; ``inspect.signature`` the same parameters as the generated
-    ``__init__``; the type checker sees ``@dataclass`` itself."""
+def _shared_dataclass(cls: Any, *, repr: bool = True, frozen: bool = False) -> Any:
+    """``@dataclass`` (``eq=True``) whose ``__init__``, ``__repr__``, ``__eq__`` (and when
+    frozen ``__setattr__``, ``__delattr__``, ``__hash__``) are closures made here rather
+    than code generated with ``exec``, which is most of a dataclass's import cost.
+    ``dataclasses.fields``, ``replace`` and ``asdict`` see a dataclass;
+    ``inspect.signature`` the parameters of the generated ``__init__``; the type
+    checker sees ``@dataclass`` itself."""
     cls = dataclasses.dataclass(init=False, repr=False, eq=False)(cls)
     fields = dataclasses.fields(cls)
     missing = dataclasses.MISSING
-    positional = tuple(f.name for f in fields)
+    positional = tuple(f.name for f in fields if f.init)
     known = frozenset(positional)
+    names = frozenset(f.name for f in fields)
     defaults = {f.name: f.default for f in fields if f.default is not missing}
     factories = {f.name: f.default_factory for f in fields if f.default_factory is not missing}
     required = [name for name in positional if name not in defaults and name not in factories]
+    compared = [f.name for f in fields if f.compare]
     post_init = getattr(cls, "__post_init__", None)
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -1272,7 +1275,20 @@ def _shared_dataclass(cls: Any, *, repr: bool = True) -> Any:
     def __eq__(self: Any, other: object) -> bool:
         if other.__class__ is not self.__class__:
             return NotImplemented
-        return [getattr(self, n) for n in positional] == [getattr(other, n) for n in positional]
+        return [getattr(self, n) for n in compared] == [getattr(other, n) for n in compared]
+
+    def __hash__(self: Any) -> int:
+        return hash(tuple(getattr(self, n) for n in compared))
+
+    def __setattr__(self: Any, name: str, value: Any) -> None:
+        if type(self) is cls or name in names:
+            raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+        super(cls, self).__setattr__(name, value)
+
+    def __delattr__(self: Any, name: str) -> None:
+        if type(self) is cls or name in names:
+            raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
+        super(cls, self).__delattr__(name)
 
     Parameter = inspect.Parameter
     shown = {name: _Factory() for name in factories}
@@ -1283,8 +1299,9 @@ def _shared_dataclass(cls: Any, *, repr: bool = True) -> Any:
     ]
     __init__.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     methods: Dict[str, Any] = {"__init__": __init__, "__eq__": __eq__}
-    if repr:
-        methods["__repr__"] = __repr__
+    methods.update({"__repr__": __repr__} if repr else {})
+    if frozen:
+        methods.update(__setattr__=__setattr__, __delattr__=__delattr__, __hash__=__hash__)
     for name, method in methods.items():
         if name not in vars(cls):
             method.__qualname__ = f"{cls.__qualname__}.{name}"
@@ -1986,7 +2003,7 @@ def _bounded_by(bound: float | None) -> Iterator[None]:
 # deadline enforced on every socket read and write.
 
 
-@dataclass
+@_dataclass
 class _Prepared:
     """One HTTP request, fully built and validated; ``send`` only puts it on the wire."""
 
@@ -3726,7 +3743,7 @@ _ENVELOPE_FIELDS = frozenset(
 _DID_CYCLES_PREFIX = "did:cycles:"
 
 
-@dataclass(frozen=True)
+@_dataclass(frozen=True)
 class EvidenceVerification:
     """The outcome of verifying one CyclesEvidence envelope (cycles-evidence-v0.2).
 
@@ -5171,7 +5188,7 @@ def _classify_extend(status: int, error_code: str | None, schema_valid: bool) ->
     return "rejected"
 
 
-@dataclass(frozen=True)
+@_dataclass(frozen=True)
 class _Beat:
     """Next heartbeat action.
 
@@ -6358,7 +6375,7 @@ class _Disposition(str, enum.Enum):
     STOP_DISCARD = "stop_discard"  # understood terminal outcome: remove the record, never release
 
 
-@dataclass(frozen=True)
+@_dataclass(frozen=True)
 class _RetryPolicy:
     """Bounded same-key retry policy for commits and events.
 
@@ -6383,7 +6400,7 @@ class _RetryPolicy:
             raise ValueError("max_delay_ms must be >= 0")
 
 
-@dataclass(frozen=True)
+@_dataclass(frozen=True)
 class _SettlementStep:
     """The decision for one finished settlement attempt.
 
@@ -6645,7 +6662,7 @@ def _wall_clock_ms() -> int:
     return int(time.time() * 1000)
 
 
-@dataclass
+@_dataclass
 class _PendingSettlement:
     """One unresolved settlement, in runcycles' record format (version 1).
 
@@ -7196,7 +7213,7 @@ def _journals_after_fork() -> None:
     _journals.clear()
 
 
-@dataclass
+@_dataclass
 class _Settlement:
     """One unresolved commit, or its event fallback, and the attempts made so far."""
 
@@ -7815,7 +7832,7 @@ class _SettlementQueue:
 _settlements = _SettlementQueue()
 
 
-@dataclass(frozen=True)
+@_dataclass(frozen=True)
 class FlushResult:
     """What ``flush()`` / ``aflush()`` did, and what is left.  True only when ``pending``
     is 0, so ``if cycles_lite.flush(2):`` reads as before (test it for truth, not ``is True``).
@@ -8005,7 +8022,7 @@ async def _hand_over_loop_settlements(client: AsyncCyclesClient) -> None:
 # on the settlement worker) and on demand with ``client.recover()``.
 
 
-@dataclass
+@_dataclass
 class RecoverySummary:
     """What one ``recover()`` did with the commit journal of its client's identity.
 
@@ -8302,7 +8319,7 @@ def _default_client_for(is_async: bool) -> Any:
     )
 
 
-@dataclass(frozen=True)
+@_dataclass(frozen=True)
 class _CyclesSpec:
     """The ``@cycles`` parameters; constants or callables resolved per call."""
 
