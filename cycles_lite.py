@@ -1246,24 +1246,24 @@ def _shared_dataclass(cls: Any, *, repr: bool = True, frozen: bool = False) -> A
     names = frozenset(f.name for f in fields)
     defaults = {f.name: f.default for f in fields if f.default is not missing}
     factories = {f.name: f.default_factory for f in fields if f.default_factory is not missing}
-    required = [name for name in positional if name not in defaults and name not in factories]
+    required = known - defaults.keys() - factories.keys()
     compared = [f.name for f in fields if f.compare]
     post_init = getattr(cls, "__post_init__", None)
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        values = dict(zip(positional, args), **kwargs)
-        # Shorter than what was passed: too many positional arguments, or a name twice.
-        if len(values) < len(args) + len(kwargs) or not values.keys() <= known:
-            unknown = sorted(values.keys() - known)  # names only: a value may be a secret
-            raise TypeError(f"{cls.__name__}() got unexpected arguments {unknown}")
-        for name in required:
-            if name not in values:
-                raise TypeError(f"{cls.__name__}() missing required argument: {name!r}")
+        if args:
+            if len(args) > len(positional) or not kwargs.keys().isdisjoint(positional[: len(args)]):
+                raise TypeError(f"{cls.__name__}() got too many or repeated arguments")
+            kwargs.update(zip(positional, args))
+        if not required <= kwargs.keys() <= known:  # names only below: a value may be secret
+            problems = [f"missing {name!r}" for name in sorted(required - kwargs.keys())]
+            problems += [f"unexpected {name!r}" for name in sorted(kwargs.keys() - known)]
+            raise TypeError(f"{cls.__name__}(): " + ", ".join(problems))
         state = vars(self)
         state.update(defaults)
-        state.update(values)
+        state.update(kwargs)
         for name, make in factories.items():
-            if name not in values:
+            if name not in kwargs:
                 state[name] = make()
         if post_init is not None:
             self.__post_init__()
