@@ -835,7 +835,9 @@ class _Model:
             value = getattr(self, name)
             if value is None and exclude_none:
                 continue
-            out[name] = _dump_value(value, exclude_none, json_mode)
+            if isinstance(value, (_Model, enum.Enum, list, dict)):  # else: as it is
+                value = _dump_value(value, exclude_none, json_mode)
+            out[name] = value
         for key, value in self.extra.items():
             out.setdefault(key, value)
         return out
