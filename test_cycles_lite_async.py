@@ -629,7 +629,7 @@ class TestAflushAndRecover(AsyncServerCase):
 
             async def scenario() -> Any:
                 await guarded()  # the commit fails once: its record stays journaled
-                with mock.patch.object(cl, "_perform", side_effect=AssertionError("a thread")):
+                with mock.patch.object(cl._Transport, "send", side_effect=AssertionError("a thread")):
                     summary = await client.recover(timeout=5)
                 await client.aclose()
                 return summary
@@ -822,7 +822,7 @@ class TestReviewFixes(AsyncServerCase):
         next(iter(cl._settlement_tasks)).get_loop().close()
 
         async def scenario() -> Any:
-            with mock.patch.object(cl, "_perform", side_effect=AssertionError("a thread")):
+            with mock.patch.object(cl._Transport, "send", side_effect=AssertionError("a thread")):
                 return await cl.aflush(5)
 
         result = run(scenario)
