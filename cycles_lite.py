@@ -2067,6 +2067,7 @@ if TYPE_CHECKING:  # pragma: no cover
 _HEAD_LIMIT = 64 * 1024  # the longest response head (status line and headers) accepted
 _PUBLIC_OPERATIONS = frozenset({"evidence", "jwks"})
 _JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_JSON_DECODER = json.JSONDecoder()
 
 
 class _AttemptDeadlineExceeded(TimeoutError):
@@ -2212,7 +2213,8 @@ class _TransportBase:
                 deadline = attempt.deadline
             else:
                 deadline = time.monotonic() + self.attempt_timeout
-        return _effective_deadline(deadline)
+        bound = _deadline.get()
+        return deadline if bound is None or bound >= deadline else bound
 
     def _connect_request(self) -> bytes:
         """The ``CONNECT`` that opens a tunnel through the proxy to an https origin."""
@@ -2249,7 +2251,9 @@ def _parse_response_head(head: bytes) -> Tuple[int, Dict[str, str], bool]:
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
     version = parts[0]
-    if len(parts) < 2 or not version.startswith("HTTP/1.") or not _is_status(parts[1]):
+    code = parts[1] if len(parts) > 1 else ""
+    # isascii(): str.isdigit() also takes '\xb2' (superscript two), which int() refuses.
+    if not (version.startswith("HTTP/1.") and len(code) == 3 and code.isascii() and code.isdigit()):
         raise _MalformedResponse(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
     headers: Dict[str, str] = {}
     for line in lines[1:]:
@@ -2259,16 +2263,7 @@ def _parse_response_head(head: bytes) -> Tuple[int, Dict[str, str], bool]:
     connection = headers.get("connection", "").lower()
     tokens = [token.strip() for token in connection.split(",")] if connection else []
     keep_alive = "close" not in tokens if version == "HTTP/1.1" else "keep-alive" in tokens
-    return int(parts[1]), headers, keep_alive
-
-
-def _is_status(text: str) -> bool:
-    return len(text) == 3 and _is_decimal(text)
-
-
-def _is_decimal(text: str) -> bool:
-    """ASCII digits only: str.isdigit() also takes '\xb2' (superscript two), which int() refuses."""
-    return text.isascii() and text.isdigit()
+    return int(code), headers, keep_alive
 
 
 async def _read_http_response(stream: _Connection | _Watchdog) -> _Answer:
@@ -2291,7 +2286,7 @@ async def _read_http_response(stream: _Connection | _Watchdog) -> _Answer:
     length = headers.get("content-length")
     if length is None:  # the body runs to the end of the connection
         return status, headers, await _read_to_eof(stream), False
-    if not _is_decimal(length.strip()):
+    if not (length.strip().isascii() and length.strip().isdigit()):
         raise _MalformedResponse(f"bad Content-Length: {length[:40]!r}")
     if int(length) > MAX_RESPONSE_BYTES:
         raise _ResponseTooLarge(f"response body larger than {MAX_RESPONSE_BYTES} bytes")
@@ -2345,7 +2340,10 @@ def _run_blocking(coroutine: Coroutine[Any, Any, _T]) -> _T:
 
 def _read_response(status: int, headers: Mapping[str, str], raw: bytes) -> CyclesResponse:
     """Pure: a CyclesResponse from the status, headers (lower-case names) and raw body."""
-    captured = {name: value for name, value in headers.items() if name in CAPTURED_HEADERS}
+    captured = {}
+    for name, value in headers.items():
+        if name in CAPTURED_HEADERS:
+            captured[name] = value
     body = _json_object(raw)
     if 200 <= status < 300:
         response = CyclesResponse(status=status, body=body if body is not None else {},
@@ -2360,7 +2358,7 @@ def _json_object(raw: bytes) -> Dict[str, Any] | None:
     if not raw:
         return None
     try:
-        value = json.loads(raw)
+        value = _JSON_DECODER.decode(raw.decode("utf-8"))
     except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
@@ -2460,12 +2458,12 @@ class _Connection:
     ``async def`` only to share ``_read_http_response`` with the asyncio transport.
     """
 
-    __slots__ = ("_buffer", "_op_timeout", "deadline", "sock")
+    __slots__ = ("_op_timeout", "deadline", "sock", "unread")
 
     def __init__(self, sock: socket.socket, op_timeout: float) -> None:
         self.sock = sock
         self._op_timeout = op_timeout
-        self._buffer = b""
+        self.unread = b""  # received, not yet consumed
         self.deadline = math.inf
 
     def send(self, data: bytes) -> None:
@@ -2474,39 +2472,33 @@ class _Connection:
     async def until(self, separator: bytes) -> bytes:
         """Everything up to and including ``separator``."""
         while True:
-            end = self._buffer.find(separator)
+            end = self.unread.find(separator)
             if end >= 0:
-                return self._take(end + len(separator))
-            if len(self._buffer) > _HEAD_LIMIT:
+                end += len(separator)
+                part, self.unread = self.unread[:end], self.unread[end:]
+                return part
+            if len(self.unread) > _HEAD_LIMIT:
                 raise _MalformedResponse("response head or chunk line too long")
             self._fill()
 
     async def exactly(self, size: int) -> bytes:
-        while len(self._buffer) < size:
+        while len(self.unread) < size:
             self._fill()
-        return self._take(size)
+        part, self.unread = self.unread[:size], self.unread[size:]
+        return part
 
     async def some(self) -> bytes:
-        if not self._buffer:
-            return bytes(self._bounded(self.sock.recv, 65536))
-        return self._take(len(self._buffer))
-
-    @property
-    def has_unread(self) -> bool:
-        return bool(self._buffer)
+        part, self.unread = self.unread, b""
+        return part or bytes(self._bounded(self.sock.recv, 65536))
 
     def close(self) -> None:
         self.sock.close()
 
-    def _take(self, size: int) -> bytes:
-        part, self._buffer = self._buffer[:size], self._buffer[size:]
-        return part
-
     def _fill(self) -> None:
         chunk = self._bounded(self.sock.recv, 65536)
         if not chunk:
-            raise _Truncated(len(self._buffer))
-        self._buffer += chunk
+            raise _Truncated(len(self.unread))
+        self.unread += chunk
 
     def _bounded(self, operation: Callable[[Any], _T], argument: Any) -> _T:
         left = self.deadline - time.monotonic()
@@ -2527,7 +2519,7 @@ class _Connection:
 
 def _connection_dropped(conn: _Connection) -> bool:
     """An idle keep-alive connection is unusable if its socket became readable (EOF or junk)."""
-    if conn.has_unread:
+    if conn.unread:
         return True
     try:
         import select
@@ -2987,9 +2979,19 @@ class _AsyncTransport(_TransportBase):
             watchdog.stop()
 
     async def _connect(self, deadline: float) -> _AsyncConnection:
+        import asyncio
         import socket
 
-        reader, writer = await _within(deadline, self._connect_timeout, self._open(), "connecting")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _AttemptDeadlineExceeded("attempt deadline exceeded before connecting")
+        timeout = min(self._connect_timeout, left)
+        try:
+            reader, writer = await asyncio.wait_for(self._open(), timeout)
+        except asyncio.TimeoutError:  # past the deadline, or past connect_timeout only
+            if timeout >= left:
+                raise _AttemptDeadlineExceeded("attempt deadline exceeded connecting") from None
+            raise TimeoutError("timed out connecting") from None
         conn = _AsyncConnection(reader, writer)
         try:
             sock = writer.get_extra_info("socket")
@@ -3101,37 +3103,6 @@ class _Watchdog:
         self._conn.close()
 
 
-async def _within(
-    deadline: float, op_timeout: float, step: Awaitable[_T], what: str = ""
-) -> _T:
-    """Await ``step`` for at most min(op_timeout, time left before ``deadline``).
-
-    Past the deadline: ``_AttemptDeadlineExceeded``; past ``op_timeout`` only: a
-    plain ``TimeoutError`` (as a socket timeout is for the blocking transport).
-    """
-    import asyncio
-
-    where = f" {what}" if what else ""
-    left = deadline - time.monotonic()
-    if left <= 0:
-        _close_awaitable(step)
-        raise _AttemptDeadlineExceeded(f"attempt deadline exceeded{where}")
-    timeout = min(op_timeout, left)
-    try:
-        return await asyncio.wait_for(step, timeout)
-    except asyncio.TimeoutError:
-        if timeout >= left:
-            raise _AttemptDeadlineExceeded(f"attempt deadline exceeded{where}") from None
-        raise TimeoutError(f"timed out{where}") from None
-
-
-def _close_awaitable(step: Awaitable[Any]) -> None:
-    """A coroutine never started is closed (no 'never awaited' warning)."""
-    close = getattr(step, "close", None)
-    if inspect.iscoroutine(step) and close is not None:
-        close()
-
-
 _forked_pools: List[Any] = []  # a forked child's copies of its parent's pools, never touched
 
 
@@ -3173,7 +3144,7 @@ class _Call:
 
 
 def _reservation_path(reservation_id: Any, suffix: str = "") -> str:
-    """The reservation URL path, with the id percent-encoded (``../x`` stays one segment)."""
+    """The reservation's URL path, the id percent-encoded (``../x`` stays one segment)."""
     if not isinstance(reservation_id, str) or not reservation_id:
         raise ValueError("reservation_id: must be a non-empty string")
     if len(reservation_id) > MAX_RESERVATION_ID_LENGTH:
@@ -3184,23 +3155,28 @@ def _reservation_path(reservation_id: Any, suffix: str = "") -> str:
     return f"{RESERVATIONS_PATH}/{quote(reservation_id, safe='')}{suffix}"
 
 
-# The request model of each operation that POSTs a body.
-_REQUEST_MODELS: Dict[str, Type[_Model]] = {
-    "create": ReservationCreateRequest,
-    "commit": CommitRequest,
-    "release": ReleaseRequest,
-    "extend": ReservationExtendRequest,
-    "decide": DecisionRequest,
-    "event": EventCreateRequest,
+# Each operation that POSTs a body: its request model and its path ("{id}/...": under
+# the reservation's own path).
+_POSTS: Dict[str, Tuple[Type[_Model], str]] = {
+    "create": (ReservationCreateRequest, RESERVATIONS_PATH),
+    "commit": (CommitRequest, "{id}/commit"),
+    "release": (ReleaseRequest, "{id}/release"),
+    "extend": (ReservationExtendRequest, "{id}/extend"),
+    "decide": (DecisionRequest, DECIDE_PATH),
+    "event": (EventCreateRequest, EVENTS_PATH),
 }
 
 
-def _post(operation: str, path: str, request: Any, admin: bool = False) -> _Call:
+def _post(
+    operation: str, request: Any, reservation_id: Any = None, admin: bool = False
+) -> _Call:
     """A POST of ``request``: a dict is sent as given, a model (ours or a pydantic one, e.g.
     from runcycles) dumped without None fields; anything else is a TypeError."""
+    expected, path = _POSTS[operation]
+    if path.startswith("{id}"):
+        path = _reservation_path(reservation_id, path[len("{id}"):])
     if isinstance(request, dict):
         return _Call(operation, "POST", path, request, admin=admin)
-    expected = _REQUEST_MODELS[operation]
     if isinstance(request, _Model) and not isinstance(request, expected):
         raise TypeError(f"expected a {expected.__name__} or a dict, got {_type_name(request)}")
     dump = getattr(request, "model_dump", None)
@@ -3330,14 +3306,12 @@ class CyclesClient:
     def create_reservation(
         self, request: ReservationCreateRequest | dict[str, Any]
     ) -> CyclesResponse:
-        return self._call(_post("create", RESERVATIONS_PATH, request))
+        return self._call(_post("create", request))
 
     def commit_reservation(
         self, reservation_id: str, request: CommitRequest | dict[str, Any]
     ) -> CyclesResponse:
-        return self._call(
-            _post("commit", _reservation_path(reservation_id, "/commit"), request)
-        )
+        return self._call(_post("commit", request, reservation_id))
 
     def release_reservation(
         self,
@@ -3347,23 +3321,16 @@ class CyclesClient:
         admin: bool | None = None,
     ) -> CyclesResponse:
         return self._call(
-            _post(
-                "release",
-                _reservation_path(reservation_id, "/release"),
-                request,
-                _use_admin(self._config, admin),
-            )
+            _post("release", request, reservation_id, _use_admin(self._config, admin))
         )
 
     def extend_reservation(
         self, reservation_id: str, request: ReservationExtendRequest | dict[str, Any]
     ) -> CyclesResponse:
-        return self._call(
-            _post("extend", _reservation_path(reservation_id, "/extend"), request)
-        )
+        return self._call(_post("extend", request, reservation_id))
 
     def decide(self, request: DecisionRequest | dict[str, Any]) -> CyclesResponse:
-        return self._call(_post("decide", DECIDE_PATH, request))
+        return self._call(_post("decide", request))
 
     def list_reservations(
         self, *, admin: bool | None = None, **query_params: str
@@ -3377,7 +3344,7 @@ class CyclesClient:
         return self._call(_balances_call(query_params))
 
     def create_event(self, request: EventCreateRequest | dict[str, Any]) -> CyclesResponse:
-        return self._call(_post("event", EVENTS_PATH, request))
+        return self._call(_post("event", request))
 
     def get_evidence(self, evidence_id: str) -> CyclesResponse:
         """``GET /v1/evidence/{id}`` (public: no key is sent). A fresh 404 may be transient."""
@@ -3517,14 +3484,12 @@ class AsyncCyclesClient:
     async def create_reservation(
         self, request: ReservationCreateRequest | dict[str, Any]
     ) -> CyclesResponse:
-        return await self._call(_post("create", RESERVATIONS_PATH, request))
+        return await self._call(_post("create", request))
 
     async def commit_reservation(
         self, reservation_id: str, request: CommitRequest | dict[str, Any]
     ) -> CyclesResponse:
-        return await self._call(
-            _post("commit", _reservation_path(reservation_id, "/commit"), request)
-        )
+        return await self._call(_post("commit", request, reservation_id))
 
     async def release_reservation(
         self,
@@ -3534,23 +3499,16 @@ class AsyncCyclesClient:
         admin: bool | None = None,
     ) -> CyclesResponse:
         return await self._call(
-            _post(
-                "release",
-                _reservation_path(reservation_id, "/release"),
-                request,
-                _use_admin(self._config, admin),
-            )
+            _post("release", request, reservation_id, _use_admin(self._config, admin))
         )
 
     async def extend_reservation(
         self, reservation_id: str, request: ReservationExtendRequest | dict[str, Any]
     ) -> CyclesResponse:
-        return await self._call(
-            _post("extend", _reservation_path(reservation_id, "/extend"), request)
-        )
+        return await self._call(_post("extend", request, reservation_id))
 
     async def decide(self, request: DecisionRequest | dict[str, Any]) -> CyclesResponse:
-        return await self._call(_post("decide", DECIDE_PATH, request))
+        return await self._call(_post("decide", request))
 
     async def list_reservations(
         self, *, admin: bool | None = None, **query_params: str
@@ -3566,7 +3524,7 @@ class AsyncCyclesClient:
         return await self._call(_balances_call(query_params))
 
     async def create_event(self, request: EventCreateRequest | dict[str, Any]) -> CyclesResponse:
-        return await self._call(_post("event", EVENTS_PATH, request))
+        return await self._call(_post("event", request))
 
     async def get_evidence(self, evidence_id: str) -> CyclesResponse:
         return await self._call(_evidence_call(evidence_id))
