@@ -2463,7 +2463,7 @@ class _Connection:
     def __init__(self, sock: socket.socket, op_timeout: float) -> None:
         self.sock = sock
         self._op_timeout = op_timeout
-        self.unread = b""  # received, not yet consumed
+        self.unread = bytearray()  # received, not yet consumed
         self.deadline = math.inf
 
     def send(self, data: bytes) -> None:
@@ -2474,9 +2474,7 @@ class _Connection:
         while True:
             end = self.unread.find(separator)
             if end >= 0:
-                end += len(separator)
-                part, self.unread = self.unread[:end], self.unread[end:]
-                return part
+                return self._take(end + len(separator))
             if len(self.unread) > _HEAD_LIMIT:
                 raise _MalformedResponse("response head or chunk line too long")
             self._fill()
@@ -2484,15 +2482,20 @@ class _Connection:
     async def exactly(self, size: int) -> bytes:
         while len(self.unread) < size:
             self._fill()
-        part, self.unread = self.unread[:size], self.unread[size:]
-        return part
+        return self._take(size)
 
     async def some(self) -> bytes:
-        part, self.unread = self.unread, b""
-        return part or bytes(self._bounded(self.sock.recv, 65536))
+        if self.unread:
+            return self._take(len(self.unread))
+        return bytes(self._bounded(self.sock.recv, 65536))
 
     def close(self) -> None:
         self.sock.close()
+
+    def _take(self, size: int) -> bytes:
+        part = bytes(self.unread[:size])
+        del self.unread[:size]  # cheap: a bytearray drops its head without copying the rest
+        return part
 
     def _fill(self) -> None:
         chunk = self._bounded(self.sock.recv, 65536)
