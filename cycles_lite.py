@@ -2138,7 +2138,9 @@ class _TransportBase:
         self._ssl_context = config.ssl_context
         self._ca_bundle = config.ca_bundle
         self.closed = False
-        self._target_prefix = origin.base_path
+        # A non-ASCII base path is percent-encoded (as a browser would); the rest is as given.
+        base_path = quote(origin.base_path, safe="/%!$&'()*+,;=:@")
+        self._target_prefix = base_path
         headers = {
             "Host": _host_header(origin),
             "Accept-Encoding": "identity",
@@ -2146,7 +2148,7 @@ class _TransportBase:
             "Accept": "application/json",
         }
         if proxy is not None and origin.scheme == "http":  # absolute-form targets
-            self._target_prefix = f"http://{headers['Host']}{origin.base_path}"
+            self._target_prefix = f"http://{headers['Host']}{base_path}"
             if proxy.authorization:
                 headers["Proxy-Authorization"] = proxy.authorization
         if config.pool_maxsize == 0:
