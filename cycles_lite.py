@@ -2489,7 +2489,7 @@ class _Connection:
     async def some(self) -> bytes:
         if self.unread:
             return self._take(len(self.unread))
-        return bytes(self._bounded(self.sock.recv, 65536))
+        return self._bounded(self.sock.recv, 65536)
 
     def close(self) -> None:
         self.sock.close()
@@ -2932,7 +2932,14 @@ class _AsyncTransport(_TransportBase):
         request: bytes,
         deadline: float,
     ) -> Tuple[_Answer, _AsyncConnection | None]:
-        conn, reused = await self._checkout(pool, handed, deadline)
+        """Send on the connection handed over with the slot, else an idle or a new one."""
+        if handed is not None and handed.dropped():
+            handed.close()
+            handed = None
+        conn = handed or pool.take_idle()
+        reused = conn is not None
+        if conn is None:
+            conn = await self._connect(deadline)
         try:
             answer = await self._exchange(conn, request, deadline)
         except Exception as exc:
@@ -2945,18 +2952,6 @@ class _AsyncTransport(_TransportBase):
             return answer, conn
         conn.close()
         return answer, None
-
-    async def _checkout(
-        self, pool: _LoopPool, handed: _AsyncConnection | None, deadline: float
-    ) -> Tuple[_AsyncConnection, bool]:
-        if handed is not None:
-            if not handed.dropped():
-                return handed, True
-            handed.close()
-        conn = pool.take_idle()
-        if conn is not None:
-            return conn, True
-        return await self._connect(deadline), False
 
     async def _exchange(self, conn: _AsyncConnection, request: bytes, deadline: float) -> _Answer:
         """Write the request, read the whole response; the connection is closed on failure."""
