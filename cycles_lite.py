@@ -2288,7 +2288,8 @@ async def _read_http_response(stream: _Connection | _Watchdog) -> _Answer:
     length = headers.get("content-length")
     if length is None:  # the body runs to the end of the connection
         return status, headers, await _read_to_eof(stream), False
-    if not (length.strip().isascii() and length.strip().isdigit()):
+    length = length.strip()
+    if not (length.isascii() and length.isdigit()):  # as for the status code
         raise _MalformedResponse(f"bad Content-Length: {length[:40]!r}")
     if int(length) > MAX_RESPONSE_BYTES:
         raise _ResponseTooLarge(f"response body larger than {MAX_RESPONSE_BYTES} bytes")
