@@ -8597,29 +8597,32 @@ configuration comes from the environment:
 exit codes: 0 ok, 1 API error or denial, 2 usage or configuration error, 3 transport error
 """
 
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import NoReturn
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m cycles_lite``: check, balances, reservations, reservation ID, release ID,
-    recover (settle what the commit journal holds)."""
+    recover (settle what the commit journal holds), verify-evidence FILE|ID.
+
+    Every command is a row of ``_CLI_COMMANDS``; a routine reports a failure through
+    ``_cli_exit`` (SystemExit with the exit code, caught here)."""
     import argparse
 
-    parser = _cli_parser(argparse)
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help/--version (0) or a usage error argparse has printed (2)
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    if args.command == "verify-evidence":  # may run offline: no configuration needed
-        return _cli_verify_evidence(args)
-    try:
-        config = CyclesConfig.from_env()
-    except ValueError as exc:
-        _cli_error(f"configuration error: {exc}")
-        return EXIT_USAGE
-    try:
+        args = _cli_parser(argparse).parse_args(argv)
+        if args.command == "verify-evidence":  # may run offline: no configuration needed
+            return _cli_verify_evidence(args)
+        try:
+            config = CyclesConfig.from_env()
+        except ValueError as exc:
+            raise ValueError(f"configuration error: {exc}") from None
         with CyclesClient(config) as client:
             return int(args.run(client, config, args))
-    except ValueError as exc:
-        _cli_error(str(exc))
+    except SystemExit as exc:  # --help/--version (0), a usage error argparse printed (2), _cli_exit
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    except (OSError, ValueError) as exc:
+        _cli_error(f"{args.command}: {exc}")
         return EXIT_USAGE
     except CyclesProtocolError as exc:  # a failed page while following cursors
         _cli_error(str(exc))
@@ -8627,8 +8630,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _cli_parser(argparse: Any) -> Any:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+    json_flag = argparse.ArgumentParser(add_help=False)  # --json before or after the command
+    json_flag.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON, not a table"
     )
     parser = argparse.ArgumentParser(
@@ -8639,13 +8642,11 @@ def _cli_parser(argparse: Any) -> Any:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"cycles-lite {__version__}")
-    parser.add_argument(
-        "--json", action="store_true", default=False, help="print JSON, not a table"
-    )
+    parser.add_argument("--json", action="store_true", help="print JSON, not a table")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     for name, summary, run, arguments in _CLI_COMMANDS:
-        command = commands.add_parser(name, parents=[common], help=summary)
+        command = commands.add_parser(name, parents=[json_flag], help=summary)
         for flag, options in arguments:
             command.add_argument(flag, **options)
         command.set_defaults(run=run)
@@ -8656,26 +8657,45 @@ def _cli_error(message: str) -> None:
     print(f"cycles-lite: {message}", file=sys.stderr)
 
 
-def _cli_failed(response: CyclesResponse, what: str, print_body: bool) -> int:
-    """Report an unsuccessful response; the exit code says whether the server answered."""
+def _cli_exit(message: str, code: int) -> NoReturn:
+    _cli_error(message)
+    raise SystemExit(code)
+
+
+def _cli_body(response: CyclesResponse, what: str, print_body: bool) -> Dict[str, Any]:
+    """The body of a successful response, else report the failure and exit: 1 when the
+    server answered (its error body printed too if ``print_body``), 3 when it did not."""
+    if response.is_success:
+        return response.body or {}
     if response.is_transport_error:
-        _cli_error(f"{what}: no answer from the server: {response.error_message}")
-        return EXIT_TRANSPORT
-    code = _error_code(response)
-    code_text = " " + code if code else ""
-    detail = f"HTTP {response.status}{code_text}: {response.error_message}"
-    if (response.error_message or "").startswith(f"HTTP {response.status} "):
-        detail = response.error_message or ""
+        _cli_exit(f"{what}: no answer from the server: {response.error_message}", EXIT_TRANSPORT)
+    detail = response.error_message or ""
+    if not detail.startswith(f"HTTP {response.status} "):
+        code = _error_code(response)
+        detail = f"HTTP {response.status}{' ' + code if code else ''}: {detail}"
     if response.request_id:
         detail += f" (request id {response.request_id})"
     _cli_error(f"{what} failed: {_cli_cell(detail)}")
     if print_body and response.body is not None:
         _cli_json(response.body)
-    return EXIT_API_ERROR
+    raise SystemExit(EXIT_API_ERROR)
 
 
 def _cli_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _cli_output(
+    args: Any, value: Any, headers: Sequence[str], rows: Iterable[Sequence[Any]]
+) -> None:
+    """``value`` as JSON with --json, else ``rows`` as a table."""
+    if args.json:
+        _cli_json(value)
+        return
+    table = [list(headers)] + [[_cli_cell(cell) for cell in row] for row in rows]
+    widths = [max(len(line[column]) for line in table) for column in range(len(headers))]
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
 
 
 def _cli_cell(value: Any) -> str:
@@ -8700,30 +8720,18 @@ def _cli_time(ms: Any) -> str:
         return str(ms)
 
 
-def _cli_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(cell)) for w, cell in zip(widths, row)]
-    for line in [list(headers)] + [list(r) for r in rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
-
-
 def _cli_filters(args: Any, names: Sequence[str]) -> Dict[str, Any]:
-    values = {name: getattr(args, name, None) for name in names}
-    return {name.replace("-", "_"): value for name, value in values.items() if value is not None}
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def _cli_check(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
     tenant = args.tenant or config.tenant
     admin_only = not config.api_key
     if admin_only and not tenant:
-        _cli_error("check: with only CYCLES_ADMIN_API_KEY set, give --tenant or CYCLES_TENANT")
-        return EXIT_USAGE
+        _cli_exit("check: with only CYCLES_ADMIN_API_KEY set, give --tenant or CYCLES_TENANT", EXIT_USAGE)
     started = time.monotonic()
-    if admin_only:
-        response = client.list_reservations(admin=True, tenant=tenant or "", limit="1")
-    else:
-        response = client.list_reservations(admin=False, limit="1")
+    tenant_query = {"tenant": tenant} if admin_only else {}
+    response = client.list_reservations(admin=admin_only, limit="1", **tenant_query)
     elapsed_ms = int((time.monotonic() - started) * 1000)
     report = {
         "base_url": config.base_url,
@@ -8736,15 +8744,11 @@ def _cli_check(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
         "tenant": response.cycles_tenant or (tenant if admin_only else None),
         "trace_id": response.trace_id,
     }
-    if args.json:
-        _cli_json(report)
-    else:
-        _cli_table(["CHECK", "RESULT"], [[k, _cli_cell(v)] for k, v in report.items()])
-    if not response.is_success:
-        return _cli_failed(response, "check", print_body=False)  # the report is the output
+    _cli_output(args, report, ["CHECK", "RESULT"], report.items())
+    _cli_body(response, "check", print_body=False)  # the report is the output
     if not report["ok"]:
-        _cli_error("check failed: " + _not_cycles_message(response.status, response.headers))
-        return EXIT_API_ERROR
+        message = _not_cycles_message(response.status, response.headers)
+        _cli_exit("check failed: " + message, EXIT_API_ERROR)
     return EXIT_OK
 
 
@@ -8753,24 +8757,18 @@ def _cli_balances(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
     if not filters and config.tenant:
         filters["tenant"] = config.tenant
     if not filters:
-        _cli_error("balances: give a subject filter such as --tenant, or set CYCLES_TENANT")
-        return EXIT_USAGE
+        _cli_exit("balances: give a subject filter such as --tenant, or set CYCLES_TENANT", EXIT_USAGE)
     filters.update(_cli_filters(args, ("limit", "cursor")))
-    return _cli_listing(
-        args,
-        "balances",
-        lambda: client.iter_balances(**filters),
-        lambda: client.get_balances(**filters),
-        ["SCOPE", "UNIT", "REMAINING", "RESERVED", "SPENT", "ALLOCATED", "DEBT", "OVER LIMIT"],
-        _cli_balance_row,
-    )
+    headers = ["SCOPE", "UNIT", "REMAINING", "RESERVED", "SPENT", "ALLOCATED", "DEBT", "OVER LIMIT"]
+    pages = (client.iter_balances, client.get_balances)
+    return _cli_listing(args, "balances", pages, filters, headers, _cli_balance_row)
 
 
-def _cli_balance_row(item: Mapping[str, Any]) -> List[str]:
+def _cli_balance_row(item: Mapping[str, Any]) -> List[Any]:
     remaining = item.get("remaining")
     return [
-        _cli_cell(item.get("scope_path") or item.get("scope")),
-        _cli_cell(remaining.get("unit") if isinstance(remaining, dict) else ""),
+        item.get("scope_path") or item.get("scope"),
+        remaining.get("unit") if isinstance(remaining, dict) else "",
         _cli_amount(remaining),
         _cli_amount(item.get("reserved")),
         _cli_amount(item.get("spent")),
@@ -8781,28 +8779,21 @@ def _cli_balance_row(item: Mapping[str, Any]) -> List[str]:
 
 
 def _cli_reservations(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
-    filters = _cli_filters(
-        args, (*SUBJECT_FIELDS, "status", "idempotency_key", "sort_by", "sort_dir")
-    )
-    filters.update(_cli_filters(args, ("limit", "cursor")))
-    admin = True if args.admin else None
+    query = (*SUBJECT_FIELDS, "status", "idempotency_key", "sort_by", "sort_dir", "limit", "cursor")
+    filters = _cli_filters(args, query)
     if (args.admin or not config.api_key) and "tenant" not in filters and config.tenant:
         filters["tenant"] = config.tenant
-    return _cli_listing(
-        args,
-        "reservations",
-        lambda: client.iter_reservations(admin=admin, **filters),
-        lambda: client.list_reservations(admin=admin, **filters),
-        ["ID", "STATUS", "SCOPE", "RESERVED", "CREATED", "EXPIRES"],
-        _cli_reservation_row,
-    )
+    filters["admin"] = args.admin or None
+    headers = ["ID", "STATUS", "SCOPE", "RESERVED", "CREATED", "EXPIRES"]
+    pages = (client.iter_reservations, client.list_reservations)
+    return _cli_listing(args, "reservations", pages, filters, headers, _cli_reservation_row)
 
 
-def _cli_reservation_row(item: Mapping[str, Any]) -> List[str]:
+def _cli_reservation_row(item: Mapping[str, Any]) -> List[Any]:
     return [
-        _cli_cell(item.get("reservation_id")),
-        _cli_cell(item.get("status")),
-        _cli_cell(item.get("scope_path")),
+        item.get("reservation_id"),
+        item.get("status"),
+        item.get("scope_path"),
         _cli_amount(item.get("reserved"), with_unit=True),
         _cli_time(item.get("created_at_ms")),
         _cli_time(item.get("expires_at_ms")),
@@ -8812,54 +8803,39 @@ def _cli_reservation_row(item: Mapping[str, Any]) -> List[str]:
 def _cli_listing(
     args: Any,
     what: str,
-    every_item: Callable[[], Iterable[Dict[str, Any]]],
-    one_page: Callable[[], CyclesResponse],
+    pages: Tuple[Callable[..., Iterable[Dict[str, Any]]], Callable[..., CyclesResponse]],
+    filters: Dict[str, Any],
     headers: Sequence[str],
-    row: Callable[[Mapping[str, Any]], List[str]],
+    row: Callable[[Mapping[str, Any]], List[Any]],
 ) -> int:
     """A list command: one page (or with ``--all`` every item), as JSON or a table."""
+    every_item, one_page = pages
     if args.all:
-        body: Dict[str, Any] = {what: list(every_item())}
+        body: Dict[str, Any] = {what: list(every_item(**filters))}
     else:
-        response = one_page()
-        if not response.is_success:
-            return _cli_failed(response, what, args.json)
-        body = response.body or {}
-    if args.json:
-        _cli_json(body)
-        return EXIT_OK
-    _cli_table(headers, [row(item) for item in body.get(what) or [] if isinstance(item, dict)])
-    _cli_more(body)
-    return EXIT_OK
-
-
-def _cli_more(body: Mapping[str, Any]) -> None:
+        body = _cli_body(one_page(**filters), what, args.json)
+    items = [item for item in body.get(what) or [] if isinstance(item, dict)]
+    _cli_output(args, body, headers, map(row, items))
     cursor = body.get("next_cursor")
-    if body.get("has_more") and isinstance(cursor, str):
+    if not args.json and body.get("has_more") and isinstance(cursor, str):
         print(f"(more: --cursor {_cli_cell(cursor)}, or --all)", file=sys.stderr)
+    return EXIT_OK
 
 
 def _cli_reservation(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
-    response = client.get_reservation(args.reservation_id, admin=True if args.admin else None)
-    if not response.is_success:
-        return _cli_failed(response, "reservation", args.json)
-    body = response.body or {}
-    if args.json:
-        _cli_json(body)
-        return EXIT_OK
-    rows = []
-    for key, value in body.items():
-        if isinstance(value, dict) and "amount" in value:
-            text = _cli_amount(value, with_unit=True)
-        elif key.endswith("_at_ms"):
-            text = f"{_cli_time(value)} ({value})"
-        elif isinstance(value, (dict, list)):
-            text = json.dumps(value, sort_keys=True)
-        else:
-            text = value
-        rows.append([_cli_cell(key), _cli_cell(text)])
-    _cli_table(["FIELD", "VALUE"], rows)
+    response = client.get_reservation(args.reservation_id, admin=args.admin or None)
+    body = _cli_body(response, "reservation", args.json)
+    rows = [(key, _cli_field(key, value)) for key, value in body.items()]
+    _cli_output(args, body, ["FIELD", "VALUE"], rows)
     return EXIT_OK
+
+
+def _cli_field(key: str, value: Any) -> Any:
+    if isinstance(value, dict) and "amount" in value:
+        return _cli_amount(value, with_unit=True)
+    if key.endswith("_at_ms"):
+        return f"{_cli_time(value)} ({value})"
+    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
 
 
 def _cli_release(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
@@ -8867,17 +8843,13 @@ def _cli_release(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
     if args.reason:
         request["reason"] = args.reason
     ReleaseRequest.model_validate(request)  # the same checks as the model: a clear ValueError
-    response = client.release_reservation(
-        args.reservation_id, request, admin=True if args.admin else None
-    )
-    if not response.is_success:
-        return _cli_failed(response, "release", args.json)
-    body = response.body or {}
+    response = client.release_reservation(args.reservation_id, request, admin=args.admin or None)
+    body = _cli_body(response, "release", args.json)
     if args.json:
         _cli_json(body)
     else:
         released = _cli_amount(body.get("released"), with_unit=True) or "nothing"
-        print(f"released {released} from {_cli_cell(args.reservation_id)}")
+        print(_cli_cell(f"released {released} from {args.reservation_id}"))
     return EXIT_OK
 
 
@@ -8887,18 +8859,15 @@ def _cli_recover(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
     journal = _journal_for(config)
     directory = journal.directory if journal is not None else None
     if directory is None:
-        _cli_error("the commit journal is disabled or not writable (CYCLES_JOURNAL_DIR)")
-        return EXIT_USAGE
+        _cli_exit("the commit journal is disabled or not writable (CYCLES_JOURNAL_DIR)", EXIT_USAGE)
     # What is left stays journaled for the next run: do not wait for it again at exit.
     bounded = dataclasses.replace(config, retry_flush_timeout=0.0)
     with CyclesClient(bounded) as recovering:
         summary = _recover(recovering, args.timeout)
     counts = dataclasses.asdict(summary)
-    if args.json:
-        _cli_json(dict(counts, journal=directory))
-    else:
+    if not args.json:
         print(f"journal: {directory}")
-        _cli_table(["result", "records"], [[name, str(value)] for name, value in counts.items()])
+    _cli_output(args, dict(counts, journal=directory), ["result", "records"], counts.items())
     return EXIT_OK if summary.unresolved == 0 and summary.quarantined == 0 else EXIT_API_ERROR
 
 
@@ -8906,34 +8875,19 @@ def _cli_verify_evidence(args: Any) -> int:
     """Exit 0 only when the envelope is ok.  Runs without configuration: without --jwks
     the JWK Set comes from CYCLES_BASE_URL when it is set, else a FILE is checked
     offline (binding_only at best)."""
-    try:
-        jwks = _cli_read(args.jwks) if args.jwks else None
-        is_id = _is_hex(args.target, 64) and not os.path.exists(args.target)
-        target: str | bytes = args.target if is_id else _cli_read(args.target)
-        if jwks is not None and not is_id:
-            result = verify_evidence(target, jwks=jwks, expected_signer=args.expected_signer)
-        elif is_id or os.environ.get("CYCLES_BASE_URL"):
-            with CyclesClient(CyclesConfig.from_env()) as client:
-                result = client.verify_evidence(
-                    target, jwks=jwks, expected_signer=args.expected_signer
-                )
-        else:
-            result = verify_evidence(target, expected_signer=args.expected_signer)
-    except (OSError, ValueError) as exc:
-        _cli_error(f"verify-evidence: {exc}")
-        return EXIT_USAGE
-    if args.json:
-        _cli_json(dataclasses.asdict(result))
+    jwks = _cli_read(args.jwks) if args.jwks else None
+    is_id = _is_hex(args.target, 64) and not os.path.exists(args.target)
+    target = args.target if is_id else _cli_read(args.target)
+    if is_id or (jwks is None and os.environ.get("CYCLES_BASE_URL")):
+        with CyclesClient(CyclesConfig.from_env()) as client:
+            result = client.verify_evidence(target, jwks=jwks, expected_signer=args.expected_signer)
     else:
+        result = verify_evidence(target, jwks=jwks, expected_signer=args.expected_signer)
+    if not args.json:
         print(f"{result.disposition}: {_cli_cell(result.reason)}")
-        rows = [
-            ["evidence_id", _cli_cell(result.evidence_id)],
-            ["artifact_type", _cli_cell(result.artifact_type)],
-            ["signer_kid", _cli_cell(result.signer_kid)],
-            ["signer_pin_matched", _cli_cell(result.signer_pin_matched)],
-            ["ok", "yes" if result.ok else "no"],
-        ]
-        _cli_table(["FIELD", "VALUE"], rows)
+    names = ("evidence_id", "artifact_type", "signer_kid", "signer_pin_matched")
+    rows = [(name, getattr(result, name)) for name in names] + [("ok", "yes" if result.ok else "no")]
+    _cli_output(args, dataclasses.asdict(result), ["FIELD", "VALUE"], rows)
     return EXIT_OK if result.ok else EXIT_API_ERROR
 
 
