@@ -3996,8 +3996,8 @@ def verify_evidence(
     envelope and the key set is in the returned ``EvidenceVerification``.
     """
     pin = _signer_pin(expected_signer)
-    key_set = _key_set_argument(jwks)
-    return _verify_envelope(_envelope_argument(envelope), key_set, pin)
+    key_set = _json_argument(jwks, "jwks")
+    return _verify_envelope(_json_argument(envelope), key_set, pin)
 
 
 def _signer_pin(expected_signer: Any) -> str | None:
@@ -4022,9 +4022,12 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _json_argument(name: str, value: Any, what: str, disposition: str) -> Any:
-    """A dict as given, else JSON text or bytes parsed strictly (I-JSON: no duplicate
-    keys, no NaN/Infinity); a _Verdict when it is not JSON, TypeError when not text."""
+def _json_argument(value: Any, name: str = "envelope") -> Any:
+    """The ``envelope`` or ``jwks`` argument: a dict as given, else JSON text or bytes parsed
+    strictly (I-JSON: no duplicate keys, no NaN/Infinity); a _Verdict when it is not JSON
+    (``jwks=None`` stays None: no authority resolution)."""
+    if value is None and name == "jwks":
+        return None
     if isinstance(value, dict):
         return value
     if not isinstance(value, (str, bytes, bytearray)):
@@ -4033,17 +4036,9 @@ def _json_argument(name: str, value: Any, what: str, disposition: str) -> Any:
         return json.loads(value, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
         detail = "nested too deeply" if isinstance(exc, RecursionError) else exc
-        return _Verdict(disposition, f"{what} is not valid JSON: {detail}")
-
-
-def _envelope_argument(envelope: Any) -> Any:
-    return _json_argument("envelope", envelope, "the envelope", SIGNATURE_INVALID)
-
-
-def _key_set_argument(jwks: Any) -> Any:
-    if jwks is None:
-        return None
-    return _json_argument("jwks", jwks, "the JWK Set", SIGNER_RESOLUTION_FAILED)
+        if name == "jwks":
+            return _Verdict(SIGNER_RESOLUTION_FAILED, f"the JWK Set is not valid JSON: {detail}")
+        return _Verdict(SIGNATURE_INVALID, f"the envelope is not valid JSON: {detail}")
 
 
 def _verify_envelope(
@@ -4107,11 +4102,8 @@ def _invalid_envelope(reason: str) -> _Verdict:
 def _check_envelope_shape(envelope: Any) -> None:
     if not isinstance(envelope, dict):
         raise _invalid_envelope("not a JSON object")
-    version = envelope.get("schema_version")
-    if version != EVIDENCE_SCHEMA_VERSION:
-        shown = "missing" if version is None else f"{version!r} is not understood"
-        raise _Verdict(SIGNATURE_INVALID, f"unsupported envelope: schema_version {shown}")
     fields: Dict[str, Tuple[Callable[[Any], bool], str]] = {  # in the order they are checked
+        "schema_version": (lambda v: v == EVIDENCE_SCHEMA_VERSION, repr(EVIDENCE_SCHEMA_VERSION)),
         "artifact_type": (lambda v: v in EVIDENCE_ARTIFACT_TYPES, "an artifact type"),
         "server_id": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
         "signer_did": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
@@ -4121,21 +4113,17 @@ def _check_envelope_shape(envelope: Any) -> None:
         "signature": (lambda v: _is_hex(v, 128), "128 lowercase hex characters"),
         "trace_id": (lambda v: _is_hex(v, 32), "32 lowercase hex characters"),  # optional
     }
-    unknown = sorted(str(n) for n in envelope if n not in fields and n != "schema_version")
-    if unknown:
-        raise _invalid_envelope(f"unknown field {unknown[0]!r}")
     for name, (valid, expected) in fields.items():
         if name not in envelope and name != "trace_id":
             raise _invalid_envelope(f"{name} is missing")
         if name in envelope and not valid(envelope[name]):
             raise _invalid_envelope(f"{name} must be {expected}")
+    unknown = sorted(str(name) for name in envelope if name not in fields)
+    if unknown:
+        raise _invalid_envelope(f"unknown field {unknown[0]!r}")
     kind, payload = envelope["artifact_type"], envelope["payload"]
     if list(payload) != [kind] or not isinstance(payload[kind], dict):
-        keys = ", ".join(sorted(str(k) for k in payload)) or "none"
-        raise _invalid_envelope(
-            f"artifact_type {kind!r} needs exactly the payload key {kind!r} holding an object"
-            f" (payload keys: {keys})"
-        )
+        raise _invalid_envelope(f"payload must hold exactly the key {kind!r}, an object")
 
 
 def _signing_input(envelope: Dict[str, Any]) -> bytes:
@@ -4186,24 +4174,20 @@ def _candidate_keys(
     if not isinstance(entries, list):
         raise _Verdict(SIGNER_RESOLUTION_FAILED, "the JWK Set has no 'keys' list", key)
     seen: set[str] = set()
-    candidates = []
-    for entry in entries:
+    for entry in entries:  # an invalid JWK's kid counts as taken too
         kid = entry.get("kid") if isinstance(entry, dict) else None
         if isinstance(kid, str):
             if kid in seen:
                 reason = f"duplicate kid {kid!r} in the JWK Set"
                 raise _Verdict(SIGNER_AUTHORITY_FAILED, reason, key)
             seen.add(kid)
-        jwk_key = _jwk_key(entry)
-        if jwk_key is not None:
-            nbf, exp = entry["cycles_nbf_ms"], entry.get("cycles_exp_ms")
-            covers = nbf <= issued_at_ms and (exp is None or issued_at_ms < exp)
-            candidates.append((kid, jwk_key, covers))
-    return candidates
+    candidates = (_candidate_key(entry, issued_at_ms) for entry in entries)
+    return [candidate for candidate in candidates if candidate is not None]
 
 
-def _jwk_key(entry: Any) -> bytes | None:
-    """The key of a valid Ed25519 JWK; None excludes the entry from candidacy."""
+def _candidate_key(entry: Any, issued_at_ms: int) -> Tuple[str, bytes, bool] | None:
+    """(kid, key, whether ``nbf <= issued_at < exp`` holds) of a valid Ed25519 JWK (an
+    absent exp is open-ended); None excludes the entry from candidacy."""
     if not isinstance(entry, dict):
         return None
     algorithm = (entry.get("kty"), entry.get("crv"), entry.get("alg", "EdDSA"))
@@ -4212,7 +4196,9 @@ def _jwk_key(entry: Any) -> bytes | None:
         return None
     if type(nbf) is not int or not (exp is None or type(exp) is int):
         return None
-    return _base64url_key(entry.get("x"))
+    key = _base64url_key(entry.get("x"))
+    covers = nbf <= issued_at_ms and (exp is None or issued_at_ms < exp)
+    return None if key is None else (kid, key, covers)
 
 
 def _base64url_key(text: Any) -> bytes | None:
@@ -4279,20 +4265,22 @@ def _verify_evidence_steps(
     A failed fetch is ``signer_resolution_failed``, never ``signature_invalid``.
     """
     pin = _signer_pin(expected_signer)
-    key_set = _key_set_argument(jwks)
+    key_set = _json_argument(jwks, "jwks")
+    evidence_id = None
     if isinstance(target, str) and _is_hex(target, 64):
+        evidence_id = target
         response = yield ("evidence", target)
         envelope: Any = response.body
         if not response.is_success or not envelope:
             reason = f"could not fetch evidence {target}: {_describe(response)}"
-            return _verify_envelope(_Verdict(SIGNER_RESOLUTION_FAILED, reason), None, pin, target)
-        if envelope.get("evidence_id") != target:
+            envelope = _Verdict(SIGNER_RESOLUTION_FAILED, reason)
+        elif envelope.get("evidence_id") != target:
             reason = f"the server answered {target} with another envelope"
-            return _verify_envelope(_Verdict(SIGNATURE_INVALID, reason), None, pin, target)
+            envelope = _Verdict(SIGNATURE_INVALID, reason)
     elif isinstance(target, str) and not target.lstrip().startswith("{"):
         raise ValueError("evidence_id_or_envelope: expected a 64-hex evidence id or an envelope")
     else:
-        envelope = _envelope_argument(target)
+        envelope = _json_argument(target)
     server_id = envelope.get("server_id") if isinstance(envelope, dict) else None
     if key_set is None and isinstance(server_id, str):
         url = (server_id[:-1] if server_id.endswith("/") else server_id) + JWKS_SUFFIX
@@ -4305,7 +4293,7 @@ def _verify_evidence_steps(
             if not response.is_success:
                 reason = f"could not fetch the JWK Set {url}: {_describe(response)}"
                 key_set = _Verdict(SIGNER_RESOLUTION_FAILED, reason)
-    return _verify_envelope(envelope, key_set, pin)
+    return _verify_envelope(envelope, key_set, pin, evidence_id)
 
 
 def _fetch_and_verify(
@@ -8728,9 +8716,10 @@ def _cli_check(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
     tenant = args.tenant or config.tenant
     admin_only = not config.api_key
     if admin_only and not tenant:
-        _cli_exit("check: with only CYCLES_ADMIN_API_KEY set, give --tenant or CYCLES_TENANT", EXIT_USAGE)
+        message = "check: with only CYCLES_ADMIN_API_KEY set, give --tenant or CYCLES_TENANT"
+        _cli_exit(message, EXIT_USAGE)
     started = time.monotonic()
-    tenant_query = {"tenant": tenant} if admin_only else {}
+    tenant_query = {"tenant": tenant or ""} if admin_only else {}
     response = client.list_reservations(admin=admin_only, limit="1", **tenant_query)
     elapsed_ms = int((time.monotonic() - started) * 1000)
     report = {
@@ -8757,7 +8746,8 @@ def _cli_balances(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
     if not filters and config.tenant:
         filters["tenant"] = config.tenant
     if not filters:
-        _cli_exit("balances: give a subject filter such as --tenant, or set CYCLES_TENANT", EXIT_USAGE)
+        message = "balances: give a subject filter such as --tenant, or set CYCLES_TENANT"
+        _cli_exit(message, EXIT_USAGE)
     filters.update(_cli_filters(args, ("limit", "cursor")))
     headers = ["SCOPE", "UNIT", "REMAINING", "RESERVED", "SPENT", "ALLOCATED", "DEBT", "OVER LIMIT"]
     pages = (client.iter_balances, client.get_balances)
@@ -8886,7 +8876,8 @@ def _cli_verify_evidence(args: Any) -> int:
     if not args.json:
         print(f"{result.disposition}: {_cli_cell(result.reason)}")
     names = ("evidence_id", "artifact_type", "signer_kid", "signer_pin_matched")
-    rows = [(name, getattr(result, name)) for name in names] + [("ok", "yes" if result.ok else "no")]
+    rows = [(name, getattr(result, name)) for name in names]
+    rows.append(("ok", "yes" if result.ok else "no"))
     _cli_output(args, dataclasses.asdict(result), ["FIELD", "VALUE"], rows)
     return EXIT_OK if result.ok else EXIT_API_ERROR
 
