@@ -3769,8 +3769,8 @@ class AsyncCyclesClient:
 #
 # RFC 8785 (JCS) canonical bytes, a pure-Python RFC 8032 Ed25519 verifier and the
 # spec's signer-key resolution.  A bad envelope or key set is a disposition with a
-# reason, never an exception; only a wrong argument raises.  hashlib and base64 are
-# imported when something is verified, not when this module is imported.
+# reason, never an exception; only a wrong argument raises.  Nothing is built at
+# import: hashlib, base64, decimal and re are imported when something is verified.
 
 EVIDENCE_SCHEMA_VERSION = "cycles-evidence/v0.1"
 JWKS_SUFFIX = "/.well-known/cycles-jwks.json"
@@ -3882,6 +3882,7 @@ def _es_number(value: float) -> str:
 
 _ED_P = 2**255 - 19
 _ED_L = 2**252 + 27742317777372353535851937790883648493
+# d = -121665/121666 and sqrt(-1) = 2**((p-1)/4), modulo p
 _ED_D = 37095705934669439343138083508754565189542113879843219016388785533085940283555
 _ED_SQRT_M1 = 19681161376707505956807079304988542015446066515923890162744021073123829784752
 if TYPE_CHECKING:  # pragma: no cover
