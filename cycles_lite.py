@@ -8709,8 +8709,11 @@ def _cli_time(ms: Any) -> str:
         return str(ms)
 
 
-def _cli_filters(args: Any, names: Sequence[str]) -> Dict[str, Any]:
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+def _cli_query(args: Any) -> Dict[str, Any]:
+    """A list command's query: every option given, but the flags that are not filters."""
+    not_filters = ("command", "run", "json", "all", "admin")
+    given = {name: value for name, value in vars(args).items() if value is not None}
+    return {name: value for name, value in given.items() if name not in not_filters}
 
 
 def _cli_check(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
@@ -8743,13 +8746,12 @@ def _cli_check(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
 
 
 def _cli_balances(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
-    filters = _cli_filters(args, SUBJECT_FIELDS)
-    if not filters and config.tenant:
+    filters = _cli_query(args)
+    if not any(name in filters for name in SUBJECT_FIELDS):
+        if not config.tenant:
+            message = "balances: give a subject filter such as --tenant, or set CYCLES_TENANT"
+            _cli_exit(message, EXIT_USAGE)
         filters["tenant"] = config.tenant
-    if not filters:
-        message = "balances: give a subject filter such as --tenant, or set CYCLES_TENANT"
-        _cli_exit(message, EXIT_USAGE)
-    filters.update(_cli_filters(args, ("limit", "cursor")))
     headers = ["SCOPE", "UNIT", "REMAINING", "RESERVED", "SPENT", "ALLOCATED", "DEBT", "OVER LIMIT"]
     pages = (client.iter_balances, client.get_balances)
     return _cli_listing(args, "balances", pages, filters, headers, _cli_balance_row)
@@ -8770,8 +8772,7 @@ def _cli_balance_row(item: Mapping[str, Any]) -> List[Any]:
 
 
 def _cli_reservations(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
-    query = (*SUBJECT_FIELDS, "status", "idempotency_key", "sort_by", "sort_dir", "limit", "cursor")
-    filters = _cli_filters(args, query)
+    filters = _cli_query(args)
     if (args.admin or not config.api_key) and "tenant" not in filters and config.tenant:
         filters["tenant"] = config.tenant
     filters["admin"] = args.admin or None
