@@ -8759,14 +8759,11 @@ def _cli_balances(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
 
 def _cli_balance_row(item: Mapping[str, Any]) -> List[Any]:
     remaining = item.get("remaining")
+    amounts = ("remaining", "reserved", "spent", "allocated", "debt")
     return [
         item.get("scope_path") or item.get("scope"),
         remaining.get("unit") if isinstance(remaining, dict) else "",
-        _cli_amount(remaining),
-        _cli_amount(item.get("reserved")),
-        _cli_amount(item.get("spent")),
-        _cli_amount(item.get("allocated")),
-        _cli_amount(item.get("debt")),
+        *(_cli_amount(item.get(name)) for name in amounts),
         "yes" if item.get("is_over_limit") else "",
     ]
 
