@@ -3820,20 +3820,15 @@ class EvidenceVerification:
 # -- RFC 8785: JSON Canonicalization Scheme ------------------------------------
 
 
-class _JcsError(ValueError):
-    """A value that has no RFC 8785 form (NaN, a lone surrogate, a non-string key...)."""
-
-
 def _jcs(value: Any) -> bytes:
-    """The RFC 8785 canonical UTF-8 bytes of a JSON value."""
+    """The RFC 8785 canonical UTF-8 bytes of a JSON value; ValueError for a value that has
+    no such form (NaN, a lone surrogate, a non-string key...)."""
     try:
         return _jcs_text(value).encode("utf-8")
     except RecursionError:
-        raise _JcsError("nested too deeply") from None
+        raise ValueError("nested too deeply") from None
     except UnicodeEncodeError:
-        raise _JcsError("a string holds a lone surrogate (not valid Unicode)") from None
-    except OverflowError:
-        raise _JcsError("an integer too large for a double") from None
+        raise ValueError("a string holds a lone surrogate (not valid Unicode)") from None
 
 
 def _jcs_text(value: Any) -> str:
@@ -3845,13 +3840,13 @@ def _jcs_text(value: Any) -> str:
         return _es_number(value)
     if isinstance(value, dict):
         if not all(isinstance(key, str) for key in value):
-            raise _JcsError("an object key is not a string")
+            raise ValueError("an object key is not a string")
         # RFC 8785 3.2.3: properties sort by their UTF-16 code units.
         keys = sorted(value, key=lambda key: key.encode("utf-16-be", "surrogatepass"))
         return "{" + ",".join(_jcs_text(key) + ":" + _jcs_text(value[key]) for key in keys) + "}"
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(map(_jcs_text, value)) + "]"
-    raise _JcsError(f"{_type_name(value)} is not a JSON value")
+    raise ValueError(f"{_type_name(value)} is not a JSON value")
 
 
 def _es_number(value: float) -> str:
@@ -3859,7 +3854,7 @@ def _es_number(value: float) -> str:
     import decimal
 
     if not math.isfinite(value):
-        raise _JcsError("NaN and Infinity have no JSON form")
+        raise ValueError("NaN and Infinity have no JSON form")
     if value == 0:
         return "0"
     if value < 0:
@@ -4135,7 +4130,7 @@ def _signing_input(envelope: Dict[str, Any]) -> bytes:
     try:
         hashed = _jcs(dict(envelope, evidence_id="", signature=""))
         signed = _jcs(dict(envelope, signature=""))
-    except _JcsError as exc:
+    except ValueError as exc:
         raise _invalid_envelope(f"no RFC 8785 canonical form: {exc}") from None
     if hashlib.sha256(hashed).hexdigest() != envelope["evidence_id"]:
         reason = "evidence_id does not match the envelope's content (tampered)"
