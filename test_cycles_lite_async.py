@@ -657,7 +657,9 @@ class TestAflushAndRecover(AsyncServerCase):
 
             async def scenario() -> Any:
                 await guarded()  # the commit fails once: its record stays journaled
-                with mock.patch.object(cl._Transport, "send", side_effect=AssertionError("a thread")):
+                no_thread = mock.patch.object(cl._Transport, "send",
+                                              side_effect=AssertionError("a thread"))
+                with no_thread:
                     summary = await client.recover(timeout=5)
                 await client.aclose()
                 return summary
