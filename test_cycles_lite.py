@@ -614,6 +614,14 @@ class TestConfig(unittest.TestCase):
         with self.assertRaises(TypeError):
             CyclesClient({"base_url": "http://h"})  # type: ignore[arg-type]
 
+    def test_a_mutated_key_is_checked_again_before_it_reaches_a_header(self) -> None:
+        config = CyclesConfig(base_url="http://localhost:7878", api_key="k")
+        config.api_key = "secret\r\nX-Injected: 1"
+        for client_class in (CyclesClient, AsyncCyclesClient):
+            with self.assertRaisesRegex(ValueError, "X-Cycles-API-Key: not a valid") as caught:
+                client_class(config)
+            self.assertNotIn("secret", str(caught.exception))
+
     def test_repr_masks_every_secret(self) -> None:
         config = CyclesConfig(
             base_url="http://h",
