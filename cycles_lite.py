@@ -930,13 +930,8 @@ class CyclesMetrics(_Model):
         self.custom[key] = value
 
     def is_empty(self) -> bool:
-        return (
-            self.tokens_input is None
-            and self.tokens_output is None
-            and self.latency_ms is None
-            and self.model_version is None
-            and not self.custom
-        )
+        measured = (self.tokens_input, self.tokens_output, self.latency_ms, self.model_version)
+        return measured == (None, None, None, None) and not self.custom
 
 
 _amount = Amount._parse
@@ -1232,7 +1227,7 @@ class _Factory:
         return "<factory>"
 
 
-def _shared_dataclass(cls: Any, *, repr: bool = True, frozen: bool = False) -> Any:
+def _shared_dataclass(cls: Any, *, frozen: bool = False) -> Any:
     """``@dataclass`` (``eq=True``) whose ``__init__``, ``__repr__``, ``__eq__`` (and when
     frozen ``__setattr__``, ``__delattr__``, ``__hash__``) are closures made here rather
     than code generated with ``exec``, which is most of a dataclass's import cost.
@@ -1299,8 +1294,7 @@ def _shared_dataclass(cls: Any, *, repr: bool = True, frozen: bool = False) -> A
         for name in ("self", *positional)
     ]
     __init__.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
-    methods: Dict[str, Any] = {"__init__": __init__, "__eq__": __eq__}
-    methods.update({"__repr__": __repr__} if repr else {})
+    methods: Dict[str, Any] = {"__init__": __init__, "__repr__": __repr__, "__eq__": __eq__}
     if frozen:
         methods.update(__setattr__=__setattr__, __delattr__=__delattr__, __hash__=__hash__)
     for name, method in methods.items():
@@ -1468,9 +1462,7 @@ class CyclesResponse:
         return self._is_transport_error
 
     def get_body_attribute(self, key: str) -> Any:
-        if isinstance(self.body, dict):
-            return self.body.get(key)
-        return None
+        return self.body.get(key) if isinstance(self.body, dict) else None
 
     def get_error_response(self) -> ErrorResponse | None:
         """The parsed error body, or None when there is none or it lacks a required field."""
@@ -1746,7 +1738,7 @@ _seconds_or_zero = _number(0, inclusive=True)
 _per_mille = _count(0, 1000)
 
 
-@_dataclass(repr=False)
+@_dataclass
 class CyclesConfig:
     """Client configuration: runcycles' fields, defaults and env vars, plus transport options.
 
