@@ -701,6 +701,18 @@ def _dump_value(value: Any, exclude_none: bool, json_mode: bool) -> Any:
     return value
 
 
+class _ModelSignature:
+    """A model class's ``__signature__`` for ``inspect.signature``: its fields as keyword
+    arguments (like pydantic's), built when first asked for."""
+
+    def __get__(self, model: Any, cls: Type[_Model]) -> inspect.Signature:
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        return inspect.Signature([
+            inspect.Parameter(name, keyword, **({} if name in cls._required else {"default": None}))
+            for name in cls._fields
+        ])
+
+
 class _Field:
     """What ``_field(...)`` leaves in a model's class body until the class is made."""
 
@@ -734,6 +746,7 @@ class _Model:
     _required: ClassVar[Tuple[str, ...]] = ()
     # Request models refuse unknown fields in model_validate too; the server would.
     _strict_validate: ClassVar[bool] = False
+    __signature__ = _ModelSignature()
     extra: Dict[str, Any]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -748,8 +761,9 @@ class _Model:
         cls._fields = checks
 
     def __init__(self, **values: Any) -> None:
-        for name in values.keys() - self._fields.keys():
-            raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {name!r}")
+        unknown = values.keys() - self._fields.keys()
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got unexpected arguments {sorted(unknown)}")
         self._load(values, tolerant=False)
 
     def _load(self, data: Mapping[str, Any], tolerant: bool) -> None:

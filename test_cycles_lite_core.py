@@ -7,6 +7,7 @@ Real HTTP to ``cycles_lite_server``; nothing mocked but ``threading.Thread.start
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import re
 import threading
@@ -130,6 +131,11 @@ class TestDeclarations(unittest.TestCase):
                 if required:
                     with self.assertRaisesRegex(ValueError, "field required"):
                         model(**{n: None for n in model._fields})
+                # inspect.signature shows the constructor's keywords, as pydantic's would.
+                parameters = inspect.signature(model).parameters.values()
+                self.assertEqual([p.name for p in parameters], list(model._fields))
+                self.assertEqual({p.name for p in parameters if p.default is p.empty}, required)
+                self.assertEqual({p.kind for p in parameters}, {inspect.Parameter.KEYWORD_ONLY})
 
     def test_success_schemas_name_fields_of_their_models(self) -> None:
         for operation, (_, model, read, pinned) in cl._SUCCESS_ANSWERS.items():
