@@ -99,8 +99,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
     # A field check: (dotted path, value, tolerant) -> normalised value, or _FieldError.
     _Check = Callable[[str, Any, bool], Any]
-    # A setting check: (field name, value) -> normalised value, or ValueError naming it.
-    _Setting = Callable[[str, Any], Any]
     _M = TypeVar("_M", bound="_Model")
     _T = TypeVar("_T")
     _SyncGuard = TypeVar("_SyncGuard", bound="_SyncFace")
@@ -592,10 +590,19 @@ def _int_check(lo: int = INT64_MIN, hi: int = INT64_MAX, what: str = "an integer
     return check
 
 
-def _bool_check(path: str, value: Any, tolerant: bool) -> Any:
-    if not isinstance(value, bool):
-        raise _FieldError(path, f"must be a boolean, got {_type_name(value)}")
-    return value
+def _rule(valid: Callable[[Any], bool], problem: str) -> _Check:
+    """A check from a predicate.  ``problem`` may show the refused value's ``{type}``
+    or ``{value!r}`` (so never the value of a secret)."""
+
+    def check(path: str, value: Any, tolerant: bool) -> Any:
+        if not valid(value):
+            raise _FieldError(path, problem.format(value=value, type=_type_name(value)))
+        return value
+
+    return check
+
+
+_bool_check = _rule(lambda value: isinstance(value, bool), "must be a boolean, got {type}")
 
 
 def _enum_check(enum_class: Type[enum.Enum]) -> _Check:
@@ -677,16 +684,10 @@ def _dimensions_check(path: str, value: Any, tolerant: bool) -> Any:
     return value
 
 
-def _evidence_id_check(path: str, value: Any, tolerant: bool) -> Any:
-    if not _is_hex(value, 64):
-        raise _FieldError(path, "must be 64 lowercase hex characters")
-    return value
-
-
-def _absolute_uri_check(path: str, value: Any, tolerant: bool) -> Any:
-    if not isinstance(value, str) or not urlsplit(value).scheme:
-        raise _FieldError(path, "must be an absolute URI")
-    return value
+_evidence_id_check = _rule(lambda value: _is_hex(value, 64), "must be 64 lowercase hex characters")
+_absolute_uri_check = _rule(
+    lambda value: isinstance(value, str) and bool(urlsplit(value).scheme), "must be an absolute URI"
+)
 
 
 def _dump_value(value: Any, exclude_none: bool, json_mode: bool) -> Any:
@@ -1647,79 +1648,60 @@ def _valid_trace_id(value: Any) -> bool:
     return _is_hex(value, 32) and set(value) != {"0"}
 
 
-# Setting checks: (field name, value) -> the value (normalised), or ValueError naming the field.
+# Setting checks are field checks (see _rule); a setting whose default is None may be
+# None without a check.
 
 
-def _rule(valid: Callable[[Any], bool], problem: str) -> _Setting:
-    """A setting check from a predicate; ``{value!r}`` in ``problem`` shows the refused
-    value (so never in the problem of a secret)."""
-
-    def check(name: str, value: Any) -> Any:
-        if not valid(value):
-            raise ValueError(f"{name}: " + problem.format(value=value))
-        return value
-
-    return check
-
-
-def _number(minimum: float, inclusive: bool, optional: bool = False) -> _Setting:
+def _number(minimum: float, inclusive: bool) -> _Check:
     """A finite number (of seconds, mostly) above ``minimum``, stored as a float."""
     bound = f"{'>=' if inclusive else '>'} {minimum:g}"
 
-    def check(name: str, value: Any) -> Any:
-        if value is None and optional:
-            return None
+    def check(name: str, value: Any, tolerant: bool) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             valid = False
         else:
             valid = math.isfinite(value) and (value > minimum or (inclusive and value == minimum))
         if not valid:
-            raise ValueError(f"{name}: must be a finite number {bound}, got {value!r}")
+            raise _FieldError(name, f"must be a finite number {bound}, got {value!r}")
         return float(value)
 
     return check
 
 
-def _count(lo: int, hi: int) -> _Setting:
-    problem = f"must be an integer in [{lo}, {hi}], got {{value!r}}"
-    return _rule(lambda value: _is_int(value, lo, hi), problem)
-
-
-def _optional_path(name: str, value: Any) -> str | None:
-    """A str (an ``os.PathLike`` is converted) or None."""
+def _path_setting(name: str, value: Any, tolerant: bool) -> str:
+    """A str (an ``os.PathLike`` is converted)."""
     value = os.fspath(value) if isinstance(value, os.PathLike) else value
-    if value is not None and not isinstance(value, str):
-        raise ValueError(f"{name}: must be a path or None, got {_type_name(value)}")
+    if not isinstance(value, str):
+        raise _FieldError(name, f"must be a path or None, got {_type_name(value)}")
     return value
 
 
-def _ca_bundle_setting(name: str, value: Any) -> Any:
-    value = _optional_path(name, value)
-    if value is not None and not os.path.exists(value):
-        raise ValueError(f"{name}: no such file or directory: {value!r}")
+def _ca_bundle_setting(name: str, value: Any, tolerant: bool) -> Any:
+    value = _path_setting(name, value, tolerant)
+    if not os.path.exists(value):
+        raise _FieldError(name, f"no such file or directory: {value!r}")
     return value
 
 
-def _base_url_setting(name: str, value: Any) -> Any:
+def _base_url_setting(name: str, value: Any, tolerant: bool) -> Any:
     _parse_base_url(value, name)
     return value
 
 
-def _proxy_setting(name: str, value: Any) -> Any:
-    if value is not None:
-        _parse_proxy(value)  # its messages never echo the URL (it may hold a password)
+def _proxy_setting(name: str, value: Any, tolerant: bool) -> Any:
+    _parse_proxy(value)  # its messages never echo the URL (it may hold a password)
     return value
 
 
-def _commit_retry_setting(name: str, value: Any) -> Any:
+def _commit_retry_setting(name: str, value: Any, tolerant: bool) -> Any:
     if isinstance(value, str):
         value = value.strip().lower()
     if value not in ("background", "inline"):
-        raise ValueError(f"{name}: must be 'background' or 'inline', got {value!r}")
+        raise _FieldError(name, f"must be 'background' or 'inline', got {value!r}")
     return value
 
 
-def _option(default: Any, check: _Setting, env: str | None = None) -> Any:
+def _option(default: Any, check: _Check, env: str | None = None) -> Any:
     """A setting declared once: its default, its check, and how ``from_env`` reads
     ``<prefix><NAME>`` (a kind of ``_ENV_KINDS``; None: not from the environment)."""
     return field(default=default, metadata={"check": check, "env": env})
@@ -1729,27 +1711,18 @@ _api_key_setting = _rule(
     lambda value: value in (None, "") or _is_header_value(value),
     "must be printable ASCII without spaces at the ends",
 )
-_subject_setting = _rule(
-    lambda value: value is None
-    or (isinstance(value, str) and len(value) <= MAX_SUBJECT_FIELD_LENGTH),
-    f"must be None or a string of at most {MAX_SUBJECT_FIELD_LENGTH} characters",
-)
-_flag = _rule(lambda value: isinstance(value, bool), "must be a bool, got {value!r}")
 _ssl_context_setting = _rule(
-    lambda value: value is None or hasattr(value, "wrap_socket"), "must be an ssl.SSLContext"
+    lambda value: hasattr(value, "wrap_socket"), "must be an ssl.SSLContext"
 )
 _user_agent_setting = _rule(_is_header_value, "must be a non-empty printable ASCII string")
 _traceparent_setting = _rule(
-    lambda value: value is None or callable(value) or _valid_traceparent(value),
+    lambda value: callable(value) or _valid_traceparent(value),
     "must be '00-<32 hex>-<16 hex>-<2 hex>' or a callable",
 )
-_trace_id_setting = _rule(
-    lambda value: value is None or _valid_trace_id(value),
-    "must be 32 lowercase hex characters, not all zero",
-)
+_trace_id_setting = _rule(_valid_trace_id, "must be 32 lowercase hex characters, not all zero")
 _positive_seconds = _number(0, inclusive=False)
 _seconds_or_zero = _number(0, inclusive=True)
-_per_mille = _count(0, 1000)
+_per_mille = _int_check(0, 1000)
 
 
 @_dataclass
@@ -1790,28 +1763,28 @@ class CyclesConfig:
     base_url: str = field(metadata={"check": _base_url_setting, "env": "text"})
     api_key: str = _option("", _api_key_setting, "text")
 
-    tenant: str | None = _option(None, _subject_setting, "text")
-    workspace: str | None = _option(None, _subject_setting, "text")
-    app: str | None = _option(None, _subject_setting, "text")
-    workflow: str | None = _option(None, _subject_setting, "text")
-    agent: str | None = _option(None, _subject_setting, "text")
-    toolset: str | None = _option(None, _subject_setting, "text")
+    tenant: str | None = _option(None, _subject_str, "text")
+    workspace: str | None = _option(None, _subject_str, "text")
+    app: str | None = _option(None, _subject_str, "text")
+    workflow: str | None = _option(None, _subject_str, "text")
+    agent: str | None = _option(None, _subject_str, "text")
+    toolset: str | None = _option(None, _subject_str, "text")
 
     connect_timeout: float = _option(DEFAULT_CONNECT_TIMEOUT, _positive_seconds, "seconds")
     read_timeout: float = _option(DEFAULT_READ_TIMEOUT, _positive_seconds, "seconds")
 
-    retry_enabled: bool = _option(True, _flag, "flag")
+    retry_enabled: bool = _option(True, _bool_check, "flag")
     retry_max_attempts: int = _option(5, _per_mille, "integer")
     retry_initial_delay: float = _option(0.5, _seconds_or_zero, "seconds")
     retry_multiplier: float = _option(2.0, _number(1, inclusive=True), "seconds")
     retry_max_delay: float = _option(30.0, _seconds_or_zero, "seconds")
     retry_flush_timeout: float = _option(10.0, _seconds_or_zero, "seconds")
 
-    journal_enabled: bool = _option(True, _flag, "flag")
-    journal_dir: str | None = _option(None, _optional_path, "text")
+    journal_enabled: bool = _option(True, _bool_check, "flag")
+    journal_dir: str | None = _option(None, _path_setting, "text")
 
     admin_api_key: str | None = _option(None, _api_key_setting, "text")
-    request_timeout: float | None = _option(None, _number(0, False, optional=True), "seconds")
+    request_timeout: float | None = _option(None, _positive_seconds, "seconds")
     ca_bundle: str | None = _option(None, _ca_bundle_setting, "text")
     ssl_context: ssl.SSLContext | None = _option(None, _ssl_context_setting)
     proxy: str | None = _option(None, _proxy_setting, "text")
@@ -1821,14 +1794,16 @@ class CyclesConfig:
     )
     trace_id: str | None = _option(None, _trace_id_setting, "text")
     pool_maxsize: int = _option(DEFAULT_POOL_MAXSIZE, _per_mille, "integer")
-    max_connections: int = _option(DEFAULT_MAX_CONNECTIONS, _count(1, 100_000), "integer")
+    max_connections: int = _option(DEFAULT_MAX_CONNECTIONS, _int_check(1, 100_000), "integer")
     commit_retry: str = _option("background", _commit_retry_setting, "text")
-    journal_fsync: bool = _option(False, _flag, "flag")
+    journal_fsync: bool = _option(False, _bool_check, "flag")
 
     def __post_init__(self) -> None:
         for setting in dataclasses.fields(self):
-            check = setting.metadata["check"]
-            setattr(self, setting.name, check(setting.name, getattr(self, setting.name)))
+            value = getattr(self, setting.name)
+            if value is not None or setting.default is not None:
+                check = setting.metadata["check"]
+                setattr(self, setting.name, check(setting.name, value, False))
         if not self.api_key and not self.admin_api_key:
             raise ValueError("api_key: required (or admin_api_key for admin-only use)")
         if self.ssl_context is not None and self.ca_bundle is not None:
