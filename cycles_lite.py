@@ -551,6 +551,8 @@ class InvalidFieldError(ValueError):
         self.problem = problem
 
     def under(self, parent: str) -> InvalidFieldError:
+        if not parent:
+            return self
         joiner = "" if self.path.startswith("[") else "."
         return InvalidFieldError(parent + joiner + self.path, self.problem)
 
@@ -831,13 +833,9 @@ class _Model:
         field has the wrong type.  Unknown fields go to ``extra`` (request models
         refuse them), and unknown enum values stay plain strings.
         """
-        if isinstance(data, cls):
-            return data
-        if not isinstance(data, dict):
+        if not isinstance(data, (cls, dict)):
             raise _FieldError(cls.__name__, f"expected a dict, got {_type_name(data)}")
-        model = cls.__new__(cls)
-        model._load(data, tolerant=not cls._strict_validate)
-        return model
+        return cls._parse("", data, tolerant=not cls._strict_validate)
 
     def model_dump(
         self, *, mode: str = "python", exclude_none: bool = False, by_alias: bool = False
