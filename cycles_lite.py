@@ -4517,29 +4517,44 @@ def _default_client_for(is_async: bool) -> Any:
     )
 
 
-@dataclass(frozen=True)
+@dataclass
 class _CyclesSpec:
-    """The ``@cycles`` parameters; constants or callables resolved per call."""
+    """The ``@cycles`` parameters.  ``estimate`` and ``per_call`` (the subject and action
+    parameters, by name) are constants or callables of the function's arguments."""
 
     estimate: Any
     actual: Any
-    action_kind: Any
-    action_name: Any
-    action_tags: Any
+    per_call: Dict[str, Any]
     unit: Any
     ttl_ms: Any
     grace_period_ms: Any
     overage_policy: Any
     dry_run: bool
-    subject: Dict[str, Any]
-    dimensions: Any
     use_estimate_if_actual_not_provided: bool
+    settings_checked: bool = field(default=False, init=False)
+    callables: List[Tuple[str, Callable[..., Any]]] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        """Check the settings (unit, ttl, grace, overage policy) once; a bad one is still
+        raised by each call, where runcycles raises it, and in its order."""
+        self.callables = [(name, v) for name, v in self.per_call.items() if callable(v)]
+        try:
+            _ttl_check("ttl_ms", self.ttl_ms, False)
+            if self.grace_period_ms is not None:
+                _grace_check("grace_period_ms", self.grace_period_ms, False)
+            unit = _wire_value(_unit_check("unit", self.unit, False))
+            if self.overage_policy is not None:
+                policy = _overage_policy("overage_policy", self.overage_policy, False)
+                self.overage_policy = _wire_value(policy)
+        except ValueError:
+            return
+        self.unit, self.settings_checked = unit, True
 
     def create_body(
         self, config: CyclesConfig, args: Tuple[Any, ...], kwargs: Dict[str, Any]
     ) -> Dict[str, Any]:
         """Checks in runcycles' order, before any request: the actual first, then the body."""
-        estimate = _call_or_value(self.estimate, args, kwargs)
+        estimate = self.estimate(*args, **kwargs) if callable(self.estimate) else self.estimate
         if not self.dry_run:
             if self.actual is None and not self.use_estimate_if_actual_not_provided:
                 raise ValueError(
@@ -4548,22 +4563,21 @@ class _CyclesSpec:
                 )
             if self.actual is not None and not callable(self.actual):
                 _int64("actual", self.actual, False)
-        values = {name: _call_or_value(v, args, kwargs) for name, v in self.subject.items()}
+        values = dict(self.per_call)
+        for name, compute in self.callables:
+            values[name] = compute(*args, **kwargs)
         return _reservation_body(
             estimate=estimate,
             unit=self.unit,
-            subject=_subject_with_defaults(
-                config, values, _call_or_value(self.dimensions, args, kwargs)
-            ),
+            subject=_subject_with_defaults(config, values, values["dimensions"]),
             action=_action_body(
-                _call_or_value(self.action_kind, args, kwargs),
-                _call_or_value(self.action_name, args, kwargs),
-                _call_or_value(self.action_tags, args, kwargs),
+                values["action_kind"], values["action_name"], values["action_tags"]
             ),
             ttl_ms=self.ttl_ms,
             grace_period_ms=self.grace_period_ms,
             overage_policy=self.overage_policy,
             dry_run=self.dry_run,
+            settings_checked=self.settings_checked,
         )
 
     def actual_for(self, result: Any, estimate: int, reservation_id: str) -> Tuple[int, bool]:
@@ -4584,10 +4598,6 @@ class _CyclesSpec:
                 exc_info=True,
             )
             return estimate, True
-
-
-def _call_or_value(value: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-    return value(*args, **kwargs) if callable(value) else value
 
 
 async def _commit_result(spec: _CyclesSpec, guard: _Reservation, result: Any) -> None:
@@ -4668,17 +4678,14 @@ def cycles(
     spec = _CyclesSpec(
         estimate=estimate,
         actual=actual,
-        action_kind=action_kind,
-        action_name=action_name,
-        action_tags=action_tags,
+        per_call=dict(tenant=tenant, workspace=workspace, app=app, workflow=workflow,
+                      agent=agent, toolset=toolset, dimensions=dimensions,
+                      action_kind=action_kind, action_name=action_name, action_tags=action_tags),
         unit=unit,
         ttl_ms=ttl_ms,
         grace_period_ms=grace_period_ms,
         overage_policy=overage_policy,
         dry_run=dry_run,
-        subject=dict(tenant=tenant, workspace=workspace, app=app, workflow=workflow,
-                     agent=agent, toolset=toolset),
-        dimensions=dimensions,
         use_estimate_if_actual_not_provided=use_estimate_if_actual_not_provided,
     )
 
@@ -4907,7 +4914,9 @@ class _Reservation:
 
     # -- heartbeat -----------------------------------------------------------------
 
-    async def _keep_alive(self, io: _HeartbeatIO, sent_ms: float, received_ms: float) -> None:
+    async def _keep_alive(
+        self, io: _ScheduledHeartbeat | _TaskHeartbeat, sent_ms: float, received_ms: float
+    ) -> None:
         """Keep the lease alive on ``io`` (the heartbeat's own): the spec's schedule from
         ``_HeartbeatPlan``.  A fresh key for every new beat, the same key for retries of
         a failed one; every beat asks for ``extend_by_ms = ttl_ms``.  Always sleeps
@@ -5039,9 +5048,9 @@ class _Reservation:
         assert context is not None
         measured = self._checked("metrics", metrics, context.metrics, _commit_metrics)
         extra = self._checked("metadata", metadata, context.commit_metadata, _commit_metadata)
-        wire_metrics = {} if measured is None else measured.model_dump(mode="json", exclude_none=True)
+        wire_metrics = measured.model_dump(mode="json", exclude_none=True) if measured else {}
         wire_metrics.setdefault("latency_ms", self._elapsed_ms())
-        body = {
+        body: Dict[str, Any] = {
             "idempotency_key": _derived_key("commit", self._caller_key),
             "actual": {"unit": self._create_body["estimate"]["unit"], "amount": actual},
             "metrics": wire_metrics,
@@ -5407,9 +5416,28 @@ def _describe(response: CyclesResponse) -> str:
 async def _create(
     io: _SyncIO | _AsyncIO, body: Dict[str, Any]
 ) -> Tuple[ReservationCreateResponse, float, float]:
-    """POST /v1/reservations; a denial or a lasting failure raises the typed exception."""
-    response, sent_ms, received_ms = await _send_resending_once(io, "create", body)
-    if not _is_schema_valid("create", response):
+    """POST /v1/reservations; a denial or a lasting failure raises the typed exception.
+
+    An ambiguous outcome (a transport error, a 5xx, or a 2xx that is not the schema-valid
+    answer) is resent once at once, with the same key.  Returns the answer with the
+    last attempt's monotonic send and receive times (ms): the heartbeat starts from them.
+    """
+    for resend in (False, True):
+        sent_ms = _monotonic_ms()
+        response = await io.send("create", body)
+        received_ms = _monotonic_ms()
+        valid = _is_schema_valid("create", response)
+        ambiguous = not valid and (
+            response.is_transport_error or response.is_server_error or response.is_success
+        )
+        if resend or not ambiguous or _out_of_time():
+            break
+        _log.warning(
+            "create: %s (%s); resending once with the same idempotency key",
+            "not sent" if _never_sent(response) else "ambiguous outcome",
+            _describe(response),
+        )
+    if not valid:
         if response.is_success:
             raise CyclesProtocolError(
                 "Create reservation did not produce a schema-valid HTTP 200 response"
@@ -5431,41 +5459,11 @@ async def _create(
     return created, sent_ms, received_ms
 
 
-async def _send_resending_once(
-    io: _SyncIO | _AsyncIO, operation: str, body: Dict[str, Any]
-) -> Tuple[CyclesResponse, float, float]:
-    """One attempt, and one immediate resend with the same key if the outcome is ambiguous.
-
-    Ambiguous: a transport error, a 5xx, or a 2xx that is not the operation's
-    schema-valid answer.  Returns the last response with its monotonic send and
-    receive times (ms), which the heartbeat schedule starts from.
-    """
-    sent_ms = _monotonic_ms()
-    response = await io.send(operation, body)
-    received_ms = _monotonic_ms()
-    if _is_ambiguous(operation, response) and not _out_of_time():
-        _log.warning(
-            "%s: %s (%s); resending once with the same idempotency key",
-            operation,
-            "not sent" if _never_sent(response) else "ambiguous outcome",
-            _describe(response),
-        )
-        sent_ms = _monotonic_ms()
-        response = await io.send(operation, body)
-        received_ms = _monotonic_ms()
-    return response, sent_ms, received_ms
-
-
-def _is_ambiguous(operation: str, response: CyclesResponse) -> bool:
-    if _is_schema_valid(operation, response):
-        return False
-    return response.is_transport_error or response.is_server_error or response.is_success
-
-
 # -- the create body, validated before anything is sent -------------------------
 
 _ttl_check = ReservationCreateRequest._fields["ttl_ms"]
 _grace_check = ReservationCreateRequest._fields["grace_period_ms"]
+_unit_check = Amount._fields["unit"]
 _reason_check = ReleaseRequest._fields["reason"]
 
 
@@ -5506,29 +5504,63 @@ def _reservation_body(
     metadata: Mapping[str, Any] | None = None,
     idempotency_key: str | None = None,
     dry_run: bool = False,
+    settings_checked: bool = False,
 ) -> Dict[str, Any]:
-    """The create body; ValueError naming the field, in runcycles' order (estimate, ttl,
-    subject, grace), then every other field."""
+    """The create body, each field checked by its model's check but no model built:
+    ValueError naming the field, in runcycles' order (estimate, ttl, subject, grace),
+    then every other field.  ``settings_checked``: unit, ttl, grace and overage policy
+    were checked already (at decoration)."""
     _int64("estimate", estimate, False)
-    _ttl_check("ttl_ms", ttl_ms, False)
-    subject_model = _subject("subject", dict(subject), False)
-    if not subject_model.has_at_least_one_standard_field():
+    if not settings_checked:
+        _ttl_check("ttl_ms", ttl_ms, False)
+    _check_fields(Subject, "subject", subject)
+    if not any(map(subject.get, SUBJECT_FIELDS)):
         raise _FieldError("subject", "must have at least one of " + ", ".join(SUBJECT_FIELDS))
-    if grace_period_ms is not None:
+    if grace_period_ms is not None and not settings_checked:
         _grace_check("grace_period_ms", grace_period_ms, False)
     checked_metadata = _commit_metadata(metadata) if metadata else None
-    request = ReservationCreateRequest(
-        idempotency_key=_new_key() if idempotency_key is None else idempotency_key,
-        subject=subject_model,
-        action=_action("action", dict(action), False),
-        estimate=Amount(unit=unit.value if isinstance(unit, Unit) else unit, amount=estimate),
-        ttl_ms=ttl_ms,
-        grace_period_ms=grace_period_ms,
-        overage_policy=overage_policy,
-        dry_run=True if dry_run else None,
-        metadata=checked_metadata,
-    )
-    return request.model_dump(mode="json", exclude_none=True)
+    _check_fields(Action, "action", action)
+    if not settings_checked:
+        unit = _wire_value(_unit_check("unit", unit, False))
+        if overage_policy is not None:
+            overage_policy = _wire_value(_overage_policy("overage_policy", overage_policy, False))
+    body = {
+        "idempotency_key": _new_key()
+        if idempotency_key is None
+        else _idempotency_key("idempotency_key", idempotency_key, False),
+        "subject": dict(subject),
+        "action": dict(action),
+        "estimate": {"unit": unit, "amount": estimate},
+        "ttl_ms": ttl_ms,
+    }
+    if grace_period_ms is not None:
+        body["grace_period_ms"] = grace_period_ms
+    if overage_policy is not None:
+        body["overage_policy"] = overage_policy
+    if dry_run:
+        body["dry_run"] = True
+    if checked_metadata:
+        body["metadata"] = checked_metadata
+    return body
+
+
+def _check_fields(model: Type[_Model], path: str, values: Mapping[str, Any]) -> None:
+    """Each of ``values`` by ``model``'s check for it, as a request model would (unknown
+    names refused), without building the model."""
+    for name, value in values.items():
+        check = model._fields.get(name)
+        if check is None:
+            raise _FieldError(f"{path}.{name}", "unknown field")
+        if value is not None:
+            try:
+                check(name, value, False)
+            except _FieldError as exc:
+                raise exc.under(path) from None
+
+
+def _wire_value(value: Any) -> Any:
+    """An enum member's JSON value; any other value as is."""
+    return value.value if isinstance(value, enum.Enum) else value
 
 
 def _derived_key(prefix: str, caller_key: str | None) -> str:
@@ -5580,7 +5612,8 @@ async def _release_now(
 
 
 def _release_job(client: Any, reservation_id: str, key: str, reason: str) -> _Settlement:
-    return _Settlement.for_release(client, reservation_id, {"idempotency_key": key, "reason": reason})
+    body = {"idempotency_key": key, "reason": reason}
+    return _Settlement.for_release(client, reservation_id, body)
 
 
 def _hand_over_release(job: _Settlement) -> None:
@@ -5925,14 +5958,17 @@ def _response_of(operation: str, result: Any) -> CyclesResponse:
     else a transport failure: the outcome is unknown, a settlement retries the same key."""
     from collections.abc import Mapping as AnyMapping
 
+    status = getattr(result, "status", None)
+    headers = getattr(result, "headers", None)
+    body = getattr(result, "body", None)
     if not isinstance(result, CyclesResponse):
         flaw = f"{_type_name(result)}, not a CyclesResponse"
-    elif isinstance(result.status, bool) or not isinstance(result.status, int):
-        flaw = f"a CyclesResponse whose status is {_type_name(result.status)}, not an int"
-    elif not isinstance(result.headers, AnyMapping):
-        flaw = f"a CyclesResponse whose headers are {_type_name(result.headers)}, not a mapping"
-    elif result.body is not None and not isinstance(result.body, dict):
-        flaw = f"a CyclesResponse whose body is {_type_name(result.body)}, not a dict or None"
+    elif isinstance(status, bool) or not isinstance(status, int):
+        flaw = f"a CyclesResponse whose status is {_type_name(status)}, not an int"
+    elif not isinstance(headers, AnyMapping):
+        flaw = f"a CyclesResponse whose headers are {_type_name(headers)}, not a mapping"
+    elif body is not None and not isinstance(body, dict):
+        flaw = f"a CyclesResponse whose body is {_type_name(body)}, not a dict or None"
     else:
         return result
     problem = TypeError(f"{_PUBLIC_METHODS[operation]}() returned {flaw}")
@@ -8010,7 +8046,8 @@ class _SettlementQueue:
     def _run(self, job: _Settlement) -> None:
         outcome = _Disposition.RETRY  # interrupted (Ctrl-C in flush): back to the heap
         try:
-            outcome = _run_sync(_settle(_SyncIO(job.client, detached=True), job, retry_inline=False))
+            io = _SyncIO(job.client, detached=True)
+            outcome = _run_sync(_settle(io, job, retry_inline=False))
         except Exception:  # never let a bug kill the worker or lose the others
             _log.exception("settlement failed: reservation_id=%s", job.record.reservation_id)
             outcome = _Disposition.STOP_KEEP
