@@ -4455,188 +4455,6 @@ async def _fetch_and_verify(
 # Decorator
 # ===========================================================================
 
-_defaults_lock = threading.Lock()
-_default_client: CyclesClient | None = None
-_default_async_client: AsyncCyclesClient | None = None
-_default_config: CyclesConfig | None = None
-_config_clients: Dict[bool, Any] = {}  # clients made from _default_config, by is_async
-
-
-@_after_fork_in_child
-def _defaults_after_fork() -> None:
-    """The default clients stay (their pools reset themselves); the lock is the child's."""
-    global _defaults_lock
-    _defaults_lock = threading.Lock()
-
-
-def set_default_client(client: CyclesClient | AsyncCyclesClient) -> None:
-    """The client ``@cycles`` uses when none is passed (one default per kind)."""
-    global _default_client, _default_async_client
-    with _defaults_lock:
-        if isinstance(client, AsyncCyclesClient):
-            _default_async_client = client
-        else:
-            _check_kind(client, CyclesClient)
-            _default_client = client
-
-
-def set_default_config(config: CyclesConfig) -> None:
-    """``@cycles`` creates its clients from this config, lazily, on first call."""
-    global _default_config
-    _check_kind(config, CyclesConfig, "config")
-    with _defaults_lock:
-        _default_config = config
-        _config_clients.clear()
-
-
-def _resolve_client(explicit: Any, is_async: bool) -> Any:
-    """The client of one call, resolved at call time (set_default_* may come after decoration)."""
-    client = explicit if explicit is not None else _default_client_for(is_async)
-    head = "Async function requires" if is_async else "Sync function requires"
-    _check_client(client, is_async, head)
-    return client
-
-
-def _default_client_for(is_async: bool) -> Any:
-    with _defaults_lock:
-        own = _default_async_client if is_async else _default_client
-        if own is not None:
-            return own
-        if _default_config is not None:
-            client = _config_clients.get(is_async)
-            if client is None:
-                kind = AsyncCyclesClient if is_async else CyclesClient
-                client = _config_clients[is_async] = kind(_default_config)
-            return client
-        other = _default_client if is_async else _default_async_client
-        if other is not None:
-            return other  # the wrong kind: _resolve_client says so
-    raise ValueError(
-        "No Cycles client available. Either pass client= to @cycles, "
-        "call set_default_client(), or call set_default_config()."
-    )
-
-
-@dataclass
-class _CyclesSpec:
-    """The ``@cycles`` parameters.  ``estimate`` and ``per_call`` (the subject and action
-    parameters, by name) are constants or callables of the function's arguments."""
-
-    estimate: Any
-    actual: Any
-    per_call: Dict[str, Any]
-    unit: Any
-    ttl_ms: Any
-    grace_period_ms: Any
-    overage_policy: Any
-    dry_run: bool
-    use_estimate_if_actual_not_provided: bool
-    settings_checked: bool = field(default=False, init=False)
-    callables: List[Tuple[str, Callable[..., Any]]] = field(default_factory=list, init=False)
-
-    def __post_init__(self) -> None:
-        """Check the settings (unit, ttl, grace, overage policy) once; a bad one is still
-        raised by each call, where runcycles raises it, and in its order."""
-        self.callables = [(name, v) for name, v in self.per_call.items() if callable(v)]
-        try:
-            _ttl_check("ttl_ms", self.ttl_ms, False)
-            if self.grace_period_ms is not None:
-                _grace_check("grace_period_ms", self.grace_period_ms, False)
-            unit = _wire_value(_unit_check("unit", self.unit, False))
-            if self.overage_policy is not None:
-                policy = _overage_policy("overage_policy", self.overage_policy, False)
-                self.overage_policy = _wire_value(policy)
-        except ValueError:
-            return
-        self.unit, self.settings_checked = unit, True
-
-    def create_body(
-        self, config: CyclesConfig, args: Tuple[Any, ...], kwargs: Dict[str, Any]
-    ) -> Dict[str, Any]:
-        """Checks in runcycles' order, before any request: the actual first, then the body."""
-        estimate = self.estimate(*args, **kwargs) if callable(self.estimate) else self.estimate
-        if not self.dry_run:
-            if self.actual is None and not self.use_estimate_if_actual_not_provided:
-                raise ValueError(
-                    "actual expression is required when"
-                    " use_estimate_if_actual_not_provided is False"
-                )
-            if self.actual is not None and not callable(self.actual):
-                _int64("actual", self.actual, False)
-        values = dict(self.per_call)
-        for name, compute in self.callables:
-            values[name] = compute(*args, **kwargs)
-        return _reservation_body(
-            estimate=estimate,
-            unit=self.unit,
-            subject=_subject_with_defaults(config, values, values["dimensions"]),
-            action=_action_body(
-                values["action_kind"], values["action_name"], values["action_tags"]
-            ),
-            ttl_ms=self.ttl_ms,
-            grace_period_ms=self.grace_period_ms,
-            overage_policy=self.overage_policy,
-            dry_run=self.dry_run,
-            settings_checked=self.settings_checked,
-        )
-
-    def actual_for(self, result: Any, estimate: int, reservation_id: str) -> Tuple[int, bool]:
-        """(actual, taken from the estimate?); raises when the actual is unknown."""
-        if self.actual is None:
-            return estimate, True
-        if not callable(self.actual):
-            return int(self.actual), False
-        try:
-            return _int64("actual", self.actual(result), False), False
-        except Exception:
-            if not self.use_estimate_if_actual_not_provided:
-                raise  # the actual is unknown: nothing is committed
-            _log.error(
-                "actual evaluation failed after the guarded work; committing the estimate:"
-                " reservation_id=%s",
-                reservation_id,
-                exc_info=True,
-            )
-            return estimate, True
-
-
-async def _commit_result(spec: _CyclesSpec, guard: _Reservation, result: Any) -> None:
-    """After the function returned: commit its actual (or, if unknown, settle nothing)."""
-    guard._work_done = True
-    actual, estimated = spec.actual_for(result, guard._estimate, guard.reservation_id)
-    await guard._commit(actual, estimated=estimated)
-
-
-async def _dry_run(io: _SyncIO | _AsyncIO, body: Dict[str, Any]) -> DryRunResult:
-    created, _, _ = await _create(io, body)
-    return DryRunResult(
-        decision=created.decision,
-        caps=created.caps,
-        affected_scopes=created.affected_scopes,
-        scope_path=created.scope_path,
-        reserved=created.reserved,
-        balances=created.balances,
-        reason_code=created.reason_code,
-        retry_after_ms=created.retry_after_ms,
-    )
-
-
-def _is_async_callable(fn: Any) -> bool:
-    """``async def`` functions (partials too) and objects with an ``async def __call__``."""
-    if inspect.iscoroutinefunction(fn):
-        return True
-    return not inspect.isfunction(fn) and inspect.iscoroutinefunction(type(fn).__call__)
-
-
-def _reject_awaitable(result: Any) -> None:
-    """A sync function that returns an awaitable has not done its work yet."""
-    if inspect.isawaitable(result):
-        if inspect.iscoroutine(result):
-            result.close()
-        raise TypeError(
-            "@cycles: a sync function returned an awaitable; decorate the async def itself"
-        )
-
 
 def cycles(
     estimate: int | Callable[..., int],
@@ -4728,6 +4546,189 @@ def _async_guarded(fn: Callable[..., Any], spec: _CyclesSpec, explicit: Any) -> 
         return result
 
     return guarded
+
+
+async def _commit_result(spec: _CyclesSpec, guard: _Reservation, result: Any) -> None:
+    """After the function returned: commit its actual (or, if unknown, settle nothing)."""
+    guard._work_done = True
+    actual, estimated = spec.actual_for(result, guard._estimate, guard.reservation_id)
+    await guard._commit(actual, estimated=estimated)
+
+
+async def _dry_run(io: _SyncIO | _AsyncIO, body: Dict[str, Any]) -> DryRunResult:
+    created, _, _ = await _create(io, body)
+    return DryRunResult(
+        decision=created.decision,
+        caps=created.caps,
+        affected_scopes=created.affected_scopes,
+        scope_path=created.scope_path,
+        reserved=created.reserved,
+        balances=created.balances,
+        reason_code=created.reason_code,
+        retry_after_ms=created.retry_after_ms,
+    )
+
+
+def _is_async_callable(fn: Any) -> bool:
+    """``async def`` functions (partials too) and objects with an ``async def __call__``."""
+    if inspect.iscoroutinefunction(fn):
+        return True
+    return not inspect.isfunction(fn) and inspect.iscoroutinefunction(type(fn).__call__)
+
+
+def _reject_awaitable(result: Any) -> None:
+    """A sync function that returns an awaitable has not done its work yet."""
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()
+        raise TypeError(
+            "@cycles: a sync function returned an awaitable; decorate the async def itself"
+        )
+
+
+@dataclass
+class _CyclesSpec:
+    """The ``@cycles`` parameters.  ``estimate`` and ``per_call`` (the subject and action
+    parameters, by name) are constants or callables of the function's arguments."""
+
+    estimate: Any
+    actual: Any
+    per_call: Dict[str, Any]
+    unit: Any
+    ttl_ms: Any
+    grace_period_ms: Any
+    overage_policy: Any
+    dry_run: bool
+    use_estimate_if_actual_not_provided: bool
+    settings_checked: bool = field(default=False, init=False)
+    callables: List[Tuple[str, Callable[..., Any]]] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        """Check the settings (unit, ttl, grace, overage policy) once; a bad one is still
+        raised by each call, where runcycles raises it, and in its order."""
+        self.callables = [(name, v) for name, v in self.per_call.items() if callable(v)]
+        try:
+            _ttl_check("ttl_ms", self.ttl_ms, False)
+            if self.grace_period_ms is not None:
+                _grace_check("grace_period_ms", self.grace_period_ms, False)
+            unit = _wire_value(_unit_check("unit", self.unit, False))
+            if self.overage_policy is not None:
+                policy = _overage_policy("overage_policy", self.overage_policy, False)
+                self.overage_policy = _wire_value(policy)
+        except ValueError:
+            return
+        self.unit, self.settings_checked = unit, True
+
+    def create_body(
+        self, config: CyclesConfig, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+    ) -> Dict[str, Any]:
+        """Checks in runcycles' order, before any request: the actual first, then the body."""
+        estimate = self.estimate(*args, **kwargs) if callable(self.estimate) else self.estimate
+        if not self.dry_run:
+            if self.actual is None and not self.use_estimate_if_actual_not_provided:
+                raise ValueError(
+                    "actual expression is required when"
+                    " use_estimate_if_actual_not_provided is False"
+                )
+            if self.actual is not None and not callable(self.actual):
+                _int64("actual", self.actual, False)
+        values = dict(self.per_call)
+        for name, compute in self.callables:
+            values[name] = compute(*args, **kwargs)
+        return _reservation_body(
+            estimate=estimate,
+            unit=self.unit,
+            subject=_subject_with_defaults(config, values, values["dimensions"]),
+            action=_action_body(
+                values["action_kind"], values["action_name"], values["action_tags"]
+            ),
+            ttl_ms=self.ttl_ms,
+            grace_period_ms=self.grace_period_ms,
+            overage_policy=self.overage_policy,
+            dry_run=self.dry_run,
+            settings_checked=self.settings_checked,
+        )
+
+    def actual_for(self, result: Any, estimate: int, reservation_id: str) -> Tuple[int, bool]:
+        """(actual, taken from the estimate?); raises when the actual is unknown."""
+        if self.actual is None:
+            return estimate, True
+        if not callable(self.actual):
+            return int(self.actual), False
+        try:
+            return _int64("actual", self.actual(result), False), False
+        except Exception:
+            if not self.use_estimate_if_actual_not_provided:
+                raise  # the actual is unknown: nothing is committed
+            _log.error(
+                "actual evaluation failed after the guarded work; committing the estimate:"
+                " reservation_id=%s",
+                reservation_id,
+                exc_info=True,
+            )
+            return estimate, True
+
+
+_defaults_lock = threading.Lock()
+_default_client: CyclesClient | None = None
+_default_async_client: AsyncCyclesClient | None = None
+_default_config: CyclesConfig | None = None
+_config_clients: Dict[bool, Any] = {}  # clients made from _default_config, by is_async
+
+
+@_after_fork_in_child
+def _defaults_after_fork() -> None:
+    """The default clients stay (their pools reset themselves); the lock is the child's."""
+    global _defaults_lock
+    _defaults_lock = threading.Lock()
+
+
+def set_default_client(client: CyclesClient | AsyncCyclesClient) -> None:
+    """The client ``@cycles`` uses when none is passed (one default per kind)."""
+    global _default_client, _default_async_client
+    with _defaults_lock:
+        if isinstance(client, AsyncCyclesClient):
+            _default_async_client = client
+        else:
+            _check_kind(client, CyclesClient)
+            _default_client = client
+
+
+def set_default_config(config: CyclesConfig) -> None:
+    """``@cycles`` creates its clients from this config, lazily, on first call."""
+    global _default_config
+    _check_kind(config, CyclesConfig, "config")
+    with _defaults_lock:
+        _default_config = config
+        _config_clients.clear()
+
+
+def _resolve_client(explicit: Any, is_async: bool) -> Any:
+    """The client of one call, resolved at call time (set_default_* may come after decoration)."""
+    client = explicit if explicit is not None else _default_client_for(is_async)
+    head = "Async function requires" if is_async else "Sync function requires"
+    _check_client(client, is_async, head)
+    return client
+
+
+def _default_client_for(is_async: bool) -> Any:
+    with _defaults_lock:
+        own = _default_async_client if is_async else _default_client
+        if own is not None:
+            return own
+        if _default_config is not None:
+            client = _config_clients.get(is_async)
+            if client is None:
+                kind = AsyncCyclesClient if is_async else CyclesClient
+                client = _config_clients[is_async] = kind(_default_config)
+            return client
+        other = _default_client if is_async else _default_async_client
+        if other is not None:
+            return other  # the wrong kind: _resolve_client says so
+    raise ValueError(
+        "No Cycles client available. Either pass client= to @cycles, "
+        "call set_default_client(), or call set_default_config()."
+    )
 
 
 # ===========================================================================
