@@ -6367,7 +6367,7 @@ _after_fork_in_child(_heartbeats.reset)
 # ---------------------------------------------------------------------------
 # Heartbeat plan (protocol HEARTBEAT GUIDANCE, v0.1.25.16)
 #
-# A pure state object: the driver feeds it monotonic timestamps (ms) and the
+# A pure state object: the heartbeat feeds it monotonic timestamps (ms) and the
 # outcome of each create/extend attempt; it answers with the next beat.
 # ---------------------------------------------------------------------------
 
@@ -8268,7 +8268,7 @@ async def _hand_over_loop_settlements(client: AsyncCyclesClient) -> None:
 # -- journal replay --------------------------------------------------------------
 #
 # Records that survived a crash, a freeze or an outage are settled by the same
-# steps as a live commit (``_Settlement.for_record`` + ``_settle_steps``): same
+# steps as a live commit (``_Settlement.for_record`` + ``_settle``): same
 # stored key, same outcome table, same journal updates.  Replay happens once per
 # process and journal identity when a client is first used (in the background,
 # on the settlement worker) and on demand with ``client.recover()``.
@@ -8413,52 +8413,38 @@ def _replay_jobs(client: Any, records: List[_PendingSettlement]) -> List[_Settle
 
 def _recover(client: Any, timeout: float | None) -> RecoverySummary:
     """``client.recover()``: replay the journal on this thread until done or ``timeout``."""
-    _check_recover_timeout(timeout)
-    with _bounded_by(_timeout_bound(timeout)):  # an attempt running at the timeout ends then
-        return _run_sync(_recover_steps(_SyncIO(client, detached=True), client, timeout))
+    return _run_sync(_recover_steps(_SyncIO(client, detached=True), client, timeout))
 
 
 async def _recover_async(client: Any, timeout: float | None) -> RecoverySummary:
     """``AsyncCyclesClient.recover()``: the same steps on the loop (file I/O on a thread)."""
-    _check_recover_timeout(timeout)
-    with _bounded_by(_timeout_bound(timeout)):
-        return await _recover_steps(_AsyncIO(client), client, timeout)
-
-
-def _timeout_bound(timeout: float | None) -> float | None:
-    return None if timeout is None else time.monotonic() + timeout
-
-
-def _check_recover_timeout(timeout: Any) -> None:
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0
-    ):
-        raise ValueError(f"timeout: must be a number >= 0 or None, got {timeout!r}")
+    return await _recover_steps(_AsyncIO(client), client, timeout)
 
 
 async def _recover_steps(
     io: _SyncIO | _AsyncIO, client: Any, timeout: float | None
 ) -> RecoverySummary:
-    """Replay the journal until done or ``timeout``.
-
-    No attempt starts after the deadline; one already running is cut at it
-    (``_recover`` runs the steps under it)."""
+    """Replay the journal until done or ``timeout``: no attempt starts after the deadline;
+    one already running is cut at it."""
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0
+    ):
+        raise ValueError(f"timeout: must be a number >= 0 or None, got {timeout!r}")
     summary = RecoverySummary()
     journal = _journal_for(client._config)
     if journal is None or journal.directory is None:
         _log.info("recover: the commit journal is disabled or not writable; nothing to replay")
         return summary
-    limit = None if timeout is None else time.monotonic() + timeout
-    bound = _deadline.get() if limit is None else _effective_deadline(limit)
     _claim_replay(journal)  # this is the process's replay of this identity
-    records, summary.quarantined = await io.blocking(functools.partial(_scan_journal, journal))
-    summary.found = len(records)
-    mine = _settlements.take_over({r.reservation_id for r in records})  # kept ones included
-    fresh = [r for r in records if r.reservation_id in mine]
-    summary.kept = len(records) - len(fresh)
-    jobs = _replay_jobs(client, fresh)
-    commit_mode = {id(job) for job in jobs if job.record.mode == "commit"}
-    await _settle_until(io, jobs, bound, summary)
+    with _bounded_by(None if timeout is None else time.monotonic() + timeout):
+        records, summary.quarantined = await io.blocking(functools.partial(_scan_journal, journal))
+        summary.found = len(records)
+        mine = _settlements.take_over({r.reservation_id for r in records})  # kept ones included
+        fresh = [r for r in records if r.reservation_id in mine]
+        summary.kept = len(records) - len(fresh)
+        jobs = _replay_jobs(client, fresh)
+        commit_mode = {id(job) for job in jobs if job.record.mode == "commit"}
+        await _settle_until(io, jobs, _deadline.get(), summary)
     summary.switched_to_event = sum(
         1 for job in jobs if id(job) in commit_mode and job.record.mode == "event"
     )
