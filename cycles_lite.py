@@ -5786,10 +5786,12 @@ class _SyncIO:
     the pool of a client closed since the settlement began.
     """
 
-    def __init__(self, client: Any, *, detached: bool = False) -> None:
+    def __init__(
+        self, client: Any, *, detached: bool = False, attempt_s: float | None = None
+    ) -> None:
         self.client = client
         self.detached = detached
-        self.attempt_s = _config_of(client).attempt_timeout
+        self.attempt_s = _config_of(client).attempt_timeout if attempt_s is None else attempt_s
 
     async def send(
         self, operation: str, body: Dict[str, Any], reservation_id: str | None = None
@@ -5799,7 +5801,7 @@ class _SyncIO:
         token = _attempt.set(_Attempt(time.monotonic() + self.attempt_s, self.detached))
         try:
             result = _invoke(self.client, operation, body, reservation_id)
-            if inspect.isawaitable(result):
+            if not isinstance(result, CyclesResponse) and inspect.isawaitable(result):
                 if not self.detached:
                     _refuse_kind(operation, result, is_async=False)
                 else:
@@ -5821,7 +5823,7 @@ class _SyncIO:
     def start_heartbeat(
         self, beats: Callable[[_ScheduledHeartbeat], Coroutine[Any, Any, None]]
     ) -> _ScheduledHeartbeat:
-        return _ScheduledHeartbeat(self.client, beats)
+        return _ScheduledHeartbeat(self, beats)
 
     async def stop_heartbeat(self, heartbeat: _ScheduledHeartbeat) -> None:
         heartbeat.stop()
@@ -5830,9 +5832,9 @@ class _SyncIO:
 class _AsyncIO:
     """asyncio I/O: sends awaited, sleeps on the loop, blocking work on a thread."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, *, attempt_s: float | None = None) -> None:
         self.client = client
-        self.attempt_s = _config_of(client).attempt_timeout
+        self.attempt_s = _config_of(client).attempt_timeout if attempt_s is None else attempt_s
         self.in_flight: asyncio.Future[CyclesResponse] | None = None  # the last shielded send
         self.deadline = 0.0  # time.monotonic() by which it ends
 
@@ -5892,7 +5894,7 @@ class _AsyncIO:
     def start_heartbeat(
         self, beats: Callable[[_TaskHeartbeat], Coroutine[Any, Any, None]]
     ) -> _TaskHeartbeat:
-        return _TaskHeartbeat(self.client, beats)
+        return _TaskHeartbeat(self, beats)
 
     async def stop_heartbeat(self, heartbeat: _TaskHeartbeat) -> None:
         await heartbeat.stop()
@@ -6058,11 +6060,11 @@ class _TaskHeartbeat(_AsyncIO):
     """
 
     def __init__(
-        self, client: Any, beats: Callable[[_TaskHeartbeat], Coroutine[Any, Any, None]]
+        self, io: _AsyncIO, beats: Callable[[_TaskHeartbeat], Coroutine[Any, Any, None]]
     ) -> None:
         import asyncio
 
-        super().__init__(client)
+        super().__init__(io.client, attempt_s=io.attempt_s)
         self._task = asyncio.get_running_loop().create_task(beats(self))
 
     @property
@@ -6115,9 +6117,9 @@ class _ScheduledHeartbeat(_SyncIO):
     """
 
     def __init__(
-        self, client: Any, beats: Callable[[_ScheduledHeartbeat], Coroutine[Any, Any, None]]
+        self, io: _SyncIO, beats: Callable[[_ScheduledHeartbeat], Coroutine[Any, Any, None]]
     ) -> None:
-        super().__init__(client)
+        super().__init__(io.client, attempt_s=io.attempt_s)
         self.bound = _deadline.get()  # the beats run outside the caller's context
         self.stopped = False
         self.queued = False  # an entry of it is in the scheduler's heap
