@@ -4743,11 +4743,12 @@ def _default_client_for(is_async: bool) -> Any:
 # fallback.  Its steps are written once, as coroutines over an I/O object (``send``,
 # ``sleep``, ``blocking``, heartbeat start/stop; see "The I/O seam" below): a sync
 # face runs them with ``_run_sync`` over blocking I/O (they never suspend), an async
-# face awaits them over asyncio I/O.  A decorated call, top-down in this section:
-# ``guarded`` -> ``_Reservation._enter`` -> ``_open`` -> ``_create`` -> ``io.send`` ->
-# ``client.create_reservation``; the function runs; ``_commit_result`` -> ``_commit``
-# -> ``_settle_new`` -> ``_settle`` -> ``_settlement_attempt`` -> ``io.send`` ->
-# ``client.commit_reservation``; then ``_leave``.
+# face awaits them over asyncio I/O.  A decorated call, top-down from here: ``guarded``
+# -> ``_SyncFace.__enter__`` -> ``_enter`` -> ``_open`` -> ``_create`` -> ``io.send`` ->
+# ``client.create_reservation``; the heartbeat starts; the function runs;
+# ``_commit_result`` -> ``_commit`` -> ``_settle_new`` (stops the heartbeat) ->
+# ``_settle`` -> ``_settlement_attempt`` -> ``io.send`` -> ``client.commit_reservation``;
+# then ``__exit__`` -> ``_leave``.
 # ---------------------------------------------------------------------------
 
 _current_context: contextvars.ContextVar[CyclesContext | None] = contextvars.ContextVar(
