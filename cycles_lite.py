@@ -78,6 +78,7 @@ import stat
 import sys
 import threading
 import time
+import types
 import weakref
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote, urlencode, urlsplit
@@ -5530,7 +5531,8 @@ class _SyncIO:
         wrong kind: TypeError)."""
         token = _attempt.set(_Attempt(time.monotonic() + self.attempt_s, self.detached))
         try:
-            result = _invoke(self.client, operation, body, reservation_id)
+            method = getattr(self.client, _PUBLIC_METHODS[operation])
+            result = method(body) if reservation_id is None else method(reservation_id, body)
             if not isinstance(result, CyclesResponse) and inspect.isawaitable(result):
                 if not self.detached:
                     _refuse_kind(operation, result, is_async=False)
@@ -5586,7 +5588,8 @@ class _AsyncIO:
             deadline = time.monotonic() + self.attempt_s
             token = _attempt.set(_Attempt(deadline, False))
             try:
-                result = _invoke(self.client, operation, body, reservation_id)
+                method = getattr(self.client, _PUBLIC_METHODS[operation])
+                result = method(body) if reservation_id is None else method(reservation_id, body)
                 if not inspect.isawaitable(result):
                     _refuse_kind(operation, result, is_async=True)
                     return _response_of(operation, result)
@@ -5665,12 +5668,6 @@ def _check_client(client: Any, is_async: bool, head: str = "client: expected") -
         raise TypeError(
             f"{head} {article} {wanted.__name__}, got {_type_name(client)}{detail}"
         )
-
-
-def _invoke(client: Any, operation: str, body: Dict[str, Any], reservation_id: str | None) -> Any:
-    """Call the public method of ``operation``; whatever it returns (a coroutine if async)."""
-    method = getattr(client, _PUBLIC_METHODS[operation])
-    return method(body) if reservation_id is None else method(reservation_id, body)
 
 
 def _refuse_kind(operation: str, result: Any, is_async: bool) -> None:
@@ -5817,16 +5814,10 @@ class _TaskHeartbeat(_AsyncIO):
             in_flight.cancel()  # past its or the caller's deadline: stop waiting
 
 
-class _Pause:
+@types.coroutine
+def _pause(seconds: float) -> Generator[float, None, None]:
     """What a scheduled heartbeat's sleep awaits: it hands the seconds to the scheduler."""
-
-    __slots__ = ("seconds",)
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-
-    def __await__(self) -> Generator[float, None, None]:
-        yield self.seconds
+    yield seconds
 
 
 class _ScheduledHeartbeat(_SyncIO):
@@ -5863,7 +5854,7 @@ class _ScheduledHeartbeat(_SyncIO):
         self.stopped = True
 
     async def sleep(self, seconds: float) -> None:
-        await _Pause(seconds)
+        await _pause(seconds)
 
     async def send(
         self, operation: str, body: Dict[str, Any], reservation_id: str | None = None
