@@ -5824,7 +5824,7 @@ class _ScheduledHeartbeat(_SyncIO):
     """A sync heartbeat: blocking I/O whose sleeps suspend the beats, which run on the
     process-wide ``_heartbeats`` scheduler.
 
-    ``start()`` runs the beats up to their first sleep (they always sleep before
+    On creation it runs the beats up to their first sleep (they always sleep before
     sending) and hands the heartbeat to the scheduler, which runs each beat when it
     is due (one extend attempt, bounded by the transport's whole-attempt deadline,
     ``attempt_s``, and the caller's ``deadline()``) and schedules the next.  ``stop()``
@@ -6071,7 +6071,7 @@ class _HeartbeatScheduler:
             self._landed.notify_all()
 
     def _after_beat(self, heartbeat: _ScheduledHeartbeat, seconds: float | None) -> None:
-        """Under the lock: schedule the next beat, or close the steps of a stopped one."""
+        """Under the lock: schedule the next beat, or close the beats of a stopped one."""
         if not heartbeat.stopped:
             if seconds is not None:
                 self._push(heartbeat, seconds)
