@@ -73,6 +73,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import stat
 import sys
@@ -4173,15 +4174,19 @@ def cycles(
 
 
 def _sync_guarded(fn: Callable[..., Any], spec: _CyclesSpec, explicit: Any) -> Callable[..., Any]:
+    # A CyclesClient given to @cycles is resolved and checked once, here.
+    fixed = _SyncIO(explicit) if isinstance(explicit, CyclesClient) else None
+
     @functools.wraps(fn)
     def guarded(*args: Any, **kwargs: Any) -> Any:
-        client = _resolve_client(explicit, is_async=False)
-        body = spec.create_body(_config_of(client), args, kwargs)
+        io = fixed or _SyncIO(_resolve_client(explicit, is_async=False))
+        body = spec.create_body(io.config, args, kwargs)
         if spec.dry_run:
-            return _run_sync(_dry_run(_SyncIO(client), body))
-        with _SyncFace(client, body, None) as guard:
+            return _run_sync(_dry_run(io, body))
+        with _SyncFace(io.client, body, None, io) as guard:
             result = fn(*args, **kwargs)
-            _reject_awaitable(result)
+            if inspect.isawaitable(result):
+                _reject_awaitable(result)
             _run_sync(_commit_result(spec, guard, result))
         return result
 
@@ -4233,12 +4238,9 @@ def _is_async_callable(fn: Any) -> bool:
 
 def _reject_awaitable(result: Any) -> None:
     """A sync function that returns an awaitable has not done its work yet."""
-    if inspect.isawaitable(result):
-        if inspect.iscoroutine(result):
-            result.close()
-        raise TypeError(
-            "@cycles: a sync function returned an awaitable; decorate the async def itself"
-        )
+    if inspect.iscoroutine(result):
+        result.close()
+    raise TypeError("@cycles: a sync function returned an awaitable; decorate the async def itself")
 
 
 @_dataclass
@@ -4257,6 +4259,9 @@ class _CyclesSpec:
     use_estimate_if_actual_not_provided: bool
     settings_checked: bool = field(default=False, init=False)
     callables: List[Tuple[str, Callable[..., Any]]] = field(default_factory=list, init=False)
+    # Every parameter a constant and the settings valid: the body depends on the config's
+    # subject defaults only, so its last checked form is kept (without its key) with them.
+    constant_body: Tuple[Any, Dict[str, Any]] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         """Check the settings (unit, ttl, grace, overage policy) once; a bad one is still
@@ -4275,6 +4280,20 @@ class _CyclesSpec:
         self.unit, self.settings_checked = unit, True
 
     def create_body(
+        self, config: CyclesConfig, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+    ) -> Dict[str, Any]:
+        """The body of one call, under a fresh idempotency key; a constant body is checked
+        once per set of subject defaults."""
+        defaults = _subject_defaults(config)
+        kept = self.constant_body
+        if kept is not None and kept[0] == defaults:
+            return {"idempotency_key": _new_key(), **kept[1]}
+        body = self._checked_body(config, args, kwargs)
+        if self.settings_checked and not self.callables and not callable(self.estimate):
+            self.constant_body = defaults, {k: v for k, v in body.items() if k != "idempotency_key"}
+        return body
+
+    def _checked_body(
         self, config: CyclesConfig, args: Tuple[Any, ...], kwargs: Dict[str, Any]
     ) -> Dict[str, Any]:
         """Checks in runcycles' order, before any request: the actual first, then the body."""
@@ -4428,11 +4447,16 @@ class _Reservation:
     _is_async: ClassVar[bool] = False  # the face's kind of client
 
     def __init__(
-        self, client: Any, create_body: Dict[str, Any], caller_key: str | None
+        self,
+        client: Any,
+        create_body: Dict[str, Any],
+        caller_key: str | None,
+        io: _SyncIO | None = None,  # a sync face's I/O on ``client``, when one is at hand
     ) -> None:
         self._client = client
-        self._io: _SyncIO | _AsyncIO = (_AsyncIO if self._is_async else _SyncIO)(client)
+        self._io: _SyncIO | _AsyncIO = io or (_AsyncIO if self._is_async else _SyncIO)(client)
         self._create_body = create_body
+        self._estimate: int = create_body["estimate"]["amount"]
         self._caller_key = caller_key
         self._created: ReservationCreateResponse | None = None
         self._context: CyclesContext | None = None
@@ -4504,11 +4528,6 @@ class _Reservation:
     def release_error(self) -> CyclesProtocolError | None:
         return self._release_error
 
-    @property
-    def _estimate(self) -> int:
-        amount: int = self._create_body["estimate"]["amount"]
-        return amount
-
     # -- open --------------------------------------------------------------------
 
     async def _enter(self) -> None:
@@ -4541,9 +4560,7 @@ class _Reservation:
             balances=created.balances,
         )
         self._phase = "open"  # from here on, every way out releases or settles (_leave)
-        self._heartbeat = self._io.start_heartbeat(
-            lambda io: self._keep_alive(io, sent_ms, received_ms)
-        )
+        self._heartbeat = self._start_heartbeat(created, sent_ms, received_ms)
         self._context_token = _current_context.set(self._context)
         self._opened_at = time.monotonic()
         _log.debug(
@@ -4571,26 +4588,45 @@ class _Reservation:
 
     # -- heartbeat -----------------------------------------------------------------
 
-    async def _keep_alive(
-        self, io: _ScheduledHeartbeat | _TaskHeartbeat, sent_ms: float, received_ms: float
-    ) -> None:
-        """Keep the lease alive on ``io`` (the heartbeat's own): the spec's schedule from
-        ``_HeartbeatPlan``.  A fresh key for every new beat, the same key for retries of
-        a failed one; every beat asks for ``extend_by_ms = ttl_ms``.  Always sleeps
-        before sending.  An internal error stops it like any other stop (lease lost)."""
+    def _start_heartbeat(
+        self, created: ReservationCreateResponse, sent_ms: float, received_ms: float
+    ) -> _ScheduledHeartbeat | _TaskHeartbeat:
+        """Plan the first beat from the create answer; the beats run from then on (a sync
+        heartbeat's are built only when that beat is due)."""
+        ttl_ms = int(self._create_body["ttl_ms"])
+        plan = _HeartbeatPlan(ttl_ms, math.ceil(self._io.attempt_s * 1000))
         try:
-            created, context = self._created, self._context
-            assert created is not None and context is not None
-            ttl_ms = int(self._create_body["ttl_ms"])
-            plan = _HeartbeatPlan(ttl_ms, math.ceil(io.attempt_s * 1000))
             beat = plan.after_success(
                 remaining_ttl_ms=created.remaining_ttl_ms,
                 expires_at_ms=created.expires_at_ms,
                 sent_ms=sent_ms,
                 received_ms=received_ms,
             )
+        except Exception:
+            self._heartbeat_failed()
+            beat = _Beat("stop", 0, "internal_error")
+        # The caller's deadline(): a sync heartbeat runs outside the caller's context.
+        beats = functools.partial(self._keep_alive, plan, beat, received_ms, _deadline.get())
+        return self._io.start_heartbeat(beats, received_ms + beat.delay_ms)
+
+    async def _keep_alive(
+        self,
+        plan: _HeartbeatPlan,
+        beat: _Beat,
+        received_ms: float,
+        bound: float | None,
+        io: _ScheduledHeartbeat | _TaskHeartbeat,
+    ) -> None:
+        """Keep the lease alive on ``io`` (the heartbeat's own): the spec's schedule from
+        ``plan``, from ``beat`` on (``delay_ms`` counting from ``received_ms``).  A fresh
+        key for every new beat, the same key for retries of a failed one; every beat asks
+        for ``extend_by_ms = ttl_ms``.  Sleeps until each beat is due; no beat starts
+        after the caller's deadline (``bound``)."""
+        try:
+            context = self._context
+            assert context is not None
+            ttl_ms = int(self._create_body["ttl_ms"])
             body: Dict[str, Any] | None = None
-            bound = _deadline.get()  # the caller's: a sync heartbeat runs outside its context
             while beat.action != "stop":
                 due_ms = received_ms + beat.delay_ms
                 if bound is not None and due_ms >= bound * 1000.0:
@@ -4608,15 +4644,18 @@ class _Reservation:
                     return  # stopped meanwhile: the late result is dropped
                 beat = self._after_extend(plan, response, sent_ms, received_ms)
         except Exception:
-            context = self._context
-            if context is not None and context.heartbeat_stopped is None:
-                context.heartbeat_stopped = "internal_error"
-            _log.error(
-                "heartbeat stopped by an internal error; the lease will lapse:"
-                " reservation_id=%s",
-                self.reservation_id,
-                exc_info=True,
-            )
+            self._heartbeat_failed()
+
+    def _heartbeat_failed(self) -> None:
+        """An internal error in the heartbeat stops it like any other stop (lease lost)."""
+        context = self._context
+        if context is not None and context.heartbeat_stopped is None:
+            context.heartbeat_stopped = "internal_error"
+        _log.error(
+            "heartbeat stopped by an internal error; the lease will lapse: reservation_id=%s",
+            self.reservation_id,
+            exc_info=True,
+        )
 
     def _after_extend(
         self, plan: _HeartbeatPlan, response: CyclesResponse, sent_ms: float, received_ms: float
@@ -5124,6 +5163,9 @@ _unit_check = Amount._fields["unit"]
 _reason_check = ReleaseRequest._fields["reason"]
 
 
+_subject_defaults = operator.attrgetter(*SUBJECT_FIELDS)
+
+
 def _subject_with_defaults(
     config: CyclesConfig,
     values: Mapping[str, str | None],
@@ -5446,8 +5488,9 @@ class _SyncIO:
         self, client: Any, *, detached: bool = False, attempt_s: float | None = None
     ) -> None:
         self.client = client
+        self.config = _config_of(client)
         self.detached = detached
-        self.attempt_s = _config_of(client).attempt_timeout if attempt_s is None else attempt_s
+        self.attempt_s = self.config.attempt_timeout if attempt_s is None else attempt_s
 
     async def send(
         self, operation: str, body: Dict[str, Any], reservation_id: str | None = None
@@ -5478,9 +5521,9 @@ class _SyncIO:
         return work()
 
     def start_heartbeat(
-        self, beats: Callable[[_ScheduledHeartbeat], Coroutine[Any, Any, None]]
+        self, beats: Callable[[_ScheduledHeartbeat], Coroutine[Any, Any, None]], due_ms: float
     ) -> _ScheduledHeartbeat:
-        return _ScheduledHeartbeat(self, beats)
+        return _ScheduledHeartbeat(self, beats, due_ms)
 
     async def stop_heartbeat(self, heartbeat: _ScheduledHeartbeat) -> None:
         heartbeat.stop()
@@ -5550,9 +5593,9 @@ class _AsyncIO:
         return await asyncio.get_running_loop().run_in_executor(None, work)
 
     def start_heartbeat(
-        self, beats: Callable[[_TaskHeartbeat], Coroutine[Any, Any, None]]
+        self, beats: Callable[[_TaskHeartbeat], Coroutine[Any, Any, None]], due_ms: float
     ) -> _TaskHeartbeat:
-        return _TaskHeartbeat(self, beats)
+        return _TaskHeartbeat(self, beats)  # the beats sleep until ``due_ms`` first
 
     async def stop_heartbeat(self, heartbeat: _TaskHeartbeat) -> None:
         await heartbeat.stop()
@@ -5745,49 +5788,52 @@ def _pause(seconds: float) -> Generator[float, None, None]:
     yield seconds
 
 
-class _ScheduledHeartbeat(_SyncIO):
-    """A sync heartbeat: blocking I/O whose sleeps suspend the beats, which run on the
-    process-wide ``_heartbeats`` scheduler.
+class _ScheduledHeartbeat:
+    """A sync heartbeat: the beats' I/O (the reservation's blocking I/O, but its sleeps
+    suspend the beats), run on the process-wide ``_heartbeats`` scheduler.
 
-    On creation it runs the beats up to their first sleep (they always sleep before
-    sending) and hands the heartbeat to the scheduler, which runs each beat when it
-    is due (one extend attempt, bounded by the transport's whole-attempt deadline,
+    Created with its first beat's due time, it costs one heap entry until then: the
+    scheduler builds the beats when that beat is due, runs them up to their next sleep
+    (one extend attempt, bounded by the transport's whole-attempt deadline,
     ``attempt_s``, and the caller's ``deadline()``) and schedules the next.  ``stop()``
     is final (a heartbeat is never restarted): it unschedules the heartbeat and waits
     for a beat in flight until that attempt's deadline, so no extend that keeps to its
     deadline is on the wire when the commit goes out; a result that arrives after
-    ``stop()`` is dropped.
+    ``stop()`` is dropped.  In a forked child the heartbeat is nobody's: the child's
+    scheduler starts empty.
 
     The beats run outside every lock (they log).  The scheduler's lock guards
     ``stopped`` and which beat is running; whoever finds the beats idle closes them.
     """
 
     def __init__(
-        self, io: _SyncIO, beats: Callable[[_ScheduledHeartbeat], Coroutine[Any, Any, None]]
+        self,
+        io: _SyncIO,
+        beats: Callable[[_ScheduledHeartbeat], Coroutine[Any, Any, None]],
+        due_ms: float,
     ) -> None:
-        super().__init__(io.client, attempt_s=io.attempt_s)
+        self.io = io
+        self.attempt_s = io.attempt_s
         self.bound = _deadline.get()  # the beats run outside the caller's context
         self.stopped = False
         self.queued = False  # an entry of it is in the scheduler's heap
         self.deadline = 0.0  # time.monotonic() by which its beat in flight ends
-        self._beats = beats(self)
-        _reset_after_fork(self)
-        _heartbeats.schedule(self, self.beat())
-
-    def _after_fork(self) -> None:
-        """In a forked child: the parent keeps beating (the scheduler resets itself)."""
-        self.stopped = True
+        self._make_beats = beats
+        self._beats: Coroutine[Any, Any, None] | None = None  # built when first due
+        _heartbeats.schedule(self, due_ms / 1000.0 - time.monotonic())
 
     async def sleep(self, seconds: float) -> None:
-        await _pause(seconds)
+        if seconds > 0:
+            await _pause(seconds)
 
     async def send(
         self, operation: str, body: Dict[str, Any], reservation_id: str | None = None
     ) -> CyclesResponse:
         """The blocking send; SystemExit from a test double, say, is an internal error."""
+        self.deadline = time.monotonic() + self.attempt_s
         try:
             with _bounded_by(self.bound):
-                return await super().send(operation, body, reservation_id)
+                return await self.io.send(operation, body, reservation_id)
         except Exception:
             raise
         except BaseException as exc:
@@ -5799,6 +5845,8 @@ class _ScheduledHeartbeat(_SyncIO):
         """Run the beats up to their next sleep: its seconds, or None once they are done.
         Never raises: whatever goes wrong ends this heartbeat only."""
         try:
+            if self._beats is None:
+                self._beats = self._make_beats(self)
             pause: float = self._beats.send(None)
         except StopIteration:
             return None
@@ -5812,9 +5860,10 @@ class _ScheduledHeartbeat(_SyncIO):
             self.close()
 
     def close(self) -> None:
-        # ValueError in a forked child: the parent's thread was inside the beats.
-        with contextlib.suppress(ValueError):
-            self._beats.close()
+        if self._beats is not None:
+            # ValueError in a forked child: the parent's thread was inside the beats.
+            with contextlib.suppress(ValueError):
+                self._beats.close()
 
 
 # How long a heartbeat thread waits for work before it exits: calls in a steady
@@ -5854,6 +5903,9 @@ class _HeartbeatScheduler:
         self._grants = 0  # leads handed to idle threads, not taken yet
         self._running: Dict[_ScheduledHeartbeat, threading.Thread] = {}
         self._active_at = time.monotonic()  # when a heartbeat last came or went
+        # When the leader's wait ends (-inf while it is not waiting): a new beat due
+        # later, or an emptied heap it will see within its idle spell, needs no wake-up.
+        self._wake_at = -math.inf
 
     def schedule(self, heartbeat: _ScheduledHeartbeat, seconds: float | None) -> None:
         if seconds is None:
@@ -5887,10 +5939,13 @@ class _HeartbeatScheduler:
         """Under the lock: one more stale entry; compact the heap once half of it is."""
         self._stale += 1
         if self._stale * 2 > len(self._heap):
-            self._heap = [entry for entry in self._heap if not entry[2].stopped]
-            heapq.heapify(self._heap)
+            if self._stale < len(self._heap):
+                self._heap = [entry for entry in self._heap if not entry[2].stopped]
+                heapq.heapify(self._heap)
+            else:
+                self._heap = []
             self._stale = 0
-            if not self._heap:
+            if not self._heap and self._wake_at > self._active_at + _HEARTBEAT_IDLE_EXIT_S:
                 self._timing.notify()  # the leader's idle spell starts now
 
     def _push(self, heartbeat: _ScheduledHeartbeat, seconds: float) -> None:
@@ -5900,7 +5955,7 @@ class _HeartbeatScheduler:
         heartbeat.queued = True
         if not self._leader:
             self._appoint_leader()
-        elif self._heap[0] is entry:
+        elif entry[0] < self._wake_at:
             self._timing.notify()
 
     def _appoint_leader(self) -> None:
@@ -5964,14 +6019,21 @@ class _HeartbeatScheduler:
                 idle_s = time.monotonic() - self._active_at
                 if idle_s >= _HEARTBEAT_IDLE_EXIT_S:
                     return None
-                self._timing.wait(_HEARTBEAT_IDLE_EXIT_S - idle_s)
+                self._wait_until(self._active_at + _HEARTBEAT_IDLE_EXIT_S)
                 continue
-            wait = self._heap[0][0] - time.monotonic()
-            if wait <= 0:
+            if self._heap[0][0] <= time.monotonic():
                 heartbeat = heapq.heappop(self._heap)[2]
                 heartbeat.queued = False
                 return heartbeat
-            self._timing.wait(wait)
+            self._wait_until(self._heap[0][0])
+
+    def _wait_until(self, moment: float) -> None:
+        """Under the lock, leading: wait for ``moment`` or a notification."""
+        self._wake_at = moment
+        try:
+            self._timing.wait(moment - time.monotonic())
+        finally:
+            self._wake_at = -math.inf
 
     def _skip_stale(self) -> None:
         while self._heap and self._heap[0][2].stopped:
