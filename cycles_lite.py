@@ -4211,7 +4211,7 @@ def _async_guarded(fn: Callable[..., Any], spec: _CyclesSpec, explicit: Any) -> 
 async def _commit_result(spec: _CyclesSpec, guard: _Reservation, result: Any) -> None:
     """After the function returned: commit its actual (or, if unknown, settle nothing)."""
     guard._work_done = True
-    actual, estimated = spec.actual_for(result, guard._estimate, guard.reservation_id)
+    actual, estimated = spec.actual_for(result, guard)
     await guard._commit(actual, estimated=estimated)
 
 
@@ -4323,10 +4323,10 @@ class _CyclesSpec:
             settings_checked=self.settings_checked,
         )
 
-    def actual_for(self, result: Any, estimate: int, reservation_id: str) -> Tuple[int, bool]:
+    def actual_for(self, result: Any, guard: _Reservation) -> Tuple[int, bool]:
         """(actual, taken from the estimate?); raises when the actual is unknown."""
         if self.actual is None:
-            return estimate, True
+            return guard._estimate, True
         if not callable(self.actual):
             return int(self.actual), False
         try:
@@ -4337,10 +4337,10 @@ class _CyclesSpec:
             _log.error(
                 "actual evaluation failed after the guarded work; committing the estimate:"
                 " reservation_id=%s",
-                reservation_id,
+                guard.reservation_id,
                 exc_info=True,
             )
-            return estimate, True
+            return guard._estimate, True
 
 
 _defaults_lock = threading.Lock()
@@ -4632,14 +4632,14 @@ class _Reservation:
                 if bound is not None and due_ms >= bound * 1000.0:
                     _log.debug("heartbeat: the deadline comes before the next beat; stopping")
                     return
-                await io.sleep(max(0.0, due_ms - _monotonic_ms()) / 1000.0)
+                await io.sleep(max(0.0, due_ms - time.monotonic() * 1000.0) / 1000.0)
                 if io.stopped or self._phase != "open":
                     return  # settled meanwhile
                 if body is None or beat.action == "extend":
                     body = {"idempotency_key": _new_key(), "extend_by_ms": ttl_ms}
-                sent_ms = _monotonic_ms()
+                sent_ms = time.monotonic() * 1000.0
                 response = await io.send("extend", body, context.reservation_id)
-                received_ms = _monotonic_ms()
+                received_ms = time.monotonic() * 1000.0
                 if io.stopped or self._phase != "open":
                     return  # stopped meanwhile: the late result is dropped
                 beat = self._after_extend(plan, response, sent_ms, received_ms)
@@ -4720,9 +4720,9 @@ class _Reservation:
         self._work_done = True  # asked to commit: the work happened, whatever the arguments
         commit_body = self._commit_body(actual, metrics, metadata, estimated)
         self._phase = "closed"
-        job = _Settlement.new(
-            self._client, self.reservation_id, commit_body, self._event_body(commit_body)
-        )
+        reservation_id = self.reservation_id
+        event_body = self._event_body(reservation_id, commit_body)
+        job = _Settlement.new(self._client, reservation_id, commit_body, event_body)
         outcome = await _settle_new(self._io, job, self._heartbeat)
         if outcome is not _Disposition.SUCCESS and job.last_response is not None:
             self._settlement_error = _protocol_error(
@@ -4745,7 +4745,7 @@ class _Reservation:
         measured = self._checked("metrics", metrics, context.metrics, _commit_metrics)
         extra = self._checked("metadata", metadata, context.commit_metadata, _commit_metadata)
         wire_metrics = measured.model_dump(mode="json", exclude_none=True) if measured else {}
-        wire_metrics.setdefault("latency_ms", self._elapsed_ms())
+        wire_metrics.setdefault("latency_ms", max(0, int((time.monotonic() - self._opened_at) * 1000)))
         body: Dict[str, Any] = {
             "idempotency_key": _derived_key("commit", self._caller_key),
             "actual": {"unit": self._create_body["estimate"]["unit"], "amount": actual},
@@ -4776,14 +4776,14 @@ class _Reservation:
             )
             return None
 
-    def _event_body(self, commit_body: Dict[str, Any]) -> Dict[str, Any]:
+    def _event_body(self, reservation_id: str, commit_body: Dict[str, Any]) -> Dict[str, Any]:
         """POST /v1/events body recording the same spend if the reservation expired first.
 
         Same key (the event namespace is separate), the original subject and action,
         no overage_policy (the default never rejects spend that already happened).
         """
         metadata = dict(commit_body.get("metadata") or {})
-        metadata["recovered_reservation_id"] = self.reservation_id
+        metadata["recovered_reservation_id"] = reservation_id
         metadata["recovery_reason"] = "commit_after_reservation_expired"
         event = {
             "idempotency_key": commit_body["idempotency_key"],
@@ -4795,9 +4795,6 @@ class _Reservation:
         if "metrics" in commit_body:
             event["metrics"] = commit_body["metrics"]
         return event
-
-    def _elapsed_ms(self) -> int:
-        return max(0, int((time.monotonic() - self._opened_at) * 1000))
 
     # -- leave -------------------------------------------------------------------------
 
@@ -5096,10 +5093,6 @@ class AsyncStreamReservation(_StreamOptions, _AsyncFace):
 # ---------------------------------------------------------------------------
 
 
-def _monotonic_ms() -> float:
-    return time.monotonic() * 1000.0
-
-
 def _describe(response: CyclesResponse) -> str:
     """A log-safe summary of a failed attempt (never a body or a header value)."""
     if response.is_transport_error:
@@ -5119,9 +5112,9 @@ async def _create(
     last attempt's monotonic send and receive times (ms): the heartbeat starts from them.
     """
     for resend in (False, True):
-        sent_ms = _monotonic_ms()
+        sent_ms = time.monotonic() * 1000.0
         response = await io.send("create", body)
-        received_ms = _monotonic_ms()
+        received_ms = time.monotonic() * 1000.0
         valid = _is_schema_valid("create", response)
         ambiguous = not valid and (
             response.is_transport_error or response.is_server_error or response.is_success
@@ -5391,15 +5384,17 @@ async def _settle(io: _SyncIO | _AsyncIO, job: _Settlement, *, retry_inline: boo
 async def _settlement_attempt(io: _SyncIO | _AsyncIO, job: _Settlement) -> _SettlementStep:
     """One commit or event attempt, its outcome, and the journal kept in step with it."""
     job.attempt += 1
-    response = await io.send(*job.request())
+    operation, body, reservation_id = job.request()
+    response = await io.send(operation, body, reservation_id)
     job.last_response = response
     job.kept = False
+    retry_after = response.headers.get("retry-after")
     step = _decide_settlement(
-        job.operation,
+        operation,
         status=response.status,
         error_code=_error_code(response),
-        schema_valid=_is_schema_valid(job.operation, response),
-        retry_after_ms=_parse_retry_after_ms(response.headers.get("retry-after")),
+        schema_valid=_is_schema_valid(operation, response),
+        retry_after_ms=None if retry_after is None else _parse_retry_after_ms(retry_after),
         attempt=job.attempt,
         policy=job.policy,
         now_ms=_wall_clock_ms(),
@@ -5663,7 +5658,7 @@ def _response_of(operation: str, result: Any) -> CyclesResponse:
         flaw = f"{_type_name(result)}, not a CyclesResponse"
     elif isinstance(status, bool) or not isinstance(status, int):
         flaw = f"a CyclesResponse whose status is {_type_name(status)}, not an int"
-    elif not isinstance(headers, AnyMapping):
+    elif not isinstance(headers, (dict, AnyMapping)):  # dict first: no ABC check
         flaw = f"a CyclesResponse whose headers are {_type_name(headers)}, not a mapping"
     elif body is not None and not isinstance(body, dict):
         flaw = f"a CyclesResponse whose body is {_type_name(body)}, not a dict or None"
@@ -5856,7 +5851,8 @@ class _ScheduledHeartbeat:
         return pause
 
     def stop(self) -> None:
-        if _heartbeats.unschedule(self):  # else the beat in flight closes them when it ends
+        # Beats never built need no closing; a beat in flight closes them when it ends.
+        if _heartbeats.unschedule(self) and self._beats is not None:
             self.close()
 
     def close(self) -> None:
