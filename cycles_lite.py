@@ -6404,18 +6404,8 @@ class AsyncStreamReservation(_StreamOptions, _AsyncFace):
 # including the v0.1.26 ACTION_* codes, are "unknown": retried with the same
 # key, then kept.
 _SETTLE_REJECTION_CODES = frozenset(
-    {
-        "INVALID_REQUEST",
-        "UNIT_MISMATCH",
-        "NOT_FOUND",
-        "BUDGET_EXCEEDED",
-        "OVERDRAFT_LIMIT_EXCEEDED",
-        "TENANT_CLOSED",
-        "BUDGET_FROZEN",
-        "BUDGET_CLOSED",
-        "DEBT_OUTSTANDING",
-        "MAX_EXTENSIONS_EXCEEDED",
-    }
+    "INVALID_REQUEST UNIT_MISMATCH NOT_FOUND BUDGET_EXCEEDED OVERDRAFT_LIMIT_EXCEEDED"
+    " TENANT_CLOSED BUDGET_FROZEN BUDGET_CLOSED DEBT_OUTSTANDING MAX_EXTENSIONS_EXCEEDED".split()
 )
 _AUTH_CODES = frozenset({"UNAUTHORIZED", "FORBIDDEN"})
 
@@ -6589,14 +6579,10 @@ def _settlement_failure_reason(
         return "transport_error"
     if status == 429 or code == "LIMIT_EXCEEDED":
         return "rate_limited"
-    if 500 <= status <= 599:
-        return "server_error"
-    if 200 <= status <= 299:
-        return "ambiguous_2xx"
-    if 300 <= status <= 399:
-        return "redirect"
     if not 400 <= status <= 499:
-        return "unexpected_status"
+        return {2: "ambiguous_2xx", 3: "redirect", 5: "server_error"}.get(
+            status // 100, "unexpected_status"
+        )
     if operation == "release" and code != "INTERNAL_ERROR":
         refused = "release_refused:" + (code or str(status))
         return _SettlementStep(_Disposition.STOP_DISCARD, 0, None, refused)
@@ -6739,18 +6725,8 @@ class _PendingSettlement:
 
     def to_json(self) -> str:
         # Field order and json.dumps defaults match runcycles byte for byte.
-        return json.dumps(
-            {
-                "version": _JOURNAL_RECORD_VERSION,
-                "reservation_id": self.reservation_id,
-                "base_url": self.base_url,
-                "mode": self.mode,
-                "commit_body": self.commit_body,
-                "event_fallback_body": self.event_fallback_body,
-                "recorded_at_ms": self.recorded_at_ms,
-                "not_before_ms": self.not_before_ms,
-            }
-        )
+        fields = {name: getattr(self, name) for name in _RECORD_FIELDS}
+        return json.dumps({"version": _JOURNAL_RECORD_VERSION, **fields})
 
     @classmethod
     def from_json(cls, raw: str) -> _PendingSettlement:
@@ -6764,73 +6740,49 @@ class _PendingSettlement:
         version = data.get("version")
         if not _is_int(version, _JOURNAL_RECORD_VERSION, _JOURNAL_RECORD_VERSION):
             raise _JournalRecordError(f"unsupported record version {version!r}", unsupported=True)
-        reservation_id = data.get("reservation_id")
-        if not isinstance(reservation_id, str) or not reservation_id:
-            raise _JournalRecordError("missing reservation_id")
-        mode = data.get("mode", "commit")
-        if mode not in ("commit", "event"):
-            raise _JournalRecordError("unknown mode")
-        commit_body = data.get("commit_body")
-        event_body = data.get("event_fallback_body")
-        for name, body in (("commit_body", commit_body), ("event_fallback_body", event_body)):
-            if body is not None and not isinstance(body, dict):
-                raise _JournalRecordError("invalid " + name)
-        if mode == "commit" and commit_body is None:
-            raise _JournalRecordError("commit-mode record without commit_body")
-        if mode == "event" and event_body is None:
-            raise _JournalRecordError("event-mode record without event_fallback_body")
-        base_url = data.get("base_url", "")
-        if not isinstance(base_url, str):
-            raise _JournalRecordError("invalid base_url")
-        recorded_at = data.get("recorded_at_ms", 0)
-        if not _is_int(recorded_at, 0, INT64_MAX):
-            raise _JournalRecordError("invalid recorded_at_ms")
-        not_before = data.get("not_before_ms")
-        if not_before is not None and not _is_int(not_before, 0, INT64_MAX):
-            raise _JournalRecordError("invalid not_before_ms")
-        return cls(
-            reservation_id=reservation_id,
-            base_url=base_url,
-            mode=mode,
-            commit_body=commit_body,
-            event_fallback_body=event_body,
-            recorded_at_ms=recorded_at,
-            not_before_ms=not_before,
-        )
+        values = {}
+        for name, (default, valid) in _RECORD_FIELDS.items():
+            values[name] = data.get(name, default)
+            if not valid(values[name]):
+                raise _JournalRecordError("invalid or missing " + name)
+        mode = values["mode"]
+        if values["commit_body" if mode == "commit" else "event_fallback_body"] is None:
+            raise _JournalRecordError(f"{mode}-mode record without its body")
+        return cls(**values)
 
 
-def _default_journal_root() -> str | None:
-    home = os.path.expanduser("~")
-    if not home or home.startswith("~"):
-        return None
-    return os.path.join(home, ".runcycles", "commit-journal")
+def _is_body(value: Any) -> bool:
+    return value is None or isinstance(value, dict)
 
 
-def _temp_journal_root() -> str:
-    import tempfile
-
-    return os.path.join(tempfile.gettempdir(), "runcycles-commit-journal")
+# The record's fields in runcycles' order: the value when absent, and the check.
+_RECORD_FIELDS: Dict[str, Tuple[Any, Callable[[Any], bool]]] = {
+    "reservation_id": (None, lambda value: isinstance(value, str) and value != ""),
+    "base_url": ("", lambda value: isinstance(value, str)),
+    "mode": ("commit", lambda value: value in ("commit", "event")),
+    "commit_body": (None, _is_body),
+    "event_fallback_body": (None, _is_body),
+    "recorded_at_ms": (0, lambda value: _is_int(value, 0, INT64_MAX)),
+    "not_before_ms": (None, lambda value: value is None or _is_int(value, 0, INT64_MAX)),
+}
 
 
 def _make_private_dirs(path: str) -> None:
     """Create missing directories with mode 0o700; never touch existing ones."""
-    missing: List[str] = []
-    current = os.path.abspath(path)
-    while not os.path.isdir(current):
-        missing.append(current)
-        parent = os.path.dirname(current)
-        if parent == current:
-            break
-        current = parent
-    for directory in reversed(missing):
-        try:
-            os.mkdir(directory, 0o700)
-        except FileExistsError:
-            if not os.path.isdir(directory):
-                raise
-            continue  # created concurrently by someone else: leave it alone
-        with contextlib.suppress(OSError):
-            os.chmod(directory, 0o700)  # ours: undo a restrictive umask
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    if os.path.isdir(path):
+        return
+    if parent != path:
+        _make_private_dirs(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+        return  # created concurrently by someone else: leave it alone
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o700)  # ours: undo a restrictive umask
 
 
 def _is_foreign(path: str) -> bool:
@@ -6849,16 +6801,9 @@ def _random_suffix() -> str:
     return f"{os.getpid()}.{os.urandom(4).hex()}"
 
 
-def _probe_writable(directory: str) -> bool:
-    probe = os.path.join(directory, ".probe." + _random_suffix() + _JOURNAL_TMP_SUFFIX)
-    try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError:
-        return False
-    os.close(fd)
-    with contextlib.suppress(OSError):
-        os.unlink(probe)
-    return True
+def _create_private(path: str, flags: int) -> int:
+    """``open(..., opener=)``: a new file only its owner can read."""
+    return os.open(path, flags, 0o600)
 
 
 def _move_no_clobber(src: str, dst: str) -> bool:
@@ -6877,17 +6822,10 @@ def _move_no_clobber(src: str, dst: str) -> bool:
     return True
 
 
-def _fsync_directory(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # Windows cannot open directories; nothing more to do there
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _read_record(path: str) -> _PendingSettlement:
+    """Raises OSError, or ValueError for a file that is not a usable record."""
+    with open(path, "rb") as handle:
+        return _PendingSettlement.from_json(handle.read().decode("utf-8"))
 
 
 def _warn_journal_disabled(tried: List[str]) -> None:
@@ -6937,11 +6875,7 @@ class _CommitJournal:
 
     @property
     def directory(self) -> str | None:
-        return self._resolve()
-
-    def _resolve(self) -> str | None:
-        if self._resolved:
-            return self._directory
+        """The identity directory, found (and created) on first use; None: disabled."""
         with self._lock:
             if not self._resolved:
                 self._directory = self._find_directory()
@@ -6950,6 +6884,7 @@ class _CommitJournal:
         return self._directory
 
     def _find_directory(self) -> str | None:
+        """The configured root (or ~/.runcycles/commit-journal), else the shared temp one."""
         try:
             fingerprint = _journal_fingerprint(
                 self._base_url, tenant=self._tenant, api_key=self._api_key
@@ -6957,99 +6892,89 @@ class _CommitJournal:
         except (UnicodeError, ValueError):
             _warn_journal_disabled([])
             return None
-        configured = self._root
-        candidates: List[Tuple[str, bool]] = []
-        if configured:
-            candidates.append((configured, False))
+        roots: List[Tuple[str, bool]] = []  # (root, is the shared temp directory)
+        if self._root:
+            roots.append((self._root, False))
         else:
-            home_root = _default_journal_root()
-            if home_root is not None:
-                candidates.append((home_root, False))
+            home = os.path.expanduser("~")
+            if home and not home.startswith("~"):
+                roots.append((os.path.join(home, ".runcycles", "commit-journal"), False))
         with contextlib.suppress(OSError):  # no usable temp directory at all
-            candidates.append((_temp_journal_root(), True))
-        tried: List[str] = []
-        for root, is_shared_temp in candidates:
+            import tempfile
+
+            roots.append((os.path.join(tempfile.gettempdir(), "runcycles-commit-journal"), True))
+        for index, (root, is_shared_temp) in enumerate(roots):
             directory = os.path.join(root, fingerprint)
-            tried.append(root)
             if self._usable(root, directory, is_shared_temp):
-                if len(tried) > 1:
-                    log = _log.warning if configured else _log.info
-                    log("commit journal root %s is not writable; using %s", tried[0], root)
+                if index:
+                    log = _log.warning if self._root else _log.info
+                    log("commit journal root %s is not writable; using %s", roots[0][0], root)
                 return directory
-        _warn_journal_disabled(tried)
+        _warn_journal_disabled([root for root, _shared in roots])
         return None
 
     @staticmethod
     def _usable(root: str, directory: str, is_shared_temp: bool) -> bool:
+        """Created if missing, ours (in the shared temp directory) and writable."""
+        probe = os.path.join(directory, ".probe." + _random_suffix() + _JOURNAL_TMP_SUFFIX)
         try:
             if is_shared_temp and _is_foreign(root):
                 return False
             _make_private_dirs(directory)
             if is_shared_temp and _is_foreign(directory):
                 return False
-            return _probe_writable(directory)
+            os.close(_create_private(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
         except (OSError, ValueError):
             return False
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+        return True
 
     # -- write / remove -------------------------------------------------------
 
     def write(self, record: _PendingSettlement) -> bool:
         """Atomically persist ``record``; False (and a log line) on any failure."""
-        directory = self._resolve()
+        directory = self.directory
         if directory is None:
-            return False
-        try:
-            data = record.to_json().encode("utf-8")
-        except (TypeError, ValueError):
-            _log.warning(
-                "commit journal: record not serialisable: reservation_id=%s",
-                record.reservation_id,
-            )
             return False
         target = os.path.join(directory, _journal_filename(record.reservation_id))
         try:
-            self._write_atomic(directory, target, data)
-        except OSError as exc:
-            if not isinstance(exc, FileNotFoundError):
-                return self._write_failed(record, exc)
-            try:  # the directory vanished (a cleaned temp dir): recreate once
+            data = record.to_json().encode("utf-8")
+            try:
+                self._write_atomic(directory, target, data)
+            except FileNotFoundError:  # the directory vanished (a cleaned temp dir): recreate
                 _make_private_dirs(directory)
                 self._write_atomic(directory, target, data)
-            except OSError as retry_exc:
-                return self._write_failed(record, retry_exc)
+        except (OSError, TypeError, ValueError) as exc:  # TypeError: a body JSON cannot hold
+            _log.warning(
+                "commit journal write failed (settling without durability): "
+                "reservation_id=%s error=%s",
+                record.reservation_id,
+                type(exc).__name__,
+            )
+            return False
         return True
-
-    @staticmethod
-    def _write_failed(record: _PendingSettlement, exc: OSError) -> bool:
-        _log.warning(
-            "commit journal write failed (settling without durability): "
-            "reservation_id=%s error=%s",
-            record.reservation_id,
-            type(exc).__name__,
-        )
-        return False
 
     def _write_atomic(self, directory: str, target: str, data: bytes) -> None:
         tmp = target + "." + _random_suffix() + _JOURNAL_TMP_SUFFIX
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-        fd = os.open(tmp, flags, 0o600)
         try:
-            try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+            with open(tmp, "xb", opener=_create_private) as handle:
+                handle.write(data)
                 if self._fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
+                    handle.flush()
+                    os.fsync(handle.fileno())
             os.replace(tmp, target)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        if self._fsync:
-            _fsync_directory(directory)
+        if self._fsync:  # the rename too; Windows cannot open a directory, nothing to do there
+            with contextlib.suppress(OSError):
+                fd = os.open(directory, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
 
     def remove(self, reservation_id: str) -> bool:
         """Delete the record; True when none remains (already-removed is fine).
@@ -7057,11 +6982,10 @@ class _CommitJournal:
         Only the v2 name is touched: legacy-named records are migrated to it by
         ``load_pending`` before they are replayed.
         """
-        directory = self._resolve()
-        if directory is None:
-            return True
+        directory = self.directory
         try:
-            os.unlink(os.path.join(directory, _journal_filename(reservation_id)))
+            if directory is not None:
+                os.unlink(os.path.join(directory, _journal_filename(reservation_id)))
         except FileNotFoundError:
             pass
         except OSError as exc:
@@ -7073,34 +6997,26 @@ class _CommitJournal:
             return False
         return True
 
-    @staticmethod
-    def _stored_id(path: str) -> str | None:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                return _PendingSettlement.from_json(handle.read()).reservation_id
-        except (OSError, ValueError):
-            return None
-
     # -- scan -----------------------------------------------------------------
 
     def record_names(self) -> set[str]:
         """File names of the records, if this process already found the directory."""
-        directory = self._directory if self._resolved else None
-        if directory is None:
-            return set()
+        directory = self._directory
         try:
-            return {name for name in os.listdir(directory) if name.endswith(_JOURNAL_SUFFIX)}
+            names = os.listdir(directory) if directory is not None else []
         except OSError:
-            return set()
+            names = []
+        return {name for name in names if name.endswith(_JOURNAL_SUFFIX)}
 
-    def load_pending(self) -> List[_PendingSettlement]:
+    def load_pending(self, quarantined: List[str] | None = None) -> List[_PendingSettlement]:
         """Records for this base URL, oldest name first. Never raises.
 
         Reaps stale temp files, quarantines corrupt and unsupported records
-        (renamed to ``<name>.corrupt``, never deleted, each logged at ERROR),
-        and migrates misnamed (legacy) records to their v2 name.
+        (renamed to ``<name>.corrupt``, never deleted, each logged at ERROR, and
+        appended to ``quarantined``), and migrates misnamed (legacy) records to
+        their v2 name.
         """
-        directory = self._resolve()
+        directory = self.directory
         if directory is None:
             return []
         try:
@@ -7110,73 +7026,63 @@ class _CommitJournal:
         except OSError as exc:
             _log.warning("commit journal scan failed: error=%s", type(exc).__name__)
             return []
-        self._reap_stale_tmp(directory, names)
+        stale = time.time() - _JOURNAL_TMP_MAX_AGE_S
         parsed: List[Tuple[str, _PendingSettlement]] = []
         for name in names:
-            if name.endswith(_JOURNAL_SUFFIX):
-                record = self._read_or_quarantine(directory, name)
+            path = os.path.join(directory, name)
+            if name.endswith(_JOURNAL_TMP_SUFFIX):
+                with contextlib.suppress(OSError):
+                    if os.lstat(path).st_mtime < stale:
+                        os.unlink(path)
+            elif name.endswith(_JOURNAL_SUFFIX):
+                record = self._read_or_quarantine(directory, name, quarantined)
                 if record is not None:
                     parsed.append((name, record))
-        loaded: List[_PendingSettlement] = []
-        for name, record in parsed:
-            misnamed = name != _journal_filename(record.reservation_id)
-            if misnamed and not self._migrate(directory, name, record):
-                continue
-            if record.base_url == self._base_url:
-                loaded.append(record)
-        return loaded
+        # Migrated only now: a misnamed record's v2 name may be a corrupt file quarantined above.
+        return [
+            record
+            for name, record in parsed
+            if (
+                name == _journal_filename(record.reservation_id)
+                or self._migrate(directory, name, record)
+            )
+            and record.base_url == self._base_url
+        ]
 
     @staticmethod
-    def _reap_stale_tmp(directory: str, names: List[str]) -> None:
-        cutoff = time.time() - _JOURNAL_TMP_MAX_AGE_S
-        for name in names:
-            if not name.endswith(_JOURNAL_TMP_SUFFIX):
-                continue
-            path = os.path.join(directory, name)
-            try:
-                if os.lstat(path).st_mtime < cutoff:
-                    os.unlink(path)
-            except OSError:
-                pass
-
-    @staticmethod
-    def _read_or_quarantine(directory: str, name: str) -> _PendingSettlement | None:
+    def _read_or_quarantine(
+        directory: str, name: str, quarantined: List[str] | None
+    ) -> _PendingSettlement | None:
         path = os.path.join(directory, name)
+        if os.path.islink(path) or not os.path.isfile(path):
+            return None
         try:
-            if os.path.islink(path) or not os.path.isfile(path):
-                return None
-            with open(path, "rb") as handle:
-                raw = handle.read()
+            return _read_record(path)
         except OSError:
             return None  # vanished (a concurrent replayer removed it) or unreadable
-        try:
-            return _PendingSettlement.from_json(raw.decode("utf-8"))
         except ValueError as exc:  # includes UnicodeDecodeError and _JournalRecordError
             unsupported = isinstance(exc, _JournalRecordError) and exc.unsupported
-            quarantined = _CommitJournal._quarantine(directory, name)
+            stem = name[: -len(_JOURNAL_SUFFIX)]
+            target: str | None = None
+            for candidate in (stem, stem + "." + _random_suffix()):
+                with contextlib.suppress(OSError):
+                    quarantine = candidate + _JOURNAL_QUARANTINE_SUFFIX
+                    if _move_no_clobber(path, os.path.join(directory, quarantine)):
+                        target = quarantine
+                        break
             _log.error(
                 "commit journal: %s record %s quarantined as %s (%s)",
                 "unsupported" if unsupported else "corrupt",
                 name,
-                quarantined or "<rename failed>",
+                target or "<rename failed>",
                 exc,
             )
+            if quarantined is not None and target is not None:
+                quarantined.append(target)
             return None
 
     @staticmethod
-    def _quarantine(directory: str, name: str) -> str | None:
-        stem = name[: -len(_JOURNAL_SUFFIX)]
-        src = os.path.join(directory, name)
-        for candidate in (stem, stem + "." + _random_suffix()):
-            target = candidate + _JOURNAL_QUARANTINE_SUFFIX
-            try:
-                if _move_no_clobber(src, os.path.join(directory, target)):
-                    return target
-            except OSError:
-                return None
-        return None
-
-    def _migrate(self, directory: str, name: str, record: _PendingSettlement) -> bool:
+    def _migrate(directory: str, name: str, record: _PendingSettlement) -> bool:
         """Move a misnamed record to its v2 name. True when it is now loadable.
 
         Never deletes the old file unless an identical-id v2 record exists,
@@ -7192,16 +7098,17 @@ class _CommitJournal:
         except OSError as exc:
             _log.warning("commit journal: could not migrate %s: %s", name, type(exc).__name__)
             return False
-        if self._stored_id(standard) == record.reservation_id:
-            with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
+            if _read_record(standard).reservation_id == record.reservation_id:
                 os.unlink(src)  # a duplicate of the v2 record, which stays authoritative
-            return False  # the v2 file is loaded under its own name
+                return False  # the v2 file is loaded under its own name
         _log.warning(
             "commit journal: kept %s: %s holds a different or unreadable record",
             name,
             standard_name,
         )
         return False
+
 
 # A commit is settled exactly once, whatever the network does: the first
 # attempt runs on the caller; retries (same idempotency key, backoff with
@@ -8182,19 +8089,8 @@ def _replay_in_background(client: Any, first_use_ms: int) -> None:
 
 def _scan_journal(journal: _CommitJournal) -> Tuple[List[_PendingSettlement], int]:
     """This identity's records for this server, and how many files were quarantined."""
-    directory = journal.directory
-    if directory is None:
-        return [], 0
-    before = _quarantined_names(directory)
-    records = journal.load_pending()
-    return records, len(_quarantined_names(directory) - before)
-
-
-def _quarantined_names(directory: str) -> set[str]:
-    try:
-        return {n for n in os.listdir(directory) if n.endswith(_JOURNAL_QUARANTINE_SUFFIX)}
-    except OSError:
-        return set()
+    quarantined: List[str] = []
+    return journal.load_pending(quarantined), len(quarantined)
 
 
 def _not_queued(records: List[_PendingSettlement]) -> List[_PendingSettlement]:
