@@ -6404,8 +6404,9 @@ class AsyncStreamReservation(_StreamOptions, _AsyncFace):
 # including the v0.1.26 ACTION_* codes, are "unknown": retried with the same
 # key, then kept.
 _SETTLE_REJECTION_CODES = frozenset(
-    "INVALID_REQUEST UNIT_MISMATCH NOT_FOUND BUDGET_EXCEEDED OVERDRAFT_LIMIT_EXCEEDED"
-    " TENANT_CLOSED BUDGET_FROZEN BUDGET_CLOSED DEBT_OUTSTANDING MAX_EXTENSIONS_EXCEEDED".split()
+    {"INVALID_REQUEST", "UNIT_MISMATCH", "NOT_FOUND", "BUDGET_EXCEEDED", "TENANT_CLOSED",
+     "OVERDRAFT_LIMIT_EXCEEDED", "BUDGET_FROZEN", "BUDGET_CLOSED", "DEBT_OUTSTANDING",
+     "MAX_EXTENSIONS_EXCEEDED"}
 )
 _AUTH_CODES = frozenset({"UNAUTHORIZED", "FORBIDDEN"})
 
@@ -7450,7 +7451,7 @@ class _SettlementQueue:
     attempt never has it.  ``flush()`` drains the same heap on the caller's thread
     and never starts a thread.  The heap is bounded: ``submit`` answers False when
     it is full and the caller settles inline instead of dropping anything; journal
-    replay takes at most half of it (``replay_room``), so live retries keep room.
+    replay takes at most half of it (``adopt``), so live retries keep room.
     A journal scan (``start_scan``) counts as pending work until it has submitted.
 
     A commit or event kept after its retry budget (``keep``) stays here too, due
@@ -7470,7 +7471,7 @@ class _SettlementQueue:
     def _after_fork(self) -> None:
         """Empty, threadless and unlocked: also a forked child's start (the parent's
         jobs stay the parent's; their journal records stay on disk)."""
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()  # re-entrant
         self._heap: List[Tuple[float, int, _Settlement]] = []
         self._order = itertools.count()
         self._running: List[str] = []  # reservation ids being settled right now
@@ -7481,6 +7482,11 @@ class _SettlementQueue:
         self._settled = 0  # outcomes of the jobs run here, for FlushResult
         self._given_up = 0
         self._lost = 0  # turned away with no journal record, since the last flush
+
+    def _occupied(self) -> int:
+        """Under the lock: what counts against the capacity: retries under their budget,
+        running jobs, and the async clients' retry tasks on their loops."""
+        return len(self._heap) - self.kept + len(self._running) + len(_settlement_tasks)
 
     def submit(self, job: _Settlement) -> bool:
         """Queue ``job``; False when full.  Kept jobs have room of their own (half the
@@ -7496,10 +7502,12 @@ class _SettlementQueue:
             if not self._atexit_registered:  # a loop task too: its loop may end unfinished
                 atexit.register(self._flush_at_exit)
                 self._atexit_registered = True
-            if getattr(job, "loop_client", None) is not None and _retry_on_loop(job):
+            if job.loop_client is not None and _retry_on_loop(job):
                 return True
-            if self._worker is None and not self._start_worker():
-                return False
+            if self._worker is None:
+                self._worker = _start_daemon(self._work, "cycles-lite-settlement")
+                if self._worker is None:  # interpreter shutdown: the caller settles inline
+                    return False
             self._push(job)
             self._cond.notify_all()
         return True
@@ -7519,156 +7527,113 @@ class _SettlementQueue:
         """A job the full settlement queue could not take.  Journaled, it stays on disk for
         ``recover()`` or the next process; without a record it is lost to this process:
         logged at ERROR and counted as given up by the next ``flush()``."""
-        rid = job.record.reservation_id
-        if job.journal is not None and job.journaled and job.operation != "release":
+        what, rid = job.operation, job.record.reservation_id
+        if job.journal is not None and job.journaled and what != "release":
             _log.warning(
                 "settlement queue full: %s left to the journal (recover() or the next process"
                 " settles it): reservation_id=%s",
-                job.operation,
+                what,
                 rid,
             )
             return
         with self._cond:
             self._lost += 1
-        if job.operation == "release":
-            _log.error(
-                "settlement queue full: release not retried; the reservation holds its budget"
-                " until it expires: reservation_id=%s",
-                rid,
-            )
-        else:
-            _log.error(
-                "settlement queue full and %s not journaled: the %s is LOST, the spend is NOT"
-                " recorded: reservation_id=%s",
-                job.operation,
-                job.operation,
-                rid,
-            )
+        lost = (
+            "release not retried; the reservation holds its budget until it expires"
+            if what == "release"
+            else f"{what} not journaled: the {what} is LOST, the spend is NOT recorded"
+        )
+        _log.error("settlement queue full: %s: reservation_id=%s", lost, rid)
 
-    def take_lost(self) -> int:
-        """How many settlements were turned away unjournaled since the last call."""
+    def wake_kept(self, tried_before: float | None = None) -> None:
+        """Kept jobs last tried before ``tried_before`` (default: a guarded call's
+        ``_KEPT_RETRY_ACTIVITY_GAP_S`` ago) are due now, or at their 429 floor."""
+        if not self.kept:
+            return
         with self._cond:
-            lost, self._lost = self._lost, 0
-            return lost
-
-    def wake_kept(self) -> None:
-        """A guarded call: kept jobs last tried ``_KEPT_RETRY_ACTIVITY_GAP_S`` ago are due."""
-        if self.kept:
-            with self._cond:
-                self._wake(time.monotonic() - _KEPT_RETRY_ACTIVITY_GAP_S)
-
-    def _wake(self, tried_before: float) -> None:
-        """Under the lock: kept jobs last tried before ``tried_before`` are due now (or at
-        their 429 floor)."""
-        now = time.monotonic()
-        woken = False
-        for index, (due, order, job) in enumerate(self._heap):
-            if job.kept and job.kept_at < tried_before:
+            now = time.monotonic()
+            if tried_before is None:
+                tried_before = now - _KEPT_RETRY_ACTIVITY_GAP_S
+            woken = False
+            for index, (due, order, job) in enumerate(self._heap):
                 earliest = max(job.not_before, now)
-                if earliest < due:
+                if job.kept and job.kept_at < tried_before and earliest < due:
                     job.due = earliest
                     self._heap[index] = (earliest, order, job)
                     woken = True
-        if woken:
-            heapq.heapify(self._heap)
-            self._cond.notify_all()
+            if woken:
+                heapq.heapify(self._heap)
+                self._cond.notify_all()
 
-    def take_kept(self, reservation_ids: set[str] | None = None) -> int:
+    def take_kept(self, reservation_ids: set[str] | None = None) -> None:
         """Take kept jobs (those of ``reservation_ids``, default all) out of the queue, for
-        ``recover()`` to settle from their journal records; how many were taken."""
+        ``recover()`` to settle from their journal records."""
         with self._cond:
-            heap = self._heap
             wanted = reservation_ids
-            taken = [
-                entry for entry in heap
+            kept = [
+                entry for entry in self._heap
                 if entry[2].kept and (wanted is None or entry[2].record.reservation_id in wanted)
             ]
-            if taken:
-                self._heap = [entry for entry in heap if entry not in taken]
-                heapq.heapify(self._heap)
-                self.kept -= len(taken)
-                self._cond.notify_all()
-            return len(taken)
+            self._heap = [entry for entry in self._heap if entry not in kept]
+            heapq.heapify(self._heap)
+            self.kept -= len(kept)
+            self._cond.notify_all()
 
     def take_over(self, reservation_ids: set[str]) -> set[str]:
         """``recover()``: take the kept jobs of ``reservation_ids`` out of the queue and
         mark as in progress the ids nothing else here holds (queued, running, or another
         recover's), so a concurrent recover or replay skips them; those ids, until each
         is ``given_back``."""
-        with self._cond:  # a re-entrant lock: take_kept inside
+        with self._cond:
             self.take_kept(reservation_ids)
             claimed = reservation_ids - self.busy()
             self._recovering |= claimed
             return claimed
-
-    def adopt(self, job: _Settlement) -> bool:
-        """Replay: ``submit`` a journal record's job unless this process already settles it
-        (checked under the same lock as ``take_over`` claims)."""
-        with self._cond:
-            return job.record.reservation_id not in self.busy() and self.submit(job)
 
     def given_back(self, reservation_id: str) -> None:
         """A job ``take_over`` claimed is done, or queued here."""
         with self._cond:
             self._recovering.discard(reservation_id)
 
+    def adopt(self, jobs: List[_Settlement]) -> int:
+        """Replay: ``submit`` journal records' jobs, those this process does not settle
+        already (checked under the same lock as ``take_over`` claims), while the queue is
+        less than half full; how many it took."""
+        with self._cond:
+            busy = self.busy()
+            fresh = [job for job in jobs if job.record.reservation_id not in busy]
+            room = self._capacity // 2 - self._occupied()
+            return sum(1 for job in fresh[: max(0, room)] if self.submit(job))
+
     def pending(self) -> int:
         with self._cond:
             return len(self._heap) + len(self._running)
-
-    def replay_room(self) -> int:
-        """How many replayed records may be queued now: half the capacity, less what waits."""
-        with self._cond:
-            return max(0, self._capacity // 2 - self._occupied())
-
-    def _live_count(self) -> int:
-        """Under the lock: queued retries under their budget, and running jobs."""
-        return len(self._heap) - self.kept + len(self._running)
-
-    def _occupied(self) -> int:
-        """Under the lock: what counts against the capacity: the live jobs here and the
-        async clients' retry tasks on their loops."""
-        return self._live_count() + len(_settlement_tasks)
-
-    def start_scan(self, scan: Callable[[], None]) -> None:
-        """Run ``scan`` on a one-shot daemon thread; ``flush()`` waits for it."""
-        with self._cond:
-            self._scans += 1
-        thread = threading.Thread(
-            target=self._run_scan, args=(scan,), name="cycles-lite-replay", daemon=True
-        )
-        try:
-            thread.start()
-        except RuntimeError:  # interpreter shutdown: a later process replays
-            self._scan_done()
-
-    def _run_scan(self, scan: Callable[[], None]) -> None:
-        try:
-            scan()
-        finally:
-            self._scan_done()
-
-    def _scan_done(self) -> None:
-        with self._cond:
-            self._scans -= 1
-            self._cond.notify_all()
-
-    def _idle(self) -> bool:
-        return not self._heap and not self._running and not self._scans
-
-    def _live(self) -> bool:
-        """Work flush waits for: a retry under its budget, a running job, a scan."""
-        return self._live_count() > 0 or bool(self._scans)
 
     def busy(self) -> set[str]:
         """Reservation ids this process is already settling (queued, kept, running, or
         being recovered)."""
         with self._cond:
-            return (
-                {job.record.reservation_id for _due, _n, job in self._heap}
-                | set(self._running)
-                | self._recovering
-            )
+            queued = {job.record.reservation_id for _due, _n, job in self._heap}
+            return queued | set(self._running) | self._recovering
+
+    def start_scan(self, scan: Callable[[], None]) -> None:
+        """Run ``scan`` on a one-shot daemon thread; ``flush()`` waits for it."""
+
+        def done() -> None:
+            with self._cond:
+                self._scans -= 1
+                self._cond.notify_all()
+
+        def run() -> None:
+            try:
+                scan()
+            finally:
+                done()
+
+        with self._cond:
+            self._scans += 1
+        if _start_daemon(run, "cycles-lite-replay") is None:  # shutdown: a later process replays
+            done()
 
     def flush(self, timeout: float | None, *, retry_kept: bool = True) -> FlushResult:
         """Settle what is pending on this thread, waiting for not-yet-due retries while the
@@ -7680,36 +7645,27 @@ class _SettlementQueue:
         with self._cond:
             settled, given_up = self._settled, self._given_up
         while True:
+            if retry_kept:
+                self.wake_kept(started)  # each kept job: one attempt during this flush
             with self._cond:
-                if retry_kept and self.kept:
-                    self._wake(started)  # each kept job: one attempt during this flush
                 job = self._next_due(bound, live_only=True)
                 if job is None:
                     settled, given_up = self._settled - settled, self._given_up - given_up
                     break
             with _bounded_by(bound):  # an attempt started here ends by flush's own deadline too
                 self._run(job)
-        return FlushResult(settled, self._unsettled(), given_up + self.take_lost())
+        return self.result(settled, given_up)
 
-    def _unsettled(self) -> int:
-        """Settlements this process knows are open: in memory, or in a journal it uses."""
+    def result(self, settled: int, given_up: int) -> FlushResult:
+        """A FlushResult: also counts what is journaled, and what was lost since the last."""
         in_memory = self.busy()
-        names = {_journal_filename(rid) for rid in in_memory}
         with _journals_lock:
             journals = list(_journals.values())
-        on_disk: set[str] = set()
-        for journal in journals:
-            on_disk |= journal.record_names()
-        return len(in_memory) + len(on_disk - names)
-
-    def _start_worker(self) -> bool:
-        worker = threading.Thread(target=self._work, name="cycles-lite-settlement", daemon=True)
-        try:
-            worker.start()
-        except RuntimeError:  # interpreter shutdown: the caller settles inline
-            return False
-        self._worker = worker
-        return True
+        on_disk: set[str] = set().union(*(journal.record_names() for journal in journals))
+        on_disk -= {_journal_filename(rid) for rid in in_memory}
+        with self._cond:
+            lost, self._lost = self._lost, 0
+        return FlushResult(settled, len(in_memory) + len(on_disk), given_up + lost)
 
     def _work(self) -> None:
         while True:
@@ -7734,26 +7690,23 @@ class _SettlementQueue:
         """
         while True:
             now = time.monotonic()
-            if self._heap and self._heap[0][0] <= now and (deadline is None or now < deadline):
-                job = heapq.heappop(self._heap)[2]
+            if deadline is not None and now >= deadline:
+                return None
+            heap = self._heap
+            if heap and heap[0][0] <= now:
+                job = heapq.heappop(heap)[2]
                 self.kept -= job.kept
                 self._running.append(job.record.reservation_id)
                 return job
-            if self._idle() or (deadline is not None and now >= deadline):
+            live = len(heap) - self.kept + len(self._running) + self._scans
+            if not live and (live_only or not heap):
                 return None
-            if live_only and not self._live():
-                return None
-            if (
-                deadline is not None
-                and not self._running
-                and not self._scans
-                and self._heap[0][0] > deadline
-            ):
+            if deadline is None:
+                self._cond.wait(heap[0][0] - now if heap else None)
+            elif self._running or self._scans or heap[0][0] <= deadline:
+                self._cond.wait(min(deadline, heap[0][0] if heap else deadline) - now)
+            else:
                 return None  # the next retry is due after the deadline: waiting cannot help
-            waits = [self._heap[0][0] - now] if self._heap else []
-            if deadline is not None:
-                waits.append(deadline - now)
-            self._cond.wait(min(waits) if waits else None)
 
     def _run(self, job: _Settlement) -> None:
         outcome = _Disposition.RETRY  # interrupted (Ctrl-C in flush): back to the heap
@@ -7792,6 +7745,16 @@ class _SettlementQueue:
 
 
 _settlements = _SettlementQueue()
+
+
+def _start_daemon(target: Callable[[], None], name: str) -> threading.Thread | None:
+    """A started daemon thread; None at interpreter shutdown (no new threads then)."""
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    try:
+        thread.start()
+    except RuntimeError:
+        return None
+    return thread
 
 
 @dataclass(frozen=True)
@@ -7865,7 +7828,7 @@ async def aflush(timeout: float | None = None) -> FlushResult:
         drain = functools.partial(contextvars.copy_context().run, _settlements.flush, left)
         result = await loop.run_in_executor(None, drain)
     else:
-        result = FlushResult(0, _settlements._unsettled(), _settlements.take_lost())
+        result = _settlements.result(0, 0)
     unjournaled = sum(1 for t in mine if not t.done() and _settlement_tasks[t].journal is None)
     return FlushResult(
         result.settled + outcomes.count(_Disposition.SUCCESS),
@@ -8046,14 +8009,12 @@ def _replay_on_first_use(client: Any) -> None:
     _settlements.wake_kept()
     if not issubclass(type(client), (CyclesClient, AsyncCyclesClient)):
         return  # a test double or a duck: never hand it records other processes left
-    if _clients_seen.get(id(client)) is client:
+    if not client._config.journal_enabled:
         return
     with _replay_lock:
         if _clients_seen.get(id(client)) is client:
             return
         _clients_seen[id(client)] = client
-    if not _config_of(client).journal_enabled:
-        return
     # Only records written before now are adopted: later ones belong to settlements
     # of this process that are still running (the async scan runs concurrently).
     first_use_ms = _wall_clock_ms()
@@ -8061,16 +8022,18 @@ def _replay_on_first_use(client: Any) -> None:
 
 
 def _replay_in_background(client: Any, first_use_ms: int) -> None:
-    """Queue this identity's surviving records, at most ``replay_room()`` of them."""
+    """Queue this identity's surviving records, as many as ``_settlements.adopt`` takes."""
     try:
         journal = _journal_for(_config_of(client))
         if journal is None or not _claim_replay(journal):
             return
-        records, _quarantined = _scan_journal(journal)
-        earlier = [r for r in records if r.recorded_at_ms < first_use_ms]
-        records = _not_queued(earlier)
-        room = _settlements.replay_room()
-        queued = sum(1 for job in _replay_jobs(client, records[:room]) if _settlements.adopt(job))
+        busy = _settlements.busy()
+        records = [
+            record
+            for record in journal.load_pending()
+            if record.recorded_at_ms < first_use_ms and record.reservation_id not in busy
+        ]
+        queued = _settlements.adopt(_replay_jobs(client, records))
         if queued:
             _log.info(
                 "replaying %d journaled settlement(s) in the background from %s",
@@ -8091,12 +8054,6 @@ def _scan_journal(journal: _CommitJournal) -> Tuple[List[_PendingSettlement], in
     """This identity's records for this server, and how many files were quarantined."""
     quarantined: List[str] = []
     return journal.load_pending(quarantined), len(quarantined)
-
-
-def _not_queued(records: List[_PendingSettlement]) -> List[_PendingSettlement]:
-    """The records no settlement of this process is already retrying."""
-    busy = _settlements.busy()
-    return [r for r in records if r.reservation_id not in busy]
 
 
 def _replay_jobs(client: Any, records: List[_PendingSettlement]) -> List[_Settlement]:
