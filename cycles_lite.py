@@ -7119,13 +7119,17 @@ class _CommitJournal:
 
 
 def _retry_policy(config: CyclesConfig) -> _RetryPolicy:
+    """The config's policy: built (and checked) once per distinct setting, not per call."""
     retries = config.retry_max_attempts if config.retry_enabled else 0
-    return _RetryPolicy(
-        max_attempts=1 + retries,
-        initial_delay_ms=int(config.retry_initial_delay * 1000),
-        multiplier=config.retry_multiplier,
-        max_delay_ms=int(config.retry_max_delay * 1000),
+    return _cached_retry_policy(
+        1 + retries,
+        int(config.retry_initial_delay * 1000),
+        config.retry_multiplier,
+        int(config.retry_max_delay * 1000),
     )
+
+
+_cached_retry_policy = functools.lru_cache(maxsize=64)(_RetryPolicy)
 
 
 def _jitter() -> float:
@@ -7155,14 +7159,10 @@ def _journal_for(config: CyclesConfig) -> _CommitJournal | None:
         if journal is None:
             if len(_journals) >= 64:
                 _journals.clear()
-            journal = _CommitJournal(
-                config.journal_dir,
-                config.base_url,
-                tenant=config.tenant,
-                api_key=config.api_key,
-                fsync=config.journal_fsync,
+            journal = _journals[key] = _CommitJournal(
+                config.journal_dir, config.base_url, tenant=config.tenant,
+                api_key=config.api_key, fsync=config.journal_fsync,
             )
-            _journals[key] = journal
         return journal
 
 
@@ -7207,30 +7207,33 @@ class _Settlement:
         commit_body: Dict[str, Any],
         event_body: Dict[str, Any],
     ) -> _Settlement:
+        """A guarded call's settlement: its record is written before the first attempt."""
         config = _config_of(client)
         record = _PendingSettlement(
-            reservation_id=reservation_id,
-            base_url=config.base_url,
-            commit_body=commit_body,
-            event_fallback_body=event_body,
+            reservation_id, config.base_url, commit_body=commit_body, event_fallback_body=event_body
         )
-        job = cls.for_record(client, record)
-        job.journaled = False
-        return job
+        return cls.for_record(client, record, config=config, journaled=False)
 
     @classmethod
-    def for_record(cls, client: Any, record: _PendingSettlement) -> _Settlement:
-        """Also the hook for journal replay: settle a surviving record through the worker."""
-        config = _config_of(client)
-        return cls(
-            record=record,
-            send=_sender(client, detached=True),
-            policy=_retry_policy(config),
-            journal=_journal_for(config),
-            inline=config.commit_retry == "inline",
-            flush_timeout=config.retry_flush_timeout,
-            loop_client=client if isinstance(client, AsyncCyclesClient) else None,
-        )
+    def for_record(
+        cls,
+        client: Any,
+        record: _PendingSettlement,
+        config: CyclesConfig | None = None,
+        **state: Any,
+    ) -> _Settlement:
+        """Also the hook for journal replay: settle a surviving record through the worker
+        (``state`` sets fields, ``config`` saves looking the client's up again)."""
+        config = config or _config_of(client)
+        settings: Dict[str, Any] = {
+            "send": _sender(client, detached=True),
+            "policy": _retry_policy(config),
+            "journal": _journal_for(config),
+            "inline": config.commit_retry == "inline",
+            "flush_timeout": config.retry_flush_timeout,
+            "loop_client": client if isinstance(client, AsyncCyclesClient) else None,
+        }
+        return cls(record=record, **{**settings, **state})
 
     @classmethod
     def for_release(cls, client: Any, release: _Send) -> _Settlement:
@@ -7238,11 +7241,7 @@ class _Settlement:
         unreleased reservation costs nothing once its TTL passes)."""
         assert release.reservation_id is not None
         record = _PendingSettlement(release.reservation_id, "", mode="release")
-        job = cls.for_record(client, record)
-        job.journal = None
-        job.inline = False
-        job.release = release
-        return job
+        return cls.for_record(client, record, journal=None, inline=False, release=release)
 
     @property
     def operation(self) -> str:
@@ -7371,68 +7370,43 @@ def _settlement_attempt(job: _Settlement) -> _Steps[_SettlementStep]:
 
 
 def _report_settlement(job: _Settlement, response: CyclesResponse, step: _SettlementStep) -> None:
+    """One log line per attempt: DEBUG for a first-time commit, ERROR once per kept spend."""
+    what, attempts, disposition = job.operation, job.attempt, step.disposition
     rid = job.record.reservation_id
-    what = job.operation
-    disposition = step.disposition
     if disposition is _Disposition.SUCCESS:
-        log = _log.info if job.attempt > 1 or what == "event" else _log.debug
-        log("%s settled (attempt %d): reservation_id=%s", what, job.attempt, rid)
-    elif disposition is _Disposition.RETRY:
-        _log.warning(
-            "%s attempt %d failed (%s, %s): will retry with the same idempotency key in %d ms:"
-            " reservation_id=%s",
-            what,
-            job.attempt,
-            _describe(response),
-            step.reason,
-            step.delay_ms,
-            rid,
+        level = logging.INFO if attempts > 1 or what == "event" else logging.DEBUG
+        _log.log(level, "%s settled (attempt %d): reservation_id=%s", what, attempts, rid)
+        return
+    level, why = logging.WARNING, f"{_describe(response)}, {step.reason}"
+    if disposition is _Disposition.RETRY:
+        message = (
+            f"{what} attempt {attempts} failed ({why}): will retry with the same idempotency"
+            f" key in {step.delay_ms} ms"
         )
     elif disposition is _Disposition.FALLBACK_EVENT:
-        _log.warning(
-            "commit failed (%s): the reservation expired; recording the spend as an event"
-            " with the same idempotency key: reservation_id=%s",
-            _describe(response),
-            rid,
-        )
-    elif disposition is _Disposition.STOP_DISCARD and what == "release":
-        _log.warning(
-            "release refused (%s, %s); not retried: reservation_id=%s",
-            _describe(response),
-            step.reason,
-            rid,
+        message = (
+            f"commit failed ({_describe(response)}): the reservation expired; recording the"
+            " spend as an event with the same idempotency key"
         )
     elif disposition is _Disposition.STOP_DISCARD:
-        _log.warning(
-            "%s not settled (%s, %s); not retried, nothing released: reservation_id=%s",
-            what,
-            _describe(response),
-            step.reason,
-            rid,
-        )
+        if what == "release":
+            message = f"release refused ({why}); not retried"
+        else:
+            message = f"{what} not settled ({why}); not retried, nothing released"
     elif what == "release":
-        _log.warning(
-            "release not settled after %d attempt(s) (%s, %s); the reservation holds its"
-            " budget until it expires: reservation_id=%s",
-            job.attempt,
-            _describe(response),
-            step.cause or step.reason,
-            rid,
+        message = (
+            f"release not settled after {attempts} attempt(s) ({_describe(response)},"
+            f" {step.cause or step.reason}); the reservation holds its budget until it expires"
         )
     else:
         kept = "kept (journal and memory)" if job.journal else "kept in memory (no journal)"
-        log = _log.warning if job.times_kept else _log.error  # ERROR once per settlement
-        log(
-            "%s not settled after %d attempt(s) (%s, %s%s): the spend is NOT recorded yet;"
-            " %s, retried later by this process: reservation_id=%s",
-            what,
-            job.attempt,
-            _describe(response),
-            step.reason,
-            f": {step.cause}" if step.cause else "",
-            kept,
-            rid,
+        level = logging.WARNING if job.times_kept else logging.ERROR  # ERROR once per settlement
+        cause = f": {step.cause}" if step.cause else ""
+        message = (
+            f"{what} not settled after {attempts} attempt(s) ({why}{cause}): the spend is NOT"
+            f" recorded yet; {kept}, retried later by this process"
         )
+    _log.log(level, "%s: reservation_id=%s", message, rid)
 
 
 # Settlements kept after their retry budget stay the process's: retried after 30 s,
@@ -7817,19 +7791,18 @@ async def aflush(timeout: float | None = None) -> FlushResult:
     bound = _flush_bound(timeout)
     _rescue_stranded_settlements()  # onto this loop
     loop = asyncio.get_running_loop()
-    mine = [task for task in list(_settlement_tasks) if task.get_loop() is loop]
-    outcomes: List[_Disposition] = []
+    mine = {task: job for task, job in list(_settlement_tasks.items()) if task.get_loop() is loop}
     if mine:
         left = None if bound is None else max(0.0, bound - time.monotonic())
-        done, _running = await asyncio.wait(mine, timeout=left)
-        outcomes = [t.result() for t in done if not t.cancelled() and t.exception() is None]
-    left = None if bound is None else max(0.0, bound - time.monotonic())
+        await asyncio.wait(mine, timeout=left)
+    outcomes = [t.result() for t in mine if t.done() and not t.cancelled() and not t.exception()]
     if _settlements.pending():
+        left = None if bound is None else max(0.0, bound - time.monotonic())
         drain = functools.partial(contextvars.copy_context().run, _settlements.flush, left)
         result = await loop.run_in_executor(None, drain)
     else:
         result = _settlements.result(0, 0)
-    unjournaled = sum(1 for t in mine if not t.done() and _settlement_tasks[t].journal is None)
+    unjournaled = sum(1 for task, job in mine.items() if not task.done() and job.journal is None)
     return FlushResult(
         result.settled + outcomes.count(_Disposition.SUCCESS),
         result.pending + unjournaled,
