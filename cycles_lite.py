@@ -6836,9 +6836,8 @@ def _warn_journal_disabled(tried: List[str]) -> None:
             return
         _journal_disabled_warned = True
     _log.warning(
-        "commit journal disabled: no writable directory (tried %s); settlements run "
-        "without durability",
-        ", ".join(tried) or "none",
+        "commit journal disabled: no writable directory (tried %s); settlements run without"
+        " durability", ", ".join(tried) or "none"
     )
 
 
@@ -6851,12 +6850,7 @@ class _CommitJournal:
     """
 
     def __init__(
-        self,
-        root: str | None,
-        base_url: str,
-        *,
-        tenant: str | None,
-        api_key: str,
+        self, root: str | None, base_url: str, *, tenant: str | None, api_key: str,
         fsync: bool = False,
     ) -> None:
         self._root = root
@@ -6948,10 +6942,8 @@ class _CommitJournal:
                 self._write_atomic(directory, target, data)
         except (OSError, TypeError, ValueError) as exc:  # TypeError: a body JSON cannot hold
             _log.warning(
-                "commit journal write failed (settling without durability): "
-                "reservation_id=%s error=%s",
-                record.reservation_id,
-                type(exc).__name__,
+                "commit journal write failed (settling without durability): reservation_id=%s"
+                " error=%s", record.reservation_id, type(exc).__name__
             )
             return False
         return True
@@ -6992,8 +6984,7 @@ class _CommitJournal:
         except OSError as exc:
             _log.warning(
                 "commit journal: could not remove record: reservation_id=%s error=%s",
-                reservation_id,
-                type(exc).__name__,
+                reservation_id, type(exc).__name__
             )
             return False
         return True
@@ -7071,12 +7062,10 @@ class _CommitJournal:
                     if _move_no_clobber(path, os.path.join(directory, quarantine)):
                         target = quarantine
                         break
+            kind = "unsupported" if unsupported else "corrupt"
             _log.error(
-                "commit journal: %s record %s quarantined as %s (%s)",
-                "unsupported" if unsupported else "corrupt",
-                name,
-                target or "<rename failed>",
-                exc,
+                "commit journal: %s record %s quarantined as %s (%s)", kind, name,
+                target or "<rename failed>", exc
             )
             if quarantined is not None and target is not None:
                 quarantined.append(target)
@@ -7103,11 +7092,8 @@ class _CommitJournal:
             if _read_record(standard).reservation_id == record.reservation_id:
                 os.unlink(src)  # a duplicate of the v2 record, which stays authoritative
                 return False  # the v2 file is loaded under its own name
-        _log.warning(
-            "commit journal: kept %s: %s holds a different or unreadable record",
-            name,
-            standard_name,
-        )
+        message = "commit journal: kept %s: %s holds a different or unreadable record"
+        _log.warning(message, name, standard_name)
         return False
 
 
@@ -7201,10 +7187,7 @@ class _Settlement:
 
     @classmethod
     def new(
-        cls,
-        client: Any,
-        reservation_id: str,
-        commit_body: Dict[str, Any],
+        cls, client: Any, reservation_id: str, commit_body: Dict[str, Any],
         event_body: Dict[str, Any],
     ) -> _Settlement:
         """A guarded call's settlement: its record is written before the first attempt."""
@@ -7216,10 +7199,7 @@ class _Settlement:
 
     @classmethod
     def for_record(
-        cls,
-        client: Any,
-        record: _PendingSettlement,
-        config: CyclesConfig | None = None,
+        cls, client: Any, record: _PendingSettlement, config: CyclesConfig | None = None,
         **state: Any,
     ) -> _Settlement:
         """Also the hook for journal replay: settle a surviving record through the worker
@@ -7505,9 +7485,7 @@ class _SettlementQueue:
         if job.journal is not None and job.journaled and what != "release":
             _log.warning(
                 "settlement queue full: %s left to the journal (recover() or the next process"
-                " settles it): reservation_id=%s",
-                what,
-                rid,
+                " settles it): reservation_id=%s", what, rid
             )
             return
         with self._cond:
@@ -7714,7 +7692,7 @@ class _SettlementQueue:
             if not result:
                 _log.warning(
                     "%d settlement(s) still open at exit; journal records are replayed later",
-                    result.pending,
+                    result.pending
                 )
 
 
@@ -8009,15 +7987,13 @@ def _replay_in_background(client: Any, first_use_ms: int) -> None:
         queued = _settlements.adopt(_replay_jobs(client, records))
         if queued:
             _log.info(
-                "replaying %d journaled settlement(s) in the background from %s",
-                queued,
+                "replaying %d journaled settlement(s) in the background from %s", queued,
                 journal.directory,
             )
         if queued < len(records):
             _log.warning(
                 "replay: %d journaled settlement(s) left journaled for recover() or the next"
-                " process (the settlement queue keeps room for live retries)",
-                len(records) - queued,
+                " process (the settlement queue keeps room for live retries)", len(records) - queued
             )
     except Exception:  # a replay problem must never break a guarded call
         _log.exception("commit journal replay failed")
