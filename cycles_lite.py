@@ -6671,12 +6671,8 @@ def _journal_fingerprint(base_url: str, *, tenant: str | None, api_key: str) -> 
     cached = _fingerprint_cache.get(cache_key)
     if cached is not None:
         return cached
-    digest = hashlib.pbkdf2_hmac(
-        "sha256",
-        principal_bytes,
-        (_JOURNAL_PBKDF2_SALT_PREFIX + base_url).encode("utf-8"),
-        _JOURNAL_PBKDF2_ITERATIONS,
-    )
+    salt = (_JOURNAL_PBKDF2_SALT_PREFIX + base_url).encode("utf-8")
+    digest = hashlib.pbkdf2_hmac("sha256", principal_bytes, salt, _JOURNAL_PBKDF2_ITERATIONS)
     fingerprint = digest.hex()[:_JOURNAL_FINGERPRINT_HEX]
     if len(_fingerprint_cache) >= 64:
         _fingerprint_cache.clear()
@@ -7506,16 +7502,13 @@ class _SettlementQueue:
             now = time.monotonic()
             if tried_before is None:
                 tried_before = now - _KEPT_RETRY_ACTIVITY_GAP_S
-            woken = False
             for index, (due, order, job) in enumerate(self._heap):
                 earliest = max(job.not_before, now)
                 if job.kept and job.kept_at < tried_before and earliest < due:
                     job.due = earliest
                     self._heap[index] = (earliest, order, job)
-                    woken = True
-            if woken:
-                heapq.heapify(self._heap)
-                self._cond.notify_all()
+            heapq.heapify(self._heap)
+            self._cond.notify_all()
 
     def take_kept(self, reservation_ids: set[str] | None = None) -> None:
         """Take kept jobs (those of ``reservation_ids``, default all) out of the queue, for
@@ -7807,9 +7800,8 @@ def _retry_on_loop(job: _Settlement) -> bool:
     the loop shutting down, which would never run a new task.
     """
     asyncio = sys.modules.get("asyncio")
-    if asyncio is None or not isinstance(sys.exc_info()[1], (Exception, type(None))):
-        return False
-    if job.kept:  # out of retries: parked in the worker's queue, retried on activity or flush
+    # A kept job (out of retries) is parked in the worker's queue, retried on activity or flush.
+    if asyncio is None or job.kept or not isinstance(sys.exc_info()[1], (Exception, type(None))):
         return False
     try:
         loop = asyncio.get_running_loop()
@@ -7820,12 +7812,8 @@ def _retry_on_loop(job: _Settlement) -> bool:
         return False
     task = loop.create_task(_settle_on_loop(job))
     _settlement_tasks[task] = job
-    task.add_done_callback(_forget_settlement_task)
+    task.add_done_callback(lambda done: _settlement_tasks.pop(done, None))
     return True
-
-
-def _forget_settlement_task(task: asyncio.Task[_Disposition]) -> None:
-    _settlement_tasks.pop(task, None)
 
 
 _stranded_tasks: List[Any] = []  # their loops never run them again; kept, never destroyed
@@ -7938,10 +7926,8 @@ _clients_seen: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictiona
 def _claim_replay(journal: _CommitJournal) -> bool:
     """True the first time this process replays ``journal``'s identity directory."""
     directory = journal.directory
-    if directory is None:
-        return False
     with _replay_lock:
-        if directory in _replayed_journals:
+        if directory is None or directory in _replayed_journals:
             return False
         _replayed_journals.add(directory)
         return True
