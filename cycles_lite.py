@@ -7204,7 +7204,7 @@ class _Settlement:
         settings: Dict[str, Any] = {
             "send": _sender(client, detached=True),
             "policy": _retry_policy(config),
-            "journal": _journal_for(config),
+            "journal": _journal_for(config) if config.journal_enabled else None,  # no call if off
             "inline": config.commit_retry == "inline",
             "flush_timeout": config.retry_flush_timeout,
             "loop_client": client if isinstance(client, AsyncCyclesClient) else None,
@@ -7943,7 +7943,8 @@ def _replay_on_first_use(client: Any) -> None:
     alike, and the surviving records are settled on the settlement worker.
     Never raises.
     """
-    _settlements.wake_kept()
+    if _settlements.kept:
+        _settlements.wake_kept()
     if not issubclass(type(client), (CyclesClient, AsyncCyclesClient)):
         return  # a test double or a duck: never hand it records other processes left
     if not client._config.journal_enabled:
