@@ -6652,8 +6652,9 @@ _JOURNAL_PBKDF2_ITERATIONS = 30_000
 _JOURNAL_FINGERPRINT_HEX = 16
 
 _fingerprint_cache: Dict[Tuple[str, bytes], str] = {}
-_journal_warn_lock = threading.Lock()
 _journal_disabled_warned = False
+# One lock for the process's journal bookkeeping: the journals, replay claims, warn-once.
+_journals_lock = threading.Lock()
 
 
 def _journal_fingerprint(base_url: str, *, tenant: str | None, api_key: str) -> str:
@@ -6827,10 +6828,10 @@ def _read_record(path: str) -> _PendingSettlement:
 
 def _warn_journal_disabled(tried: List[str]) -> None:
     global _journal_disabled_warned
-    with _journal_warn_lock:
-        if _journal_disabled_warned:
-            return
-        _journal_disabled_warned = True
+    with _journals_lock:
+        warned, _journal_disabled_warned = _journal_disabled_warned, True
+    if warned:
+        return
     _log.warning(
         "commit journal disabled: no writable directory (tried %s); settlements run without"
         " durability", ", ".join(tried) or "none"
@@ -7120,7 +7121,6 @@ def _jitter() -> float:
 
 
 _journals: Dict[Tuple[Any, ...], _CommitJournal] = {}  # by identity (no raw key)
-_journals_lock = threading.Lock()
 
 
 def _journal_for(config: CyclesConfig) -> _CommitJournal | None:
@@ -7151,10 +7151,8 @@ def _journal_for(config: CyclesConfig) -> _CommitJournal | None:
 @_after_fork_in_child
 def _journals_after_fork() -> None:
     """The child finds the journals it uses afresh (another thread may have held a lock)."""
-    global _journals_lock, _replay_lock, _journal_warn_lock
-    _journals_lock, _replay_lock, _journal_warn_lock = (
-        threading.Lock(), threading.Lock(), threading.Lock()
-    )
+    global _journals_lock
+    _journals_lock = threading.Lock()
     _journals.clear()
 
 
@@ -7917,7 +7915,6 @@ class RecoverySummary:
         return self.kept + self.not_yet_due
 
 
-_replay_lock = threading.Lock()
 _replayed_journals: set[str] = set()  # identity directories replayed by this process
 # By identity: a client subclass may define ``__eq__`` and so be unhashable.
 _clients_seen: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
@@ -7926,7 +7923,7 @@ _clients_seen: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictiona
 def _claim_replay(journal: _CommitJournal) -> bool:
     """True the first time this process replays ``journal``'s identity directory."""
     directory = journal.directory
-    with _replay_lock:
+    with _journals_lock:
         if directory is None or directory in _replayed_journals:
             return False
         _replayed_journals.add(directory)
@@ -7949,7 +7946,7 @@ def _replay_on_first_use(client: Any) -> None:
         return  # a test double or a duck: never hand it records other processes left
     if not client._config.journal_enabled:
         return
-    with _replay_lock:
+    with _journals_lock:
         if _clients_seen.get(id(client)) is client:
             return
         _clients_seen[id(client)] = client
