@@ -7027,16 +7027,13 @@ class _CommitJournal:
                 record = self._read_or_quarantine(directory, name, quarantined)
                 if record is not None:
                     parsed.append((name, record))
-        # Migrated only now: a misnamed record's v2 name may be a corrupt file quarantined above.
-        return [
-            record
-            for name, record in parsed
-            if (
-                name == _journal_filename(record.reservation_id)
-                or self._migrate(directory, name, record)
-            )
-            and record.base_url == self._base_url
-        ]
+        loaded: List[_PendingSettlement] = []
+        for name, record in parsed:  # migrated now: its v2 name may have been quarantined above
+            misnamed = name != _journal_filename(record.reservation_id)
+            usable = not misnamed or self._migrate(directory, name, record)
+            if usable and record.base_url == self._base_url:
+                loaded.append(record)
+        return loaded
 
     @staticmethod
     def _read_or_quarantine(
@@ -7050,7 +7047,6 @@ class _CommitJournal:
         except OSError:
             return None  # vanished (a concurrent replayer removed it) or unreadable
         except ValueError as exc:  # includes UnicodeDecodeError and _JournalRecordError
-            unsupported = isinstance(exc, _JournalRecordError) and exc.unsupported
             stem = name[: -len(_JOURNAL_SUFFIX)]
             target: str | None = None
             for candidate in (stem, stem + "." + _random_suffix()):
@@ -7059,6 +7055,7 @@ class _CommitJournal:
                     if _move_no_clobber(path, os.path.join(directory, quarantine)):
                         target = quarantine
                         break
+            unsupported = isinstance(exc, _JournalRecordError) and exc.unsupported
             kind = "unsupported" if unsupported else "corrupt"
             _log.error(
                 "commit journal: %s record %s quarantined as %s (%s)", kind, name,
