@@ -3769,8 +3769,8 @@ class AsyncCyclesClient:
 #
 # RFC 8785 (JCS) canonical bytes, a pure-Python RFC 8032 Ed25519 verifier and the
 # spec's signer-key resolution.  A bad envelope or key set is a disposition with a
-# reason, never an exception; only a wrong argument raises.  hashlib and base64 are
-# imported when something is verified, not when this module is imported.
+# reason, never an exception; only a wrong argument raises.  Nothing is built at
+# import: hashlib, base64, decimal and re are imported when something is verified.
 
 EVIDENCE_SCHEMA_VERSION = "cycles-evidence/v0.1"
 JWKS_SUFFIX = "/.well-known/cycles-jwks.json"
@@ -3781,21 +3781,6 @@ BINDING_ONLY = "binding_only"
 SIGNER_AUTHORITY_FAILED = "signer_authority_failed"
 SIGNER_RESOLUTION_FAILED = "signer_resolution_failed"
 SIGNATURE_INVALID = "signature_invalid"
-
-_ENVELOPE_FIELDS = frozenset(
-    {
-        "schema_version",
-        "artifact_type",
-        "server_id",
-        "signer_did",
-        "issued_at_ms",
-        "trace_id",
-        "payload",
-        "evidence_id",
-        "signature",
-    }
-)
-_DID_CYCLES_PREFIX = "did:cycles:"
 
 
 @dataclass(frozen=True)
@@ -3835,131 +3820,106 @@ class EvidenceVerification:
 # -- RFC 8785: JSON Canonicalization Scheme ------------------------------------
 
 
-class _JcsError(ValueError):
-    """A value that has no RFC 8785 form (NaN, a lone surrogate, a non-string key...)."""
-
-
 def _jcs(value: Any) -> bytes:
-    """The RFC 8785 canonical UTF-8 bytes of a JSON value."""
-    parts: List[str] = []
+    """The RFC 8785 canonical UTF-8 bytes of a JSON value; ValueError for a value that has
+    no such form (NaN, a lone surrogate, a non-string key...)."""
     try:
-        _jcs_write(value, parts)
-        return "".join(parts).encode("utf-8")
+        return _jcs_text(value).encode("utf-8")
     except RecursionError:
-        raise _JcsError("nested too deeply") from None
+        raise ValueError("nested too deeply") from None
     except UnicodeEncodeError:
-        raise _JcsError("a string holds a lone surrogate (not valid Unicode)") from None
+        raise ValueError("a string holds a lone surrogate (not valid Unicode)") from None
 
 
-def _jcs_write(value: Any, parts: List[str]) -> None:
-    if isinstance(value, str):
-        parts.append(json.dumps(value, ensure_ascii=False))  # the escapes of RFC 8785 3.2.2.2
-    elif value is None or value is True or value is False:
-        parts.append("null" if value is None else "true" if value else "false")
-    elif isinstance(value, int):
-        parts.append(str(value) if -(2**53) <= value <= 2**53 else _es_number(float(value)))
-    elif isinstance(value, float):
-        parts.append(_es_number(value))
-    elif isinstance(value, dict):
+def _jcs_text(value: Any) -> str:
+    if isinstance(value, str) or value is None or isinstance(value, bool):
+        return json.dumps(value, ensure_ascii=False)  # strings: the escapes of RFC 8785 3.2.2.2
+    if isinstance(value, int):
+        return str(value) if -(2**53) <= value <= 2**53 else _es_number(float(value))
+    if isinstance(value, float):
+        return _es_number(value)
+    if isinstance(value, dict):
         if not all(isinstance(key, str) for key in value):
-            raise _JcsError("an object key is not a string")
-        parts.append("{")
-        for index, key in enumerate(sorted(value, key=_utf16_order)):
-            parts.append("," if index else "")
-            parts.append(json.dumps(key, ensure_ascii=False))
-            parts.append(":")
-            _jcs_write(value[key], parts)
-        parts.append("}")
-    elif isinstance(value, (list, tuple)):
-        parts.append("[")
-        for index, item in enumerate(value):
-            parts.append("," if index else "")
-            _jcs_write(item, parts)
-        parts.append("]")
-    else:
-        raise _JcsError(f"{_type_name(value)} is not a JSON value")
-
-
-def _utf16_order(key: str) -> bytes:
-    """RFC 8785 3.2.3: properties sort by their UTF-16 code units."""
-    return key.encode("utf-16-be", "surrogatepass")
+            raise ValueError("an object key is not a string")
+        # RFC 8785 3.2.3: properties sort by their UTF-16 code units.
+        keys = sorted(value, key=lambda key: key.encode("utf-16-be", "surrogatepass"))
+        return "{" + ",".join(_jcs_text(key) + ":" + _jcs_text(value[key]) for key in keys) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(map(_jcs_text, value)) + "]"
+    raise ValueError(f"{_type_name(value)} is not a JSON value")
 
 
 def _es_number(value: float) -> str:
     """ECMAScript Number.prototype.toString of a double (RFC 8785 3.2.2.3)."""
-    if value != value or value in (math.inf, -math.inf):
-        raise _JcsError("NaN and Infinity have no JSON form")
+    import decimal
+
+    if not math.isfinite(value):
+        raise ValueError("NaN and Infinity have no JSON form")
     if value == 0:
         return "0"
     if value < 0:
         return "-" + _es_number(-value)
     # repr() is the shortest round-tripping decimal, as ECMAScript requires.
-    mantissa, _, exponent = repr(value).partition("e")
-    whole, _, fraction = mantissa.partition(".")
-    all_digits = whole + fraction
-    significant = all_digits.lstrip("0")
-    point = len(whole) + int(exponent or 0) - (len(all_digits) - len(significant))
-    digits = significant.rstrip("0")
-    count = len(digits)
+    _, digit_tuple, exponent = decimal.Decimal(repr(value)).normalize().as_tuple()
+    digits = "".join(map(str, digit_tuple))
+    count, point = len(digits), len(digits) + int(exponent)  # value = 0.digits * 10**point
     if count <= point <= 21:
         return digits + "0" * (point - count)
     if 0 < point <= 21:
         return digits[:point] + "." + digits[point:]
     if -6 < point <= 0:
         return "0." + "0" * -point + digits
-    power = point - 1
-    head = digits[0] + ("." + digits[1:] if count > 1 else "")
-    return f"{head}e{'+' if power >= 0 else '-'}{abs(power)}"
+    head = digits[0] + "." + digits[1:] if count > 1 else digits
+    return f"{head}e{point - 1:+d}"
 
 
 # -- RFC 8032: Ed25519 verification (pure Python, cofactorless) ------------------
 
 _ED_P = 2**255 - 19
 _ED_L = 2**252 + 27742317777372353535851937790883648493
+# d = -121665/121666 and sqrt(-1) = 2**((p-1)/4), modulo p
 _ED_D = 37095705934669439343138083508754565189542113879843219016388785533085940283555
-_ED_D2 = 16295367250680780974490674513165176452449235426866156013048779062215315747161
 _ED_SQRT_M1 = 19681161376707505956807079304988542015446066515923890162744021073123829784752
-# Extended coordinates (X, Y, Z, T) with x = X/Z, y = Y/Z, x*y = T/Z.
+if TYPE_CHECKING:  # pragma: no cover
+    # A point in extended coordinates (X, Y, Z, T): x = X/Z, y = Y/Z, x*y = T/Z.
+    _EdPoint = Tuple[int, int, int, int]
 _ED_IDENTITY = (0, 1, 1, 0)
-_ED_BASE = (
+_ED_BASE = (  # B of RFC 8032 5.1: y = 4/5, x even
     15112221349535400772501151409588531511454012693041857206046113283949847762202,
     46316835694926478169428394003475163141307993866256225615783033603165251855960,
     1,
     46827403850823179245072216630277197565144205554125654976674165829533817101731,
 )
-_ed_base_table: List[List[Tuple[int, int, int, int]]] = []
-_ed_table_lock = threading.Lock()
 
 
-def _ed_add(
-    a: Tuple[int, int, int, int], b: Tuple[int, int, int, int]
-) -> Tuple[int, int, int, int]:
-    """Point addition on -x^2 + y^2 = 1 + d x^2 y^2 (RFC 8032 5.1.4)."""
+def _ed_add(a: _EdPoint, b: _EdPoint) -> _EdPoint:
+    """Point addition on -x^2 + y^2 = 1 + d x^2 y^2 (RFC 8032 5.1.4); it also doubles."""
     p = _ED_P
     x1, y1, z1, t1 = a
     x2, y2, z2, t2 = b
     aa = (y1 - x1) * (y2 - x2) % p
     bb = (y1 + x1) * (y2 + x2) % p
-    cc = t1 * _ED_D2 % p * t2 % p
+    cc = t1 * t2 % p * _ED_D * 2 % p
     dd = 2 * z1 * z2 % p
     e, f, g, h = bb - aa, dd - cc, dd + cc, bb + aa
     return e * f % p, g * h % p, f * g % p, e * h % p
 
 
-def _ed_double(a: Tuple[int, int, int, int]) -> Tuple[int, int, int, int]:
-    p = _ED_P
-    x1, y1, z1, _ = a
-    aa = x1 * x1 % p
-    bb = y1 * y1 % p
-    cc = 2 * z1 * z1 % p
-    h = aa + bb
-    e = h - (x1 + y1) * (x1 + y1) % p
-    g = aa - bb
-    f = cc + g
-    return e * f % p, g * h % p, f * g % p, e * h % p
+def _ed_mul(
+    scalar: int, point: _EdPoint, scalar2: int = 0, point2: _EdPoint = _ED_IDENTITY
+) -> _EdPoint:
+    """[scalar]point + [scalar2]point2, sharing one chain of doublings (Straus)."""
+    total = _ED_IDENTITY
+    addends = (_ED_IDENTITY, point, point2, _ed_add(point, point2))
+    for bit in reversed(range(max(scalar.bit_length(), scalar2.bit_length()))):
+        total = _ed_add(total, total)
+        pick = (scalar >> bit & 1) | (scalar2 >> bit & 1) << 1
+        if pick:
+            total = _ed_add(total, addends[pick])
+    return total
 
 
-def _ed_decode(data: bytes) -> Tuple[int, int, int, int] | None:
+def _ed_decode(data: bytes) -> _EdPoint | None:
     """RFC 8032 5.1.3, strict: None for y >= p, no square root, or x = 0 with the sign bit."""
     p = _ED_P
     y = int.from_bytes(data, "little")
@@ -3967,57 +3927,15 @@ def _ed_decode(data: bytes) -> Tuple[int, int, int, int] | None:
     y &= (1 << 255) - 1
     if y >= p:
         return None
-    u = (y * y - 1) % p
-    v = (_ED_D * y * y + 1) % p
+    u, v = y * y - 1, _ED_D * y * y + 1  # x^2 = u / v
     x = u * pow(v, 3, p) * pow(u * pow(v, 7, p), (p - 5) // 8, p) % p
-    vxx = v * x * x % p
-    if vxx == (-u) % p:
+    if (v * x * x - u) % p:
         x = x * _ED_SQRT_M1 % p
-    elif vxx != u:
-        return None
-    if x == 0 and sign:
+    if (v * x * x - u) % p or (x == 0 and sign):
         return None
     if x & 1 != sign:
         x = p - x
     return x, y, 1, x * y % p
-
-
-def _ed_base_multiples() -> List[List[Tuple[int, int, int, int]]]:
-    """j * 16**i * B for i < 64, j < 16: built once, so [s]B costs at most 64 additions."""
-    with _ed_table_lock:
-        if not _ed_base_table:
-            step = _ED_BASE
-            for _ in range(64):
-                row = [_ED_IDENTITY, step]
-                for _ in range(14):
-                    row.append(_ed_add(row[-1], step))
-                _ed_base_table.append(row)
-                step = _ed_add(row[-1], step)  # 16 * step
-        return _ed_base_table
-
-
-def _ed_base_mul(scalar: int) -> Tuple[int, int, int, int]:
-    total = _ED_IDENTITY
-    for row in _ed_base_multiples():
-        nibble = scalar & 15
-        if nibble:
-            total = _ed_add(total, row[nibble])
-        scalar >>= 4
-    return total
-
-
-def _ed_mul(scalar: int, point: Tuple[int, int, int, int]) -> Tuple[int, int, int, int]:
-    """[scalar]point with a 4-bit fixed window (scalar < 2**256)."""
-    multiples = [_ED_IDENTITY, point]
-    for _ in range(14):
-        multiples.append(_ed_add(multiples[-1], point))
-    total = _ED_IDENTITY
-    for shift in range(252, -4, -4):
-        total = _ed_double(_ed_double(_ed_double(_ed_double(total))))
-        nibble = (scalar >> shift) & 15
-        if nibble:
-            total = _ed_add(total, multiples[nibble])
-    return total
 
 
 def _ed25519_verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
@@ -4033,11 +3951,10 @@ def _ed25519_verify(public_key: bytes, message: bytes, signature: bytes) -> bool
         return False
     digest = hashlib.sha512(signature[:32] + public_key + message).digest()
     k = int.from_bytes(digest, "little") % _ED_L
-    x, y, z, t = point_a
-    minus_ka = _ed_mul(k, (_ED_P - x, y, z, _ED_P - t))
-    x1, y1, z1, _ = _ed_add(_ed_base_mul(s), minus_ka)  # [S]B - [k]A, to compare with R
-    x2, y2, z2, _ = point_r
     p = _ED_P
+    x, y, z, t = point_a
+    x1, y1, z1, _ = _ed_mul(s, _ED_BASE, k, (p - x, y, z, p - t))  # [S]B - [k]A, to compare with R
+    x2, y2, z2, _ = point_r
     return (x1 * z2 - x2 * z1) % p == 0 and (y1 * z2 - y2 * z1) % p == 0
 
 
@@ -4045,38 +3962,19 @@ def _ed25519_verify(public_key: bytes, message: bytes, signature: bytes) -> bool
 
 
 class _Verdict(Exception):
-    """A disposition reached early; ``key`` is the verifying key when it was known."""
+    """A disposition and its reason, with the verifying key (and kid) once known.
 
-    def __init__(self, disposition: str, reason: str, key: bytes | None = None) -> None:
+    Raised where a disposition is reached early; also stands for an envelope or a key
+    set that could not be obtained or parsed."""
+
+    def __init__(
+        self, disposition: str, reason: str, key: bytes | None = None, kid: str | None = None
+    ) -> None:
         super().__init__(reason)
         self.disposition = disposition
         self.reason = reason
         self.key = key
-
-
-class _Unresolved:
-    """A JWK Set that could not be obtained or parsed, and why."""
-
-    __slots__ = ("reason",)
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-
-class _Jwk:
-    """One valid JWK of a set: the Ed25519 key bytes and its validity window."""
-
-    __slots__ = ("exp_ms", "key", "kid", "nbf_ms")
-
-    def __init__(self, kid: str, key: bytes, nbf_ms: int, exp_ms: int | None) -> None:
         self.kid = kid
-        self.key = key
-        self.nbf_ms = nbf_ms
-        self.exp_ms = exp_ms
-
-    def covers(self, issued_at_ms: int) -> bool:
-        """The window gate: ``nbf <= issued_at < exp`` (an absent exp is open-ended)."""
-        return self.nbf_ms <= issued_at_ms and (self.exp_ms is None or issued_at_ms < self.exp_ms)
 
 
 def verify_evidence(
@@ -4094,8 +3992,8 @@ def verify_evidence(
     envelope and the key set is in the returned ``EvidenceVerification``.
     """
     pin = _signer_pin(expected_signer)
-    key_set = None if jwks is None else _key_set_argument(jwks)
-    return _verify_envelope(_envelope_argument(envelope), key_set, pin)
+    key_set = _json_argument(jwks, "jwks")
+    return _verify_envelope(_json_argument(envelope), key_set, pin)
 
 
 def _signer_pin(expected_signer: Any) -> str | None:
@@ -4109,10 +4007,6 @@ def _signer_pin(expected_signer: Any) -> str | None:
     return pin
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _unique_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
     result = dict(pairs)
     if len(result) != len(pairs):
@@ -4120,90 +4014,81 @@ def _unique_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
     return result
 
 
-def _parse_strict_json(name: str, raw: str | bytes | bytearray) -> Any:
-    """``json.loads`` refusing duplicate keys and NaN/Infinity (I-JSON); ValueError."""
-    if not isinstance(raw, (str, bytes, bytearray)):
-        raise TypeError(f"{name}: expected a dict, JSON text or bytes, got {_type_name(raw)}")
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_argument(value: Any, name: str = "envelope") -> Any:
+    """The ``envelope`` or ``jwks`` argument: a dict as given, else JSON text or bytes parsed
+    strictly (I-JSON: no duplicate keys, no NaN/Infinity); a _Verdict when it is not JSON
+    (``jwks=None`` stays None: no authority resolution)."""
+    if value is None and name == "jwks":
+        return None
+    if isinstance(value, dict):
+        return value
+    if not isinstance(value, (str, bytes, bytearray)):
+        raise TypeError(f"{name}: expected a dict, JSON text or bytes, got {_type_name(value)}")
     try:
-        return json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
-
-
-def _envelope_argument(envelope: Any) -> Any:
-    """The envelope as a JSON value, or a _Verdict to report when the text is not JSON."""
-    if isinstance(envelope, dict):
-        return envelope
-    try:
-        return _parse_strict_json("envelope", envelope)
-    except ValueError as exc:
-        return _Verdict(SIGNATURE_INVALID, f"the envelope is not valid JSON: {exc}")
-
-
-def _key_set_argument(jwks: Any) -> Any:
-    if isinstance(jwks, dict):
-        return jwks
-    try:
-        return _parse_strict_json("jwks", jwks)
-    except ValueError as exc:
-        return _Unresolved(f"the JWK Set is not valid JSON: {exc}")
+        return json.loads(value, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        if name == "jwks":
+            return _Verdict(SIGNER_RESOLUTION_FAILED, f"the JWK Set is not valid JSON: {detail}")
+        return _Verdict(SIGNATURE_INVALID, f"the envelope is not valid JSON: {detail}")
 
 
 def _verify_envelope(
     envelope: Any, key_set: Any, pin: str | None, evidence_id: str | None = None
 ) -> EvidenceVerification:
     """The spec's verification of one parsed envelope (or the _Verdict already reached)
-    against a key set (None: no authority resolution; _Unresolved: not obtained)."""
+    against a key set (None: no authority resolution; a _Verdict: not obtained)."""
     artifact_type = None
     if isinstance(envelope, dict):
         claimed = envelope.get("evidence_id")
         evidence_id = claimed if _is_hex(claimed, 64) else None
         kind = envelope.get("artifact_type")
         artifact_type = kind if kind in EVIDENCE_ARTIFACT_TYPES else None
-    kid: str | None = None
-    key: bytes | None = None
     try:
-        if isinstance(envelope, _Verdict):
-            raise envelope
-        key, kid, disposition, reason = _evaluate_envelope(envelope, key_set)
-    except _Verdict as verdict:
-        key, disposition, reason = verdict.key, verdict.disposition, verdict.reason
+        verdict = _evaluate_envelope(envelope, key_set)
+    except _Verdict as early:
+        verdict = early
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # a safety net
-        key, disposition = None, SIGNATURE_INVALID
-        reason = f"the envelope cannot be verified: {exc}"
+        verdict = _Verdict(SIGNATURE_INVALID, f"the envelope cannot be verified: {exc}")
+    key, reason = verdict.key, verdict.reason
     pin_matched = None if pin is None else key is not None and key.hex() == pin
     if pin_matched is False:
         reason += "; the signer does not match expected_signer"
-    return EvidenceVerification(disposition, pin_matched, evidence_id, artifact_type, reason, kid)
+    return EvidenceVerification(
+        verdict.disposition, pin_matched, evidence_id, artifact_type, reason, verdict.kid
+    )
 
 
-def _evaluate_envelope(
-    envelope: Any, key_set: Any
-) -> Tuple[bytes, str | None, str, str]:
-    """(verifying key, authorising kid, disposition, reason); raises _Verdict early."""
+def _evaluate_envelope(envelope: Any, key_set: Any) -> _Verdict:
+    """The disposition of a signature that verifies; raises _Verdict for any other."""
+    if isinstance(envelope, _Verdict):
+        return envelope
     _check_envelope_shape(envelope)
     message = _signing_input(envelope)
     signature = bytes.fromhex(envelope["signature"])
-    signer = envelope["signer_did"]
+    signer, server_id = envelope["signer_did"], envelope["server_id"]
     issued_at = envelope["issued_at_ms"]
     if _is_hex(signer, 64):
         key = bytes.fromhex(signer)
-        if not _ed25519_verify(key, message, signature):
-            reason = "the signature does not verify against signer_did"
-            raise _Verdict(SIGNATURE_INVALID, reason, key)
+        _check_signature(key, message, signature, "signer_did")
         if key_set is None:
             reason = "signature valid; signer authority not resolved (no JWK Set)"
-            return key, None, BINDING_ONLY, reason
-        jwk = _select_by_key(_valid_jwks(key_set, key), key, issued_at)
+            return _Verdict(BINDING_ONLY, reason, key)
+        kid = _kid_of_key(_candidate_keys(key_set, key, issued_at), key, issued_at)
     else:
-        kid = _did_cycles_kid(signer, envelope["server_id"], key_set)
-        jwk = _select_by_kid(_valid_jwks(key_set, None), kid, issued_at)
-        key = jwk.key
-        if not _ed25519_verify(key, message, signature):
-            reason = f"the signature does not verify against key {kid!r}"
-            raise _Verdict(SIGNATURE_INVALID, reason, key)
-    reason = f"signature valid; signed by key {jwk.kid!r} of {envelope['server_id']}"
-    return key, jwk.kid, AUTHENTIC, reason
+        kid = _did_cycles_kid(signer, server_id, key_set)
+        key = _key_of_kid(_candidate_keys(key_set, None, issued_at), kid, issued_at)
+        _check_signature(key, message, signature, f"key {kid!r}")
+    return _Verdict(AUTHENTIC, f"signature valid; signed by key {kid!r} of {server_id}", key, kid)
+
+
+def _check_signature(key: bytes, message: bytes, signature: bytes, against: str) -> None:
+    if not _ed25519_verify(key, message, signature):
+        raise _Verdict(SIGNATURE_INVALID, f"the signature does not verify against {against}", key)
 
 
 def _invalid_envelope(reason: str) -> _Verdict:
@@ -4213,36 +4098,28 @@ def _invalid_envelope(reason: str) -> _Verdict:
 def _check_envelope_shape(envelope: Any) -> None:
     if not isinstance(envelope, dict):
         raise _invalid_envelope("not a JSON object")
-    version = envelope.get("schema_version")
-    if version != EVIDENCE_SCHEMA_VERSION:
-        shown = "missing" if version is None else f"{version!r} is not understood"
-        raise _Verdict(SIGNATURE_INVALID, f"unsupported envelope: schema_version {shown}")
-    unknown = sorted(str(name) for name in envelope if name not in _ENVELOPE_FIELDS)
+    fields: Dict[str, Tuple[Callable[[Any], bool], str]] = {  # in the order they are checked
+        "schema_version": (lambda v: v == EVIDENCE_SCHEMA_VERSION, repr(EVIDENCE_SCHEMA_VERSION)),
+        "artifact_type": (lambda v: v in EVIDENCE_ARTIFACT_TYPES, "an artifact type"),
+        "server_id": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+        "signer_did": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+        "issued_at_ms": (lambda v: _is_int(v, 0, INT64_MAX), "a non-negative integer"),
+        "payload": (lambda v: isinstance(v, dict), "an object"),
+        "evidence_id": (lambda v: _is_hex(v, 64), "64 lowercase hex characters"),
+        "signature": (lambda v: _is_hex(v, 128), "128 lowercase hex characters"),
+        "trace_id": (lambda v: _is_hex(v, 32), "32 lowercase hex characters"),  # optional
+    }
+    for name, (valid, expected) in fields.items():
+        if name not in envelope and name != "trace_id":
+            raise _invalid_envelope(f"{name} is missing")
+        if name in envelope and not valid(envelope[name]):
+            raise _invalid_envelope(f"{name} must be {expected}")
+    unknown = sorted(str(name) for name in envelope if name not in fields)
     if unknown:
         raise _invalid_envelope(f"unknown field {unknown[0]!r}")
-    checks: Tuple[Tuple[str, Callable[[Any], bool], str], ...] = (
-        ("artifact_type", lambda v: v in EVIDENCE_ARTIFACT_TYPES, "an artifact type"),
-        ("server_id", lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
-        ("signer_did", lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
-        ("issued_at_ms", lambda v: _is_int(v, 0, INT64_MAX), "a non-negative integer"),
-        ("payload", lambda v: isinstance(v, dict), "an object"),
-        ("evidence_id", lambda v: _is_hex(v, 64), "64 lowercase hex characters"),
-        ("signature", lambda v: _is_hex(v, 128), "128 lowercase hex characters"),
-    )
-    for name, valid, expected in checks:
-        if name not in envelope:
-            raise _invalid_envelope(f"{name} is missing")
-        if not valid(envelope[name]):
-            raise _invalid_envelope(f"{name} must be {expected}")
-    if "trace_id" in envelope and not _is_hex(envelope["trace_id"], 32):
-        raise _invalid_envelope("trace_id must be 32 lowercase hex characters")
     kind, payload = envelope["artifact_type"], envelope["payload"]
     if list(payload) != [kind] or not isinstance(payload[kind], dict):
-        keys = ", ".join(sorted(str(k) for k in payload)) or "none"
-        raise _invalid_envelope(
-            f"artifact_type {kind!r} needs exactly the payload key {kind!r} holding an object"
-            f" (payload keys: {keys})"
-        )
+        raise _invalid_envelope(f"payload must hold exactly the key {kind!r}, an object")
 
 
 def _signing_input(envelope: Dict[str, Any]) -> bytes:
@@ -4253,114 +4130,103 @@ def _signing_input(envelope: Dict[str, Any]) -> bytes:
     try:
         hashed = _jcs(dict(envelope, evidence_id="", signature=""))
         signed = _jcs(dict(envelope, signature=""))
-    except _JcsError as exc:
+    except ValueError as exc:
         raise _invalid_envelope(f"no RFC 8785 canonical form: {exc}") from None
     if hashlib.sha256(hashed).hexdigest() != envelope["evidence_id"]:
-        raise _Verdict(
-            SIGNATURE_INVALID, "evidence_id does not match the envelope's content (tampered)"
-        )
+        reason = "evidence_id does not match the envelope's content (tampered)"
+        raise _Verdict(SIGNATURE_INVALID, reason)
     return signed
 
 
 def _did_cycles_kid(signer: str, server_id: str, key_set: Any) -> str:
-    """The ``#kid`` of a did:cycles signer bound to ``server_id``; raises _Verdict."""
+    """The ``#kid`` of a ``did:cycles:<sha256 of server_id>#kid`` signer; raises _Verdict."""
     import hashlib
 
-    if not signer.startswith(_DID_CYCLES_PREFIX):
-        raise _Verdict(
-            SIGNER_RESOLUTION_FAILED,
-            "signer_did is neither a raw-hex key nor a did:cycles DID: cannot be resolved",
-        )
-    server_hash, sep, kid = signer[len(_DID_CYCLES_PREFIX) :].partition("#")
-    if not sep or not kid or not server_hash:
+    prefix = "did:cycles:"
+    if not signer.startswith(prefix):
+        reason = "signer_did is neither a raw-hex key nor a did:cycles DID: cannot be resolved"
+        raise _Verdict(SIGNER_RESOLUTION_FAILED, reason)
+    server_hash, _, kid = signer[len(prefix) :].partition("#")
+    if not server_hash or not kid:
         raise _Verdict(SIGNER_RESOLUTION_FAILED, "malformed did:cycles signer_did")
     if key_set is None:
         raise _Verdict(SIGNER_RESOLUTION_FAILED, "a did:cycles signer needs the server's JWK Set")
-    if isinstance(key_set, _Unresolved):
-        raise _Verdict(SIGNER_RESOLUTION_FAILED, key_set.reason)
+    if isinstance(key_set, _Verdict):
+        raise key_set
     if hashlib.sha256(server_id.encode("utf-8")).hexdigest() != server_hash:
         reason = "signer_did does not bind to this envelope's server_id"
         raise _Verdict(SIGNER_AUTHORITY_FAILED, reason)
     return kid
 
 
-def _valid_jwks(key_set: Any, key: bytes | None) -> List[_Jwk]:
-    """The set's valid JWKs, after the set-level rules (parseable, unique kid)."""
-    if isinstance(key_set, _Unresolved):
-        raise _Verdict(SIGNER_RESOLUTION_FAILED, key_set.reason, key)
+def _candidate_keys(
+    key_set: Any, key: bytes | None, issued_at_ms: int
+) -> List[Tuple[str, bytes, bool]]:
+    """(kid, key, whether its window covers issued_at_ms) for each valid Ed25519 JWK of the
+    set, after the set-level rules (a ``keys`` list, unique kids)."""
+    if isinstance(key_set, _Verdict):
+        raise _Verdict(key_set.disposition, key_set.reason, key)
     entries = key_set.get("keys") if isinstance(key_set, dict) else None
     if not isinstance(entries, list):
         raise _Verdict(SIGNER_RESOLUTION_FAILED, "the JWK Set has no 'keys' list", key)
     seen: set[str] = set()
-    for entry in entries:
+    for entry in entries:  # an invalid JWK's kid counts as taken too
         kid = entry.get("kid") if isinstance(entry, dict) else None
         if isinstance(kid, str):
             if kid in seen:
                 reason = f"duplicate kid {kid!r} in the JWK Set"
                 raise _Verdict(SIGNER_AUTHORITY_FAILED, reason, key)
             seen.add(kid)
-    return [jwk for jwk in map(_parse_jwk, entries) if isinstance(jwk, _Jwk)]
+    candidates = (_candidate_key(entry, issued_at_ms) for entry in entries)
+    return [candidate for candidate in candidates if candidate is not None]
 
 
-def _parse_jwk(entry: Any) -> _Jwk | str:
-    """A valid Ed25519 JWK, or why it is excluded from candidacy."""
+def _candidate_key(entry: Any, issued_at_ms: int) -> Tuple[str, bytes, bool] | None:
+    """(kid, key, whether ``nbf <= issued_at < exp`` holds) of a valid Ed25519 JWK (an
+    absent exp is open-ended); None excludes the entry from candidacy."""
     if not isinstance(entry, dict):
-        return "not an object"
-    if entry.get("kty") != "OKP" or entry.get("crv") != "Ed25519":
-        return "not an OKP Ed25519 key"
-    if "alg" in entry and entry["alg"] != "EdDSA":
-        return "alg is not EdDSA"
+        return None
+    algorithm = (entry.get("kty"), entry.get("crv"), entry.get("alg", "EdDSA"))
     kid, nbf, exp = entry.get("kid"), entry.get("cycles_nbf_ms"), entry.get("cycles_exp_ms")
-    if not isinstance(kid, str) or not kid:
-        return "no kid"
-    if isinstance(nbf, bool) or not isinstance(nbf, int):
-        return "cycles_nbf_ms missing or not an integer"
-    if exp is not None and (isinstance(exp, bool) or not isinstance(exp, int)):
-        return "cycles_exp_ms not an integer"
+    if algorithm != ("OKP", "Ed25519", "EdDSA") or not isinstance(kid, str) or not kid:
+        return None
+    if type(nbf) is not int or not (exp is None or type(exp) is int):
+        return None
     key = _base64url_key(entry.get("x"))
-    if key is None:
-        return "x is not the base64url of 32 bytes"
-    return _Jwk(kid, key, nbf, exp)
+    covers = nbf <= issued_at_ms and (exp is None or issued_at_ms < exp)
+    return None if key is None else (kid, key, covers)
 
 
 def _base64url_key(text: Any) -> bytes | None:
     """Strict unpadded base64url of exactly 32 bytes (RFC 7515 2), else None."""
     import base64
+    import re
 
-    if not isinstance(text, str) or len(text) != 43:
-        return None
-    if any(ch not in _BASE64URL_ALPHABET for ch in text):
+    if not isinstance(text, str) or not re.fullmatch("[A-Za-z0-9_-]{43}", text):
         return None
     key = base64.urlsafe_b64decode(text + "=")
     return key if base64.urlsafe_b64encode(key).decode("ascii").rstrip("=") == text else None
 
 
-_BASE64URL_ALPHABET = frozenset(
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-)
-
-
-def _select_by_kid(jwks: List[_Jwk], kid: str, issued_at_ms: int) -> _Jwk:
-    found = [jwk for jwk in jwks if jwk.kid == kid]
+def _key_of_kid(candidates: List[Tuple[str, bytes, bool]], kid: str, issued_at_ms: int) -> bytes:
+    found = [(key, covers) for jwk_kid, key, covers in candidates if jwk_kid == kid]
     if not found:
         raise _Verdict(SIGNER_AUTHORITY_FAILED, f"no valid key with kid {kid!r} in the JWK Set")
-    if not found[0].covers(issued_at_ms):
-        raise _Verdict(
-            SIGNER_AUTHORITY_FAILED,
-            f"key {kid!r} is not valid at issued_at_ms {issued_at_ms}",
-            found[0].key,
-        )
-    return found[0]
+    key, covers = found[0]
+    if not covers:
+        reason = f"key {kid!r} is not valid at issued_at_ms {issued_at_ms}"
+        raise _Verdict(SIGNER_AUTHORITY_FAILED, reason, key)
+    return key
 
 
-def _select_by_key(jwks: List[_Jwk], key: bytes, issued_at_ms: int) -> _Jwk:
-    """The raw-hex bridge: exactly one window-covering JWK whose x is this key."""
-    same_key = [jwk for jwk in jwks if jwk.key == key]
-    covering = [jwk for jwk in same_key if jwk.covers(issued_at_ms)]
+def _kid_of_key(candidates: List[Tuple[str, bytes, bool]], key: bytes, issued_at_ms: int) -> str:
+    """The raw-hex bridge: the kid of exactly one window-covering JWK whose x is this key."""
+    same_key = [(kid, covers) for kid, jwk_key, covers in candidates if jwk_key == key]
+    covering = [kid for kid, covers in same_key if covers]
     if len(covering) == 1:
         return covering[0]
     if covering:
-        kids = ", ".join(repr(jwk.kid) for jwk in covering)
+        kids = ", ".join(map(repr, covering))
         reason = f"ambiguous: keys {kids} all cover issued_at_ms {issued_at_ms}"
     elif same_key:
         reason = f"the signer key is in the JWK Set but not valid at issued_at_ms {issued_at_ms}"
@@ -4371,10 +4237,6 @@ def _select_by_key(jwks: List[_Jwk], key: bytes, issued_at_ms: int) -> _Jwk:
 
 # -- fetching: client.verify_evidence ----------------------------------------------
 
-def _jwks_url(server_id: str) -> str:
-    """The JWK Set URL: the suffix appended to the verbatim server_id (one '/' at the join)."""
-    return (server_id[:-1] if server_id.endswith("/") else server_id) + JWKS_SUFFIX
-
 
 def _is_own_jwks_url(config: CyclesConfig, url: str) -> bool:
     """Whether ``url`` is where this client's ``get_evidence_jwks`` goes."""
@@ -4384,14 +4246,10 @@ def _is_own_jwks_url(config: CyclesConfig, url: str) -> bool:
         port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
     except ValueError:
         return False
+    own = (origin.scheme, origin.host.lower(), origin.port, origin.base_path + JWKS_PATH, "", "")
     return (
-        parts.scheme.lower() == origin.scheme
-        and (parts.hostname or "") == origin.host.lower()
-        and port == origin.port
-        and parts.path == origin.base_path + JWKS_PATH
-        and not parts.query
-        and not parts.fragment
-    )
+        parts.scheme.lower(), parts.hostname or "", port, parts.path, parts.query, parts.fragment
+    ) == own
 
 
 def _verify_evidence_steps(
@@ -4403,33 +4261,35 @@ def _verify_evidence_steps(
     A failed fetch is ``signer_resolution_failed``, never ``signature_invalid``.
     """
     pin = _signer_pin(expected_signer)
-    key_set = None if jwks is None else _key_set_argument(jwks)
+    key_set = _json_argument(jwks, "jwks")
+    evidence_id = None
     if isinstance(target, str) and _is_hex(target, 64):
+        evidence_id = target
         response = yield ("evidence", target)
-        if not response.is_success or not response.body:
-            reason = f"could not fetch evidence {target}: {_describe(response)}"
-            unfetched = _Verdict(SIGNER_RESOLUTION_FAILED, reason)
-            return _verify_envelope(unfetched, None, pin, target)
         envelope: Any = response.body
-        if envelope.get("evidence_id") != target:
+        if not response.is_success or not envelope:
+            reason = f"could not fetch evidence {target}: {_describe(response)}"
+            envelope = _Verdict(SIGNER_RESOLUTION_FAILED, reason)
+        elif envelope.get("evidence_id") != target:
             reason = f"the server answered {target} with another envelope"
-            other = _Verdict(SIGNATURE_INVALID, reason)
-            return _verify_envelope(other, None, pin, target)
+            envelope = _Verdict(SIGNATURE_INVALID, reason)
     elif isinstance(target, str) and not target.lstrip().startswith("{"):
         raise ValueError("evidence_id_or_envelope: expected a 64-hex evidence id or an envelope")
     else:
-        envelope = _envelope_argument(target)
+        envelope = _json_argument(target)
     server_id = envelope.get("server_id") if isinstance(envelope, dict) else None
     if key_set is None and isinstance(server_id, str):
-        url = _jwks_url(server_id)
+        url = (server_id[:-1] if server_id.endswith("/") else server_id) + JWKS_SUFFIX
         if not _is_own_jwks_url(config, url):
-            key_set = _Unresolved(f"the JWK Set {url} is not on this client's server; pass jwks=")
+            reason = f"the JWK Set {url} is not on this client's server; pass jwks="
+            key_set = _Verdict(SIGNER_RESOLUTION_FAILED, reason)
         else:
             response = yield ("jwks", "")
             key_set = response.body
             if not response.is_success:
-                key_set = _Unresolved(f"could not fetch the JWK Set {url}: {_describe(response)}")
-    return _verify_envelope(envelope, key_set, pin)
+                reason = f"could not fetch the JWK Set {url}: {_describe(response)}"
+                key_set = _Verdict(SIGNER_RESOLUTION_FAILED, reason)
+    return _verify_envelope(envelope, key_set, pin, evidence_id)
 
 
 def _fetch_and_verify(
@@ -8504,29 +8364,32 @@ configuration comes from the environment:
 exit codes: 0 ok, 1 API error or denial, 2 usage or configuration error, 3 transport error
 """
 
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import NoReturn
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m cycles_lite``: check, balances, reservations, reservation ID, release ID,
-    recover (settle what the commit journal holds)."""
+    recover (settle what the commit journal holds), verify-evidence FILE|ID.
+
+    Every command is a row of ``_CLI_COMMANDS``; a routine reports a failure through
+    ``_cli_exit`` (SystemExit with the exit code, caught here)."""
     import argparse
 
-    parser = _cli_parser(argparse)
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help/--version (0) or a usage error argparse has printed (2)
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    if args.command == "verify-evidence":  # may run offline: no configuration needed
-        return _cli_verify_evidence(args)
-    try:
-        config = CyclesConfig.from_env()
-    except ValueError as exc:
-        _cli_error(f"configuration error: {exc}")
-        return EXIT_USAGE
-    try:
+        args = _cli_parser(argparse).parse_args(argv)
+        if args.command == "verify-evidence":  # may run offline: no configuration needed
+            return _cli_verify_evidence(args)
+        try:
+            config = CyclesConfig.from_env()
+        except ValueError as exc:
+            raise ValueError(f"configuration error: {exc}") from None
         with CyclesClient(config) as client:
             return int(args.run(client, config, args))
-    except ValueError as exc:
-        _cli_error(str(exc))
+    except SystemExit as exc:  # --help/--version (0), a usage error argparse printed (2), _cli_exit
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    except (OSError, ValueError) as exc:
+        _cli_error(f"{args.command}: {exc}")
         return EXIT_USAGE
     except CyclesProtocolError as exc:  # a failed page while following cursors
         _cli_error(str(exc))
@@ -8534,8 +8397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _cli_parser(argparse: Any) -> Any:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+    json_flag = argparse.ArgumentParser(add_help=False)  # --json before or after the command
+    json_flag.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON, not a table"
     )
     parser = argparse.ArgumentParser(
@@ -8546,13 +8409,11 @@ def _cli_parser(argparse: Any) -> Any:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"cycles-lite {__version__}")
-    parser.add_argument(
-        "--json", action="store_true", default=False, help="print JSON, not a table"
-    )
+    parser.add_argument("--json", action="store_true", help="print JSON, not a table")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     for name, summary, run, arguments in _CLI_COMMANDS:
-        command = commands.add_parser(name, parents=[common], help=summary)
+        command = commands.add_parser(name, parents=[json_flag], help=summary)
         for flag, options in arguments:
             command.add_argument(flag, **options)
         command.set_defaults(run=run)
@@ -8563,26 +8424,45 @@ def _cli_error(message: str) -> None:
     print(f"cycles-lite: {message}", file=sys.stderr)
 
 
-def _cli_failed(response: CyclesResponse, what: str, print_body: bool) -> int:
-    """Report an unsuccessful response; the exit code says whether the server answered."""
+def _cli_exit(message: str, code: int) -> NoReturn:
+    _cli_error(message)
+    raise SystemExit(code)
+
+
+def _cli_body(response: CyclesResponse, what: str, print_body: bool) -> Dict[str, Any]:
+    """The body of a successful response, else report the failure and exit: 1 when the
+    server answered (its error body printed too if ``print_body``), 3 when it did not."""
+    if response.is_success:
+        return response.body or {}
     if response.is_transport_error:
-        _cli_error(f"{what}: no answer from the server: {response.error_message}")
-        return EXIT_TRANSPORT
-    code = _error_code(response)
-    code_text = " " + code if code else ""
-    detail = f"HTTP {response.status}{code_text}: {response.error_message}"
-    if (response.error_message or "").startswith(f"HTTP {response.status} "):
-        detail = response.error_message or ""
+        _cli_exit(f"{what}: no answer from the server: {response.error_message}", EXIT_TRANSPORT)
+    detail = response.error_message or ""
+    if not detail.startswith(f"HTTP {response.status} "):
+        code = _error_code(response)
+        detail = f"HTTP {response.status}{' ' + code if code else ''}: {detail}"
     if response.request_id:
         detail += f" (request id {response.request_id})"
     _cli_error(f"{what} failed: {_cli_cell(detail)}")
     if print_body and response.body is not None:
         _cli_json(response.body)
-    return EXIT_API_ERROR
+    raise SystemExit(EXIT_API_ERROR)
 
 
 def _cli_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _cli_output(
+    args: Any, value: Any, headers: Sequence[str], rows: Iterable[Sequence[Any]]
+) -> None:
+    """``value`` as JSON with --json, else ``rows`` as a table."""
+    if args.json:
+        _cli_json(value)
+        return
+    table = [list(headers)] + [[_cli_cell(cell) for cell in row] for row in rows]
+    widths = [max(len(line[column]) for line in table) for column in range(len(headers))]
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
 
 
 def _cli_cell(value: Any) -> str:
@@ -8607,30 +8487,22 @@ def _cli_time(ms: Any) -> str:
         return str(ms)
 
 
-def _cli_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(cell)) for w, cell in zip(widths, row)]
-    for line in [list(headers)] + [list(r) for r in rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
-
-
-def _cli_filters(args: Any, names: Sequence[str]) -> Dict[str, Any]:
-    values = {name: getattr(args, name, None) for name in names}
-    return {name.replace("-", "_"): value for name, value in values.items() if value is not None}
+def _cli_query(args: Any) -> Dict[str, Any]:
+    """A list command's query: every option given, but the flags that are not filters."""
+    not_filters = ("command", "run", "json", "all", "admin")
+    given = {name: value for name, value in vars(args).items() if value is not None}
+    return {name: value for name, value in given.items() if name not in not_filters}
 
 
 def _cli_check(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
     tenant = args.tenant or config.tenant
     admin_only = not config.api_key
     if admin_only and not tenant:
-        _cli_error("check: with only CYCLES_ADMIN_API_KEY set, give --tenant or CYCLES_TENANT")
-        return EXIT_USAGE
+        message = "check: with only CYCLES_ADMIN_API_KEY set, give --tenant or CYCLES_TENANT"
+        _cli_exit(message, EXIT_USAGE)
     started = time.monotonic()
-    if admin_only:
-        response = client.list_reservations(admin=True, tenant=tenant or "", limit="1")
-    else:
-        response = client.list_reservations(admin=False, limit="1")
+    tenant_query = {"tenant": tenant or ""} if admin_only else {}
+    response = client.list_reservations(admin=admin_only, limit="1", **tenant_query)
     elapsed_ms = int((time.monotonic() - started) * 1000)
     report = {
         "base_url": config.base_url,
@@ -8643,73 +8515,52 @@ def _cli_check(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
         "tenant": response.cycles_tenant or (tenant if admin_only else None),
         "trace_id": response.trace_id,
     }
-    if args.json:
-        _cli_json(report)
-    else:
-        _cli_table(["CHECK", "RESULT"], [[k, _cli_cell(v)] for k, v in report.items()])
-    if not response.is_success:
-        return _cli_failed(response, "check", print_body=False)  # the report is the output
+    _cli_output(args, report, ["CHECK", "RESULT"], report.items())
+    _cli_body(response, "check", print_body=False)  # the report is the output
     if not report["ok"]:
-        _cli_error("check failed: " + _not_cycles_message(response.status, response.headers))
-        return EXIT_API_ERROR
+        message = _not_cycles_message(response.status, response.headers)
+        _cli_exit("check failed: " + message, EXIT_API_ERROR)
     return EXIT_OK
 
 
 def _cli_balances(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
-    filters = _cli_filters(args, SUBJECT_FIELDS)
-    if not filters and config.tenant:
+    filters = _cli_query(args)
+    if not any(name in filters for name in SUBJECT_FIELDS):
+        if not config.tenant:
+            message = "balances: give a subject filter such as --tenant, or set CYCLES_TENANT"
+            _cli_exit(message, EXIT_USAGE)
         filters["tenant"] = config.tenant
-    if not filters:
-        _cli_error("balances: give a subject filter such as --tenant, or set CYCLES_TENANT")
-        return EXIT_USAGE
-    filters.update(_cli_filters(args, ("limit", "cursor")))
-    return _cli_listing(
-        args,
-        "balances",
-        lambda: client.iter_balances(**filters),
-        lambda: client.get_balances(**filters),
-        ["SCOPE", "UNIT", "REMAINING", "RESERVED", "SPENT", "ALLOCATED", "DEBT", "OVER LIMIT"],
-        _cli_balance_row,
-    )
+    headers = ["SCOPE", "UNIT", "REMAINING", "RESERVED", "SPENT", "ALLOCATED", "DEBT", "OVER LIMIT"]
+    pages = (client.iter_balances, client.get_balances)
+    return _cli_listing(args, "balances", pages, filters, headers, _cli_balance_row)
 
 
-def _cli_balance_row(item: Mapping[str, Any]) -> List[str]:
+def _cli_balance_row(item: Mapping[str, Any]) -> List[Any]:
     remaining = item.get("remaining")
+    amounts = ("remaining", "reserved", "spent", "allocated", "debt")
     return [
-        _cli_cell(item.get("scope_path") or item.get("scope")),
-        _cli_cell(remaining.get("unit") if isinstance(remaining, dict) else ""),
-        _cli_amount(remaining),
-        _cli_amount(item.get("reserved")),
-        _cli_amount(item.get("spent")),
-        _cli_amount(item.get("allocated")),
-        _cli_amount(item.get("debt")),
+        item.get("scope_path") or item.get("scope"),
+        remaining.get("unit") if isinstance(remaining, dict) else "",
+        *(_cli_amount(item.get(name)) for name in amounts),
         "yes" if item.get("is_over_limit") else "",
     ]
 
 
 def _cli_reservations(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
-    filters = _cli_filters(
-        args, (*SUBJECT_FIELDS, "status", "idempotency_key", "sort_by", "sort_dir")
-    )
-    filters.update(_cli_filters(args, ("limit", "cursor")))
-    admin = True if args.admin else None
+    filters = _cli_query(args)
     if (args.admin or not config.api_key) and "tenant" not in filters and config.tenant:
         filters["tenant"] = config.tenant
-    return _cli_listing(
-        args,
-        "reservations",
-        lambda: client.iter_reservations(admin=admin, **filters),
-        lambda: client.list_reservations(admin=admin, **filters),
-        ["ID", "STATUS", "SCOPE", "RESERVED", "CREATED", "EXPIRES"],
-        _cli_reservation_row,
-    )
+    filters["admin"] = args.admin or None
+    headers = ["ID", "STATUS", "SCOPE", "RESERVED", "CREATED", "EXPIRES"]
+    pages = (client.iter_reservations, client.list_reservations)
+    return _cli_listing(args, "reservations", pages, filters, headers, _cli_reservation_row)
 
 
-def _cli_reservation_row(item: Mapping[str, Any]) -> List[str]:
+def _cli_reservation_row(item: Mapping[str, Any]) -> List[Any]:
     return [
-        _cli_cell(item.get("reservation_id")),
-        _cli_cell(item.get("status")),
-        _cli_cell(item.get("scope_path")),
+        item.get("reservation_id"),
+        item.get("status"),
+        item.get("scope_path"),
         _cli_amount(item.get("reserved"), with_unit=True),
         _cli_time(item.get("created_at_ms")),
         _cli_time(item.get("expires_at_ms")),
@@ -8719,54 +8570,39 @@ def _cli_reservation_row(item: Mapping[str, Any]) -> List[str]:
 def _cli_listing(
     args: Any,
     what: str,
-    every_item: Callable[[], Iterable[Dict[str, Any]]],
-    one_page: Callable[[], CyclesResponse],
+    pages: Tuple[Callable[..., Iterable[Dict[str, Any]]], Callable[..., CyclesResponse]],
+    filters: Dict[str, Any],
     headers: Sequence[str],
-    row: Callable[[Mapping[str, Any]], List[str]],
+    row: Callable[[Mapping[str, Any]], List[Any]],
 ) -> int:
     """A list command: one page (or with ``--all`` every item), as JSON or a table."""
+    every_item, one_page = pages
     if args.all:
-        body: Dict[str, Any] = {what: list(every_item())}
+        body: Dict[str, Any] = {what: list(every_item(**filters))}
     else:
-        response = one_page()
-        if not response.is_success:
-            return _cli_failed(response, what, args.json)
-        body = response.body or {}
-    if args.json:
-        _cli_json(body)
-        return EXIT_OK
-    _cli_table(headers, [row(item) for item in body.get(what) or [] if isinstance(item, dict)])
-    _cli_more(body)
-    return EXIT_OK
-
-
-def _cli_more(body: Mapping[str, Any]) -> None:
+        body = _cli_body(one_page(**filters), what, args.json)
+    items = [item for item in body.get(what) or [] if isinstance(item, dict)]
+    _cli_output(args, body, headers, map(row, items))
     cursor = body.get("next_cursor")
-    if body.get("has_more") and isinstance(cursor, str):
+    if not args.json and body.get("has_more") and isinstance(cursor, str):
         print(f"(more: --cursor {_cli_cell(cursor)}, or --all)", file=sys.stderr)
+    return EXIT_OK
 
 
 def _cli_reservation(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
-    response = client.get_reservation(args.reservation_id, admin=True if args.admin else None)
-    if not response.is_success:
-        return _cli_failed(response, "reservation", args.json)
-    body = response.body or {}
-    if args.json:
-        _cli_json(body)
-        return EXIT_OK
-    rows = []
-    for key, value in body.items():
-        if isinstance(value, dict) and "amount" in value:
-            text = _cli_amount(value, with_unit=True)
-        elif key.endswith("_at_ms"):
-            text = f"{_cli_time(value)} ({value})"
-        elif isinstance(value, (dict, list)):
-            text = json.dumps(value, sort_keys=True)
-        else:
-            text = value
-        rows.append([_cli_cell(key), _cli_cell(text)])
-    _cli_table(["FIELD", "VALUE"], rows)
+    response = client.get_reservation(args.reservation_id, admin=args.admin or None)
+    body = _cli_body(response, "reservation", args.json)
+    rows = [(key, _cli_field(key, value)) for key, value in body.items()]
+    _cli_output(args, body, ["FIELD", "VALUE"], rows)
     return EXIT_OK
+
+
+def _cli_field(key: str, value: Any) -> Any:
+    if isinstance(value, dict) and "amount" in value:
+        return _cli_amount(value, with_unit=True)
+    if key.endswith("_at_ms"):
+        return f"{_cli_time(value)} ({value})"
+    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
 
 
 def _cli_release(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
@@ -8774,17 +8610,13 @@ def _cli_release(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
     if args.reason:
         request["reason"] = args.reason
     ReleaseRequest.model_validate(request)  # the same checks as the model: a clear ValueError
-    response = client.release_reservation(
-        args.reservation_id, request, admin=True if args.admin else None
-    )
-    if not response.is_success:
-        return _cli_failed(response, "release", args.json)
-    body = response.body or {}
+    response = client.release_reservation(args.reservation_id, request, admin=args.admin or None)
+    body = _cli_body(response, "release", args.json)
     if args.json:
         _cli_json(body)
     else:
         released = _cli_amount(body.get("released"), with_unit=True) or "nothing"
-        print(f"released {released} from {_cli_cell(args.reservation_id)}")
+        print(_cli_cell(f"released {released} from {args.reservation_id}"))
     return EXIT_OK
 
 
@@ -8794,18 +8626,15 @@ def _cli_recover(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
     journal = _journal_for(config)
     directory = journal.directory if journal is not None else None
     if directory is None:
-        _cli_error("the commit journal is disabled or not writable (CYCLES_JOURNAL_DIR)")
-        return EXIT_USAGE
+        _cli_exit("the commit journal is disabled or not writable (CYCLES_JOURNAL_DIR)", EXIT_USAGE)
     # What is left stays journaled for the next run: do not wait for it again at exit.
     bounded = dataclasses.replace(config, retry_flush_timeout=0.0)
     with CyclesClient(bounded) as recovering:
         summary = _recover(recovering, args.timeout)
     counts = dataclasses.asdict(summary)
-    if args.json:
-        _cli_json(dict(counts, journal=directory))
-    else:
+    if not args.json:
         print(f"journal: {directory}")
-        _cli_table(["result", "records"], [[name, str(value)] for name, value in counts.items()])
+    _cli_output(args, dict(counts, journal=directory), ["result", "records"], counts.items())
     return EXIT_OK if summary.unresolved == 0 and summary.quarantined == 0 else EXIT_API_ERROR
 
 
@@ -8813,34 +8642,20 @@ def _cli_verify_evidence(args: Any) -> int:
     """Exit 0 only when the envelope is ok.  Runs without configuration: without --jwks
     the JWK Set comes from CYCLES_BASE_URL when it is set, else a FILE is checked
     offline (binding_only at best)."""
-    try:
-        jwks = _cli_read(args.jwks) if args.jwks else None
-        is_id = _is_hex(args.target, 64) and not os.path.exists(args.target)
-        target: str | bytes = args.target if is_id else _cli_read(args.target)
-        if jwks is not None and not is_id:
-            result = verify_evidence(target, jwks=jwks, expected_signer=args.expected_signer)
-        elif is_id or os.environ.get("CYCLES_BASE_URL"):
-            with CyclesClient(CyclesConfig.from_env()) as client:
-                result = client.verify_evidence(
-                    target, jwks=jwks, expected_signer=args.expected_signer
-                )
-        else:
-            result = verify_evidence(target, expected_signer=args.expected_signer)
-    except (OSError, ValueError) as exc:
-        _cli_error(f"verify-evidence: {exc}")
-        return EXIT_USAGE
-    if args.json:
-        _cli_json(dataclasses.asdict(result))
+    jwks = _cli_read(args.jwks) if args.jwks else None
+    is_id = _is_hex(args.target, 64) and not os.path.exists(args.target)
+    target = args.target if is_id else _cli_read(args.target)
+    if is_id or (jwks is None and os.environ.get("CYCLES_BASE_URL")):
+        with CyclesClient(CyclesConfig.from_env()) as client:
+            result = client.verify_evidence(target, jwks=jwks, expected_signer=args.expected_signer)
     else:
+        result = verify_evidence(target, jwks=jwks, expected_signer=args.expected_signer)
+    if not args.json:
         print(f"{result.disposition}: {_cli_cell(result.reason)}")
-        rows = [
-            ["evidence_id", _cli_cell(result.evidence_id)],
-            ["artifact_type", _cli_cell(result.artifact_type)],
-            ["signer_kid", _cli_cell(result.signer_kid)],
-            ["signer_pin_matched", _cli_cell(result.signer_pin_matched)],
-            ["ok", "yes" if result.ok else "no"],
-        ]
-        _cli_table(["FIELD", "VALUE"], rows)
+    names = ("evidence_id", "artifact_type", "signer_kid", "signer_pin_matched")
+    rows = [(name, getattr(result, name)) for name in names]
+    rows.append(("ok", "yes" if result.ok else "no"))
+    _cli_output(args, dataclasses.asdict(result), ["FIELD", "VALUE"], rows)
     return EXIT_OK if result.ok else EXIT_API_ERROR
 
 
