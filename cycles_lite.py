@@ -7849,12 +7849,10 @@ def _scan_journal(journal: _CommitJournal) -> Tuple[List[_PendingSettlement], in
 def _replay_jobs(client: Any, records: List[_PendingSettlement]) -> List[_Settlement]:
     """One settlement per record, due no earlier than its persisted 429 floor."""
     now, now_ms = time.monotonic(), _wall_clock_ms()
-    jobs = []
-    for record in records:
-        job = _Settlement.for_record(client, record)
-        job.due = now + _replay_delay_ms(record, now_ms) / 1000.0
-        jobs.append(job)
-    return jobs
+    return [
+        _Settlement.for_record(client, record, due=now + _replay_delay_ms(record, now_ms) / 1000)
+        for record in records
+    ]
 
 
 def _recover(client: Any, timeout: float | None) -> RecoverySummary:
