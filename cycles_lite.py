@@ -7248,6 +7248,16 @@ _KEPT_RETRY_MAX_MS = 300_000
 _KEPT_RETRY_ACTIVITY_GAP_S = 2.0
 
 
+def _start_daemon(target: Callable[[], None], name: str) -> threading.Thread | None:
+    """A started daemon thread; None at interpreter shutdown (no new threads then)."""
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    try:
+        thread.start()
+    except RuntimeError:
+        return None
+    return thread
+
+
 class _SettlementQueue:
     """The process's pending settlement retries, ordered by due time.
 
@@ -7545,16 +7555,6 @@ class _SettlementQueue:
 
 
 _settlements = _SettlementQueue()
-
-
-def _start_daemon(target: Callable[[], None], name: str) -> threading.Thread | None:
-    """A started daemon thread; None at interpreter shutdown (no new threads then)."""
-    thread = threading.Thread(target=target, name=name, daemon=True)
-    try:
-        thread.start()
-    except RuntimeError:
-        return None
-    return thread
 
 
 @dataclass(frozen=True)
