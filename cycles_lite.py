@@ -68,7 +68,6 @@ import enum
 import functools
 import heapq
 import inspect
-import io
 import itertools
 import json
 import logging
@@ -95,6 +94,7 @@ if TYPE_CHECKING:  # pragma: no cover
         Awaitable,
         Callable,
         ClassVar,
+        Coroutine,
         Deque,
         Dict,
         FrozenSet,
@@ -2051,119 +2051,306 @@ def _bounded_by(bound: float | None) -> Iterator[None]:
 # Why not urllib.request's opener: it forces ``Connection: close`` (no keep-alive),
 # installs file:/ftp:/data: handlers, follows redirects while copying every header
 # (the API key included) to whatever host ``Location`` names, reads proxies from the
-# environment, and applies timeouts per socket operation only.  This transport is
-# the opener-shaped piece we need instead: a request builder, a scheme allowlist
-# (http and https), http.client connections held in a small LIFO pool, no redirect
-# handling at all (a 3xx is returned as an error response), and a whole-attempt
-# deadline enforced on every socket read and write.
+# environment, and applies timeouts per socket operation only.  Why not http.client:
+# it parses every answer's headers through the email package, several hundred
+# Python calls per request.  This transport writes HTTP/1.1 itself, the same for the
+# blocking and the asyncio side: a scheme allowlist (http and https), the request
+# head precomputed per client, keep-alive connections in a small LIFO pool, no
+# redirect handling at all (a 3xx is returned as an error response), and a
+# whole-attempt deadline enforced on every socket read and write.
 
+if TYPE_CHECKING:  # pragma: no cover
+    # The status, the headers (lower-case names, first value kept), the body and
+    # whether the connection may be reused.
+    _Answer = Tuple[int, Dict[str, str], bytes, bool]
 
-@dataclass
-class _Prepared:
-    """One HTTP request, fully built and validated; ``send`` only puts it on the wire."""
-
-    operation: str
-    method: str
-    path: str
-    query: Tuple[Tuple[str, str], ...] = ()
-    headers: Dict[str, str] = field(default_factory=dict, repr=False)
-    body: bytes | None = field(default=None, repr=False)
-    idempotency_key: str | None = None
-
-    @property
-    def target(self) -> str:
-        if not self.query:
-            return self.path
-        return self.path + "?" + urlencode(self.query, safe="", quote_via=quote)
-
-    @property
-    def resendable(self) -> bool:
-        """Safe to send twice: a GET, or a body whose idempotency key makes the server replay."""
-        return self.method == "GET" or self.idempotency_key is not None
-
-
+_HEAD_LIMIT = 64 * 1024  # the longest response head (status line and headers) accepted
 _PUBLIC_OPERATIONS = frozenset({"evidence", "jwks"})
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_JSON_DECODER = json.JSONDecoder()
 
 
-def _build_request(config: CyclesConfig, call: _Call) -> _Prepared:
-    """Pure: the headers, body bytes and query of one call.  Raises ValueError on bad input.
+class _AttemptDeadlineExceeded(TimeoutError):
+    """The whole-attempt deadline passed, e.g. while a server trickled its answer."""
 
-    The one way a request is built, for the public methods, the guarded lifecycle, the
-    settlement worker and journal replay alike.
-    """
-    operation, body = call.operation, call.body
-    headers = {"User-Agent": config.user_agent, "Accept": "application/json"}
-    if operation not in _PUBLIC_OPERATIONS:
-        if call.admin:
-            if not config.admin_api_key:
+
+class _ResponseTooLarge(OSError):
+    pass
+
+
+class _MalformedResponse(OSError):
+    """What the server sent is not a complete HTTP/1.x response."""
+
+
+class _Truncated(_MalformedResponse):
+    """The connection ended ``partial`` bytes into a part of the response."""
+
+    def __init__(self, partial: int) -> None:
+        super().__init__(f"connection closed {partial} bytes into a response part")
+        self.partial = partial
+
+
+class _RemoteDisconnected(ConnectionResetError):
+    """The server closed the connection without answering (a stale keep-alive connection)."""
+
+
+def _header_lines(headers: Mapping[str, str]) -> str:
+    """``Name: value`` lines; ValueError (naming the header, never the value) on a bad value
+    (a config mutated after it was validated)."""
+    for name, value in headers.items():
+        if not _is_header_value(value):
+            raise ValueError(f"{name}: not a valid HTTP header value")
+    return "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+
+
+def _host_literal(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _host_header(origin: _Origin) -> str:
+    default_port = 443 if origin.scheme == "https" else 80
+    host = _host_literal(origin.host)
+    return host if origin.port == default_port else f"{host}:{origin.port}"
+
+
+def _traceparent_line(traceparent: Callable[[], str | None]) -> str:
+    try:
+        value = traceparent()
+    except Exception:
+        _log.debug("traceparent callable raised; sending no traceparent", exc_info=True)
+        return ""
+    return f"{TRACEPARENT_HEADER}: {value}\r\n" if _valid_traceparent(value) else ""
+
+
+class _TransportBase:
+    """What the blocking and the asyncio transports share: the origin, the explicit
+    proxy, the timeouts, TLS trust and the request bytes.  Everything the config
+    decides (headers, target prefix) is checked and rendered once, here; the two
+    transports differ only in how they move bytes."""
+
+    def __init__(self, config: CyclesConfig) -> None:
+        origin = self._origin = _parse_base_url(config.base_url)
+        proxy = self._proxy = _parse_proxy(config.proxy) if config.proxy else None
+        self._connect_timeout = config.connect_timeout
+        self._read_timeout = config.read_timeout
+        self.attempt_timeout = config.attempt_timeout
+        self._pool_maxsize = config.pool_maxsize
+        self._ssl_context = config.ssl_context
+        self._ca_bundle = config.ca_bundle
+        self.closed = False
+        # A non-ASCII base path is percent-encoded (as a browser would); the rest is as given.
+        base_path = quote(origin.base_path, safe="/%!$&'()*+,;=:@")
+        self._target_prefix = base_path
+        headers = {
+            "Host": _host_header(origin),
+            "Accept-Encoding": "identity",
+            "User-Agent": config.user_agent,
+            "Accept": "application/json",
+        }
+        if proxy is not None and origin.scheme == "http":  # absolute-form targets
+            self._target_prefix = f"http://{headers['Host']}{base_path}"
+            if proxy.authorization:
+                headers["Proxy-Authorization"] = proxy.authorization
+        if config.pool_maxsize == 0:
+            headers["Connection"] = "close"
+        if config.trace_id is not None:
+            headers[TRACE_ID_HEADER] = config.trace_id
+        traceparent = config.traceparent
+        self._traceparent = traceparent if callable(traceparent) else None
+        if isinstance(traceparent, str):
+            headers[TRACEPARENT_HEADER] = traceparent
+        self._public_head = _header_lines(headers)
+        self._tenant_head = self._admin_head = None
+        if config.api_key:
+            self._tenant_head = self._public_head + _header_lines({API_KEY_HEADER: config.api_key})
+        if config.admin_api_key:
+            admin = {ADMIN_API_KEY_HEADER: config.admin_api_key}
+            self._admin_head = self._public_head + _header_lines(admin)
+
+    def encode(self, call: _Call) -> bytes:
+        """The request's bytes.  Raises ValueError on bad input: nothing is sent."""
+        if call.operation in _PUBLIC_OPERATIONS:
+            head = self._public_head
+        elif call.admin:
+            if self._admin_head is None:
                 raise ValueError("admin_api_key: not configured")
-            headers[ADMIN_API_KEY_HEADER] = config.admin_api_key
-        elif config.api_key:
-            headers[API_KEY_HEADER] = config.api_key
+            head = self._admin_head
+        elif self._tenant_head is not None:
+            head = self._tenant_head
         else:
             raise ValueError(
-                f"api_key: required for {operation} (only admin_api_key is configured)"
+                f"api_key: required for {call.operation} (only admin_api_key is configured)"
             )
-    headers.update(_trace_headers(config))
-    payload = None
-    key = None
-    if body is not None:
-        raw_key = body.get("idempotency_key")
-        if isinstance(raw_key, str) and _is_header_value(raw_key):
-            key = raw_key
-            headers[IDEMPOTENCY_KEY_HEADER] = raw_key
+        target = call.path
+        if call.query:
+            target += "?" + urlencode(call.query, safe="", quote_via=quote)
+        lines = [f"{call.method} {self._target_prefix}{target} HTTP/1.1\r\n", head]
+        if self._traceparent is not None:
+            lines.append(_traceparent_line(self._traceparent))
+        body = call.body
+        if body is None:
+            lines.append("\r\n")
+            return "".join(lines).encode("latin-1")
+        key = body.get("idempotency_key")
+        if isinstance(key, str) and _is_header_value(key):
+            lines.append(f"{IDEMPOTENCY_KEY_HEADER}: {key}\r\n")
         try:
-            payload = json.dumps(
-                body, ensure_ascii=False, separators=(",", ":"), allow_nan=False
-            ).encode("utf-8")
+            payload = _JSON_ENCODER.encode(body).encode("utf-8")
         except (TypeError, ValueError) as exc:  # a dict body sent as-is: name the bad value
             _object_check("body", body, False)
             raise ValueError(f"body: must be JSON-serialisable ({exc})") from None
-        headers["Content-Type"] = "application/json"
-    pairs = tuple(_query_pairs(call.query or {}))
-    return _Prepared(operation, call.method, call.path, pairs, headers, payload, key)
+        lines.append(f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n")
+        return "".join(lines).encode("latin-1") + payload
+
+    def start_attempt(self, deadline: float | None) -> float:
+        """The attempt's deadline: the one handed in, else the lifecycle step's (see
+        ``_attempt``), else now + ``attempt_timeout``; cut to the enclosing ``deadline()``.
+        RuntimeError on a closed client, except for a settlement retry, which may outlive
+        the client that started it."""
+        attempt = _attempt.get()
+        if self.closed and not (attempt is not None and attempt.detached):
+            raise RuntimeError("the client is closed")
+        if deadline is None:
+            if attempt is not None:
+                deadline = attempt.deadline
+            else:
+                deadline = time.monotonic() + self.attempt_timeout
+        bound = _deadline.get()
+        return deadline if bound is None or bound >= deadline else bound
+
+    def _connect_request(self) -> bytes:
+        """The ``CONNECT`` that opens a tunnel through the proxy to an https origin."""
+        assert self._proxy is not None
+        authority = f"{_host_literal(self._origin.host)}:{self._origin.port}"
+        headers = {"Host": authority}
+        if self._proxy.authorization:
+            headers["Proxy-Authorization"] = self._proxy.authorization
+        return f"CONNECT {authority} HTTP/1.1\r\n{_header_lines(headers)}\r\n".encode("latin-1")
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._ssl_context is None:
+            import ssl
+
+            bundle = self._ca_bundle
+            if bundle is not None and os.path.isdir(bundle):
+                self._ssl_context = ssl.create_default_context(capath=bundle)
+            else:
+                self._ssl_context = ssl.create_default_context(cafile=bundle)
+        return self._ssl_context
 
 
-def _query_pairs(query: Mapping[str, Any]) -> Iterator[Tuple[str, str]]:
-    for name, value in query.items():
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            yield name, "true" if value else "false"
-        elif isinstance(value, (str, int)):
-            yield name, str(value)
-        else:
-            raise ValueError(f"{name}: query parameter must be a string, got {_type_name(value)}")
+def _tunnel_opened(head: bytes) -> None:
+    status = _parse_response_head(head)[0]
+    if status != 200:
+        raise OSError(f"Tunnel connection failed: {status}")
 
 
-def _trace_headers(config: CyclesConfig) -> Dict[str, str]:
-    headers = {}
-    traceparent = config.traceparent
-    if callable(traceparent):
+# -- reading an answer: one parser for both transports ------------------------------
+
+
+def _parse_response_head(head: bytes) -> Tuple[int, Dict[str, str], bool]:
+    """Pure: the status, the headers and whether the connection stays open, from a head."""
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    version = parts[0]
+    code = parts[1] if len(parts) > 1 else ""
+    # isascii(): str.isdigit() also takes '\xb2' (superscript two), which int() refuses.
+    if not (version.startswith("HTTP/1.") and len(code) == 3 and code.isascii() and code.isdigit()):
+        raise _MalformedResponse(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
+    headers: Dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if colon and name and name == name.strip():
+            headers.setdefault(name.lower(), value.strip())
+    connection = headers.get("connection", "").lower()
+    tokens = [token.strip() for token in connection.split(",")] if connection else []
+    keep_alive = "close" not in tokens if version == "HTTP/1.1" else "keep-alive" in tokens
+    return int(code), headers, keep_alive
+
+
+async def _read_http_response(stream: _Connection | _Watchdog) -> _Answer:
+    """One HTTP/1.x response, size-capped, from either transport's stream: its
+    ``until(separator)``, ``exactly(size)`` and ``some()`` (b"" at the end) are all
+    it reads with.  The blocking stream never suspends (see ``_run_blocking``)."""
+    status = 100
+    while 100 <= status < 200:  # interim answers (100 Continue) are skipped
         try:
-            traceparent = traceparent()
-        except Exception:
-            _log.debug("traceparent callable raised; sending no traceparent", exc_info=True)
-            traceparent = None
-    if traceparent is not None and _valid_traceparent(traceparent):
-        headers[TRACEPARENT_HEADER] = traceparent
-    if config.trace_id is not None:
-        headers[TRACE_ID_HEADER] = config.trace_id
-    return headers
+            head = await stream.until(b"\r\n\r\n")
+        except _Truncated as exc:
+            if exc.partial:
+                raise
+            raise _RemoteDisconnected("remote end closed connection without response") from None
+        status, headers, keep_alive = _parse_response_head(head)
+    if status in (204, 304):
+        return status, headers, b"", keep_alive
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return status, headers, await _read_chunked(stream), keep_alive
+    length = headers.get("content-length")
+    if length is None:  # the body runs to the end of the connection
+        return status, headers, await _read_to_eof(stream), False
+    length = length.strip()
+    if not (length.isascii() and length.isdigit()):  # as for the status code
+        raise _MalformedResponse(f"bad Content-Length: {length[:40]!r}")
+    if int(length) > MAX_RESPONSE_BYTES:
+        raise _ResponseTooLarge(f"response body larger than {MAX_RESPONSE_BYTES} bytes")
+    return status, headers, await stream.exactly(int(length)), keep_alive
 
 
-def _read_response(
-    status: int, headers: Iterable[Tuple[str, str]], body_bytes: bytes
-) -> CyclesResponse:
-    """Pure: a CyclesResponse from the status, raw headers and raw body of an answer."""
-    captured: Dict[str, str] = {}
-    for name, value in headers:
-        lower = name.lower()
-        if lower in CAPTURED_HEADERS and lower not in captured:
-            captured[lower] = value
-    body = _json_object(body_bytes)
+async def _read_chunked(stream: _Connection | _Watchdog) -> bytes:
+    chunks: List[bytes] = []
+    total = 0
+    while True:
+        line = await stream.until(b"\r\n")
+        size_text = line.split(b";", 1)[0].strip()
+        if not size_text or size_text.strip(b"0123456789abcdefABCDEF"):
+            raise _MalformedResponse(f"bad chunk size: {size_text[:40]!r}")
+        size = int(size_text, 16)
+        if size == 0:
+            break
+        total += size
+        if total > MAX_RESPONSE_BYTES:
+            raise _ResponseTooLarge(f"response body larger than {MAX_RESPONSE_BYTES} bytes")
+        chunks.append((await stream.exactly(size + 2))[:-2])
+    while await stream.until(b"\r\n") != b"\r\n":
+        pass  # trailer fields
+    return b"".join(chunks)
+
+
+async def _read_to_eof(stream: _Connection | _Watchdog) -> bytes:
+    chunks: List[bytes] = []
+    total = 0
+    while True:
+        chunk = await stream.some()
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > MAX_RESPONSE_BYTES:
+            raise _ResponseTooLarge(f"response body larger than {MAX_RESPONSE_BYTES} bytes")
+        chunks.append(chunk)
+
+
+def _run_blocking(coroutine: Coroutine[Any, Any, _T]) -> _T:
+    """Run an ``async def`` whose awaits all complete at once (the blocking stream's
+    reads block instead of suspending), on this thread, without an event loop."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        result: _T = done.value
+        return result
+    coroutine.close()
+    raise RuntimeError("a blocking read suspended")
+
+
+def _read_response(status: int, headers: Mapping[str, str], raw: bytes) -> CyclesResponse:
+    """Pure: a CyclesResponse from the status, headers (lower-case names) and raw body."""
+    captured = {}
+    for name, value in headers.items():
+        if name in CAPTURED_HEADERS:
+            captured[name] = value
+    body = _json_object(raw)
     if 200 <= status < 300:
-        response = CyclesResponse.success(status, body if body is not None else {}, captured)
+        response = CyclesResponse(status=status, body=body if body is not None else {},
+                                  headers=captured)
         if body is None:
             response.error_message = _not_cycles_message(status, captured)
         return response
@@ -2174,7 +2361,7 @@ def _json_object(raw: bytes) -> Dict[str, Any] | None:
     if not raw:
         return None
     try:
-        value = json.loads(raw)
+        value = _JSON_DECODER.decode(raw.decode("utf-8"))
     except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
@@ -2233,101 +2420,117 @@ def _never_sent(response: CyclesResponse) -> bool:
     )
 
 
-class _AttemptDeadlineExceeded(TimeoutError):
-    """The whole-attempt deadline passed, e.g. while a server trickled its answer."""
-
-
-class _ResponseTooLarge(OSError):
-    pass
-
-
-class _DeadlineReader(io.RawIOBase):
-    """The raw stream http.client reads a response from; every read is deadline-bounded."""
-
-    def __init__(self, sock: _DeadlineSocket) -> None:
-        super().__init__()
-        self._sock = sock
-
-    def readable(self) -> bool:
+def _is_stale_error(exc: BaseException) -> bool:
+    """The errors a keep-alive connection the server already closed produces before any answer."""
+    if isinstance(exc, ConnectionError):  # _RemoteDisconnected, reset, broken pipe, aborted
         return True
-
-    def readinto(self, buffer: Any) -> int:
-        return self._sock.recv_into(buffer)
-
-    def close(self) -> None:
-        if not self.closed:
-            self._sock._reader_closed()
-        super().close()
+    ssl_module = sys.modules.get("ssl")
+    return ssl_module is not None and isinstance(
+        exc, (ssl_module.SSLEOFError, ssl_module.SSLZeroReturnError)
+    )
 
 
-class _DeadlineSocket:
-    """Wraps a connected socket so each blocking call waits min(op_timeout, time left).
+def _may_resend(reused: bool, exc: BaseException, call: _Call, deadline: float) -> bool:
+    """One reconnect-and-resend: a reused connection found stale before any answer, time
+    left, and a request safe to repeat (GET, or a body with an idempotency key)."""
+    if not (reused and _is_stale_error(exc) and call.resendable):
+        return False
+    if time.monotonic() >= deadline:
+        return False
+    _log.debug("stale keep-alive connection (%s); reconnecting once", type(exc).__name__)
+    return True
 
-    ``deadline`` (a ``time.monotonic()`` value) is set per request; a server that
-    trickles one byte at a time cannot stretch the attempt past it.  Like a real
-    socket, closing it while a response reader is open defers the real close
-    until the reader closes.
+
+def _attempt_failed(call: _Call, exc: Exception) -> CyclesResponse:
+    if not isinstance(exc, OSError):  # a bug: its outcome is as unknown, but say so loudly
+        _log.error("%s %s failed: internal error", call.method, call.path, exc_info=exc)
+    else:
+        _log.debug("%s %s failed: %s: %s", call.method, call.path, type(exc).__name__, exc)
+    return CyclesResponse.transport_error(exc)
+
+
+# -- the blocking transport -----------------------------------------------------------
+
+
+class _Connection:
+    """One blocking keep-alive connection: its socket and what was read but not used.
+
+    Every send and receive waits at most min(``read_timeout``, time left before
+    ``deadline``), a ``time.monotonic()`` value set per request: a server that
+    trickles one byte at a time cannot stretch the attempt past it.  The reads are
+    ``async def`` only to share ``_read_http_response`` with the asyncio transport.
     """
 
-    def __init__(self, sock: Any, op_timeout: float) -> None:
-        self._sock = sock
+    __slots__ = ("_op_timeout", "deadline", "sock", "unread")
+
+    def __init__(self, sock: socket.socket, op_timeout: float) -> None:
+        self.sock = sock
         self._op_timeout = op_timeout
-        self._readers = 0
-        self._close_requested = False
+        self.unread = bytearray()  # received, not yet consumed
         self.deadline = math.inf
 
-    def _bounded(self, operation: Callable[..., Any], *args: Any) -> Any:
+    def send(self, data: bytes) -> None:
+        self._bounded(self.sock.sendall, data)
+
+    async def until(self, separator: bytes) -> bytes:
+        """Everything up to and including ``separator``."""
+        while True:
+            end = self.unread.find(separator)
+            if end >= 0:
+                return self._take(end + len(separator))
+            if len(self.unread) > _HEAD_LIMIT:
+                raise _MalformedResponse("response head or chunk line too long")
+            self._fill()
+
+    async def exactly(self, size: int) -> bytes:
+        while len(self.unread) < size:
+            self._fill()
+        return self._take(size)
+
+    async def some(self) -> bytes:
+        if self.unread:
+            return self._take(len(self.unread))
+        return self._bounded(self.sock.recv, 65536)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _take(self, size: int) -> bytes:
+        part = bytes(self.unread[:size])
+        del self.unread[:size]  # cheap: a bytearray drops its head without copying the rest
+        return part
+
+    def _fill(self) -> None:
+        chunk = self._bounded(self.sock.recv, 65536)
+        if not chunk:
+            raise _Truncated(len(self.unread))
+        self.unread += chunk
+
+    def _bounded(self, operation: Callable[[Any], _T], argument: Any) -> _T:
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise _AttemptDeadlineExceeded("attempt deadline exceeded")
-        self._sock.settimeout(min(self._op_timeout, left))
+        self.sock.settimeout(min(self._op_timeout, left))
         try:
-            return operation(*args)
+            return operation(argument)
         except OSError as exc:
-            import socket  # loaded already by http.client
+            import socket  # loaded already
 
-            if isinstance(exc, socket.timeout) and time.monotonic() >= self.deadline:
+            if not isinstance(exc, socket.timeout):
+                raise
+            if time.monotonic() >= self.deadline:
                 raise _AttemptDeadlineExceeded("attempt deadline exceeded") from exc
-            raise
-
-    def sendall(self, data: bytes) -> None:
-        self._bounded(self._sock.sendall, data)
-
-    def recv_into(self, buffer: Any, nbytes: int = 0) -> int:
-        return int(self._bounded(self._sock.recv_into, buffer, nbytes))
-
-    def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
-        if mode != "rb":
-            raise ValueError("only binary reads are supported")
-        self._readers += 1
-        return io.BufferedReader(_DeadlineReader(self))
-
-    def _reader_closed(self) -> None:
-        self._readers -= 1
-        if self._close_requested and self._readers <= 0:
-            self._sock.close()
-
-    def fileno(self) -> int:
-        return int(self._sock.fileno())
-
-    def close(self) -> None:
-        self._close_requested = True
-        if self._readers <= 0:
-            self._sock.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
+            raise TimeoutError("timed out") from exc
 
 
-def _connection_dropped(conn: Any) -> bool:
+def _connection_dropped(conn: _Connection) -> bool:
     """An idle keep-alive connection is unusable if its socket became readable (EOF or junk)."""
-    sock = conn.sock
-    if sock is None:
+    if conn.unread:
         return True
     try:
         import select
 
-        fd = sock.fileno()
+        fd = conn.sock.fileno()
         if fd < 0:
             return True
         if hasattr(select, "poll"):
@@ -2338,70 +2541,6 @@ def _connection_dropped(conn: Any) -> bool:
         return bool(readable)
     except (OSError, ValueError):
         return True
-
-
-def _is_stale_error(exc: BaseException) -> bool:
-    """The errors a keep-alive connection the server already closed produces before any answer."""
-    if isinstance(exc, ConnectionError):  # RemoteDisconnected, reset, broken pipe, aborted
-        return True
-    ssl_module = sys.modules.get("ssl")
-    return ssl_module is not None and isinstance(
-        exc, (ssl_module.SSLEOFError, ssl_module.SSLZeroReturnError)
-    )
-
-
-class _TransportBase:
-    """What the blocking and the asyncio transports share: the origin, the explicit
-    proxy, the timeouts, TLS trust, the request target and the wire headers.  The two
-    differ only in how they move bytes."""
-
-    def __init__(self, config: CyclesConfig) -> None:
-        self._origin = _parse_base_url(config.base_url)
-        self._proxy = _parse_proxy(config.proxy) if config.proxy else None
-        self._connect_timeout = config.connect_timeout
-        self._read_timeout = config.read_timeout
-        self.attempt_timeout = config.attempt_timeout
-        self._pool_maxsize = config.pool_maxsize
-        self._ssl_context = config.ssl_context
-        self._ca_bundle = config.ca_bundle
-        self.closed = False
-
-    def _request_target(self, prepared: _Prepared) -> str:
-        target = self._origin.base_path + prepared.target
-        if self._proxy is not None and self._origin.scheme == "http":
-            return f"http://{_host_literal(self._origin.host)}:{self._origin.port}{target}"
-        return target
-
-    def _wire_headers(self, prepared: _Prepared) -> Dict[str, str]:
-        headers = prepared.headers
-        extra = {}
-        if self._pool_maxsize == 0:
-            extra["Connection"] = "close"
-        if self._proxy is not None and self._proxy.authorization and self._origin.scheme == "http":
-            extra["Proxy-Authorization"] = self._proxy.authorization
-        return dict(headers, **extra) if extra else headers
-
-    def _tls_context(self) -> ssl.SSLContext:
-        if self._ssl_context is None:
-            import ssl
-
-            bundle = self._ca_bundle
-            if bundle is not None and os.path.isdir(bundle):
-                self._ssl_context = ssl.create_default_context(capath=bundle)
-            else:
-                self._ssl_context = ssl.create_default_context(cafile=bundle)
-        return self._ssl_context
-
-
-def _may_resend(reused: bool, exc: BaseException, prepared: _Prepared, deadline: float) -> bool:
-    """One reconnect-and-resend: a reused connection found stale before any answer, time
-    left, and a request safe to repeat (GET, or a body with an idempotency key)."""
-    if not (reused and _is_stale_error(exc) and prepared.resendable):
-        return False
-    if time.monotonic() >= deadline:
-        return False
-    _log.debug("stale keep-alive connection (%s); reconnecting once", type(exc).__name__)
-    return True
 
 
 class _Transport(_TransportBase):
@@ -2415,7 +2554,7 @@ class _Transport(_TransportBase):
 
     def __init__(self, config: CyclesConfig) -> None:
         super().__init__(config)
-        self._idle: List[Any] = []
+        self._idle: List[_Connection] = []
         self._lock = threading.Lock()
         self._pid = os.getpid()
         _reset_after_fork(self)
@@ -2431,36 +2570,22 @@ class _Transport(_TransportBase):
             with contextlib.suppress(Exception):
                 conn.close()
 
-    def send(
-        self, prepared: _Prepared, deadline: float
-    ) -> Tuple[int, List[Tuple[str, str]], bytes]:
-        """Send one request; the status, raw headers and body, or raise OSError / HTTPException."""
-        target = self._request_target(prepared)
-        headers = self._wire_headers(prepared)
-        conn, reused = self._checkout(deadline, fresh=False)
+    def send(self, call: _Call, request: bytes, deadline: float) -> _Answer:
+        """Send one request and read the answer, or raise OSError."""
+        conn, reused = self._checkout(deadline)
         try:
-            response = self._exchange(
-                conn, prepared.method, target, headers, prepared.body, deadline
-            )
+            answer = self._exchange(conn, request, deadline)
         except Exception as exc:
-            if not _may_resend(reused, exc, prepared, deadline):
+            if not _may_resend(reused, exc, call, deadline):
                 raise
             self._discard_idle()  # its idle siblings are likely stale too
-            conn, _ = self._checkout(deadline, fresh=True)
-            response = self._exchange(
-                conn, prepared.method, target, headers, prepared.body, deadline
-            )
-        try:
-            body = self._read_body(response)
-        except BaseException:
-            response.close()
-            conn.close()
-            raise
-        if response.will_close:
-            conn.close()
-        else:
+            conn = self._connect(deadline)
+            answer = self._exchange(conn, request, deadline)
+        if answer[3]:
             self._checkin(conn)
-        return response.status, response.getheaders(), body
+        else:
+            conn.close()
+        return answer
 
     def close(self) -> None:
         with self._lock:
@@ -2468,53 +2593,29 @@ class _Transport(_TransportBase):
         self._discard_idle()
 
     @staticmethod
-    def _exchange(
-        conn: Any,
-        method: str,
-        target: str,
-        headers: Mapping[str, str],
-        body: bytes | None,
-        deadline: float,
-    ) -> Any:
-        """Send the request and read the response head; the connection is closed on failure."""
+    def _exchange(conn: _Connection, request: bytes, deadline: float) -> _Answer:
+        """Send the request and read the answer; the connection is closed on failure."""
+        conn.deadline = deadline
         try:
-            conn.sock.deadline = deadline
-            conn.request(method, target, body=body, headers=headers)
-            return conn.getresponse()
+            conn.send(request)
+            return _run_blocking(_read_http_response(conn))
         except BaseException:
             conn.close()
             raise
 
-    @staticmethod
-    def _read_body(response: Any) -> bytes:
-        length = response.length
-        if length is not None and length <= MAX_RESPONSE_BYTES:
-            return bytes(response.read())
-        chunks: List[bytes] = []
-        total = 0
-        while True:
-            chunk = response.read(65536)
-            if not chunk:
-                return b"".join(chunks)
-            total += len(chunk)
-            if total > MAX_RESPONSE_BYTES:
-                raise _ResponseTooLarge(f"response body larger than {MAX_RESPONSE_BYTES} bytes")
-            chunks.append(chunk)
-
-    def _checkout(self, deadline: float, *, fresh: bool) -> Tuple[Any, bool]:
+    def _checkout(self, deadline: float) -> Tuple[_Connection, bool]:
         if self._pid != os.getpid():  # forked without the at-fork hooks (a C-level fork)
             self._after_fork()
-        while not fresh:
+        while True:
             with self._lock:
                 conn = self._idle.pop() if self._idle else None
             if conn is None:
-                break
+                return self._connect(deadline), False
             if not _connection_dropped(conn):
                 return conn, True
             conn.close()
-        return self._connect(deadline), False
 
-    def _checkin(self, conn: Any) -> None:
+    def _checkin(self, conn: _Connection) -> None:
         with self._lock:
             if not self.closed and len(self._idle) < self._pool_maxsize:
                 self._idle.append(conn)
@@ -2527,98 +2628,37 @@ class _Transport(_TransportBase):
         for conn in idle:
             conn.close()
 
-    def _connect(self, deadline: float) -> Any:
-        import http.client
+    def _connect(self, deadline: float) -> _Connection:
         import socket
 
         left = deadline - time.monotonic()
         if left <= 0:
             raise _AttemptDeadlineExceeded("attempt deadline exceeded before connecting")
-        timeout = min(self._connect_timeout, left)
-        origin = self._origin
-        host, port = (
-            (self._proxy.host, self._proxy.port) if self._proxy else (origin.host, origin.port)
-        )
-        conn: Any
-        if origin.scheme == "https":
-            conn = http.client.HTTPSConnection(
-                host, port, timeout=timeout, context=self._tls_context()
-            )
-            if self._proxy is not None:
-                tunnel_headers = (
-                    {"Proxy-Authorization": self._proxy.authorization}
-                    if self._proxy.authorization
-                    else None
-                )
-                conn.set_tunnel(origin.host, origin.port, headers=tunnel_headers)
-        else:
-            conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        origin, proxy = self._origin, self._proxy
+        address = (proxy.host, proxy.port) if proxy else (origin.host, origin.port)
+        sock = socket.create_connection(address, min(self._connect_timeout, left))
         try:
-            conn.connect()
-            # http.client sends the head and the body in two writes: with Nagle's
-            # algorithm on, the body can wait for the server's delayed ACK (~40 ms).
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # The head and the body go out in one write, but an answer must not wait
+            # for a delayed ACK (~40 ms) either: Nagle's algorithm off.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = _Connection(sock, self._read_timeout)
+            if origin.scheme == "https":
+                if proxy is not None:
+                    conn.deadline = deadline
+                    conn.send(self._connect_request())
+                    _tunnel_opened(_run_blocking(conn.until(b"\r\n\r\n")))
+                conn.sock = self._tls_context().wrap_socket(sock, server_hostname=origin.host)
         except BaseException:
-            conn.close()
+            sock.close()
             raise
-        conn.sock = _DeadlineSocket(conn.sock, self._read_timeout)
         return conn
-
-
-def _host_literal(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-def _attempt_deadline(transport: _TransportBase, deadline: float | None) -> float:
-    """The attempt's deadline: the one handed in, else now + ``attempt_timeout``; cut to
-    the enclosing ``deadline()``.  The same for both transports."""
-    if deadline is None:
-        deadline = time.monotonic() + transport.attempt_timeout
-    return _effective_deadline(deadline)
-
-
-def _attempt_failed(prepared: _Prepared, exc: Exception) -> CyclesResponse:
-    if not _is_network_error(exc):  # a bug: its outcome is as unknown, but say so loudly
-        _log.error("%s %s failed: internal error", prepared.method, prepared.path, exc_info=exc)
-    else:
-        _log.debug(
-            "%s %s failed: %s: %s", prepared.method, prepared.path, type(exc).__name__, exc
-        )
-    return CyclesResponse.transport_error(exc)
-
-
-def _perform(
-    transport: _Transport, prepared: _Prepared, deadline: float | None = None
-) -> CyclesResponse:
-    """Send and read one attempt, blocking; never raises for HTTP or transport failures.
-
-    The attempt ends by ``deadline`` (default now + ``attempt_timeout``), or the
-    enclosing ``deadline()``."""
-    deadline = _attempt_deadline(transport, deadline)
-    try:
-        status, headers, body = transport.send(prepared, deadline)
-    except Exception as exc:
-        return _attempt_failed(prepared, exc)
-    return _read_response(status, headers, body)
-
-
-async def _perform_async(
-    transport: _AsyncTransport, prepared: _Prepared, deadline: float | None = None
-) -> CyclesResponse:
-    """``_perform`` over the asyncio transport."""
-    deadline = _attempt_deadline(transport, deadline)
-    try:
-        status, headers, body = await transport.send(prepared, deadline)
-    except Exception as exc:
-        return _attempt_failed(prepared, exc)
-    return _read_response(status, headers, body)
 
 
 # ---------------------------------------------------------------------------
 # The asyncio transport
 #
-# The same requests and the same reading as ``_Transport`` (``_TransportBase``,
-# ``_read_response``, the stale-connection rule, the size cap), over asyncio
+# The same request bytes and the same reading as ``_Transport`` (``_TransportBase``,
+# ``_read_http_response``, the stale-connection rule, the size cap), over asyncio
 # streams: no thread per request.  Each event loop that sends gets its own
 # ``_LoopPool`` (keep-alive connections and the ``max_connections`` gate), used
 # only from that loop.  A loop's pool is closed when the loop shuts down its
@@ -2626,16 +2666,7 @@ async def _perform_async(
 # ``aclose()``, and forgotten in a forked child.
 # ---------------------------------------------------------------------------
 
-_HEAD_LIMIT = 64 * 1024  # the longest response head (status line and headers) accepted
 _IDLE_EXPIRY = 5.0  # seconds an idle connection beyond pool_maxsize is kept (as httpx)
-
-
-class _RemoteDisconnected(ConnectionResetError):
-    """The server closed the connection without answering (a stale keep-alive connection)."""
-
-
-class _MalformedResponse(OSError):
-    """What the server sent is not a complete HTTP/1.x response."""
 
 
 class _AsyncConnection:
@@ -2801,43 +2832,6 @@ def _start_async_generator(agen: Any) -> None:
         agen.__anext__().send(None)
 
 
-def _host_header(origin: _Origin) -> str:
-    default_port = 443 if origin.scheme == "https" else 80
-    host = _host_literal(origin.host)
-    return host if origin.port == default_port else f"{host}:{origin.port}"
-
-
-def _parse_response_head(head: bytes) -> Tuple[int, List[Tuple[str, str]], bool]:
-    """Pure: the status, the headers and whether the connection stays open, from a head."""
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ", 2)
-    version = parts[0]
-    if len(parts) < 2 or not version.startswith("HTTP/1.") or not _is_status(parts[1]):
-        raise _MalformedResponse(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
-    headers = []
-    for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        if colon and name and name == name.strip():
-            headers.append((name, value.strip()))
-    tokens = {
-        token.strip().lower()
-        for name, value in headers
-        if name.lower() == "connection"
-        for token in value.split(",")
-    }
-    keep_alive = "close" not in tokens if version == "HTTP/1.1" else "keep-alive" in tokens
-    return int(parts[1]), headers, keep_alive
-
-
-def _is_status(text: str) -> bool:
-    return len(text) == 3 and _is_decimal(text)
-
-
-def _is_decimal(text: str) -> bool:
-    """ASCII digits only: str.isdigit() also takes '\xb2' (superscript two), which int() refuses."""
-    return text.isascii() and text.isdigit()
-
-
 class _AsyncTransport(_TransportBase):
     """``_Transport`` over asyncio streams: per-loop keep-alive pools, a connection cap.
 
@@ -2849,27 +2843,21 @@ class _AsyncTransport(_TransportBase):
     def __init__(self, config: CyclesConfig) -> None:
         super().__init__(config)
         self._max_connections = config.max_connections
-        self._host = _host_header(self._origin)
         self._pools: Dict[asyncio.AbstractEventLoop, _LoopPool] = {}
         self._pools_lock = threading.Lock()
         self._pid = os.getpid()
         _reset_after_fork(self)
 
-    async def send(
-        self, prepared: _Prepared, deadline: float
-    ) -> Tuple[int, List[Tuple[str, str]], bytes]:
-        """Send one request; the status, raw headers and body, or raise OSError."""
-        request = self._request_bytes(prepared)
+    async def send(self, call: _Call, request: bytes, deadline: float) -> _Answer:
+        """Send one request and read the answer, or raise OSError."""
         pool = self._pool()
-        handed = await pool.acquire(deadline)
+        conn = await pool.acquire(deadline)
         kept: _AsyncConnection | None = None
         try:
-            status, headers, body, kept = await self._send_on(
-                pool, handed, request, prepared, deadline
-            )
+            answer, kept = await self._send_on(pool, conn, call, request, deadline)
         finally:
             pool.release(kept)
-        return status, headers, body
+        return answer
 
     async def aclose(self) -> None:
         """Close every loop's idle connections (this loop's at once, a running other loop's
@@ -2937,56 +2925,36 @@ class _AsyncTransport(_TransportBase):
             self._pools = pools
         return pool
 
-    def _request_bytes(self, prepared: _Prepared) -> bytes:
-        lines = [
-            f"{prepared.method} {self._request_target(prepared)} HTTP/1.1",
-            f"Host: {self._host}",
-            "Accept-Encoding: identity",
-        ]
-        lines.extend(f"{name}: {value}" for name, value in self._wire_headers(prepared).items())
-        body = prepared.body
-        if body is not None:
-            lines.append(f"Content-Length: {len(body)}")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        return head + body if body is not None else head
-
     async def _send_on(
         self,
         pool: _LoopPool,
         handed: _AsyncConnection | None,
+        call: _Call,
         request: bytes,
-        prepared: _Prepared,
         deadline: float,
-    ) -> Tuple[int, List[Tuple[str, str]], bytes, _AsyncConnection | None]:
-        conn, reused = await self._checkout(pool, handed, deadline)
+    ) -> Tuple[_Answer, _AsyncConnection | None]:
+        """Send on the connection handed over with the slot, else an idle or a new one."""
+        if handed is not None and handed.dropped():
+            handed.close()
+            handed = None
+        conn = handed or pool.take_idle()
+        reused = conn is not None
+        if conn is None:
+            conn = await self._connect(deadline)
         try:
-            status, headers, body, keep_alive = await self._exchange(conn, request, deadline)
+            answer = await self._exchange(conn, request, deadline)
         except Exception as exc:
-            if not _may_resend(reused, exc, prepared, deadline):
+            if not _may_resend(reused, exc, call, deadline):
                 raise
             pool.discard_idle()  # its idle siblings are likely stale too
             conn = await self._connect(deadline)
-            status, headers, body, keep_alive = await self._exchange(conn, request, deadline)
-        if keep_alive and pool.max_idle > 0:  # a late pool keeps nothing open (see _pool)
-            return status, headers, body, conn
+            answer = await self._exchange(conn, request, deadline)
+        if answer[3] and pool.max_idle > 0:  # a late pool keeps nothing open (see _pool)
+            return answer, conn
         conn.close()
-        return status, headers, body, None
+        return answer, None
 
-    async def _checkout(
-        self, pool: _LoopPool, handed: _AsyncConnection | None, deadline: float
-    ) -> Tuple[_AsyncConnection, bool]:
-        if handed is not None:
-            if not handed.dropped():
-                return handed, True
-            handed.close()
-        conn = pool.take_idle()
-        if conn is not None:
-            return conn, True
-        return await self._connect(deadline), False
-
-    async def _exchange(
-        self, conn: _AsyncConnection, request: bytes, deadline: float
-    ) -> Tuple[int, List[Tuple[str, str]], bytes, bool]:
+    async def _exchange(self, conn: _AsyncConnection, request: bytes, deadline: float) -> _Answer:
         """Write the request, read the whole response; the connection is closed on failure."""
         import asyncio
 
@@ -2997,18 +2965,14 @@ class _AsyncTransport(_TransportBase):
             conn.writer.write(request)
             if conn.unsent():
                 await watchdog.step(conn.writer.drain)
-            response = await _read_http_response(conn.reader, watchdog)
+            answer = await _read_http_response(watchdog)
             if watchdog.expired is not None:  # a body framed by EOF, cut short by the abort
                 raise watchdog.expired
-            return response
+            return answer
         except BaseException as exc:
             conn.close()
             if watchdog.expired is not None and isinstance(exc, Exception):
                 raise watchdog.expired from None
-            if isinstance(exc, asyncio.IncompleteReadError):
-                raise _MalformedResponse(
-                    f"connection closed {len(exc.partial)} bytes into a response part"
-                ) from None
             if isinstance(exc, asyncio.LimitOverrunError):
                 raise _MalformedResponse("response head or chunk line too long") from None
             raise
@@ -3016,9 +2980,19 @@ class _AsyncTransport(_TransportBase):
             watchdog.stop()
 
     async def _connect(self, deadline: float) -> _AsyncConnection:
+        import asyncio
         import socket
 
-        reader, writer = await _within(deadline, self._connect_timeout, self._open(), "connecting")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _AttemptDeadlineExceeded("attempt deadline exceeded before connecting")
+        timeout = min(self._connect_timeout, left)
+        try:
+            reader, writer = await asyncio.wait_for(self._open(), timeout)
+        except asyncio.TimeoutError:  # past the deadline, or past connect_timeout only
+            if timeout >= left:
+                raise _AttemptDeadlineExceeded("attempt deadline exceeded connecting") from None
+            raise TimeoutError("timed out connecting") from None
         conn = _AsyncConnection(reader, writer)
         try:
             sock = writer.get_extra_info("socket")
@@ -3061,20 +3035,14 @@ class _AsyncTransport(_TransportBase):
         try:
             sock.setblocking(False)
             await loop.sock_connect(sock, address)
-            authority = f"{_host_literal(self._origin.host)}:{self._origin.port}"
-            lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
-            if proxy.authorization:
-                lines.append(f"Proxy-Authorization: {proxy.authorization}")
-            await loop.sock_sendall(sock, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            await loop.sock_sendall(sock, self._connect_request())
             head = b""
             while b"\r\n\r\n" not in head:  # a refusal may come with a body; a 200 has none
                 chunk = await loop.sock_recv(sock, 1024)
                 if not chunk or len(head) > _HEAD_LIMIT:
                     raise _MalformedResponse("the proxy did not answer CONNECT")
                 head += chunk
-            status, _headers, _keep = _parse_response_head(head.partition(b"\r\n\r\n")[0])
-            if status != 200:
-                raise OSError(f"Tunnel connection failed: {status}")
+            _tunnel_opened(head.partition(b"\r\n\r\n")[0])
             return sock
         except BaseException:
             sock.close()
@@ -3082,9 +3050,10 @@ class _AsyncTransport(_TransportBase):
 
 
 class _Watchdog:
-    """Bounds each step of one exchange by min(``read_timeout``, time left before the
-    attempt's deadline): a step that outlasts it has its connection aborted, which
-    ends the step at once.  One timer per step, cheaper than ``asyncio.wait_for``."""
+    """The asyncio side's stream for one exchange (see ``_read_http_response``): bounds
+    each step by min(``read_timeout``, time left before the attempt's deadline).  A
+    step that outlasts it has its connection aborted, which ends the step at once.
+    One timer per step, cheaper than ``asyncio.wait_for``."""
 
     __slots__ = ("_conn", "_deadline", "_handle", "_loop", "_op_timeout", "expired")
 
@@ -3098,6 +3067,15 @@ class _Watchdog:
         self._handle: asyncio.TimerHandle | None = None
         self.expired: Exception | None = None  # the timeout error, once a step outlasted it
 
+    async def until(self, separator: bytes) -> bytes:
+        return await self.step(self._conn.reader.readuntil, separator)
+
+    async def exactly(self, size: int) -> bytes:
+        return await self.step(self._conn.reader.readexactly, size)
+
+    async def some(self) -> bytes:
+        return await self.step(self._conn.reader.read, 65536)
+
     async def step(self, operation: Callable[..., Awaitable[_T]], *args: Any) -> _T:
         left = self._deadline - time.monotonic()
         if left <= 0:
@@ -3107,7 +3085,10 @@ class _Watchdog:
         self._handle = self._loop.call_later(
             min(left, self._op_timeout), self._expire, at_deadline
         )
-        return await operation(*args)
+        try:
+            return await operation(*args)
+        except EOFError as exc:  # asyncio.IncompleteReadError: the connection ended mid-part
+            raise _Truncated(len(getattr(exc, "partial", b""))) from None
 
     def stop(self) -> None:
         if self._handle is not None:
@@ -3123,110 +3104,7 @@ class _Watchdog:
         self._conn.close()
 
 
-async def _read_http_response(
-    reader: asyncio.StreamReader, watchdog: _Watchdog
-) -> Tuple[int, List[Tuple[str, str]], bytes, bool]:
-    """The status, headers, body and keep-alive of one HTTP/1.x response, size-capped."""
-    import asyncio
-
-    status = 100
-    while 100 <= status < 200:  # interim answers (100 Continue) are skipped
-        try:
-            head = await watchdog.step(reader.readuntil, b"\r\n\r\n")
-        except asyncio.IncompleteReadError as exc:
-            if exc.partial:
-                raise
-            raise _RemoteDisconnected("remote end closed connection without response") from None
-        status, headers, keep_alive = _parse_response_head(head)
-    if status in (204, 304):
-        return status, headers, b"", keep_alive
-    fields = {name.lower(): value for name, value in headers}
-    if "chunked" in fields.get("transfer-encoding", "").lower():
-        return status, headers, await _read_chunked(reader, watchdog), keep_alive
-    length = fields.get("content-length")
-    if length is None:  # the body runs to the end of the connection
-        return status, headers, await _read_to_eof(reader, watchdog), False
-    if not _is_decimal(length.strip()):
-        raise _MalformedResponse(f"bad Content-Length: {length[:40]!r}")
-    if int(length) > MAX_RESPONSE_BYTES:
-        raise _ResponseTooLarge(f"response body larger than {MAX_RESPONSE_BYTES} bytes")
-    body = await watchdog.step(reader.readexactly, int(length))
-    return status, headers, body, keep_alive
-
-
-async def _read_chunked(reader: asyncio.StreamReader, watchdog: _Watchdog) -> bytes:
-    chunks: List[bytes] = []
-    total = 0
-    while True:
-        line = await watchdog.step(reader.readuntil, b"\r\n")
-        size_text = line.split(b";", 1)[0].strip()
-        if not size_text or size_text.strip(b"0123456789abcdefABCDEF"):
-            raise _MalformedResponse(f"bad chunk size: {size_text[:40]!r}")
-        size = int(size_text, 16)
-        if size == 0:
-            break
-        total += size
-        if total > MAX_RESPONSE_BYTES:
-            raise _ResponseTooLarge(f"response body larger than {MAX_RESPONSE_BYTES} bytes")
-        chunks.append((await watchdog.step(reader.readexactly, size + 2))[:-2])
-    while await watchdog.step(reader.readuntil, b"\r\n") != b"\r\n":
-        pass  # trailer fields
-    return b"".join(chunks)
-
-
-async def _read_to_eof(reader: asyncio.StreamReader, watchdog: _Watchdog) -> bytes:
-    chunks: List[bytes] = []
-    total = 0
-    while True:
-        chunk = await watchdog.step(reader.read, 65536)
-        if not chunk:
-            return b"".join(chunks)
-        total += len(chunk)
-        if total > MAX_RESPONSE_BYTES:
-            raise _ResponseTooLarge(f"response body larger than {MAX_RESPONSE_BYTES} bytes")
-        chunks.append(chunk)
-
-
-async def _within(
-    deadline: float, op_timeout: float, step: Awaitable[_T], what: str = ""
-) -> _T:
-    """Await ``step`` for at most min(op_timeout, time left before ``deadline``).
-
-    Past the deadline: ``_AttemptDeadlineExceeded``; past ``op_timeout`` only: a
-    plain ``TimeoutError`` (as a socket timeout is for the blocking transport).
-    """
-    import asyncio
-
-    where = f" {what}" if what else ""
-    left = deadline - time.monotonic()
-    if left <= 0:
-        _close_awaitable(step)
-        raise _AttemptDeadlineExceeded(f"attempt deadline exceeded{where}")
-    timeout = min(op_timeout, left)
-    try:
-        return await asyncio.wait_for(step, timeout)
-    except asyncio.TimeoutError:
-        if timeout >= left:
-            raise _AttemptDeadlineExceeded(f"attempt deadline exceeded{where}") from None
-        raise TimeoutError(f"timed out{where}") from None
-
-
-def _close_awaitable(step: Awaitable[Any]) -> None:
-    """A coroutine never started is closed (no 'never awaited' warning)."""
-    close = getattr(step, "close", None)
-    if inspect.iscoroutine(step) and close is not None:
-        close()
-
-
 _forked_pools: List[Any] = []  # a forked child's copies of its parent's pools, never touched
-
-
-def _is_network_error(exc: BaseException) -> bool:
-    """What a network, a TLS peer or an HTTP server can cause; anything else is a bug."""
-    http_client = sys.modules.get("http.client")
-    return isinstance(exc, OSError) or (
-        http_client is not None and isinstance(exc, http_client.HTTPException)
-    )
 
 
 # ===========================================================================
@@ -3259,9 +3137,15 @@ class _Call:
         query = dict(self.query or {}, cursor=cursor)
         return _Call(self.operation, self.method, self.path, self.body, query, self.admin)
 
+    @property
+    def resendable(self) -> bool:
+        """Safe to send twice: a GET, or a body whose idempotency key makes the server replay."""
+        key = (self.body or {}).get("idempotency_key")
+        return self.method == "GET" or (isinstance(key, str) and _is_header_value(key))
+
 
 def _reservation_path(reservation_id: Any, suffix: str = "") -> str:
-    """The reservation URL path, with the id percent-encoded (``../x`` stays one segment)."""
+    """The reservation's URL path, the id percent-encoded (``../x`` stays one segment)."""
     if not isinstance(reservation_id, str) or not reservation_id:
         raise ValueError("reservation_id: must be a non-empty string")
     if len(reservation_id) > MAX_RESERVATION_ID_LENGTH:
@@ -3272,24 +3156,47 @@ def _reservation_path(reservation_id: Any, suffix: str = "") -> str:
     return f"{RESERVATIONS_PATH}/{quote(reservation_id, safe='')}{suffix}"
 
 
-def _request_body(request: Any, expected: Type[_Model]) -> Dict[str, Any]:
-    """A model is dumped without None fields; a dict is sent as-is; anything else is a TypeError."""
-    if isinstance(request, _Model):
-        if not isinstance(request, expected):
-            raise TypeError(f"expected a {expected.__name__} or a dict, got {_type_name(request)}")
-        return request.model_dump(mode="json", exclude_none=True)
+# Each operation that POSTs a body: its request model and its path ("{id}/...": under
+# the reservation's own path).
+_POSTS: Dict[str, Tuple[Type[_Model], str]] = {
+    "create": (ReservationCreateRequest, RESERVATIONS_PATH),
+    "commit": (CommitRequest, "{id}/commit"),
+    "release": (ReleaseRequest, "{id}/release"),
+    "extend": (ReservationExtendRequest, "{id}/extend"),
+    "decide": (DecisionRequest, DECIDE_PATH),
+    "event": (EventCreateRequest, EVENTS_PATH),
+}
+
+
+def _post(
+    operation: str, request: Any, reservation_id: Any = None, admin: bool = False
+) -> _Call:
+    """A POST of ``request``: a dict is sent as given, a model (ours or a pydantic one, e.g.
+    from runcycles) dumped without None fields; anything else is a TypeError."""
+    expected, path = _POSTS[operation]
+    if path.startswith("{id}"):
+        path = _reservation_path(reservation_id, path[len("{id}"):])
     if isinstance(request, dict):
-        return request
-    dump = getattr(request, "model_dump", None)  # a pydantic model, e.g. from runcycles
-    if callable(dump):
-        dumped = dump(mode="json", exclude_none=True)
-        if isinstance(dumped, dict):
-            return dumped
-    raise TypeError(f"Unsupported body type: {_type_name(request)}")
+        return _Call(operation, "POST", path, request, admin=admin)
+    if isinstance(request, _Model) and not isinstance(request, expected):
+        raise TypeError(f"expected a {expected.__name__} or a dict, got {_type_name(request)}")
+    dump = getattr(request, "model_dump", None)
+    dumped = dump(mode="json", exclude_none=True) if callable(dump) else None
+    if not isinstance(dumped, dict):
+        raise TypeError(f"Unsupported body type: {_type_name(request)}")
+    return _Call(operation, "POST", path, dumped, admin=admin)
 
 
-def _query(params: Mapping[str, Any]) -> Dict[str, str]:
-    return dict(_query_pairs(params))
+def _query_pairs(query: Mapping[str, Any]) -> Iterator[Tuple[str, str]]:
+    for name, value in query.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            yield name, "true" if value else "false"
+        elif isinstance(value, (str, int)):
+            yield name, str(value)
+        else:
+            raise ValueError(f"{name}: query parameter must be a string, got {_type_name(value)}")
 
 
 def _use_admin(config: CyclesConfig, admin: bool | None) -> bool:
@@ -3301,46 +3208,9 @@ def _use_admin(config: CyclesConfig, admin: bool | None) -> bool:
     return bool(admin)
 
 
-def _create_call(request: Any) -> _Call:
-    return _Call(
-        "create", "POST", RESERVATIONS_PATH, _request_body(request, ReservationCreateRequest)
-    )
-
-
-def _commit_call(reservation_id: str, request: Any) -> _Call:
-    path = _reservation_path(reservation_id, "/commit")
-    return _Call("commit", "POST", path, _request_body(request, CommitRequest))
-
-
-def _release_call(
-    config: CyclesConfig, reservation_id: str, request: Any, admin: bool | None
-) -> _Call:
-    path = _reservation_path(reservation_id, "/release")
-    return _Call(
-        "release",
-        "POST",
-        path,
-        _request_body(request, ReleaseRequest),
-        admin=_use_admin(config, admin),
-    )
-
-
-def _extend_call(reservation_id: str, request: Any) -> _Call:
-    path = _reservation_path(reservation_id, "/extend")
-    return _Call("extend", "POST", path, _request_body(request, ReservationExtendRequest))
-
-
-def _decide_call(request: Any) -> _Call:
-    return _Call("decide", "POST", DECIDE_PATH, _request_body(request, DecisionRequest))
-
-
-def _event_call(request: Any) -> _Call:
-    return _Call("event", "POST", EVENTS_PATH, _request_body(request, EventCreateRequest))
-
-
 def _list_call(config: CyclesConfig, params: Mapping[str, Any], admin: bool | None) -> _Call:
     use_admin = _use_admin(config, admin)
-    query = _query(params)
+    query = dict(_query_pairs(params))
     if use_admin and not query.get("tenant"):
         raise ValueError("tenant: required when listing reservations with the admin key")
     return _Call("list", "GET", RESERVATIONS_PATH, query=query, admin=use_admin)
@@ -3351,7 +3221,7 @@ def _get_call(config: CyclesConfig, reservation_id: str, admin: bool | None) -> 
 
 
 def _balances_call(params: Mapping[str, Any]) -> _Call:
-    query = _query(params)
+    query = dict(_query_pairs(params))
     if not any(query.get(name) for name in SUBJECT_FIELDS):
         raise ValueError(
             "get_balances requires at least one subject filter"
@@ -3408,20 +3278,6 @@ def _refuse_repeated_cursor(call: _Call, followed: set[str]) -> None:
     followed.add(cursor)
 
 
-def _open_attempt_deadline(
-    transport: _TransportBase, deadline: float | None
-) -> float | None:
-    """The deadline of an attempt made beneath a lifecycle step (see ``_attempt``), unless
-    given; RuntimeError on a closed client, except for a settlement retry, which may
-    outlive the client that started it."""
-    attempt = _attempt.get()
-    if transport.closed and not (attempt is not None and attempt.detached):
-        raise RuntimeError("the client is closed")
-    if deadline is None and attempt is not None:
-        return attempt.deadline
-    return deadline
-
-
 class CyclesClient:
     """Synchronous Cycles client (runcycles-compatible), thread-safe, with keep-alive.
 
@@ -3451,12 +3307,12 @@ class CyclesClient:
     def create_reservation(
         self, request: ReservationCreateRequest | dict[str, Any]
     ) -> CyclesResponse:
-        return self._call(_create_call(request))
+        return self._call(_post("create", request))
 
     def commit_reservation(
         self, reservation_id: str, request: CommitRequest | dict[str, Any]
     ) -> CyclesResponse:
-        return self._call(_commit_call(reservation_id, request))
+        return self._call(_post("commit", request, reservation_id))
 
     def release_reservation(
         self,
@@ -3465,15 +3321,17 @@ class CyclesClient:
         *,
         admin: bool | None = None,
     ) -> CyclesResponse:
-        return self._call(_release_call(self._config, reservation_id, request, admin))
+        return self._call(
+            _post("release", request, reservation_id, _use_admin(self._config, admin))
+        )
 
     def extend_reservation(
         self, reservation_id: str, request: ReservationExtendRequest | dict[str, Any]
     ) -> CyclesResponse:
-        return self._call(_extend_call(reservation_id, request))
+        return self._call(_post("extend", request, reservation_id))
 
     def decide(self, request: DecisionRequest | dict[str, Any]) -> CyclesResponse:
-        return self._call(_decide_call(request))
+        return self._call(_post("decide", request))
 
     def list_reservations(
         self, *, admin: bool | None = None, **query_params: str
@@ -3487,7 +3345,7 @@ class CyclesClient:
         return self._call(_balances_call(query_params))
 
     def create_event(self, request: EventCreateRequest | dict[str, Any]) -> CyclesResponse:
-        return self._call(_event_call(request))
+        return self._call(_post("event", request))
 
     def get_evidence(self, evidence_id: str) -> CyclesResponse:
         """``GET /v1/evidence/{id}`` (public: no key is sent). A fresh 404 may be transient."""
@@ -3590,9 +3448,14 @@ class CyclesClient:
         ``deadline`` is a ``time.monotonic()`` value; by default the lifecycle step's
         (``_attempt``), else now + ``attempt_timeout``.
         """
-        prepared = _build_request(self._config, call)
-        deadline = _open_attempt_deadline(self._transport, deadline)
-        return _perform(self._transport, prepared, deadline)
+        transport = self._transport
+        request = transport.encode(call)
+        deadline = transport.start_attempt(deadline)
+        try:
+            status, headers, body, _ = transport.send(call, request, deadline)
+        except Exception as exc:
+            return _attempt_failed(call, exc)
+        return _read_response(status, headers, body)
 
 
 # ===========================================================================
@@ -3622,12 +3485,12 @@ class AsyncCyclesClient:
     async def create_reservation(
         self, request: ReservationCreateRequest | dict[str, Any]
     ) -> CyclesResponse:
-        return await self._call(_create_call(request))
+        return await self._call(_post("create", request))
 
     async def commit_reservation(
         self, reservation_id: str, request: CommitRequest | dict[str, Any]
     ) -> CyclesResponse:
-        return await self._call(_commit_call(reservation_id, request))
+        return await self._call(_post("commit", request, reservation_id))
 
     async def release_reservation(
         self,
@@ -3636,15 +3499,17 @@ class AsyncCyclesClient:
         *,
         admin: bool | None = None,
     ) -> CyclesResponse:
-        return await self._call(_release_call(self._config, reservation_id, request, admin))
+        return await self._call(
+            _post("release", request, reservation_id, _use_admin(self._config, admin))
+        )
 
     async def extend_reservation(
         self, reservation_id: str, request: ReservationExtendRequest | dict[str, Any]
     ) -> CyclesResponse:
-        return await self._call(_extend_call(reservation_id, request))
+        return await self._call(_post("extend", request, reservation_id))
 
     async def decide(self, request: DecisionRequest | dict[str, Any]) -> CyclesResponse:
-        return await self._call(_decide_call(request))
+        return await self._call(_post("decide", request))
 
     async def list_reservations(
         self, *, admin: bool | None = None, **query_params: str
@@ -3660,7 +3525,7 @@ class AsyncCyclesClient:
         return await self._call(_balances_call(query_params))
 
     async def create_event(self, request: EventCreateRequest | dict[str, Any]) -> CyclesResponse:
-        return await self._call(_event_call(request))
+        return await self._call(_post("event", request))
 
     async def get_evidence(self, evidence_id: str) -> CyclesResponse:
         return await self._call(_evidence_call(evidence_id))
@@ -3758,9 +3623,14 @@ class AsyncCyclesClient:
         waiting for a connection slot counts against it (the heartbeat's safety margin
         relies on that bound).
         """
-        prepared = _build_request(self._config, call)
-        deadline = _open_attempt_deadline(self._transport, deadline)
-        return await _perform_async(self._transport, prepared, deadline)
+        transport = self._transport
+        request = transport.encode(call)
+        deadline = transport.start_attempt(deadline)
+        try:
+            status, headers, body, _ = await transport.send(call, request, deadline)
+        except Exception as exc:
+            return _attempt_failed(call, exc)
+        return _read_response(status, headers, body)
 
 
 # ===========================================================================
