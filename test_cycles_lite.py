@@ -1537,7 +1537,7 @@ class TunnelProxy(TinyProxy):
             data = b""
             while b"\r\n\r\n" not in data:
                 data += conn.recv(65536)
-            self.heads.append(data.split(b"\r\n", 1)[0].decode())
+            self.heads.append(data.partition(b"\r\n\r\n")[0].decode())
             host, _, port = data.split(b" ")[1].decode().partition(":")
             with socket.create_connection((host, int(port))) as upstream:
                 conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
