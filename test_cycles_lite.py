@@ -1367,6 +1367,28 @@ class TestTransport(ServerTestCase):
         leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
         self.assertEqual(leaks, [])
 
+    def test_request_head_host_target_and_no_header_injection(self) -> None:
+        hosts = {
+            "http://[::1]:8080/base": "[::1]:8080",
+            "https://[2001:db8::1]": "[2001:db8::1]",
+            "https://h.example:443": "h.example",
+            "http://h.example:8443": "h.example:8443",
+        }
+        injected = "k\r\nX-Injected: 1"
+        for url, host in hosts.items():
+            with self.subTest(url=url):
+                transport = cl._Transport(CyclesConfig(
+                    base_url=url, api_key=API_KEY, traceparent=lambda: injected))
+                self.addCleanup(transport.close)
+                call = cl._post("commit", {"idempotency_key": injected}, "../a b?c")
+                head = transport.encode(call).partition(b"\r\n\r\n")[0].decode()
+                path = url.partition("//")[2].partition("/")[1:]
+                self.assertTrue(head.startswith(
+                    f"POST {''.join(path)}/v1/reservations/..%2Fa%20b%3Fc/commit HTTP/1.1\r\n"
+                ), head)
+                self.assertIn(f"\r\nHost: {host}\r\n", head)
+                self.assertNotIn("X-Injected", head)  # neither as a key nor as a traceparent
+
     def test_http_proxy_and_https_tunnel(self) -> None:
         with TinyProxy() as proxy:
             client = self.client(proxy=f"http://user:pw@127.0.0.1:{proxy.port}", pool_maxsize=0)
