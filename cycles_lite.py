@@ -2406,9 +2406,7 @@ def _transport_failure_message(exc: BaseException) -> str:
         return f"TLS failure: {detail}"
     if isinstance(exc, TimeoutError) or (socket is not None and isinstance(exc, socket.timeout)):
         return "timed out" if detail == "timed out" else f"timed out ({detail})"
-    closed: Tuple[type, ...] = (
-        ConnectionResetError, ConnectionAbortedError, BrokenPipeError, _Truncated
-    )
+    closed: Tuple[type, ...] = (ConnectionError, _Truncated)  # (refused is handled above)
     if http_client is not None:  # a user's own exception handed to transport_error()
         closed += (http_client.IncompleteRead,)
         if not isinstance(exc, closed) and isinstance(exc, http_client.HTTPException):
