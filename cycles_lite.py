@@ -2550,6 +2550,31 @@ def _connection_dropped(conn: _Connection) -> bool:
         return True
 
 
+def _connect_within(host: str, port: int, timeout: float, deadline: float) -> socket.socket:
+    """``socket.create_connection``, its addresses tried in turn before ``deadline`` (it
+    would give each of them the whole ``timeout``: a host with several blackholed
+    addresses would overrun the attempt)."""
+    import socket
+
+    failure: OSError | None = None
+    addresses = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    for family, kind, proto, _name, address in addresses:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(min(timeout, left))
+            sock.connect(address)
+            return sock
+        except BaseException as exc:
+            sock.close()
+            if not isinstance(exc, OSError):
+                raise
+            failure = exc
+    raise failure or _AttemptDeadlineExceeded("attempt deadline exceeded before connecting")
+
+
 class _Transport(_TransportBase):
     """Pooled keep-alive HTTP(S) to one origin, with a whole-attempt deadline.
 
@@ -2638,12 +2663,9 @@ class _Transport(_TransportBase):
     def _connect(self, deadline: float) -> _Connection:
         import socket
 
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise _AttemptDeadlineExceeded("attempt deadline exceeded before connecting")
         origin, proxy = self._origin, self._proxy
-        address = (proxy.host, proxy.port) if proxy else (origin.host, origin.port)
-        sock = socket.create_connection(address, min(self._connect_timeout, left))
+        host, port = (proxy.host, proxy.port) if proxy else (origin.host, origin.port)
+        sock = _connect_within(host, port, self._connect_timeout, deadline)
         try:
             # The head and the body go out in one write, but an answer must not wait
             # for a delayed ACK (~40 ms) either: Nagle's algorithm off.

@@ -1367,6 +1367,38 @@ class TestTransport(ServerTestCase):
         leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
         self.assertEqual(leaks, [])
 
+    def test_the_deadline_bounds_connecting_across_every_address(self) -> None:
+        # A listener whose one-slot backlog is taken: connecting there hangs (SYN dropped).
+        full = socket.create_server(("127.0.0.1", 0), backlog=0)
+        self.addCleanup(full.close)
+        self.addCleanup(socket.create_connection(full.getsockname()).close)
+        resolve = socket.getaddrinfo
+
+        def three_hanging(host: str, port: Any, *args: Any, **kwargs: Any) -> Any:
+            if host != "cycles.test":
+                return resolve(host, port, *args, **kwargs)
+            return resolve(*full.getsockname(), *args, **kwargs) * 3
+
+        config = CyclesConfig(base_url="http://cycles.test:7878", api_key=API_KEY,
+                              request_timeout=0.4, journal_enabled=False)
+
+        async def from_a_loop() -> CyclesResponse:
+            async with AsyncCyclesClient(config) as client:
+                return await client.get_balances(tenant=TENANT)
+
+        for blocking in (True, False):
+            with self.subTest(blocking=blocking), \
+                    mock.patch.object(socket, "getaddrinfo", three_hanging):
+                started = time.monotonic()
+                if blocking:
+                    with CyclesClient(config) as client:
+                        response = client.get_balances(tenant=TENANT)
+                else:
+                    response = asyncio.run(from_a_loop())
+                self.assertTrue(response.is_transport_error)
+                self.assertIsInstance(response.transport_exception, TimeoutError)
+                self.assertLess(time.monotonic() - started, 0.8)  # not 0.4 s per address
+
     def test_request_head_host_target_and_no_header_injection(self) -> None:
         hosts = {
             "http://[::1]:8080/base": "[::1]:8080",
