@@ -5970,11 +5970,8 @@ class _HeartbeatScheduler:
         """Under the lock: one more stale entry; compact the heap once half of it is."""
         self._stale += 1
         if self._stale * 2 > len(self._heap):
-            if self._stale < len(self._heap):
-                self._heap = [entry for entry in self._heap if not entry[2].stopped]
-                heapq.heapify(self._heap)
-            else:
-                self._heap = []
+            self._heap = [entry for entry in self._heap if not entry[2].stopped]
+            heapq.heapify(self._heap)
             self._stale = 0
             if not self._heap and self._wake_at > self._active_at + _HEARTBEAT_IDLE_EXIT_S:
                 self._timing.notify()  # the leader's idle spell starts now
