@@ -1246,6 +1246,8 @@ def _shared_dataclass(cls: Any, *, frozen: bool = False) -> Any:
     ``inspect.signature`` the parameters of the generated ``__init__``; the type
     checker sees ``@dataclass`` itself."""
     cls = dataclasses.dataclass(init=False, repr=False, eq=False)(cls)
+    params = cls.__dataclass_params__  # what @dataclass reads when a user subclasses cls
+    params.eq, params.frozen = True, frozen
     fields = dataclasses.fields(cls)
     missing = dataclasses.MISSING
     positional = tuple(f.name for f in fields if f.init)
