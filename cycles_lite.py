@@ -1279,7 +1279,7 @@ def _shared_dataclass(cls: Any, *, frozen: bool = False) -> Any:
 
     def __repr__(self: Any) -> str:
         shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields if f.repr)
-        return f"{cls.__qualname__}({shown})"
+        return f"{type(self).__qualname__}({shown})"
 
     def __eq__(self: Any, other: object) -> bool:
         if other.__class__ is not self.__class__:

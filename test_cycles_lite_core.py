@@ -173,6 +173,18 @@ class TestRecordsStayDataclasses(unittest.TestCase):
             class Mutable(cl.EvidenceVerification):  # as @dataclass(frozen=True) refuses it
                 note: str = ""
 
+    def test_a_subclass_repr_names_the_subclass(self) -> None:
+        class NightlyFlush(cl.FlushResult):
+            pass
+
+        class MyResponse(cl.CyclesResponse):
+            pass
+
+        self.assertEqual(repr(NightlyFlush(1, 2, 3)),  # as @dataclass writes it
+                         f"{NightlyFlush.__qualname__}(settled=1, pending=2, given_up=3)")
+        self.assertTrue(repr(MyResponse(status=200)).startswith(
+            f"{MyResponse.__qualname__}(status=200,"))
+
 
 class TestModuleLayout(unittest.TestCase):
     def test_the_docstring_contents_mirror_the_section_banners(self) -> None:
