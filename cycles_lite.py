@@ -5752,9 +5752,10 @@ class _ScheduledHeartbeat(_SyncIO):
     process-wide ``_heartbeats`` scheduler.
 
     On creation it runs the beats up to their first sleep (they always sleep before
-    sending) and hands the heartbeat to the scheduler, which runs each beat when it
-    is due (one extend attempt, bounded by the transport's whole-attempt deadline,
-    ``attempt_s``, and the caller's ``deadline()``) and schedules the next.  ``stop()``
+    sending; a KeyboardInterrupt there is raised to the caller) and hands the heartbeat
+    to the scheduler, which runs each beat when it is due (one extend attempt, bounded
+    by the transport's whole-attempt deadline, ``attempt_s``, and the caller's
+    ``deadline()``) and schedules the next.  ``stop()``
     is final (a heartbeat is never restarted): it unschedules the heartbeat and waits
     for a beat in flight until that attempt's deadline, so no extend that keeps to its
     deadline is on the wire when the commit goes out; a result that arrives after
@@ -5774,7 +5775,11 @@ class _ScheduledHeartbeat(_SyncIO):
         self.deadline = 0.0  # time.monotonic() by which its beat in flight ends
         self._beats = beats(self)
         _reset_after_fork(self)
-        _heartbeats.schedule(self, self.beat())
+        try:  # up to the first sleep on the caller's thread: an interrupt here is the caller's
+            first: float | None = self._beats.send(None)
+        except StopIteration:
+            first = None
+        _heartbeats.schedule(self, first)
 
     def _after_fork(self) -> None:
         """In a forked child: the parent keeps beating (the scheduler resets itself)."""
