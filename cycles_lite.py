@@ -2011,7 +2011,7 @@ class _Truncated(_MalformedResponse):
     """The connection ended ``partial`` bytes into a part of the response."""
 
     def __init__(self, partial: int) -> None:
-        super().__init__(f"connection closed {partial} bytes into a response part")
+        super().__init__(f"{partial} bytes into a response part")
         self.partial = partial
 
 
@@ -2186,7 +2186,9 @@ def _parse_response_head(head: bytes) -> Tuple[int, Dict[str, str], bool]:
     for line in lines[1:]:
         name, colon, value = line.partition(":")
         if colon and name and name == name.strip():
-            headers.setdefault(name.lower(), value.strip())
+            name, value = name.lower(), value.strip()
+            if headers.setdefault(name, value) != value and name == "content-length":
+                raise _MalformedResponse("conflicting Content-Length values")
     connection = headers.get("connection", "").lower()
     tokens = [token.strip() for token in connection.split(",")] if connection else []
     keep_alive = "close" not in tokens if version == "HTTP/1.1" else "keep-alive" in tokens
@@ -2208,15 +2210,18 @@ async def _read_http_response(stream: _Connection | _Watchdog) -> _Answer:
         status, headers, keep_alive = _parse_response_head(head)
     if status in (204, 304):
         return status, headers, b"", keep_alive
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        return status, headers, await _read_chunked(stream), keep_alive
     length = headers.get("content-length")
+    coding = headers.get("transfer-encoding")
+    if coding is not None:  # it overrides Content-Length (RFC 9112 6.3)
+        if coding.lower().rsplit(",", 1)[-1].strip() != "chunked":
+            return status, headers, await _read_to_eof(stream), False
+        # Both framings at once hint at response smuggling: the connection is not reused.
+        return status, headers, await _read_chunked(stream), keep_alive and length is None
     if length is None:  # the body runs to the end of the connection
         return status, headers, await _read_to_eof(stream), False
-    length = length.strip()
     if not (length.isascii() and length.isdigit()):  # as for the status code
         raise _MalformedResponse(f"bad Content-Length: {length[:40]!r}")
-    if int(length) > MAX_RESPONSE_BYTES:
+    if len(length) > 18 or int(length) > MAX_RESPONSE_BYTES:  # int() refuses 4300+ digits
         raise _ResponseTooLarge(f"response body larger than {MAX_RESPONSE_BYTES} bytes")
     return status, headers, await stream.exactly(int(length)), keep_alive
 
@@ -2326,13 +2331,15 @@ def _transport_failure_message(exc: BaseException) -> str:
         return f"TLS failure: {detail}"
     if isinstance(exc, TimeoutError) or (socket is not None and isinstance(exc, socket.timeout)):
         return "timed out" if detail == "timed out" else f"timed out ({detail})"
-    closed: Tuple[type, ...] = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
-    if http_client is not None:
+    closed: Tuple[type, ...] = (ConnectionError, _Truncated)  # (refused is handled above)
+    if http_client is not None:  # a user's own exception handed to transport_error()
         closed += (http_client.IncompleteRead,)
         if not isinstance(exc, closed) and isinstance(exc, http_client.HTTPException):
             return f"not a valid HTTP answer ({type(exc).__name__}: {detail})"
     if isinstance(exc, closed):
         return f"the connection closed before a complete answer ({detail})"
+    if isinstance(exc, _MalformedResponse):
+        return f"not a valid HTTP answer ({detail})"
     return detail
 
 
@@ -2468,6 +2475,31 @@ def _connection_dropped(conn: _Connection) -> bool:
         return True
 
 
+def _connect_within(host: str, port: int, timeout: float, deadline: float) -> socket.socket:
+    """``socket.create_connection``, its addresses tried in turn before ``deadline`` (it
+    would give each of them the whole ``timeout``: a host with several blackholed
+    addresses would overrun the attempt)."""
+    import socket
+
+    failure: OSError | None = None
+    addresses = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    for family, kind, proto, _name, address in addresses:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(min(timeout, left))
+            sock.connect(address)
+            return sock
+        except BaseException as exc:
+            sock.close()
+            if not isinstance(exc, OSError):
+                raise
+            failure = exc
+    raise failure or _AttemptDeadlineExceeded("attempt deadline exceeded before connecting")
+
+
 class _Transport(_TransportBase):
     """Pooled keep-alive HTTP(S) to one origin, with a whole-attempt deadline.
 
@@ -2556,12 +2588,9 @@ class _Transport(_TransportBase):
     def _connect(self, deadline: float) -> _Connection:
         import socket
 
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise _AttemptDeadlineExceeded("attempt deadline exceeded before connecting")
         origin, proxy = self._origin, self._proxy
-        address = (proxy.host, proxy.port) if proxy else (origin.host, origin.port)
-        sock = socket.create_connection(address, min(self._connect_timeout, left))
+        host, port = (proxy.host, proxy.port) if proxy else (origin.host, origin.port)
+        sock = _connect_within(host, port, self._connect_timeout, deadline)
         try:
             # The head and the body go out in one write, but an answer must not wait
             # for a delayed ACK (~40 ms) either: Nagle's algorithm off.
@@ -2953,13 +2982,18 @@ class _AsyncTransport(_TransportBase):
         import socket
 
         loop = asyncio.get_running_loop()
-        family, kind, proto, _name, address = (
-            await loop.getaddrinfo(proxy.host, proxy.port, type=socket.SOCK_STREAM)
-        )[0]
-        sock = socket.socket(family, kind, proto)
+        addresses = await loop.getaddrinfo(proxy.host, proxy.port, type=socket.SOCK_STREAM)
+        for family, kind, proto, _name, address in addresses:  # in turn, as create_connection
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setblocking(False)
+                await loop.sock_connect(sock, address)
+                break
+            except BaseException as exc:
+                sock.close()
+                if not isinstance(exc, OSError) or address is addresses[-1][4]:  # the last
+                    raise
         try:
-            sock.setblocking(False)
-            await loop.sock_connect(sock, address)
             await loop.sock_sendall(sock, self._connect_request())
             head = b""
             while b"\r\n\r\n" not in head:  # a refusal may come with a body; a 200 has none
