@@ -1247,6 +1247,8 @@ def _shared_dataclass(cls: Any, *, frozen: bool = False) -> Any:
     ``inspect.signature`` the parameters of the generated ``__init__``; the type
     checker sees ``@dataclass`` itself."""
     cls = dataclasses.dataclass(init=False, repr=False, eq=False)(cls)
+    params = cls.__dataclass_params__  # what @dataclass reads when a user subclasses cls
+    params.eq, params.frozen = True, frozen
     fields = dataclasses.fields(cls)
     missing = dataclasses.MISSING
     positional = tuple(f.name for f in fields if f.init)
@@ -1278,7 +1280,7 @@ def _shared_dataclass(cls: Any, *, frozen: bool = False) -> Any:
 
     def __repr__(self: Any) -> str:
         shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields if f.repr)
-        return f"{cls.__qualname__}({shown})"
+        return f"{type(self).__qualname__}({shown})"
 
     def __eq__(self: Any, other: object) -> bool:
         if other.__class__ is not self.__class__:
@@ -4626,7 +4628,8 @@ class _Reservation:
         self, created: ReservationCreateResponse, sent_ms: float, received_ms: float
     ) -> _ScheduledHeartbeat | _TaskHeartbeat:
         """Plan the first beat from the create answer; the beats run from then on (a sync
-        heartbeat's are built only when that beat is due)."""
+        heartbeat's are built only when that beat is due).  A bug in the plan stops the
+        heartbeat; an interrupt here (Ctrl-C) is the caller's."""
         ttl_ms = int(self._create_body["ttl_ms"])
         plan = _HeartbeatPlan(ttl_ms, math.ceil(self._io.attempt_s * 1000))
         try:
