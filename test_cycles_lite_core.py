@@ -210,3 +210,93 @@ class TestModuleLayout(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+def _answer_table() -> List[typing.Tuple[str, cl.CyclesResponse, bool]]:
+    """Answers to judge, each with the schema verdict it must get: is it the operation's
+    expected success answer (the lifecycle resends, and settlement retries, on the others)?"""
+    amount = {"unit": "TOKENS", "amount": 5}
+    balance = {"scope": "tenant:a", "scope_path": "tenant:a",
+               "remaining": {"unit": "TOKENS", "amount": -3}, "reserved": amount}
+    created = {"decision": "ALLOW", "reservation_id": "r-1", "affected_scopes": ["tenant:a"],
+               "expires_at_ms": 10, "remaining_ttl_ms": 60_000, "scope_path": "tenant:a",
+               "reserved": amount, "balances": [balance]}
+    committed = {"status": "COMMITTED", "charged": amount, "released": amount,
+                 "balances": [balance]}
+    extended = {"status": "ACTIVE", "expires_at_ms": 10, "remaining_ttl_ms": 5}
+    bad_uri = {"evidence_id": "a" * 64, "cycles_evidence_url": "http://["}
+    rows = [  # operation, status, changes to its base body (None: the field left out), verdict
+        ("create", 200, {}, True),
+        ("create", 200, {"brand_new": [1], "caps": {"max_tokens": 5}}, True),
+        ("create", 200, {"decision": "ALLOW_WITH_CAPS"}, True),
+        ("create", 200, {"decision": "DENY", "reservation_id": None}, True),
+        ("create", 200, {"reservation_id": None, "expires_at_ms": None}, True),
+        ("create", 200, {"decision": "MAYBE"}, False),
+        ("create", 200, {"decision": 1}, False),
+        ("create", 200, {"decision": None}, False),
+        ("create", 200, {"affected_scopes": None}, False),
+        ("create", 200, {"affected_scopes": "tenant:a"}, False),
+        ("create", 200, {"affected_scopes": ["tenant:a", 7]}, False),
+        ("create", 200, {"affected_scopes": []}, True),
+        ("create", 200, {"reservation_id": ""}, False),
+        ("create", 200, {"reservation_id": 5}, False),
+        ("create", 200, {"expires_at_ms": "10"}, False),
+        ("create", 200, {"expires_at_ms": -1}, False),
+        ("create", 200, {"expires_at_ms": True}, False),
+        ("create", 200, {"expires_at_ms": 2**63}, False),
+        ("create", 200, {"remaining_ttl_ms": 1.5}, False),
+        ("create", 200, {"reserved": {"unit": "TOKENS"}}, True),  # optional, not read
+        ("create", 200, {"balances": [dict(balance, remaining=None)]}, True),
+        ("create", 200, {"balances": "none"}, True),
+        ("create", 200, {"caps": []}, True),
+        ("create", 200, {"scope_path": 5}, True),
+        ("create", 200, {"cycles_evidence": bad_uri}, True),
+        ("create", 201, {}, False),
+        ("create", 500, {}, False),
+        ("commit", 200, {}, True),
+        ("commit", 200, {"balances": None, "brand_new": 1}, True),
+        ("commit", 200, {"released": {"amount": 1}, "balances": [{}]}, True),
+        ("commit", 200, {"charged": None}, False),
+        ("commit", 200, {"charged": {"unit": "TOKENS", "amount": True}}, False),
+        ("commit", 200, {"charged": {"unit": 3, "amount": 1}}, False),
+        ("commit", 200, {"charged": [amount]}, False),
+        ("commit", 200, {"status": "WEIRD"}, False),
+        ("commit", 200, {"status": "RELEASED"}, False),
+        ("commit", 200, {"status": None}, False),
+        ("commit", 202, {}, False),
+        ("release", 200, {"status": "RELEASED", "released": amount}, True),
+        ("release", 200, {"status": "RELEASED"}, False),
+        ("release", 200, {"status": "COMMITTED"}, False),
+        ("extend", 200, {}, True),
+        ("extend", 200, {"remaining_ttl_ms": None}, True),
+        ("extend", 200, {"remaining_ttl_ms": -1}, False),
+        ("extend", 200, {"expires_at_ms": "10"}, False),
+        ("extend", 200, {"status": "EXPIRED"}, False),
+        ("event", 201, {"status": "APPLIED", "event_id": "e"}, True),
+        ("event", 201, {"status": "APPLIED", "event_id": "e", "charged": {"unit": "X"}}, True),
+        ("event", 201, {"status": "APPLIED", "event_id": 7}, False),
+        ("event", 200, {"status": "APPLIED", "event_id": "e"}, False),
+        ("event", 201, {"status": "applied"}, False),
+        ("nonsense", 200, {}, False),
+    ]
+    bases = {"create": created, "commit": committed, "extend": extended}
+    table = []
+    for operation, status, change, verdict in rows:
+        body = {key: value for key, value in dict(bases.get(operation, {}), **change).items()
+                if value is not None}
+        table.append((operation, cl.CyclesResponse(status=status, body=body), verdict))
+    for operation in ("create", "commit", "extend"):  # not an object, or no answer at all
+        for body in (None, [created], "created"):
+            table.append((operation, cl.CyclesResponse(status=200, body=body), False))
+        table.append((operation, cl.CyclesResponse.transport_error(OSError("reset")), False))
+    return table
+
+
+class TestSchemaVerdict(unittest.TestCase):
+    """The create answer is judged and parsed in one pass (``_success_answer``); settlement
+    judges without parsing (``_is_schema_valid``).  Both give every answer the same verdict."""
+
+    def test_each_answer_gets_its_verdict(self) -> None:
+        for operation, response, verdict in _answer_table():
+            with self.subTest(operation=operation, status=response.status, body=response.body):
+                self.assertIs(cl._is_schema_valid(operation, response), verdict)
