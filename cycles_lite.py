@@ -439,7 +439,8 @@ def _build_protocol_error(response: CyclesResponse, prefix: str) -> CyclesProtoc
 def _error_code(response: CyclesResponse) -> str | None:
     """The one reading of an error code: the ``error`` string of a JSON object body
     (None when the body is not an object, or the field is absent, empty or not a string)."""
-    return _str_or_none(response.get_body_attribute("error"))
+    body = response.body
+    return _str_or_none(body.get("error")) if isinstance(body, dict) else None
 
 
 def _str_or_none(value: Any) -> str | None:
@@ -686,9 +687,16 @@ def _dimensions_check(path: str, value: Any, tolerant: bool) -> Any:
 
 
 _evidence_id_check = _rule(lambda value: _is_hex(value, 64), "must be 64 lowercase hex characters")
-_absolute_uri_check = _rule(
-    lambda value: isinstance(value, str) and bool(urlsplit(value).scheme), "must be an absolute URI"
-)
+
+
+def _is_absolute_uri(value: Any) -> bool:
+    try:
+        return isinstance(value, str) and bool(urlsplit(value).scheme)
+    except ValueError:  # e.g. "http://[": a refused value, not a failed check
+        return False
+
+
+_absolute_uri_check = _rule(_is_absolute_uri, "must be an absolute URI")
 
 
 def _dump_value(value: Any, exclude_none: bool, json_mode: bool) -> Any:
@@ -1532,8 +1540,33 @@ _SUCCESS_ANSWERS: Dict[str, Tuple[int, Type[_Model], Tuple[str, ...], Dict[str, 
 }
 
 
+def _success_answer(operation: str, response: CyclesResponse) -> _Model | None:
+    """The operation's expected success answer, parsed; None for any other answer.
+
+    The verdict is ``_is_schema_valid``'s, reached in the same pass as the parse: a
+    tolerant parse fails only on a required field, keeps a malformed optional one in
+    ``extra``, and holds each checked value.
+    """
+    answer = _SUCCESS_ANSWERS.get(operation)
+    body = response.body
+    if answer is None or response.status != answer[0] or not isinstance(body, dict):
+        return None
+    _, model, read, pinned = answer
+    try:
+        parsed = model.model_validate(body)
+    except ValueError:
+        return None
+    if not parsed.extra.keys().isdisjoint(read):  # a field read later, present but malformed
+        return None
+    for name, allowed in pinned.items():
+        if getattr(parsed, name) not in allowed:
+            return None
+    return parsed
+
+
 def _is_schema_valid(operation: str, response: CyclesResponse) -> bool:
-    """True only for the operation's success status with a body holding its required fields."""
+    """True only for the operation's success status with a body holding its required fields
+    (checked without building the model: settlement needs no more than the verdict)."""
     answer = _SUCCESS_ANSWERS.get(operation)
     body = response.body
     if answer is None or response.status != answer[0] or not isinstance(body, dict):
@@ -5153,7 +5186,8 @@ async def _create(
         sent_ms = time.monotonic() * 1000.0
         response = await io.send("create", body)
         received_ms = time.monotonic() * 1000.0
-        valid = _is_schema_valid("create", response)
+        created = _success_answer("create", response)
+        valid = isinstance(created, ReservationCreateResponse)
         ambiguous = not valid and (
             response.is_transport_error or response.is_server_error or response.is_success
         )
@@ -5164,7 +5198,7 @@ async def _create(
             "not sent" if _never_sent(response) else "ambiguous outcome",
             _describe(response),
         )
-    if not valid:
+    if not isinstance(created, ReservationCreateResponse):
         if response.is_success:
             raise CyclesProtocolError(
                 "Create reservation did not produce a schema-valid HTTP 200 response"
@@ -5174,12 +5208,6 @@ async def _create(
                 trace_id=response.trace_id,
             )
         raise _protocol_error(response, "Failed to create reservation")
-    try:
-        created = ReservationCreateResponse.model_validate(response.body)
-    except ValueError as exc:
-        raise CyclesProtocolError(
-            f"Create reservation answer is malformed: {exc}", status=response.status
-        ) from None
     if created.decision == Decision.DENY:
         prefix = "Dry-run denied" if body.get("dry_run") else "Reservation denied"
         raise _protocol_error(response, prefix)

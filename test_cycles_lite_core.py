@@ -141,6 +141,8 @@ class TestDeclarations(unittest.TestCase):
         for operation, (_, model, read, pinned) in cl._SUCCESS_ANSWERS.items():
             with self.subTest(operation=operation):
                 self.assertLessEqual({*read, *pinned}, set(model._fields))
+                # A pinned value is a required field's: a parse holds it, or fails.
+                self.assertLessEqual(set(pinned), set(model._required))
 
     def test_every_setting_has_a_check_and_reads_its_own_variable(self) -> None:
         environ = {"CYCLES_BASE_URL": "http://localhost:1", "CYCLES_API_KEY": "k"}
@@ -300,3 +302,12 @@ class TestSchemaVerdict(unittest.TestCase):
         for operation, response, verdict in _answer_table():
             with self.subTest(operation=operation, status=response.status, body=response.body):
                 self.assertIs(cl._is_schema_valid(operation, response), verdict)
+
+    def test_one_pass_gives_the_same_verdict_and_the_models_parse(self) -> None:
+        for operation, response, verdict in _answer_table():
+            with self.subTest(operation=operation, status=response.status, body=response.body):
+                parsed = cl._success_answer(operation, response)
+                self.assertIs(parsed is not None, verdict)
+                if parsed is not None:
+                    model = cl._SUCCESS_ANSWERS[operation][1]
+                    self.assertEqual(parsed, model.model_validate(response.body))
