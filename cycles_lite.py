@@ -692,7 +692,7 @@ _evidence_id_check = _rule(lambda value: _is_hex(value, 64), "must be 64 lowerca
 def _is_absolute_uri(value: Any) -> bool:
     try:
         return isinstance(value, str) and bool(urlsplit(value).scheme)
-    except ValueError:  # e.g. "http://[": a refused value, not a failed check
+    except ValueError:  # urlsplit refuses some strings ("http://["): not a URI either
         return False
 
 
@@ -1543,9 +1543,9 @@ _SUCCESS_ANSWERS: Dict[str, Tuple[int, Type[_Model], Tuple[str, ...], Dict[str, 
 def _success_answer(operation: str, response: CyclesResponse) -> _Model | None:
     """The operation's expected success answer, parsed; None for any other answer.
 
-    The verdict is ``_is_schema_valid``'s, reached in the same pass as the parse: a
-    tolerant parse fails only on a required field, keeps a malformed optional one in
-    ``extra``, and holds each checked value.
+    The verdict is ``_is_schema_valid``'s (a test holds them to it), reached in the
+    same pass as the parse: a tolerant parse fails only on a required field, keeps a
+    malformed optional one in ``extra``, and holds each checked value.
     """
     answer = _SUCCESS_ANSWERS.get(operation)
     body = response.body

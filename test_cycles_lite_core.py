@@ -311,3 +311,7 @@ class TestSchemaVerdict(unittest.TestCase):
                 if parsed is not None:
                     model = cl._SUCCESS_ANSWERS[operation][1]
                     self.assertEqual(parsed, model.model_validate(response.body))
+
+    def test_a_uri_that_urlsplit_refuses_is_an_invalid_field(self) -> None:
+        with self.assertRaisesRegex(cl.InvalidFieldError, "^cycles_evidence_url: must be an abs"):
+            cl.CyclesEvidenceRef(evidence_id="a" * 64, cycles_evidence_url="http://[")
