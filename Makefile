@@ -8,6 +8,7 @@ TESTS = $(sort $(basename $(wildcard test_*.py)))
 PYENV_ROOT ?= $(HOME)/.pyenv
 PY_VERSIONS = 3.8 3.9 3.10 3.11 3.12 3.13
 TEST_JOBS ?= 2
+TEST_PROCS ?= 6
 SHARED ?= ../shared
 CONFORMANCE_VENV ?= .venv-conformance
 
@@ -21,8 +22,10 @@ examples: demo
 	$(PYTHON) examples/async_agent.py
 	$(PYTHON) examples/lambda_handler.py
 
+# Test classes run in TEST_PROCS processes at once (many tests wait on real time, so
+# more processes than cores still pays); the output ends as unittest's does.
 test:
-	$(PYTHON) -W error -m unittest $(TESTS)
+	$(PYTHON) -W error tools/run_tests.py -j $(TEST_PROCS) $(TESTS)
 
 # Every Python 3.8-3.13 found under pyenv (or on PATH as pythonX.Y), two at a time.
 test-all:
@@ -35,7 +38,7 @@ test-all:
 	logs=$$(mktemp -d); \
 	echo $$pythons | tr ' ' '\n' | xargs -P $(TEST_JOBS) -I{} sh -c \
 	  'v=$$({} -c "import sys; print(\"%d.%d\" % sys.version_info[:2])"); \
-	   if {} -W error -m unittest $(TESTS) > '"$$logs"'/$$v.log 2>&1; then echo "== python $$v: ok ($$(grep "^Ran" '"$$logs"'/$$v.log))"; \
+	   if {} -W error tools/run_tests.py -j $(TEST_PROCS) $(TESTS) > '"$$logs"'/$$v.log 2>&1; then echo "== python $$v: ok ($$(grep "^Ran" '"$$logs"'/$$v.log))"; \
 	   else echo "== python $$v: FAILED"; tail -n 60 '"$$logs"'/$$v.log; exit 1; fi'; \
 	status=$$?; rm -rf "$$logs"; exit $$status
 

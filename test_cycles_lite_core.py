@@ -6,6 +6,7 @@ Real HTTP to ``cycles_lite_server``; nothing mocked but ``threading.Thread.start
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import os
 import re
@@ -26,6 +27,10 @@ TENANT = "acme"
 
 class _ServerCase(unittest.TestCase):
     srv: LocalCyclesServer
+
+    def run(self, result: Any = None) -> Any:
+        # A guard entered and never exited keeps its context in this test's copy only.
+        return contextvars.copy_context().run(super().run, result)
 
     @classmethod
     def setUpClass(cls) -> None:
