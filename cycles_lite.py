@@ -1994,6 +1994,22 @@ if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows
     os.register_at_fork(after_in_child=_run_fork_resets)
 
 
+class _Clock:
+    """The one clock every deadline, retry, heartbeat and settlement wait reads: the
+    real one.  The tests put a clock here that they move forward instead of sleeping."""
+
+    monotonic = staticmethod(time.monotonic)
+    sleep = staticmethod(time.sleep)
+
+    @staticmethod
+    def wait(condition: threading.Condition, timeout: float | None) -> bool:
+        """``condition.wait(timeout)``, its lock held; a caller rechecks the time after."""
+        return condition.wait(timeout)
+
+
+_clock = _Clock()
+
+
 # A deadline (``time.monotonic()`` value) that bounds all Cycles work started under it:
 # every attempt's deadline, inline retries and ``flush``.  None: unbounded.
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
@@ -2015,7 +2031,7 @@ def deadline(seconds: float) -> Iterator[None]:
     """
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds != seconds:
         raise ValueError(f"seconds: must be a number, got {seconds!r}")
-    with _bounded_by(time.monotonic() + max(0.0, seconds)):
+    with _bounded_by(_clock.monotonic() + max(0.0, seconds)):
         yield
 
 
@@ -2028,7 +2044,7 @@ def _effective_deadline(default: float) -> float:
 def _out_of_time(at: float | None = None) -> bool:
     """True when the enclosing ``deadline()`` has passed, or will have by ``at``."""
     bound = _deadline.get()
-    return bound is not None and max(time.monotonic(), at or 0.0) >= bound
+    return bound is not None and max(_clock.monotonic(), at or 0.0) >= bound
 
 
 @contextlib.contextmanager
@@ -2277,7 +2293,7 @@ class _DeadlineSocket:
         self.deadline = math.inf
 
     def _bounded(self, operation: Callable[..., Any], *args: Any) -> Any:
-        left = self.deadline - time.monotonic()
+        left = self.deadline - _clock.monotonic()
         if left <= 0:
             raise _AttemptDeadlineExceeded("attempt deadline exceeded")
         self._sock.settimeout(min(self._op_timeout, left))
@@ -2286,7 +2302,7 @@ class _DeadlineSocket:
         except OSError as exc:
             import socket  # loaded already by http.client
 
-            if isinstance(exc, socket.timeout) and time.monotonic() >= self.deadline:
+            if isinstance(exc, socket.timeout) and _clock.monotonic() >= self.deadline:
                 raise _AttemptDeadlineExceeded("attempt deadline exceeded") from exc
             raise
 
@@ -2398,7 +2414,7 @@ def _may_resend(reused: bool, exc: BaseException, prepared: _Prepared, deadline:
     left, and a request safe to repeat (GET, or a body with an idempotency key)."""
     if not (reused and _is_stale_error(exc) and prepared.resendable):
         return False
-    if time.monotonic() >= deadline:
+    if _clock.monotonic() >= deadline:
         return False
     _log.debug("stale keep-alive connection (%s); reconnecting once", type(exc).__name__)
     return True
@@ -2531,7 +2547,7 @@ class _Transport(_TransportBase):
         import http.client
         import socket
 
-        left = deadline - time.monotonic()
+        left = deadline - _clock.monotonic()
         if left <= 0:
             raise _AttemptDeadlineExceeded("attempt deadline exceeded before connecting")
         timeout = min(self._connect_timeout, left)
@@ -2573,7 +2589,7 @@ def _attempt_deadline(transport: _TransportBase, deadline: float | None) -> floa
     """The attempt's deadline: the one handed in, else now + ``attempt_timeout``; cut to
     the enclosing ``deadline()``.  The same for both transports."""
     if deadline is None:
-        deadline = time.monotonic() + transport.attempt_timeout
+        deadline = _clock.monotonic() + transport.attempt_timeout
     return _effective_deadline(deadline)
 
 
@@ -2717,7 +2733,7 @@ class _LoopPool:
         waiter: asyncio.Future[_AsyncConnection | None] = self.loop.create_future()
         self.waiters.append(waiter)
         try:
-            return await asyncio.wait_for(waiter, max(0.0, deadline - time.monotonic()))
+            return await asyncio.wait_for(waiter, max(0.0, deadline - _clock.monotonic()))
         except BaseException as exc:
             if waiter.done() and not waiter.cancelled():
                 self.release(waiter.result())  # handed a slot just as it gave up: pass it on
@@ -2992,7 +3008,7 @@ class _AsyncTransport(_TransportBase):
 
         watchdog = _Watchdog(conn, deadline, self._read_timeout)
         try:
-            if time.monotonic() >= deadline:  # as the blocking send: nothing goes out late
+            if _clock.monotonic() >= deadline:  # as the blocking send: nothing goes out late
                 raise _AttemptDeadlineExceeded("attempt deadline exceeded before sending")
             conn.writer.write(request)
             if conn.unsent():
@@ -3099,7 +3115,7 @@ class _Watchdog:
         self.expired: Exception | None = None  # the timeout error, once a step outlasted it
 
     async def step(self, operation: Callable[..., Awaitable[_T]], *args: Any) -> _T:
-        left = self._deadline - time.monotonic()
+        left = self._deadline - _clock.monotonic()
         if left <= 0:
             raise _AttemptDeadlineExceeded("attempt deadline exceeded")
         self.stop()
@@ -3198,7 +3214,7 @@ async def _within(
     import asyncio
 
     where = f" {what}" if what else ""
-    left = deadline - time.monotonic()
+    left = deadline - _clock.monotonic()
     if left <= 0:
         _close_awaitable(step)
         raise _AttemptDeadlineExceeded(f"attempt deadline exceeded{where}")
@@ -4690,7 +4706,7 @@ def _send_now(client: Any, effect: _Send, *, detached: bool = False) -> CyclesRe
     the pool of a client closed since the settlement began.
     """
     token = _attempt.set(
-        _Attempt(time.monotonic() + _config_of(client).attempt_timeout, detached)
+        _Attempt(_clock.monotonic() + _config_of(client).attempt_timeout, detached)
     )
     try:
         result = _invoke(client, effect)
@@ -4749,7 +4765,7 @@ def _perform_effect(send: _SendFn, effect: _Effect) -> Any:
     if isinstance(effect, _Send):
         return _send_safely(send, effect)
     if isinstance(effect, _Sleep):
-        time.sleep(effect.seconds)
+        _clock.sleep(effect.seconds)
         return None
     if isinstance(effect, _Blocking):
         return effect.work()
@@ -4837,7 +4853,7 @@ async def _send_async(
     """
     import asyncio
 
-    deadline = time.monotonic() + _config_of(client).attempt_timeout
+    deadline = _clock.monotonic() + _config_of(client).attempt_timeout
     token = _attempt.set(_Attempt(deadline, False))
     try:
         result = _invoke(client, effect)
@@ -4929,7 +4945,7 @@ class _TaskHeartbeat:
             _log.error("heartbeat task failed", exc_info=task.exception())
         in_flight = self.in_flight
         if in_flight is not None and not in_flight.done():
-            left = max(0.0, _effective_deadline(self.deadline) - time.monotonic())
+            left = max(0.0, _effective_deadline(self.deadline) - _clock.monotonic())
             await asyncio.wait({in_flight}, timeout=left)
             in_flight.cancel()  # past its or the caller's deadline: stop waiting
 
@@ -4990,7 +5006,7 @@ class _ScheduledHeartbeat:
         return effect.seconds if isinstance(effect, _Sleep) and not self.stopped else None
 
     def _extend(self, effect: _Send) -> _Effect | None:
-        self.deadline = time.monotonic() + self.attempt_s
+        self.deadline = _clock.monotonic() + self.attempt_s
         try:
             reply = _send_safely(self._send, effect)
         except BaseException as exc:  # SystemExit from a test double, say: an internal error
@@ -5040,7 +5056,7 @@ class _HeartbeatScheduler:
         self._idle = 0  # threads waiting to lead
         self._grants = 0  # leads handed to idle threads, not taken yet
         self._running: Dict[_ScheduledHeartbeat, threading.Thread] = {}
-        self._active_at = time.monotonic()  # when a heartbeat last came or went
+        self._active_at = _clock.monotonic()  # when a heartbeat last came or went
 
     def schedule(self, heartbeat: _ScheduledHeartbeat, seconds: float | None) -> None:
         if seconds is None:
@@ -5048,7 +5064,7 @@ class _HeartbeatScheduler:
         with self._lock:
             if heartbeat.stopped:
                 return
-            self._active_at = time.monotonic()
+            self._active_at = _clock.monotonic()
             self._push(heartbeat, seconds)
 
     def unschedule(self, heartbeat: _ScheduledHeartbeat) -> bool:
@@ -5058,15 +5074,15 @@ class _HeartbeatScheduler:
         with self._lock:
             if not heartbeat.stopped:
                 heartbeat.stopped = True
-                self._active_at = time.monotonic()
+                self._active_at = _clock.monotonic()
                 if heartbeat.queued:
                     self._drop_later()
             runner = self._running.get(heartbeat)
             while runner is not None and runner is not threading.current_thread():
-                left = _effective_deadline(heartbeat.deadline) - time.monotonic()
+                left = _effective_deadline(heartbeat.deadline) - _clock.monotonic()
                 if left <= 0:
                     break  # a slow test double or the caller's deadline: the result is dropped
-                self._landed.wait(left)
+                _clock.wait(self._landed, left)
                 runner = self._running.get(heartbeat)
             return runner is None
 
@@ -5082,7 +5098,7 @@ class _HeartbeatScheduler:
 
     def _push(self, heartbeat: _ScheduledHeartbeat, seconds: float) -> None:
         """Under the lock: schedule the next beat; someone must be timing it."""
-        entry = (time.monotonic() + seconds, next(self._order), heartbeat)
+        entry = (_clock.monotonic() + seconds, next(self._order), heartbeat)
         heapq.heappush(self._heap, entry)
         heartbeat.queued = True
         if not self._leader:
@@ -5115,7 +5131,7 @@ class _HeartbeatScheduler:
                     self._leader = False
                     if heartbeat is None:
                         return
-                    if self._due_before(time.monotonic() + heartbeat.attempt_s):
+                    if self._due_before(_clock.monotonic() + heartbeat.attempt_s):
                         self._appoint_leader()
                     seconds = self._run(heartbeat)
                     leading = not self._leader  # nobody times the heap: this thread will
@@ -5132,12 +5148,12 @@ class _HeartbeatScheduler:
             return True
         self._idle += 1
         try:
-            until = time.monotonic() + _HEARTBEAT_IDLE_EXIT_S
+            until = _clock.monotonic() + _HEARTBEAT_IDLE_EXIT_S
             while not self._grants:
-                left = until - time.monotonic()
+                left = until - _clock.monotonic()
                 if left <= 0:
                     return False
-                self._handoff.wait(left)
+                _clock.wait(self._handoff, left)
             self._grants -= 1
             return True
         finally:
@@ -5148,17 +5164,17 @@ class _HeartbeatScheduler:
         while True:
             self._skip_stale()
             if not self._heap:
-                idle_s = time.monotonic() - self._active_at
+                idle_s = _clock.monotonic() - self._active_at
                 if idle_s >= _HEARTBEAT_IDLE_EXIT_S:
                     return None
-                self._timing.wait(_HEARTBEAT_IDLE_EXIT_S - idle_s)
+                _clock.wait(self._timing, _HEARTBEAT_IDLE_EXIT_S - idle_s)
                 continue
-            wait = self._heap[0][0] - time.monotonic()
+            wait = self._heap[0][0] - _clock.monotonic()
             if wait <= 0:
                 heartbeat = heapq.heappop(self._heap)[2]
                 heartbeat.queued = False
                 return heartbeat
-            self._timing.wait(wait)
+            _clock.wait(self._timing, wait)
 
     def _skip_stale(self) -> None:
         while self._heap and self._heap[0][2].stopped:
@@ -5172,7 +5188,7 @@ class _HeartbeatScheduler:
 
     def _run(self, heartbeat: _ScheduledHeartbeat) -> float | None:
         """Under the lock, released while the beat runs: its next sleep."""
-        heartbeat.deadline = time.monotonic() + heartbeat.attempt_s
+        heartbeat.deadline = _clock.monotonic() + heartbeat.attempt_s
         self._running[heartbeat] = threading.current_thread()
         self._lock.release()
         try:
@@ -5532,7 +5548,7 @@ def get_cycles_context() -> CyclesContext | None:
 
 
 def _monotonic_ms() -> float:
-    return time.monotonic() * 1000.0
+    return _clock.monotonic() * 1000.0
 
 
 def _describe(response: CyclesResponse) -> str:
@@ -5708,7 +5724,7 @@ def _hand_over_release(job: _Settlement) -> None:
     """A release to send (again) from the settlement queue, now, with its own key: as a
     retry task on the running loop (handed to the worker thread if the loop ends
     first), or on the worker thread for a job without ``loop_client``."""
-    job.due = time.monotonic()
+    job.due = _clock.monotonic()
     if not _settlements.submit(job):
         _settlements.turn_away(job)
 
@@ -5853,7 +5869,7 @@ class _Reservation:
             self._heartbeat_steps(sent_ms, received_ms), self._config.attempt_timeout
         )
         self._context_token = _current_context.set(self._context)
-        self._opened_at = time.monotonic()
+        self._opened_at = _clock.monotonic()
         _log.debug(
             "reservation created: reservation_id=%s decision=%s",
             created.reservation_id,
@@ -6069,7 +6085,7 @@ class _Reservation:
         return event
 
     def _elapsed_ms(self) -> int:
-        return max(0, int((time.monotonic() - self._opened_at) * 1000))
+        return max(0, int((_clock.monotonic() - self._opened_at) * 1000))
 
     def _release_steps(self, reason: str) -> _Steps[None]:
         """Give the budget back (only when the guarded work did not happen).
@@ -7344,7 +7360,7 @@ class _Settlement:
         """Retries ran out but the record stays: try again after a slow, growing
         interval (sooner on activity or ``flush``), never before a 429's floor."""
         step = self.last_step
-        now = time.monotonic()
+        now = _clock.monotonic()
         floor_ms = step.delay_ms if step is not None and step.cause == "rate_limited" else 0
         self.kept = True
         self.times_kept += 1
@@ -7386,7 +7402,7 @@ def _settle_new_steps(job: _Settlement, heartbeat: Any) -> _Steps[_Disposition]:
             " reservation_id=%s",
             job.record.reservation_id,
         )
-        job.due = time.monotonic()
+        job.due = _clock.monotonic()
         if _settlements.submit(job):
             return _Disposition.RETRY
         _settlements.keep(job)
@@ -7394,7 +7410,7 @@ def _settle_new_steps(job: _Settlement, heartbeat: Any) -> _Steps[_Disposition]:
     except BaseException as exc:
         if not isinstance(exc, GeneratorExit):
             # Interrupted (task cancelled, Ctrl-C): the worker carries on, same key.
-            job.due = time.monotonic()
+            job.due = _clock.monotonic()
             if not _settlements.submit(job):
                 _settlements.turn_away(job)
         raise
@@ -7413,7 +7429,7 @@ def _settle_steps(job: _Settlement, *, retry_inline: bool) -> _Steps[_Dispositio
     while True:
         if _out_of_time(job.due):  # no attempt starts after the caller's deadline
             return _Disposition.RETRY
-        wait = job.due - time.monotonic()
+        wait = job.due - _clock.monotonic()
         if wait > 0:
             yield _Sleep(wait)
         step = yield from _settlement_attempt(job)
@@ -7422,7 +7438,7 @@ def _settle_steps(job: _Settlement, *, retry_inline: bool) -> _Steps[_Dispositio
             continue
         if step.disposition is not _Disposition.RETRY:
             return step.disposition
-        job.due = time.monotonic() + step.delay_ms / 1000.0
+        job.due = _clock.monotonic() + step.delay_ms / 1000.0
         if not retry_inline:
             return _Disposition.RETRY
 
@@ -7648,12 +7664,12 @@ class _SettlementQueue:
         """A guarded call: kept jobs last tried ``_KEPT_RETRY_ACTIVITY_GAP_S`` ago are due."""
         if self.kept:
             with self._cond:
-                self._wake(time.monotonic() - _KEPT_RETRY_ACTIVITY_GAP_S)
+                self._wake(_clock.monotonic() - _KEPT_RETRY_ACTIVITY_GAP_S)
 
     def _wake(self, tried_before: float) -> None:
         """Under the lock: kept jobs last tried before ``tried_before`` are due now (or at
         their 429 floor)."""
-        now = time.monotonic()
+        now = _clock.monotonic()
         woken = False
         for index, (due, order, job) in enumerate(self._heap):
             if job.kept and job.kept_at < tried_before:
@@ -7769,7 +7785,7 @@ class _SettlementQueue:
         get one attempt each (``retry_kept``), without waiting for them.  See FlushResult."""
         bound = _flush_bound(timeout)  # a bad timeout is refused before anything is done
         _rescue_stranded_settlements()
-        started = time.monotonic()
+        started = _clock.monotonic()
         with self._cond:
             settled, given_up = self._settled, self._given_up
         while True:
@@ -7826,7 +7842,7 @@ class _SettlementQueue:
         kept jobs that are not due yet remain.
         """
         while True:
-            now = time.monotonic()
+            now = _clock.monotonic()
             if self._heap and self._heap[0][0] <= now and (deadline is None or now < deadline):
                 job = heapq.heappop(self._heap)[2]
                 self.kept -= job.kept
@@ -7846,7 +7862,7 @@ class _SettlementQueue:
             waits = [self._heap[0][0] - now] if self._heap else []
             if deadline is not None:
                 waits.append(deadline - now)
-            self._cond.wait(min(waits) if waits else None)
+            _clock.wait(self._cond, min(waits) if waits else None)
 
     def _run(self, job: _Settlement) -> None:
         outcome = _Disposition.RETRY  # interrupted (Ctrl-C in flush): back to the heap
@@ -7920,7 +7936,7 @@ def _flush_bound(timeout: float | None) -> float | None:
         return _deadline.get()
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout:
         raise ValueError(f"timeout: must be a number of seconds or None, got {timeout!r}")
-    return _effective_deadline(time.monotonic() + max(0.0, timeout))
+    return _effective_deadline(_clock.monotonic() + max(0.0, timeout))
 
 
 def flush(timeout: float | None = None) -> FlushResult:
@@ -7950,10 +7966,10 @@ async def aflush(timeout: float | None = None) -> FlushResult:
     mine = [task for task in list(_settlement_tasks) if task.get_loop() is loop]
     outcomes: List[_Disposition] = []
     if mine:
-        left = None if bound is None else max(0.0, bound - time.monotonic())
+        left = None if bound is None else max(0.0, bound - _clock.monotonic())
         done, _running = await asyncio.wait(mine, timeout=left)
         outcomes = [t.result() for t in done if not t.cancelled() and t.exception() is None]
-    left = None if bound is None else max(0.0, bound - time.monotonic())
+    left = None if bound is None else max(0.0, bound - _clock.monotonic())
     if _settlements.pending():
         drain = functools.partial(contextvars.copy_context().run, _settlements.flush, left)
         result = await loop.run_in_executor(None, drain)
@@ -8205,7 +8221,7 @@ def _not_queued(records: List[_PendingSettlement]) -> List[_PendingSettlement]:
 
 def _replay_jobs(client: Any, records: List[_PendingSettlement]) -> List[_Settlement]:
     """One settlement per record, due no earlier than its persisted 429 floor."""
-    now, now_ms = time.monotonic(), _wall_clock_ms()
+    now, now_ms = _clock.monotonic(), _wall_clock_ms()
     jobs = []
     for record in records:
         job = _Settlement.for_record(client, record)
@@ -8229,7 +8245,7 @@ async def _recover_async(client: Any, timeout: float | None) -> RecoverySummary:
 
 
 def _timeout_bound(timeout: float | None) -> float | None:
-    return None if timeout is None else time.monotonic() + timeout
+    return None if timeout is None else _clock.monotonic() + timeout
 
 
 def _check_recover_timeout(timeout: Any) -> None:
@@ -8249,7 +8265,7 @@ def _recover_steps(client: Any, timeout: float | None) -> _Steps[RecoverySummary
     if journal is None or journal.directory is None:
         _log.info("recover: the commit journal is disabled or not writable; nothing to replay")
         return summary
-    limit = None if timeout is None else time.monotonic() + timeout
+    limit = None if timeout is None else _clock.monotonic() + timeout
     bound = _deadline.get() if limit is None else _effective_deadline(limit)
     _claim_replay(journal)  # this is the process's replay of this identity
     records, summary.quarantined = yield _Blocking(functools.partial(_scan_journal, journal))
@@ -8276,7 +8292,7 @@ def _settle_until(
     heap = [(job.due, n, job) for n, job in enumerate(jobs)]
     heapq.heapify(heap)
     try:
-        while heap and (deadline is None or max(heap[0][0], time.monotonic()) < deadline):
+        while heap and (deadline is None or max(heap[0][0], _clock.monotonic()) < deadline):
             job = heap[0][2]  # popped once settled: an interrupted one is handed over too
             outcome = yield from _settle_steps(job, retry_inline=False)
             _due, n, _job = heapq.heappop(heap)

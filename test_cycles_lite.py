@@ -32,6 +32,7 @@ import threading
 import time
 import unittest
 import warnings
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, TYPE_CHECKING, Tuple
 from unittest import mock
@@ -1335,9 +1336,9 @@ class TestTransport(ServerTestCase):
         client = self.client()
         self.srv.inject("balances", "delay", delay_ms=500)
         balances = cl._Call("balances", "GET", "/v1/balances", query={"tenant": TENANT})
-        response = client._call(balances, deadline=time.monotonic() + 0.1)
+        response = client._call(balances, deadline=cl._clock.monotonic() + 0.1)
         self.assertTrue(response.is_transport_error)
-        past = client._call(balances, deadline=time.monotonic() - 1)
+        past = client._call(balances, deadline=cl._clock.monotonic() - 1)
         self.assertIn("deadline", past.error_message)
 
     def test_no_socket_leaks(self) -> None:
@@ -3381,6 +3382,95 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> bool:
     return True
 
 
+# The threads cycles_lite starts (the local server's threads are not the client's).
+CLIENT_THREADS = ("cycles-lite-heartbeat", "cycles-lite-settlement", "cycles-lite-replay")
+
+
+class VirtualClock:
+    """The client's clock (``cycles_lite._clock``) that tests move forward instead of
+    sleeping, the servers' clocks along with it.
+
+    Between moves it runs at the real pace, so what really waits (a socket timeout, a
+    beat on the wire) still means what it says.  ``advance`` wakes every clock wait of
+    the client and returns once each of the client's threads (``CLIENT_THREADS``)
+    waits on the clock again (so a beat that fell due has had its extend answered) or
+    has exited: time does not run on while the client works.  Installed for the whole
+    process when this module is imported: it never runs backwards under what the client
+    has timed.
+    """
+
+    def __init__(self) -> None:
+        self._offset = 0.0
+        self._books = threading.Lock()
+        self._moved = threading.Condition()  # sleep() waits on it
+        self._conditions: weakref.WeakSet[threading.Condition] = weakref.WeakSet()
+        self._waiting: Dict[threading.Thread, int] = {}  # thread -> moves seen when it began
+        self._moves = 0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self._offset
+
+    def sleep(self, seconds: float) -> None:
+        until = self.monotonic() + seconds
+        with self._moved:
+            while until > self.monotonic():
+                self.wait(self._moved, until - self.monotonic())
+
+    def wait(self, condition: threading.Condition, timeout: Optional[float]) -> bool:
+        me = threading.current_thread()
+        with self._books:
+            self._conditions.add(condition)
+            self._waiting[me] = self._moves
+        try:
+            return condition.wait(timeout)
+        finally:
+            with self._books:
+                self._waiting.pop(me, None)
+
+    def advance(self, seconds: float, *servers: LocalCyclesServer) -> None:
+        """Move the client and ``servers`` ``seconds`` on; return once the client is quiet."""
+        with self._books:
+            self._offset += seconds
+            self._moves += 1
+            moves, conditions = self._moves, list(self._conditions)
+        for server in servers:
+            server.clock.advance(round(seconds * 1000))
+        for condition in conditions:
+            with condition:
+                condition.notify_all()
+        me = threading.current_thread()
+        quiet_by = time.monotonic() + 3.0  # a thread held up elsewhere: carry on anyway
+        while time.monotonic() < quiet_by:
+            with self._books:
+                busy = [t for t in threading.enumerate() if t is not me
+                        and t.name in CLIENT_THREADS and self._waiting.get(t) != moves]
+            if not busy:
+                return
+            time.sleep(0.001)
+
+    def pass_time(self, seconds: float, *servers: LocalCyclesServer, step: float = 0.05) -> None:
+        """Move time on by ``seconds``, ``step`` seconds at a time (each beat runs when due)."""
+        while seconds > 1e-9:
+            self.advance(min(step, seconds), *servers)
+            seconds -= step
+
+    def advance_until(self, predicate: Callable[[], Any], *servers: LocalCyclesServer,
+                      step: float = 0.05, within: float = 10.0) -> bool:
+        """Move time on ``step`` seconds at a time until ``predicate()`` holds (True), or
+        ``within`` seconds have passed on this clock (False)."""
+        moved = 0.0
+        while not predicate():
+            if moved >= within:
+                return False
+            self.advance(step, *servers)
+            moved += step
+        return True
+
+
+VIRTUAL_CLOCK = VirtualClock()
+cl._clock = VIRTUAL_CLOCK
+
+
 class _LcCase(unittest.TestCase if TYPE_CHECKING else object):
     """A seeded server per class; per test a fresh agent scope, clients and request log.
 
@@ -3450,6 +3540,14 @@ class _LcCase(unittest.TestCase if TYPE_CHECKING else object):
             client.close()
 
     # -- mode-specific faces, one interface -----------------------------------
+
+    def time_passes_until(self, predicate: Callable[[], Any], within: float) -> bool:
+        """Until ``predicate()`` holds (True) or ``within`` seconds passed (False): sync
+        mode moves the virtual clock on; async mode (its heartbeat is a task sleeping
+        on the loop) waits in real time."""
+        if self.is_async:
+            return wait_for(predicate, within)
+        return VIRTUAL_CLOCK.advance_until(predicate, self.srv, within=within)
 
     def drive(self, coro: Any) -> Any:
         return asyncio.run(coro) if self.is_async else _lc_run_now(coro)
@@ -4132,14 +4230,16 @@ class _LcHeartbeatCases(_LcCase):
     def extends(self) -> List[Any]:
         return self.srv.requests_for("extend")
 
-    def run_until(self, predicate: Callable[[Any], bool], timeout: float = 4.0, **options: Any
-                  ) -> Dict[str, Any]:
-        """A guarded call whose body waits for ``predicate(context)``; returns what it saw."""
+    def run_until(self, predicate: Callable[[Any], bool], timeout: float = 4.0,
+                  real_time: bool = False, **options: Any) -> Dict[str, Any]:
+        """A guarded call whose body waits for ``predicate(context)`` (on the virtual
+        clock in sync mode, unless ``real_time``); returns what it saw."""
         seen: Dict[str, Any] = {}
+        wait = wait_for if real_time else self.time_passes_until
 
         def body() -> str:
             seen["ctx"] = ctx = cl.get_cycles_context()
-            seen["reached"] = wait_for(lambda: predicate(ctx), timeout)
+            seen["reached"] = wait(lambda: predicate(ctx), timeout)
             seen["error"] = getattr(ctx, "heartbeat_error", None)
             seen["stopped"] = getattr(ctx, "heartbeat_stopped", None)
             seen["expires"] = getattr(ctx, "expires_at_ms", None)
@@ -4202,12 +4302,14 @@ class _LcHeartbeatCases(_LcCase):
         self.assertEqual(len(self.extends()), 1)  # next beat only ~3 s later
 
     def test_transient_failure_retries_the_same_key_and_recovers(self) -> None:
-        # The first extend outlives the 0.3 s attempt deadline: a transport error.
+        # The first extend outlives the 0.3 s attempt deadline: a transport error.  Real
+        # time: the server's delay is, and its late answer must land before the next beat.
         self.srv.inject("extend", "delay", delay_ms=600)
         with self.assertLogs(_LC_LOGGER, "WARNING") as logs:
             seen = self.run_until(
                 lambda ctx: len(self.extends()) >= 2 and ctx.heartbeat_error is None,
                 ttl_ms=3500,
+                real_time=True,
                 client=self.new_client(request_timeout=0.3),
             )
         self.assertTrue(seen["reached"])
@@ -4257,7 +4359,7 @@ class _LcHeartbeatCases(_LcCase):
             ctx = cl.get_cycles_context()
             assert ctx is not None
             self.srv.clock.advance(3600)  # past expiry, inside the 5 s grace period
-            wait_for(lambda: ctx.heartbeat_stopped is not None, 3.0)
+            self.time_passes_until(lambda: ctx.heartbeat_stopped is not None, 3.0)
             self.assertEqual(ctx.heartbeat_stopped, "terminal")
             self.assertIn("RESERVATION_EXPIRED", ctx.heartbeat_error)
             return "ok"
@@ -4319,11 +4421,10 @@ class _LcHeartbeatCases(_LcCase):
         self.srv.inject("extend", "nonconformant", times=10, set_fields={"remaining_ttl_ms": 3100})
 
         def body() -> None:
-            deadline = time.monotonic() + 1.0
-            while time.monotonic() < deadline:
+            for _ in range(100):  # one second, a beat about every 100 ms
+                VIRTUAL_CLOCK.advance(0.01, self.srv)
                 counts.append(sum(t.name == "cycles-lite-heartbeat"
                                   for t in threading.enumerate()))
-                time.sleep(0.002)
 
         self.call(body, estimate=10, ttl_ms=3100)
         self.assertGreaterEqual(len(self.extends()), 5)

@@ -19,7 +19,7 @@ from unittest import mock
 import cycles_lite as cl
 from cycles_lite import CyclesClient, CyclesConfig
 from cycles_lite_server import LocalCyclesServer
-from test_cycles_lite import wait_for as _wait_for
+from test_cycles_lite import VIRTUAL_CLOCK
 
 API_KEY = "core-key"
 TENANT = "acme"
@@ -93,7 +93,8 @@ class TestHeartbeatScheduler(_ServerCase):
         finally:
             for guard in guards:
                 guard.__exit__(None, None, None)
-        self.assertTrue(_wait_for(lambda: cl._heartbeats._threads == 0, 5.0))
+        self.assertTrue(VIRTUAL_CLOCK.advance_until(lambda: cl._heartbeats._threads == 0,
+                                                    within=5.0))
         self.assertNotIn("cycles-lite-heartbeat", [t.name for t in threading.enumerate()])
 
     @unittest.skipUnless(hasattr(os, "fork"), "needs os.fork")

@@ -5,24 +5,26 @@
 Many tests wait on real time (heartbeat cadence, TTL expiry, socket timeouts, forks),
 so they overlap well even beyond the number of cores.  The unit of work is a test
 class (a slow class is split into its tests); units go longest first, by the times in
-tools/test_times.txt (``--record`` rewrites it), to whichever worker is free.  Each
-worker is a fresh interpreter with the same ``-W``/``-X`` options, so every test
-still runs as under ``python3 -m unittest``.  The output ends like unittest's: the
-failures with their tracebacks, ``Ran N tests in Xs`` and ``OK``/``FAILED (...)``;
-the exit status is non-zero on any failure or error.
+tools/test_times.txt (``--record`` rewrites it), to whichever worker is free.  The
+workers are forks of this process taken once it has imported the tests (as
+``python3 -m unittest`` would, with the same ``-W``/``-X`` options), so no worker
+spends CPU importing them again.  The output ends like unittest's: the failures with
+their tracebacks, ``Ran N tests in Xs`` and ``OK``/``FAILED (...)``; the exit status
+is non-zero on any failure or error.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import queue
-import subprocess
 import sys
 import threading
 import time
+import traceback
 import unittest
-from typing import Any, Dict, List, Tuple
+from typing import IO, Any, Dict, List, Tuple
 
 TIMES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_times.txt")
 SPLIT_CLASS_OVER_S = 4.0  # a class expected to take longer runs as one unit per test
@@ -34,16 +36,11 @@ SEPARATOR_THIN = "-" * 70
 # --- the worker: runs the units it is sent, one JSON result line per unit ---------
 
 
-def worker() -> None:
-    """Read unit names from stdin; run each; answer on the original stdout.
-
-    The tests' own prints go to stderr, so they cannot garble the answers."""
-    with os.fdopen(os.dup(1), "w") as answers:
-        os.dup2(2, 1)
-        sys.stdout = sys.stderr
-        for line in sys.stdin:
-            answers.write(json.dumps(run_unit(line.strip())) + "\n")
-            answers.flush()
+def serve(units: IO[str], answers: IO[str]) -> None:
+    """In a worker: run each unit named on ``units``; one JSON line on ``answers`` each."""
+    for line in units:
+        answers.write(json.dumps(run_unit(line.strip())) + "\n")
+        answers.flush()
 
 
 class TimedResult(unittest.TestResult):
@@ -69,11 +66,12 @@ class TimedResult(unittest.TestResult):
 
 def run_unit(unit: str) -> Dict[str, Any]:
     result = TimedResult()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), sum(os.times()[:4])
     unittest.defaultTestLoader.loadTestsFromName(unit).run(result)
     return {
         "unit": unit,
         "seconds": time.perf_counter() - started,
+        "cpu": sum(os.times()[:4]) - cpu,
         "tests": result.seconds,
         "run": result.testsRun,
         "failures": [(result.getDescription(test), text) for test, text in result.failures],
@@ -106,6 +104,9 @@ def plan_units(modules: List[str], times: Dict[str, float]) -> List[Tuple[float,
     another runs there too, as it does today."""
     units: List[Tuple[float, str]] = []
     for module in modules:
+        if not is_module(module):  # a class or a test named by hand: run it as it is
+            units.append((times.get(module, UNKNOWN_TEST_S), module))
+            continue
         classes: Dict[str, List[Tuple[float, str]]] = {}
         for test in iter_tests(unittest.defaultTestLoader.loadTestsFromName(module)):
             if type(test).__module__.startswith("unittest"):  # a module that fails to load
@@ -119,8 +120,16 @@ def plan_units(modules: List[str], times: Dict[str, float]) -> List[Tuple[float,
             if expected > SPLIT_CLASS_OVER_S:
                 units += tests
             else:
-                units.append((times.get(name, expected or UNKNOWN_TEST_S), name))
+                units.append((expected or UNKNOWN_TEST_S, name))
     return sorted(units, reverse=True)
+
+
+def is_module(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return "." not in name  # a module that fails to import: its error is reported
+    return True
 
 
 def iter_tests(suite: unittest.TestSuite) -> List[unittest.TestCase]:
@@ -133,36 +142,33 @@ def iter_tests(suite: unittest.TestSuite) -> List[unittest.TestCase]:
 def run_parallel(modules: List[str], jobs: int) -> Tuple[List[Dict[str, Any]], float]:
     started = time.perf_counter()
     pending: queue.Queue[str] = queue.Queue()
-    for _, unit in plan_units(modules, read_times()):
+    for _, unit in plan_units(modules, read_times()):  # imports the tests, once, here
         pending.put(unit)
     results: List[Dict[str, Any]] = []
-    options = [f"-W{w}" for w in sys.warnoptions]
-    options += [f"-X{k}" if v is True else f"-X{k}={v}" for k, v in sys._xoptions.items()]
-    command = [sys.executable, *options, os.path.abspath(__file__), "--worker"]
+    if not hasattr(os, "fork"):  # pragma: no cover - one process, as unittest would
+        results += [run_unit(pending.get()) for _ in range(pending.qsize())]
+        return results, time.perf_counter() - started
+    workers = start_workers(jobs)  # before any thread of ours: a fork copies only the caller
 
-    def feed_one_worker() -> None:
-        while not pending.empty():
-            with subprocess.Popen(  # noqa: S603 - this interpreter, this script
-                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
-            ) as process:
-                feed(process)
+    def feed(send: IO[str], receive: IO[str], pid: int) -> None:
+        """Send the worker units until none are left; if it dies, report the unit it had
+        (the other workers run the rest)."""
+        with send, receive:
+            while True:
+                try:
+                    unit = pending.get_nowait()
+                except queue.Empty:
+                    break
+                send.write(unit + "\n")
+                send.flush()
+                answer = receive.readline()
+                if not answer:
+                    results.append(died(unit))
+                    break
+                results.append(json.loads(answer))
+        os.waitpid(pid, 0)
 
-    def feed(process: subprocess.Popen[str]) -> None:
-        """Send ``process`` units until none are left or it dies (reported, then replaced)."""
-        assert process.stdin is not None and process.stdout is not None
-        while True:
-            try:
-                unit = pending.get_nowait()
-            except queue.Empty:
-                return process.stdin.close()
-            process.stdin.write(unit + "\n")
-            answer = process.stdout.readline()
-            if not answer:
-                results.append(died(unit, process.wait()))
-                return None
-            results.append(json.loads(answer))
-
-    threads = [threading.Thread(target=feed_one_worker) for _ in range(jobs)]
+    threads = [threading.Thread(target=feed, args=worker) for worker in workers]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -170,9 +176,40 @@ def run_parallel(modules: List[str], jobs: int) -> Tuple[List[Dict[str, Any]], f
     return results, time.perf_counter() - started
 
 
-def died(unit: str, status: int) -> Dict[str, Any]:
-    text = f"the worker process running {unit} exited with status {status}\n"
-    return {"unit": unit, "seconds": 0.0, "tests": {}, "run": 1, "failures": [],
+def start_workers(jobs: int) -> List[Tuple[IO[str], IO[str], int]]:
+    """Fork ``jobs`` workers; each has the tests imported already (no import per worker)."""
+    workers: List[Tuple[IO[str], IO[str], int]] = []
+    parent_ends: List[int] = []
+    for _ in range(jobs):
+        units_read, units_write = os.pipe()
+        answers_read, answers_write = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the worker: it keeps its own two ends only
+            for fd in (*parent_ends, units_write, answers_read):
+                os.close(fd)
+            status = 1
+            try:
+                with os.fdopen(units_read) as units, os.fdopen(answers_write, "w") as answers:
+                    serve(units, answers)
+                status = 0
+            except BaseException:  # the parent reports the unit it was running
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(status)
+        os.close(units_read)
+        os.close(answers_write)
+        parent_ends += [units_write, answers_read]
+        workers.append((os.fdopen(units_write, "w"), os.fdopen(answers_read), pid))
+    return workers
+
+
+def died(unit: str) -> Dict[str, Any]:
+    text = f"the worker process running {unit} died\n"
+    return {"unit": unit, "seconds": 0.0, "cpu": 0.0, "tests": {}, "run": 1, "failures": [],
             "errors": [(unit, text)], "skipped": 0, "expected_failures": 0,
             "unexpected_successes": []}
 
@@ -204,20 +241,25 @@ def report(results: List[Dict[str, Any]], seconds: float) -> bool:
 
 
 def record_times(results: List[Dict[str, Any]]) -> None:
-    times = read_times()
+    """Each test's seconds (a class is expected to take the sum of its tests')."""
+    times: Dict[str, float] = {}
     for result in results:
-        times[result["unit"]] = result["seconds"]
         times.update(result["tests"])
     with open(TIMES_FILE, "w") as out:
         for unit, seconds in sorted(times.items(), key=lambda item: (-item[1], item[0])):
             out.write(f"{seconds:.2f} {unit}\n")
+    modules: Dict[str, List[float]] = {}
+    for result in results:
+        totals = modules.setdefault(result["unit"].split(".")[0], [0, 0.0, 0.0])
+        totals[0] += result["run"]
+        totals[1] += result["seconds"]
+        totals[2] += result["cpu"]
+    for module, (run, seconds, cpu) in sorted(modules.items()):
+        sys.stderr.write(f"{module:36} {int(run):4} tests {seconds:6.1f} s {cpu:6.1f} s CPU\n")
 
 
 def main(argv: List[str]) -> int:
     sys.path[0] = os.getcwd()  # import the tests as `python -m unittest` does, not tools/
-    if argv[:1] == ["--worker"]:
-        worker()
-        return 0
     jobs, record, modules = 6, False, []
     args = iter(argv)
     for arg in args:
