@@ -68,7 +68,6 @@ import enum
 import functools
 import heapq
 import inspect
-import io
 import itertools
 import json
 import logging
@@ -95,6 +94,7 @@ if TYPE_CHECKING:  # pragma: no cover
         Awaitable,
         Callable,
         ClassVar,
+        Coroutine,
         Deque,
         Dict,
         FrozenSet,
@@ -2067,119 +2067,306 @@ def _bounded_by(bound: float | None) -> Iterator[None]:
 # Why not urllib.request's opener: it forces ``Connection: close`` (no keep-alive),
 # installs file:/ftp:/data: handlers, follows redirects while copying every header
 # (the API key included) to whatever host ``Location`` names, reads proxies from the
-# environment, and applies timeouts per socket operation only.  This transport is
-# the opener-shaped piece we need instead: a request builder, a scheme allowlist
-# (http and https), http.client connections held in a small LIFO pool, no redirect
-# handling at all (a 3xx is returned as an error response), and a whole-attempt
-# deadline enforced on every socket read and write.
+# environment, and applies timeouts per socket operation only.  Why not http.client:
+# it parses every answer's headers through the email package, several hundred
+# Python calls per request.  This transport writes HTTP/1.1 itself, the same for the
+# blocking and the asyncio side: a scheme allowlist (http and https), the request
+# head precomputed per client, keep-alive connections in a small LIFO pool, no
+# redirect handling at all (a 3xx is returned as an error response), and a
+# whole-attempt deadline enforced on every socket read and write.
 
+if TYPE_CHECKING:  # pragma: no cover
+    # The status, the headers (lower-case names, first value kept), the body and
+    # whether the connection may be reused.
+    _Answer = Tuple[int, Dict[str, str], bytes, bool]
 
-@dataclass
-class _Prepared:
-    """One HTTP request, fully built and validated; ``send`` only puts it on the wire."""
-
-    operation: str
-    method: str
-    path: str
-    query: Tuple[Tuple[str, str], ...] = ()
-    headers: Dict[str, str] = field(default_factory=dict, repr=False)
-    body: bytes | None = field(default=None, repr=False)
-    idempotency_key: str | None = None
-
-    @property
-    def target(self) -> str:
-        if not self.query:
-            return self.path
-        return self.path + "?" + urlencode(self.query, safe="", quote_via=quote)
-
-    @property
-    def resendable(self) -> bool:
-        """Safe to send twice: a GET, or a body whose idempotency key makes the server replay."""
-        return self.method == "GET" or self.idempotency_key is not None
-
-
+_HEAD_LIMIT = 64 * 1024  # the longest response head (status line and headers) accepted
 _PUBLIC_OPERATIONS = frozenset({"evidence", "jwks"})
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_JSON_DECODER = json.JSONDecoder()
 
 
-def _build_request(config: CyclesConfig, call: _Call) -> _Prepared:
-    """Pure: the headers, body bytes and query of one call.  Raises ValueError on bad input.
+class _AttemptDeadlineExceeded(TimeoutError):
+    """The whole-attempt deadline passed, e.g. while a server trickled its answer."""
 
-    The one way a request is built, for the public methods, the guarded lifecycle, the
-    settlement worker and journal replay alike.
-    """
-    operation, body = call.operation, call.body
-    headers = {"User-Agent": config.user_agent, "Accept": "application/json"}
-    if operation not in _PUBLIC_OPERATIONS:
-        if call.admin:
-            if not config.admin_api_key:
+
+class _ResponseTooLarge(OSError):
+    pass
+
+
+class _MalformedResponse(OSError):
+    """What the server sent is not a complete HTTP/1.x response."""
+
+
+class _Truncated(_MalformedResponse):
+    """The connection ended ``partial`` bytes into a part of the response."""
+
+    def __init__(self, partial: int) -> None:
+        super().__init__(f"connection closed {partial} bytes into a response part")
+        self.partial = partial
+
+
+class _RemoteDisconnected(ConnectionResetError):
+    """The server closed the connection without answering (a stale keep-alive connection)."""
+
+
+def _header_lines(headers: Mapping[str, str]) -> str:
+    """``Name: value`` lines; ValueError (naming the header, never the value) on a bad value
+    (a config mutated after it was validated)."""
+    for name, value in headers.items():
+        if not _is_header_value(value):
+            raise ValueError(f"{name}: not a valid HTTP header value")
+    return "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+
+
+def _host_literal(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _host_header(origin: _Origin) -> str:
+    default_port = 443 if origin.scheme == "https" else 80
+    host = _host_literal(origin.host)
+    return host if origin.port == default_port else f"{host}:{origin.port}"
+
+
+def _traceparent_line(traceparent: Callable[[], str | None]) -> str:
+    try:
+        value = traceparent()
+    except Exception:
+        _log.debug("traceparent callable raised; sending no traceparent", exc_info=True)
+        return ""
+    return f"{TRACEPARENT_HEADER}: {value}\r\n" if _valid_traceparent(value) else ""
+
+
+class _TransportBase:
+    """What the blocking and the asyncio transports share: the origin, the explicit
+    proxy, the timeouts, TLS trust and the request bytes.  Everything the config
+    decides (headers, target prefix) is checked and rendered once, here; the two
+    transports differ only in how they move bytes."""
+
+    def __init__(self, config: CyclesConfig) -> None:
+        origin = self._origin = _parse_base_url(config.base_url)
+        proxy = self._proxy = _parse_proxy(config.proxy) if config.proxy else None
+        self._connect_timeout = config.connect_timeout
+        self._read_timeout = config.read_timeout
+        self.attempt_timeout = config.attempt_timeout
+        self._pool_maxsize = config.pool_maxsize
+        self._ssl_context = config.ssl_context
+        self._ca_bundle = config.ca_bundle
+        self.closed = False
+        # A non-ASCII base path is percent-encoded (as a browser would); the rest is as given.
+        base_path = quote(origin.base_path, safe="/%!$&'()*+,;=:@")
+        self._target_prefix = base_path
+        headers = {
+            "Host": _host_header(origin),
+            "Accept-Encoding": "identity",
+            "User-Agent": config.user_agent,
+            "Accept": "application/json",
+        }
+        if proxy is not None and origin.scheme == "http":  # absolute-form targets
+            self._target_prefix = f"http://{headers['Host']}{base_path}"
+            if proxy.authorization:
+                headers["Proxy-Authorization"] = proxy.authorization
+        if config.pool_maxsize == 0:
+            headers["Connection"] = "close"
+        if config.trace_id is not None:
+            headers[TRACE_ID_HEADER] = config.trace_id
+        traceparent = config.traceparent
+        self._traceparent = traceparent if callable(traceparent) else None
+        if isinstance(traceparent, str):
+            headers[TRACEPARENT_HEADER] = traceparent
+        self._public_head = _header_lines(headers)
+        self._tenant_head = self._admin_head = None
+        if config.api_key:
+            self._tenant_head = self._public_head + _header_lines({API_KEY_HEADER: config.api_key})
+        if config.admin_api_key:
+            admin = {ADMIN_API_KEY_HEADER: config.admin_api_key}
+            self._admin_head = self._public_head + _header_lines(admin)
+
+    def encode(self, call: _Call) -> bytes:
+        """The request's bytes.  Raises ValueError on bad input: nothing is sent."""
+        if call.operation in _PUBLIC_OPERATIONS:
+            head = self._public_head
+        elif call.admin:
+            if self._admin_head is None:
                 raise ValueError("admin_api_key: not configured")
-            headers[ADMIN_API_KEY_HEADER] = config.admin_api_key
-        elif config.api_key:
-            headers[API_KEY_HEADER] = config.api_key
+            head = self._admin_head
+        elif self._tenant_head is not None:
+            head = self._tenant_head
         else:
             raise ValueError(
-                f"api_key: required for {operation} (only admin_api_key is configured)"
+                f"api_key: required for {call.operation} (only admin_api_key is configured)"
             )
-    headers.update(_trace_headers(config))
-    payload = None
-    key = None
-    if body is not None:
-        raw_key = body.get("idempotency_key")
-        if isinstance(raw_key, str) and _is_header_value(raw_key):
-            key = raw_key
-            headers[IDEMPOTENCY_KEY_HEADER] = raw_key
+        target = call.path
+        if call.query:
+            target += "?" + urlencode(call.query, safe="", quote_via=quote)
+        lines = [f"{call.method} {self._target_prefix}{target} HTTP/1.1\r\n", head]
+        if self._traceparent is not None:
+            lines.append(_traceparent_line(self._traceparent))
+        body = call.body
+        if body is None:
+            lines.append("\r\n")
+            return "".join(lines).encode("latin-1")
+        key = body.get("idempotency_key")
+        if isinstance(key, str) and _is_header_value(key):
+            lines.append(f"{IDEMPOTENCY_KEY_HEADER}: {key}\r\n")
         try:
-            payload = json.dumps(
-                body, ensure_ascii=False, separators=(",", ":"), allow_nan=False
-            ).encode("utf-8")
+            payload = _JSON_ENCODER.encode(body).encode("utf-8")
         except (TypeError, ValueError) as exc:  # a dict body sent as-is: name the bad value
             _object_check("body", body, False)
             raise ValueError(f"body: must be JSON-serialisable ({exc})") from None
-        headers["Content-Type"] = "application/json"
-    pairs = tuple(_query_pairs(call.query or {}))
-    return _Prepared(operation, call.method, call.path, pairs, headers, payload, key)
+        lines.append(f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n")
+        return "".join(lines).encode("latin-1") + payload
+
+    def start_attempt(self, deadline: float | None) -> float:
+        """The attempt's deadline: the one handed in, else the lifecycle step's (see
+        ``_attempt``), else now + ``attempt_timeout``; cut to the enclosing ``deadline()``.
+        RuntimeError on a closed client, except for a settlement retry, which may outlive
+        the client that started it."""
+        attempt = _attempt.get()
+        if self.closed and not (attempt is not None and attempt.detached):
+            raise RuntimeError("the client is closed")
+        if deadline is None:
+            if attempt is not None:
+                deadline = attempt.deadline
+            else:
+                deadline = _clock.monotonic() + self.attempt_timeout
+        bound = _deadline.get()
+        return deadline if bound is None or bound >= deadline else bound
+
+    def _connect_request(self) -> bytes:
+        """The ``CONNECT`` that opens a tunnel through the proxy to an https origin."""
+        assert self._proxy is not None
+        authority = f"{_host_literal(self._origin.host)}:{self._origin.port}"
+        headers = {"Host": authority}
+        if self._proxy.authorization:
+            headers["Proxy-Authorization"] = self._proxy.authorization
+        return f"CONNECT {authority} HTTP/1.1\r\n{_header_lines(headers)}\r\n".encode("latin-1")
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._ssl_context is None:
+            import ssl
+
+            bundle = self._ca_bundle
+            if bundle is not None and os.path.isdir(bundle):
+                self._ssl_context = ssl.create_default_context(capath=bundle)
+            else:
+                self._ssl_context = ssl.create_default_context(cafile=bundle)
+        return self._ssl_context
 
 
-def _query_pairs(query: Mapping[str, Any]) -> Iterator[Tuple[str, str]]:
-    for name, value in query.items():
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            yield name, "true" if value else "false"
-        elif isinstance(value, (str, int)):
-            yield name, str(value)
-        else:
-            raise ValueError(f"{name}: query parameter must be a string, got {_type_name(value)}")
+def _tunnel_opened(head: bytes) -> None:
+    status = _parse_response_head(head)[0]
+    if status != 200:
+        raise OSError(f"Tunnel connection failed: {status}")
 
 
-def _trace_headers(config: CyclesConfig) -> Dict[str, str]:
-    headers = {}
-    traceparent = config.traceparent
-    if callable(traceparent):
+# -- reading an answer: one parser for both transports ------------------------------
+
+
+def _parse_response_head(head: bytes) -> Tuple[int, Dict[str, str], bool]:
+    """Pure: the status, the headers and whether the connection stays open, from a head."""
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    version = parts[0]
+    code = parts[1] if len(parts) > 1 else ""
+    # isascii(): str.isdigit() also takes '\xb2' (superscript two), which int() refuses.
+    if not (version.startswith("HTTP/1.") and len(code) == 3 and code.isascii() and code.isdigit()):
+        raise _MalformedResponse(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
+    headers: Dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if colon and name and name == name.strip():
+            headers.setdefault(name.lower(), value.strip())
+    connection = headers.get("connection", "").lower()
+    tokens = [token.strip() for token in connection.split(",")] if connection else []
+    keep_alive = "close" not in tokens if version == "HTTP/1.1" else "keep-alive" in tokens
+    return int(code), headers, keep_alive
+
+
+async def _read_http_response(stream: _Connection | _Watchdog) -> _Answer:
+    """One HTTP/1.x response, size-capped, from either transport's stream: its
+    ``until(separator)``, ``exactly(size)`` and ``some()`` (b"" at the end) are all
+    it reads with.  The blocking stream never suspends (see ``_run_blocking``)."""
+    status = 100
+    while 100 <= status < 200:  # interim answers (100 Continue) are skipped
         try:
-            traceparent = traceparent()
-        except Exception:
-            _log.debug("traceparent callable raised; sending no traceparent", exc_info=True)
-            traceparent = None
-    if traceparent is not None and _valid_traceparent(traceparent):
-        headers[TRACEPARENT_HEADER] = traceparent
-    if config.trace_id is not None:
-        headers[TRACE_ID_HEADER] = config.trace_id
-    return headers
+            head = await stream.until(b"\r\n\r\n")
+        except _Truncated as exc:
+            if exc.partial:
+                raise
+            raise _RemoteDisconnected("remote end closed connection without response") from None
+        status, headers, keep_alive = _parse_response_head(head)
+    if status in (204, 304):
+        return status, headers, b"", keep_alive
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return status, headers, await _read_chunked(stream), keep_alive
+    length = headers.get("content-length")
+    if length is None:  # the body runs to the end of the connection
+        return status, headers, await _read_to_eof(stream), False
+    length = length.strip()
+    if not (length.isascii() and length.isdigit()):  # as for the status code
+        raise _MalformedResponse(f"bad Content-Length: {length[:40]!r}")
+    if int(length) > MAX_RESPONSE_BYTES:
+        raise _ResponseTooLarge(f"response body larger than {MAX_RESPONSE_BYTES} bytes")
+    return status, headers, await stream.exactly(int(length)), keep_alive
 
 
-def _read_response(
-    status: int, headers: Iterable[Tuple[str, str]], body_bytes: bytes
-) -> CyclesResponse:
-    """Pure: a CyclesResponse from the status, raw headers and raw body of an answer."""
-    captured: Dict[str, str] = {}
-    for name, value in headers:
-        lower = name.lower()
-        if lower in CAPTURED_HEADERS and lower not in captured:
-            captured[lower] = value
-    body = _json_object(body_bytes)
+async def _read_chunked(stream: _Connection | _Watchdog) -> bytes:
+    chunks: List[bytes] = []
+    total = 0
+    while True:
+        line = await stream.until(b"\r\n")
+        size_text = line.split(b";", 1)[0].strip()
+        if not size_text or size_text.strip(b"0123456789abcdefABCDEF"):
+            raise _MalformedResponse(f"bad chunk size: {size_text[:40]!r}")
+        size = int(size_text, 16)
+        if size == 0:
+            break
+        total += size
+        if total > MAX_RESPONSE_BYTES:
+            raise _ResponseTooLarge(f"response body larger than {MAX_RESPONSE_BYTES} bytes")
+        chunks.append((await stream.exactly(size + 2))[:-2])
+    while await stream.until(b"\r\n") != b"\r\n":
+        pass  # trailer fields
+    return b"".join(chunks)
+
+
+async def _read_to_eof(stream: _Connection | _Watchdog) -> bytes:
+    chunks: List[bytes] = []
+    total = 0
+    while True:
+        chunk = await stream.some()
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > MAX_RESPONSE_BYTES:
+            raise _ResponseTooLarge(f"response body larger than {MAX_RESPONSE_BYTES} bytes")
+        chunks.append(chunk)
+
+
+def _run_blocking(coroutine: Coroutine[Any, Any, _T]) -> _T:
+    """Run an ``async def`` whose awaits all complete at once (the blocking stream's
+    reads block instead of suspending), on this thread, without an event loop."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        result: _T = done.value
+        return result
+    coroutine.close()
+    raise RuntimeError("a blocking read suspended")
+
+
+def _read_response(status: int, headers: Mapping[str, str], raw: bytes) -> CyclesResponse:
+    """Pure: a CyclesResponse from the status, headers (lower-case names) and raw body."""
+    captured = {}
+    for name, value in headers.items():
+        if name in CAPTURED_HEADERS:
+            captured[name] = value
+    body = _json_object(raw)
     if 200 <= status < 300:
-        response = CyclesResponse.success(status, body if body is not None else {}, captured)
+        response = CyclesResponse(status=status, body=body if body is not None else {},
+                                  headers=captured)
         if body is None:
             response.error_message = _not_cycles_message(status, captured)
         return response
@@ -2190,7 +2377,7 @@ def _json_object(raw: bytes) -> Dict[str, Any] | None:
     if not raw:
         return None
     try:
-        value = json.loads(raw)
+        value = _JSON_DECODER.decode(raw.decode("utf-8"))
     except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
@@ -2249,101 +2436,117 @@ def _never_sent(response: CyclesResponse) -> bool:
     )
 
 
-class _AttemptDeadlineExceeded(TimeoutError):
-    """The whole-attempt deadline passed, e.g. while a server trickled its answer."""
-
-
-class _ResponseTooLarge(OSError):
-    pass
-
-
-class _DeadlineReader(io.RawIOBase):
-    """The raw stream http.client reads a response from; every read is deadline-bounded."""
-
-    def __init__(self, sock: _DeadlineSocket) -> None:
-        super().__init__()
-        self._sock = sock
-
-    def readable(self) -> bool:
+def _is_stale_error(exc: BaseException) -> bool:
+    """The errors a keep-alive connection the server already closed produces before any answer."""
+    if isinstance(exc, ConnectionError):  # _RemoteDisconnected, reset, broken pipe, aborted
         return True
-
-    def readinto(self, buffer: Any) -> int:
-        return self._sock.recv_into(buffer)
-
-    def close(self) -> None:
-        if not self.closed:
-            self._sock._reader_closed()
-        super().close()
+    ssl_module = sys.modules.get("ssl")
+    return ssl_module is not None and isinstance(
+        exc, (ssl_module.SSLEOFError, ssl_module.SSLZeroReturnError)
+    )
 
 
-class _DeadlineSocket:
-    """Wraps a connected socket so each blocking call waits min(op_timeout, time left).
+def _may_resend(reused: bool, exc: BaseException, call: _Call, deadline: float) -> bool:
+    """One reconnect-and-resend: a reused connection found stale before any answer, time
+    left, and a request safe to repeat (GET, or a body with an idempotency key)."""
+    if not (reused and _is_stale_error(exc) and call.resendable):
+        return False
+    if _clock.monotonic() >= deadline:
+        return False
+    _log.debug("stale keep-alive connection (%s); reconnecting once", type(exc).__name__)
+    return True
 
-    ``deadline`` (a ``time.monotonic()`` value) is set per request; a server that
-    trickles one byte at a time cannot stretch the attempt past it.  Like a real
-    socket, closing it while a response reader is open defers the real close
-    until the reader closes.
+
+def _attempt_failed(call: _Call, exc: Exception) -> CyclesResponse:
+    if not isinstance(exc, OSError):  # a bug: its outcome is as unknown, but say so loudly
+        _log.error("%s %s failed: internal error", call.method, call.path, exc_info=exc)
+    else:
+        _log.debug("%s %s failed: %s: %s", call.method, call.path, type(exc).__name__, exc)
+    return CyclesResponse.transport_error(exc)
+
+
+# -- the blocking transport -----------------------------------------------------------
+
+
+class _Connection:
+    """One blocking keep-alive connection: its socket and what was read but not used.
+
+    Every send and receive waits at most min(``read_timeout``, time left before
+    ``deadline``), a ``time.monotonic()`` value set per request: a server that
+    trickles one byte at a time cannot stretch the attempt past it.  The reads are
+    ``async def`` only to share ``_read_http_response`` with the asyncio transport.
     """
 
-    def __init__(self, sock: Any, op_timeout: float) -> None:
-        self._sock = sock
+    __slots__ = ("_op_timeout", "deadline", "sock", "unread")
+
+    def __init__(self, sock: socket.socket, op_timeout: float) -> None:
+        self.sock = sock
         self._op_timeout = op_timeout
-        self._readers = 0
-        self._close_requested = False
+        self.unread = bytearray()  # received, not yet consumed
         self.deadline = math.inf
 
-    def _bounded(self, operation: Callable[..., Any], *args: Any) -> Any:
+    def send(self, data: bytes) -> None:
+        self._bounded(self.sock.sendall, data)
+
+    async def until(self, separator: bytes) -> bytes:
+        """Everything up to and including ``separator``."""
+        while True:
+            end = self.unread.find(separator)
+            if end >= 0:
+                return self._take(end + len(separator))
+            if len(self.unread) > _HEAD_LIMIT:
+                raise _MalformedResponse("response head or chunk line too long")
+            self._fill()
+
+    async def exactly(self, size: int) -> bytes:
+        while len(self.unread) < size:
+            self._fill()
+        return self._take(size)
+
+    async def some(self) -> bytes:
+        if self.unread:
+            return self._take(len(self.unread))
+        return self._bounded(self.sock.recv, 65536)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _take(self, size: int) -> bytes:
+        part = bytes(self.unread[:size])
+        del self.unread[:size]  # cheap: a bytearray drops its head without copying the rest
+        return part
+
+    def _fill(self) -> None:
+        chunk = self._bounded(self.sock.recv, 65536)
+        if not chunk:
+            raise _Truncated(len(self.unread))
+        self.unread += chunk
+
+    def _bounded(self, operation: Callable[[Any], _T], argument: Any) -> _T:
         left = self.deadline - _clock.monotonic()
         if left <= 0:
             raise _AttemptDeadlineExceeded("attempt deadline exceeded")
-        self._sock.settimeout(min(self._op_timeout, left))
+        self.sock.settimeout(min(self._op_timeout, left))
         try:
-            return operation(*args)
+            return operation(argument)
         except OSError as exc:
-            import socket  # loaded already by http.client
+            import socket  # loaded already
 
-            if isinstance(exc, socket.timeout) and _clock.monotonic() >= self.deadline:
+            if not isinstance(exc, socket.timeout):
+                raise
+            if _clock.monotonic() >= self.deadline:
                 raise _AttemptDeadlineExceeded("attempt deadline exceeded") from exc
-            raise
-
-    def sendall(self, data: bytes) -> None:
-        self._bounded(self._sock.sendall, data)
-
-    def recv_into(self, buffer: Any, nbytes: int = 0) -> int:
-        return int(self._bounded(self._sock.recv_into, buffer, nbytes))
-
-    def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
-        if mode != "rb":
-            raise ValueError("only binary reads are supported")
-        self._readers += 1
-        return io.BufferedReader(_DeadlineReader(self))
-
-    def _reader_closed(self) -> None:
-        self._readers -= 1
-        if self._close_requested and self._readers <= 0:
-            self._sock.close()
-
-    def fileno(self) -> int:
-        return int(self._sock.fileno())
-
-    def close(self) -> None:
-        self._close_requested = True
-        if self._readers <= 0:
-            self._sock.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
+            raise TimeoutError("timed out") from exc
 
 
-def _connection_dropped(conn: Any) -> bool:
+def _connection_dropped(conn: _Connection) -> bool:
     """An idle keep-alive connection is unusable if its socket became readable (EOF or junk)."""
-    sock = conn.sock
-    if sock is None:
+    if conn.unread:
         return True
     try:
         import select
 
-        fd = sock.fileno()
+        fd = conn.sock.fileno()
         if fd < 0:
             return True
         if hasattr(select, "poll"):
@@ -2354,70 +2557,6 @@ def _connection_dropped(conn: Any) -> bool:
         return bool(readable)
     except (OSError, ValueError):
         return True
-
-
-def _is_stale_error(exc: BaseException) -> bool:
-    """The errors a keep-alive connection the server already closed produces before any answer."""
-    if isinstance(exc, ConnectionError):  # RemoteDisconnected, reset, broken pipe, aborted
-        return True
-    ssl_module = sys.modules.get("ssl")
-    return ssl_module is not None and isinstance(
-        exc, (ssl_module.SSLEOFError, ssl_module.SSLZeroReturnError)
-    )
-
-
-class _TransportBase:
-    """What the blocking and the asyncio transports share: the origin, the explicit
-    proxy, the timeouts, TLS trust, the request target and the wire headers.  The two
-    differ only in how they move bytes."""
-
-    def __init__(self, config: CyclesConfig) -> None:
-        self._origin = _parse_base_url(config.base_url)
-        self._proxy = _parse_proxy(config.proxy) if config.proxy else None
-        self._connect_timeout = config.connect_timeout
-        self._read_timeout = config.read_timeout
-        self.attempt_timeout = config.attempt_timeout
-        self._pool_maxsize = config.pool_maxsize
-        self._ssl_context = config.ssl_context
-        self._ca_bundle = config.ca_bundle
-        self.closed = False
-
-    def _request_target(self, prepared: _Prepared) -> str:
-        target = self._origin.base_path + prepared.target
-        if self._proxy is not None and self._origin.scheme == "http":
-            return f"http://{_host_literal(self._origin.host)}:{self._origin.port}{target}"
-        return target
-
-    def _wire_headers(self, prepared: _Prepared) -> Dict[str, str]:
-        headers = prepared.headers
-        extra = {}
-        if self._pool_maxsize == 0:
-            extra["Connection"] = "close"
-        if self._proxy is not None and self._proxy.authorization and self._origin.scheme == "http":
-            extra["Proxy-Authorization"] = self._proxy.authorization
-        return dict(headers, **extra) if extra else headers
-
-    def _tls_context(self) -> ssl.SSLContext:
-        if self._ssl_context is None:
-            import ssl
-
-            bundle = self._ca_bundle
-            if bundle is not None and os.path.isdir(bundle):
-                self._ssl_context = ssl.create_default_context(capath=bundle)
-            else:
-                self._ssl_context = ssl.create_default_context(cafile=bundle)
-        return self._ssl_context
-
-
-def _may_resend(reused: bool, exc: BaseException, prepared: _Prepared, deadline: float) -> bool:
-    """One reconnect-and-resend: a reused connection found stale before any answer, time
-    left, and a request safe to repeat (GET, or a body with an idempotency key)."""
-    if not (reused and _is_stale_error(exc) and prepared.resendable):
-        return False
-    if _clock.monotonic() >= deadline:
-        return False
-    _log.debug("stale keep-alive connection (%s); reconnecting once", type(exc).__name__)
-    return True
 
 
 class _Transport(_TransportBase):
@@ -2431,7 +2570,7 @@ class _Transport(_TransportBase):
 
     def __init__(self, config: CyclesConfig) -> None:
         super().__init__(config)
-        self._idle: List[Any] = []
+        self._idle: List[_Connection] = []
         self._lock = threading.Lock()
         self._pid = os.getpid()
         _reset_after_fork(self)
@@ -2447,36 +2586,22 @@ class _Transport(_TransportBase):
             with contextlib.suppress(Exception):
                 conn.close()
 
-    def send(
-        self, prepared: _Prepared, deadline: float
-    ) -> Tuple[int, List[Tuple[str, str]], bytes]:
-        """Send one request; the status, raw headers and body, or raise OSError / HTTPException."""
-        target = self._request_target(prepared)
-        headers = self._wire_headers(prepared)
-        conn, reused = self._checkout(deadline, fresh=False)
+    def send(self, call: _Call, request: bytes, deadline: float) -> _Answer:
+        """Send one request and read the answer, or raise OSError."""
+        conn, reused = self._checkout(deadline)
         try:
-            response = self._exchange(
-                conn, prepared.method, target, headers, prepared.body, deadline
-            )
+            answer = self._exchange(conn, request, deadline)
         except Exception as exc:
-            if not _may_resend(reused, exc, prepared, deadline):
+            if not _may_resend(reused, exc, call, deadline):
                 raise
             self._discard_idle()  # its idle siblings are likely stale too
-            conn, _ = self._checkout(deadline, fresh=True)
-            response = self._exchange(
-                conn, prepared.method, target, headers, prepared.body, deadline
-            )
-        try:
-            body = self._read_body(response)
-        except BaseException:
-            response.close()
-            conn.close()
-            raise
-        if response.will_close:
-            conn.close()
-        else:
+            conn = self._connect(deadline)
+            answer = self._exchange(conn, request, deadline)
+        if answer[3]:
             self._checkin(conn)
-        return response.status, response.getheaders(), body
+        else:
+            conn.close()
+        return answer
 
     def close(self) -> None:
         with self._lock:
@@ -2484,53 +2609,29 @@ class _Transport(_TransportBase):
         self._discard_idle()
 
     @staticmethod
-    def _exchange(
-        conn: Any,
-        method: str,
-        target: str,
-        headers: Mapping[str, str],
-        body: bytes | None,
-        deadline: float,
-    ) -> Any:
-        """Send the request and read the response head; the connection is closed on failure."""
+    def _exchange(conn: _Connection, request: bytes, deadline: float) -> _Answer:
+        """Send the request and read the answer; the connection is closed on failure."""
+        conn.deadline = deadline
         try:
-            conn.sock.deadline = deadline
-            conn.request(method, target, body=body, headers=headers)
-            return conn.getresponse()
+            conn.send(request)
+            return _run_blocking(_read_http_response(conn))
         except BaseException:
             conn.close()
             raise
 
-    @staticmethod
-    def _read_body(response: Any) -> bytes:
-        length = response.length
-        if length is not None and length <= MAX_RESPONSE_BYTES:
-            return bytes(response.read())
-        chunks: List[bytes] = []
-        total = 0
-        while True:
-            chunk = response.read(65536)
-            if not chunk:
-                return b"".join(chunks)
-            total += len(chunk)
-            if total > MAX_RESPONSE_BYTES:
-                raise _ResponseTooLarge(f"response body larger than {MAX_RESPONSE_BYTES} bytes")
-            chunks.append(chunk)
-
-    def _checkout(self, deadline: float, *, fresh: bool) -> Tuple[Any, bool]:
+    def _checkout(self, deadline: float) -> Tuple[_Connection, bool]:
         if self._pid != os.getpid():  # forked without the at-fork hooks (a C-level fork)
             self._after_fork()
-        while not fresh:
+        while True:
             with self._lock:
                 conn = self._idle.pop() if self._idle else None
             if conn is None:
-                break
+                return self._connect(deadline), False
             if not _connection_dropped(conn):
                 return conn, True
             conn.close()
-        return self._connect(deadline), False
 
-    def _checkin(self, conn: Any) -> None:
+    def _checkin(self, conn: _Connection) -> None:
         with self._lock:
             if not self.closed and len(self._idle) < self._pool_maxsize:
                 self._idle.append(conn)
@@ -2543,98 +2644,37 @@ class _Transport(_TransportBase):
         for conn in idle:
             conn.close()
 
-    def _connect(self, deadline: float) -> Any:
-        import http.client
+    def _connect(self, deadline: float) -> _Connection:
         import socket
 
         left = deadline - _clock.monotonic()
         if left <= 0:
             raise _AttemptDeadlineExceeded("attempt deadline exceeded before connecting")
-        timeout = min(self._connect_timeout, left)
-        origin = self._origin
-        host, port = (
-            (self._proxy.host, self._proxy.port) if self._proxy else (origin.host, origin.port)
-        )
-        conn: Any
-        if origin.scheme == "https":
-            conn = http.client.HTTPSConnection(
-                host, port, timeout=timeout, context=self._tls_context()
-            )
-            if self._proxy is not None:
-                tunnel_headers = (
-                    {"Proxy-Authorization": self._proxy.authorization}
-                    if self._proxy.authorization
-                    else None
-                )
-                conn.set_tunnel(origin.host, origin.port, headers=tunnel_headers)
-        else:
-            conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        origin, proxy = self._origin, self._proxy
+        address = (proxy.host, proxy.port) if proxy else (origin.host, origin.port)
+        sock = socket.create_connection(address, min(self._connect_timeout, left))
         try:
-            conn.connect()
-            # http.client sends the head and the body in two writes: with Nagle's
-            # algorithm on, the body can wait for the server's delayed ACK (~40 ms).
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # The head and the body go out in one write, but an answer must not wait
+            # for a delayed ACK (~40 ms) either: Nagle's algorithm off.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = _Connection(sock, self._read_timeout)
+            if origin.scheme == "https":
+                if proxy is not None:
+                    conn.deadline = deadline
+                    conn.send(self._connect_request())
+                    _tunnel_opened(_run_blocking(conn.until(b"\r\n\r\n")))
+                conn.sock = self._tls_context().wrap_socket(sock, server_hostname=origin.host)
         except BaseException:
-            conn.close()
+            sock.close()
             raise
-        conn.sock = _DeadlineSocket(conn.sock, self._read_timeout)
         return conn
-
-
-def _host_literal(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-def _attempt_deadline(transport: _TransportBase, deadline: float | None) -> float:
-    """The attempt's deadline: the one handed in, else now + ``attempt_timeout``; cut to
-    the enclosing ``deadline()``.  The same for both transports."""
-    if deadline is None:
-        deadline = _clock.monotonic() + transport.attempt_timeout
-    return _effective_deadline(deadline)
-
-
-def _attempt_failed(prepared: _Prepared, exc: Exception) -> CyclesResponse:
-    if not _is_network_error(exc):  # a bug: its outcome is as unknown, but say so loudly
-        _log.error("%s %s failed: internal error", prepared.method, prepared.path, exc_info=exc)
-    else:
-        _log.debug(
-            "%s %s failed: %s: %s", prepared.method, prepared.path, type(exc).__name__, exc
-        )
-    return CyclesResponse.transport_error(exc)
-
-
-def _perform(
-    transport: _Transport, prepared: _Prepared, deadline: float | None = None
-) -> CyclesResponse:
-    """Send and read one attempt, blocking; never raises for HTTP or transport failures.
-
-    The attempt ends by ``deadline`` (default now + ``attempt_timeout``), or the
-    enclosing ``deadline()``."""
-    deadline = _attempt_deadline(transport, deadline)
-    try:
-        status, headers, body = transport.send(prepared, deadline)
-    except Exception as exc:
-        return _attempt_failed(prepared, exc)
-    return _read_response(status, headers, body)
-
-
-async def _perform_async(
-    transport: _AsyncTransport, prepared: _Prepared, deadline: float | None = None
-) -> CyclesResponse:
-    """``_perform`` over the asyncio transport."""
-    deadline = _attempt_deadline(transport, deadline)
-    try:
-        status, headers, body = await transport.send(prepared, deadline)
-    except Exception as exc:
-        return _attempt_failed(prepared, exc)
-    return _read_response(status, headers, body)
 
 
 # ---------------------------------------------------------------------------
 # The asyncio transport
 #
-# The same requests and the same reading as ``_Transport`` (``_TransportBase``,
-# ``_read_response``, the stale-connection rule, the size cap), over asyncio
+# The same request bytes and the same reading as ``_Transport`` (``_TransportBase``,
+# ``_read_http_response``, the stale-connection rule, the size cap), over asyncio
 # streams: no thread per request.  Each event loop that sends gets its own
 # ``_LoopPool`` (keep-alive connections and the ``max_connections`` gate), used
 # only from that loop.  A loop's pool is closed when the loop shuts down its
@@ -2642,16 +2682,7 @@ async def _perform_async(
 # ``aclose()``, and forgotten in a forked child.
 # ---------------------------------------------------------------------------
 
-_HEAD_LIMIT = 64 * 1024  # the longest response head (status line and headers) accepted
 _IDLE_EXPIRY = 5.0  # seconds an idle connection beyond pool_maxsize is kept (as httpx)
-
-
-class _RemoteDisconnected(ConnectionResetError):
-    """The server closed the connection without answering (a stale keep-alive connection)."""
-
-
-class _MalformedResponse(OSError):
-    """What the server sent is not a complete HTTP/1.x response."""
 
 
 class _AsyncConnection:
@@ -2817,43 +2848,6 @@ def _start_async_generator(agen: Any) -> None:
         agen.__anext__().send(None)
 
 
-def _host_header(origin: _Origin) -> str:
-    default_port = 443 if origin.scheme == "https" else 80
-    host = _host_literal(origin.host)
-    return host if origin.port == default_port else f"{host}:{origin.port}"
-
-
-def _parse_response_head(head: bytes) -> Tuple[int, List[Tuple[str, str]], bool]:
-    """Pure: the status, the headers and whether the connection stays open, from a head."""
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ", 2)
-    version = parts[0]
-    if len(parts) < 2 or not version.startswith("HTTP/1.") or not _is_status(parts[1]):
-        raise _MalformedResponse(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
-    headers = []
-    for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        if colon and name and name == name.strip():
-            headers.append((name, value.strip()))
-    tokens = {
-        token.strip().lower()
-        for name, value in headers
-        if name.lower() == "connection"
-        for token in value.split(",")
-    }
-    keep_alive = "close" not in tokens if version == "HTTP/1.1" else "keep-alive" in tokens
-    return int(parts[1]), headers, keep_alive
-
-
-def _is_status(text: str) -> bool:
-    return len(text) == 3 and _is_decimal(text)
-
-
-def _is_decimal(text: str) -> bool:
-    """ASCII digits only: str.isdigit() also takes '\xb2' (superscript two), which int() refuses."""
-    return text.isascii() and text.isdigit()
-
-
 class _AsyncTransport(_TransportBase):
     """``_Transport`` over asyncio streams: per-loop keep-alive pools, a connection cap.
 
@@ -2865,27 +2859,21 @@ class _AsyncTransport(_TransportBase):
     def __init__(self, config: CyclesConfig) -> None:
         super().__init__(config)
         self._max_connections = config.max_connections
-        self._host = _host_header(self._origin)
         self._pools: Dict[asyncio.AbstractEventLoop, _LoopPool] = {}
         self._pools_lock = threading.Lock()
         self._pid = os.getpid()
         _reset_after_fork(self)
 
-    async def send(
-        self, prepared: _Prepared, deadline: float
-    ) -> Tuple[int, List[Tuple[str, str]], bytes]:
-        """Send one request; the status, raw headers and body, or raise OSError."""
-        request = self._request_bytes(prepared)
+    async def send(self, call: _Call, request: bytes, deadline: float) -> _Answer:
+        """Send one request and read the answer, or raise OSError."""
         pool = self._pool()
-        handed = await pool.acquire(deadline)
+        conn = await pool.acquire(deadline)
         kept: _AsyncConnection | None = None
         try:
-            status, headers, body, kept = await self._send_on(
-                pool, handed, request, prepared, deadline
-            )
+            answer, kept = await self._send_on(pool, conn, call, request, deadline)
         finally:
             pool.release(kept)
-        return status, headers, body
+        return answer
 
     async def aclose(self) -> None:
         """Close every loop's idle connections (this loop's at once, a running other loop's
@@ -2953,56 +2941,36 @@ class _AsyncTransport(_TransportBase):
             self._pools = pools
         return pool
 
-    def _request_bytes(self, prepared: _Prepared) -> bytes:
-        lines = [
-            f"{prepared.method} {self._request_target(prepared)} HTTP/1.1",
-            f"Host: {self._host}",
-            "Accept-Encoding: identity",
-        ]
-        lines.extend(f"{name}: {value}" for name, value in self._wire_headers(prepared).items())
-        body = prepared.body
-        if body is not None:
-            lines.append(f"Content-Length: {len(body)}")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        return head + body if body is not None else head
-
     async def _send_on(
         self,
         pool: _LoopPool,
         handed: _AsyncConnection | None,
+        call: _Call,
         request: bytes,
-        prepared: _Prepared,
         deadline: float,
-    ) -> Tuple[int, List[Tuple[str, str]], bytes, _AsyncConnection | None]:
-        conn, reused = await self._checkout(pool, handed, deadline)
+    ) -> Tuple[_Answer, _AsyncConnection | None]:
+        """Send on the connection handed over with the slot, else an idle or a new one."""
+        if handed is not None and handed.dropped():
+            handed.close()
+            handed = None
+        conn = handed or pool.take_idle()
+        reused = conn is not None
+        if conn is None:
+            conn = await self._connect(deadline)
         try:
-            status, headers, body, keep_alive = await self._exchange(conn, request, deadline)
+            answer = await self._exchange(conn, request, deadline)
         except Exception as exc:
-            if not _may_resend(reused, exc, prepared, deadline):
+            if not _may_resend(reused, exc, call, deadline):
                 raise
             pool.discard_idle()  # its idle siblings are likely stale too
             conn = await self._connect(deadline)
-            status, headers, body, keep_alive = await self._exchange(conn, request, deadline)
-        if keep_alive and pool.max_idle > 0:  # a late pool keeps nothing open (see _pool)
-            return status, headers, body, conn
+            answer = await self._exchange(conn, request, deadline)
+        if answer[3] and pool.max_idle > 0:  # a late pool keeps nothing open (see _pool)
+            return answer, conn
         conn.close()
-        return status, headers, body, None
+        return answer, None
 
-    async def _checkout(
-        self, pool: _LoopPool, handed: _AsyncConnection | None, deadline: float
-    ) -> Tuple[_AsyncConnection, bool]:
-        if handed is not None:
-            if not handed.dropped():
-                return handed, True
-            handed.close()
-        conn = pool.take_idle()
-        if conn is not None:
-            return conn, True
-        return await self._connect(deadline), False
-
-    async def _exchange(
-        self, conn: _AsyncConnection, request: bytes, deadline: float
-    ) -> Tuple[int, List[Tuple[str, str]], bytes, bool]:
+    async def _exchange(self, conn: _AsyncConnection, request: bytes, deadline: float) -> _Answer:
         """Write the request, read the whole response; the connection is closed on failure."""
         import asyncio
 
@@ -3013,18 +2981,14 @@ class _AsyncTransport(_TransportBase):
             conn.writer.write(request)
             if conn.unsent():
                 await watchdog.step(conn.writer.drain)
-            response = await _read_http_response(conn.reader, watchdog)
+            answer = await _read_http_response(watchdog)
             if watchdog.expired is not None:  # a body framed by EOF, cut short by the abort
                 raise watchdog.expired
-            return response
+            return answer
         except BaseException as exc:
             conn.close()
             if watchdog.expired is not None and isinstance(exc, Exception):
                 raise watchdog.expired from None
-            if isinstance(exc, asyncio.IncompleteReadError):
-                raise _MalformedResponse(
-                    f"connection closed {len(exc.partial)} bytes into a response part"
-                ) from None
             if isinstance(exc, asyncio.LimitOverrunError):
                 raise _MalformedResponse("response head or chunk line too long") from None
             raise
@@ -3032,9 +2996,19 @@ class _AsyncTransport(_TransportBase):
             watchdog.stop()
 
     async def _connect(self, deadline: float) -> _AsyncConnection:
+        import asyncio
         import socket
 
-        reader, writer = await _within(deadline, self._connect_timeout, self._open(), "connecting")
+        left = deadline - _clock.monotonic()
+        if left <= 0:
+            raise _AttemptDeadlineExceeded("attempt deadline exceeded before connecting")
+        timeout = min(self._connect_timeout, left)
+        try:
+            reader, writer = await asyncio.wait_for(self._open(), timeout)
+        except asyncio.TimeoutError:  # past the deadline, or past connect_timeout only
+            if timeout >= left:
+                raise _AttemptDeadlineExceeded("attempt deadline exceeded connecting") from None
+            raise TimeoutError("timed out connecting") from None
         conn = _AsyncConnection(reader, writer)
         try:
             sock = writer.get_extra_info("socket")
@@ -3077,20 +3051,14 @@ class _AsyncTransport(_TransportBase):
         try:
             sock.setblocking(False)
             await loop.sock_connect(sock, address)
-            authority = f"{_host_literal(self._origin.host)}:{self._origin.port}"
-            lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
-            if proxy.authorization:
-                lines.append(f"Proxy-Authorization: {proxy.authorization}")
-            await loop.sock_sendall(sock, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            await loop.sock_sendall(sock, self._connect_request())
             head = b""
             while b"\r\n\r\n" not in head:  # a refusal may come with a body; a 200 has none
                 chunk = await loop.sock_recv(sock, 1024)
                 if not chunk or len(head) > _HEAD_LIMIT:
                     raise _MalformedResponse("the proxy did not answer CONNECT")
                 head += chunk
-            status, _headers, _keep = _parse_response_head(head.partition(b"\r\n\r\n")[0])
-            if status != 200:
-                raise OSError(f"Tunnel connection failed: {status}")
+            _tunnel_opened(head.partition(b"\r\n\r\n")[0])
             return sock
         except BaseException:
             sock.close()
@@ -3098,9 +3066,10 @@ class _AsyncTransport(_TransportBase):
 
 
 class _Watchdog:
-    """Bounds each step of one exchange by min(``read_timeout``, time left before the
-    attempt's deadline): a step that outlasts it has its connection aborted, which
-    ends the step at once.  One timer per step, cheaper than ``asyncio.wait_for``."""
+    """The asyncio side's stream for one exchange (see ``_read_http_response``): bounds
+    each step by min(``read_timeout``, time left before the attempt's deadline).  A
+    step that outlasts it has its connection aborted, which ends the step at once.
+    One timer per step, cheaper than ``asyncio.wait_for``."""
 
     __slots__ = ("_conn", "_deadline", "_handle", "_loop", "_op_timeout", "expired")
 
@@ -3114,6 +3083,15 @@ class _Watchdog:
         self._handle: asyncio.TimerHandle | None = None
         self.expired: Exception | None = None  # the timeout error, once a step outlasted it
 
+    async def until(self, separator: bytes) -> bytes:
+        return await self.step(self._conn.reader.readuntil, separator)
+
+    async def exactly(self, size: int) -> bytes:
+        return await self.step(self._conn.reader.readexactly, size)
+
+    async def some(self) -> bytes:
+        return await self.step(self._conn.reader.read, 65536)
+
     async def step(self, operation: Callable[..., Awaitable[_T]], *args: Any) -> _T:
         left = self._deadline - _clock.monotonic()
         if left <= 0:
@@ -3123,7 +3101,10 @@ class _Watchdog:
         self._handle = self._loop.call_later(
             min(left, self._op_timeout), self._expire, at_deadline
         )
-        return await operation(*args)
+        try:
+            return await operation(*args)
+        except EOFError as exc:  # asyncio.IncompleteReadError: the connection ended mid-part
+            raise _Truncated(len(getattr(exc, "partial", b""))) from None
 
     def stop(self) -> None:
         if self._handle is not None:
@@ -3139,110 +3120,7 @@ class _Watchdog:
         self._conn.close()
 
 
-async def _read_http_response(
-    reader: asyncio.StreamReader, watchdog: _Watchdog
-) -> Tuple[int, List[Tuple[str, str]], bytes, bool]:
-    """The status, headers, body and keep-alive of one HTTP/1.x response, size-capped."""
-    import asyncio
-
-    status = 100
-    while 100 <= status < 200:  # interim answers (100 Continue) are skipped
-        try:
-            head = await watchdog.step(reader.readuntil, b"\r\n\r\n")
-        except asyncio.IncompleteReadError as exc:
-            if exc.partial:
-                raise
-            raise _RemoteDisconnected("remote end closed connection without response") from None
-        status, headers, keep_alive = _parse_response_head(head)
-    if status in (204, 304):
-        return status, headers, b"", keep_alive
-    fields = {name.lower(): value for name, value in headers}
-    if "chunked" in fields.get("transfer-encoding", "").lower():
-        return status, headers, await _read_chunked(reader, watchdog), keep_alive
-    length = fields.get("content-length")
-    if length is None:  # the body runs to the end of the connection
-        return status, headers, await _read_to_eof(reader, watchdog), False
-    if not _is_decimal(length.strip()):
-        raise _MalformedResponse(f"bad Content-Length: {length[:40]!r}")
-    if int(length) > MAX_RESPONSE_BYTES:
-        raise _ResponseTooLarge(f"response body larger than {MAX_RESPONSE_BYTES} bytes")
-    body = await watchdog.step(reader.readexactly, int(length))
-    return status, headers, body, keep_alive
-
-
-async def _read_chunked(reader: asyncio.StreamReader, watchdog: _Watchdog) -> bytes:
-    chunks: List[bytes] = []
-    total = 0
-    while True:
-        line = await watchdog.step(reader.readuntil, b"\r\n")
-        size_text = line.split(b";", 1)[0].strip()
-        if not size_text or size_text.strip(b"0123456789abcdefABCDEF"):
-            raise _MalformedResponse(f"bad chunk size: {size_text[:40]!r}")
-        size = int(size_text, 16)
-        if size == 0:
-            break
-        total += size
-        if total > MAX_RESPONSE_BYTES:
-            raise _ResponseTooLarge(f"response body larger than {MAX_RESPONSE_BYTES} bytes")
-        chunks.append((await watchdog.step(reader.readexactly, size + 2))[:-2])
-    while await watchdog.step(reader.readuntil, b"\r\n") != b"\r\n":
-        pass  # trailer fields
-    return b"".join(chunks)
-
-
-async def _read_to_eof(reader: asyncio.StreamReader, watchdog: _Watchdog) -> bytes:
-    chunks: List[bytes] = []
-    total = 0
-    while True:
-        chunk = await watchdog.step(reader.read, 65536)
-        if not chunk:
-            return b"".join(chunks)
-        total += len(chunk)
-        if total > MAX_RESPONSE_BYTES:
-            raise _ResponseTooLarge(f"response body larger than {MAX_RESPONSE_BYTES} bytes")
-        chunks.append(chunk)
-
-
-async def _within(
-    deadline: float, op_timeout: float, step: Awaitable[_T], what: str = ""
-) -> _T:
-    """Await ``step`` for at most min(op_timeout, time left before ``deadline``).
-
-    Past the deadline: ``_AttemptDeadlineExceeded``; past ``op_timeout`` only: a
-    plain ``TimeoutError`` (as a socket timeout is for the blocking transport).
-    """
-    import asyncio
-
-    where = f" {what}" if what else ""
-    left = deadline - _clock.monotonic()
-    if left <= 0:
-        _close_awaitable(step)
-        raise _AttemptDeadlineExceeded(f"attempt deadline exceeded{where}")
-    timeout = min(op_timeout, left)
-    try:
-        return await asyncio.wait_for(step, timeout)
-    except asyncio.TimeoutError:
-        if timeout >= left:
-            raise _AttemptDeadlineExceeded(f"attempt deadline exceeded{where}") from None
-        raise TimeoutError(f"timed out{where}") from None
-
-
-def _close_awaitable(step: Awaitable[Any]) -> None:
-    """A coroutine never started is closed (no 'never awaited' warning)."""
-    close = getattr(step, "close", None)
-    if inspect.iscoroutine(step) and close is not None:
-        close()
-
-
 _forked_pools: List[Any] = []  # a forked child's copies of its parent's pools, never touched
-
-
-def _is_network_error(exc: BaseException) -> bool:
-    """What a network, a TLS peer or an HTTP server can cause; anything else is a bug."""
-    http_client = sys.modules.get("http.client")
-    return isinstance(exc, OSError) or (
-        http_client is not None and isinstance(exc, http_client.HTTPException)
-    )
 
 
 # ===========================================================================
@@ -3275,9 +3153,15 @@ class _Call:
         query = dict(self.query or {}, cursor=cursor)
         return _Call(self.operation, self.method, self.path, self.body, query, self.admin)
 
+    @property
+    def resendable(self) -> bool:
+        """Safe to send twice: a GET, or a body whose idempotency key makes the server replay."""
+        key = (self.body or {}).get("idempotency_key")
+        return self.method == "GET" or (isinstance(key, str) and _is_header_value(key))
+
 
 def _reservation_path(reservation_id: Any, suffix: str = "") -> str:
-    """The reservation URL path, with the id percent-encoded (``../x`` stays one segment)."""
+    """The reservation's URL path, the id percent-encoded (``../x`` stays one segment)."""
     if not isinstance(reservation_id, str) or not reservation_id:
         raise ValueError("reservation_id: must be a non-empty string")
     if len(reservation_id) > MAX_RESERVATION_ID_LENGTH:
@@ -3288,24 +3172,47 @@ def _reservation_path(reservation_id: Any, suffix: str = "") -> str:
     return f"{RESERVATIONS_PATH}/{quote(reservation_id, safe='')}{suffix}"
 
 
-def _request_body(request: Any, expected: Type[_Model]) -> Dict[str, Any]:
-    """A model is dumped without None fields; a dict is sent as-is; anything else is a TypeError."""
-    if isinstance(request, _Model):
-        if not isinstance(request, expected):
-            raise TypeError(f"expected a {expected.__name__} or a dict, got {_type_name(request)}")
-        return request.model_dump(mode="json", exclude_none=True)
+# Each operation that POSTs a body: its request model and its path ("{id}/...": under
+# the reservation's own path).
+_POSTS: Dict[str, Tuple[Type[_Model], str]] = {
+    "create": (ReservationCreateRequest, RESERVATIONS_PATH),
+    "commit": (CommitRequest, "{id}/commit"),
+    "release": (ReleaseRequest, "{id}/release"),
+    "extend": (ReservationExtendRequest, "{id}/extend"),
+    "decide": (DecisionRequest, DECIDE_PATH),
+    "event": (EventCreateRequest, EVENTS_PATH),
+}
+
+
+def _post(
+    operation: str, request: Any, reservation_id: Any = None, admin: bool = False
+) -> _Call:
+    """A POST of ``request``: a dict is sent as given, a model (ours or a pydantic one, e.g.
+    from runcycles) dumped without None fields; anything else is a TypeError."""
+    expected, path = _POSTS[operation]
+    if path.startswith("{id}"):
+        path = _reservation_path(reservation_id, path[len("{id}"):])
     if isinstance(request, dict):
-        return request
-    dump = getattr(request, "model_dump", None)  # a pydantic model, e.g. from runcycles
-    if callable(dump):
-        dumped = dump(mode="json", exclude_none=True)
-        if isinstance(dumped, dict):
-            return dumped
-    raise TypeError(f"Unsupported body type: {_type_name(request)}")
+        return _Call(operation, "POST", path, request, admin=admin)
+    if isinstance(request, _Model) and not isinstance(request, expected):
+        raise TypeError(f"expected a {expected.__name__} or a dict, got {_type_name(request)}")
+    dump = getattr(request, "model_dump", None)
+    dumped = dump(mode="json", exclude_none=True) if callable(dump) else None
+    if not isinstance(dumped, dict):
+        raise TypeError(f"Unsupported body type: {_type_name(request)}")
+    return _Call(operation, "POST", path, dumped, admin=admin)
 
 
-def _query(params: Mapping[str, Any]) -> Dict[str, str]:
-    return dict(_query_pairs(params))
+def _query_pairs(query: Mapping[str, Any]) -> Iterator[Tuple[str, str]]:
+    for name, value in query.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            yield name, "true" if value else "false"
+        elif isinstance(value, (str, int)):
+            yield name, str(value)
+        else:
+            raise ValueError(f"{name}: query parameter must be a string, got {_type_name(value)}")
 
 
 def _use_admin(config: CyclesConfig, admin: bool | None) -> bool:
@@ -3317,46 +3224,9 @@ def _use_admin(config: CyclesConfig, admin: bool | None) -> bool:
     return bool(admin)
 
 
-def _create_call(request: Any) -> _Call:
-    return _Call(
-        "create", "POST", RESERVATIONS_PATH, _request_body(request, ReservationCreateRequest)
-    )
-
-
-def _commit_call(reservation_id: str, request: Any) -> _Call:
-    path = _reservation_path(reservation_id, "/commit")
-    return _Call("commit", "POST", path, _request_body(request, CommitRequest))
-
-
-def _release_call(
-    config: CyclesConfig, reservation_id: str, request: Any, admin: bool | None
-) -> _Call:
-    path = _reservation_path(reservation_id, "/release")
-    return _Call(
-        "release",
-        "POST",
-        path,
-        _request_body(request, ReleaseRequest),
-        admin=_use_admin(config, admin),
-    )
-
-
-def _extend_call(reservation_id: str, request: Any) -> _Call:
-    path = _reservation_path(reservation_id, "/extend")
-    return _Call("extend", "POST", path, _request_body(request, ReservationExtendRequest))
-
-
-def _decide_call(request: Any) -> _Call:
-    return _Call("decide", "POST", DECIDE_PATH, _request_body(request, DecisionRequest))
-
-
-def _event_call(request: Any) -> _Call:
-    return _Call("event", "POST", EVENTS_PATH, _request_body(request, EventCreateRequest))
-
-
 def _list_call(config: CyclesConfig, params: Mapping[str, Any], admin: bool | None) -> _Call:
     use_admin = _use_admin(config, admin)
-    query = _query(params)
+    query = dict(_query_pairs(params))
     if use_admin and not query.get("tenant"):
         raise ValueError("tenant: required when listing reservations with the admin key")
     return _Call("list", "GET", RESERVATIONS_PATH, query=query, admin=use_admin)
@@ -3367,7 +3237,7 @@ def _get_call(config: CyclesConfig, reservation_id: str, admin: bool | None) -> 
 
 
 def _balances_call(params: Mapping[str, Any]) -> _Call:
-    query = _query(params)
+    query = dict(_query_pairs(params))
     if not any(query.get(name) for name in SUBJECT_FIELDS):
         raise ValueError(
             "get_balances requires at least one subject filter"
@@ -3424,20 +3294,6 @@ def _refuse_repeated_cursor(call: _Call, followed: set[str]) -> None:
     followed.add(cursor)
 
 
-def _open_attempt_deadline(
-    transport: _TransportBase, deadline: float | None
-) -> float | None:
-    """The deadline of an attempt made beneath a lifecycle step (see ``_attempt``), unless
-    given; RuntimeError on a closed client, except for a settlement retry, which may
-    outlive the client that started it."""
-    attempt = _attempt.get()
-    if transport.closed and not (attempt is not None and attempt.detached):
-        raise RuntimeError("the client is closed")
-    if deadline is None and attempt is not None:
-        return attempt.deadline
-    return deadline
-
-
 class CyclesClient:
     """Synchronous Cycles client (runcycles-compatible), thread-safe, with keep-alive.
 
@@ -3467,12 +3323,12 @@ class CyclesClient:
     def create_reservation(
         self, request: ReservationCreateRequest | dict[str, Any]
     ) -> CyclesResponse:
-        return self._call(_create_call(request))
+        return self._call(_post("create", request))
 
     def commit_reservation(
         self, reservation_id: str, request: CommitRequest | dict[str, Any]
     ) -> CyclesResponse:
-        return self._call(_commit_call(reservation_id, request))
+        return self._call(_post("commit", request, reservation_id))
 
     def release_reservation(
         self,
@@ -3481,15 +3337,17 @@ class CyclesClient:
         *,
         admin: bool | None = None,
     ) -> CyclesResponse:
-        return self._call(_release_call(self._config, reservation_id, request, admin))
+        return self._call(
+            _post("release", request, reservation_id, _use_admin(self._config, admin))
+        )
 
     def extend_reservation(
         self, reservation_id: str, request: ReservationExtendRequest | dict[str, Any]
     ) -> CyclesResponse:
-        return self._call(_extend_call(reservation_id, request))
+        return self._call(_post("extend", request, reservation_id))
 
     def decide(self, request: DecisionRequest | dict[str, Any]) -> CyclesResponse:
-        return self._call(_decide_call(request))
+        return self._call(_post("decide", request))
 
     def list_reservations(
         self, *, admin: bool | None = None, **query_params: str
@@ -3503,7 +3361,7 @@ class CyclesClient:
         return self._call(_balances_call(query_params))
 
     def create_event(self, request: EventCreateRequest | dict[str, Any]) -> CyclesResponse:
-        return self._call(_event_call(request))
+        return self._call(_post("event", request))
 
     def get_evidence(self, evidence_id: str) -> CyclesResponse:
         """``GET /v1/evidence/{id}`` (public: no key is sent). A fresh 404 may be transient."""
@@ -3606,9 +3464,14 @@ class CyclesClient:
         ``deadline`` is a ``time.monotonic()`` value; by default the lifecycle step's
         (``_attempt``), else now + ``attempt_timeout``.
         """
-        prepared = _build_request(self._config, call)
-        deadline = _open_attempt_deadline(self._transport, deadline)
-        return _perform(self._transport, prepared, deadline)
+        transport = self._transport
+        request = transport.encode(call)
+        deadline = transport.start_attempt(deadline)
+        try:
+            status, headers, body, _ = transport.send(call, request, deadline)
+        except Exception as exc:
+            return _attempt_failed(call, exc)
+        return _read_response(status, headers, body)
 
 
 # ===========================================================================
@@ -3638,12 +3501,12 @@ class AsyncCyclesClient:
     async def create_reservation(
         self, request: ReservationCreateRequest | dict[str, Any]
     ) -> CyclesResponse:
-        return await self._call(_create_call(request))
+        return await self._call(_post("create", request))
 
     async def commit_reservation(
         self, reservation_id: str, request: CommitRequest | dict[str, Any]
     ) -> CyclesResponse:
-        return await self._call(_commit_call(reservation_id, request))
+        return await self._call(_post("commit", request, reservation_id))
 
     async def release_reservation(
         self,
@@ -3652,15 +3515,17 @@ class AsyncCyclesClient:
         *,
         admin: bool | None = None,
     ) -> CyclesResponse:
-        return await self._call(_release_call(self._config, reservation_id, request, admin))
+        return await self._call(
+            _post("release", request, reservation_id, _use_admin(self._config, admin))
+        )
 
     async def extend_reservation(
         self, reservation_id: str, request: ReservationExtendRequest | dict[str, Any]
     ) -> CyclesResponse:
-        return await self._call(_extend_call(reservation_id, request))
+        return await self._call(_post("extend", request, reservation_id))
 
     async def decide(self, request: DecisionRequest | dict[str, Any]) -> CyclesResponse:
-        return await self._call(_decide_call(request))
+        return await self._call(_post("decide", request))
 
     async def list_reservations(
         self, *, admin: bool | None = None, **query_params: str
@@ -3676,7 +3541,7 @@ class AsyncCyclesClient:
         return await self._call(_balances_call(query_params))
 
     async def create_event(self, request: EventCreateRequest | dict[str, Any]) -> CyclesResponse:
-        return await self._call(_event_call(request))
+        return await self._call(_post("event", request))
 
     async def get_evidence(self, evidence_id: str) -> CyclesResponse:
         return await self._call(_evidence_call(evidence_id))
@@ -3774,9 +3639,14 @@ class AsyncCyclesClient:
         waiting for a connection slot counts against it (the heartbeat's safety margin
         relies on that bound).
         """
-        prepared = _build_request(self._config, call)
-        deadline = _open_attempt_deadline(self._transport, deadline)
-        return await _perform_async(self._transport, prepared, deadline)
+        transport = self._transport
+        request = transport.encode(call)
+        deadline = transport.start_attempt(deadline)
+        try:
+            status, headers, body, _ = await transport.send(call, request, deadline)
+        except Exception as exc:
+            return _attempt_failed(call, exc)
+        return _read_response(status, headers, body)
 
 
 # ===========================================================================
@@ -3785,8 +3655,8 @@ class AsyncCyclesClient:
 #
 # RFC 8785 (JCS) canonical bytes, a pure-Python RFC 8032 Ed25519 verifier and the
 # spec's signer-key resolution.  A bad envelope or key set is a disposition with a
-# reason, never an exception; only a wrong argument raises.  hashlib and base64 are
-# imported when something is verified, not when this module is imported.
+# reason, never an exception; only a wrong argument raises.  Nothing is built at
+# import: hashlib, base64, decimal and re are imported when something is verified.
 
 EVIDENCE_SCHEMA_VERSION = "cycles-evidence/v0.1"
 JWKS_SUFFIX = "/.well-known/cycles-jwks.json"
@@ -3797,21 +3667,6 @@ BINDING_ONLY = "binding_only"
 SIGNER_AUTHORITY_FAILED = "signer_authority_failed"
 SIGNER_RESOLUTION_FAILED = "signer_resolution_failed"
 SIGNATURE_INVALID = "signature_invalid"
-
-_ENVELOPE_FIELDS = frozenset(
-    {
-        "schema_version",
-        "artifact_type",
-        "server_id",
-        "signer_did",
-        "issued_at_ms",
-        "trace_id",
-        "payload",
-        "evidence_id",
-        "signature",
-    }
-)
-_DID_CYCLES_PREFIX = "did:cycles:"
 
 
 @dataclass(frozen=True)
@@ -3851,131 +3706,106 @@ class EvidenceVerification:
 # -- RFC 8785: JSON Canonicalization Scheme ------------------------------------
 
 
-class _JcsError(ValueError):
-    """A value that has no RFC 8785 form (NaN, a lone surrogate, a non-string key...)."""
-
-
 def _jcs(value: Any) -> bytes:
-    """The RFC 8785 canonical UTF-8 bytes of a JSON value."""
-    parts: List[str] = []
+    """The RFC 8785 canonical UTF-8 bytes of a JSON value; ValueError for a value that has
+    no such form (NaN, a lone surrogate, a non-string key...)."""
     try:
-        _jcs_write(value, parts)
-        return "".join(parts).encode("utf-8")
+        return _jcs_text(value).encode("utf-8")
     except RecursionError:
-        raise _JcsError("nested too deeply") from None
+        raise ValueError("nested too deeply") from None
     except UnicodeEncodeError:
-        raise _JcsError("a string holds a lone surrogate (not valid Unicode)") from None
+        raise ValueError("a string holds a lone surrogate (not valid Unicode)") from None
 
 
-def _jcs_write(value: Any, parts: List[str]) -> None:
-    if isinstance(value, str):
-        parts.append(json.dumps(value, ensure_ascii=False))  # the escapes of RFC 8785 3.2.2.2
-    elif value is None or value is True or value is False:
-        parts.append("null" if value is None else "true" if value else "false")
-    elif isinstance(value, int):
-        parts.append(str(value) if -(2**53) <= value <= 2**53 else _es_number(float(value)))
-    elif isinstance(value, float):
-        parts.append(_es_number(value))
-    elif isinstance(value, dict):
+def _jcs_text(value: Any) -> str:
+    if isinstance(value, str) or value is None or isinstance(value, bool):
+        return json.dumps(value, ensure_ascii=False)  # strings: the escapes of RFC 8785 3.2.2.2
+    if isinstance(value, int):
+        return str(value) if -(2**53) <= value <= 2**53 else _es_number(float(value))
+    if isinstance(value, float):
+        return _es_number(value)
+    if isinstance(value, dict):
         if not all(isinstance(key, str) for key in value):
-            raise _JcsError("an object key is not a string")
-        parts.append("{")
-        for index, key in enumerate(sorted(value, key=_utf16_order)):
-            parts.append("," if index else "")
-            parts.append(json.dumps(key, ensure_ascii=False))
-            parts.append(":")
-            _jcs_write(value[key], parts)
-        parts.append("}")
-    elif isinstance(value, (list, tuple)):
-        parts.append("[")
-        for index, item in enumerate(value):
-            parts.append("," if index else "")
-            _jcs_write(item, parts)
-        parts.append("]")
-    else:
-        raise _JcsError(f"{_type_name(value)} is not a JSON value")
-
-
-def _utf16_order(key: str) -> bytes:
-    """RFC 8785 3.2.3: properties sort by their UTF-16 code units."""
-    return key.encode("utf-16-be", "surrogatepass")
+            raise ValueError("an object key is not a string")
+        # RFC 8785 3.2.3: properties sort by their UTF-16 code units.
+        keys = sorted(value, key=lambda key: key.encode("utf-16-be", "surrogatepass"))
+        return "{" + ",".join(_jcs_text(key) + ":" + _jcs_text(value[key]) for key in keys) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(map(_jcs_text, value)) + "]"
+    raise ValueError(f"{_type_name(value)} is not a JSON value")
 
 
 def _es_number(value: float) -> str:
     """ECMAScript Number.prototype.toString of a double (RFC 8785 3.2.2.3)."""
-    if value != value or value in (math.inf, -math.inf):
-        raise _JcsError("NaN and Infinity have no JSON form")
+    import decimal
+
+    if not math.isfinite(value):
+        raise ValueError("NaN and Infinity have no JSON form")
     if value == 0:
         return "0"
     if value < 0:
         return "-" + _es_number(-value)
     # repr() is the shortest round-tripping decimal, as ECMAScript requires.
-    mantissa, _, exponent = repr(value).partition("e")
-    whole, _, fraction = mantissa.partition(".")
-    all_digits = whole + fraction
-    significant = all_digits.lstrip("0")
-    point = len(whole) + int(exponent or 0) - (len(all_digits) - len(significant))
-    digits = significant.rstrip("0")
-    count = len(digits)
+    _, digit_tuple, exponent = decimal.Decimal(repr(value)).normalize().as_tuple()
+    digits = "".join(map(str, digit_tuple))
+    count, point = len(digits), len(digits) + int(exponent)  # value = 0.digits * 10**point
     if count <= point <= 21:
         return digits + "0" * (point - count)
     if 0 < point <= 21:
         return digits[:point] + "." + digits[point:]
     if -6 < point <= 0:
         return "0." + "0" * -point + digits
-    power = point - 1
-    head = digits[0] + ("." + digits[1:] if count > 1 else "")
-    return f"{head}e{'+' if power >= 0 else '-'}{abs(power)}"
+    head = digits[0] + "." + digits[1:] if count > 1 else digits
+    return f"{head}e{point - 1:+d}"
 
 
 # -- RFC 8032: Ed25519 verification (pure Python, cofactorless) ------------------
 
 _ED_P = 2**255 - 19
 _ED_L = 2**252 + 27742317777372353535851937790883648493
+# d = -121665/121666 and sqrt(-1) = 2**((p-1)/4), modulo p
 _ED_D = 37095705934669439343138083508754565189542113879843219016388785533085940283555
-_ED_D2 = 16295367250680780974490674513165176452449235426866156013048779062215315747161
 _ED_SQRT_M1 = 19681161376707505956807079304988542015446066515923890162744021073123829784752
-# Extended coordinates (X, Y, Z, T) with x = X/Z, y = Y/Z, x*y = T/Z.
+if TYPE_CHECKING:  # pragma: no cover
+    # A point in extended coordinates (X, Y, Z, T): x = X/Z, y = Y/Z, x*y = T/Z.
+    _EdPoint = Tuple[int, int, int, int]
 _ED_IDENTITY = (0, 1, 1, 0)
-_ED_BASE = (
+_ED_BASE = (  # B of RFC 8032 5.1: y = 4/5, x even
     15112221349535400772501151409588531511454012693041857206046113283949847762202,
     46316835694926478169428394003475163141307993866256225615783033603165251855960,
     1,
     46827403850823179245072216630277197565144205554125654976674165829533817101731,
 )
-_ed_base_table: List[List[Tuple[int, int, int, int]]] = []
-_ed_table_lock = threading.Lock()
 
 
-def _ed_add(
-    a: Tuple[int, int, int, int], b: Tuple[int, int, int, int]
-) -> Tuple[int, int, int, int]:
-    """Point addition on -x^2 + y^2 = 1 + d x^2 y^2 (RFC 8032 5.1.4)."""
+def _ed_add(a: _EdPoint, b: _EdPoint) -> _EdPoint:
+    """Point addition on -x^2 + y^2 = 1 + d x^2 y^2 (RFC 8032 5.1.4); it also doubles."""
     p = _ED_P
     x1, y1, z1, t1 = a
     x2, y2, z2, t2 = b
     aa = (y1 - x1) * (y2 - x2) % p
     bb = (y1 + x1) * (y2 + x2) % p
-    cc = t1 * _ED_D2 % p * t2 % p
+    cc = t1 * t2 % p * _ED_D * 2 % p
     dd = 2 * z1 * z2 % p
     e, f, g, h = bb - aa, dd - cc, dd + cc, bb + aa
     return e * f % p, g * h % p, f * g % p, e * h % p
 
 
-def _ed_double(a: Tuple[int, int, int, int]) -> Tuple[int, int, int, int]:
-    p = _ED_P
-    x1, y1, z1, _ = a
-    aa = x1 * x1 % p
-    bb = y1 * y1 % p
-    cc = 2 * z1 * z1 % p
-    h = aa + bb
-    e = h - (x1 + y1) * (x1 + y1) % p
-    g = aa - bb
-    f = cc + g
-    return e * f % p, g * h % p, f * g % p, e * h % p
+def _ed_mul(
+    scalar: int, point: _EdPoint, scalar2: int = 0, point2: _EdPoint = _ED_IDENTITY
+) -> _EdPoint:
+    """[scalar]point + [scalar2]point2, sharing one chain of doublings (Straus)."""
+    total = _ED_IDENTITY
+    addends = (_ED_IDENTITY, point, point2, _ed_add(point, point2))
+    for bit in reversed(range(max(scalar.bit_length(), scalar2.bit_length()))):
+        total = _ed_add(total, total)
+        pick = (scalar >> bit & 1) | (scalar2 >> bit & 1) << 1
+        if pick:
+            total = _ed_add(total, addends[pick])
+    return total
 
 
-def _ed_decode(data: bytes) -> Tuple[int, int, int, int] | None:
+def _ed_decode(data: bytes) -> _EdPoint | None:
     """RFC 8032 5.1.3, strict: None for y >= p, no square root, or x = 0 with the sign bit."""
     p = _ED_P
     y = int.from_bytes(data, "little")
@@ -3983,57 +3813,15 @@ def _ed_decode(data: bytes) -> Tuple[int, int, int, int] | None:
     y &= (1 << 255) - 1
     if y >= p:
         return None
-    u = (y * y - 1) % p
-    v = (_ED_D * y * y + 1) % p
+    u, v = y * y - 1, _ED_D * y * y + 1  # x^2 = u / v
     x = u * pow(v, 3, p) * pow(u * pow(v, 7, p), (p - 5) // 8, p) % p
-    vxx = v * x * x % p
-    if vxx == (-u) % p:
+    if (v * x * x - u) % p:
         x = x * _ED_SQRT_M1 % p
-    elif vxx != u:
-        return None
-    if x == 0 and sign:
+    if (v * x * x - u) % p or (x == 0 and sign):
         return None
     if x & 1 != sign:
         x = p - x
     return x, y, 1, x * y % p
-
-
-def _ed_base_multiples() -> List[List[Tuple[int, int, int, int]]]:
-    """j * 16**i * B for i < 64, j < 16: built once, so [s]B costs at most 64 additions."""
-    with _ed_table_lock:
-        if not _ed_base_table:
-            step = _ED_BASE
-            for _ in range(64):
-                row = [_ED_IDENTITY, step]
-                for _ in range(14):
-                    row.append(_ed_add(row[-1], step))
-                _ed_base_table.append(row)
-                step = _ed_add(row[-1], step)  # 16 * step
-        return _ed_base_table
-
-
-def _ed_base_mul(scalar: int) -> Tuple[int, int, int, int]:
-    total = _ED_IDENTITY
-    for row in _ed_base_multiples():
-        nibble = scalar & 15
-        if nibble:
-            total = _ed_add(total, row[nibble])
-        scalar >>= 4
-    return total
-
-
-def _ed_mul(scalar: int, point: Tuple[int, int, int, int]) -> Tuple[int, int, int, int]:
-    """[scalar]point with a 4-bit fixed window (scalar < 2**256)."""
-    multiples = [_ED_IDENTITY, point]
-    for _ in range(14):
-        multiples.append(_ed_add(multiples[-1], point))
-    total = _ED_IDENTITY
-    for shift in range(252, -4, -4):
-        total = _ed_double(_ed_double(_ed_double(_ed_double(total))))
-        nibble = (scalar >> shift) & 15
-        if nibble:
-            total = _ed_add(total, multiples[nibble])
-    return total
 
 
 def _ed25519_verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
@@ -4049,11 +3837,10 @@ def _ed25519_verify(public_key: bytes, message: bytes, signature: bytes) -> bool
         return False
     digest = hashlib.sha512(signature[:32] + public_key + message).digest()
     k = int.from_bytes(digest, "little") % _ED_L
-    x, y, z, t = point_a
-    minus_ka = _ed_mul(k, (_ED_P - x, y, z, _ED_P - t))
-    x1, y1, z1, _ = _ed_add(_ed_base_mul(s), minus_ka)  # [S]B - [k]A, to compare with R
-    x2, y2, z2, _ = point_r
     p = _ED_P
+    x, y, z, t = point_a
+    x1, y1, z1, _ = _ed_mul(s, _ED_BASE, k, (p - x, y, z, p - t))  # [S]B - [k]A, to compare with R
+    x2, y2, z2, _ = point_r
     return (x1 * z2 - x2 * z1) % p == 0 and (y1 * z2 - y2 * z1) % p == 0
 
 
@@ -4061,38 +3848,19 @@ def _ed25519_verify(public_key: bytes, message: bytes, signature: bytes) -> bool
 
 
 class _Verdict(Exception):
-    """A disposition reached early; ``key`` is the verifying key when it was known."""
+    """A disposition and its reason, with the verifying key (and kid) once known.
 
-    def __init__(self, disposition: str, reason: str, key: bytes | None = None) -> None:
+    Raised where a disposition is reached early; also stands for an envelope or a key
+    set that could not be obtained or parsed."""
+
+    def __init__(
+        self, disposition: str, reason: str, key: bytes | None = None, kid: str | None = None
+    ) -> None:
         super().__init__(reason)
         self.disposition = disposition
         self.reason = reason
         self.key = key
-
-
-class _Unresolved:
-    """A JWK Set that could not be obtained or parsed, and why."""
-
-    __slots__ = ("reason",)
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-
-class _Jwk:
-    """One valid JWK of a set: the Ed25519 key bytes and its validity window."""
-
-    __slots__ = ("exp_ms", "key", "kid", "nbf_ms")
-
-    def __init__(self, kid: str, key: bytes, nbf_ms: int, exp_ms: int | None) -> None:
         self.kid = kid
-        self.key = key
-        self.nbf_ms = nbf_ms
-        self.exp_ms = exp_ms
-
-    def covers(self, issued_at_ms: int) -> bool:
-        """The window gate: ``nbf <= issued_at < exp`` (an absent exp is open-ended)."""
-        return self.nbf_ms <= issued_at_ms and (self.exp_ms is None or issued_at_ms < self.exp_ms)
 
 
 def verify_evidence(
@@ -4110,8 +3878,8 @@ def verify_evidence(
     envelope and the key set is in the returned ``EvidenceVerification``.
     """
     pin = _signer_pin(expected_signer)
-    key_set = None if jwks is None else _key_set_argument(jwks)
-    return _verify_envelope(_envelope_argument(envelope), key_set, pin)
+    key_set = _json_argument(jwks, "jwks")
+    return _verify_envelope(_json_argument(envelope), key_set, pin)
 
 
 def _signer_pin(expected_signer: Any) -> str | None:
@@ -4125,10 +3893,6 @@ def _signer_pin(expected_signer: Any) -> str | None:
     return pin
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _unique_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
     result = dict(pairs)
     if len(result) != len(pairs):
@@ -4136,90 +3900,81 @@ def _unique_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
     return result
 
 
-def _parse_strict_json(name: str, raw: str | bytes | bytearray) -> Any:
-    """``json.loads`` refusing duplicate keys and NaN/Infinity (I-JSON); ValueError."""
-    if not isinstance(raw, (str, bytes, bytearray)):
-        raise TypeError(f"{name}: expected a dict, JSON text or bytes, got {_type_name(raw)}")
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_argument(value: Any, name: str = "envelope") -> Any:
+    """The ``envelope`` or ``jwks`` argument: a dict as given, else JSON text or bytes parsed
+    strictly (I-JSON: no duplicate keys, no NaN/Infinity); a _Verdict when it is not JSON
+    (``jwks=None`` stays None: no authority resolution)."""
+    if value is None and name == "jwks":
+        return None
+    if isinstance(value, dict):
+        return value
+    if not isinstance(value, (str, bytes, bytearray)):
+        raise TypeError(f"{name}: expected a dict, JSON text or bytes, got {_type_name(value)}")
     try:
-        return json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
-
-
-def _envelope_argument(envelope: Any) -> Any:
-    """The envelope as a JSON value, or a _Verdict to report when the text is not JSON."""
-    if isinstance(envelope, dict):
-        return envelope
-    try:
-        return _parse_strict_json("envelope", envelope)
-    except ValueError as exc:
-        return _Verdict(SIGNATURE_INVALID, f"the envelope is not valid JSON: {exc}")
-
-
-def _key_set_argument(jwks: Any) -> Any:
-    if isinstance(jwks, dict):
-        return jwks
-    try:
-        return _parse_strict_json("jwks", jwks)
-    except ValueError as exc:
-        return _Unresolved(f"the JWK Set is not valid JSON: {exc}")
+        return json.loads(value, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        if name == "jwks":
+            return _Verdict(SIGNER_RESOLUTION_FAILED, f"the JWK Set is not valid JSON: {detail}")
+        return _Verdict(SIGNATURE_INVALID, f"the envelope is not valid JSON: {detail}")
 
 
 def _verify_envelope(
     envelope: Any, key_set: Any, pin: str | None, evidence_id: str | None = None
 ) -> EvidenceVerification:
     """The spec's verification of one parsed envelope (or the _Verdict already reached)
-    against a key set (None: no authority resolution; _Unresolved: not obtained)."""
+    against a key set (None: no authority resolution; a _Verdict: not obtained)."""
     artifact_type = None
     if isinstance(envelope, dict):
         claimed = envelope.get("evidence_id")
         evidence_id = claimed if _is_hex(claimed, 64) else None
         kind = envelope.get("artifact_type")
         artifact_type = kind if kind in EVIDENCE_ARTIFACT_TYPES else None
-    kid: str | None = None
-    key: bytes | None = None
     try:
-        if isinstance(envelope, _Verdict):
-            raise envelope
-        key, kid, disposition, reason = _evaluate_envelope(envelope, key_set)
-    except _Verdict as verdict:
-        key, disposition, reason = verdict.key, verdict.disposition, verdict.reason
+        verdict = _evaluate_envelope(envelope, key_set)
+    except _Verdict as early:
+        verdict = early
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # a safety net
-        key, disposition = None, SIGNATURE_INVALID
-        reason = f"the envelope cannot be verified: {exc}"
+        verdict = _Verdict(SIGNATURE_INVALID, f"the envelope cannot be verified: {exc}")
+    key, reason = verdict.key, verdict.reason
     pin_matched = None if pin is None else key is not None and key.hex() == pin
     if pin_matched is False:
         reason += "; the signer does not match expected_signer"
-    return EvidenceVerification(disposition, pin_matched, evidence_id, artifact_type, reason, kid)
+    return EvidenceVerification(
+        verdict.disposition, pin_matched, evidence_id, artifact_type, reason, verdict.kid
+    )
 
 
-def _evaluate_envelope(
-    envelope: Any, key_set: Any
-) -> Tuple[bytes, str | None, str, str]:
-    """(verifying key, authorising kid, disposition, reason); raises _Verdict early."""
+def _evaluate_envelope(envelope: Any, key_set: Any) -> _Verdict:
+    """The disposition of a signature that verifies; raises _Verdict for any other."""
+    if isinstance(envelope, _Verdict):
+        return envelope
     _check_envelope_shape(envelope)
     message = _signing_input(envelope)
     signature = bytes.fromhex(envelope["signature"])
-    signer = envelope["signer_did"]
+    signer, server_id = envelope["signer_did"], envelope["server_id"]
     issued_at = envelope["issued_at_ms"]
     if _is_hex(signer, 64):
         key = bytes.fromhex(signer)
-        if not _ed25519_verify(key, message, signature):
-            reason = "the signature does not verify against signer_did"
-            raise _Verdict(SIGNATURE_INVALID, reason, key)
+        _check_signature(key, message, signature, "signer_did")
         if key_set is None:
             reason = "signature valid; signer authority not resolved (no JWK Set)"
-            return key, None, BINDING_ONLY, reason
-        jwk = _select_by_key(_valid_jwks(key_set, key), key, issued_at)
+            return _Verdict(BINDING_ONLY, reason, key)
+        kid = _kid_of_key(_candidate_keys(key_set, key, issued_at), key, issued_at)
     else:
-        kid = _did_cycles_kid(signer, envelope["server_id"], key_set)
-        jwk = _select_by_kid(_valid_jwks(key_set, None), kid, issued_at)
-        key = jwk.key
-        if not _ed25519_verify(key, message, signature):
-            reason = f"the signature does not verify against key {kid!r}"
-            raise _Verdict(SIGNATURE_INVALID, reason, key)
-    reason = f"signature valid; signed by key {jwk.kid!r} of {envelope['server_id']}"
-    return key, jwk.kid, AUTHENTIC, reason
+        kid = _did_cycles_kid(signer, server_id, key_set)
+        key = _key_of_kid(_candidate_keys(key_set, None, issued_at), kid, issued_at)
+        _check_signature(key, message, signature, f"key {kid!r}")
+    return _Verdict(AUTHENTIC, f"signature valid; signed by key {kid!r} of {server_id}", key, kid)
+
+
+def _check_signature(key: bytes, message: bytes, signature: bytes, against: str) -> None:
+    if not _ed25519_verify(key, message, signature):
+        raise _Verdict(SIGNATURE_INVALID, f"the signature does not verify against {against}", key)
 
 
 def _invalid_envelope(reason: str) -> _Verdict:
@@ -4229,36 +3984,28 @@ def _invalid_envelope(reason: str) -> _Verdict:
 def _check_envelope_shape(envelope: Any) -> None:
     if not isinstance(envelope, dict):
         raise _invalid_envelope("not a JSON object")
-    version = envelope.get("schema_version")
-    if version != EVIDENCE_SCHEMA_VERSION:
-        shown = "missing" if version is None else f"{version!r} is not understood"
-        raise _Verdict(SIGNATURE_INVALID, f"unsupported envelope: schema_version {shown}")
-    unknown = sorted(str(name) for name in envelope if name not in _ENVELOPE_FIELDS)
+    fields: Dict[str, Tuple[Callable[[Any], bool], str]] = {  # in the order they are checked
+        "schema_version": (lambda v: v == EVIDENCE_SCHEMA_VERSION, repr(EVIDENCE_SCHEMA_VERSION)),
+        "artifact_type": (lambda v: v in EVIDENCE_ARTIFACT_TYPES, "an artifact type"),
+        "server_id": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+        "signer_did": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+        "issued_at_ms": (lambda v: _is_int(v, 0, INT64_MAX), "a non-negative integer"),
+        "payload": (lambda v: isinstance(v, dict), "an object"),
+        "evidence_id": (lambda v: _is_hex(v, 64), "64 lowercase hex characters"),
+        "signature": (lambda v: _is_hex(v, 128), "128 lowercase hex characters"),
+        "trace_id": (lambda v: _is_hex(v, 32), "32 lowercase hex characters"),  # optional
+    }
+    for name, (valid, expected) in fields.items():
+        if name not in envelope and name != "trace_id":
+            raise _invalid_envelope(f"{name} is missing")
+        if name in envelope and not valid(envelope[name]):
+            raise _invalid_envelope(f"{name} must be {expected}")
+    unknown = sorted(str(name) for name in envelope if name not in fields)
     if unknown:
         raise _invalid_envelope(f"unknown field {unknown[0]!r}")
-    checks: Tuple[Tuple[str, Callable[[Any], bool], str], ...] = (
-        ("artifact_type", lambda v: v in EVIDENCE_ARTIFACT_TYPES, "an artifact type"),
-        ("server_id", lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
-        ("signer_did", lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
-        ("issued_at_ms", lambda v: _is_int(v, 0, INT64_MAX), "a non-negative integer"),
-        ("payload", lambda v: isinstance(v, dict), "an object"),
-        ("evidence_id", lambda v: _is_hex(v, 64), "64 lowercase hex characters"),
-        ("signature", lambda v: _is_hex(v, 128), "128 lowercase hex characters"),
-    )
-    for name, valid, expected in checks:
-        if name not in envelope:
-            raise _invalid_envelope(f"{name} is missing")
-        if not valid(envelope[name]):
-            raise _invalid_envelope(f"{name} must be {expected}")
-    if "trace_id" in envelope and not _is_hex(envelope["trace_id"], 32):
-        raise _invalid_envelope("trace_id must be 32 lowercase hex characters")
     kind, payload = envelope["artifact_type"], envelope["payload"]
     if list(payload) != [kind] or not isinstance(payload[kind], dict):
-        keys = ", ".join(sorted(str(k) for k in payload)) or "none"
-        raise _invalid_envelope(
-            f"artifact_type {kind!r} needs exactly the payload key {kind!r} holding an object"
-            f" (payload keys: {keys})"
-        )
+        raise _invalid_envelope(f"payload must hold exactly the key {kind!r}, an object")
 
 
 def _signing_input(envelope: Dict[str, Any]) -> bytes:
@@ -4269,114 +4016,103 @@ def _signing_input(envelope: Dict[str, Any]) -> bytes:
     try:
         hashed = _jcs(dict(envelope, evidence_id="", signature=""))
         signed = _jcs(dict(envelope, signature=""))
-    except _JcsError as exc:
+    except ValueError as exc:
         raise _invalid_envelope(f"no RFC 8785 canonical form: {exc}") from None
     if hashlib.sha256(hashed).hexdigest() != envelope["evidence_id"]:
-        raise _Verdict(
-            SIGNATURE_INVALID, "evidence_id does not match the envelope's content (tampered)"
-        )
+        reason = "evidence_id does not match the envelope's content (tampered)"
+        raise _Verdict(SIGNATURE_INVALID, reason)
     return signed
 
 
 def _did_cycles_kid(signer: str, server_id: str, key_set: Any) -> str:
-    """The ``#kid`` of a did:cycles signer bound to ``server_id``; raises _Verdict."""
+    """The ``#kid`` of a ``did:cycles:<sha256 of server_id>#kid`` signer; raises _Verdict."""
     import hashlib
 
-    if not signer.startswith(_DID_CYCLES_PREFIX):
-        raise _Verdict(
-            SIGNER_RESOLUTION_FAILED,
-            "signer_did is neither a raw-hex key nor a did:cycles DID: cannot be resolved",
-        )
-    server_hash, sep, kid = signer[len(_DID_CYCLES_PREFIX) :].partition("#")
-    if not sep or not kid or not server_hash:
+    prefix = "did:cycles:"
+    if not signer.startswith(prefix):
+        reason = "signer_did is neither a raw-hex key nor a did:cycles DID: cannot be resolved"
+        raise _Verdict(SIGNER_RESOLUTION_FAILED, reason)
+    server_hash, _, kid = signer[len(prefix) :].partition("#")
+    if not server_hash or not kid:
         raise _Verdict(SIGNER_RESOLUTION_FAILED, "malformed did:cycles signer_did")
     if key_set is None:
         raise _Verdict(SIGNER_RESOLUTION_FAILED, "a did:cycles signer needs the server's JWK Set")
-    if isinstance(key_set, _Unresolved):
-        raise _Verdict(SIGNER_RESOLUTION_FAILED, key_set.reason)
+    if isinstance(key_set, _Verdict):
+        raise key_set
     if hashlib.sha256(server_id.encode("utf-8")).hexdigest() != server_hash:
         reason = "signer_did does not bind to this envelope's server_id"
         raise _Verdict(SIGNER_AUTHORITY_FAILED, reason)
     return kid
 
 
-def _valid_jwks(key_set: Any, key: bytes | None) -> List[_Jwk]:
-    """The set's valid JWKs, after the set-level rules (parseable, unique kid)."""
-    if isinstance(key_set, _Unresolved):
-        raise _Verdict(SIGNER_RESOLUTION_FAILED, key_set.reason, key)
+def _candidate_keys(
+    key_set: Any, key: bytes | None, issued_at_ms: int
+) -> List[Tuple[str, bytes, bool]]:
+    """(kid, key, whether its window covers issued_at_ms) for each valid Ed25519 JWK of the
+    set, after the set-level rules (a ``keys`` list, unique kids)."""
+    if isinstance(key_set, _Verdict):
+        raise _Verdict(key_set.disposition, key_set.reason, key)
     entries = key_set.get("keys") if isinstance(key_set, dict) else None
     if not isinstance(entries, list):
         raise _Verdict(SIGNER_RESOLUTION_FAILED, "the JWK Set has no 'keys' list", key)
     seen: set[str] = set()
-    for entry in entries:
+    for entry in entries:  # an invalid JWK's kid counts as taken too
         kid = entry.get("kid") if isinstance(entry, dict) else None
         if isinstance(kid, str):
             if kid in seen:
                 reason = f"duplicate kid {kid!r} in the JWK Set"
                 raise _Verdict(SIGNER_AUTHORITY_FAILED, reason, key)
             seen.add(kid)
-    return [jwk for jwk in map(_parse_jwk, entries) if isinstance(jwk, _Jwk)]
+    candidates = (_candidate_key(entry, issued_at_ms) for entry in entries)
+    return [candidate for candidate in candidates if candidate is not None]
 
 
-def _parse_jwk(entry: Any) -> _Jwk | str:
-    """A valid Ed25519 JWK, or why it is excluded from candidacy."""
+def _candidate_key(entry: Any, issued_at_ms: int) -> Tuple[str, bytes, bool] | None:
+    """(kid, key, whether ``nbf <= issued_at < exp`` holds) of a valid Ed25519 JWK (an
+    absent exp is open-ended); None excludes the entry from candidacy."""
     if not isinstance(entry, dict):
-        return "not an object"
-    if entry.get("kty") != "OKP" or entry.get("crv") != "Ed25519":
-        return "not an OKP Ed25519 key"
-    if "alg" in entry and entry["alg"] != "EdDSA":
-        return "alg is not EdDSA"
+        return None
+    algorithm = (entry.get("kty"), entry.get("crv"), entry.get("alg", "EdDSA"))
     kid, nbf, exp = entry.get("kid"), entry.get("cycles_nbf_ms"), entry.get("cycles_exp_ms")
-    if not isinstance(kid, str) or not kid:
-        return "no kid"
-    if isinstance(nbf, bool) or not isinstance(nbf, int):
-        return "cycles_nbf_ms missing or not an integer"
-    if exp is not None and (isinstance(exp, bool) or not isinstance(exp, int)):
-        return "cycles_exp_ms not an integer"
+    if algorithm != ("OKP", "Ed25519", "EdDSA") or not isinstance(kid, str) or not kid:
+        return None
+    if type(nbf) is not int or not (exp is None or type(exp) is int):
+        return None
     key = _base64url_key(entry.get("x"))
-    if key is None:
-        return "x is not the base64url of 32 bytes"
-    return _Jwk(kid, key, nbf, exp)
+    covers = nbf <= issued_at_ms and (exp is None or issued_at_ms < exp)
+    return None if key is None else (kid, key, covers)
 
 
 def _base64url_key(text: Any) -> bytes | None:
     """Strict unpadded base64url of exactly 32 bytes (RFC 7515 2), else None."""
     import base64
+    import re
 
-    if not isinstance(text, str) or len(text) != 43:
-        return None
-    if any(ch not in _BASE64URL_ALPHABET for ch in text):
+    if not isinstance(text, str) or not re.fullmatch("[A-Za-z0-9_-]{43}", text):
         return None
     key = base64.urlsafe_b64decode(text + "=")
     return key if base64.urlsafe_b64encode(key).decode("ascii").rstrip("=") == text else None
 
 
-_BASE64URL_ALPHABET = frozenset(
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-)
-
-
-def _select_by_kid(jwks: List[_Jwk], kid: str, issued_at_ms: int) -> _Jwk:
-    found = [jwk for jwk in jwks if jwk.kid == kid]
+def _key_of_kid(candidates: List[Tuple[str, bytes, bool]], kid: str, issued_at_ms: int) -> bytes:
+    found = [(key, covers) for jwk_kid, key, covers in candidates if jwk_kid == kid]
     if not found:
         raise _Verdict(SIGNER_AUTHORITY_FAILED, f"no valid key with kid {kid!r} in the JWK Set")
-    if not found[0].covers(issued_at_ms):
-        raise _Verdict(
-            SIGNER_AUTHORITY_FAILED,
-            f"key {kid!r} is not valid at issued_at_ms {issued_at_ms}",
-            found[0].key,
-        )
-    return found[0]
+    key, covers = found[0]
+    if not covers:
+        reason = f"key {kid!r} is not valid at issued_at_ms {issued_at_ms}"
+        raise _Verdict(SIGNER_AUTHORITY_FAILED, reason, key)
+    return key
 
 
-def _select_by_key(jwks: List[_Jwk], key: bytes, issued_at_ms: int) -> _Jwk:
-    """The raw-hex bridge: exactly one window-covering JWK whose x is this key."""
-    same_key = [jwk for jwk in jwks if jwk.key == key]
-    covering = [jwk for jwk in same_key if jwk.covers(issued_at_ms)]
+def _kid_of_key(candidates: List[Tuple[str, bytes, bool]], key: bytes, issued_at_ms: int) -> str:
+    """The raw-hex bridge: the kid of exactly one window-covering JWK whose x is this key."""
+    same_key = [(kid, covers) for kid, jwk_key, covers in candidates if jwk_key == key]
+    covering = [kid for kid, covers in same_key if covers]
     if len(covering) == 1:
         return covering[0]
     if covering:
-        kids = ", ".join(repr(jwk.kid) for jwk in covering)
+        kids = ", ".join(map(repr, covering))
         reason = f"ambiguous: keys {kids} all cover issued_at_ms {issued_at_ms}"
     elif same_key:
         reason = f"the signer key is in the JWK Set but not valid at issued_at_ms {issued_at_ms}"
@@ -4387,10 +4123,6 @@ def _select_by_key(jwks: List[_Jwk], key: bytes, issued_at_ms: int) -> _Jwk:
 
 # -- fetching: client.verify_evidence ----------------------------------------------
 
-def _jwks_url(server_id: str) -> str:
-    """The JWK Set URL: the suffix appended to the verbatim server_id (one '/' at the join)."""
-    return (server_id[:-1] if server_id.endswith("/") else server_id) + JWKS_SUFFIX
-
 
 def _is_own_jwks_url(config: CyclesConfig, url: str) -> bool:
     """Whether ``url`` is where this client's ``get_evidence_jwks`` goes."""
@@ -4400,14 +4132,10 @@ def _is_own_jwks_url(config: CyclesConfig, url: str) -> bool:
         port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
     except ValueError:
         return False
+    own = (origin.scheme, origin.host.lower(), origin.port, origin.base_path + JWKS_PATH, "", "")
     return (
-        parts.scheme.lower() == origin.scheme
-        and (parts.hostname or "") == origin.host.lower()
-        and port == origin.port
-        and parts.path == origin.base_path + JWKS_PATH
-        and not parts.query
-        and not parts.fragment
-    )
+        parts.scheme.lower(), parts.hostname or "", port, parts.path, parts.query, parts.fragment
+    ) == own
 
 
 def _verify_evidence_steps(
@@ -4419,33 +4147,35 @@ def _verify_evidence_steps(
     A failed fetch is ``signer_resolution_failed``, never ``signature_invalid``.
     """
     pin = _signer_pin(expected_signer)
-    key_set = None if jwks is None else _key_set_argument(jwks)
+    key_set = _json_argument(jwks, "jwks")
+    evidence_id = None
     if isinstance(target, str) and _is_hex(target, 64):
+        evidence_id = target
         response = yield ("evidence", target)
-        if not response.is_success or not response.body:
-            reason = f"could not fetch evidence {target}: {_describe(response)}"
-            unfetched = _Verdict(SIGNER_RESOLUTION_FAILED, reason)
-            return _verify_envelope(unfetched, None, pin, target)
         envelope: Any = response.body
-        if envelope.get("evidence_id") != target:
+        if not response.is_success or not envelope:
+            reason = f"could not fetch evidence {target}: {_describe(response)}"
+            envelope = _Verdict(SIGNER_RESOLUTION_FAILED, reason)
+        elif envelope.get("evidence_id") != target:
             reason = f"the server answered {target} with another envelope"
-            other = _Verdict(SIGNATURE_INVALID, reason)
-            return _verify_envelope(other, None, pin, target)
+            envelope = _Verdict(SIGNATURE_INVALID, reason)
     elif isinstance(target, str) and not target.lstrip().startswith("{"):
         raise ValueError("evidence_id_or_envelope: expected a 64-hex evidence id or an envelope")
     else:
-        envelope = _envelope_argument(target)
+        envelope = _json_argument(target)
     server_id = envelope.get("server_id") if isinstance(envelope, dict) else None
     if key_set is None and isinstance(server_id, str):
-        url = _jwks_url(server_id)
+        url = (server_id[:-1] if server_id.endswith("/") else server_id) + JWKS_SUFFIX
         if not _is_own_jwks_url(config, url):
-            key_set = _Unresolved(f"the JWK Set {url} is not on this client's server; pass jwks=")
+            reason = f"the JWK Set {url} is not on this client's server; pass jwks="
+            key_set = _Verdict(SIGNER_RESOLUTION_FAILED, reason)
         else:
             response = yield ("jwks", "")
             key_set = response.body
             if not response.is_success:
-                key_set = _Unresolved(f"could not fetch the JWK Set {url}: {_describe(response)}")
-    return _verify_envelope(envelope, key_set, pin)
+                reason = f"could not fetch the JWK Set {url}: {_describe(response)}"
+                key_set = _Verdict(SIGNER_RESOLUTION_FAILED, reason)
+    return _verify_envelope(envelope, key_set, pin, evidence_id)
 
 
 def _fetch_and_verify(
@@ -8737,29 +8467,32 @@ configuration comes from the environment:
 exit codes: 0 ok, 1 API error or denial, 2 usage or configuration error, 3 transport error
 """
 
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import NoReturn
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m cycles_lite``: check, balances, reservations, reservation ID, release ID,
-    recover (settle what the commit journal holds)."""
+    recover (settle what the commit journal holds), verify-evidence FILE|ID.
+
+    Every command is a row of ``_CLI_COMMANDS``; a routine reports a failure through
+    ``_cli_exit`` (SystemExit with the exit code, caught here)."""
     import argparse
 
-    parser = _cli_parser(argparse)
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help/--version (0) or a usage error argparse has printed (2)
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    if args.command == "verify-evidence":  # may run offline: no configuration needed
-        return _cli_verify_evidence(args)
-    try:
-        config = CyclesConfig.from_env()
-    except ValueError as exc:
-        _cli_error(f"configuration error: {exc}")
-        return EXIT_USAGE
-    try:
+        args = _cli_parser(argparse).parse_args(argv)
+        if args.command == "verify-evidence":  # may run offline: no configuration needed
+            return _cli_verify_evidence(args)
+        try:
+            config = CyclesConfig.from_env()
+        except ValueError as exc:
+            raise ValueError(f"configuration error: {exc}") from None
         with CyclesClient(config) as client:
             return int(args.run(client, config, args))
-    except ValueError as exc:
-        _cli_error(str(exc))
+    except SystemExit as exc:  # --help/--version (0), a usage error argparse printed (2), _cli_exit
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    except (OSError, ValueError) as exc:
+        _cli_error(f"{args.command}: {exc}")
         return EXIT_USAGE
     except CyclesProtocolError as exc:  # a failed page while following cursors
         _cli_error(str(exc))
@@ -8767,8 +8500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _cli_parser(argparse: Any) -> Any:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+    json_flag = argparse.ArgumentParser(add_help=False)  # --json before or after the command
+    json_flag.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON, not a table"
     )
     parser = argparse.ArgumentParser(
@@ -8779,13 +8512,11 @@ def _cli_parser(argparse: Any) -> Any:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"cycles-lite {__version__}")
-    parser.add_argument(
-        "--json", action="store_true", default=False, help="print JSON, not a table"
-    )
+    parser.add_argument("--json", action="store_true", help="print JSON, not a table")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     for name, summary, run, arguments in _CLI_COMMANDS:
-        command = commands.add_parser(name, parents=[common], help=summary)
+        command = commands.add_parser(name, parents=[json_flag], help=summary)
         for flag, options in arguments:
             command.add_argument(flag, **options)
         command.set_defaults(run=run)
@@ -8796,26 +8527,45 @@ def _cli_error(message: str) -> None:
     print(f"cycles-lite: {message}", file=sys.stderr)
 
 
-def _cli_failed(response: CyclesResponse, what: str, print_body: bool) -> int:
-    """Report an unsuccessful response; the exit code says whether the server answered."""
+def _cli_exit(message: str, code: int) -> NoReturn:
+    _cli_error(message)
+    raise SystemExit(code)
+
+
+def _cli_body(response: CyclesResponse, what: str, print_body: bool) -> Dict[str, Any]:
+    """The body of a successful response, else report the failure and exit: 1 when the
+    server answered (its error body printed too if ``print_body``), 3 when it did not."""
+    if response.is_success:
+        return response.body or {}
     if response.is_transport_error:
-        _cli_error(f"{what}: no answer from the server: {response.error_message}")
-        return EXIT_TRANSPORT
-    code = _error_code(response)
-    code_text = " " + code if code else ""
-    detail = f"HTTP {response.status}{code_text}: {response.error_message}"
-    if (response.error_message or "").startswith(f"HTTP {response.status} "):
-        detail = response.error_message or ""
+        _cli_exit(f"{what}: no answer from the server: {response.error_message}", EXIT_TRANSPORT)
+    detail = response.error_message or ""
+    if not detail.startswith(f"HTTP {response.status} "):
+        code = _error_code(response)
+        detail = f"HTTP {response.status}{' ' + code if code else ''}: {detail}"
     if response.request_id:
         detail += f" (request id {response.request_id})"
     _cli_error(f"{what} failed: {_cli_cell(detail)}")
     if print_body and response.body is not None:
         _cli_json(response.body)
-    return EXIT_API_ERROR
+    raise SystemExit(EXIT_API_ERROR)
 
 
 def _cli_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _cli_output(
+    args: Any, value: Any, headers: Sequence[str], rows: Iterable[Sequence[Any]]
+) -> None:
+    """``value`` as JSON with --json, else ``rows`` as a table."""
+    if args.json:
+        _cli_json(value)
+        return
+    table = [list(headers)] + [[_cli_cell(cell) for cell in row] for row in rows]
+    widths = [max(len(line[column]) for line in table) for column in range(len(headers))]
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
 
 
 def _cli_cell(value: Any) -> str:
@@ -8840,30 +8590,22 @@ def _cli_time(ms: Any) -> str:
         return str(ms)
 
 
-def _cli_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(cell)) for w, cell in zip(widths, row)]
-    for line in [list(headers)] + [list(r) for r in rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
-
-
-def _cli_filters(args: Any, names: Sequence[str]) -> Dict[str, Any]:
-    values = {name: getattr(args, name, None) for name in names}
-    return {name.replace("-", "_"): value for name, value in values.items() if value is not None}
+def _cli_query(args: Any) -> Dict[str, Any]:
+    """A list command's query: every option given, but the flags that are not filters."""
+    not_filters = ("command", "run", "json", "all", "admin")
+    given = {name: value for name, value in vars(args).items() if value is not None}
+    return {name: value for name, value in given.items() if name not in not_filters}
 
 
 def _cli_check(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
     tenant = args.tenant or config.tenant
     admin_only = not config.api_key
     if admin_only and not tenant:
-        _cli_error("check: with only CYCLES_ADMIN_API_KEY set, give --tenant or CYCLES_TENANT")
-        return EXIT_USAGE
+        message = "check: with only CYCLES_ADMIN_API_KEY set, give --tenant or CYCLES_TENANT"
+        _cli_exit(message, EXIT_USAGE)
     started = time.monotonic()
-    if admin_only:
-        response = client.list_reservations(admin=True, tenant=tenant or "", limit="1")
-    else:
-        response = client.list_reservations(admin=False, limit="1")
+    tenant_query = {"tenant": tenant or ""} if admin_only else {}
+    response = client.list_reservations(admin=admin_only, limit="1", **tenant_query)
     elapsed_ms = int((time.monotonic() - started) * 1000)
     report = {
         "base_url": config.base_url,
@@ -8876,73 +8618,52 @@ def _cli_check(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
         "tenant": response.cycles_tenant or (tenant if admin_only else None),
         "trace_id": response.trace_id,
     }
-    if args.json:
-        _cli_json(report)
-    else:
-        _cli_table(["CHECK", "RESULT"], [[k, _cli_cell(v)] for k, v in report.items()])
-    if not response.is_success:
-        return _cli_failed(response, "check", print_body=False)  # the report is the output
+    _cli_output(args, report, ["CHECK", "RESULT"], report.items())
+    _cli_body(response, "check", print_body=False)  # the report is the output
     if not report["ok"]:
-        _cli_error("check failed: " + _not_cycles_message(response.status, response.headers))
-        return EXIT_API_ERROR
+        message = _not_cycles_message(response.status, response.headers)
+        _cli_exit("check failed: " + message, EXIT_API_ERROR)
     return EXIT_OK
 
 
 def _cli_balances(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
-    filters = _cli_filters(args, SUBJECT_FIELDS)
-    if not filters and config.tenant:
+    filters = _cli_query(args)
+    if not any(name in filters for name in SUBJECT_FIELDS):
+        if not config.tenant:
+            message = "balances: give a subject filter such as --tenant, or set CYCLES_TENANT"
+            _cli_exit(message, EXIT_USAGE)
         filters["tenant"] = config.tenant
-    if not filters:
-        _cli_error("balances: give a subject filter such as --tenant, or set CYCLES_TENANT")
-        return EXIT_USAGE
-    filters.update(_cli_filters(args, ("limit", "cursor")))
-    return _cli_listing(
-        args,
-        "balances",
-        lambda: client.iter_balances(**filters),
-        lambda: client.get_balances(**filters),
-        ["SCOPE", "UNIT", "REMAINING", "RESERVED", "SPENT", "ALLOCATED", "DEBT", "OVER LIMIT"],
-        _cli_balance_row,
-    )
+    headers = ["SCOPE", "UNIT", "REMAINING", "RESERVED", "SPENT", "ALLOCATED", "DEBT", "OVER LIMIT"]
+    pages = (client.iter_balances, client.get_balances)
+    return _cli_listing(args, "balances", pages, filters, headers, _cli_balance_row)
 
 
-def _cli_balance_row(item: Mapping[str, Any]) -> List[str]:
+def _cli_balance_row(item: Mapping[str, Any]) -> List[Any]:
     remaining = item.get("remaining")
+    amounts = ("remaining", "reserved", "spent", "allocated", "debt")
     return [
-        _cli_cell(item.get("scope_path") or item.get("scope")),
-        _cli_cell(remaining.get("unit") if isinstance(remaining, dict) else ""),
-        _cli_amount(remaining),
-        _cli_amount(item.get("reserved")),
-        _cli_amount(item.get("spent")),
-        _cli_amount(item.get("allocated")),
-        _cli_amount(item.get("debt")),
+        item.get("scope_path") or item.get("scope"),
+        remaining.get("unit") if isinstance(remaining, dict) else "",
+        *(_cli_amount(item.get(name)) for name in amounts),
         "yes" if item.get("is_over_limit") else "",
     ]
 
 
 def _cli_reservations(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
-    filters = _cli_filters(
-        args, (*SUBJECT_FIELDS, "status", "idempotency_key", "sort_by", "sort_dir")
-    )
-    filters.update(_cli_filters(args, ("limit", "cursor")))
-    admin = True if args.admin else None
+    filters = _cli_query(args)
     if (args.admin or not config.api_key) and "tenant" not in filters and config.tenant:
         filters["tenant"] = config.tenant
-    return _cli_listing(
-        args,
-        "reservations",
-        lambda: client.iter_reservations(admin=admin, **filters),
-        lambda: client.list_reservations(admin=admin, **filters),
-        ["ID", "STATUS", "SCOPE", "RESERVED", "CREATED", "EXPIRES"],
-        _cli_reservation_row,
-    )
+    filters["admin"] = args.admin or None
+    headers = ["ID", "STATUS", "SCOPE", "RESERVED", "CREATED", "EXPIRES"]
+    pages = (client.iter_reservations, client.list_reservations)
+    return _cli_listing(args, "reservations", pages, filters, headers, _cli_reservation_row)
 
 
-def _cli_reservation_row(item: Mapping[str, Any]) -> List[str]:
+def _cli_reservation_row(item: Mapping[str, Any]) -> List[Any]:
     return [
-        _cli_cell(item.get("reservation_id")),
-        _cli_cell(item.get("status")),
-        _cli_cell(item.get("scope_path")),
+        item.get("reservation_id"),
+        item.get("status"),
+        item.get("scope_path"),
         _cli_amount(item.get("reserved"), with_unit=True),
         _cli_time(item.get("created_at_ms")),
         _cli_time(item.get("expires_at_ms")),
@@ -8952,54 +8673,39 @@ def _cli_reservation_row(item: Mapping[str, Any]) -> List[str]:
 def _cli_listing(
     args: Any,
     what: str,
-    every_item: Callable[[], Iterable[Dict[str, Any]]],
-    one_page: Callable[[], CyclesResponse],
+    pages: Tuple[Callable[..., Iterable[Dict[str, Any]]], Callable[..., CyclesResponse]],
+    filters: Dict[str, Any],
     headers: Sequence[str],
-    row: Callable[[Mapping[str, Any]], List[str]],
+    row: Callable[[Mapping[str, Any]], List[Any]],
 ) -> int:
     """A list command: one page (or with ``--all`` every item), as JSON or a table."""
+    every_item, one_page = pages
     if args.all:
-        body: Dict[str, Any] = {what: list(every_item())}
+        body: Dict[str, Any] = {what: list(every_item(**filters))}
     else:
-        response = one_page()
-        if not response.is_success:
-            return _cli_failed(response, what, args.json)
-        body = response.body or {}
-    if args.json:
-        _cli_json(body)
-        return EXIT_OK
-    _cli_table(headers, [row(item) for item in body.get(what) or [] if isinstance(item, dict)])
-    _cli_more(body)
-    return EXIT_OK
-
-
-def _cli_more(body: Mapping[str, Any]) -> None:
+        body = _cli_body(one_page(**filters), what, args.json)
+    items = [item for item in body.get(what) or [] if isinstance(item, dict)]
+    _cli_output(args, body, headers, map(row, items))
     cursor = body.get("next_cursor")
-    if body.get("has_more") and isinstance(cursor, str):
+    if not args.json and body.get("has_more") and isinstance(cursor, str):
         print(f"(more: --cursor {_cli_cell(cursor)}, or --all)", file=sys.stderr)
+    return EXIT_OK
 
 
 def _cli_reservation(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
-    response = client.get_reservation(args.reservation_id, admin=True if args.admin else None)
-    if not response.is_success:
-        return _cli_failed(response, "reservation", args.json)
-    body = response.body or {}
-    if args.json:
-        _cli_json(body)
-        return EXIT_OK
-    rows = []
-    for key, value in body.items():
-        if isinstance(value, dict) and "amount" in value:
-            text = _cli_amount(value, with_unit=True)
-        elif key.endswith("_at_ms"):
-            text = f"{_cli_time(value)} ({value})"
-        elif isinstance(value, (dict, list)):
-            text = json.dumps(value, sort_keys=True)
-        else:
-            text = value
-        rows.append([_cli_cell(key), _cli_cell(text)])
-    _cli_table(["FIELD", "VALUE"], rows)
+    response = client.get_reservation(args.reservation_id, admin=args.admin or None)
+    body = _cli_body(response, "reservation", args.json)
+    rows = [(key, _cli_field(key, value)) for key, value in body.items()]
+    _cli_output(args, body, ["FIELD", "VALUE"], rows)
     return EXIT_OK
+
+
+def _cli_field(key: str, value: Any) -> Any:
+    if isinstance(value, dict) and "amount" in value:
+        return _cli_amount(value, with_unit=True)
+    if key.endswith("_at_ms"):
+        return f"{_cli_time(value)} ({value})"
+    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
 
 
 def _cli_release(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
@@ -9007,17 +8713,13 @@ def _cli_release(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
     if args.reason:
         request["reason"] = args.reason
     ReleaseRequest.model_validate(request)  # the same checks as the model: a clear ValueError
-    response = client.release_reservation(
-        args.reservation_id, request, admin=True if args.admin else None
-    )
-    if not response.is_success:
-        return _cli_failed(response, "release", args.json)
-    body = response.body or {}
+    response = client.release_reservation(args.reservation_id, request, admin=args.admin or None)
+    body = _cli_body(response, "release", args.json)
     if args.json:
         _cli_json(body)
     else:
         released = _cli_amount(body.get("released"), with_unit=True) or "nothing"
-        print(f"released {released} from {_cli_cell(args.reservation_id)}")
+        print(_cli_cell(f"released {released} from {args.reservation_id}"))
     return EXIT_OK
 
 
@@ -9027,18 +8729,15 @@ def _cli_recover(client: CyclesClient, config: CyclesConfig, args: Any) -> int:
     journal = _journal_for(config)
     directory = journal.directory if journal is not None else None
     if directory is None:
-        _cli_error("the commit journal is disabled or not writable (CYCLES_JOURNAL_DIR)")
-        return EXIT_USAGE
+        _cli_exit("the commit journal is disabled or not writable (CYCLES_JOURNAL_DIR)", EXIT_USAGE)
     # What is left stays journaled for the next run: do not wait for it again at exit.
     bounded = dataclasses.replace(config, retry_flush_timeout=0.0)
     with CyclesClient(bounded) as recovering:
         summary = _recover(recovering, args.timeout)
     counts = dataclasses.asdict(summary)
-    if args.json:
-        _cli_json(dict(counts, journal=directory))
-    else:
+    if not args.json:
         print(f"journal: {directory}")
-        _cli_table(["result", "records"], [[name, str(value)] for name, value in counts.items()])
+    _cli_output(args, dict(counts, journal=directory), ["result", "records"], counts.items())
     return EXIT_OK if summary.unresolved == 0 and summary.quarantined == 0 else EXIT_API_ERROR
 
 
@@ -9046,34 +8745,20 @@ def _cli_verify_evidence(args: Any) -> int:
     """Exit 0 only when the envelope is ok.  Runs without configuration: without --jwks
     the JWK Set comes from CYCLES_BASE_URL when it is set, else a FILE is checked
     offline (binding_only at best)."""
-    try:
-        jwks = _cli_read(args.jwks) if args.jwks else None
-        is_id = _is_hex(args.target, 64) and not os.path.exists(args.target)
-        target: str | bytes = args.target if is_id else _cli_read(args.target)
-        if jwks is not None and not is_id:
-            result = verify_evidence(target, jwks=jwks, expected_signer=args.expected_signer)
-        elif is_id or os.environ.get("CYCLES_BASE_URL"):
-            with CyclesClient(CyclesConfig.from_env()) as client:
-                result = client.verify_evidence(
-                    target, jwks=jwks, expected_signer=args.expected_signer
-                )
-        else:
-            result = verify_evidence(target, expected_signer=args.expected_signer)
-    except (OSError, ValueError) as exc:
-        _cli_error(f"verify-evidence: {exc}")
-        return EXIT_USAGE
-    if args.json:
-        _cli_json(dataclasses.asdict(result))
+    jwks = _cli_read(args.jwks) if args.jwks else None
+    is_id = _is_hex(args.target, 64) and not os.path.exists(args.target)
+    target = args.target if is_id else _cli_read(args.target)
+    if is_id or (jwks is None and os.environ.get("CYCLES_BASE_URL")):
+        with CyclesClient(CyclesConfig.from_env()) as client:
+            result = client.verify_evidence(target, jwks=jwks, expected_signer=args.expected_signer)
     else:
+        result = verify_evidence(target, jwks=jwks, expected_signer=args.expected_signer)
+    if not args.json:
         print(f"{result.disposition}: {_cli_cell(result.reason)}")
-        rows = [
-            ["evidence_id", _cli_cell(result.evidence_id)],
-            ["artifact_type", _cli_cell(result.artifact_type)],
-            ["signer_kid", _cli_cell(result.signer_kid)],
-            ["signer_pin_matched", _cli_cell(result.signer_pin_matched)],
-            ["ok", "yes" if result.ok else "no"],
-        ]
-        _cli_table(["FIELD", "VALUE"], rows)
+    names = ("evidence_id", "artifact_type", "signer_kid", "signer_pin_matched")
+    rows = [(name, getattr(result, name)) for name in names]
+    rows.append(("ok", "yes" if result.ok else "no"))
+    _cli_output(args, dataclasses.asdict(result), ["FIELD", "VALUE"], rows)
     return EXIT_OK if result.ok else EXIT_API_ERROR
 
 

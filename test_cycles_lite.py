@@ -439,7 +439,7 @@ class TestModels(unittest.TestCase):
 
     def test_response_properties_never_raise(self) -> None:
         def response(**headers: str) -> CyclesResponse:
-            return cl._read_response(200, list(headers.items()), b"{}")
+            return cl._read_response(200, {k.lower(): v for k, v in headers.items()}, b"{}")
 
         ok = response(
             **{"X-RateLimit-Remaining": "-1", "X-RateLimit-Reset": "12", "Retry-After": "3"}
@@ -459,26 +459,26 @@ class TestModels(unittest.TestCase):
         )
 
     def test_read_response_is_pure_and_tolerant(self) -> None:
-        html = cl._read_response(502, [("Content-Type", "text/html")], b"<html>bad gateway</html>")
+        html = cl._read_response(502, {"content-type": "text/html"}, b"<html>bad gateway</html>")
         self.assertEqual((html.status, html.body), (502, None))
         self.assertTrue(html.error_message.startswith("HTTP 502 (text/html) is not a Cycles"))
         self.assertTrue(html.is_server_error)
-        broken = cl._read_response(200, [], b'{"status": "COMMI')
+        broken = cl._read_response(200, {}, b'{"status": "COMMI')
         self.assertEqual((broken.is_success, broken.body), (True, {}))
         self.assertFalse(cl._is_schema_valid("commit", broken))
-        listed = cl._read_response(200, [], b"[1, 2]")
+        listed = cl._read_response(200, {}, b"[1, 2]")
         self.assertEqual(listed.body, {})
-        deep = cl._read_response(200, [], b"[" * 100_000 + b"]" * 100_000)
+        deep = cl._read_response(200, {}, b"[" * 100_000 + b"]" * 100_000)
         self.assertEqual(deep.body, {})
-        moved = cl._read_response(307, [("Location", "http://elsewhere/v1")], b"")
+        moved = cl._read_response(307, {"location": "http://elsewhere/v1"}, b"")
         self.assertIn("redirect not followed", moved.error_message or "")
-        error = cl._read_response(409, [("X-Request-Id", "rq")], b'{"error": "X", "message": "m"}')
+        error = cl._read_response(409, {"x-request-id": "rq"}, b'{"error": "X", "message": "m"}')
         self.assertEqual((error.error_message, error.request_id), ("m", "rq"))
 
     def test_schema_validity_per_operation(self) -> None:
         def valid(operation: str, status: int, body: Dict[str, Any]) -> bool:
             raw = json.dumps(body).encode()
-            return cl._is_schema_valid(operation, cl._read_response(status, [], raw))
+            return cl._is_schema_valid(operation, cl._read_response(status, {}, raw))
 
         amount = {"unit": "TOKENS", "amount": 1}
         commit = {"status": "COMMITTED", "charged": amount}
@@ -614,6 +614,14 @@ class TestConfig(unittest.TestCase):
             dataclasses.replace(CyclesConfig("http://h", "k"), connect_timeout=-1)
         with self.assertRaises(TypeError):
             CyclesClient({"base_url": "http://h"})  # type: ignore[arg-type]
+
+    def test_a_mutated_key_is_checked_again_before_it_reaches_a_header(self) -> None:
+        config = CyclesConfig(base_url="http://localhost:7878", api_key="k")
+        config.api_key = "secret\r\nX-Injected: 1"
+        for client_class in (CyclesClient, AsyncCyclesClient):
+            with self.assertRaisesRegex(ValueError, "X-Cycles-API-Key: not a valid") as caught:
+                client_class(config)
+            self.assertNotIn("secret", str(caught.exception))
 
     def test_repr_masks_every_secret(self) -> None:
         config = CyclesConfig(
@@ -1249,7 +1257,7 @@ class TestTransport(ServerTestCase):
         client = self.client()
         self.assertTrue(client.get_balances(tenant=TENANT).is_success)
         (conn,) = client._transport._idle
-        self.assertEqual(conn.sock._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
+        self.assertEqual(conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
 
     def test_pool_disabled_sends_connection_close(self) -> None:
         client = self.client(pool_maxsize=0)

@@ -291,7 +291,10 @@ class TestResponseFraming(unittest.TestCase):
         "not-http": b"SSH-2.0-OpenSSH\r\n\r\n",
     }
 
-    def answer(self, kind: str) -> CyclesResponse:
+    def answer(self, kind: str, blocking: bool = False) -> CyclesResponse:
+        if blocking:  # the blocking client reads with the same parser: the same answers
+            return self.blocking_answer(kind)
+
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await reader.readuntil(b"\r\n\r\n")
             writer.write(self.ANSWERS[kind])
@@ -311,16 +314,41 @@ class TestResponseFraming(unittest.TestCase):
 
         return run(scenario)
 
+    def blocking_answer(self, kind: str) -> CyclesResponse:
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                received = b""
+                while b"\r\n\r\n" not in received:
+                    received += conn.recv(65536)
+                conn.sendall(self.ANSWERS[kind])
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        with cl.CyclesClient(CyclesConfig(base_url=url, api_key=API_KEY,
+                                          journal_enabled=False)) as client:
+            response = client.get_balances(tenant=TENANT)
+        server.join(5)
+        return response
+
     def test_chunked_interim_and_eof_framed_bodies(self) -> None:
-        self.assertEqual(self.answer("chunked").body, {"a": 1})
-        self.assertEqual(self.answer("continue").body, {"c": 3})
-        self.assertEqual(self.answer("eof").body, {"b": 2})
+        for blocking in (False, True):
+            with self.subTest(blocking=blocking):
+                self.assertEqual(self.answer("chunked", blocking).body, {"a": 1})
+                self.assertEqual(self.answer("continue", blocking).body, {"c": 3})
+                self.assertEqual(self.answer("eof", blocking).body, {"b": 2})
 
     def test_malformed_framing_is_a_transport_error(self) -> None:
-        bad = self.answer("bad-chunk")
-        self.assertTrue(bad.is_transport_error)
-        self.assertIn("chunk size", bad.error_message or "")
-        self.assertTrue(self.answer("not-http").is_transport_error)
+        for blocking in (False, True):
+            with self.subTest(blocking=blocking):
+                bad = self.answer("bad-chunk", blocking)
+                self.assertTrue(bad.is_transport_error)
+                self.assertIn("chunk size", bad.error_message or "")
+                self.assertTrue(self.answer("not-http", blocking).is_transport_error)
 
 
 class TestLoops(AsyncServerCase):
@@ -629,7 +657,9 @@ class TestAflushAndRecover(AsyncServerCase):
 
             async def scenario() -> Any:
                 await guarded()  # the commit fails once: its record stays journaled
-                with mock.patch.object(cl, "_perform", side_effect=AssertionError("a thread")):
+                no_thread = mock.patch.object(cl._Transport, "send",
+                                              side_effect=AssertionError("a thread"))
+                with no_thread:
                     summary = await client.recover(timeout=5)
                 await client.aclose()
                 return summary
@@ -822,7 +852,7 @@ class TestReviewFixes(AsyncServerCase):
         next(iter(cl._settlement_tasks)).get_loop().close()
 
         async def scenario() -> Any:
-            with mock.patch.object(cl, "_perform", side_effect=AssertionError("a thread")):
+            with mock.patch.object(cl._Transport, "send", side_effect=AssertionError("a thread")):
                 return await cl.aflush(5)
 
         result = run(scenario)

@@ -316,7 +316,7 @@ class TestFork(DeploymentCase):
         client._transport._pid = -1  # as if forked from C code, which skips the at-fork hooks
         self.assertTrue(client.get_balances(tenant="acme").is_success)
         self.assertEqual(client._transport._pid, os.getpid())
-        self.assertTrue(all(conn.sock is None for conn in stale))  # never reused: closed
+        self.assertTrue(all(conn.sock.fileno() == -1 for conn in stale))  # never reused: closed
         self.assertNotIn(stale[0], client._transport._idle)
 
     def test_the_reset_runs_for_every_registered_reset(self) -> None:

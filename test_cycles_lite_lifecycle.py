@@ -765,11 +765,11 @@ class TestInterrupts(_ServerCase):
         real_send = cl._Transport.send
         broken: List[bool] = []
 
-        def send(transport: Any, prepared: Any, deadline: float) -> Any:
-            if prepared.path.endswith("/commit") and not broken:
+        def send(transport: Any, call: Any, request: bytes, deadline: float) -> Any:
+            if call.path.endswith("/commit") and not broken:
                 broken.append(True)
                 raise AttributeError("a bug in the transport")
-            return real_send(transport, prepared, deadline)
+            return real_send(transport, call, request, deadline)
 
         with mock.patch.object(cl._Transport, "send", send), \
                 self.assertLogs(_LOGGER, "WARNING") as logs:
