@@ -3414,6 +3414,7 @@ class VirtualClock:
         self._conditions: weakref.WeakSet[threading.Condition] = weakref.WeakSet()
         self._waiting: Dict[threading.Thread, int] = {}  # thread -> moves seen when it began
         self._moves = 0
+        self._driven: weakref.WeakSet[threading.Thread] = weakref.WeakSet()  # see run()
 
     def monotonic(self) -> float:
         return time.monotonic() + self._offset
@@ -3451,7 +3452,8 @@ class VirtualClock:
         while time.monotonic() < quiet_by:
             with self._books:
                 busy = [t for t in threading.enumerate() if t is not me
-                        and t.name in CLIENT_THREADS and self._waiting.get(t) != moves]
+                        and (t.name in CLIENT_THREADS or t in self._driven)
+                        and self._waiting.get(t) != moves]
             if not busy:
                 return
             time.sleep(0.001)
@@ -3461,6 +3463,27 @@ class VirtualClock:
         while seconds > 1e-9:
             self.advance(min(step, seconds), *servers)
             seconds -= step
+
+    def run(self, call: Callable[[], Any], *servers: LocalCyclesServer, step: float = 0.05
+            ) -> Any:
+        """``call()`` (a blocking flush, say) on a thread of its own while time moves on
+        ``step`` seconds at a time; its result, or what it raised."""
+        outcome: Dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                outcome["result"] = call()
+            except BaseException as exc:  # raised again on the caller's thread
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=target, name="virtual-clock-run", daemon=True)
+        self._driven.add(thread)
+        thread.start()
+        while thread.is_alive():
+            self.advance(step, *servers)
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]
 
     def advance_until(self, predicate: Callable[[], Any], *servers: LocalCyclesServer,
                       step: float = 0.05, within: float = 10.0) -> bool:
@@ -3548,6 +3571,13 @@ class _LcCase(unittest.TestCase if TYPE_CHECKING else object):
             client.close()
 
     # -- mode-specific faces, one interface -----------------------------------
+
+    def flush_while_time_passes(self, timeout: float) -> bool:
+        """``cl.flush(timeout)``: sync mode moves the virtual clock on meanwhile (async
+        mode: real time, which the loop's retry sleeps follow)."""
+        if self.is_async:
+            return cl.flush(timeout)
+        return bool(VIRTUAL_CLOCK.run(lambda: cl.flush(timeout), self.srv))
 
     def time_passes_until(self, predicate: Callable[[], Any], within: float) -> bool:
         """Until ``predicate()`` holds (True) or ``within`` seconds passed (False): sync
@@ -4521,7 +4551,7 @@ class _LcSettlementCases(_LcCase):
         with open(record_path, encoding="utf-8") as handle:
             floor = json.load(handle)["not_before_ms"]  # the 429 floor is persisted
         self.assertGreaterEqual(floor, time.time() * 1000 + 800)
-        self.assertTrue(cl.flush(5))
+        self.assertTrue(self.flush_while_time_passes(5))
         first, second = self.commits()
         self.assertGreaterEqual(second.time_ms - first.time_ms, 950)
         self.assertFalse(os.path.exists(record_path))
@@ -5746,7 +5776,7 @@ class TestJournalRules(_DurCase):
         self.assertFalse(cycles_lite.flush(0.1), "not drained: the floor is in the future")
         self.assertEqual(len(self.commits()), 1)
         self.assertEqual(_dur_only_record(self, self.journal_root)[1], record, "left intact")
-        self.assertTrue(cycles_lite.flush(10.0))
+        self.assertTrue(VIRTUAL_CLOCK.run(lambda: cycles_lite.flush(10.0), self.srv))
         commits = self.commits()
         self.assertEqual(len(commits), 2)
         self.assertGreaterEqual(commits[1].time_ms, record["not_before_ms"])

@@ -642,7 +642,7 @@ class TestReleaseRetry(DeploymentCase):
                 with self.assertLogs(LOGGER, "WARNING"):
                     rid = self.release_after_failure(client)
                 self.assertLess(time.monotonic() - started, 1.5)  # the caller is not held
-                self.assertTrue(cl.flush(10))
+                self.assertTrue(VIRTUAL_CLOCK.run(lambda: cl.flush(10), self.srv))
                 self.assertEqual(self.srv.reservation(rid)["status"], "RELEASED")
                 self.assertTrue(_wait_for(lambda: len(self.srv.requests_for("release")) == 2))
                 keys = self.keys("release")
