@@ -163,7 +163,7 @@ def run_parallel(modules: List[str], jobs: int) -> Tuple[List[Dict[str, Any]], f
                 send.flush()
                 answer = receive.readline()
                 if not answer:
-                    results.append(died(unit))
+                    results.append(died(unit, "died in its worker process"))
                     break
                 results.append(json.loads(answer))
         os.waitpid(pid, 0)
@@ -173,6 +173,8 @@ def run_parallel(modules: List[str], jobs: int) -> Tuple[List[Dict[str, Any]], f
         thread.start()
     for thread in threads:
         thread.join()
+    while not pending.empty():  # every worker died before it
+        results.append(died(pending.get(), "was never run: every worker had died"))
     return results, time.perf_counter() - started
 
 
@@ -207,8 +209,8 @@ def start_workers(jobs: int) -> List[Tuple[IO[str], IO[str], int]]:
     return workers
 
 
-def died(unit: str) -> Dict[str, Any]:
-    text = f"the worker process running {unit} died\n"
+def died(unit: str, what: str) -> Dict[str, Any]:
+    text = f"{unit} {what}\n"
     return {"unit": unit, "seconds": 0.0, "cpu": 0.0, "tests": {}, "run": 1, "failures": [],
             "errors": [(unit, text)], "skipped": 0, "expected_failures": 0,
             "unexpected_successes": []}
