@@ -46,14 +46,15 @@ Contents (the section banners below, in order)::
     Client
     Async client
     Evidence                verify_evidence: RFC 8785, RFC 8032 Ed25519, key resolution
+    Decorator               @cycles: where a guarded call starts
     Guard and heartbeat
-        Effects and drivers     incl. the one sync heartbeat scheduler thread
-        Heartbeat plan          the spec's HEARTBEAT GUIDANCE, a pure state object
         The reservation lifecycle: one object, three faces
+        The steps: create, release, settle      written once, for sync and async
+        The I/O seam: how the steps wait        incl. the one sync heartbeat scheduler
+        Heartbeat plan          the spec's HEARTBEAT GUIDANCE, a pure state object
     Settlement and journal
         Settlement outcome table
         Commit journal, on-disk compatible with runcycles 0.5.3
-    Decorator
     Runtime annotations     typing.get_type_hints() on the public classes, resolved lazily
     CLI                     commands from one table
 """
@@ -77,6 +78,7 @@ import stat
 import sys
 import threading
 import time
+import types
 import weakref
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote, urlencode, urlsplit
@@ -117,10 +119,6 @@ if TYPE_CHECKING:  # pragma: no cover
     _SyncGuard = TypeVar("_SyncGuard", bound="_SyncFace")
     _AsyncGuard = TypeVar("_AsyncGuard", bound="_AsyncFace")
     _F = TypeVar("_F", bound=Callable[..., Any])
-    # A lifecycle step generator: yields effects, receives their results, returns _T.
-    _Steps = Generator["_Effect", Any, _T]
-    # A blocking send of one effect through a client's public method (see _sender).
-    _SendFn = Callable[["_Send"], "CyclesResponse"]
 
 __version__ = "0.2.0"
 
@@ -3385,7 +3383,7 @@ class CyclesClient:
         ``signer_resolution_failed``, never ``signature_invalid``.
         """
         steps = _verify_evidence_steps(self._config, evidence_id_or_envelope, jwks, expected_signer)
-        return _fetch_and_verify(self, steps)
+        return _run_sync(_fetch_and_verify(self, steps))
 
     def iter_balances(self, **filters: str) -> Iterator[dict[str, Any]]:
         """Every balance matching the filters, following cursors.
@@ -3558,7 +3556,7 @@ class AsyncCyclesClient:
     ) -> EvidenceVerification:
         """``CyclesClient.verify_evidence``; verification itself runs on the loop (~2 ms)."""
         steps = _verify_evidence_steps(self._config, evidence_id_or_envelope, jwks, expected_signer)
-        return await _fetch_and_verify_async(self, steps)
+        return await _fetch_and_verify(self, steps)
 
     def iter_balances(self, **filters: str) -> AsyncIterator[dict[str, Any]]:
         """``async for`` over every matching balance (see ``CyclesClient.iter_balances``)."""
@@ -4178,40 +4176,305 @@ def _verify_evidence_steps(
     return _verify_envelope(envelope, key_set, pin, evidence_id)
 
 
-def _fetch_and_verify(
-    client: CyclesClient,
+async def _fetch_and_verify(
+    client: CyclesClient | AsyncCyclesClient,
     steps: Generator[Tuple[str, str], CyclesResponse, EvidenceVerification],
 ) -> EvidenceVerification:
-    """Run _verify_evidence_steps with the client's own public requests."""
+    """Run _verify_evidence_steps with the client's own public requests (awaited when the
+    client is async; a sync client's run under ``_run_sync``)."""
     try:
         what, evidence_id = next(steps)
         while True:
             if what == "evidence":
-                response = client.get_evidence(evidence_id)
+                response: Any = client.get_evidence(evidence_id)
             else:
                 response = client.get_evidence_jwks()
+            if inspect.isawaitable(response):
+                response = await response
             what, evidence_id = steps.send(response)
     except StopIteration as done:
         result: EvidenceVerification = done.value
         return result
 
 
-async def _fetch_and_verify_async(
-    client: AsyncCyclesClient,
-    steps: Generator[Tuple[str, str], CyclesResponse, EvidenceVerification],
-) -> EvidenceVerification:
-    """_fetch_and_verify for the async client."""
-    try:
-        what, evidence_id = next(steps)
-        while True:
-            if what == "evidence":
-                response = await client.get_evidence(evidence_id)
-            else:
-                response = await client.get_evidence_jwks()
-            what, evidence_id = steps.send(response)
-    except StopIteration as done:
-        result: EvidenceVerification = done.value
+# ===========================================================================
+# Decorator
+# ===========================================================================
+
+
+def cycles(
+    estimate: int | Callable[..., int],
+    *,
+    actual: int | Callable[..., int] | None = None,
+    action_kind: str | Callable[..., str | None] | None = None,
+    action_name: str | Callable[..., str | None] | None = None,
+    action_tags: list[str] | Callable[..., list[str] | None] | None = None,
+    unit: Unit | str = Unit.USD_MICROCENTS,
+    ttl_ms: int = DEFAULT_TTL_MS,
+    grace_period_ms: int | None = None,
+    overage_policy: str = DEFAULT_OVERAGE_POLICY,
+    dry_run: bool = False,
+    tenant: str | Callable[..., str | None] | None = None,
+    workspace: str | Callable[..., str | None] | None = None,
+    app: str | Callable[..., str | None] | None = None,
+    workflow: str | Callable[..., str | None] | None = None,
+    agent: str | Callable[..., str | None] | None = None,
+    toolset: str | Callable[..., str | None] | None = None,
+    dimensions: dict[str, str] | Callable[..., dict[str, str] | None] | None = None,
+    client: CyclesClient | AsyncCyclesClient | None = None,
+    use_estimate_if_actual_not_provided: bool = True,
+) -> Callable[[_F], _F]:
+    """Reserve budget before the function runs, keep it alive while it runs, settle it after.
+
+    runcycles 0.5.3's decorator.  ``estimate`` and the subject/action
+    parameters are constants or callables of the function's arguments;
+    ``actual`` is a constant or a callable of its return value (default: the
+    estimate, committed with metadata ``actual_source="estimate"``).  A denial
+    raises the typed exception before the function runs; if the function raises,
+    the reservation is released and the exception re-raised; if it returns, the
+    actual is committed (never released), retried with the same idempotency key
+    if needed, and the result returned.  ``dry_run=True`` returns a DryRunResult
+    without running the function.  Works on ``def`` and ``async def`` functions
+    and on objects with an ``async def __call__``; the client (``client=``, else
+    the default client of the right kind, else one made from the default config)
+    is resolved at each call.
+    """
+    spec = _CyclesSpec(
+        estimate=estimate,
+        actual=actual,
+        per_call=dict(tenant=tenant, workspace=workspace, app=app, workflow=workflow,
+                      agent=agent, toolset=toolset, dimensions=dimensions,
+                      action_kind=action_kind, action_name=action_name, action_tags=action_tags),
+        unit=unit,
+        ttl_ms=ttl_ms,
+        grace_period_ms=grace_period_ms,
+        overage_policy=overage_policy,
+        dry_run=dry_run,
+        use_estimate_if_actual_not_provided=use_estimate_if_actual_not_provided,
+    )
+
+    def decorate(fn: _F) -> _F:
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            raise TypeError("@cycles cannot guard a generator; use client.stream_reservation")
+        if _is_async_callable(fn):
+            return _async_guarded(fn, spec, client)  # type: ignore[return-value]
+        return _sync_guarded(fn, spec, client)  # type: ignore[return-value]
+
+    return decorate
+
+
+def _sync_guarded(fn: Callable[..., Any], spec: _CyclesSpec, explicit: Any) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        client = _resolve_client(explicit, is_async=False)
+        body = spec.create_body(_config_of(client), args, kwargs)
+        if spec.dry_run:
+            return _run_sync(_dry_run(_SyncIO(client), body))
+        with _SyncFace(client, body, None) as guard:
+            result = fn(*args, **kwargs)
+            _reject_awaitable(result)
+            _run_sync(_commit_result(spec, guard, result))
         return result
+
+    return guarded
+
+
+def _async_guarded(fn: Callable[..., Any], spec: _CyclesSpec, explicit: Any) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    async def guarded(*args: Any, **kwargs: Any) -> Any:
+        client = _resolve_client(explicit, is_async=True)
+        body = spec.create_body(_config_of(client), args, kwargs)
+        if spec.dry_run:
+            return await _dry_run(_AsyncIO(client), body)
+        async with _AsyncFace(client, body, None) as guard:
+            result = await fn(*args, **kwargs)
+            await _commit_result(spec, guard, result)
+        return result
+
+    return guarded
+
+
+async def _commit_result(spec: _CyclesSpec, guard: _Reservation, result: Any) -> None:
+    """After the function returned: commit its actual (or, if unknown, settle nothing)."""
+    guard._work_done = True
+    actual, estimated = spec.actual_for(result, guard._estimate, guard.reservation_id)
+    await guard._commit(actual, estimated=estimated)
+
+
+async def _dry_run(io: _SyncIO | _AsyncIO, body: Dict[str, Any]) -> DryRunResult:
+    created, _, _ = await _create(io, body)
+    return DryRunResult(
+        decision=created.decision,
+        caps=created.caps,
+        affected_scopes=created.affected_scopes,
+        scope_path=created.scope_path,
+        reserved=created.reserved,
+        balances=created.balances,
+        reason_code=created.reason_code,
+        retry_after_ms=created.retry_after_ms,
+    )
+
+
+def _is_async_callable(fn: Any) -> bool:
+    """``async def`` functions (partials too) and objects with an ``async def __call__``."""
+    if inspect.iscoroutinefunction(fn):
+        return True
+    return not inspect.isfunction(fn) and inspect.iscoroutinefunction(type(fn).__call__)
+
+
+def _reject_awaitable(result: Any) -> None:
+    """A sync function that returns an awaitable has not done its work yet."""
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()
+        raise TypeError(
+            "@cycles: a sync function returned an awaitable; decorate the async def itself"
+        )
+
+
+@dataclass
+class _CyclesSpec:
+    """The ``@cycles`` parameters.  ``estimate`` and ``per_call`` (the subject and action
+    parameters, by name) are constants or callables of the function's arguments."""
+
+    estimate: Any
+    actual: Any
+    per_call: Dict[str, Any]
+    unit: Any
+    ttl_ms: Any
+    grace_period_ms: Any
+    overage_policy: Any
+    dry_run: bool
+    use_estimate_if_actual_not_provided: bool
+    settings_checked: bool = field(default=False, init=False)
+    callables: List[Tuple[str, Callable[..., Any]]] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        """Check the settings (unit, ttl, grace, overage policy) once; a bad one is still
+        raised by each call, where runcycles raises it, and in its order."""
+        self.callables = [(name, v) for name, v in self.per_call.items() if callable(v)]
+        try:
+            _ttl_check("ttl_ms", self.ttl_ms, False)
+            if self.grace_period_ms is not None:
+                _grace_check("grace_period_ms", self.grace_period_ms, False)
+            unit = _wire_value(_unit_check("unit", self.unit, False))
+            if self.overage_policy is not None:
+                policy = _overage_policy("overage_policy", self.overage_policy, False)
+                self.overage_policy = _wire_value(policy)
+        except ValueError:
+            return
+        self.unit, self.settings_checked = unit, True
+
+    def create_body(
+        self, config: CyclesConfig, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+    ) -> Dict[str, Any]:
+        """Checks in runcycles' order, before any request: the actual first, then the body."""
+        estimate = self.estimate(*args, **kwargs) if callable(self.estimate) else self.estimate
+        if not self.dry_run:
+            if self.actual is None and not self.use_estimate_if_actual_not_provided:
+                raise ValueError(
+                    "actual expression is required when"
+                    " use_estimate_if_actual_not_provided is False"
+                )
+            if self.actual is not None and not callable(self.actual):
+                _int64("actual", self.actual, False)
+        values = dict(self.per_call)
+        for name, compute in self.callables:
+            values[name] = compute(*args, **kwargs)
+        return _reservation_body(
+            estimate=estimate,
+            unit=self.unit,
+            subject=_subject_with_defaults(config, values, values["dimensions"]),
+            action=_action_body(
+                values["action_kind"], values["action_name"], values["action_tags"]
+            ),
+            ttl_ms=self.ttl_ms,
+            grace_period_ms=self.grace_period_ms,
+            overage_policy=self.overage_policy,
+            dry_run=self.dry_run,
+            settings_checked=self.settings_checked,
+        )
+
+    def actual_for(self, result: Any, estimate: int, reservation_id: str) -> Tuple[int, bool]:
+        """(actual, taken from the estimate?); raises when the actual is unknown."""
+        if self.actual is None:
+            return estimate, True
+        if not callable(self.actual):
+            return int(self.actual), False
+        try:
+            return _int64("actual", self.actual(result), False), False
+        except Exception:
+            if not self.use_estimate_if_actual_not_provided:
+                raise  # the actual is unknown: nothing is committed
+            _log.error(
+                "actual evaluation failed after the guarded work; committing the estimate:"
+                " reservation_id=%s",
+                reservation_id,
+                exc_info=True,
+            )
+            return estimate, True
+
+
+_defaults_lock = threading.Lock()
+_default_client: CyclesClient | None = None
+_default_async_client: AsyncCyclesClient | None = None
+_default_config: CyclesConfig | None = None
+_config_clients: Dict[bool, Any] = {}  # clients made from _default_config, by is_async
+
+
+@_after_fork_in_child
+def _defaults_after_fork() -> None:
+    """The default clients stay (their pools reset themselves); the lock is the child's."""
+    global _defaults_lock
+    _defaults_lock = threading.Lock()
+
+
+def set_default_client(client: CyclesClient | AsyncCyclesClient) -> None:
+    """The client ``@cycles`` uses when none is passed (one default per kind)."""
+    global _default_client, _default_async_client
+    with _defaults_lock:
+        if isinstance(client, AsyncCyclesClient):
+            _default_async_client = client
+        else:
+            _check_kind(client, CyclesClient)
+            _default_client = client
+
+
+def set_default_config(config: CyclesConfig) -> None:
+    """``@cycles`` creates its clients from this config, lazily, on first call."""
+    global _default_config
+    _check_kind(config, CyclesConfig, "config")
+    with _defaults_lock:
+        _default_config = config
+        _config_clients.clear()
+
+
+def _resolve_client(explicit: Any, is_async: bool) -> Any:
+    """The client of one call, resolved at call time (set_default_* may come after decoration)."""
+    client = explicit if explicit is not None else _default_client_for(is_async)
+    head = "Async function requires" if is_async else "Sync function requires"
+    _check_client(client, is_async, head)
+    return client
+
+
+def _default_client_for(is_async: bool) -> Any:
+    with _defaults_lock:
+        own = _default_async_client if is_async else _default_client
+        if own is not None:
+            return own
+        if _default_config is not None:
+            client = _config_clients.get(is_async)
+            if client is None:
+                kind = AsyncCyclesClient if is_async else CyclesClient
+                client = _config_clients[is_async] = kind(_default_config)
+            return client
+        other = _default_client if is_async else _default_async_client
+        if other is not None:
+            return other  # the wrong kind: _resolve_client says so
+    raise ValueError(
+        "No Cycles client available. Either pass client= to @cycles, "
+        "call set_default_client(), or call set_default_config()."
+    )
 
 
 # ===========================================================================
@@ -4219,95 +4482,1024 @@ async def _fetch_and_verify_async(
 # ===========================================================================
 
 # ---------------------------------------------------------------------------
-# Effects and drivers
+# The reservation lifecycle: one object, three faces
 #
-# The lifecycle, the settlement worker and journal replay are written once, as
-# generators that *yield* the effects they need (an HTTP attempt, a sleep,
-# blocking file I/O, starting or stopping the heartbeat) and receive their
-# results.  ``_drive`` performs effects on the calling thread, ``_drive_async``
-# awaits them, and each heartbeat has its own driver: beats on the one process-wide
-# scheduler thread (sync) or one task (async).  Sync and async differ only in the driver.
+# ``@cycles`` (above), ``client.reserve(...)`` and ``client.stream_reservation(...)``
+# all drive one ``_Reservation``: create -> (heartbeat) -> commit | release | event
+# fallback.  Its steps are written once, as coroutines over an I/O object (``send``,
+# ``sleep``, ``blocking``, heartbeat start/stop; see "The I/O seam" below): a sync
+# face runs them with ``_run_sync`` over blocking I/O (they never suspend), an async
+# face awaits them over asyncio I/O.  A decorated call, top-down from here: ``guarded``
+# -> ``_SyncFace.__enter__`` -> ``_enter`` -> ``_open`` -> ``_create`` -> ``io.send`` ->
+# ``client.create_reservation``; the heartbeat starts; the function runs;
+# ``_commit_result`` -> ``_commit`` -> ``_settle_new`` (stops the heartbeat) ->
+# ``_settle`` -> ``_settlement_attempt`` -> ``io.send`` -> ``client.commit_reservation``;
+# then ``__exit__`` -> ``_leave``.
 # ---------------------------------------------------------------------------
 
-
-class _Effect:
-    """What a lifecycle step asks its driver to do; the driver sends back the result."""
-
-    __slots__ = ()
+_current_context: contextvars.ContextVar[CyclesContext | None] = contextvars.ContextVar(
+    "cycles_lite_context", default=None
+)
 
 
-class _Send(_Effect):
-    """One attempt of a protocol operation through the client's public method
-    (``create_reservation``, ``commit_reservation``, ...); the result is a
-    CyclesResponse (never an exception).  The idempotency key is in ``body``, so a
-    resent effect is a retry with the same key.
+def get_cycles_context() -> CyclesContext | None:
+    """The reservation the current guarded call runs under, or None outside one."""
+    return _current_context.get()
 
-    ``deadline``: the ``deadline()`` bound of work that a background driver (the sync
-    heartbeat) runs outside the caller's context, None for the current one.
+
+class _Reservation:
+    """One reservation's lifecycle: create -> (heartbeat) -> commit | release | event fallback.
+
+    The faces (ReservationGuard, AsyncReservationGuard, the streams and
+    ``@cycles``) only pick the I/O.  Phases: new -> open -> closed; a
+    reservation is opened once and settled (committed, released or abandoned) once.
     """
 
-    __slots__ = ("body", "deadline", "operation", "reservation_id")
+    _failure_reason = "guarded_method_failed"
+    _is_async: ClassVar[bool] = False  # the face's kind of client
+
+    def __init__(
+        self, client: Any, create_body: Dict[str, Any], caller_key: str | None
+    ) -> None:
+        self._client = client
+        self._io: _SyncIO | _AsyncIO = (_AsyncIO if self._is_async else _SyncIO)(client)
+        self._create_body = create_body
+        self._caller_key = caller_key
+        self._created: ReservationCreateResponse | None = None
+        self._context: CyclesContext | None = None
+        self._context_token: contextvars.Token[CyclesContext | None] | None = None
+        self._heartbeat: Any = None
+        self._opened_at = 0.0
+        self._phase = "new"
+        self._work_done = False  # set once the function returned or commit() was called
+        self._settlement_error: CyclesProtocolError | None = None
+        self._release_error: CyclesProtocolError | None = None
+        _replay_on_first_use(client)
+
+    def __repr__(self) -> str:
+        rid = self._created.reservation_id if self._created else None
+        return f"{type(self).__name__}(reservation_id={rid!r}, phase={self._phase!r})"
+
+    # -- what the guarded code can read ----------------------------------------
+
+    @property
+    def reservation_id(self) -> str:
+        if self._created is None or self._created.reservation_id is None:
+            raise RuntimeError("reservation_id not available outside context manager")
+        return self._created.reservation_id
+
+    @property
+    def decision(self) -> Decision | str:
+        return self._created.decision if self._created else Decision.ALLOW
+
+    @property
+    def caps(self) -> Caps | None:
+        return self._created.caps if self._created else None
+
+    @property
+    def expires_at_ms(self) -> int | None:
+        """The lease expiry in server time, as updated by every successful heartbeat."""
+        return self._context.expires_at_ms if self._context else None
+
+    @property
+    def affected_scopes(self) -> List[str] | None:
+        return self._created.affected_scopes if self._created else None
+
+    @property
+    def scope_path(self) -> str | None:
+        return self._created.scope_path if self._created else None
+
+    @property
+    def reserved(self) -> Amount | None:
+        return self._created.reserved if self._created else None
+
+    @property
+    def balances(self) -> List[Balance] | None:
+        return self._created.balances if self._created else None
+
+    @property
+    def context(self) -> CyclesContext | None:
+        return self._context
+
+    @property
+    def is_settled(self) -> bool:
+        """True once a commit, release or abandonment has begun (it happens only once)."""
+        return self._phase == "closed"
+
+    @property
+    def settlement_error(self) -> CyclesProtocolError | None:
+        """Why the first commit attempt did not settle (retries may still succeed)."""
+        return self._settlement_error
+
+    @property
+    def release_error(self) -> CyclesProtocolError | None:
+        return self._release_error
+
+    @property
+    def _estimate(self) -> int:
+        amount: int = self._create_body["estimate"]["amount"]
+        return amount
+
+    # -- open --------------------------------------------------------------------
+
+    async def _enter(self) -> None:
+        """Open; any exception on the way (a KeyboardInterrupt included) leaves at once."""
+        try:
+            await self._open()
+        except BaseException as exc:
+            await self._leave(exc)
+            raise
+
+    async def _open(self) -> None:
+        if self._phase != "new":
+            raise RuntimeError("a reservation can be entered only once")
+        self._phase = "opening"
+        created, sent_ms, received_ms = await _create(self._io, self._create_body)
+        if not created.reservation_id:
+            raise CyclesProtocolError(
+                "Reservation successful but reservation_id missing", status=200
+            )
+        self._created = created
+        self._context = CyclesContext(
+            reservation_id=created.reservation_id,
+            estimate=self._estimate,
+            decision=created.decision,
+            caps=created.caps,
+            expires_at_ms=created.expires_at_ms,
+            affected_scopes=created.affected_scopes,
+            scope_path=created.scope_path,
+            reserved=created.reserved,
+            balances=created.balances,
+        )
+        self._phase = "open"  # from here on, every way out releases or settles (_leave)
+        self._heartbeat = self._io.start_heartbeat(
+            lambda io: self._keep_alive(io, sent_ms, received_ms)
+        )
+        self._context_token = _current_context.set(self._context)
+        self._opened_at = _clock.monotonic()
+        _log.debug(
+            "reservation created: reservation_id=%s decision=%s",
+            created.reservation_id,
+            getattr(created.decision, "value", created.decision),
+        )
+
+    def _restore_context(self) -> None:
+        """Put back the context that was current before this reservation (nesting-safe)."""
+        token, self._context_token = self._context_token, None
+        if token is None:
+            return
+        try:
+            _current_context.reset(token)
+        except ValueError:  # left in another context than it was entered in
+            old = token.old_value
+            _current_context.set(None if old is contextvars.Token.MISSING else old)
+
+    def _require_open(self, what: str) -> None:
+        if self._phase == "closed":
+            raise RuntimeError(f"cannot {what}: the reservation is already settled")
+        if self._phase != "open":
+            raise RuntimeError(f"cannot {what}: the reservation is not open")
+
+    # -- heartbeat -----------------------------------------------------------------
+
+    async def _keep_alive(
+        self, io: _ScheduledHeartbeat | _TaskHeartbeat, sent_ms: float, received_ms: float
+    ) -> None:
+        """Keep the lease alive on ``io`` (the heartbeat's own): the spec's schedule from
+        ``_HeartbeatPlan``.  A fresh key for every new beat, the same key for retries of
+        a failed one; every beat asks for ``extend_by_ms = ttl_ms``.  Always sleeps
+        before sending.  An internal error stops it like any other stop (lease lost)."""
+        try:
+            created, context = self._created, self._context
+            assert created is not None and context is not None
+            ttl_ms = int(self._create_body["ttl_ms"])
+            plan = _HeartbeatPlan(ttl_ms, math.ceil(io.attempt_s * 1000))
+            beat = plan.after_success(
+                remaining_ttl_ms=created.remaining_ttl_ms,
+                expires_at_ms=created.expires_at_ms,
+                sent_ms=sent_ms,
+                received_ms=received_ms,
+            )
+            body: Dict[str, Any] | None = None
+            bound = _deadline.get()  # the caller's: a sync heartbeat runs outside its context
+            while beat.action != "stop":
+                due_ms = received_ms + beat.delay_ms
+                if bound is not None and due_ms >= bound * 1000.0:
+                    _log.debug("heartbeat: the deadline comes before the next beat; stopping")
+                    return
+                await io.sleep(max(0.0, due_ms - _monotonic_ms()) / 1000.0)
+                if io.stopped or self._phase != "open":
+                    return  # settled meanwhile
+                if body is None or beat.action == "extend":
+                    body = {"idempotency_key": _new_key(), "extend_by_ms": ttl_ms}
+                sent_ms = _monotonic_ms()
+                response = await io.send("extend", body, context.reservation_id)
+                received_ms = _monotonic_ms()
+                if io.stopped or self._phase != "open":
+                    return  # stopped meanwhile: the late result is dropped
+                beat = self._after_extend(plan, response, sent_ms, received_ms)
+        except Exception:
+            context = self._context
+            if context is not None and context.heartbeat_stopped is None:
+                context.heartbeat_stopped = "internal_error"
+            _log.error(
+                "heartbeat stopped by an internal error; the lease will lapse:"
+                " reservation_id=%s",
+                self.reservation_id,
+                exc_info=True,
+            )
+
+    def _after_extend(
+        self, plan: _HeartbeatPlan, response: CyclesResponse, sent_ms: float, received_ms: float
+    ) -> _Beat:
+        context = self._context
+        assert context is not None
+        valid = _is_schema_valid("extend", response)
+        kind = _classify_extend(response.status, _error_code(response), valid)
+        if kind == "success":
+            body = response.body
+            assert body is not None
+            context.update_expires_at_ms(body["expires_at_ms"])
+            context.heartbeat_error = None
+            beat = plan.after_success(
+                remaining_ttl_ms=body.get("remaining_ttl_ms"),
+                expires_at_ms=body["expires_at_ms"],
+                sent_ms=sent_ms,
+                received_ms=received_ms,
+            )
+            problem = "the lease is shorter than the retry-safety budget"
+        else:
+            beat = plan.after_failure(
+                kind=kind, retry_after_ms=response.retry_after_ms_header, now_ms=received_ms
+            )
+            problem = "extend failed: " + _describe(response)
+            context.heartbeat_error = problem
+        self._report_beat(context, kind, problem, beat)
+        return beat
+
+    def _report_beat(self, context: CyclesContext, kind: str, problem: str, beat: _Beat) -> None:
+        """Policy ``warn``: every failure and every stop is logged and put on the context."""
+        rid = context.reservation_id
+        if beat.action == "stop":
+            context.heartbeat_stopped = beat.reason
+            _log.warning(
+                "heartbeat: %s; stopping (%s), the lease will lapse: reservation_id=%s",
+                problem,
+                beat.reason,
+                rid,
+            )
+        elif kind != "success":
+            _log.warning(
+                "heartbeat: %s; will retry with the same idempotency key in %d ms:"
+                " reservation_id=%s",
+                problem,
+                beat.delay_ms,
+                rid,
+            )
+
+    # -- settle ----------------------------------------------------------------------
+
+    async def _commit(
+        self,
+        actual: Any,
+        metrics: CyclesMetrics | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        estimated: bool = False,
+    ) -> None:
+        """Stop the heartbeat, journal the commit, send it; retries follow config.commit_retry."""
+        self._require_open("commit")
+        self._work_done = True  # asked to commit: the work happened, whatever the arguments
+        commit_body = self._commit_body(actual, metrics, metadata, estimated)
+        self._phase = "closed"
+        job = _Settlement.new(
+            self._client, self.reservation_id, commit_body, self._event_body(commit_body)
+        )
+        outcome = await _settle_new(self._io, job, self._heartbeat)
+        if outcome is not _Disposition.SUCCESS and job.last_response is not None:
+            self._settlement_error = _protocol_error(
+                job.last_response,
+                "Commit did not settle synchronously; known spend was not released",
+            )
+
+    def _commit_body(
+        self,
+        actual: Any,
+        metrics: CyclesMetrics | None,
+        metadata: Mapping[str, Any] | None,
+        estimated: bool,
+    ) -> Dict[str, Any]:
+        """The commit body.  Bad arguments raise ValueError; bad values the guarded code left
+        on the context are dropped with a warning (known spend is committed regardless)."""
+        _int64("actual", actual, False)
+        context = self._context
+        assert context is not None
+        measured = self._checked("metrics", metrics, context.metrics, _commit_metrics)
+        extra = self._checked("metadata", metadata, context.commit_metadata, _commit_metadata)
+        wire_metrics = measured.model_dump(mode="json", exclude_none=True) if measured else {}
+        wire_metrics.setdefault("latency_ms", self._elapsed_ms())
+        body: Dict[str, Any] = {
+            "idempotency_key": _derived_key("commit", self._caller_key),
+            "actual": {"unit": self._create_body["estimate"]["unit"], "amount": actual},
+            "metrics": wire_metrics,
+        }
+        extra = dict(extra or {})
+        if estimated:
+            extra["actual_source"] = "estimate"  # mark assumed spend for auditors
+        if extra:
+            body["metadata"] = extra
+        return body
+
+    def _checked(
+        self, name: str, given: Any, from_context: Any, check: Callable[[Any], _T]
+    ) -> _T | None:
+        if given is not None:
+            return check(given)
+        if from_context is None:
+            return None
+        try:
+            return check(from_context)
+        except ValueError as exc:
+            _log.warning(
+                "ignoring invalid context %s (%s): reservation_id=%s",
+                name,
+                exc,
+                self.reservation_id,
+            )
+            return None
+
+    def _event_body(self, commit_body: Dict[str, Any]) -> Dict[str, Any]:
+        """POST /v1/events body recording the same spend if the reservation expired first.
+
+        Same key (the event namespace is separate), the original subject and action,
+        no overage_policy (the default never rejects spend that already happened).
+        """
+        metadata = dict(commit_body.get("metadata") or {})
+        metadata["recovered_reservation_id"] = self.reservation_id
+        metadata["recovery_reason"] = "commit_after_reservation_expired"
+        event = {
+            "idempotency_key": commit_body["idempotency_key"],
+            "subject": self._create_body["subject"],
+            "action": self._create_body["action"],
+            "actual": commit_body["actual"],
+            "metadata": metadata,
+        }
+        if "metrics" in commit_body:
+            event["metrics"] = commit_body["metrics"]
+        return event
+
+    def _elapsed_ms(self) -> int:
+        return max(0, int((_clock.monotonic() - self._opened_at) * 1000))
+
+    # -- leave -------------------------------------------------------------------------
+
+    async def _leave(self, error: BaseException | None) -> None:
+        """The one way out of the block: release or settle (``_exit``), then stop the
+        heartbeat and restore the context whatever happens on the way."""
+        try:
+            await self._exit(error)
+        finally:
+            try:
+                if self._heartbeat is not None and not self._heartbeat.stopped:
+                    await self._io.stop_heartbeat(self._heartbeat)  # an interruption came first
+            finally:
+                self._restore_context()
+
+    async def _exit(self, error: BaseException | None) -> None:
+        """Leaving the block: the rule table in the README (Guarded execution)."""
+        if self._phase != "open":
+            return
+        if error is None:
+            await self._commit_on_exit()
+        elif self._work_done:
+            await self._work_done_exit(error)
+        else:
+            await self._release(self._failure_reason)
+
+    async def _release(self, reason: str) -> None:
+        """Give the budget back (only when the guarded work did not happen).
+
+        One attempt on the caller; a transient failure (429, 5xx, a dropped
+        connection, a timeout) is retried on the settlement worker with the same key,
+        honouring Retry-After, within the retry policy; a refusal is final.
+        """
+        _reason_check("reason", reason, False)
+        self._phase = "closed"
+        if self._heartbeat is not None:
+            await self._io.stop_heartbeat(self._heartbeat)
+        key = _derived_key("release", self._caller_key)
+        self._release_error = await _release_now(
+            self._io, self._client, self.reservation_id, key, reason
+        )
+
+    async def _work_done_exit(self, error: BaseException) -> None:
+        """The work ran but its actual amount is unknown (@cycles): settle nothing (see
+        the README)."""
+        self._phase = "closed"
+        await self._io.stop_heartbeat(self._heartbeat)
+        _log.error(
+            "actual amount unknown after the guarded work (%s): nothing committed or released;"
+            " the reservation will expire: reservation_id=%s",
+            type(error).__name__,
+            self.reservation_id,
+        )
+
+    async def _commit_on_exit(self) -> None:
+        """Left without settling: the work presumably happened, so commit the estimate."""
+        await self._commit(self._estimate, estimated=True)
+
+
+class _SyncFace(_Reservation):
+    """The ``with`` statement of a reservation on a CyclesClient: the steps on blocking I/O."""
+
+    def __enter__(self: _SyncGuard) -> _SyncGuard:
+        _run_sync(self._enter())
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        _run_sync(self._leave(exc))
+
+
+class _AsyncFace(_Reservation):
+    """The ``async with`` statement of a reservation on an AsyncCyclesClient (the rules of
+    _SyncFace; a create in flight when the caller is cancelled is released on arrival)."""
+
+    _is_async: ClassVar[bool] = True
+
+    async def __aenter__(self: _AsyncGuard) -> _AsyncGuard:
+        await self._enter()
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        await self._leave(exc)
+
+
+class _GuardOptions(_Reservation):
+    """The keyword parameters of ``client.reserve(...)``, shared by both guards."""
 
     def __init__(
         self,
-        operation: str,
-        body: Dict[str, Any],
-        reservation_id: str | None = None,
-        deadline: float | None = None,
+        client: Any,
+        estimate: int | Amount,
+        *,
+        unit: Unit | str = Unit.USD_MICROCENTS,
+        action_kind: str | None = None,
+        action_name: str | None = None,
+        action_tags: List[str] | None = None,
+        tenant: str | None = None,
+        workspace: str | None = None,
+        app: str | None = None,
+        workflow: str | None = None,
+        agent: str | None = None,
+        toolset: str | None = None,
+        dimensions: Dict[str, str] | None = None,
+        ttl_ms: int = DEFAULT_TTL_MS,
+        grace_period_ms: int | None = None,
+        overage_policy: str = DEFAULT_OVERAGE_POLICY,
+        metadata: Dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
     ) -> None:
-        self.operation = operation
-        self.body = body
-        self.reservation_id = reservation_id
-        self.deadline = deadline
+        _check_client(client, self._is_async)
+        if isinstance(estimate, Amount):
+            unit, estimate = estimate.unit, estimate.amount
+        subject = _subject_with_defaults(
+            _config_of(client),
+            dict(tenant=tenant, workspace=workspace, app=app, workflow=workflow, agent=agent,
+                 toolset=toolset),
+            dimensions,
+        )
+        body = _reservation_body(
+            estimate=estimate,
+            unit=unit,
+            subject=subject,
+            action=_action_body(action_kind, action_name, action_tags),
+            ttl_ms=ttl_ms,
+            grace_period_ms=grace_period_ms,
+            overage_policy=overage_policy,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+        )
+        super().__init__(client, body, idempotency_key)
+
+    async def _work_done_exit(self, error: BaseException) -> None:
+        """commit() was called but refused its arguments: the work happened, so the
+        estimate is committed (marked) rather than released; the error is re-raised."""
+        _log.warning(
+            "commit arguments refused (%s); committing the estimate: reservation_id=%s",
+            type(error).__name__,
+            self.reservation_id,
+        )
+        await self._commit_on_exit()
 
 
-class _Sleep(_Effect):
-    __slots__ = ("seconds",)
+class ReservationGuard(_GuardOptions, _SyncFace):
+    """``with client.reserve(estimate, ...) as r:`` -- a budget reservation around a block.
 
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
+    Entering reserves (a denial raises before the block runs) and starts the
+    heartbeat; ``get_cycles_context()`` returns the reservation inside.  In the
+    block, ``r.commit(actual, metrics=..., metadata=...)`` or ``r.release(reason)``
+    settles it.  Leaving on an exception releases (the work did not happen);
+    leaving without settling commits the estimate with metadata
+    ``actual_source="estimate"`` (the work presumably happened: never release spend).
+    So does leaving on an exception after ``commit()`` refused its arguments
+    (a ValueError for a bad ``metrics`` field, say): the work happened.
+    """
 
+    def commit(
+        self,
+        actual: int,
+        metrics: CyclesMetrics | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Commit ``actual``: the first attempt now, retries as configured.  A failed commit
+        never raises (see ``settlement_error``); bad arguments raise ValueError."""
+        _run_sync(self._commit(actual, metrics, metadata))
 
-class _Blocking(_Effect):
-    """Blocking work (journal file I/O): inline when sync, on a worker thread when async."""
-
-    __slots__ = ("work",)
-
-    def __init__(self, work: Callable[[], Any]) -> None:
-        self.work = work
-
-
-class _StartHeartbeat(_Effect):
-    """Run ``steps`` in the background; the result is a handle for _StopHeartbeat.
-    ``attempt_s``: how long one extend attempt may take (the client's attempt timeout)."""
-
-    __slots__ = ("attempt_s", "steps")
-
-    def __init__(self, steps: _Steps[None], attempt_s: float) -> None:
-        self.steps = steps
-        self.attempt_s = attempt_s
-
-
-class _StopHeartbeat(_Effect):
-    """Stop a heartbeat for good, waiting for a beat in flight."""
-
-    __slots__ = ("handle",)
-
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
+    def release(self, reason: str | None = None) -> None:
+        """Release the reservation (for work that did not happen)."""
+        self._require_open("release")
+        _run_sync(self._release(reason or "released_by_caller"))
 
 
-# -- the wire: the client's public methods ------------------------------------------
+class AsyncReservationGuard(_GuardOptions, _AsyncFace):
+    """``async with client.reserve(estimate, ...) as r:``; ``await r.commit(...)`` /
+    ``await r.release(...)``.  The rules of ReservationGuard."""
+
+    async def commit(
+        self,
+        actual: int,
+        metrics: CyclesMetrics | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        await self._commit(actual, metrics, metadata)
+
+    async def release(self, reason: str | None = None) -> None:
+        self._require_open("release")
+        await self._release(reason or "released_by_caller")
+
+
+# -- streams (runcycles' StreamReservation / AsyncStreamReservation) ----------------
+
+
+class _StreamOptions(_Reservation):
+    """runcycles' stream reservation: reserve on enter; on a clean exit commit the usage."""
+
+    _failure_reason = "stream_failed"
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        subject: Subject | None = None,
+        action: Action,
+        estimate: Amount,
+        ttl_ms: int = 120_000,
+        grace_period_ms: int | None = None,
+        overage_policy: str = DEFAULT_OVERAGE_POLICY,
+        cost_fn: Callable[[StreamUsage], int] | None = None,
+        metadata: Dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        raise_on_commit_failure: bool = False,
+    ) -> None:
+        _check_client(client, self._is_async)
+        if subject is None:
+            subject_body = _subject_with_defaults(_config_of(client), {}, None)
+        else:
+            subject_body = _subject("subject", subject, False).model_dump(exclude_none=True)
+        amount = _amount("estimate", estimate, False)
+        body = _reservation_body(
+            estimate=amount.amount,
+            unit=amount.unit,
+            subject=subject_body,
+            action=_action("action", action, False).model_dump(mode="json", exclude_none=True),
+            ttl_ms=ttl_ms,
+            grace_period_ms=grace_period_ms,
+            overage_policy=overage_policy,
+            idempotency_key=idempotency_key,
+        )
+        super().__init__(client, body, idempotency_key)
+        self._usage = StreamUsage()
+        self._cost_fn = cost_fn
+        self._metadata = _commit_metadata(metadata) if metadata is not None else None
+        self._raise_on_commit_failure = raise_on_commit_failure
+
+    @property
+    def usage(self) -> StreamUsage:
+        return self._usage
+
+    async def _commit_on_exit(self) -> None:
+        actual, estimated = self._actual_from_usage()
+        metrics = self._metrics_from_usage() or CyclesMetrics()
+        await self._commit(actual, metrics, self._metadata, estimated=estimated)
+        if self._settlement_error is not None and self._raise_on_commit_failure:
+            raise self._settlement_error
+
+    def _actual_from_usage(self) -> Tuple[int, bool]:
+        """usage.actual_cost, else cost_fn(usage), else the estimate (marked as such)."""
+        usage = self._usage
+        try:
+            if usage.actual_cost is not None:
+                return _int64("actual_cost", usage.actual_cost, False), False
+            if self._cost_fn is not None:
+                return _int64("cost_fn result", self._cost_fn(usage), False), False
+        except Exception:
+            _log.warning(
+                "stream actual cost unusable; committing the estimate: reservation_id=%s",
+                self.reservation_id,
+                exc_info=True,
+            )
+        return self._estimate, True
+
+    def _metrics_from_usage(self) -> CyclesMetrics | None:
+        """ctx.metrics if the code set them, else the usage; a bad value costs the metrics only."""
+        usage = self._usage
+        try:
+            if self._context is not None and self._context.metrics is not None:
+                return _commit_metrics(self._context.metrics)
+            return _commit_metrics(
+                CyclesMetrics(
+                    tokens_input=usage.tokens_input or None,
+                    tokens_output=usage.tokens_output or None,
+                    model_version=usage.model_version,
+                    custom=usage.custom or None,
+                )
+            )
+        except ValueError as exc:
+            _log.warning(
+                "ignoring invalid stream metrics (%s): reservation_id=%s", exc, self.reservation_id
+            )
+            return None
+
+
+class StreamReservation(_StreamOptions, _SyncFace):
+    """``with client.stream_reservation(action=..., estimate=...) as s:`` (runcycles-compatible).
+
+    Update ``s.usage`` while streaming; a clean exit commits ``usage.actual_cost``,
+    else ``cost_fn(usage)``, else the estimate; an exception releases ("stream_failed").
+    """
+
+
+class AsyncStreamReservation(_StreamOptions, _AsyncFace):
+    """``async with client.stream_reservation(...)`` (runcycles-compatible)."""
+
+
+# ---------------------------------------------------------------------------
+# The steps: create, release, settle
+# ---------------------------------------------------------------------------
+
+
+def _monotonic_ms() -> float:
+    return _clock.monotonic() * 1000.0
+
+
+def _describe(response: CyclesResponse) -> str:
+    """A log-safe summary of a failed attempt (never a body or a header value)."""
+    if response.is_transport_error:
+        return f"transport error: {response.error_message}"
+    code = _error_code(response)
+    text = f"status={response.status}" + (f" error={code}" if code else "")
+    return text + (" (not the expected answer)" if response.is_success else "")
+
+
+async def _create(
+    io: _SyncIO | _AsyncIO, body: Dict[str, Any]
+) -> Tuple[ReservationCreateResponse, float, float]:
+    """POST /v1/reservations; a denial or a lasting failure raises the typed exception.
+
+    An ambiguous outcome (a transport error, a 5xx, or a 2xx that is not the schema-valid
+    answer) is resent once at once, with the same key.  Returns the answer with the
+    last attempt's monotonic send and receive times (ms): the heartbeat starts from them.
+    """
+    for resend in (False, True):
+        sent_ms = _monotonic_ms()
+        response = await io.send("create", body)
+        received_ms = _monotonic_ms()
+        valid = _is_schema_valid("create", response)
+        ambiguous = not valid and (
+            response.is_transport_error or response.is_server_error or response.is_success
+        )
+        if resend or not ambiguous or _out_of_time():
+            break
+        _log.warning(
+            "create: %s (%s); resending once with the same idempotency key",
+            "not sent" if _never_sent(response) else "ambiguous outcome",
+            _describe(response),
+        )
+    if not valid:
+        if response.is_success:
+            raise CyclesProtocolError(
+                "Create reservation did not produce a schema-valid HTTP 200 response"
+                + (f": {response.error_message}" if response.error_message else ""),
+                status=response.status,
+                request_id=response.request_id,
+                trace_id=response.trace_id,
+            )
+        raise _protocol_error(response, "Failed to create reservation")
+    try:
+        created = ReservationCreateResponse.model_validate(response.body)
+    except ValueError as exc:
+        raise CyclesProtocolError(
+            f"Create reservation answer is malformed: {exc}", status=response.status
+        ) from None
+    if created.decision == Decision.DENY:
+        prefix = "Dry-run denied" if body.get("dry_run") else "Reservation denied"
+        raise _protocol_error(response, prefix)
+    return created, sent_ms, received_ms
+
+
+# -- the create body, validated before anything is sent -------------------------
+
+_ttl_check = ReservationCreateRequest._fields["ttl_ms"]
+_grace_check = ReservationCreateRequest._fields["grace_period_ms"]
+_unit_check = Amount._fields["unit"]
+_reason_check = ReleaseRequest._fields["reason"]
+
+
+def _subject_with_defaults(
+    config: CyclesConfig,
+    values: Mapping[str, str | None],
+    dimensions: Mapping[str, str] | None,
+) -> Dict[str, Any]:
+    """Subject fields; a missing (falsy) one falls back to the config's default."""
+    subject: Dict[str, Any] = {}
+    for name in SUBJECT_FIELDS:
+        value = values.get(name) or getattr(config, name)
+        if value:
+            subject[name] = value
+    if dimensions:
+        subject["dimensions"] = dict(dimensions)
+    return subject
+
+
+def _action_body(
+    kind: str | None, name: str | None, tags: List[str] | None
+) -> Dict[str, Any]:
+    action: Dict[str, Any] = {"kind": kind or "unknown", "name": name or "unknown"}
+    if tags:
+        action["tags"] = list(tags)
+    return action
+
+
+def _reservation_body(
+    *,
+    estimate: Any,
+    unit: Any,
+    subject: Mapping[str, Any],
+    action: Mapping[str, Any],
+    ttl_ms: Any,
+    grace_period_ms: Any,
+    overage_policy: Any,
+    metadata: Mapping[str, Any] | None = None,
+    idempotency_key: str | None = None,
+    dry_run: bool = False,
+    settings_checked: bool = False,
+) -> Dict[str, Any]:
+    """The create body, each field checked by its model's check but no model built:
+    ValueError naming the field, in runcycles' order (estimate, ttl, subject, grace),
+    then every other field.  ``settings_checked``: unit, ttl, grace and overage policy
+    were checked already (at decoration)."""
+    _int64("estimate", estimate, False)
+    if not settings_checked:
+        _ttl_check("ttl_ms", ttl_ms, False)
+    _check_fields(Subject, "subject", subject)
+    if not any(map(subject.get, SUBJECT_FIELDS)):
+        raise _FieldError("subject", "must have at least one of " + ", ".join(SUBJECT_FIELDS))
+    if grace_period_ms is not None and not settings_checked:
+        _grace_check("grace_period_ms", grace_period_ms, False)
+    checked_metadata = _commit_metadata(metadata) if metadata else None
+    _check_fields(Action, "action", action)
+    if not settings_checked:
+        unit = _wire_value(_unit_check("unit", unit, False))
+        if overage_policy is not None:
+            overage_policy = _wire_value(_overage_policy("overage_policy", overage_policy, False))
+    body = {
+        "idempotency_key": _new_key()
+        if idempotency_key is None
+        else _idempotency_key("idempotency_key", idempotency_key, False),
+        "subject": dict(subject),
+        "action": dict(action),
+        "estimate": {"unit": unit, "amount": estimate},
+        "ttl_ms": ttl_ms,
+    }
+    if grace_period_ms is not None:
+        body["grace_period_ms"] = grace_period_ms
+    if overage_policy is not None:
+        body["overage_policy"] = overage_policy
+    if dry_run:
+        body["dry_run"] = True
+    if checked_metadata:
+        body["metadata"] = checked_metadata
+    return body
+
+
+def _check_fields(model: Type[_Model], path: str, values: Mapping[str, Any]) -> None:
+    """Each of ``values`` by ``model``'s check for it, as a request model would (unknown
+    names refused), without building the model."""
+    for name, value in values.items():
+        check = model._fields.get(name)
+        if check is None:
+            raise _FieldError(f"{path}.{name}", "unknown field")
+        if value is not None:
+            try:
+                check(name, value, False)
+            except _FieldError as exc:
+                raise exc.under(path) from None
+
+
+def _wire_value(value: Any) -> Any:
+    """An enum member's JSON value; any other value as is."""
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def _derived_key(prefix: str, caller_key: str | None) -> str:
+    """runcycles' rule: ``<prefix>-<caller key>`` (hashed when too long), else a fresh key."""
+    if caller_key is None:
+        return _new_key()
+    candidate = f"{prefix}-{caller_key}"
+    if len(candidate) <= MAX_IDEMPOTENCY_KEY_LENGTH:
+        return candidate
+    import hashlib
+
+    return f"{prefix}-sha256-" + hashlib.sha256(caller_key.encode("utf-8")).hexdigest()
+
+
+def _commit_metrics(value: Any) -> CyclesMetrics:
+    """Checked again: the guarded code may have changed fields after construction."""
+    metrics: CyclesMetrics = _metrics("metrics", value, False)
+    if metrics is not value:
+        return metrics  # built from a dict just now: checked, and nobody else holds it
+    try:
+        copy: CyclesMetrics = metrics.model_copy()  # a copy runs every field check again
+    except _FieldError as exc:
+        raise exc.under("metrics") from None
+    return copy
+
+
+def _commit_metadata(value: Any) -> Dict[str, Any]:
+    """A JSON object (commit or create metadata), checked now rather than on the wire."""
+    return dict(_object_check("metadata", value, False))
+
+
+# -- release ---------------------------------------------------------------------
+
+
+async def _release_now(
+    io: _SyncIO | _AsyncIO, client: Any, reservation_id: str, key: str, reason: str
+) -> CyclesProtocolError | None:
+    """POST .../release: one attempt here; a transient failure (429, 5xx, a dropped
+    connection, a timeout) is retried on the settlement worker with the same key,
+    honouring Retry-After, within the retry policy; a refusal is final.  Returns the
+    first attempt's error when it did not release."""
+    job = _release_job(client, reservation_id, key, reason)
+    outcome = await _settle(io, job, retry_inline=False)
+    if outcome is _Disposition.RETRY and not _settlements.submit(job):
+        _settlements.turn_away(job)
+    if outcome is _Disposition.SUCCESS or job.last_response is None:
+        return None
+    return _protocol_error(job.last_response, "Release failed")
+
+
+def _release_job(client: Any, reservation_id: str, key: str, reason: str) -> _Settlement:
+    body = {"idempotency_key": key, "reason": reason}
+    return _Settlement.for_release(client, reservation_id, body)
+
+
+def _hand_over_release(job: _Settlement) -> None:
+    """A release to send (again) from the settlement queue, now, with its own key: as a
+    retry task on the running loop (handed to the worker thread if the loop ends
+    first), or on the worker thread for a job without ``loop_client``."""
+    job.due = _clock.monotonic()
+    if not _settlements.submit(job):
+        _settlements.turn_away(job)
+
+
+# -- settle ----------------------------------------------------------------------
+
+
+async def _settle_new(io: _SyncIO | _AsyncIO, job: _Settlement, heartbeat: Any) -> _Disposition:
+    """Stop the heartbeat, journal the settlement, attempt it, then retry here (inline)
+    or on the worker.  From the first step on, an interruption hands the job on.
+
+    What the caller's ``deadline()`` leaves no time for goes to the worker; a
+    settlement kept after its retry budget stays the process's (``_SettlementQueue``).
+    """
+    try:
+        await io.stop_heartbeat(heartbeat)
+        outcome = await _settle(io, job, retry_inline=job.inline)
+        if outcome is _Disposition.RETRY and not _settlements.submit(job):
+            outcome = await _settle(io, job, retry_inline=True)  # queue full: settle here
+        if outcome is _Disposition.STOP_KEEP:
+            _settlements.keep(job)
+    except Exception:  # a bug, never the caller's: the worker retries with the same key
+        _log.exception(
+            "settlement failed by an internal error; retried in the background:"
+            " reservation_id=%s",
+            job.record.reservation_id,
+        )
+        job.due = _clock.monotonic()
+        if _settlements.submit(job):
+            return _Disposition.RETRY
+        _settlements.keep(job)
+        return _Disposition.STOP_KEEP
+    except BaseException as exc:
+        if not isinstance(exc, GeneratorExit):  # closed by its owner: not an interruption
+            # Interrupted (task cancelled, Ctrl-C): the worker carries on, same key.
+            job.due = _clock.monotonic()
+            if not _settlements.submit(job):
+                _settlements.turn_away(job)
+        raise
+    return outcome
+
+
+async def _settle(io: _SyncIO | _AsyncIO, job: _Settlement, *, retry_inline: bool) -> _Disposition:
+    """Attempts until the outcome is final; without ``retry_inline``, until a retry must wait.
+
+    A job not journaled yet (a new settlement, possibly handed over by an interrupted
+    caller) gets its record written before its first attempt leaves the process."""
+    if not job.journaled:
+        if job.journal is not None:
+            await io.blocking(functools.partial(job.journal.write, job.record))
+        job.journaled = True  # not before: an interrupted write is redone by the worker
+    while True:
+        if _out_of_time(job.due):  # no attempt starts after the caller's deadline
+            return _Disposition.RETRY
+        wait = job.due - _clock.monotonic()
+        if wait > 0:
+            await io.sleep(wait)
+        step = await _settlement_attempt(io, job)
+        if step.disposition is _Disposition.FALLBACK_EVENT:
+            job.attempt = 0
+            continue
+        if step.disposition is not _Disposition.RETRY:
+            return step.disposition
+        job.due = _clock.monotonic() + step.delay_ms / 1000.0
+        if not retry_inline:
+            return _Disposition.RETRY
+
+
+async def _settlement_attempt(io: _SyncIO | _AsyncIO, job: _Settlement) -> _SettlementStep:
+    """One commit or event attempt, its outcome, and the journal kept in step with it."""
+    job.attempt += 1
+    response = await io.send(*job.request())
+    job.last_response = response
+    job.kept = False
+    step = _decide_settlement(
+        job.operation,
+        status=response.status,
+        error_code=_error_code(response),
+        schema_valid=_is_schema_valid(job.operation, response),
+        retry_after_ms=_parse_retry_after_ms(response.headers.get("retry-after")),
+        attempt=job.attempt,
+        policy=job.policy,
+        now_ms=_wall_clock_ms(),
+        rand=_jitter,
+    )
+    updated = _record_after_step(job.record, step)
+    if updated is not None:
+        job.record = updated
+        if job.journal is not None:  # event mode / a 429 floor: persisted before acting
+            await io.blocking(functools.partial(job.journal.write, updated))
+    elif step.disposition is _Disposition.FALLBACK_EVENT:
+        step = _SettlementStep(_Disposition.STOP_KEEP, 0, None, "no_event_fallback_body")
+    done = step.disposition is _Disposition.SUCCESS or step.disposition is _Disposition.STOP_DISCARD
+    if job.journal is not None and done:
+        await io.blocking(functools.partial(job.journal.remove, job.record.reservation_id))
+    job.last_step = step
+    _report_settlement(job, response, step)
+    return step
+
+
+# ---------------------------------------------------------------------------
+# The I/O seam: how the steps wait
 #
-# Every protocol operation of the lifecycle, the settlement retries and journal
-# replay goes through the client's public method, as in runcycles, so a mocked or
-# subclassed client sees each one.  The safety properties stay beneath or around
-# them: the idempotency key is in the body (a resent effect is a retry with the same
-# key), the attempt's deadline reaches ``_call`` through the ``_attempt`` context
+# The steps above await ``io.send`` / ``io.sleep`` / ``io.blocking`` and start and
+# stop the heartbeat through their I/O object.  ``_AsyncIO`` awaits real things
+# (never blocking the loop); ``_SyncIO``'s methods do their blocking work before they
+# return, so steps on it never suspend and ``_run_sync`` runs them with one
+# ``send(None)``.  A sync heartbeat (``_ScheduledHeartbeat``) is the one exception:
+# its sleep suspends the beats, and the process-wide scheduler resumes them when due.
+#
+# Every protocol operation goes through the client's public method, as in runcycles,
+# so a mocked or subclassed client sees each one.  The safety properties stay beneath
+# or around them: the idempotency key is in the body (a resend is a retry with the
+# same key), the attempt's deadline reaches ``_call`` through the ``_attempt`` context
 # variable, and the journal and the outcome table wrap the call.  A method that
 # raises or answers something other than a CyclesResponse is logged at ERROR and
 # counts as a transport failure: the outcome is unknown, so a settlement keeps its
 # record and retries the same key.
+# ---------------------------------------------------------------------------
+
+
+def _run_sync(steps: Coroutine[Any, Any, _T]) -> _T:
+    """Run steps over blocking I/O to their end, on this thread."""
+    try:
+        steps.send(None)
+    except StopIteration as done:
+        result: _T = done.value
+        return result
+    steps.close()
+    raise RuntimeError("internal error: a blocking lifecycle step suspended")
+
 
 _PUBLIC_METHODS = {
     "create": "create_reservation",
@@ -4333,6 +5525,133 @@ _attempt: contextvars.ContextVar[_Attempt | None] = contextvars.ContextVar(
 )
 
 
+class _SyncIO:
+    """Blocking I/O on the calling thread.
+
+    ``detached``: a settlement retry (the worker, ``flush``, ``recover``), which runs an
+    async client's coroutine to completion on a private event loop, and may still use
+    the pool of a client closed since the settlement began.
+    """
+
+    def __init__(
+        self, client: Any, *, detached: bool = False, attempt_s: float | None = None
+    ) -> None:
+        self.client = client
+        self.detached = detached
+        self.attempt_s = _config_of(client).attempt_timeout if attempt_s is None else attempt_s
+
+    async def send(
+        self, operation: str, body: Dict[str, Any], reservation_id: str | None = None
+    ) -> CyclesResponse:
+        """One attempt through the public method (never raises but for a client of the
+        wrong kind: TypeError)."""
+        token = _attempt.set(_Attempt(_clock.monotonic() + self.attempt_s, self.detached))
+        try:
+            method = getattr(self.client, _PUBLIC_METHODS[operation])
+            result = method(body) if reservation_id is None else method(reservation_id, body)
+            if not isinstance(result, CyclesResponse) and inspect.isawaitable(result):
+                if not self.detached:
+                    _refuse_kind(operation, result, is_async=False)
+                else:
+                    result = _run_to_completion(result)
+            return _response_of(operation, result)
+        except _ClientMismatch as exc:
+            raise TypeError(*exc.args) from None
+        except Exception as exc:
+            return _failed_send(operation, exc)
+        finally:
+            _attempt.reset(token)
+
+    async def sleep(self, seconds: float) -> None:
+        _clock.sleep(seconds)
+
+    async def blocking(self, work: Callable[[], _T]) -> _T:
+        return work()
+
+    def start_heartbeat(
+        self, beats: Callable[[_ScheduledHeartbeat], Coroutine[Any, Any, None]]
+    ) -> _ScheduledHeartbeat:
+        return _ScheduledHeartbeat(self, beats)
+
+    async def stop_heartbeat(self, heartbeat: _ScheduledHeartbeat) -> None:
+        heartbeat.stop()
+
+
+class _AsyncIO:
+    """asyncio I/O: sends awaited, sleeps on the loop, blocking work on a thread."""
+
+    def __init__(self, client: Any, *, attempt_s: float | None = None) -> None:
+        self.client = client
+        self.attempt_s = _config_of(client).attempt_timeout if attempt_s is None else attempt_s
+        self.in_flight: asyncio.Future[CyclesResponse] | None = None  # the last shielded send
+        self.deadline = 0.0  # time.monotonic() by which it ends
+
+    async def send(
+        self, operation: str, body: Dict[str, Any], reservation_id: str | None = None
+    ) -> CyclesResponse:
+        """One attempt through the async public method.
+
+        A create, an extend or a release runs as its own task, awaited through
+        ``asyncio.shield``: a heartbeat stop waits for its extend instead of cutting it
+        off, a release whose caller is cancelled still goes out, and so does a create,
+        whose reservation is then released (shielded from the cancellation: nobody will
+        use it).  A commit is not shielded: an interrupted commit is handed to the
+        settlement worker, which resends it with the same key.
+        """
+        import asyncio
+
+        try:
+            deadline = _clock.monotonic() + self.attempt_s
+            token = _attempt.set(_Attempt(deadline, False))
+            try:
+                method = getattr(self.client, _PUBLIC_METHODS[operation])
+                result = method(body) if reservation_id is None else method(reservation_id, body)
+                if not inspect.isawaitable(result):
+                    _refuse_kind(operation, result, is_async=True)
+                    return _response_of(operation, result)
+                if operation not in _SHIELDED:
+                    return _response_of(operation, await result)
+                task = asyncio.ensure_future(result)  # the task copies the context: _attempt
+            finally:
+                _attempt.reset(token)
+            self.in_flight, self.deadline = task, deadline
+            try:
+                return _response_of(operation, await asyncio.shield(task))
+            except asyncio.CancelledError:
+                _keep_running(task)
+                task.add_done_callback(
+                    functools.partial(
+                        _after_cancelled_send, self.client, operation, body, reservation_id
+                    )
+                )
+                raise
+        except _ClientMismatch as exc:
+            raise TypeError(*exc.args) from None
+        except Exception as exc:
+            return _failed_send(operation, exc)
+
+    async def sleep(self, seconds: float) -> None:
+        import asyncio
+
+        await asyncio.sleep(seconds)
+
+    async def blocking(self, work: Callable[[], _T]) -> _T:
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(None, work)
+
+    def start_heartbeat(
+        self, beats: Callable[[_TaskHeartbeat], Coroutine[Any, Any, None]]
+    ) -> _TaskHeartbeat:
+        return _TaskHeartbeat(self, beats)
+
+    async def stop_heartbeat(self, heartbeat: _TaskHeartbeat) -> None:
+        await heartbeat.stop()
+
+
+# -- the wire: the client's public methods ------------------------------------------
+
+
 class _ClientMismatch(TypeError):
     """A sync reservation on an async client, or the reverse: raised past the wire
     handlers, which treat other errors as transport failures; callers get a TypeError."""
@@ -4356,6 +5675,8 @@ def _check_client(client: Any, is_async: bool, head: str = "client: expected") -
     wanted, other = (
         (AsyncCyclesClient, CyclesClient) if is_async else (CyclesClient, AsyncCyclesClient)
     )
+    if isinstance(client, wanted):
+        return
     missing = [m for m in _PUBLIC_METHODS.values() if not callable(getattr(client, m, None))]
     if isinstance(client, other) or missing:
         detail = f" (missing {', '.join(missing)})" if missing and client is not None else ""
@@ -4365,20 +5686,12 @@ def _check_client(client: Any, is_async: bool, head: str = "client: expected") -
         )
 
 
-def _invoke(client: Any, effect: _Send) -> Any:
-    """Call the public method of ``effect``; whatever it returns (a coroutine if async)."""
-    method = getattr(client, _PUBLIC_METHODS[effect.operation])
-    if effect.reservation_id is None:
-        return method(effect.body)
-    return method(effect.reservation_id, effect.body)
-
-
-def _refuse_kind(effect: _Send, result: Any, is_async: bool) -> None:
+def _refuse_kind(operation: str, result: Any, is_async: bool) -> None:
     """An awaitable where an answer was due (or the reverse): a TypeError at the create,
     the first call; later (a duck with mixed methods) it counts as a bad answer."""
     if inspect.iscoroutine(result):
         result.close()  # never awaited: nothing was sent
-    if effect.operation == "create":
+    if operation == "create":
         kind, other = ("an async", "a sync") if is_async else ("a sync", "an async")
         raise _ClientMismatch(
             f"{_PUBLIC_METHODS['create']}() returned {_type_name(result)}: {kind}"
@@ -4386,68 +5699,40 @@ def _refuse_kind(effect: _Send, result: Any, is_async: bool) -> None:
         )
 
 
-def _response_of(effect: _Send, result: Any) -> CyclesResponse:
+def _response_of(operation: str, result: Any) -> CyclesResponse:
     """``result`` if it is a well-formed CyclesResponse (a mock or a subclass may not be),
     else a transport failure: the outcome is unknown, a settlement retries the same key."""
-    flaw = _response_flaw(result)
-    if flaw is None and isinstance(result, CyclesResponse):
+    from collections.abc import Mapping as AnyMapping
+
+    status = getattr(result, "status", None)
+    headers = getattr(result, "headers", None)
+    body = getattr(result, "body", None)
+    if not isinstance(result, CyclesResponse):
+        flaw = f"{_type_name(result)}, not a CyclesResponse"
+    elif isinstance(status, bool) or not isinstance(status, int):
+        flaw = f"a CyclesResponse whose status is {_type_name(status)}, not an int"
+    elif not isinstance(headers, AnyMapping):
+        flaw = f"a CyclesResponse whose headers are {_type_name(headers)}, not a mapping"
+    elif body is not None and not isinstance(body, dict):
+        flaw = f"a CyclesResponse whose body is {_type_name(body)}, not a dict or None"
+    else:
         return result
-    problem = TypeError(f"{_PUBLIC_METHODS[effect.operation]}() returned {flaw}")
+    problem = TypeError(f"{_PUBLIC_METHODS[operation]}() returned {flaw}")
     _log.error("%s; counted as a transport failure", problem)
     return CyclesResponse.transport_error(problem)
 
 
-def _response_flaw(result: Any) -> str | None:
-    """What makes ``result`` unusable as a CyclesResponse, or None."""
-    from collections.abc import Mapping as AnyMapping
-
-    if not isinstance(result, CyclesResponse):
-        return f"{_type_name(result)}, not a CyclesResponse"
-    status = getattr(result, "status", None)
-    if isinstance(status, bool) or not isinstance(status, int):
-        return f"a CyclesResponse whose status is {_type_name(status)}, not an int"
-    headers = getattr(result, "headers", None)
-    if not isinstance(headers, AnyMapping):
-        return f"a CyclesResponse whose headers are {_type_name(headers)}, not a mapping"
-    body = getattr(result, "body", None)
-    if body is not None and not isinstance(body, dict):
-        return f"a CyclesResponse whose body is {_type_name(body)}, not a dict or None"
-    return None
-
-
-def _failed_send(effect: _Send, exc: Exception) -> CyclesResponse:
+def _failed_send(operation: str, exc: Exception) -> CyclesResponse:
     """A public method raised: a bug or a test double's error, never plain network trouble
     (the client answers that with a transport-error response)."""
     _log.error(
         "%s() raised %s; counted as a transport failure (a settlement keeps its"
         " idempotency key and retries)",
-        _PUBLIC_METHODS[effect.operation],
+        _PUBLIC_METHODS[operation],
         type(exc).__name__,
         exc_info=exc,
     )
     return CyclesResponse.transport_error(exc)
-
-
-def _send_now(client: Any, effect: _Send, *, detached: bool = False) -> CyclesResponse:
-    """One attempt through the public method, on this thread.
-
-    ``detached``: a settlement retry (the worker, ``flush``, ``recover``), which runs an
-    async client's coroutine to completion on a private event loop, and may still use
-    the pool of a client closed since the settlement began.
-    """
-    token = _attempt.set(
-        _Attempt(_clock.monotonic() + _config_of(client).attempt_timeout, detached)
-    )
-    try:
-        result = _invoke(client, effect)
-        if inspect.isawaitable(result):
-            if not detached:
-                _refuse_kind(effect, result, is_async=False)
-                return _response_of(effect, result)
-            result = _run_to_completion(result)
-        return _response_of(effect, result)
-    finally:
-        _attempt.reset(token)
 
 
 def _run_to_completion(awaitable: Any) -> Any:
@@ -4463,148 +5748,6 @@ def _run_to_completion(awaitable: Any) -> Any:
             loop.close()
 
 
-def _sender(client: Any, *, detached: bool = False) -> _SendFn:
-    """The blocking send of ``client``'s sync drivers."""
-    return functools.partial(_send_now, client, detached=detached)
-
-
-def _drive(send: _SendFn, steps: _Steps[_T]) -> _T:
-    """The blocking driver: perform each effect on the calling thread.
-
-    An exception from an effect (KeyboardInterrupt in a sleep, say) is thrown
-    into the steps, which may react (hand a settlement to the worker) and re-raise.
-    """
-    reply: Any = None
-    error: BaseException | None = None
-    try:
-        while True:
-            try:
-                effect = steps.send(reply) if error is None else steps.throw(error)
-            except StopIteration as done:
-                result: _T = done.value
-                return result
-            try:
-                reply, error = _perform_effect(send, effect), None
-            except BaseException as exc:  # thrown into the steps on the next turn
-                reply, error = None, exc
-    finally:
-        steps.close()
-
-
-def _perform_effect(send: _SendFn, effect: _Effect) -> Any:
-    if isinstance(effect, _Send):
-        return _send_safely(send, effect)
-    if isinstance(effect, _Sleep):
-        _clock.sleep(effect.seconds)
-        return None
-    if isinstance(effect, _Blocking):
-        return effect.work()
-    if isinstance(effect, _StartHeartbeat):
-        return _ScheduledHeartbeat(send, effect.steps, effect.attempt_s).start()
-    if isinstance(effect, _StopHeartbeat):
-        effect.handle.stop()
-        return None
-    raise TypeError(f"unknown effect {effect!r}")
-
-
-def _send_safely(send: _SendFn, effect: _Send) -> CyclesResponse:
-    """``send(effect)``; an exception from the public method (a bug, a closed client, a test
-    double's error) is logged at ERROR and becomes a transport-error response.  A client
-    of the wrong kind raises TypeError."""
-    try:
-        with _bounded_by(effect.deadline):
-            return send(effect)
-    except _ClientMismatch as exc:
-        raise TypeError(*exc.args) from None
-    except Exception as exc:
-        return _failed_send(effect, exc)
-
-
-async def _drive_async(
-    client: Any, steps: _Steps[_T], heartbeat: _TaskHeartbeat | None = None
-) -> _T:
-    """The asyncio driver: the same steps, each effect awaited (never blocking the loop).
-
-    ``heartbeat``: the handle whose steps these are (it tracks the extend in flight).
-    """
-    reply: Any = None
-    error: BaseException | None = None
-    try:
-        while True:
-            try:
-                effect = steps.send(reply) if error is None else steps.throw(error)
-            except StopIteration as done:
-                result: _T = done.value
-                return result
-            try:
-                reply, error = await _perform_effect_async(client, effect, heartbeat), None
-            except BaseException as exc:  # CancelledError included: the steps see it
-                reply, error = None, exc
-    finally:
-        steps.close()
-
-
-async def _perform_effect_async(
-    client: Any, effect: _Effect, heartbeat: _TaskHeartbeat | None = None
-) -> Any:
-    import asyncio
-
-    if isinstance(effect, _Send):
-        try:
-            return await _send_async(client, effect, heartbeat)
-        except _ClientMismatch as exc:
-            raise TypeError(*exc.args) from None
-        except Exception as exc:
-            return _failed_send(effect, exc)
-    if isinstance(effect, _Sleep):
-        await asyncio.sleep(effect.seconds)
-        return None
-    if isinstance(effect, _Blocking):
-        return await asyncio.get_running_loop().run_in_executor(None, effect.work)
-    if isinstance(effect, _StartHeartbeat):
-        return _TaskHeartbeat(client, effect.steps)
-    if isinstance(effect, _StopHeartbeat):
-        await effect.handle.stop()
-        return None
-    raise TypeError(f"unknown effect {effect!r}")
-
-
-async def _send_async(
-    client: Any, effect: _Send, heartbeat: _TaskHeartbeat | None
-) -> CyclesResponse:
-    """One attempt through the async public method.
-
-    A create, an extend or a release runs as its own task, awaited through
-    ``asyncio.shield``: a heartbeat stop waits for its extend instead of cutting it off,
-    a release whose caller is cancelled still goes out, and so does a create, whose
-    reservation is then released (shielded from the cancellation: nobody will use it).
-    A commit is not shielded: an interrupted commit is handed to the settlement worker,
-    which resends it with the same key.
-    """
-    import asyncio
-
-    deadline = _clock.monotonic() + _config_of(client).attempt_timeout
-    token = _attempt.set(_Attempt(deadline, False))
-    try:
-        result = _invoke(client, effect)
-        if not inspect.isawaitable(result):
-            _refuse_kind(effect, result, is_async=True)
-            return _response_of(effect, result)
-        if effect.operation not in _SHIELDED:
-            return _response_of(effect, await result)
-        task = asyncio.ensure_future(result)  # the task copies the context: _attempt with it
-    finally:
-        _attempt.reset(token)
-    if heartbeat is not None:
-        heartbeat.in_flight, heartbeat.deadline = task, deadline
-    try:
-        return _response_of(effect, await asyncio.shield(task))
-    except asyncio.CancelledError:
-        _keep_running(task)
-        task.add_done_callback(functools.partial(_after_cancelled_send, client, effect))
-        raise
-
-
 _SHIELDED = frozenset({"create", "extend", "release"})
 _shielded_tasks: set[Any] = set()  # strong references: tasks nobody awaits any more
 
@@ -4614,24 +5757,27 @@ def _keep_running(task: Any) -> None:
     task.add_done_callback(_shielded_tasks.discard)
 
 
-def _after_cancelled_send(client: Any, effect: _Send, task: Any) -> None:
+def _after_cancelled_send(
+    client: Any, operation: str, body: Dict[str, Any], reservation_id: str | None, task: Any
+) -> None:
     """A done callback on a shielded send whose caller was cancelled.  A release cut off
     by the end of the event loop (nothing else cancels it) goes to the worker thread
     with its key, unless the settlement queue already has it; a create that answered
     has its reservation released."""
-    if effect.operation == "release":
-        if task.cancelled() and effect.reservation_id not in _settlements.busy():
-            job = _Settlement.for_release(client, effect)
+    if operation == "release":
+        assert reservation_id is not None
+        if task.cancelled() and reservation_id not in _settlements.busy():
+            job = _Settlement.for_release(client, reservation_id, body)
             job.loop_client = None  # the loop is ending: the worker sends it
             _hand_over_release(job)
-        return
-    _release_orphan(client, effect, task)
+    elif operation == "create":
+        _release_orphan(client, body, task)
 
 
-def _release_orphan(client: Any, create: _Send, task: Any) -> None:
+def _release_orphan(client: Any, create_body: Dict[str, Any], task: Any) -> None:
     """The create of a cancelled call answered: release what it reserved, as a settlement
     retry task on the loop, handed to the worker thread if the loop ends first."""
-    if task.cancelled() or task.exception() is not None or create.operation != "create":
+    if task.cancelled() or task.exception() is not None:
         return  # (an exception is retrieved here, so asyncio does not report it)
     response = task.result()
     if not isinstance(response, CyclesResponse) or not _is_schema_valid("create", response):
@@ -4640,12 +5786,15 @@ def _release_orphan(client: Any, create: _Send, task: Any) -> None:
     reservation_id = body.get("reservation_id")
     if body.get("decision") == Decision.DENY.value or not isinstance(reservation_id, str):
         return
-    key = _derived_key("release", create.body.get("idempotency_key"))
+    key = _derived_key("release", create_body.get("idempotency_key"))
     _hand_over_release(_release_job(client, reservation_id, key, "cancelled_before_use"))
 
 
-class _TaskHeartbeat:
-    """The async heartbeat driver: one asyncio task running the steps.
+# -- the heartbeats: a task each (async), one process-wide scheduler (sync) -----------
+
+
+class _TaskHeartbeat(_AsyncIO):
+    """An async heartbeat: its own I/O, and one asyncio task running the beats over it.
 
     ``stop()`` is final and, like ``_ScheduledHeartbeat.stop()``, waits for a beat in
     flight: cancelling the task only stops the waiting (the extend runs shielded), so
@@ -4653,16 +5802,17 @@ class _TaskHeartbeat:
     result.  No extend is on the wire when the commit goes out.
     """
 
-    def __init__(self, client: Any, steps: _Steps[None]) -> None:
+    def __init__(
+        self, io: _AsyncIO, beats: Callable[[_TaskHeartbeat], Coroutine[Any, Any, None]]
+    ) -> None:
         import asyncio
 
-        self.in_flight: asyncio.Future[CyclesResponse] | None = None
-        self.deadline = 0.0
-        self._task = asyncio.get_running_loop().create_task(_drive_async(client, steps, self))
+        super().__init__(io.client, attempt_s=io.attempt_s)
+        self._task = asyncio.get_running_loop().create_task(beats(self))
 
     @property
     def stopped(self) -> bool:
-        """True once the task ended: stopped, or the steps gave up on their own."""
+        """True once the task ended: stopped, or the beats gave up on their own."""
         return self._task.done()
 
     async def stop(self) -> None:
@@ -4680,74 +5830,82 @@ class _TaskHeartbeat:
             in_flight.cancel()  # past its or the caller's deadline: stop waiting
 
 
-class _ScheduledHeartbeat:
-    """The sync heartbeat driver: its beats run on the process-wide ``_heartbeats`` pool.
+@types.coroutine
+def _pause(seconds: float) -> Generator[float, None, None]:
+    """What a scheduled heartbeat's sleep awaits: it hands the seconds to the scheduler."""
+    yield seconds
 
-    ``start()`` runs the steps up to their first sleep (they always sleep before
+
+class _ScheduledHeartbeat(_SyncIO):
+    """A sync heartbeat: blocking I/O whose sleeps suspend the beats, which run on the
+    process-wide ``_heartbeats`` scheduler.
+
+    On creation it runs the beats up to their first sleep (they always sleep before
     sending) and hands the heartbeat to the scheduler, which runs each beat when it
     is due (one extend attempt, bounded by the transport's whole-attempt deadline,
-    ``attempt_s``) and schedules the next.  ``stop()`` is final (a heartbeat is never
-    restarted): it unschedules the heartbeat and waits for a beat in flight until that
-    attempt's deadline, so no extend that keeps to its deadline is on the wire when the
-    commit goes out; a result that arrives after ``stop()`` is never fed to the steps.
+    ``attempt_s``, and the caller's ``deadline()``) and schedules the next.  ``stop()``
+    is final (a heartbeat is never restarted): it unschedules the heartbeat and waits
+    for a beat in flight until that attempt's deadline, so no extend that keeps to its
+    deadline is on the wire when the commit goes out; a result that arrives after
+    ``stop()`` is dropped.
 
-    The steps run outside every lock (they log).  The scheduler's lock guards
-    ``stopped`` and which beat is running; whoever finds the steps idle closes them.
+    The beats run outside every lock (they log).  The scheduler's lock guards
+    ``stopped`` and which beat is running; whoever finds the beats idle closes them.
     """
 
-    def __init__(self, send: _SendFn, steps: _Steps[None], attempt_s: float) -> None:
-        self._send = send
-        self._steps = steps
-        self.attempt_s = attempt_s
+    def __init__(
+        self, io: _SyncIO, beats: Callable[[_ScheduledHeartbeat], Coroutine[Any, Any, None]]
+    ) -> None:
+        super().__init__(io.client, attempt_s=io.attempt_s)
+        self.bound = _deadline.get()  # the beats run outside the caller's context
         self.stopped = False
         self.queued = False  # an entry of it is in the scheduler's heap
         self.deadline = 0.0  # time.monotonic() by which its beat in flight ends
+        self._beats = beats(self)
         _reset_after_fork(self)
+        _heartbeats.schedule(self, self.beat())
 
     def _after_fork(self) -> None:
         """In a forked child: the parent keeps beating (the scheduler resets itself)."""
         self.stopped = True
 
-    def start(self) -> _ScheduledHeartbeat:
-        _heartbeats.schedule(self, self.beat())
-        return self
+    async def sleep(self, seconds: float) -> None:
+        await _pause(seconds)
+
+    async def send(
+        self, operation: str, body: Dict[str, Any], reservation_id: str | None = None
+    ) -> CyclesResponse:
+        """The blocking send; SystemExit from a test double, say, is an internal error."""
+        try:
+            with _bounded_by(self.bound):
+                return await super().send(operation, body, reservation_id)
+        except Exception:
+            raise
+        except BaseException as exc:
+            raise RuntimeError(
+                f"{_PUBLIC_METHODS[operation]}() raised {type(exc).__name__}"
+            ) from exc
+
+    def beat(self) -> float | None:
+        """Run the beats up to their next sleep: its seconds, or None once they are done.
+        Never raises: whatever goes wrong ends this heartbeat only."""
+        try:
+            pause: float = self._beats.send(None)
+        except StopIteration:
+            return None
+        except BaseException:  # a bug in the beats: the thread serves the other heartbeats
+            _log.error("heartbeat stopped by an internal error", exc_info=True)
+            return None
+        return pause
 
     def stop(self) -> None:
         if _heartbeats.unschedule(self):  # else the beat in flight closes them when it ends
             self.close()
 
     def close(self) -> None:
-        # ValueError in a forked child: the parent's thread was inside the steps.
+        # ValueError in a forked child: the parent's thread was inside the beats.
         with contextlib.suppress(ValueError):
-            self._steps.close()
-
-    def beat(self) -> float | None:
-        """Run the steps up to their next sleep: its seconds, or None once they are done
-        or stopped.  Never raises: whatever goes wrong ends this heartbeat only."""
-        try:
-            effect: _Effect | None = self._steps.send(None)
-            while isinstance(effect, _Send) and not self.stopped:
-                effect = self._extend(effect)
-        except StopIteration:
-            return None
-        except BaseException:  # a bug in the steps: the thread serves the other heartbeats
-            _log.error("heartbeat stopped by an internal error", exc_info=True)
-            return None
-        return effect.seconds if isinstance(effect, _Sleep) and not self.stopped else None
-
-    def _extend(self, effect: _Send) -> _Effect | None:
-        self.deadline = _clock.monotonic() + self.attempt_s
-        try:
-            reply = _send_safely(self._send, effect)
-        except BaseException as exc:  # SystemExit from a test double, say: an internal error
-            error = RuntimeError(
-                f"{_PUBLIC_METHODS[effect.operation]}() raised {type(exc).__name__}"
-            )
-            error.__cause__ = exc
-            return self._steps.throw(error)  # the steps record it and end
-        if self.stopped:
-            return None  # stopped meanwhile: the late result is dropped
-        return self._steps.send(reply)
+            self._beats.close()
 
 
 # How long a heartbeat thread waits for work before it exits: calls in a steady
@@ -4929,7 +6087,7 @@ class _HeartbeatScheduler:
             self._landed.notify_all()
 
     def _after_beat(self, heartbeat: _ScheduledHeartbeat, seconds: float | None) -> None:
-        """Under the lock: schedule the next beat, or close the steps of a stopped one."""
+        """Under the lock: schedule the next beat, or close the beats of a stopped one."""
         if not heartbeat.stopped:
             if seconds is not None:
                 self._push(heartbeat, seconds)
@@ -4948,7 +6106,7 @@ _after_fork_in_child(_heartbeats.reset)
 # ---------------------------------------------------------------------------
 # Heartbeat plan (protocol HEARTBEAT GUIDANCE, v0.1.25.16)
 #
-# A pure state object: the driver feeds it monotonic timestamps (ms) and the
+# A pure state object: the heartbeat feeds it monotonic timestamps (ms) and the
 # outcome of each create/extend attempt; it answers with the next beat.
 # ---------------------------------------------------------------------------
 
@@ -5256,879 +6414,6 @@ class _HeartbeatPlan:
         if kind == "rate_limited" and retry_after_ms is not None and retry_after_ms >= 0:
             delay = max(delay, retry_after_ms)
         return _Beat("retry", min(delay, _MAX_TIMER_DELAY_MS), "fallback_" + kind)
-
-
-# ---------------------------------------------------------------------------
-# The reservation lifecycle: one object, three faces
-# ---------------------------------------------------------------------------
-
-# One reservation, three faces.  ``@cycles``, ``client.reserve(...)`` and
-# ``client.stream_reservation(...)`` all drive one ``_Reservation``:
-# create -> (heartbeat) -> commit | release | event fallback, its steps written
-# once (see "Effects and drivers") and run by the driver of the face.
-
-_current_context: contextvars.ContextVar[CyclesContext | None] = contextvars.ContextVar(
-    "cycles_lite_context", default=None
-)
-
-
-def get_cycles_context() -> CyclesContext | None:
-    """The reservation the current guarded call runs under, or None outside one."""
-    return _current_context.get()
-
-
-def _monotonic_ms() -> float:
-    return _clock.monotonic() * 1000.0
-
-
-def _describe(response: CyclesResponse) -> str:
-    """A log-safe summary of a failed attempt (never a body or a header value)."""
-    if response.is_transport_error:
-        return f"transport error: {response.error_message}"
-    code = _error_code(response)
-    text = f"status={response.status}" + (f" error={code}" if code else "")
-    return text + (" (not the expected answer)" if response.is_success else "")
-
-
-# -- create ----------------------------------------------------------------------
-
-
-def _send_resending_once(send: _Send) -> _Steps[Tuple[CyclesResponse, float, float]]:
-    """One attempt, and one immediate resend with the same key if the outcome is ambiguous.
-
-    Ambiguous: a transport error, a 5xx, or a 2xx that is not the operation's
-    schema-valid answer.  Returns the last response with its monotonic send and
-    receive times (ms), which the heartbeat schedule starts from.
-    """
-    sent_ms = _monotonic_ms()
-    response = yield send
-    received_ms = _monotonic_ms()
-    if _is_ambiguous(send.operation, response) and not _out_of_time():
-        _log.warning(
-            "%s: %s (%s); resending once with the same idempotency key",
-            send.operation,
-            "not sent" if _never_sent(response) else "ambiguous outcome",
-            _describe(response),
-        )
-        sent_ms = _monotonic_ms()
-        response = yield send
-        received_ms = _monotonic_ms()
-    return response, sent_ms, received_ms
-
-
-def _is_ambiguous(operation: str, response: CyclesResponse) -> bool:
-    if _is_schema_valid(operation, response):
-        return False
-    return response.is_transport_error or response.is_server_error or response.is_success
-
-
-def _create_steps(body: Dict[str, Any]) -> _Steps[Tuple[ReservationCreateResponse, float, float]]:
-    """POST /v1/reservations; a denial or a lasting failure raises the typed exception."""
-    response, sent_ms, received_ms = yield from _send_resending_once(_Send("create", body))
-    if not _is_schema_valid("create", response):
-        if response.is_success:
-            raise CyclesProtocolError(
-                "Create reservation did not produce a schema-valid HTTP 200 response"
-                + (f": {response.error_message}" if response.error_message else ""),
-                status=response.status,
-                request_id=response.request_id,
-                trace_id=response.trace_id,
-            )
-        raise _protocol_error(response, "Failed to create reservation")
-    try:
-        created = ReservationCreateResponse.model_validate(response.body)
-    except ValueError as exc:
-        raise CyclesProtocolError(
-            f"Create reservation answer is malformed: {exc}", status=response.status
-        ) from None
-    if created.decision == Decision.DENY:
-        prefix = "Dry-run denied" if body.get("dry_run") else "Reservation denied"
-        raise _protocol_error(response, prefix)
-    return created, sent_ms, received_ms
-
-
-# -- the create body, validated before anything is sent -------------------------
-
-_ttl_check = ReservationCreateRequest._fields["ttl_ms"]
-_grace_check = ReservationCreateRequest._fields["grace_period_ms"]
-_reason_check = ReleaseRequest._fields["reason"]
-
-
-def _subject_with_defaults(
-    config: CyclesConfig,
-    values: Mapping[str, str | None],
-    dimensions: Mapping[str, str] | None,
-) -> Dict[str, Any]:
-    """Subject fields; a missing (falsy) one falls back to the config's default."""
-    subject: Dict[str, Any] = {}
-    for name in SUBJECT_FIELDS:
-        value = values.get(name) or getattr(config, name)
-        if value:
-            subject[name] = value
-    if dimensions:
-        subject["dimensions"] = dict(dimensions)
-    return subject
-
-
-def _action_body(
-    kind: str | None, name: str | None, tags: List[str] | None
-) -> Dict[str, Any]:
-    action: Dict[str, Any] = {"kind": kind or "unknown", "name": name or "unknown"}
-    if tags:
-        action["tags"] = list(tags)
-    return action
-
-
-def _reservation_body(
-    *,
-    estimate: Any,
-    unit: Any,
-    subject: Mapping[str, Any],
-    action: Mapping[str, Any],
-    ttl_ms: Any,
-    grace_period_ms: Any,
-    overage_policy: Any,
-    metadata: Mapping[str, Any] | None = None,
-    idempotency_key: str | None = None,
-    dry_run: bool = False,
-) -> Dict[str, Any]:
-    """The create body; ValueError naming the field, in runcycles' order (estimate, ttl,
-    subject, grace), then every other field."""
-    _int64("estimate", estimate, False)
-    _ttl_check("ttl_ms", ttl_ms, False)
-    subject_model = _subject("subject", dict(subject), False)
-    if not subject_model.has_at_least_one_standard_field():
-        raise _FieldError("subject", "must have at least one of " + ", ".join(SUBJECT_FIELDS))
-    if grace_period_ms is not None:
-        _grace_check("grace_period_ms", grace_period_ms, False)
-    checked_metadata = _commit_metadata(metadata) if metadata else None
-    request = ReservationCreateRequest(
-        idempotency_key=_new_key() if idempotency_key is None else idempotency_key,
-        subject=subject_model,
-        action=_action("action", dict(action), False),
-        estimate=Amount(unit=unit.value if isinstance(unit, Unit) else unit, amount=estimate),
-        ttl_ms=ttl_ms,
-        grace_period_ms=grace_period_ms,
-        overage_policy=overage_policy,
-        dry_run=True if dry_run else None,
-        metadata=checked_metadata,
-    )
-    return request.model_dump(mode="json", exclude_none=True)
-
-
-def _derived_key(prefix: str, caller_key: str | None) -> str:
-    """runcycles' rule: ``<prefix>-<caller key>`` (hashed when too long), else a fresh key."""
-    if caller_key is None:
-        return _new_key()
-    candidate = f"{prefix}-{caller_key}"
-    if len(candidate) <= MAX_IDEMPOTENCY_KEY_LENGTH:
-        return candidate
-    import hashlib
-
-    return f"{prefix}-sha256-" + hashlib.sha256(caller_key.encode("utf-8")).hexdigest()
-
-
-def _commit_metrics(value: Any) -> CyclesMetrics:
-    """Checked again: the guarded code may have changed fields after construction."""
-    metrics: CyclesMetrics = _metrics("metrics", value, False)
-    if metrics is not value:
-        return metrics  # built from a dict just now: checked, and nobody else holds it
-    try:
-        copy: CyclesMetrics = metrics.model_copy()  # a copy runs every field check again
-    except _FieldError as exc:
-        raise exc.under("metrics") from None
-    return copy
-
-
-def _commit_metadata(value: Any) -> Dict[str, Any]:
-    """A JSON object (commit or create metadata), checked now rather than on the wire."""
-    return dict(_object_check("metadata", value, False))
-
-
-def _release_job(client: Any, reservation_id: str, key: str, reason: str) -> _Settlement:
-    body = {"idempotency_key": key, "reason": reason}
-    return _Settlement.for_release(client, _Send("release", body, reservation_id))
-
-
-def _hand_over_release(job: _Settlement) -> None:
-    """A release to send (again) from the settlement queue, now, with its own key: as a
-    retry task on the running loop (handed to the worker thread if the loop ends
-    first), or on the worker thread for a job without ``loop_client``."""
-    job.due = _clock.monotonic()
-    if not _settlements.submit(job):
-        _settlements.turn_away(job)
-
-
-def _release_body_steps(
-    client: Any, reservation_id: str, key: str, reason: str
-) -> _Steps[CyclesProtocolError | None]:
-    """POST .../release: one attempt here; a transient failure (429, 5xx, a dropped
-    connection, a timeout) is retried on the settlement worker with the same key,
-    honouring Retry-After, within the retry policy; a refusal is final.  Returns the
-    first attempt's error when it did not release."""
-    job = _release_job(client, reservation_id, key, reason)
-    outcome = yield from _settle_steps(job, retry_inline=False)
-    if outcome is _Disposition.RETRY and not _settlements.submit(job):
-        _settlements.turn_away(job)
-    if outcome is _Disposition.SUCCESS or job.last_response is None:
-        return None
-    return _protocol_error(job.last_response, "Release failed")
-
-
-# -- the lifecycle ---------------------------------------------------------------
-
-
-class _Reservation:
-    """One reservation's lifecycle: create -> (heartbeat) -> commit | release | event fallback.
-
-    The faces (ReservationGuard, AsyncReservationGuard, the streams and
-    ``@cycles``) only pick the driver.  Phases: new -> open -> closed; a
-    reservation is opened once and settled (committed, released or abandoned) once.
-    """
-
-    _failure_reason = "guarded_method_failed"
-    _is_async: ClassVar[bool] = False  # the face's kind of client
-
-    def __init__(
-        self, client: Any, create_body: Dict[str, Any], caller_key: str | None
-    ) -> None:
-        self._client = client
-        self._config = _config_of(client)
-        self._create_body = create_body
-        self._caller_key = caller_key
-        self._created: ReservationCreateResponse | None = None
-        self._context: CyclesContext | None = None
-        self._context_token: contextvars.Token[CyclesContext | None] | None = None
-        self._heartbeat: Any = None
-        self._opened_at = 0.0
-        self._phase = "new"
-        self._work_done = False  # set once the function returned or commit() was called
-        self._settlement_error: CyclesProtocolError | None = None
-        self._release_error: CyclesProtocolError | None = None
-        _replay_on_first_use(client)
-
-    def __repr__(self) -> str:
-        rid = self._created.reservation_id if self._created else None
-        return f"{type(self).__name__}(reservation_id={rid!r}, phase={self._phase!r})"
-
-    # -- what the guarded code can read ----------------------------------------
-
-    @property
-    def reservation_id(self) -> str:
-        if self._created is None or self._created.reservation_id is None:
-            raise RuntimeError("reservation_id not available outside context manager")
-        return self._created.reservation_id
-
-    @property
-    def decision(self) -> Decision | str:
-        return self._created.decision if self._created else Decision.ALLOW
-
-    @property
-    def caps(self) -> Caps | None:
-        return self._created.caps if self._created else None
-
-    @property
-    def expires_at_ms(self) -> int | None:
-        """The lease expiry in server time, as updated by every successful heartbeat."""
-        return self._context.expires_at_ms if self._context else None
-
-    @property
-    def affected_scopes(self) -> List[str] | None:
-        return self._created.affected_scopes if self._created else None
-
-    @property
-    def scope_path(self) -> str | None:
-        return self._created.scope_path if self._created else None
-
-    @property
-    def reserved(self) -> Amount | None:
-        return self._created.reserved if self._created else None
-
-    @property
-    def balances(self) -> List[Balance] | None:
-        return self._created.balances if self._created else None
-
-    @property
-    def context(self) -> CyclesContext | None:
-        return self._context
-
-    @property
-    def is_settled(self) -> bool:
-        """True once a commit, release or abandonment has begun (it happens only once)."""
-        return self._phase == "closed"
-
-    @property
-    def settlement_error(self) -> CyclesProtocolError | None:
-        """Why the first commit attempt did not settle (retries may still succeed)."""
-        return self._settlement_error
-
-    @property
-    def release_error(self) -> CyclesProtocolError | None:
-        return self._release_error
-
-    @property
-    def _estimate(self) -> int:
-        amount: int = self._create_body["estimate"]["amount"]
-        return amount
-
-    # -- open --------------------------------------------------------------------
-
-    def _open_steps(self) -> _Steps[None]:
-        if self._phase != "new":
-            raise RuntimeError("a reservation can be entered only once")
-        self._phase = "opening"
-        created, sent_ms, received_ms = yield from _create_steps(self._create_body)
-        if not created.reservation_id:
-            raise CyclesProtocolError(
-                "Reservation successful but reservation_id missing", status=200
-            )
-        self._created = created
-        self._context = CyclesContext(
-            reservation_id=created.reservation_id,
-            estimate=self._estimate,
-            decision=created.decision,
-            caps=created.caps,
-            expires_at_ms=created.expires_at_ms,
-            affected_scopes=created.affected_scopes,
-            scope_path=created.scope_path,
-            reserved=created.reserved,
-            balances=created.balances,
-        )
-        self._phase = "open"  # from here on, every way out releases or settles (_leave)
-        self._heartbeat = yield _StartHeartbeat(
-            self._heartbeat_steps(sent_ms, received_ms), self._config.attempt_timeout
-        )
-        self._context_token = _current_context.set(self._context)
-        self._opened_at = _clock.monotonic()
-        _log.debug(
-            "reservation created: reservation_id=%s decision=%s",
-            created.reservation_id,
-            getattr(created.decision, "value", created.decision),
-        )
-
-    def _restore_context(self) -> None:
-        """Put back the context that was current before this reservation (nesting-safe)."""
-        token, self._context_token = self._context_token, None
-        if token is None:
-            return
-        try:
-            _current_context.reset(token)
-        except ValueError:  # left in another context than it was entered in
-            old = token.old_value
-            _current_context.set(None if old is contextvars.Token.MISSING else old)
-
-    def _require_open(self, what: str) -> None:
-        if self._phase == "closed":
-            raise RuntimeError(f"cannot {what}: the reservation is already settled")
-        if self._phase != "open":
-            raise RuntimeError(f"cannot {what}: the reservation is not open")
-
-    # -- heartbeat -----------------------------------------------------------------
-
-    def _heartbeat_steps(self, sent_ms: float, received_ms: float) -> _Steps[None]:
-        """The beats; an internal error stops them like any other stop (lease lost)."""
-        try:
-            yield from self._beat_steps(sent_ms, received_ms)
-        except Exception:
-            context = self._context
-            if context is not None and context.heartbeat_stopped is None:
-                context.heartbeat_stopped = "internal_error"
-            _log.error(
-                "heartbeat stopped by an internal error; the lease will lapse:"
-                " reservation_id=%s",
-                self.reservation_id,
-                exc_info=True,
-            )
-
-    def _beat_steps(self, sent_ms: float, received_ms: float) -> _Steps[None]:
-        """Keep the lease alive: the spec's schedule from ``_HeartbeatPlan``.
-
-        A fresh key for every new beat, the same key for retries of a failed one;
-        every beat asks for ``extend_by_ms = ttl_ms``.  Always sleeps before sending.
-        """
-        created = self._created
-        assert created is not None
-        ttl_ms = int(self._create_body["ttl_ms"])
-        plan = _HeartbeatPlan(ttl_ms, math.ceil(self._config.attempt_timeout * 1000))
-        beat = plan.after_success(
-            remaining_ttl_ms=created.remaining_ttl_ms,
-            expires_at_ms=created.expires_at_ms,
-            sent_ms=sent_ms,
-            received_ms=received_ms,
-        )
-        due_ms = received_ms + beat.delay_ms
-        send: _Send | None = None
-        bound = _deadline.get()  # the heartbeat runs outside the caller's context
-        while beat.action != "stop":
-            if bound is not None and due_ms >= bound * 1000.0:
-                _log.debug("heartbeat: the deadline comes before the next beat; stopping")
-                return
-            yield _Sleep(max(0.0, due_ms - _monotonic_ms()) / 1000.0)
-            if self._phase != "open":
-                return  # settled meanwhile (a stop that never reached this driver)
-            if send is None or beat.action == "extend":
-                body = {"idempotency_key": _new_key(), "extend_by_ms": ttl_ms}
-                send = _Send("extend", body, self.reservation_id, bound)
-            sent_ms = _monotonic_ms()
-            response = yield send
-            received_ms = _monotonic_ms()
-            beat = self._after_extend(plan, response, sent_ms, received_ms)
-            due_ms = received_ms + beat.delay_ms
-
-    def _after_extend(
-        self, plan: _HeartbeatPlan, response: CyclesResponse, sent_ms: float, received_ms: float
-    ) -> _Beat:
-        context = self._context
-        assert context is not None
-        valid = _is_schema_valid("extend", response)
-        kind = _classify_extend(response.status, _error_code(response), valid)
-        if kind == "success":
-            body = response.body
-            assert body is not None
-            context.update_expires_at_ms(body["expires_at_ms"])
-            context.heartbeat_error = None
-            beat = plan.after_success(
-                remaining_ttl_ms=body.get("remaining_ttl_ms"),
-                expires_at_ms=body["expires_at_ms"],
-                sent_ms=sent_ms,
-                received_ms=received_ms,
-            )
-            problem = "the lease is shorter than the retry-safety budget"
-        else:
-            beat = plan.after_failure(
-                kind=kind, retry_after_ms=response.retry_after_ms_header, now_ms=received_ms
-            )
-            problem = "extend failed: " + _describe(response)
-            context.heartbeat_error = problem
-        self._report_beat(context, kind, problem, beat)
-        return beat
-
-    def _report_beat(self, context: CyclesContext, kind: str, problem: str, beat: _Beat) -> None:
-        """Policy ``warn``: every failure and every stop is logged and put on the context."""
-        rid = context.reservation_id
-        if beat.action == "stop":
-            context.heartbeat_stopped = beat.reason
-            _log.warning(
-                "heartbeat: %s; stopping (%s), the lease will lapse: reservation_id=%s",
-                problem,
-                beat.reason,
-                rid,
-            )
-        elif kind != "success":
-            _log.warning(
-                "heartbeat: %s; will retry with the same idempotency key in %d ms:"
-                " reservation_id=%s",
-                problem,
-                beat.delay_ms,
-                rid,
-            )
-
-    # -- settle ----------------------------------------------------------------------
-
-    def _commit_steps(
-        self,
-        actual: Any,
-        metrics: CyclesMetrics | None = None,
-        metadata: Mapping[str, Any] | None = None,
-        *,
-        estimated: bool = False,
-    ) -> _Steps[None]:
-        """Stop the heartbeat, journal the commit, send it; retries follow config.commit_retry."""
-        self._require_open("commit")
-        self._work_done = True  # asked to commit: the work happened, whatever the arguments
-        commit_body = self._commit_body(actual, metrics, metadata, estimated)
-        self._phase = "closed"
-        job = _Settlement.new(
-            self._client, self.reservation_id, commit_body, self._event_body(commit_body)
-        )
-        outcome = yield from _settle_new_steps(job, self._heartbeat)
-        if outcome is not _Disposition.SUCCESS and job.last_response is not None:
-            self._settlement_error = _protocol_error(
-                job.last_response,
-                "Commit did not settle synchronously; known spend was not released",
-            )
-
-    def _commit_body(
-        self,
-        actual: Any,
-        metrics: CyclesMetrics | None,
-        metadata: Mapping[str, Any] | None,
-        estimated: bool,
-    ) -> Dict[str, Any]:
-        """The commit body.  Bad arguments raise ValueError; bad values the guarded code left
-        on the context are dropped with a warning (known spend is committed regardless)."""
-        _int64("actual", actual, False)
-        context = self._context
-        assert context is not None
-        measured = self._checked("metrics", metrics, context.metrics, _commit_metrics)
-        extra = self._checked("metadata", metadata, context.commit_metadata, _commit_metadata)
-        measured = measured or CyclesMetrics()
-        if measured.latency_ms is None:
-            measured = measured.model_copy(update={"latency_ms": self._elapsed_ms()})
-        extra = dict(extra or {})
-        if estimated:
-            extra["actual_source"] = "estimate"  # mark assumed spend for auditors
-        request = CommitRequest(
-            idempotency_key=_derived_key("commit", self._caller_key),
-            actual=Amount(unit=self._create_body["estimate"]["unit"], amount=actual),
-            metrics=measured,
-            metadata=extra or None,
-        )
-        return request.model_dump(mode="json", exclude_none=True)
-
-    def _checked(
-        self, name: str, given: Any, from_context: Any, check: Callable[[Any], _T]
-    ) -> _T | None:
-        if given is not None:
-            return check(given)
-        if from_context is None:
-            return None
-        try:
-            return check(from_context)
-        except ValueError as exc:
-            _log.warning(
-                "ignoring invalid context %s (%s): reservation_id=%s",
-                name,
-                exc,
-                self.reservation_id,
-            )
-            return None
-
-    def _event_body(self, commit_body: Dict[str, Any]) -> Dict[str, Any]:
-        """POST /v1/events body recording the same spend if the reservation expired first.
-
-        Same key (the event namespace is separate), the original subject and action,
-        no overage_policy (the default never rejects spend that already happened).
-        """
-        metadata = dict(commit_body.get("metadata") or {})
-        metadata["recovered_reservation_id"] = self.reservation_id
-        metadata["recovery_reason"] = "commit_after_reservation_expired"
-        event = {
-            "idempotency_key": commit_body["idempotency_key"],
-            "subject": self._create_body["subject"],
-            "action": self._create_body["action"],
-            "actual": commit_body["actual"],
-            "metadata": metadata,
-        }
-        if "metrics" in commit_body:
-            event["metrics"] = commit_body["metrics"]
-        return event
-
-    def _elapsed_ms(self) -> int:
-        return max(0, int((_clock.monotonic() - self._opened_at) * 1000))
-
-    def _release_steps(self, reason: str) -> _Steps[None]:
-        """Give the budget back (only when the guarded work did not happen).
-
-        One attempt on the caller; a transient failure (429, 5xx, a dropped
-        connection, a timeout) is retried on the settlement worker with the same key,
-        honouring Retry-After, within the retry policy; a refusal is final.
-        """
-        _reason_check("reason", reason, False)
-        self._phase = "closed"
-        if self._heartbeat is not None:
-            yield _StopHeartbeat(self._heartbeat)
-        key = _derived_key("release", self._caller_key)
-        self._release_error = yield from _release_body_steps(
-            self._client, self.reservation_id, key, reason
-        )
-
-    def _abandon_steps(self, error: BaseException) -> _Steps[None]:
-        """The work ran but its actual amount is unknown: settle nothing (see the README)."""
-        self._phase = "closed"
-        yield _StopHeartbeat(self._heartbeat)
-        _log.error(
-            "actual amount unknown after the guarded work (%s): nothing committed or released;"
-            " the reservation will expire: reservation_id=%s",
-            type(error).__name__,
-            self.reservation_id,
-        )
-
-    def _exit_steps(self, error: BaseException | None) -> _Steps[None]:
-        """Leaving the block: the rule table in the README (Guarded execution)."""
-        if self._phase != "open":
-            return
-        if error is None:
-            yield from self._commit_on_exit_steps()
-        elif self._work_done:
-            yield from self._work_done_exit_steps(error)
-        else:
-            yield from self._release_steps(self._failure_reason)
-
-    def _work_done_exit_steps(self, error: BaseException) -> _Steps[None]:
-        """Left on an exception after the work: @cycles with no actual known settles nothing."""
-        return self._abandon_steps(error)
-
-    def _commit_on_exit_steps(self) -> _Steps[None]:
-        """Left without settling: the work presumably happened, so commit the estimate."""
-        return self._commit_steps(self._estimate, estimated=True)
-
-
-class _SyncFace(_Reservation):
-    """The ``with`` statement of a reservation on a CyclesClient (the blocking driver).
-
-    Enter and exit share one way out (``_leave``), taken on any exception, a
-    KeyboardInterrupt included: release or settle (``_exit_steps``), then stop the
-    heartbeat and restore the context whatever happens on the way.
-    """
-
-    def __enter__(self: _SyncGuard) -> _SyncGuard:
-        try:
-            _drive(_sender(self._client), self._open_steps())
-        except BaseException as exc:
-            self._leave(exc)
-            raise
-        return self
-
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        self._leave(exc)
-
-    def _leave(self, error: BaseException | None) -> None:
-        try:
-            _drive(_sender(self._client), self._exit_steps(error))
-        finally:
-            try:
-                if self._heartbeat is not None and not self._heartbeat.stopped:
-                    self._heartbeat.stop()  # an interruption came first: stop it here
-            finally:
-                self._restore_context()
-
-
-class _AsyncFace(_Reservation):
-    """The ``async with`` statement of a reservation on an AsyncCyclesClient (the rules of
-    _SyncFace; a create in flight when the caller is cancelled is released on arrival)."""
-
-    _is_async: ClassVar[bool] = True
-
-    async def __aenter__(self: _AsyncGuard) -> _AsyncGuard:
-        try:
-            await _drive_async(self._client, self._open_steps())
-        except BaseException as exc:
-            await self._leave(exc)
-            raise
-        return self
-
-    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        await self._leave(exc)
-
-    async def _leave(self, error: BaseException | None) -> None:
-        try:
-            await _drive_async(self._client, self._exit_steps(error))
-        finally:
-            try:
-                if self._heartbeat is not None and not self._heartbeat.stopped:
-                    await self._heartbeat.stop()  # an interruption came first: stop it here
-            finally:
-                self._restore_context()
-
-
-class _GuardOptions(_Reservation):
-    """The keyword parameters of ``client.reserve(...)``, shared by both guards."""
-
-    def __init__(
-        self,
-        client: Any,
-        estimate: int | Amount,
-        *,
-        unit: Unit | str = Unit.USD_MICROCENTS,
-        action_kind: str | None = None,
-        action_name: str | None = None,
-        action_tags: List[str] | None = None,
-        tenant: str | None = None,
-        workspace: str | None = None,
-        app: str | None = None,
-        workflow: str | None = None,
-        agent: str | None = None,
-        toolset: str | None = None,
-        dimensions: Dict[str, str] | None = None,
-        ttl_ms: int = DEFAULT_TTL_MS,
-        grace_period_ms: int | None = None,
-        overage_policy: str = DEFAULT_OVERAGE_POLICY,
-        metadata: Dict[str, Any] | None = None,
-        idempotency_key: str | None = None,
-    ) -> None:
-        _check_client(client, self._is_async)
-        if isinstance(estimate, Amount):
-            unit, estimate = estimate.unit, estimate.amount
-        subject = _subject_with_defaults(
-            _config_of(client),
-            dict(tenant=tenant, workspace=workspace, app=app, workflow=workflow, agent=agent,
-                 toolset=toolset),
-            dimensions,
-        )
-        body = _reservation_body(
-            estimate=estimate,
-            unit=unit,
-            subject=subject,
-            action=_action_body(action_kind, action_name, action_tags),
-            ttl_ms=ttl_ms,
-            grace_period_ms=grace_period_ms,
-            overage_policy=overage_policy,
-            metadata=metadata,
-            idempotency_key=idempotency_key,
-        )
-        super().__init__(client, body, idempotency_key)
-
-    def _work_done_exit_steps(self, error: BaseException) -> _Steps[None]:
-        """commit() was called but refused its arguments: the work happened, so the
-        estimate is committed (marked) rather than released; the error is re-raised."""
-        _log.warning(
-            "commit arguments refused (%s); committing the estimate: reservation_id=%s",
-            type(error).__name__,
-            self.reservation_id,
-        )
-        return self._commit_on_exit_steps()
-
-
-class ReservationGuard(_GuardOptions, _SyncFace):
-    """``with client.reserve(estimate, ...) as r:`` -- a budget reservation around a block.
-
-    Entering reserves (a denial raises before the block runs) and starts the
-    heartbeat; ``get_cycles_context()`` returns the reservation inside.  In the
-    block, ``r.commit(actual, metrics=..., metadata=...)`` or ``r.release(reason)``
-    settles it.  Leaving on an exception releases (the work did not happen);
-    leaving without settling commits the estimate with metadata
-    ``actual_source="estimate"`` (the work presumably happened: never release spend).
-    So does leaving on an exception after ``commit()`` refused its arguments
-    (a ValueError for a bad ``metrics`` field, say): the work happened.
-    """
-
-    def commit(
-        self,
-        actual: int,
-        metrics: CyclesMetrics | None = None,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> None:
-        """Commit ``actual``: the first attempt now, retries as configured.  A failed commit
-        never raises (see ``settlement_error``); bad arguments raise ValueError."""
-        _drive(_sender(self._client), self._commit_steps(actual, metrics, metadata))
-
-    def release(self, reason: str | None = None) -> None:
-        """Release the reservation (for work that did not happen)."""
-        self._require_open("release")
-        _drive(_sender(self._client), self._release_steps(reason or "released_by_caller"))
-
-
-class AsyncReservationGuard(_GuardOptions, _AsyncFace):
-    """``async with client.reserve(estimate, ...) as r:``; ``await r.commit(...)`` /
-    ``await r.release(...)``.  The rules of ReservationGuard."""
-
-    async def commit(
-        self,
-        actual: int,
-        metrics: CyclesMetrics | None = None,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> None:
-        await _drive_async(self._client, self._commit_steps(actual, metrics, metadata))
-
-    async def release(self, reason: str | None = None) -> None:
-        self._require_open("release")
-        await _drive_async(self._client, self._release_steps(reason or "released_by_caller"))
-
-
-# -- streams (runcycles' StreamReservation / AsyncStreamReservation) ----------------
-
-
-class _StreamOptions(_Reservation):
-    """runcycles' stream reservation: reserve on enter; on a clean exit commit the usage."""
-
-    _failure_reason = "stream_failed"
-
-    def __init__(
-        self,
-        client: Any,
-        *,
-        subject: Subject | None = None,
-        action: Action,
-        estimate: Amount,
-        ttl_ms: int = 120_000,
-        grace_period_ms: int | None = None,
-        overage_policy: str = DEFAULT_OVERAGE_POLICY,
-        cost_fn: Callable[[StreamUsage], int] | None = None,
-        metadata: Dict[str, Any] | None = None,
-        idempotency_key: str | None = None,
-        raise_on_commit_failure: bool = False,
-    ) -> None:
-        _check_client(client, self._is_async)
-        if subject is None:
-            subject_body = _subject_with_defaults(_config_of(client), {}, None)
-        else:
-            subject_body = _subject("subject", subject, False).model_dump(exclude_none=True)
-        amount = _amount("estimate", estimate, False)
-        body = _reservation_body(
-            estimate=amount.amount,
-            unit=amount.unit,
-            subject=subject_body,
-            action=_action("action", action, False).model_dump(mode="json", exclude_none=True),
-            ttl_ms=ttl_ms,
-            grace_period_ms=grace_period_ms,
-            overage_policy=overage_policy,
-            idempotency_key=idempotency_key,
-        )
-        super().__init__(client, body, idempotency_key)
-        self._usage = StreamUsage()
-        self._cost_fn = cost_fn
-        self._metadata = _commit_metadata(metadata) if metadata is not None else None
-        self._raise_on_commit_failure = raise_on_commit_failure
-
-    @property
-    def usage(self) -> StreamUsage:
-        return self._usage
-
-    def _commit_on_exit_steps(self) -> _Steps[None]:
-        actual, estimated = self._actual_from_usage()
-        metrics = self._metrics_from_usage() or CyclesMetrics()
-        yield from self._commit_steps(actual, metrics, self._metadata, estimated=estimated)
-        if self._settlement_error is not None and self._raise_on_commit_failure:
-            raise self._settlement_error
-
-    def _actual_from_usage(self) -> Tuple[int, bool]:
-        """usage.actual_cost, else cost_fn(usage), else the estimate (marked as such)."""
-        usage = self._usage
-        try:
-            if usage.actual_cost is not None:
-                return _int64("actual_cost", usage.actual_cost, False), False
-            if self._cost_fn is not None:
-                return _int64("cost_fn result", self._cost_fn(usage), False), False
-        except Exception:
-            _log.warning(
-                "stream actual cost unusable; committing the estimate: reservation_id=%s",
-                self.reservation_id,
-                exc_info=True,
-            )
-        return self._estimate, True
-
-    def _metrics_from_usage(self) -> CyclesMetrics | None:
-        """ctx.metrics if the code set them, else the usage; a bad value costs the metrics only."""
-        usage = self._usage
-        try:
-            if self._context is not None and self._context.metrics is not None:
-                return _commit_metrics(self._context.metrics)
-            return _commit_metrics(
-                CyclesMetrics(
-                    tokens_input=usage.tokens_input or None,
-                    tokens_output=usage.tokens_output or None,
-                    model_version=usage.model_version,
-                    custom=usage.custom or None,
-                )
-            )
-        except ValueError as exc:
-            _log.warning(
-                "ignoring invalid stream metrics (%s): reservation_id=%s", exc, self.reservation_id
-            )
-            return None
-
-
-class StreamReservation(_StreamOptions, _SyncFace):
-    """``with client.stream_reservation(action=..., estimate=...) as s:`` (runcycles-compatible).
-
-    Update ``s.usage`` while streaming; a clean exit commits ``usage.actual_cost``,
-    else ``cost_fn(usage)``, else the estimate; an exception releases ("stream_failed").
-    """
-
-
-class AsyncStreamReservation(_StreamOptions, _AsyncFace):
-    """``async with client.stream_reservation(...)`` (runcycles-compatible)."""
 
 
 # ===========================================================================
@@ -7019,7 +7304,7 @@ class _Settlement:
     """One unresolved commit, or its event fallback, and the attempts made so far."""
 
     record: _PendingSettlement
-    send: _SendFn  # blocking, usable from any thread
+    client: Any  # the worker sends through it (``_SyncIO(client, detached=True)``)
     policy: _RetryPolicy
     journal: _CommitJournal | None
     inline: bool  # commit_retry="inline": every retry on the caller
@@ -7029,7 +7314,7 @@ class _Settlement:
     last_response: CyclesResponse | None = None
     last_step: _SettlementStep | None = None
     journaled: bool = True  # False until a new settlement's record is written
-    release: _Send | None = None  # set for a release retried in the background
+    release: Dict[str, Any] | None = None  # the body of a release retried in the background
     # Kept after its retry budget (STOP_KEEP), the process still owns it: see _SettlementQueue.
     kept: bool = False
     times_kept: int = 0
@@ -7062,7 +7347,7 @@ class _Settlement:
         config = _config_of(client)
         return cls(
             record=record,
-            send=_sender(client, detached=True),
+            client=client,
             policy=_retry_policy(config),
             journal=_journal_for(config),
             inline=config.commit_retry == "inline",
@@ -7071,15 +7356,14 @@ class _Settlement:
         )
 
     @classmethod
-    def for_release(cls, client: Any, release: _Send) -> _Settlement:
+    def for_release(cls, client: Any, reservation_id: str, body: Dict[str, Any]) -> _Settlement:
         """A release, retried in memory only when its first attempt fails transiently (an
         unreleased reservation costs nothing once its TTL passes)."""
-        assert release.reservation_id is not None
-        record = _PendingSettlement(release.reservation_id, "", mode="release")
+        record = _PendingSettlement(reservation_id, "", mode="release")
         job = cls.for_record(client, record)
         job.journal = None
         job.inline = False
-        job.release = release
+        job.release = body
         return job
 
     @property
@@ -7101,111 +7385,16 @@ class _Settlement:
         )
         self.due = now + max(floor_ms, interval) / 1000.0
 
-    def request(self) -> _Send:
+    def request(self) -> Tuple[str, Dict[str, Any], str | None]:
+        """The next attempt's (operation, body, reservation id)."""
         record = self.record
         if self.release is not None:
-            return self.release
+            return "release", self.release, record.reservation_id
         if record.mode == "event":
             assert record.event_fallback_body is not None
-            return _Send("event", record.event_fallback_body)
+            return "event", record.event_fallback_body, None
         assert record.commit_body is not None
-        return _Send("commit", record.commit_body, record.reservation_id)
-
-
-def _settle_new_steps(job: _Settlement, heartbeat: Any) -> _Steps[_Disposition]:
-    """Stop the heartbeat, journal the settlement, attempt it, then retry here (inline)
-    or on the worker.  From the first step on, an interruption hands the job on.
-
-    What the caller's ``deadline()`` leaves no time for goes to the worker; a
-    settlement kept after its retry budget stays the process's (``_SettlementQueue``).
-    """
-    try:
-        yield _StopHeartbeat(heartbeat)
-        outcome = yield from _settle_steps(job, retry_inline=job.inline)
-        if outcome is _Disposition.RETRY and not _settlements.submit(job):
-            outcome = yield from _settle_steps(job, retry_inline=True)  # queue full: settle here
-        if outcome is _Disposition.STOP_KEEP:
-            _settlements.keep(job)
-    except Exception:  # a bug, never the caller's: the worker retries with the same key
-        _log.exception(
-            "settlement failed by an internal error; retried in the background:"
-            " reservation_id=%s",
-            job.record.reservation_id,
-        )
-        job.due = _clock.monotonic()
-        if _settlements.submit(job):
-            return _Disposition.RETRY
-        _settlements.keep(job)
-        return _Disposition.STOP_KEEP
-    except BaseException as exc:
-        if not isinstance(exc, GeneratorExit):
-            # Interrupted (task cancelled, Ctrl-C): the worker carries on, same key.
-            job.due = _clock.monotonic()
-            if not _settlements.submit(job):
-                _settlements.turn_away(job)
-        raise
-    return outcome
-
-
-def _settle_steps(job: _Settlement, *, retry_inline: bool) -> _Steps[_Disposition]:
-    """Attempts until the outcome is final; without ``retry_inline``, until a retry must wait.
-
-    A job not journaled yet (a new settlement, possibly handed over by an interrupted
-    caller) gets its record written before its first attempt leaves the process."""
-    if not job.journaled:
-        if job.journal is not None:
-            yield _Blocking(functools.partial(job.journal.write, job.record))
-        job.journaled = True  # not before: an interrupted write is redone by the worker
-    while True:
-        if _out_of_time(job.due):  # no attempt starts after the caller's deadline
-            return _Disposition.RETRY
-        wait = job.due - _clock.monotonic()
-        if wait > 0:
-            yield _Sleep(wait)
-        step = yield from _settlement_attempt(job)
-        if step.disposition is _Disposition.FALLBACK_EVENT:
-            job.attempt = 0
-            continue
-        if step.disposition is not _Disposition.RETRY:
-            return step.disposition
-        job.due = _clock.monotonic() + step.delay_ms / 1000.0
-        if not retry_inline:
-            return _Disposition.RETRY
-
-
-_RECORD_DONE = frozenset({_Disposition.SUCCESS, _Disposition.STOP_DISCARD})
-
-
-def _settlement_attempt(job: _Settlement) -> _Steps[_SettlementStep]:
-    """One commit or event attempt, its outcome, and the journal kept in step with it."""
-    job.attempt += 1
-    response = yield job.request()
-    job.last_response = response
-    job.kept = False
-    step = _decide_settlement(
-        job.operation,
-        status=response.status,
-        error_code=_error_code(response),
-        schema_valid=_is_schema_valid(job.operation, response),
-        retry_after_ms=_parse_retry_after_ms(response.headers.get("retry-after")),
-        attempt=job.attempt,
-        policy=job.policy,
-        now_ms=_wall_clock_ms(),
-        rand=_jitter,
-    )
-    updated = _record_after_step(job.record, step)
-    if updated is not None:
-        job.record = updated
-        if job.journal is not None:  # event mode / a 429 floor: persisted before acting
-            yield _Blocking(functools.partial(job.journal.write, updated))
-    elif step.disposition is _Disposition.FALLBACK_EVENT:
-        step = _SettlementStep(_Disposition.STOP_KEEP, 0, None, "no_event_fallback_body")
-    if job.journal is not None and step.disposition in _RECORD_DONE:
-        yield _Blocking(functools.partial(job.journal.remove, job.record.reservation_id))
-    job.last_step = step
-    _report_settlement(job, response, step)
-    return step
-
+        return "commit", record.commit_body, record.reservation_id
 
 
 def _report_settlement(job: _Settlement, response: CyclesResponse, step: _SettlementStep) -> None:
@@ -7597,7 +7786,8 @@ class _SettlementQueue:
     def _run(self, job: _Settlement) -> None:
         outcome = _Disposition.RETRY  # interrupted (Ctrl-C in flush): back to the heap
         try:
-            outcome = _drive(job.send, _settle_steps(job, retry_inline=False))
+            io = _SyncIO(job.client, detached=True)
+            outcome = _run_sync(_settle(io, job, retry_inline=False))
         except Exception:  # never let a bug kill the worker or lose the others
             _log.exception("settlement failed: reservation_id=%s", job.record.reservation_id)
             outcome = _Disposition.STOP_KEEP
@@ -7782,7 +7972,7 @@ async def _settle_on_loop(job: _Settlement) -> _Disposition:
     _deadline.set(None)  # the task's own context: the worker's retries are not the caller's
     _attempt.set(None)  # deadline()-bound, nor are these
     try:
-        outcome = await _drive_async(job.loop_client, _settle_steps(job, retry_inline=True))
+        outcome = await _settle(_AsyncIO(job.loop_client), job, retry_inline=True)
     except asyncio.CancelledError:
         current = asyncio.current_task()
         if current is not None:  # its room in the capacity goes with it to the worker
@@ -7817,7 +8007,7 @@ async def _hand_over_loop_settlements(client: AsyncCyclesClient) -> None:
 # -- journal replay --------------------------------------------------------------
 #
 # Records that survived a crash, a freeze or an outage are settled by the same
-# steps as a live commit (``_Settlement.for_record`` + ``_settle_steps``): same
+# steps as a live commit (``_Settlement.for_record`` + ``_settle``): same
 # stored key, same outcome table, same journal updates.  Replay happens once per
 # process and journal identity when a client is first used (in the background,
 # on the settlement worker) and on demand with ``client.recover()``.
@@ -7962,50 +8152,38 @@ def _replay_jobs(client: Any, records: List[_PendingSettlement]) -> List[_Settle
 
 def _recover(client: Any, timeout: float | None) -> RecoverySummary:
     """``client.recover()``: replay the journal on this thread until done or ``timeout``."""
-    _check_recover_timeout(timeout)
-    with _bounded_by(_timeout_bound(timeout)):  # an attempt running at the timeout ends then
-        return _drive(_sender(client, detached=True), _recover_steps(client, timeout))
+    return _run_sync(_recover_steps(_SyncIO(client, detached=True), client, timeout))
 
 
 async def _recover_async(client: Any, timeout: float | None) -> RecoverySummary:
     """``AsyncCyclesClient.recover()``: the same steps on the loop (file I/O on a thread)."""
-    _check_recover_timeout(timeout)
-    with _bounded_by(_timeout_bound(timeout)):
-        return await _drive_async(client, _recover_steps(client, timeout))
+    return await _recover_steps(_AsyncIO(client), client, timeout)
 
 
-def _timeout_bound(timeout: float | None) -> float | None:
-    return None if timeout is None else _clock.monotonic() + timeout
-
-
-def _check_recover_timeout(timeout: Any) -> None:
+async def _recover_steps(
+    io: _SyncIO | _AsyncIO, client: Any, timeout: float | None
+) -> RecoverySummary:
+    """Replay the journal until done or ``timeout``: no attempt starts after the deadline;
+    one already running is cut at it."""
     if timeout is not None and (
         isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0
     ):
         raise ValueError(f"timeout: must be a number >= 0 or None, got {timeout!r}")
-
-
-def _recover_steps(client: Any, timeout: float | None) -> _Steps[RecoverySummary]:
-    """Replay the journal until done or ``timeout``.
-
-    No attempt starts after the deadline; one already running is cut at it
-    (``_recover`` runs the steps under it)."""
     summary = RecoverySummary()
     journal = _journal_for(client._config)
     if journal is None or journal.directory is None:
         _log.info("recover: the commit journal is disabled or not writable; nothing to replay")
         return summary
-    limit = None if timeout is None else _clock.monotonic() + timeout
-    bound = _deadline.get() if limit is None else _effective_deadline(limit)
     _claim_replay(journal)  # this is the process's replay of this identity
-    records, summary.quarantined = yield _Blocking(functools.partial(_scan_journal, journal))
-    summary.found = len(records)
-    mine = _settlements.take_over({r.reservation_id for r in records})  # kept ones included
-    fresh = [r for r in records if r.reservation_id in mine]
-    summary.kept = len(records) - len(fresh)
-    jobs = _replay_jobs(client, fresh)
-    commit_mode = {id(job) for job in jobs if job.record.mode == "commit"}
-    yield from _settle_until(jobs, bound, summary)
+    with _bounded_by(None if timeout is None else _clock.monotonic() + timeout):
+        records, summary.quarantined = await io.blocking(functools.partial(_scan_journal, journal))
+        summary.found = len(records)
+        mine = _settlements.take_over({r.reservation_id for r in records})  # kept ones included
+        fresh = [r for r in records if r.reservation_id in mine]
+        summary.kept = len(records) - len(fresh)
+        jobs = _replay_jobs(client, fresh)
+        commit_mode = {id(job) for job in jobs if job.record.mode == "commit"}
+        await _settle_until(io, jobs, _deadline.get(), summary)
     summary.switched_to_event = sum(
         1 for job in jobs if id(job) in commit_mode and job.record.mode == "event"
     )
@@ -8013,9 +8191,12 @@ def _recover_steps(client: Any, timeout: float | None) -> _Steps[RecoverySummary
     return summary
 
 
-def _settle_until(
-    jobs: List[_Settlement], deadline: float | None, summary: RecoverySummary
-) -> _Steps[None]:
+async def _settle_until(
+    io: _SyncIO | _AsyncIO,
+    jobs: List[_Settlement],
+    deadline: float | None,
+    summary: RecoverySummary,
+) -> None:
     """Run ``jobs`` in due order; hand what is left at the deadline, or when interrupted
     (a cancelled ``await client.recover()``), to the background retries (it stays
     journaled either way)."""
@@ -8024,7 +8205,7 @@ def _settle_until(
     try:
         while heap and (deadline is None or max(heap[0][0], _clock.monotonic()) < deadline):
             job = heap[0][2]  # popped once settled: an interrupted one is handed over too
-            outcome = yield from _settle_steps(job, retry_inline=False)
+            outcome = await _settle(io, job, retry_inline=False)
             _due, n, _job = heapq.heappop(heap)
             if outcome is _Disposition.RETRY:
                 heapq.heappush(heap, (job.due, n, job))
@@ -8052,280 +8233,6 @@ def _hand_over_recovery(
             summary.not_yet_due += 1
         _settlements.submit(job)
         _settlements.given_back(job.record.reservation_id)
-
-
-# ===========================================================================
-# Decorator
-# ===========================================================================
-
-_defaults_lock = threading.Lock()
-_default_client: CyclesClient | None = None
-_default_async_client: AsyncCyclesClient | None = None
-_default_config: CyclesConfig | None = None
-_config_clients: Dict[bool, Any] = {}  # clients made from _default_config, by is_async
-
-
-@_after_fork_in_child
-def _defaults_after_fork() -> None:
-    """The default clients stay (their pools reset themselves); the lock is the child's."""
-    global _defaults_lock
-    _defaults_lock = threading.Lock()
-
-
-def set_default_client(client: CyclesClient | AsyncCyclesClient) -> None:
-    """The client ``@cycles`` uses when none is passed (one default per kind)."""
-    global _default_client, _default_async_client
-    with _defaults_lock:
-        if isinstance(client, AsyncCyclesClient):
-            _default_async_client = client
-        else:
-            _check_kind(client, CyclesClient)
-            _default_client = client
-
-
-def set_default_config(config: CyclesConfig) -> None:
-    """``@cycles`` creates its clients from this config, lazily, on first call."""
-    global _default_config
-    _check_kind(config, CyclesConfig, "config")
-    with _defaults_lock:
-        _default_config = config
-        _config_clients.clear()
-
-
-def _resolve_client(explicit: Any, is_async: bool) -> Any:
-    """The client of one call, resolved at call time (set_default_* may come after decoration)."""
-    client = explicit if explicit is not None else _default_client_for(is_async)
-    head = "Async function requires" if is_async else "Sync function requires"
-    _check_client(client, is_async, head)
-    return client
-
-
-def _default_client_for(is_async: bool) -> Any:
-    with _defaults_lock:
-        own = _default_async_client if is_async else _default_client
-        if own is not None:
-            return own
-        if _default_config is not None:
-            client = _config_clients.get(is_async)
-            if client is None:
-                kind = AsyncCyclesClient if is_async else CyclesClient
-                client = _config_clients[is_async] = kind(_default_config)
-            return client
-        other = _default_client if is_async else _default_async_client
-        if other is not None:
-            return other  # the wrong kind: _resolve_client says so
-    raise ValueError(
-        "No Cycles client available. Either pass client= to @cycles, "
-        "call set_default_client(), or call set_default_config()."
-    )
-
-
-@dataclass(frozen=True)
-class _CyclesSpec:
-    """The ``@cycles`` parameters; constants or callables resolved per call."""
-
-    estimate: Any
-    actual: Any
-    action_kind: Any
-    action_name: Any
-    action_tags: Any
-    unit: Any
-    ttl_ms: Any
-    grace_period_ms: Any
-    overage_policy: Any
-    dry_run: bool
-    subject: Dict[str, Any]
-    dimensions: Any
-    use_estimate_if_actual_not_provided: bool
-
-    def create_body(
-        self, config: CyclesConfig, args: Tuple[Any, ...], kwargs: Dict[str, Any]
-    ) -> Dict[str, Any]:
-        """Checks in runcycles' order, before any request: the actual first, then the body."""
-        estimate = _call_or_value(self.estimate, args, kwargs)
-        if not self.dry_run:
-            if self.actual is None and not self.use_estimate_if_actual_not_provided:
-                raise ValueError(
-                    "actual expression is required when"
-                    " use_estimate_if_actual_not_provided is False"
-                )
-            if self.actual is not None and not callable(self.actual):
-                _int64("actual", self.actual, False)
-        values = {name: _call_or_value(v, args, kwargs) for name, v in self.subject.items()}
-        return _reservation_body(
-            estimate=estimate,
-            unit=self.unit,
-            subject=_subject_with_defaults(
-                config, values, _call_or_value(self.dimensions, args, kwargs)
-            ),
-            action=_action_body(
-                _call_or_value(self.action_kind, args, kwargs),
-                _call_or_value(self.action_name, args, kwargs),
-                _call_or_value(self.action_tags, args, kwargs),
-            ),
-            ttl_ms=self.ttl_ms,
-            grace_period_ms=self.grace_period_ms,
-            overage_policy=self.overage_policy,
-            dry_run=self.dry_run,
-        )
-
-    def actual_for(self, result: Any, estimate: int, reservation_id: str) -> Tuple[int, bool]:
-        """(actual, taken from the estimate?); raises when the actual is unknown."""
-        if self.actual is None:
-            return estimate, True
-        if not callable(self.actual):
-            return int(self.actual), False
-        try:
-            return _int64("actual", self.actual(result), False), False
-        except Exception:
-            if not self.use_estimate_if_actual_not_provided:
-                raise  # the actual is unknown: nothing is committed
-            _log.error(
-                "actual evaluation failed after the guarded work; committing the estimate:"
-                " reservation_id=%s",
-                reservation_id,
-                exc_info=True,
-            )
-            return estimate, True
-
-
-def _call_or_value(value: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-    return value(*args, **kwargs) if callable(value) else value
-
-
-def _settle_call_steps(
-    spec: _CyclesSpec, guard: _Reservation, result: Any
-) -> _Steps[None]:
-    """After the function returned: commit its actual (or, if unknown, settle nothing)."""
-    guard._work_done = True
-    actual, estimated = spec.actual_for(result, guard._estimate, guard.reservation_id)
-    yield from guard._commit_steps(actual, estimated=estimated)
-
-
-def _dry_run_steps(body: Dict[str, Any]) -> _Steps[DryRunResult]:
-    created, _, _ = yield from _create_steps(body)
-    return DryRunResult(
-        decision=created.decision,
-        caps=created.caps,
-        affected_scopes=created.affected_scopes,
-        scope_path=created.scope_path,
-        reserved=created.reserved,
-        balances=created.balances,
-        reason_code=created.reason_code,
-        retry_after_ms=created.retry_after_ms,
-    )
-
-
-def _is_async_callable(fn: Any) -> bool:
-    """``async def`` functions (partials too) and objects with an ``async def __call__``."""
-    if inspect.iscoroutinefunction(fn):
-        return True
-    return not inspect.isfunction(fn) and inspect.iscoroutinefunction(type(fn).__call__)
-
-
-def _reject_awaitable(result: Any) -> None:
-    """A sync function that returns an awaitable has not done its work yet."""
-    if inspect.isawaitable(result):
-        if inspect.iscoroutine(result):
-            result.close()
-        raise TypeError(
-            "@cycles: a sync function returned an awaitable; decorate the async def itself"
-        )
-
-
-def cycles(
-    estimate: int | Callable[..., int],
-    *,
-    actual: int | Callable[..., int] | None = None,
-    action_kind: str | Callable[..., str | None] | None = None,
-    action_name: str | Callable[..., str | None] | None = None,
-    action_tags: list[str] | Callable[..., list[str] | None] | None = None,
-    unit: Unit | str = Unit.USD_MICROCENTS,
-    ttl_ms: int = DEFAULT_TTL_MS,
-    grace_period_ms: int | None = None,
-    overage_policy: str = DEFAULT_OVERAGE_POLICY,
-    dry_run: bool = False,
-    tenant: str | Callable[..., str | None] | None = None,
-    workspace: str | Callable[..., str | None] | None = None,
-    app: str | Callable[..., str | None] | None = None,
-    workflow: str | Callable[..., str | None] | None = None,
-    agent: str | Callable[..., str | None] | None = None,
-    toolset: str | Callable[..., str | None] | None = None,
-    dimensions: dict[str, str] | Callable[..., dict[str, str] | None] | None = None,
-    client: CyclesClient | AsyncCyclesClient | None = None,
-    use_estimate_if_actual_not_provided: bool = True,
-) -> Callable[[_F], _F]:
-    """Reserve budget before the function runs, keep it alive while it runs, settle it after.
-
-    runcycles 0.5.3's decorator.  ``estimate`` and the subject/action
-    parameters are constants or callables of the function's arguments;
-    ``actual`` is a constant or a callable of its return value (default: the
-    estimate, committed with metadata ``actual_source="estimate"``).  A denial
-    raises the typed exception before the function runs; if the function raises,
-    the reservation is released and the exception re-raised; if it returns, the
-    actual is committed (never released), retried with the same idempotency key
-    if needed, and the result returned.  ``dry_run=True`` returns a DryRunResult
-    without running the function.  Works on ``def`` and ``async def`` functions
-    and on objects with an ``async def __call__``; the client (``client=``, else
-    the default client of the right kind, else one made from the default config)
-    is resolved at each call.
-    """
-    spec = _CyclesSpec(
-        estimate=estimate,
-        actual=actual,
-        action_kind=action_kind,
-        action_name=action_name,
-        action_tags=action_tags,
-        unit=unit,
-        ttl_ms=ttl_ms,
-        grace_period_ms=grace_period_ms,
-        overage_policy=overage_policy,
-        dry_run=dry_run,
-        subject=dict(tenant=tenant, workspace=workspace, app=app, workflow=workflow,
-                     agent=agent, toolset=toolset),
-        dimensions=dimensions,
-        use_estimate_if_actual_not_provided=use_estimate_if_actual_not_provided,
-    )
-
-    def decorate(fn: _F) -> _F:
-        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
-            raise TypeError("@cycles cannot guard a generator; use client.stream_reservation")
-        if _is_async_callable(fn):
-            return _async_guarded(fn, spec, client)  # type: ignore[return-value]
-        return _sync_guarded(fn, spec, client)  # type: ignore[return-value]
-
-    return decorate
-
-
-def _sync_guarded(fn: Callable[..., Any], spec: _CyclesSpec, explicit: Any) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        client = _resolve_client(explicit, is_async=False)
-        body = spec.create_body(_config_of(client), args, kwargs)
-        if spec.dry_run:
-            return _drive(_sender(client), _dry_run_steps(body))
-        with _SyncFace(client, body, None) as guard:
-            result = fn(*args, **kwargs)
-            _reject_awaitable(result)
-            _drive(_sender(client), _settle_call_steps(spec, guard, result))
-        return result
-
-    return guarded
-
-
-def _async_guarded(fn: Callable[..., Any], spec: _CyclesSpec, explicit: Any) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    async def guarded(*args: Any, **kwargs: Any) -> Any:
-        client = _resolve_client(explicit, is_async=True)
-        body = spec.create_body(_config_of(client), args, kwargs)
-        if spec.dry_run:
-            return await _drive_async(client, _dry_run_steps(body))
-        async with _AsyncFace(client, body, None) as guard:
-            result = await fn(*args, **kwargs)
-            await _drive_async(client, _settle_call_steps(spec, guard, result))
-        return result
-
-    return guarded
 
 
 # ===========================================================================

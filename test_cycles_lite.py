@@ -4647,24 +4647,15 @@ class _LcSettlementCases(_LcCase):
         self.addCleanup(shutil.rmtree, journal_dir, True)
         client = self.new_client(journal_enabled=True, journal_dir=journal_dir)
         interrupt: Any = asyncio.CancelledError if self.is_async else KeyboardInterrupt
-        name = "_perform_effect_async" if self.is_async else "_perform_effect"
-        real_perform = getattr(cl, name)
+        seam = cl._AsyncIO if self.is_async else cl._SyncIO
+        real_stop = seam.stop_heartbeat
         fired: List[bool] = []
 
-        def interrupt_after_stop(effect: Any) -> None:
-            if isinstance(effect, cl._StopHeartbeat) and not fired:
+        async def stop_then_interrupt(io: Any, heartbeat: Any) -> None:
+            await real_stop(io, heartbeat)
+            if not fired:
                 fired.append(True)
                 raise interrupt()
-
-        async def perform_async(*args: Any) -> Any:
-            result = await real_perform(*args)
-            interrupt_after_stop(args[1])
-            return result
-
-        def perform(*args: Any) -> Any:
-            result = real_perform(*args)
-            interrupt_after_stop(args[1])
-            return result
 
         written: List[str] = []
         real_write = cl._CommitJournal.write
@@ -4673,7 +4664,7 @@ class _LcSettlementCases(_LcCase):
             written.append(record.reservation_id)
             return bool(real_write(journal, record))
 
-        with mock.patch.object(cl, name, perform_async if self.is_async else perform), \
+        with mock.patch.object(seam, "stop_heartbeat", stop_then_interrupt), \
                 mock.patch.object(cl._CommitJournal, "write", write):
             with self.assertRaises(interrupt):
                 self.call(lambda: "ok", estimate=10, actual=4, client=client)
