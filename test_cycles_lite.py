@@ -1210,7 +1210,7 @@ class TestAsyncClient(ServerTestCase, EndpointTests):
     def test_attempt_deadline_counts_from_submission(self) -> None:
         # Review bug 7: twice as many calls as connections; the half that waits for a
         # connection must not get a fresh attempt_timeout when it finally starts.
-        self.srv.inject("balances", "delay", delay_ms=350, times=None)
+        held = self.srv.inject("balances", "delay", delay_ms=350, times=None)
         config = self.config(request_timeout=0.4, max_connections=8)
 
         async def timed(client: AsyncCyclesClient) -> float:
@@ -1225,8 +1225,11 @@ class TestAsyncClient(ServerTestCase, EndpointTests):
 
         self.assertLess(max(self.run_async(scenario())), 0.4 + 0.15)
         # The server finishes the abandoned ones later: keep them out of the next test's log.
+        # Each call went out at most once (on a loaded machine a queued one may reach its
+        # deadline before a connection frees up, and is never sent).
         calls = 2 * 8
-        self.assertTrue(wait_for(lambda: len(self.srv.requests_for("balances")) == calls))
+        self.assertTrue(wait_for(lambda: len(self.srv.requests_for("balances")) == held.hits))
+        self.assertLessEqual(held.hits, calls)
 
 
 def threads_left(before: Any, wait: float = 2.0) -> List[str]:
