@@ -5443,7 +5443,8 @@ class TestRecoveryDurable(_DurCase):
         self.assert_settled_once(rid, via_event=True)
 
     def test_cr_durable_003_rate_limit_floor_survives_restart(self) -> None:
-        self.srv.inject("commit", "status", status=429, headers={"Retry-After": "3"})
+        # 5 s: room for two process starts on a loaded machine before the floor.
+        self.srv.inject("commit", "status", status=429, headers={"Retry-After": "5"})
         first = self.start_child([{"op": "guarded"}, {"op": "hang"}])
 
         def floor_written() -> Any:
@@ -5456,7 +5457,7 @@ class TestRecoveryDurable(_DurCase):
         rate_limited = self.commits()[0]
         self.assertEqual(rate_limited.status, 429)
         not_before = record["not_before_ms"]
-        self.assertGreaterEqual(not_before, rate_limited.time_ms + 3_000)
+        self.assertGreaterEqual(not_before, rate_limited.time_ms + 5_000)
 
         # Restarted before Retry-After elapsed: a short recover() sends nothing.
         early = self.recover_in_fresh_process(
