@@ -80,7 +80,7 @@ import threading
 import time
 import types
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import field
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
 # typing is for the type checker only: importing it would cost more than the
@@ -91,26 +91,13 @@ if TYPE_CHECKING:  # pragma: no cover
     import socket
     import ssl
     from typing import (
-        Any,
-        AsyncIterator,
-        Awaitable,
-        Callable,
-        ClassVar,
-        Coroutine,
-        Deque,
-        Dict,
-        FrozenSet,
-        Generator,
-        Iterable,
-        Iterator,
-        List,
-        Mapping,
-        Sequence,
-        Tuple,
-        Type,
-        TypeVar,
-        Union,
+        Any, AsyncIterator, Awaitable, Callable, ClassVar, Coroutine, Deque, Dict, FrozenSet,
+        Generator, Iterable, Iterator, List, Mapping, Sequence, Tuple, Type, TypeVar, Union,
     )
+
+    from typing_extensions import dataclass_transform
+
+    from dataclasses import dataclass as _dataclass
 
     # A field check: (dotted path, value, tolerant) -> normalised value, or _FieldError.
     _Check = Callable[[str, Any, bool], Any]
@@ -119,88 +106,52 @@ if TYPE_CHECKING:  # pragma: no cover
     _SyncGuard = TypeVar("_SyncGuard", bound="_SyncFace")
     _AsyncGuard = TypeVar("_AsyncGuard", bound="_AsyncFace")
     _F = TypeVar("_F", bound=Callable[..., Any])
+else:
+
+    def dataclass_transform(**_: Any) -> Callable[[_T], _T]:
+        """For the type checker only: the models' constructors, from their fields."""
+        return lambda cls: cls
+
+    def _dataclass(cls: Any = None, **options: Any) -> Any:
+        """``@dataclass`` to the type checker; at run time _shared_dataclass (see there)."""
+        if cls is None:
+            return lambda cls: _shared_dataclass(cls, **options)
+        return _shared_dataclass(cls, **options)
+
 
 __version__ = "0.2.0"
 
 __all__ = [  # noqa: RUF022 - grouped as in runcycles
     # Client
-    "CyclesClient",
-    "AsyncCyclesClient",
+    "CyclesClient", "AsyncCyclesClient",
     # Config
     "CyclesConfig",
     # Decorator
-    "cycles",
-    "set_default_client",
-    "set_default_config",
+    "cycles", "set_default_client", "set_default_config",
     # Context
-    "CyclesContext",
-    "get_cycles_context",
+    "CyclesContext", "get_cycles_context",
     # Response
     "CyclesResponse",
     # Streaming
-    "StreamReservation",
-    "AsyncStreamReservation",
-    "StreamUsage",
+    "StreamReservation", "AsyncStreamReservation", "StreamUsage",
     # Exceptions
-    "CyclesError",
-    "CyclesProtocolError",
-    "CyclesTransportError",
-    "BudgetExceededError",
-    "DebtOutstandingError",
-    "OverdraftLimitExceededError",
-    "ReservationExpiredError",
-    "ReservationFinalizedError",
-    "TenantClosedError",
-    "CyclesConnectionError",
-    "InvalidFieldError",
+    "CyclesError", "CyclesProtocolError", "CyclesTransportError", "BudgetExceededError",
+    "DebtOutstandingError", "OverdraftLimitExceededError", "ReservationExpiredError",
+    "ReservationFinalizedError", "TenantClosedError", "CyclesConnectionError", "InvalidFieldError",
     # Models
-    "Unit",
-    "Amount",
-    "SignedAmount",
-    "Subject",
-    "Action",
-    "Caps",
-    "Decision",
-    "CyclesMetrics",
-    "CyclesEvidenceRef",
-    "Balance",
-    "CommitOveragePolicy",
-    "ErrorCode",
-    "ErrorResponse",
-    "ReservationStatus",
-    "CommitStatus",
-    "ReleaseStatus",
-    "ExtendStatus",
-    "EventStatus",
-    "ReservationCreateRequest",
-    "CommitRequest",
-    "ReleaseRequest",
-    "ReservationExtendRequest",
-    "DecisionRequest",
-    "EventCreateRequest",
-    "ReservationCreateResponse",
-    "CommitResponse",
-    "ReleaseResponse",
-    "ReservationExtendResponse",
-    "DecisionResponse",
-    "EventCreateResponse",
-    "DryRunResult",
-    "ReservationDetail",
-    "ReservationSummary",
-    "ReservationListResponse",
+    "Unit", "Amount", "SignedAmount", "Subject", "Action", "Caps", "Decision", "CyclesMetrics",
+    "CyclesEvidenceRef", "Balance", "CommitOveragePolicy", "ErrorCode", "ErrorResponse",
+    "ReservationStatus", "CommitStatus", "ReleaseStatus", "ExtendStatus", "EventStatus",
+    "ReservationCreateRequest", "CommitRequest", "ReleaseRequest", "ReservationExtendRequest",
+    "DecisionRequest", "EventCreateRequest", "ReservationCreateResponse", "CommitResponse",
+    "ReleaseResponse", "ReservationExtendResponse", "DecisionResponse", "EventCreateResponse",
+    "DryRunResult", "ReservationDetail", "ReservationSummary", "ReservationListResponse",
     "BalanceResponse",
     # Beyond runcycles
-    "ReservationEvidence",
-    "ReservationGuard",
-    "AsyncReservationGuard",
-    "RecoverySummary",
-    "flush",
-    "aflush",
-    "FlushResult",
-    "deadline",
+    "ReservationEvidence", "ReservationGuard", "AsyncReservationGuard", "RecoverySummary", "flush",
+    "aflush", "FlushResult", "deadline",
     # Evidence
-    "EvidenceVerification",
-    "verify_evidence",
+    "EvidenceVerification", "verify_evidence",
 ]
 
 _log = logging.getLogger(__name__)
@@ -221,19 +172,10 @@ TRACE_ID_HEADER = "X-Cycles-Trace-Id"
 REQUEST_ID_HEADER = "X-Request-Id"
 
 # Response headers kept on CyclesResponse.headers (lower-case names).
-CAPTURED_HEADERS: FrozenSet[str] = frozenset(
-    {
-        "x-request-id",
-        "x-cycles-trace-id",
-        "x-cycles-tenant",
-        "x-ratelimit-remaining",
-        "x-ratelimit-reset",
-        "retry-after",
-        "date",
-        "content-type",
-        "location",
-    }
-)
+CAPTURED_HEADERS: FrozenSet[str] = frozenset({
+    "x-request-id", "x-cycles-trace-id", "x-cycles-tenant", "x-ratelimit-remaining",
+    "x-ratelimit-reset", "retry-after", "date", "content-type", "location",
+})
 
 RESERVATIONS_PATH = "/v1/reservations"
 DECIDE_PATH = "/v1/decide"
@@ -296,10 +238,11 @@ def _is_header_value(value: Any) -> bool:
 
 
 def _parse_decimal(raw: str | None, *, signed: bool) -> int | None:
-    """An integer of at most 19 ASCII digits (optionally signed), else None."""
+    """An integer of at most 19 ASCII digits (optionally signed) between optional blanks
+    (HTTP's spaces and tabs), else None."""
     if raw is None:
         return None
-    text = raw.strip()
+    text = raw.strip(" \t")
     digits = text[1:] if signed and text[:1] in ("+", "-") else text
     if not (0 < len(digits) <= 19 and digits.isascii() and digits.isdigit()):
         return None
@@ -588,27 +531,12 @@ class ErrorCode(str, enum.Enum):
     @classmethod
     def from_string(cls, value: str | None) -> ErrorCode | None:
         """The member for ``value``; UNKNOWN for a code this client does not know; None for None."""
-        if value is None:
-            return None
-        try:
-            return cls(value)
-        except ValueError:
-            return cls.UNKNOWN
+        return None if value is None else cls.__members__.get(value, cls.UNKNOWN)
 
 
 # Validation helpers.  A check takes (field path, value, tolerant) and returns the
 # normalised value or raises _FieldError; ``tolerant`` is True while parsing a
 # server response (unknown fields are kept, never refused).
-
-
-class _RequiredMarker:
-    """Default of a required model field: constructing without it is a ValueError."""
-
-    def __repr__(self) -> str:
-        return "<required>"
-
-
-_REQUIRED: Any = _RequiredMarker()
 
 
 class InvalidFieldError(ValueError):
@@ -621,6 +549,8 @@ class InvalidFieldError(ValueError):
         self.problem = problem
 
     def under(self, parent: str) -> InvalidFieldError:
+        if not parent:
+            return self
         joiner = "" if self.path.startswith("[") else "."
         return InvalidFieldError(parent + joiner + self.path, self.problem)
 
@@ -653,47 +583,36 @@ def _str_check(max_len: int | None = None, min_len: int = 0) -> _Check:
 
 def _int_check(lo: int = INT64_MIN, hi: int = INT64_MAX, what: str = "an integer") -> _Check:
     def check(path: str, value: Any, tolerant: bool) -> Any:
-        if not _is_int(value, lo, hi):
+        if type(value) is not int or not lo <= value <= hi:  # _is_int, inlined: a hot path
             raise _FieldError(path, f"must be {what} in [{lo}, {hi}], got {value!r}")
         return value
 
     return check
 
 
-def _bool_check(path: str, value: Any, tolerant: bool) -> Any:
-    if not isinstance(value, bool):
-        raise _FieldError(path, f"must be a boolean, got {_type_name(value)}")
-    return value
-
-
-def _enum_check(enum_class: Type[enum.Enum]) -> _Check:
-    """Known values become members; an unknown string stays a plain str (forward compatible)."""
+def _rule(valid: Callable[[Any], bool], problem: str) -> _Check:
+    """A check from a predicate.  ``problem`` may show the refused value's ``{type}``
+    or ``{value!r}`` (so never the value of a secret)."""
 
     def check(path: str, value: Any, tolerant: bool) -> Any:
-        if isinstance(value, enum_class):
-            return value
-        if not isinstance(value, str):
-            raise _FieldError(path, f"must be a string, got {_type_name(value)}")
-        try:
-            return enum_class(value)
-        except ValueError:
-            return value
+        if not valid(value):
+            raise _FieldError(path, problem.format(value=value, type=_type_name(value)))
+        return value
 
     return check
 
 
-def _model_check(model_class: Type[_Model]) -> _Check:
+_bool_check = _rule(lambda value: isinstance(value, bool), "must be a boolean, got {type}")
+
+
+def _enum_check(enum_class: Type[enum.Enum]) -> _Check:
+    """Known values become members; an unknown string stays a plain str (forward compatible)."""
+    members = {member.value: member for member in enum_class}
+
     def check(path: str, value: Any, tolerant: bool) -> Any:
-        if isinstance(value, model_class):
-            return value
-        if not isinstance(value, dict):
-            name = model_class.__name__
-            article = "an" if name[0] in "AEIOU" else "a"
-            raise _FieldError(path, f"must be {article} {name} or a dict, got {_type_name(value)}")
-        try:
-            return model_class._from_dict(value, tolerant)
-        except _FieldError as exc:
-            raise exc.under(path) from None
+        if not isinstance(value, str):
+            raise _FieldError(path, f"must be a string, got {_type_name(value)}")
+        return members.get(value, value)
 
     return check
 
@@ -765,16 +684,10 @@ def _dimensions_check(path: str, value: Any, tolerant: bool) -> Any:
     return value
 
 
-def _evidence_id_check(path: str, value: Any, tolerant: bool) -> Any:
-    if not _is_hex(value, 64):
-        raise _FieldError(path, "must be 64 lowercase hex characters")
-    return value
-
-
-def _absolute_uri_check(path: str, value: Any, tolerant: bool) -> Any:
-    if not isinstance(value, str) or not urlsplit(value).scheme:
-        raise _FieldError(path, "must be an absolute URI")
-    return value
+_evidence_id_check = _rule(lambda value: _is_hex(value, 64), "must be 64 lowercase hex characters")
+_absolute_uri_check = _rule(
+    lambda value: isinstance(value, str) and bool(urlsplit(value).scheme), "must be an absolute URI"
+)
 
 
 def _dump_value(value: Any, exclude_none: bool, json_mode: bool) -> Any:
@@ -789,54 +702,116 @@ def _dump_value(value: Any, exclude_none: bool, json_mode: bool) -> Any:
     return value
 
 
-def _field(check: _Check, *, required: bool = False) -> Any:
-    """A model field and its check, declared together: ``amount: int = _field(_int64)``."""
-    return field(default=_REQUIRED if required else None, metadata={"check": check})
+class _ModelSignature:
+    """A model class's ``__signature__`` for ``inspect.signature``: its fields as keyword
+    arguments (like pydantic's), built when first asked for."""
+
+    def __get__(self, model: Any, cls: Type[_Model]) -> inspect.Signature:
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        return inspect.Signature([
+            inspect.Parameter(name, keyword, **({} if name in cls._required else {"default": None}))
+            for name in cls._fields
+        ])
 
 
+class _Field:
+    """What ``_field(...)`` leaves in a model's class body until the class is made."""
+
+    __slots__ = ("check", "required")
+
+    def __init__(self, check: _Check, required: bool) -> None:
+        self.check = check
+        self.required = required
+
+
+def _field(check: _Check, *, default: Any = ...) -> Any:
+    """A model field and its check, declared together: ``amount: int = _field(_int64)``
+    (required) or ``ttl_ms: int | None = _field(_ttl, default=None)`` (optional)."""
+    return _Field(check, required=default is ...)
+
+
+@dataclass_transform(kw_only_default=True, field_specifiers=(_field,))
 class _Model:
-    """Base of the protocol dataclasses: validation at construction, dump, tolerant parse.
+    """Base of the protocol models: validation at construction, dump, tolerant parse.
 
-    Each field is declared once, with its check (``_field``); a required field
-    must be given.  ``extra`` keeps the unknown fields of a parsed response (a
-    newer server may add fields; they are never refused).
+    Each field is declared once, with its check (``_field``).  The constructor takes
+    the fields as keywords (like runcycles' pydantic models) and checks each given
+    value; a required field must be given.  ``extra`` keeps the unknown fields of a
+    parsed response (a newer server may add fields; they are never refused).
+    ``__init__``, ``__repr__`` and ``__eq__`` are written once here, for every model:
+    generating them per class (``@dataclass``) would cost import time.
     """
 
     # Collected from the field declarations: name -> check, and the required names.
     _fields: ClassVar[Dict[str, _Check]] = {}
-    _required: ClassVar[FrozenSet[str]] = frozenset()
+    _required: ClassVar[Tuple[str, ...]] = ()
     # Request models refuse unknown fields in model_validate too; the server would.
     _strict_validate: ClassVar[bool] = False
+    __signature__ = _ModelSignature()
     extra: Dict[str, Any]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        """Runs before ``@dataclass``: the class still holds each field's ``_field(...)``."""
         super().__init_subclass__(**kwargs)
-        checks, required = dict(cls._fields), set(cls._required)
-        for name, declared in list(cls.__dict__.items()):
-            if isinstance(declared, dataclasses.Field) and "check" in declared.metadata:
-                checks[name] = declared.metadata["check"]
-                if declared.default is _REQUIRED:
-                    required.add(name)
-        cls._fields, cls._required = checks, frozenset(required)
+        checks = dict(cls._fields)
+        for name, declared in list(vars(cls).items()):
+            if isinstance(declared, _Field):
+                checks[name] = declared.check
+                if declared.required:
+                    cls._required += (name,)
+                delattr(cls, name)
+        cls._fields = checks
 
-    def __post_init__(self) -> None:
-        self.extra = {}
-        for name, check in self._fields.items():
-            value = getattr(self, name)
-            if value is None or value is _REQUIRED:
-                if name in self._required:
-                    raise _FieldError(name, "field required")
-                continue
-            checked = check(name, value, False)
-            if checked is not value:
-                setattr(self, name, checked)
-        self._check_model()
+    def __init__(self, **values: Any) -> None:
+        unknown = values.keys() - self._fields.keys()
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got unexpected arguments {sorted(unknown)}")
+        self._load(values, tolerant=False)
 
-    def _check_model(self) -> None:
-        """Rules that span fields; subclasses override."""
+    def _load(self, data: Mapping[str, Any], tolerant: bool) -> None:
+        """Check each value of ``data`` and set every field (None when absent).
 
-    # Generic repr and eq (dataclass-generated ones would cost import time per class).
+        Unknown fields go to ``extra`` when ``tolerant`` (parsing a response), else raise.
+        """
+        fields = self._fields
+        known: Dict[str, Any] = {}
+        extra: Dict[str, Any] = {}
+        for key, value in data.items():
+            check = fields.get(key)
+            if check is None:
+                if not tolerant:
+                    raise _FieldError(str(key), "unknown field")
+                extra[key] = value
+            elif value is not None:
+                try:
+                    known[key] = check(key, value, tolerant)
+                except _FieldError:
+                    if not tolerant or key in self._required:
+                        raise
+                    # A malformed optional field must not make the whole answer unreadable
+                    # (a usable create answer would leak its reservation): keep it raw.
+                    extra[key] = value
+        for name in self._required:
+            if name not in known:
+                raise _FieldError(name, "field required")
+        vars(self).update(dict.fromkeys(fields), **known)
+        self.extra = extra
+
+    @classmethod
+    def _parse(cls: Type[_M], path: str, value: Any, tolerant: bool) -> _M:
+        """The check of a field holding this model: a model as it is, a dict parsed."""
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            article = "an" if cls.__name__[0] in "AEIOU" else "a"
+            problem = f"must be {article} {cls.__name__} or a dict, got {_type_name(value)}"
+            raise _FieldError(path, problem)
+        model = cls.__new__(cls)
+        try:
+            model._load(value, tolerant)
+        except _FieldError as exc:
+            raise exc.under(path) from None
+        return model
+
     def __repr__(self) -> str:
         shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
         return f"{type(self).__name__}({shown})"
@@ -849,29 +824,6 @@ class _Model:
     __hash__ = None  # type: ignore[assignment]  # mutable, like pydantic models
 
     @classmethod
-    def _from_dict(cls: Type[_M], data: Mapping[str, Any], tolerant: bool) -> _M:
-        known: Dict[str, Any] = {}
-        extra: Dict[str, Any] = {}
-        for key, value in data.items():
-            check = cls._fields.get(key)
-            if check is None:
-                if not tolerant:
-                    raise _FieldError(str(key), "unknown field")
-                extra[key] = value
-            elif value is not None:
-                try:
-                    known[key] = check(key, value, tolerant)
-                except _FieldError:
-                    if not tolerant or key in cls._required:
-                        raise
-                    # A malformed optional field must not make the whole answer unreadable
-                    # (a usable create answer would leak its reservation): keep it raw.
-                    extra[key] = value
-        obj = cls(**known)
-        obj.extra = extra
-        return obj
-
-    @classmethod
     def model_validate(cls: Type[_M], data: Any) -> _M:
         """Parse a dict (e.g. a response body).
 
@@ -879,11 +831,9 @@ class _Model:
         field has the wrong type.  Unknown fields go to ``extra`` (request models
         refuse them), and unknown enum values stay plain strings.
         """
-        if isinstance(data, cls):
-            return data
-        if not isinstance(data, dict):
+        if not isinstance(data, (cls, dict)):
             raise _FieldError(cls.__name__, f"expected a dict, got {_type_name(data)}")
-        return cls._from_dict(data, tolerant=not cls._strict_validate)
+        return cls._parse("", data, tolerant=not cls._strict_validate)
 
     def model_dump(
         self, *, mode: str = "python", exclude_none: bool = False, by_alias: bool = False
@@ -895,7 +845,9 @@ class _Model:
             value = getattr(self, name)
             if value is None and exclude_none:
                 continue
-            out[name] = _dump_value(value, exclude_none, json_mode)
+            if isinstance(value, (_Model, enum.Enum, list, dict)):  # else: as it is
+                value = _dump_value(value, exclude_none, json_mode)
+            out[name] = value
         for key, value in self.extra.items():
             out.setdefault(key, value)
         return out
@@ -906,7 +858,8 @@ class _Model:
         )
 
     def model_copy(self: _M, *, update: Mapping[str, Any] | None = None) -> _M:
-        copy = dataclasses.replace(self, **dict(update or {}))  # type: ignore[type-var]
+        values = {name: getattr(self, name) for name in self._fields}
+        copy = type(self)(**dict(values, **(update or {})))
         copy.extra = dict(self.extra)
         return copy
 
@@ -918,56 +871,51 @@ _str_list = _list_check(_any_str)
 _subject_str = _str_check(MAX_SUBJECT_FIELD_LENGTH)
 
 
-@dataclass(repr=False, eq=False)
 class Amount(_Model):
     """A non-negative int64 amount in one unit."""
 
-    unit: Unit | str = _field(_enum_check(Unit), required=True)
-    amount: int = _field(_int64, required=True)
+    unit: Unit | str = _field(_enum_check(Unit))
+    amount: int = _field(_int64)
 
 
-@dataclass(repr=False, eq=False)
 class SignedAmount(_Model):
     """An amount that may be negative (only ``Balance.remaining``)."""
 
-    unit: Unit | str = _field(_enum_check(Unit), required=True)
-    amount: int = _field(_int_check(what="an int64"), required=True)
+    unit: Unit | str = _field(_enum_check(Unit))
+    amount: int = _field(_int_check(what="an int64"))
 
 
-@dataclass(repr=False, eq=False)
 class Subject(_Model):
     """Who spends: the scope hierarchy (at least one standard field in a request)."""
 
-    tenant: str | None = _field(_subject_str)
-    workspace: str | None = _field(_subject_str)
-    app: str | None = _field(_subject_str)
-    workflow: str | None = _field(_subject_str)
-    agent: str | None = _field(_subject_str)
-    toolset: str | None = _field(_subject_str)
-    dimensions: dict[str, str] | None = _field(_dimensions_check)
+    tenant: str | None = _field(_subject_str, default=None)
+    workspace: str | None = _field(_subject_str, default=None)
+    app: str | None = _field(_subject_str, default=None)
+    workflow: str | None = _field(_subject_str, default=None)
+    agent: str | None = _field(_subject_str, default=None)
+    toolset: str | None = _field(_subject_str, default=None)
+    dimensions: dict[str, str] | None = _field(_dimensions_check, default=None)
 
     def has_at_least_one_standard_field(self) -> bool:
-        return any(getattr(self, name) for name in SUBJECT_FIELDS)
+        return any(map(vars(self).get, SUBJECT_FIELDS))
 
 
-@dataclass(repr=False, eq=False)
 class Action(_Model):
     """What is being done: ``kind`` (e.g. llm.completion), ``name``, optional tags."""
 
-    kind: str = _field(_str_check(MAX_ACTION_KIND_LENGTH), required=True)
-    name: str = _field(_str_check(MAX_ACTION_NAME_LENGTH), required=True)
-    tags: list[str] | None = _field(_list_check(_str_check(MAX_TAG_LENGTH), MAX_TAGS))
+    kind: str = _field(_str_check(MAX_ACTION_KIND_LENGTH))
+    name: str = _field(_str_check(MAX_ACTION_NAME_LENGTH))
+    tags: list[str] | None = _field(_list_check(_str_check(MAX_TAG_LENGTH), MAX_TAGS), default=None)
 
 
-@dataclass(repr=False, eq=False)
 class Caps(_Model):
     """Limits that come with an ALLOW_WITH_CAPS decision (advisory for the client)."""
 
-    max_tokens: int | None = _field(_int64)
-    max_steps_remaining: int | None = _field(_int64)
-    tool_allowlist: list[str] | None = _field(_list_check(_str_check(256)))
-    tool_denylist: list[str] | None = _field(_list_check(_str_check(256)))
-    cooldown_ms: int | None = _field(_int64)
+    max_tokens: int | None = _field(_int64, default=None)
+    max_steps_remaining: int | None = _field(_int64, default=None)
+    tool_allowlist: list[str] | None = _field(_list_check(_str_check(256)), default=None)
+    tool_denylist: list[str] | None = _field(_list_check(_str_check(256)), default=None)
+    cooldown_ms: int | None = _field(_int64, default=None)
 
     def is_tool_allowed(self, tool: str) -> bool:
         """The spec's precedence: a non-empty allowlist wins, then a non-empty denylist."""
@@ -978,15 +926,14 @@ class Caps(_Model):
         return True
 
 
-@dataclass(repr=False, eq=False)
 class CyclesMetrics(_Model):
     """Standard metrics sent with a commit or event."""
 
-    tokens_input: int | None = _field(_int64)
-    tokens_output: int | None = _field(_int64)
-    latency_ms: int | None = _field(_int64)
-    model_version: str | None = _field(_str_check(128))
-    custom: dict[str, Any] | None = _field(_object_check)
+    tokens_input: int | None = _field(_int64, default=None)
+    tokens_output: int | None = _field(_int64, default=None)
+    latency_ms: int | None = _field(_int64, default=None)
+    model_version: str | None = _field(_str_check(128), default=None)
+    custom: dict[str, Any] | None = _field(_object_check, default=None)
 
     def put_custom(self, key: str, value: Any) -> None:
         if self.custom is None:
@@ -994,58 +941,50 @@ class CyclesMetrics(_Model):
         self.custom[key] = value
 
     def is_empty(self) -> bool:
-        return (
-            self.tokens_input is None
-            and self.tokens_output is None
-            and self.latency_ms is None
-            and self.model_version is None
-            and not self.custom
-        )
+        measured = (self.tokens_input, self.tokens_output, self.latency_ms, self.model_version)
+        return measured == (None, None, None, None) and not self.custom
 
 
-_amount = _model_check(Amount)
+_amount = Amount._parse
 
 
-@dataclass(repr=False, eq=False)
 class Balance(_Model):
     """One scope's budget state; ``remaining`` may be negative."""
 
-    scope: str = _field(_any_str, required=True)
-    scope_path: str = _field(_any_str, required=True)
-    remaining: SignedAmount = _field(_model_check(SignedAmount), required=True)
-    reserved: Amount | None = _field(_amount)
-    spent: Amount | None = _field(_amount)
-    allocated: Amount | None = _field(_amount)
-    debt: Amount | None = _field(_amount)
-    overdraft_limit: Amount | None = _field(_amount)
-    is_over_limit: bool | None = _field(_bool_check)
+    scope: str = _field(_any_str)
+    scope_path: str = _field(_any_str)
+    remaining: SignedAmount = _field(SignedAmount._parse)
+    reserved: Amount | None = _field(_amount, default=None)
+    spent: Amount | None = _field(_amount, default=None)
+    allocated: Amount | None = _field(_amount, default=None)
+    debt: Amount | None = _field(_amount, default=None)
+    overdraft_limit: Amount | None = _field(_amount, default=None)
+    is_over_limit: bool | None = _field(_bool_check, default=None)
 
 
-@dataclass(repr=False, eq=False)
 class CyclesEvidenceRef(_Model):
     """Where to fetch a signed evidence envelope (``get_evidence(evidence_id)``)."""
 
-    evidence_id: str = _field(_evidence_id_check, required=True)
-    cycles_evidence_url: str = _field(_absolute_uri_check, required=True)
+    evidence_id: str = _field(_evidence_id_check)
+    cycles_evidence_url: str = _field(_absolute_uri_check)
 
 
-_evidence_ref = _model_check(CyclesEvidenceRef)
+_evidence_ref = CyclesEvidenceRef._parse
 
 
-@dataclass(repr=False, eq=False)
 class ReservationEvidence(_Model):
     """Evidence references of a reservation's reserve, commit and release."""
 
-    reserve: CyclesEvidenceRef | None = _field(_evidence_ref)
-    commit: CyclesEvidenceRef | None = _field(_evidence_ref)
-    release: CyclesEvidenceRef | None = _field(_evidence_ref)
+    reserve: CyclesEvidenceRef | None = _field(_evidence_ref, default=None)
+    commit: CyclesEvidenceRef | None = _field(_evidence_ref, default=None)
+    release: CyclesEvidenceRef | None = _field(_evidence_ref, default=None)
 
 
-_balances = _list_check(_model_check(Balance))
-_caps = _model_check(Caps)
-_subject = _model_check(Subject)
-_action = _model_check(Action)
-_metrics = _model_check(CyclesMetrics)
+_balances = _list_check(Balance._parse)
+_caps = Caps._parse
+_subject = Subject._parse
+_action = Action._parse
+_metrics = CyclesMetrics._parse
 _overage_policy = _enum_check(CommitOveragePolicy)
 
 
@@ -1054,77 +993,72 @@ class _Request(_Model):
 
     _strict_validate = True
 
-    def _check_model(self) -> None:
+    def _load(self, data: Mapping[str, Any], tolerant: bool) -> None:
+        super()._load(data, tolerant)
         subject = getattr(self, "subject", None)
         if isinstance(subject, Subject) and not subject.has_at_least_one_standard_field():
             raise _FieldError("subject", "must have at least one of " + ", ".join(SUBJECT_FIELDS))
 
 
-@dataclass(repr=False, eq=False)
 class ReservationCreateRequest(_Request):
     """Body of ``POST /v1/reservations``."""
 
-    idempotency_key: str = _field(_idempotency_key, required=True)
-    subject: Subject = _field(_subject, required=True)
-    action: Action = _field(_action, required=True)
-    estimate: Amount = _field(_amount, required=True)
-    ttl_ms: int | None = _field(_int_check(MIN_TTL_MS, MAX_TTL_MS))
-    grace_period_ms: int | None = _field(_int_check(0, MAX_GRACE_PERIOD_MS))
-    overage_policy: CommitOveragePolicy | str | None = _field(_overage_policy)
-    dry_run: bool | None = _field(_bool_check)
-    metadata: dict[str, Any] | None = _field(_object_check)
+    idempotency_key: str = _field(_idempotency_key)
+    subject: Subject = _field(_subject)
+    action: Action = _field(_action)
+    estimate: Amount = _field(_amount)
+    ttl_ms: int | None = _field(_int_check(MIN_TTL_MS, MAX_TTL_MS), default=None)
+    grace_period_ms: int | None = _field(_int_check(0, MAX_GRACE_PERIOD_MS), default=None)
+    overage_policy: CommitOveragePolicy | str | None = _field(_overage_policy, default=None)
+    dry_run: bool | None = _field(_bool_check, default=None)
+    metadata: dict[str, Any] | None = _field(_object_check, default=None)
 
 
-@dataclass(repr=False, eq=False)
 class CommitRequest(_Request):
     """Body of ``POST /v1/reservations/{id}/commit``."""
 
-    idempotency_key: str = _field(_idempotency_key, required=True)
-    actual: Amount = _field(_amount, required=True)
-    metrics: CyclesMetrics | None = _field(_metrics)
-    metadata: dict[str, Any] | None = _field(_object_check)
+    idempotency_key: str = _field(_idempotency_key)
+    actual: Amount = _field(_amount)
+    metrics: CyclesMetrics | None = _field(_metrics, default=None)
+    metadata: dict[str, Any] | None = _field(_object_check, default=None)
 
 
-@dataclass(repr=False, eq=False)
 class ReleaseRequest(_Request):
     """Body of ``POST /v1/reservations/{id}/release``."""
 
-    idempotency_key: str = _field(_idempotency_key, required=True)
-    reason: str | None = _field(_str_check(256))
+    idempotency_key: str = _field(_idempotency_key)
+    reason: str | None = _field(_str_check(256), default=None)
 
 
-@dataclass(repr=False, eq=False)
 class ReservationExtendRequest(_Request):
     """Body of ``POST /v1/reservations/{id}/extend`` (adds to the current expiry)."""
 
-    idempotency_key: str = _field(_idempotency_key, required=True)
-    extend_by_ms: int = _field(_int_check(1, MAX_EXTEND_BY_MS), required=True)
-    metadata: dict[str, Any] | None = _field(_object_check)
+    idempotency_key: str = _field(_idempotency_key)
+    extend_by_ms: int = _field(_int_check(1, MAX_EXTEND_BY_MS))
+    metadata: dict[str, Any] | None = _field(_object_check, default=None)
 
 
-@dataclass(repr=False, eq=False)
 class DecisionRequest(_Request):
     """Body of ``POST /v1/decide`` (a hint only; it holds nothing)."""
 
-    idempotency_key: str = _field(_idempotency_key, required=True)
-    subject: Subject = _field(_subject, required=True)
-    action: Action = _field(_action, required=True)
-    estimate: Amount = _field(_amount, required=True)
-    metadata: dict[str, Any] | None = _field(_object_check)
+    idempotency_key: str = _field(_idempotency_key)
+    subject: Subject = _field(_subject)
+    action: Action = _field(_action)
+    estimate: Amount = _field(_amount)
+    metadata: dict[str, Any] | None = _field(_object_check, default=None)
 
 
-@dataclass(repr=False, eq=False)
 class EventCreateRequest(_Request):
     """Body of ``POST /v1/events``: a direct debit without a reservation."""
 
-    idempotency_key: str = _field(_idempotency_key, required=True)
-    subject: Subject = _field(_subject, required=True)
-    action: Action = _field(_action, required=True)
-    actual: Amount = _field(_amount, required=True)
-    overage_policy: CommitOveragePolicy | str | None = _field(_overage_policy)
-    metrics: CyclesMetrics | None = _field(_metrics)
-    client_time_ms: int | None = _field(_int64)
-    metadata: dict[str, Any] | None = _field(_object_check)
+    idempotency_key: str = _field(_idempotency_key)
+    subject: Subject = _field(_subject)
+    action: Action = _field(_action)
+    actual: Amount = _field(_amount)
+    overage_policy: CommitOveragePolicy | str | None = _field(_overage_policy, default=None)
+    metrics: CyclesMetrics | None = _field(_metrics, default=None)
+    client_time_ms: int | None = _field(_int64, default=None)
+    metadata: dict[str, Any] | None = _field(_object_check, default=None)
 
 
 class _Decided:
@@ -1137,104 +1071,96 @@ class _Decided:
         return self.decision == Decision.DENY
 
 
-@dataclass(repr=False, eq=False)
 class ReservationCreateResponse(_Decided, _Model):
     """Answer to a reservation (live or dry run)."""
 
-    decision: Decision | str = _field(_enum_check(Decision), required=True)
-    reservation_id: str | None = _field(_str_check(min_len=1))
-    affected_scopes: list[str] = _field(_str_list, required=True)
-    expires_at_ms: int | None = _field(_int64)
-    remaining_ttl_ms: int | None = _field(_int64)
-    scope_path: str | None = _field(_any_str)
-    reserved: Amount | None = _field(_amount)
-    caps: Caps | None = _field(_caps)
-    reason_code: str | None = _field(_any_str)
-    retry_after_ms: int | None = _field(_int64)
-    balances: list[Balance] | None = _field(_balances)
-    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref)
+    decision: Decision | str = _field(_enum_check(Decision))
+    reservation_id: str | None = _field(_str_check(min_len=1), default=None)
+    affected_scopes: list[str] = _field(_str_list)
+    expires_at_ms: int | None = _field(_int64, default=None)
+    remaining_ttl_ms: int | None = _field(_int64, default=None)
+    scope_path: str | None = _field(_any_str, default=None)
+    reserved: Amount | None = _field(_amount, default=None)
+    caps: Caps | None = _field(_caps, default=None)
+    reason_code: str | None = _field(_any_str, default=None)
+    retry_after_ms: int | None = _field(_int64, default=None)
+    balances: list[Balance] | None = _field(_balances, default=None)
+    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref, default=None)
 
 
-@dataclass(repr=False, eq=False)
 class CommitResponse(_Model):
     """Answer to a commit; ``charged`` may be less than the actual."""
 
-    status: CommitStatus | str = _field(_enum_check(CommitStatus), required=True)
-    charged: Amount = _field(_amount, required=True)
-    released: Amount | None = _field(_amount)
-    balances: list[Balance] | None = _field(_balances)
-    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref)
+    status: CommitStatus | str = _field(_enum_check(CommitStatus))
+    charged: Amount = _field(_amount)
+    released: Amount | None = _field(_amount, default=None)
+    balances: list[Balance] | None = _field(_balances, default=None)
+    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref, default=None)
 
 
-@dataclass(repr=False, eq=False)
 class ReleaseResponse(_Model):
     """Answer to a release."""
 
-    status: ReleaseStatus | str = _field(_enum_check(ReleaseStatus), required=True)
-    released: Amount = _field(_amount, required=True)
-    balances: list[Balance] | None = _field(_balances)
-    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref)
+    status: ReleaseStatus | str = _field(_enum_check(ReleaseStatus))
+    released: Amount = _field(_amount)
+    balances: list[Balance] | None = _field(_balances, default=None)
+    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref, default=None)
 
 
-@dataclass(repr=False, eq=False)
 class ReservationExtendResponse(_Model):
     """Answer to an extend; ``expires_at_ms`` is authoritative."""
 
-    status: ExtendStatus | str = _field(_enum_check(ExtendStatus), required=True)
-    expires_at_ms: int = _field(_int64, required=True)
-    remaining_ttl_ms: int | None = _field(_int64)
-    balances: list[Balance] | None = _field(_balances)
+    status: ExtendStatus | str = _field(_enum_check(ExtendStatus))
+    expires_at_ms: int = _field(_int64)
+    remaining_ttl_ms: int | None = _field(_int64, default=None)
+    balances: list[Balance] | None = _field(_balances, default=None)
 
 
-@dataclass(repr=False, eq=False)
 class DecisionResponse(_Decided, _Model):
     """Answer to ``decide``."""
 
-    decision: Decision | str = _field(_enum_check(Decision), required=True)
-    caps: Caps | None = _field(_caps)
-    reason_code: str | None = _field(_any_str)
-    retry_after_ms: int | None = _field(_int64)
-    affected_scopes: list[str] | None = _field(_str_list)
-    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref)
+    decision: Decision | str = _field(_enum_check(Decision))
+    caps: Caps | None = _field(_caps, default=None)
+    reason_code: str | None = _field(_any_str, default=None)
+    retry_after_ms: int | None = _field(_int64, default=None)
+    affected_scopes: list[str] | None = _field(_str_list, default=None)
+    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref, default=None)
 
 
-@dataclass(repr=False, eq=False)
 class EventCreateResponse(_Model):
     """Answer to an event (HTTP 201)."""
 
-    status: EventStatus | str = _field(_enum_check(EventStatus), required=True)
-    event_id: str = _field(_any_str, required=True)
-    charged: Amount | None = _field(_amount)
-    balances: list[Balance] | None = _field(_balances)
+    status: EventStatus | str = _field(_enum_check(EventStatus))
+    event_id: str = _field(_any_str)
+    charged: Amount | None = _field(_amount, default=None)
+    balances: list[Balance] | None = _field(_balances, default=None)
 
 
-@dataclass(repr=False, eq=False)
 class DryRunResult(_Decided, _Model):
     """What a ``dry_run`` guarded call returns instead of running the function."""
 
-    decision: Decision | str = _field(_enum_check(Decision), required=True)
-    caps: Caps | None = _field(_caps)
-    affected_scopes: list[str] | None = _field(_str_list)
-    scope_path: str | None = _field(_any_str)
-    reserved: Amount | None = _field(_amount)
-    balances: list[Balance] | None = _field(_balances)
-    reason_code: str | None = _field(_any_str)
-    retry_after_ms: int | None = _field(_int64)
+    decision: Decision | str = _field(_enum_check(Decision))
+    caps: Caps | None = _field(_caps, default=None)
+    affected_scopes: list[str] | None = _field(_str_list, default=None)
+    scope_path: str | None = _field(_any_str, default=None)
+    reserved: Amount | None = _field(_amount, default=None)
+    balances: list[Balance] | None = _field(_balances, default=None)
+    reason_code: str | None = _field(_any_str, default=None)
+    retry_after_ms: int | None = _field(_int64, default=None)
 
     def has_caps(self) -> bool:
         return self.caps is not None
 
 
-@dataclass(repr=False, eq=False)
 class ErrorResponse(_Model):
     """The error body (the code is kept as the raw string; ``error_code`` maps it)."""
 
-    error: str = _field(_any_str, required=True)
-    message: str = _field(_any_str, required=True)
-    request_id: str = _field(_any_str, required=True)
-    trace_id: str | None = _field(_any_str)
-    details: dict[str, Any] | None = _field(_object_check)
-    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref)
+    error: str = _field(_any_str)
+    message: str = _field(_any_str)
+    request_id: str = _field(_any_str)
+    trace_id: str | None = _field(_any_str, default=None)
+    details: dict[str, Any] | None = _field(_object_check, default=None)
+    cycles_evidence: CyclesEvidenceRef | None = _field(_evidence_ref, default=None)
 
     @property
     def error_code(self) -> ErrorCode | None:
@@ -1259,25 +1185,24 @@ class _ReservationView:
         return self.status == ReservationStatus.EXPIRED
 
 
-@dataclass(repr=False, eq=False)
 class _ReservationRecord(_ReservationView, _Model):
     """The fields ``GET /v1/reservations/{id}`` and a listing row share."""
 
-    reservation_id: str = _field(_any_str, required=True)
-    status: ReservationStatus | str = _field(_enum_check(ReservationStatus), required=True)
-    subject: Subject = _field(_subject, required=True)
-    action: Action = _field(_action, required=True)
-    reserved: Amount = _field(_amount, required=True)
-    created_at_ms: int = _field(_int64, required=True)
-    expires_at_ms: int = _field(_int64, required=True)
-    scope_path: str = _field(_any_str, required=True)
-    affected_scopes: list[str] = _field(_str_list, required=True)
-    idempotency_key: str | None = _field(_any_str)
-    committed: Amount | None = _field(_amount)
-    finalized_at_ms: int | None = _field(_int64)
-    metadata: dict[str, Any] | None = _field(_object_check)
-    committed_metadata: dict[str, Any] | None = _field(_object_check)
-    evidence: ReservationEvidence | None = _field(_model_check(ReservationEvidence))
+    reservation_id: str = _field(_any_str)
+    status: ReservationStatus | str = _field(_enum_check(ReservationStatus))
+    subject: Subject = _field(_subject)
+    action: Action = _field(_action)
+    reserved: Amount = _field(_amount)
+    created_at_ms: int = _field(_int64)
+    expires_at_ms: int = _field(_int64)
+    scope_path: str = _field(_any_str)
+    affected_scopes: list[str] = _field(_str_list)
+    idempotency_key: str | None = _field(_any_str, default=None)
+    committed: Amount | None = _field(_amount, default=None)
+    finalized_at_ms: int | None = _field(_int64, default=None)
+    metadata: dict[str, Any] | None = _field(_object_check, default=None)
+    committed_metadata: dict[str, Any] | None = _field(_object_check, default=None)
+    evidence: ReservationEvidence | None = _field(ReservationEvidence._parse, default=None)
 
 
 class ReservationDetail(_ReservationRecord):
@@ -1288,27 +1213,111 @@ class ReservationSummary(_ReservationRecord):
     """One row of ``GET /v1/reservations``."""
 
 
-@dataclass(repr=False, eq=False)
 class ReservationListResponse(_Model):
     """A page of ``GET /v1/reservations``."""
 
     reservations: list[ReservationSummary] = _field(
-        _list_check(_model_check(ReservationSummary)), required=True
+        _list_check(ReservationSummary._parse)
     )
-    has_more: bool | None = _field(_bool_check)
-    next_cursor: str | None = _field(_any_str)
+    has_more: bool | None = _field(_bool_check, default=None)
+    next_cursor: str | None = _field(_any_str, default=None)
 
 
-@dataclass(repr=False, eq=False)
 class BalanceResponse(_Model):
     """A page of ``GET /v1/balances``."""
 
-    balances: list[Balance] = _field(_balances, required=True)
-    has_more: bool | None = _field(_bool_check)
-    next_cursor: str | None = _field(_any_str)
+    balances: list[Balance] = _field(_balances)
+    has_more: bool | None = _field(_bool_check, default=None)
+    next_cursor: str | None = _field(_any_str, default=None)
 
 
-@dataclass
+class _Factory:
+    """The default a signature shows for a field with a ``default_factory``."""
+
+    def __repr__(self) -> str:
+        return "<factory>"
+
+
+def _shared_dataclass(cls: Any, *, frozen: bool = False) -> Any:
+    """``@dataclass`` (``eq=True``) whose ``__init__``, ``__repr__``, ``__eq__`` (and when
+    frozen ``__setattr__``, ``__delattr__``, ``__hash__``) are closures made here rather
+    than code generated with ``exec``, which is most of a dataclass's import cost.
+    ``dataclasses.fields``, ``replace`` and ``asdict`` see a dataclass;
+    ``inspect.signature`` the parameters of the generated ``__init__``; the type
+    checker sees ``@dataclass`` itself."""
+    cls = dataclasses.dataclass(init=False, repr=False, eq=False)(cls)
+    fields = dataclasses.fields(cls)
+    missing = dataclasses.MISSING
+    positional = tuple(f.name for f in fields if f.init)
+    known = frozenset(positional)
+    names = frozenset(f.name for f in fields)
+    defaults = {f.name: f.default for f in fields if f.default is not missing}
+    factories = {f.name: f.default_factory for f in fields if f.default_factory is not missing}
+    required = known - defaults.keys() - factories.keys()
+    compared = [f.name for f in fields if f.compare]
+    post_init = getattr(cls, "__post_init__", None)
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if args:
+            if len(args) > len(positional) or not kwargs.keys().isdisjoint(positional[: len(args)]):
+                raise TypeError(f"{cls.__name__}() got too many or repeated arguments")
+            kwargs.update(zip(positional, args))
+        if not required <= kwargs.keys() <= known:  # names only below: a value may be secret
+            problems = [f"missing {name!r}" for name in sorted(required - kwargs.keys())]
+            problems += [f"unexpected {name!r}" for name in sorted(kwargs.keys() - known)]
+            raise TypeError(f"{cls.__name__}(): " + ", ".join(problems))
+        state = vars(self)
+        state.update(defaults)
+        state.update(kwargs)
+        for name, make in factories.items():
+            if name not in kwargs:
+                state[name] = make()
+        if post_init is not None:
+            self.__post_init__()
+
+    def __repr__(self: Any) -> str:
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields if f.repr)
+        return f"{cls.__qualname__}({shown})"
+
+    def __eq__(self: Any, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return [getattr(self, n) for n in compared] == [getattr(other, n) for n in compared]
+
+    def __hash__(self: Any) -> int:
+        return hash(tuple(getattr(self, n) for n in compared))
+
+    def __setattr__(self: Any, name: str, value: Any) -> None:
+        if type(self) is cls or name in names:
+            raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+        super(cls, self).__setattr__(name, value)
+
+    def __delattr__(self: Any, name: str) -> None:
+        if type(self) is cls or name in names:
+            raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
+        super(cls, self).__delattr__(name)
+
+    Parameter = inspect.Parameter
+    shown = {name: _Factory() for name in factories}
+    shown.update(defaults)
+    parameters = [
+        Parameter(name, Parameter.POSITIONAL_OR_KEYWORD, default=shown.get(name, Parameter.empty))
+        for name in ("self", *positional)
+    ]
+    __init__.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    methods: Dict[str, Any] = {"__init__": __init__, "__repr__": __repr__, "__eq__": __eq__}
+    if frozen:
+        methods.update(__setattr__=__setattr__, __delattr__=__delattr__, __hash__=__hash__)
+    for name, method in methods.items():
+        if name not in vars(cls):
+            method.__qualname__ = f"{cls.__qualname__}.{name}"
+            setattr(cls, name, method)
+    if "__hash__" not in vars(cls):
+        cls.__hash__ = None  # mutable and compared by value
+    return cls
+
+
+@_dataclass
 class CyclesContext:
     """The reservation a guarded call runs under (``get_cycles_context()``).
 
@@ -1345,7 +1354,7 @@ class CyclesContext:
         self.expires_at_ms = new_expires_at_ms
 
 
-@dataclass
+@_dataclass
 class StreamUsage:
     """Usage accumulated while streaming; read when the stream reservation settles."""
 
@@ -1365,7 +1374,7 @@ class StreamUsage:
         self.actual_cost = amount
 
 
-@dataclass
+@_dataclass
 class CyclesResponse:
     """The outcome of one call: an HTTP answer (any status) or a transport failure (status -1)."""
 
@@ -1464,9 +1473,7 @@ class CyclesResponse:
         return self._is_transport_error
 
     def get_body_attribute(self, key: str) -> Any:
-        if isinstance(self.body, dict):
-            return self.body.get(key)
-        return None
+        return self.body.get(key) if isinstance(self.body, dict) else None
 
     def get_error_response(self) -> ErrorResponse | None:
         """The parsed error body, or None when there is none or it lacks a required field."""
@@ -1489,16 +1496,10 @@ def _parse_retry_after_ms(
     heartbeat passes ``cap_ms=None``: capping there would invent an earlier
     retry than the server allowed.
     """
-    if value is None:
+    seconds = _parse_decimal(value, signed=False)
+    if seconds is None or seconds > INT64_MAX // 1000:
         return None
-    text = value.strip(" \t")
-    if not text or len(text) > 19 or any(c not in "0123456789" for c in text):
-        return None
-    seconds = int(text)
-    if seconds > INT64_MAX // 1000:
-        return None
-    ms = seconds * 1000
-    return ms if cap_ms is None else min(ms, cap_ms)
+    return seconds * 1000 if cap_ms is None else min(seconds * 1000, cap_ms)
 
 
 def _header_int(raw: str | None) -> int | None:
@@ -1554,8 +1555,6 @@ def _is_schema_valid(operation: str, response: CyclesResponse) -> bool:
 # Config
 # ===========================================================================
 
-_TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
-_FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 _MASK = "'***'"
 
 
@@ -1645,137 +1644,84 @@ def _valid_trace_id(value: Any) -> bool:
     return _is_hex(value, 32) and set(value) != {"0"}
 
 
-# Setting checks: (field name, value) -> the normalised value, or ValueError naming it.
+# Setting checks are field checks (see _rule); a setting whose default is None may be
+# None without a check.
 
 
-def _seconds(allow_zero: bool, optional: bool = False) -> Callable[[str, Any], Any]:
-    def check(name: str, value: Any) -> Any:
-        if value is None and optional:
-            return None
-        valid = (
-            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        )
-        if not valid or value < 0 or (value == 0 and not allow_zero):
-            bound = ">= 0" if allow_zero else "> 0"
-            raise ValueError(f"{name}: must be a finite number of seconds {bound}, got {value!r}")
+def _number(minimum: float, inclusive: bool) -> _Check:
+    """A finite number (of seconds, mostly) above ``minimum``, stored as a float."""
+    bound = f"{'>=' if inclusive else '>'} {minimum:g}"
+
+    def check(name: str, value: Any, tolerant: bool) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            valid = False
+        else:
+            valid = math.isfinite(value) and (value > minimum or (inclusive and value == minimum))
+        if not valid:
+            raise _FieldError(name, f"must be a finite number {bound}, got {value!r}")
         return float(value)
 
     return check
 
 
-def _count(lo: int, hi: int) -> Callable[[str, Any], Any]:
-    def check(name: str, value: Any) -> Any:
-        if not _is_int(value, lo, hi):
-            raise ValueError(f"{name}: must be an integer in [{lo}, {hi}], got {value!r}")
-        return int(value)
-
-    return check
-
-
-def _flag(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name}: must be a bool, got {value!r}")
+def _path_setting(name: str, value: Any, tolerant: bool) -> str:
+    """A str (an ``os.PathLike`` is converted)."""
+    value = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(value, str):
+        raise _FieldError(name, f"must be a path or None, got {_type_name(value)}")
     return value
 
 
-def _optional_str(max_len: int | None = None) -> Callable[[str, Any], Any]:
-    def check(name: str, value: Any) -> Any:
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            raise ValueError(f"{name}: must be a string or None, got {_type_name(value)}")
-        if max_len is not None and len(value) > max_len:
-            raise ValueError(f"{name}: must be at most {max_len} characters")
-        return value
-
-    return check
+def _ca_bundle_setting(name: str, value: Any, tolerant: bool) -> Any:
+    value = _path_setting(name, value, tolerant)
+    if not os.path.exists(value):
+        raise _FieldError(name, f"no such file or directory: {value!r}")
+    return value
 
 
-def _optional_path(name: str, value: Any) -> str | None:
-    """A str (an ``os.PathLike`` is converted) or None."""
-    if isinstance(value, os.PathLike):
-        value = os.fspath(value)
-    return _optional_str()(name, value)  # type: ignore[no-any-return]
-
-
-def _base_url_setting(name: str, value: Any) -> Any:
+def _base_url_setting(name: str, value: Any, tolerant: bool) -> Any:
     _parse_base_url(value, name)
     return value
 
 
-def _api_key_setting(name: str, value: Any) -> Any:
-    if value is not None and not isinstance(value, str):
-        raise ValueError(f"{name}: must be a string")
-    if value and not _is_header_value(value):
-        raise ValueError(f"{name}: must be printable ASCII without spaces at the ends")
+def _proxy_setting(name: str, value: Any, tolerant: bool) -> Any:
+    _parse_proxy(value)  # its messages never echo the URL (it may hold a password)
     return value
 
 
-def _multiplier_setting(name: str, value: Any) -> Any:
-    value = _positive_seconds(name, value)
-    if value < 1:
-        raise ValueError(f"{name}: must be >= 1, got {value!r}")
-    return value
-
-
-def _commit_retry_setting(name: str, value: Any) -> Any:
+def _commit_retry_setting(name: str, value: Any, tolerant: bool) -> Any:
     if isinstance(value, str):
         value = value.strip().lower()
     if value not in ("background", "inline"):
-        raise ValueError(f"{name}: must be 'background' or 'inline', got {value!r}")
+        raise _FieldError(name, f"must be 'background' or 'inline', got {value!r}")
     return value
 
 
-def _ca_bundle_setting(name: str, value: Any) -> Any:
-    value = _optional_path(name, value)
-    if value is not None and not os.path.exists(value):
-        raise ValueError(f"{name}: no such file or directory: {value!r}")
-    return value
-
-
-def _ssl_context_setting(name: str, value: Any) -> Any:
-    if value is not None and not hasattr(value, "wrap_socket"):
-        raise ValueError(f"{name}: must be an ssl.SSLContext")
-    return value
-
-
-def _proxy_setting(name: str, value: Any) -> Any:
-    if value is not None:
-        _parse_proxy(value)
-    return value
-
-
-def _user_agent_setting(name: str, value: Any) -> Any:
-    if not _is_header_value(value):
-        raise ValueError(f"{name}: must be a non-empty printable ASCII string")
-    return value
-
-
-def _traceparent_setting(name: str, value: Any) -> Any:
-    if not (value is None or callable(value) or _valid_traceparent(value)):
-        raise ValueError(f"{name}: must be '00-<32 hex>-<16 hex>-<2 hex>' or a callable")
-    return value
-
-
-def _trace_id_setting(name: str, value: Any) -> Any:
-    if value is not None and not _valid_trace_id(value):
-        raise ValueError(f"{name}: must be 32 lowercase hex characters, not all zero")
-    return value
-
-
-def _option(default: Any, check: Callable[[str, Any], Any], env: str | None = None) -> Any:
+def _option(default: Any, check: _Check, env: str | None = None) -> Any:
     """A setting declared once: its default, its check, and how ``from_env`` reads
-    ``<prefix><NAME>`` (an ``_EnvReader`` method; None: not from the environment)."""
+    ``<prefix><NAME>`` (a kind of ``_ENV_KINDS``; None: not from the environment)."""
     return field(default=default, metadata={"check": check, "env": env})
 
 
-_subject_setting = _optional_str(MAX_SUBJECT_FIELD_LENGTH)
-_positive_seconds = _seconds(allow_zero=False)
-_seconds_or_zero = _seconds(allow_zero=True)
-_per_mille = _count(0, 1000)
+_api_key_setting = _rule(
+    lambda value: value in (None, "") or _is_header_value(value),
+    "must be printable ASCII without spaces at the ends",
+)
+_ssl_context_setting = _rule(
+    lambda value: hasattr(value, "wrap_socket"), "must be an ssl.SSLContext"
+)
+_user_agent_setting = _rule(_is_header_value, "must be a non-empty printable ASCII string")
+_traceparent_setting = _rule(
+    lambda value: callable(value) or _valid_traceparent(value),
+    "must be '00-<32 hex>-<16 hex>-<2 hex>' or a callable",
+)
+_trace_id_setting = _rule(_valid_trace_id, "must be 32 lowercase hex characters, not all zero")
+_positive_seconds = _number(0, inclusive=False)
+_seconds_or_zero = _number(0, inclusive=True)
+_per_mille = _int_check(0, 1000)
 
 
-@dataclass(repr=False)
+@_dataclass
 class CyclesConfig:
     """Client configuration: runcycles' fields, defaults and env vars, plus transport options.
 
@@ -1813,28 +1759,28 @@ class CyclesConfig:
     base_url: str = field(metadata={"check": _base_url_setting, "env": "text"})
     api_key: str = _option("", _api_key_setting, "text")
 
-    tenant: str | None = _option(None, _subject_setting, "text")
-    workspace: str | None = _option(None, _subject_setting, "text")
-    app: str | None = _option(None, _subject_setting, "text")
-    workflow: str | None = _option(None, _subject_setting, "text")
-    agent: str | None = _option(None, _subject_setting, "text")
-    toolset: str | None = _option(None, _subject_setting, "text")
+    tenant: str | None = _option(None, _subject_str, "text")
+    workspace: str | None = _option(None, _subject_str, "text")
+    app: str | None = _option(None, _subject_str, "text")
+    workflow: str | None = _option(None, _subject_str, "text")
+    agent: str | None = _option(None, _subject_str, "text")
+    toolset: str | None = _option(None, _subject_str, "text")
 
     connect_timeout: float = _option(DEFAULT_CONNECT_TIMEOUT, _positive_seconds, "seconds")
     read_timeout: float = _option(DEFAULT_READ_TIMEOUT, _positive_seconds, "seconds")
 
-    retry_enabled: bool = _option(True, _flag, "flag")
+    retry_enabled: bool = _option(True, _bool_check, "flag")
     retry_max_attempts: int = _option(5, _per_mille, "integer")
     retry_initial_delay: float = _option(0.5, _seconds_or_zero, "seconds")
-    retry_multiplier: float = _option(2.0, _multiplier_setting, "seconds")
+    retry_multiplier: float = _option(2.0, _number(1, inclusive=True), "seconds")
     retry_max_delay: float = _option(30.0, _seconds_or_zero, "seconds")
     retry_flush_timeout: float = _option(10.0, _seconds_or_zero, "seconds")
 
-    journal_enabled: bool = _option(True, _flag, "flag")
-    journal_dir: str | None = _option(None, _optional_path, "text")
+    journal_enabled: bool = _option(True, _bool_check, "flag")
+    journal_dir: str | None = _option(None, _path_setting, "text")
 
     admin_api_key: str | None = _option(None, _api_key_setting, "text")
-    request_timeout: float | None = _option(None, _seconds(False, optional=True), "seconds")
+    request_timeout: float | None = _option(None, _positive_seconds, "seconds")
     ca_bundle: str | None = _option(None, _ca_bundle_setting, "text")
     ssl_context: ssl.SSLContext | None = _option(None, _ssl_context_setting)
     proxy: str | None = _option(None, _proxy_setting, "text")
@@ -1844,14 +1790,16 @@ class CyclesConfig:
     )
     trace_id: str | None = _option(None, _trace_id_setting, "text")
     pool_maxsize: int = _option(DEFAULT_POOL_MAXSIZE, _per_mille, "integer")
-    max_connections: int = _option(DEFAULT_MAX_CONNECTIONS, _count(1, 100_000), "integer")
+    max_connections: int = _option(DEFAULT_MAX_CONNECTIONS, _int_check(1, 100_000), "integer")
     commit_retry: str = _option("background", _commit_retry_setting, "text")
-    journal_fsync: bool = _option(False, _flag, "flag")
+    journal_fsync: bool = _option(False, _bool_check, "flag")
 
     def __post_init__(self) -> None:
         for setting in dataclasses.fields(self):
-            check = setting.metadata["check"]
-            setattr(self, setting.name, check(setting.name, getattr(self, setting.name)))
+            value = getattr(self, setting.name)
+            if value is not None or setting.default is not None:
+                check = setting.metadata["check"]
+                setattr(self, setting.name, check(setting.name, value, False))
         if not self.api_key and not self.admin_api_key:
             raise ValueError("api_key: required (or admin_api_key for admin-only use)")
         if self.ssl_context is not None and self.ca_bundle is not None:
@@ -1888,13 +1836,13 @@ class CyclesConfig:
         unset; booleans accept true/false/1/0/yes/no/on/off; a malformed value raises
         ValueError naming the variable.
         """
-        env = _EnvReader(os.environ if environ is None else environ, prefix)
+        environ = os.environ if environ is None else environ
         settings: Dict[str, Any] = {}
         for setting in dataclasses.fields(cls):
-            read = setting.metadata["env"]
-            value = None if read is None else getattr(env, read)(setting.name.upper())
-            if value is not None:
-                settings[setting.name] = value
+            variable = prefix + setting.name.upper()
+            raw = environ.get(variable, "").strip()
+            if raw and setting.metadata["env"] is not None:
+                settings[setting.name] = _read_env(variable, raw, setting.metadata["env"])
         if "base_url" not in settings:
             raise ValueError(f"{prefix}BASE_URL environment variable is required")
         if "api_key" not in settings and "admin_api_key" not in settings:
@@ -1904,52 +1852,29 @@ class CyclesConfig:
         return cls(**settings)
 
 
-class _EnvReader:
-    """Typed reads of prefixed environment variables with errors that name the variable."""
+_FLAG_WORDS: Dict[str, bool] = {"1": True, "true": True, "yes": True, "on": True}
+_FLAG_WORDS.update({"0": False, "false": False, "no": False, "off": False})
+# How from_env reads each kind of variable: a parse (KeyError or ValueError when the
+# text is malformed) and what the error says is expected.
+_ENV_KINDS: Dict[str, Tuple[Callable[[str], Any], str]] = {
+    "text": (str, "text"),
+    "integer": (int, "an integer"),
+    "seconds": (float, "a number of seconds"),
+    "flag": (lambda text: _FLAG_WORDS[text.lower()], "one of true/false/1/0/yes/no/on/off"),
+}
 
-    def __init__(self, environ: Mapping[str, str], prefix: str) -> None:
-        self._environ = environ
-        self._prefix = prefix
 
-    def text(self, name: str) -> str | None:
-        value = self._environ.get(self._prefix + name, "").strip()
-        return value or None
-
-    def _fail(self, name: str, expected: str) -> ValueError:
-        raw = self._environ.get(self._prefix + name, "")
-        return ValueError(f"{self._prefix}{name}: expected {expected}, got {raw!r}")
-
-    def seconds(self, name: str) -> float | None:
-        raw = self.text(name)
-        if raw is None:
-            return None
-        try:
-            value = float(raw)
-        except ValueError:
-            raise self._fail(name, "a number of seconds") from None
-        if not math.isfinite(value) or value < 0:
-            raise self._fail(name, "a finite, non-negative number of seconds")
-        return value
-
-    def integer(self, name: str) -> int | None:
-        raw = self.text(name)
-        if raw is None:
-            return None
-        try:
-            return int(raw)
-        except ValueError:
-            raise self._fail(name, "an integer") from None
-
-    def flag(self, name: str) -> bool | None:
-        raw = self.text(name)
-        if raw is None:
-            return None
-        word = raw.lower()
-        if word in _TRUE_WORDS:
-            return True
-        if word in _FALSE_WORDS:
-            return False
-        raise self._fail(name, "one of true/false/1/0/yes/no/on/off")
+def _read_env(variable: str, raw: str, kind: str) -> Any:
+    """A variable's (non-empty) text read as ``kind``; ValueError naming the variable."""
+    parse, expected = _ENV_KINDS[kind]
+    try:
+        value = parse(raw)
+    except (KeyError, ValueError):
+        raise ValueError(f"{variable}: expected {expected}, got {raw!r}") from None
+    if kind == "seconds" and not 0 <= value < math.inf:  # NaN fails this too
+        expected = "a finite, non-negative number of seconds"
+        raise ValueError(f"{variable}: expected {expected}, got {raw!r}")
+    return value
 
 
 # ===========================================================================
@@ -3667,7 +3592,7 @@ SIGNER_RESOLUTION_FAILED = "signer_resolution_failed"
 SIGNATURE_INVALID = "signature_invalid"
 
 
-@dataclass(frozen=True)
+@_dataclass(frozen=True)
 class EvidenceVerification:
     """The outcome of verifying one CyclesEvidence envelope (cycles-evidence-v0.2).
 
@@ -4332,7 +4257,7 @@ def _reject_awaitable(result: Any) -> None:
         )
 
 
-@dataclass
+@_dataclass
 class _CyclesSpec:
     """The ``@cycles`` parameters.  ``estimate`` and ``per_call`` (the subject and action
     parameters, by name) are constants or callables of the function's arguments."""
@@ -6147,7 +6072,7 @@ def _classify_extend(status: int, error_code: str | None, schema_valid: bool) ->
     return "rejected"
 
 
-@dataclass(frozen=True)
+@_dataclass(frozen=True)
 class _Beat:
     """Next heartbeat action.
 
@@ -6461,7 +6386,7 @@ class _Disposition(str, enum.Enum):
     STOP_DISCARD = "stop_discard"  # understood terminal outcome: remove the record, never release
 
 
-@dataclass(frozen=True)
+@_dataclass(frozen=True)
 class _RetryPolicy:
     """Bounded same-key retry policy for commits and events.
 
@@ -6486,7 +6411,7 @@ class _RetryPolicy:
             raise ValueError("max_delay_ms must be >= 0")
 
 
-@dataclass(frozen=True)
+@_dataclass(frozen=True)
 class _SettlementStep:
     """The decision for one finished settlement attempt.
 
@@ -6748,7 +6673,7 @@ def _wall_clock_ms() -> int:
     return int(time.time() * 1000)
 
 
-@dataclass
+@_dataclass
 class _PendingSettlement:
     """One unresolved settlement, in runcycles' record format (version 1).
 
@@ -7299,7 +7224,7 @@ def _journals_after_fork() -> None:
     _journals.clear()
 
 
-@dataclass
+@_dataclass
 class _Settlement:
     """One unresolved commit, or its event fallback, and the attempts made so far."""
 
@@ -7823,7 +7748,7 @@ class _SettlementQueue:
 _settlements = _SettlementQueue()
 
 
-@dataclass(frozen=True)
+@_dataclass(frozen=True)
 class FlushResult:
     """What ``flush()`` / ``aflush()`` did, and what is left.  True only when ``pending``
     is 0, so ``if cycles_lite.flush(2):`` reads as before (test it for truth, not ``is True``).
@@ -8013,7 +7938,7 @@ async def _hand_over_loop_settlements(client: AsyncCyclesClient) -> None:
 # on the settlement worker) and on demand with ``client.recover()``.
 
 
-@dataclass
+@_dataclass
 class RecoverySummary:
     """What one ``recover()`` did with the commit journal of its client's identity.
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import inspect
 import os
 import re
 import threading
+import typing
 import unittest
 import warnings
 from typing import Any, List
@@ -124,10 +126,22 @@ class TestDeclarations(unittest.TestCase):
         self.assertGreater(len(models), 25)
         for model in models:
             with self.subTest(model=model.__name__):
-                names = [f.name for f in dataclasses.fields(model)]
-                self.assertEqual(list(model._fields), names)  # repr, dump and parse see each
-                required = {f.name for f in dataclasses.fields(model) if f.default is cl._REQUIRED}
-                self.assertEqual(model._required, required)
+                # Every annotated field has its check (repr, dump and parse see each), and
+                # exactly the fields whose type admits None may be omitted.
+                hints = typing.get_type_hints(model)
+                names = {name for name in hints if name != "extra" and not name.startswith("_")}
+                self.assertEqual(set(model._fields), names)
+                required = {n for n in names if type(None) not in typing.get_args(hints[n])}
+                self.assertEqual(set(model._required), required)
+                self.assertEqual(list(model._required), [n for n in model._fields if n in required])
+                if required:
+                    with self.assertRaisesRegex(ValueError, "field required"):
+                        model(**{n: None for n in model._fields})
+                # inspect.signature shows the constructor's keywords, as pydantic's would.
+                parameters = inspect.signature(model).parameters.values()
+                self.assertEqual([p.name for p in parameters], list(model._fields))
+                self.assertEqual({p.name for p in parameters if p.default is p.empty}, required)
+                self.assertEqual({p.kind for p in parameters}, {inspect.Parameter.KEYWORD_ONLY})
 
     def test_success_schemas_name_fields_of_their_models(self) -> None:
         for operation, (_, model, read, pinned) in cl._SUCCESS_ANSWERS.items():
