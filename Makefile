@@ -8,8 +8,8 @@ TESTS = $(sort $(basename $(wildcard test_*.py)))
 PYENV_ROOT ?= $(HOME)/.pyenv
 PY_VERSIONS = 3.8 3.9 3.10 3.11 3.12 3.13
 TEST_JOBS ?= 2
-TEST_PROCS ?= 8
-TEST_ALL_PROCS ?= 4
+TEST_PROCS ?= 6
+TEST_ALL_PROCS ?= 2
 SHARED ?= ../shared
 CONFORMANCE_VENV ?= .venv-conformance
 
