@@ -2025,7 +2025,7 @@ class _Truncated(_MalformedResponse):
     """The connection ended ``partial`` bytes into a part of the response."""
 
     def __init__(self, partial: int) -> None:
-        super().__init__(f"connection closed {partial} bytes into a response part")
+        super().__init__(f"{partial} bytes into a response part")
         self.partial = partial
 
 
@@ -2200,7 +2200,9 @@ def _parse_response_head(head: bytes) -> Tuple[int, Dict[str, str], bool]:
     for line in lines[1:]:
         name, colon, value = line.partition(":")
         if colon and name and name == name.strip():
-            headers.setdefault(name.lower(), value.strip())
+            name, value = name.lower(), value.strip()
+            if headers.setdefault(name, value) != value and name == "content-length":
+                raise _MalformedResponse("conflicting Content-Length values")
     connection = headers.get("connection", "").lower()
     tokens = [token.strip() for token in connection.split(",")] if connection else []
     keep_alive = "close" not in tokens if version == "HTTP/1.1" else "keep-alive" in tokens
@@ -2222,15 +2224,18 @@ async def _read_http_response(stream: _Connection | _Watchdog) -> _Answer:
         status, headers, keep_alive = _parse_response_head(head)
     if status in (204, 304):
         return status, headers, b"", keep_alive
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        return status, headers, await _read_chunked(stream), keep_alive
     length = headers.get("content-length")
+    coding = headers.get("transfer-encoding")
+    if coding is not None:  # it overrides Content-Length (RFC 9112 6.3)
+        if coding.lower().rsplit(",", 1)[-1].strip() != "chunked":
+            return status, headers, await _read_to_eof(stream), False
+        # Both framings at once hint at response smuggling: the connection is not reused.
+        return status, headers, await _read_chunked(stream), keep_alive and length is None
     if length is None:  # the body runs to the end of the connection
         return status, headers, await _read_to_eof(stream), False
-    length = length.strip()
     if not (length.isascii() and length.isdigit()):  # as for the status code
         raise _MalformedResponse(f"bad Content-Length: {length[:40]!r}")
-    if int(length) > MAX_RESPONSE_BYTES:
+    if len(length) > 18 or int(length) > MAX_RESPONSE_BYTES:  # int() refuses 4300+ digits
         raise _ResponseTooLarge(f"response body larger than {MAX_RESPONSE_BYTES} bytes")
     return status, headers, await stream.exactly(int(length)), keep_alive
 
@@ -2340,13 +2345,15 @@ def _transport_failure_message(exc: BaseException) -> str:
         return f"TLS failure: {detail}"
     if isinstance(exc, TimeoutError) or (socket is not None and isinstance(exc, socket.timeout)):
         return "timed out" if detail == "timed out" else f"timed out ({detail})"
-    closed: Tuple[type, ...] = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
-    if http_client is not None:
+    closed: Tuple[type, ...] = (ConnectionError, _Truncated)  # (refused is handled above)
+    if http_client is not None:  # a user's own exception handed to transport_error()
         closed += (http_client.IncompleteRead,)
         if not isinstance(exc, closed) and isinstance(exc, http_client.HTTPException):
             return f"not a valid HTTP answer ({type(exc).__name__}: {detail})"
     if isinstance(exc, closed):
         return f"the connection closed before a complete answer ({detail})"
+    if isinstance(exc, _MalformedResponse):
+        return f"not a valid HTTP answer ({detail})"
     return detail
 
 
@@ -2482,6 +2489,31 @@ def _connection_dropped(conn: _Connection) -> bool:
         return True
 
 
+def _connect_within(host: str, port: int, timeout: float, deadline: float) -> socket.socket:
+    """``socket.create_connection``, its addresses tried in turn before ``deadline`` (it
+    would give each of them the whole ``timeout``: a host with several blackholed
+    addresses would overrun the attempt)."""
+    import socket
+
+    failure: OSError | None = None
+    addresses = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    for family, kind, proto, _name, address in addresses:
+        left = deadline - _clock.monotonic()
+        if left <= 0:
+            break
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(min(timeout, left))
+            sock.connect(address)
+            return sock
+        except BaseException as exc:
+            sock.close()
+            if not isinstance(exc, OSError):
+                raise
+            failure = exc
+    raise failure or _AttemptDeadlineExceeded("attempt deadline exceeded before connecting")
+
+
 class _Transport(_TransportBase):
     """Pooled keep-alive HTTP(S) to one origin, with a whole-attempt deadline.
 
@@ -2570,12 +2602,9 @@ class _Transport(_TransportBase):
     def _connect(self, deadline: float) -> _Connection:
         import socket
 
-        left = deadline - _clock.monotonic()
-        if left <= 0:
-            raise _AttemptDeadlineExceeded("attempt deadline exceeded before connecting")
         origin, proxy = self._origin, self._proxy
-        address = (proxy.host, proxy.port) if proxy else (origin.host, origin.port)
-        sock = socket.create_connection(address, min(self._connect_timeout, left))
+        host, port = (proxy.host, proxy.port) if proxy else (origin.host, origin.port)
+        sock = _connect_within(host, port, self._connect_timeout, deadline)
         try:
             # The head and the body go out in one write, but an answer must not wait
             # for a delayed ACK (~40 ms) either: Nagle's algorithm off.
@@ -2967,13 +2996,18 @@ class _AsyncTransport(_TransportBase):
         import socket
 
         loop = asyncio.get_running_loop()
-        family, kind, proto, _name, address = (
-            await loop.getaddrinfo(proxy.host, proxy.port, type=socket.SOCK_STREAM)
-        )[0]
-        sock = socket.socket(family, kind, proto)
+        addresses = await loop.getaddrinfo(proxy.host, proxy.port, type=socket.SOCK_STREAM)
+        for family, kind, proto, _name, address in addresses:  # in turn, as create_connection
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setblocking(False)
+                await loop.sock_connect(sock, address)
+                break
+            except BaseException as exc:
+                sock.close()
+                if not isinstance(exc, OSError) or address is addresses[-1][4]:  # the last
+                    raise
         try:
-            sock.setblocking(False)
-            await loop.sock_connect(sock, address)
             await loop.sock_sendall(sock, self._connect_request())
             head = b""
             while b"\r\n\r\n" not in head:  # a refusal may come with a body; a 200 has none
@@ -6360,18 +6394,9 @@ class _HeartbeatPlan:
 # including the v0.1.26 ACTION_* codes, are "unknown": retried with the same
 # key, then kept.
 _SETTLE_REJECTION_CODES = frozenset(
-    {
-        "INVALID_REQUEST",
-        "UNIT_MISMATCH",
-        "NOT_FOUND",
-        "BUDGET_EXCEEDED",
-        "OVERDRAFT_LIMIT_EXCEEDED",
-        "TENANT_CLOSED",
-        "BUDGET_FROZEN",
-        "BUDGET_CLOSED",
-        "DEBT_OUTSTANDING",
-        "MAX_EXTENSIONS_EXCEEDED",
-    }
+    {"INVALID_REQUEST", "UNIT_MISMATCH", "NOT_FOUND", "BUDGET_EXCEEDED", "TENANT_CLOSED",
+     "OVERDRAFT_LIMIT_EXCEEDED", "BUDGET_FROZEN", "BUDGET_CLOSED", "DEBT_OUTSTANDING",
+     "MAX_EXTENSIONS_EXCEEDED"}
 )
 _AUTH_CODES = frozenset({"UNAUTHORIZED", "FORBIDDEN"})
 
@@ -6545,14 +6570,10 @@ def _settlement_failure_reason(
         return "transport_error"
     if status == 429 or code == "LIMIT_EXCEEDED":
         return "rate_limited"
-    if 500 <= status <= 599:
-        return "server_error"
-    if 200 <= status <= 299:
-        return "ambiguous_2xx"
-    if 300 <= status <= 399:
-        return "redirect"
     if not 400 <= status <= 499:
-        return "unexpected_status"
+        return {2: "ambiguous_2xx", 3: "redirect", 5: "server_error"}.get(
+            status // 100, "unexpected_status"
+        )
     if operation == "release" and code != "INTERNAL_ERROR":
         refused = "release_refused:" + (code or str(status))
         return _SettlementStep(_Disposition.STOP_DISCARD, 0, None, refused)
@@ -6621,8 +6642,9 @@ _JOURNAL_PBKDF2_ITERATIONS = 30_000
 _JOURNAL_FINGERPRINT_HEX = 16
 
 _fingerprint_cache: Dict[Tuple[str, bytes], str] = {}
-_journal_warn_lock = threading.Lock()
 _journal_disabled_warned = False
+# One lock for the process's journal bookkeeping: the journals, replay claims, warn-once.
+_journals_lock = threading.Lock()
 
 
 def _journal_fingerprint(base_url: str, *, tenant: str | None, api_key: str) -> str:
@@ -6640,12 +6662,8 @@ def _journal_fingerprint(base_url: str, *, tenant: str | None, api_key: str) -> 
     cached = _fingerprint_cache.get(cache_key)
     if cached is not None:
         return cached
-    digest = hashlib.pbkdf2_hmac(
-        "sha256",
-        principal_bytes,
-        (_JOURNAL_PBKDF2_SALT_PREFIX + base_url).encode("utf-8"),
-        _JOURNAL_PBKDF2_ITERATIONS,
-    )
+    salt = (_JOURNAL_PBKDF2_SALT_PREFIX + base_url).encode("utf-8")
+    digest = hashlib.pbkdf2_hmac("sha256", principal_bytes, salt, _JOURNAL_PBKDF2_ITERATIONS)
     fingerprint = digest.hex()[:_JOURNAL_FINGERPRINT_HEX]
     if len(_fingerprint_cache) >= 64:
         _fingerprint_cache.clear()
@@ -6695,18 +6713,8 @@ class _PendingSettlement:
 
     def to_json(self) -> str:
         # Field order and json.dumps defaults match runcycles byte for byte.
-        return json.dumps(
-            {
-                "version": _JOURNAL_RECORD_VERSION,
-                "reservation_id": self.reservation_id,
-                "base_url": self.base_url,
-                "mode": self.mode,
-                "commit_body": self.commit_body,
-                "event_fallback_body": self.event_fallback_body,
-                "recorded_at_ms": self.recorded_at_ms,
-                "not_before_ms": self.not_before_ms,
-            }
-        )
+        fields = {name: getattr(self, name) for name in _RECORD_FIELDS}
+        return json.dumps({"version": _JOURNAL_RECORD_VERSION, **fields})
 
     @classmethod
     def from_json(cls, raw: str) -> _PendingSettlement:
@@ -6720,73 +6728,49 @@ class _PendingSettlement:
         version = data.get("version")
         if not _is_int(version, _JOURNAL_RECORD_VERSION, _JOURNAL_RECORD_VERSION):
             raise _JournalRecordError(f"unsupported record version {version!r}", unsupported=True)
-        reservation_id = data.get("reservation_id")
-        if not isinstance(reservation_id, str) or not reservation_id:
-            raise _JournalRecordError("missing reservation_id")
-        mode = data.get("mode", "commit")
-        if mode not in ("commit", "event"):
-            raise _JournalRecordError("unknown mode")
-        commit_body = data.get("commit_body")
-        event_body = data.get("event_fallback_body")
-        for name, body in (("commit_body", commit_body), ("event_fallback_body", event_body)):
-            if body is not None and not isinstance(body, dict):
-                raise _JournalRecordError("invalid " + name)
-        if mode == "commit" and commit_body is None:
-            raise _JournalRecordError("commit-mode record without commit_body")
-        if mode == "event" and event_body is None:
-            raise _JournalRecordError("event-mode record without event_fallback_body")
-        base_url = data.get("base_url", "")
-        if not isinstance(base_url, str):
-            raise _JournalRecordError("invalid base_url")
-        recorded_at = data.get("recorded_at_ms", 0)
-        if not _is_int(recorded_at, 0, INT64_MAX):
-            raise _JournalRecordError("invalid recorded_at_ms")
-        not_before = data.get("not_before_ms")
-        if not_before is not None and not _is_int(not_before, 0, INT64_MAX):
-            raise _JournalRecordError("invalid not_before_ms")
-        return cls(
-            reservation_id=reservation_id,
-            base_url=base_url,
-            mode=mode,
-            commit_body=commit_body,
-            event_fallback_body=event_body,
-            recorded_at_ms=recorded_at,
-            not_before_ms=not_before,
-        )
+        values = {}
+        for name, (default, valid) in _RECORD_FIELDS.items():
+            values[name] = data.get(name, default)
+            if not valid(values[name]):
+                raise _JournalRecordError("invalid or missing " + name)
+        mode = values["mode"]
+        if values["commit_body" if mode == "commit" else "event_fallback_body"] is None:
+            raise _JournalRecordError(f"{mode}-mode record without its body")
+        return cls(**values)
 
 
-def _default_journal_root() -> str | None:
-    home = os.path.expanduser("~")
-    if not home or home.startswith("~"):
-        return None
-    return os.path.join(home, ".runcycles", "commit-journal")
+def _is_body(value: Any) -> bool:
+    return value is None or isinstance(value, dict)
 
 
-def _temp_journal_root() -> str:
-    import tempfile
-
-    return os.path.join(tempfile.gettempdir(), "runcycles-commit-journal")
+# The record's fields in runcycles' order: the value when absent, and the check.
+_RECORD_FIELDS: Dict[str, Tuple[Any, Callable[[Any], bool]]] = {
+    "reservation_id": (None, lambda value: isinstance(value, str) and value != ""),
+    "base_url": ("", lambda value: isinstance(value, str)),
+    "mode": ("commit", lambda value: value in ("commit", "event")),
+    "commit_body": (None, _is_body),
+    "event_fallback_body": (None, _is_body),
+    "recorded_at_ms": (0, lambda value: _is_int(value, 0, INT64_MAX)),
+    "not_before_ms": (None, lambda value: value is None or _is_int(value, 0, INT64_MAX)),
+}
 
 
 def _make_private_dirs(path: str) -> None:
     """Create missing directories with mode 0o700; never touch existing ones."""
-    missing: List[str] = []
-    current = os.path.abspath(path)
-    while not os.path.isdir(current):
-        missing.append(current)
-        parent = os.path.dirname(current)
-        if parent == current:
-            break
-        current = parent
-    for directory in reversed(missing):
-        try:
-            os.mkdir(directory, 0o700)
-        except FileExistsError:
-            if not os.path.isdir(directory):
-                raise
-            continue  # created concurrently by someone else: leave it alone
-        with contextlib.suppress(OSError):
-            os.chmod(directory, 0o700)  # ours: undo a restrictive umask
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    if os.path.isdir(path):
+        return
+    if parent != path:
+        _make_private_dirs(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+        return  # created concurrently by someone else: leave it alone
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o700)  # ours: undo a restrictive umask
 
 
 def _is_foreign(path: str) -> bool:
@@ -6805,16 +6789,9 @@ def _random_suffix() -> str:
     return f"{os.getpid()}.{os.urandom(4).hex()}"
 
 
-def _probe_writable(directory: str) -> bool:
-    probe = os.path.join(directory, ".probe." + _random_suffix() + _JOURNAL_TMP_SUFFIX)
-    try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError:
-        return False
-    os.close(fd)
-    with contextlib.suppress(OSError):
-        os.unlink(probe)
-    return True
+def _create_private(path: str, flags: int) -> int:
+    """``open(..., opener=)``: a new file only its owner can read."""
+    return os.open(path, flags, 0o600)
 
 
 def _move_no_clobber(src: str, dst: str) -> bool:
@@ -6833,29 +6810,21 @@ def _move_no_clobber(src: str, dst: str) -> bool:
     return True
 
 
-def _fsync_directory(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # Windows cannot open directories; nothing more to do there
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _read_record(path: str) -> _PendingSettlement:
+    """Raises OSError, or ValueError for a file that is not a usable record."""
+    with open(path, "rb") as handle:
+        return _PendingSettlement.from_json(handle.read().decode("utf-8"))
 
 
 def _warn_journal_disabled(tried: List[str]) -> None:
     global _journal_disabled_warned
-    with _journal_warn_lock:
-        if _journal_disabled_warned:
-            return
-        _journal_disabled_warned = True
+    with _journals_lock:
+        warned, _journal_disabled_warned = _journal_disabled_warned, True
+    if warned:
+        return
     _log.warning(
-        "commit journal disabled: no writable directory (tried %s); settlements run "
-        "without durability",
-        ", ".join(tried) or "none",
+        "commit journal disabled: no writable directory (tried %s); settlements run without"
+        " durability", ", ".join(tried) or "none"
     )
 
 
@@ -6868,12 +6837,7 @@ class _CommitJournal:
     """
 
     def __init__(
-        self,
-        root: str | None,
-        base_url: str,
-        *,
-        tenant: str | None,
-        api_key: str,
+        self, root: str | None, base_url: str, *, tenant: str | None, api_key: str,
         fsync: bool = False,
     ) -> None:
         self._root = root
@@ -6893,11 +6857,7 @@ class _CommitJournal:
 
     @property
     def directory(self) -> str | None:
-        return self._resolve()
-
-    def _resolve(self) -> str | None:
-        if self._resolved:
-            return self._directory
+        """The identity directory, found (and created) on first use; None: disabled."""
         with self._lock:
             if not self._resolved:
                 self._directory = self._find_directory()
@@ -6906,6 +6866,7 @@ class _CommitJournal:
         return self._directory
 
     def _find_directory(self) -> str | None:
+        """The configured root (or ~/.runcycles/commit-journal), else the shared temp one."""
         try:
             fingerprint = _journal_fingerprint(
                 self._base_url, tenant=self._tenant, api_key=self._api_key
@@ -6913,99 +6874,87 @@ class _CommitJournal:
         except (UnicodeError, ValueError):
             _warn_journal_disabled([])
             return None
-        configured = self._root
-        candidates: List[Tuple[str, bool]] = []
-        if configured:
-            candidates.append((configured, False))
+        roots: List[Tuple[str, bool]] = []  # (root, is the shared temp directory)
+        if self._root:
+            roots.append((self._root, False))
         else:
-            home_root = _default_journal_root()
-            if home_root is not None:
-                candidates.append((home_root, False))
+            home = os.path.expanduser("~")
+            if home and not home.startswith("~"):
+                roots.append((os.path.join(home, ".runcycles", "commit-journal"), False))
         with contextlib.suppress(OSError):  # no usable temp directory at all
-            candidates.append((_temp_journal_root(), True))
-        tried: List[str] = []
-        for root, is_shared_temp in candidates:
+            import tempfile
+
+            roots.append((os.path.join(tempfile.gettempdir(), "runcycles-commit-journal"), True))
+        for index, (root, is_shared_temp) in enumerate(roots):
             directory = os.path.join(root, fingerprint)
-            tried.append(root)
             if self._usable(root, directory, is_shared_temp):
-                if len(tried) > 1:
-                    log = _log.warning if configured else _log.info
-                    log("commit journal root %s is not writable; using %s", tried[0], root)
+                if index:
+                    log = _log.warning if self._root else _log.info
+                    log("commit journal root %s is not writable; using %s", roots[0][0], root)
                 return directory
-        _warn_journal_disabled(tried)
+        _warn_journal_disabled([root for root, _shared in roots])
         return None
 
     @staticmethod
     def _usable(root: str, directory: str, is_shared_temp: bool) -> bool:
+        """Created if missing, ours (in the shared temp directory) and writable."""
+        probe = os.path.join(directory, ".probe." + _random_suffix() + _JOURNAL_TMP_SUFFIX)
         try:
             if is_shared_temp and _is_foreign(root):
                 return False
             _make_private_dirs(directory)
             if is_shared_temp and _is_foreign(directory):
                 return False
-            return _probe_writable(directory)
+            os.close(_create_private(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
         except (OSError, ValueError):
             return False
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+        return True
 
     # -- write / remove -------------------------------------------------------
 
     def write(self, record: _PendingSettlement) -> bool:
         """Atomically persist ``record``; False (and a log line) on any failure."""
-        directory = self._resolve()
+        directory = self.directory
         if directory is None:
-            return False
-        try:
-            data = record.to_json().encode("utf-8")
-        except (TypeError, ValueError):
-            _log.warning(
-                "commit journal: record not serialisable: reservation_id=%s",
-                record.reservation_id,
-            )
             return False
         target = os.path.join(directory, _journal_filename(record.reservation_id))
         try:
-            self._write_atomic(directory, target, data)
-        except OSError as exc:
-            if not isinstance(exc, FileNotFoundError):
-                return self._write_failed(record, exc)
-            try:  # the directory vanished (a cleaned temp dir): recreate once
+            data = record.to_json().encode("utf-8")
+            try:
+                self._write_atomic(directory, target, data)
+            except FileNotFoundError:  # the directory vanished (a cleaned temp dir): recreate
                 _make_private_dirs(directory)
                 self._write_atomic(directory, target, data)
-            except OSError as retry_exc:
-                return self._write_failed(record, retry_exc)
+        except (OSError, TypeError, ValueError) as exc:  # TypeError: a body JSON cannot hold
+            _log.warning(
+                "commit journal write failed (settling without durability): reservation_id=%s"
+                " error=%s", record.reservation_id, type(exc).__name__
+            )
+            return False
         return True
-
-    @staticmethod
-    def _write_failed(record: _PendingSettlement, exc: OSError) -> bool:
-        _log.warning(
-            "commit journal write failed (settling without durability): "
-            "reservation_id=%s error=%s",
-            record.reservation_id,
-            type(exc).__name__,
-        )
-        return False
 
     def _write_atomic(self, directory: str, target: str, data: bytes) -> None:
         tmp = target + "." + _random_suffix() + _JOURNAL_TMP_SUFFIX
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-        fd = os.open(tmp, flags, 0o600)
         try:
-            try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+            with open(tmp, "xb", opener=_create_private) as handle:
+                handle.write(data)
                 if self._fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
+                    handle.flush()
+                    os.fsync(handle.fileno())
             os.replace(tmp, target)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        if self._fsync:
-            _fsync_directory(directory)
+        if self._fsync:  # the rename too; Windows cannot open a directory, nothing to do there
+            with contextlib.suppress(OSError):
+                fd = os.open(directory, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
 
     def remove(self, reservation_id: str) -> bool:
         """Delete the record; True when none remains (already-removed is fine).
@@ -7013,50 +6962,40 @@ class _CommitJournal:
         Only the v2 name is touched: legacy-named records are migrated to it by
         ``load_pending`` before they are replayed.
         """
-        directory = self._resolve()
-        if directory is None:
-            return True
+        directory = self.directory
         try:
-            os.unlink(os.path.join(directory, _journal_filename(reservation_id)))
+            if directory is not None:
+                os.unlink(os.path.join(directory, _journal_filename(reservation_id)))
         except FileNotFoundError:
             pass
         except OSError as exc:
             _log.warning(
                 "commit journal: could not remove record: reservation_id=%s error=%s",
-                reservation_id,
-                type(exc).__name__,
+                reservation_id, type(exc).__name__
             )
             return False
         return True
-
-    @staticmethod
-    def _stored_id(path: str) -> str | None:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                return _PendingSettlement.from_json(handle.read()).reservation_id
-        except (OSError, ValueError):
-            return None
 
     # -- scan -----------------------------------------------------------------
 
     def record_names(self) -> set[str]:
         """File names of the records, if this process already found the directory."""
-        directory = self._directory if self._resolved else None
-        if directory is None:
-            return set()
+        directory = self._directory
         try:
-            return {name for name in os.listdir(directory) if name.endswith(_JOURNAL_SUFFIX)}
+            names = os.listdir(directory) if directory is not None else []
         except OSError:
-            return set()
+            names = []
+        return {name for name in names if name.endswith(_JOURNAL_SUFFIX)}
 
-    def load_pending(self) -> List[_PendingSettlement]:
+    def load_pending(self, quarantined: List[str] | None = None) -> List[_PendingSettlement]:
         """Records for this base URL, oldest name first. Never raises.
 
         Reaps stale temp files, quarantines corrupt and unsupported records
-        (renamed to ``<name>.corrupt``, never deleted, each logged at ERROR),
-        and migrates misnamed (legacy) records to their v2 name.
+        (renamed to ``<name>.corrupt``, never deleted, each logged at ERROR, and
+        appended to ``quarantined``), and migrates misnamed (legacy) records to
+        their v2 name.
         """
-        directory = self._resolve()
+        directory = self.directory
         if directory is None:
             return []
         try:
@@ -7066,73 +7005,58 @@ class _CommitJournal:
         except OSError as exc:
             _log.warning("commit journal scan failed: error=%s", type(exc).__name__)
             return []
-        self._reap_stale_tmp(directory, names)
+        stale = time.time() - _JOURNAL_TMP_MAX_AGE_S
         parsed: List[Tuple[str, _PendingSettlement]] = []
         for name in names:
-            if name.endswith(_JOURNAL_SUFFIX):
-                record = self._read_or_quarantine(directory, name)
+            path = os.path.join(directory, name)
+            if name.endswith(_JOURNAL_TMP_SUFFIX):
+                with contextlib.suppress(OSError):
+                    if os.lstat(path).st_mtime < stale:
+                        os.unlink(path)
+            elif name.endswith(_JOURNAL_SUFFIX):
+                record = self._read_or_quarantine(directory, name, quarantined)
                 if record is not None:
                     parsed.append((name, record))
         loaded: List[_PendingSettlement] = []
-        for name, record in parsed:
+        for name, record in parsed:  # migrated now: its v2 name may have been quarantined above
             misnamed = name != _journal_filename(record.reservation_id)
-            if misnamed and not self._migrate(directory, name, record):
-                continue
-            if record.base_url == self._base_url:
+            usable = not misnamed or self._migrate(directory, name, record)
+            if usable and record.base_url == self._base_url:
                 loaded.append(record)
         return loaded
 
     @staticmethod
-    def _reap_stale_tmp(directory: str, names: List[str]) -> None:
-        cutoff = time.time() - _JOURNAL_TMP_MAX_AGE_S
-        for name in names:
-            if not name.endswith(_JOURNAL_TMP_SUFFIX):
-                continue
-            path = os.path.join(directory, name)
-            try:
-                if os.lstat(path).st_mtime < cutoff:
-                    os.unlink(path)
-            except OSError:
-                pass
-
-    @staticmethod
-    def _read_or_quarantine(directory: str, name: str) -> _PendingSettlement | None:
+    def _read_or_quarantine(
+        directory: str, name: str, quarantined: List[str] | None
+    ) -> _PendingSettlement | None:
         path = os.path.join(directory, name)
+        if os.path.islink(path) or not os.path.isfile(path):
+            return None
         try:
-            if os.path.islink(path) or not os.path.isfile(path):
-                return None
-            with open(path, "rb") as handle:
-                raw = handle.read()
+            return _read_record(path)
         except OSError:
             return None  # vanished (a concurrent replayer removed it) or unreadable
-        try:
-            return _PendingSettlement.from_json(raw.decode("utf-8"))
         except ValueError as exc:  # includes UnicodeDecodeError and _JournalRecordError
+            stem = name[: -len(_JOURNAL_SUFFIX)]
+            target: str | None = None
+            for candidate in (stem, stem + "." + _random_suffix()):
+                with contextlib.suppress(OSError):
+                    quarantine = candidate + _JOURNAL_QUARANTINE_SUFFIX
+                    if _move_no_clobber(path, os.path.join(directory, quarantine)):
+                        target = quarantine
+                        break
             unsupported = isinstance(exc, _JournalRecordError) and exc.unsupported
-            quarantined = _CommitJournal._quarantine(directory, name)
+            kind = "unsupported" if unsupported else "corrupt"
             _log.error(
-                "commit journal: %s record %s quarantined as %s (%s)",
-                "unsupported" if unsupported else "corrupt",
-                name,
-                quarantined or "<rename failed>",
-                exc,
+                "commit journal: %s record %s quarantined as %s (%s)", kind, name,
+                target or "<rename failed>", exc
             )
+            if quarantined is not None and target is not None:
+                quarantined.append(target)
             return None
 
     @staticmethod
-    def _quarantine(directory: str, name: str) -> str | None:
-        stem = name[: -len(_JOURNAL_SUFFIX)]
-        src = os.path.join(directory, name)
-        for candidate in (stem, stem + "." + _random_suffix()):
-            target = candidate + _JOURNAL_QUARANTINE_SUFFIX
-            try:
-                if _move_no_clobber(src, os.path.join(directory, target)):
-                    return target
-            except OSError:
-                return None
-        return None
-
-    def _migrate(self, directory: str, name: str, record: _PendingSettlement) -> bool:
+    def _migrate(directory: str, name: str, record: _PendingSettlement) -> bool:
         """Move a misnamed record to its v2 name. True when it is now loadable.
 
         Never deletes the old file unless an identical-id v2 record exists,
@@ -7148,16 +7072,14 @@ class _CommitJournal:
         except OSError as exc:
             _log.warning("commit journal: could not migrate %s: %s", name, type(exc).__name__)
             return False
-        if self._stored_id(standard) == record.reservation_id:
-            with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
+            if _read_record(standard).reservation_id == record.reservation_id:
                 os.unlink(src)  # a duplicate of the v2 record, which stays authoritative
-            return False  # the v2 file is loaded under its own name
-        _log.warning(
-            "commit journal: kept %s: %s holds a different or unreadable record",
-            name,
-            standard_name,
-        )
+                return False  # the v2 file is loaded under its own name
+        message = "commit journal: kept %s: %s holds a different or unreadable record"
+        _log.warning(message, name, standard_name)
         return False
+
 
 # A commit is settled exactly once, whatever the network does: the first
 # attempt runs on the caller; retries (same idempotency key, backoff with
@@ -7167,13 +7089,17 @@ class _CommitJournal:
 
 
 def _retry_policy(config: CyclesConfig) -> _RetryPolicy:
+    """The config's policy: built (and checked) once per distinct setting, not per call."""
     retries = config.retry_max_attempts if config.retry_enabled else 0
-    return _RetryPolicy(
-        max_attempts=1 + retries,
-        initial_delay_ms=int(config.retry_initial_delay * 1000),
-        multiplier=config.retry_multiplier,
-        max_delay_ms=int(config.retry_max_delay * 1000),
+    return _cached_retry_policy(
+        1 + retries,
+        int(config.retry_initial_delay * 1000),
+        config.retry_multiplier,
+        int(config.retry_max_delay * 1000),
     )
+
+
+_cached_retry_policy = functools.lru_cache(maxsize=64)(_RetryPolicy)
 
 
 def _jitter() -> float:
@@ -7182,7 +7108,6 @@ def _jitter() -> float:
 
 
 _journals: Dict[Tuple[Any, ...], _CommitJournal] = {}  # by identity (no raw key)
-_journals_lock = threading.Lock()
 
 
 def _journal_for(config: CyclesConfig) -> _CommitJournal | None:
@@ -7203,24 +7128,18 @@ def _journal_for(config: CyclesConfig) -> _CommitJournal | None:
         if journal is None:
             if len(_journals) >= 64:
                 _journals.clear()
-            journal = _CommitJournal(
-                config.journal_dir,
-                config.base_url,
-                tenant=config.tenant,
-                api_key=config.api_key,
-                fsync=config.journal_fsync,
+            journal = _journals[key] = _CommitJournal(
+                config.journal_dir, config.base_url, tenant=config.tenant,
+                api_key=config.api_key, fsync=config.journal_fsync,
             )
-            _journals[key] = journal
         return journal
 
 
 @_after_fork_in_child
 def _journals_after_fork() -> None:
     """The child finds the journals it uses afresh (another thread may have held a lock)."""
-    global _journals_lock, _replay_lock, _journal_warn_lock
-    _journals_lock, _replay_lock, _journal_warn_lock = (
-        threading.Lock(), threading.Lock(), threading.Lock()
-    )
+    global _journals_lock
+    _journals_lock = threading.Lock()
     _journals.clear()
 
 
@@ -7249,47 +7168,40 @@ class _Settlement:
 
     @classmethod
     def new(
-        cls,
-        client: Any,
-        reservation_id: str,
-        commit_body: Dict[str, Any],
+        cls, client: Any, reservation_id: str, commit_body: Dict[str, Any],
         event_body: Dict[str, Any],
     ) -> _Settlement:
+        """A guarded call's settlement: its record is written before the first attempt."""
         config = _config_of(client)
         record = _PendingSettlement(
-            reservation_id=reservation_id,
-            base_url=config.base_url,
-            commit_body=commit_body,
-            event_fallback_body=event_body,
+            reservation_id, config.base_url, commit_body=commit_body, event_fallback_body=event_body
         )
-        job = cls.for_record(client, record)
-        job.journaled = False
-        return job
+        return cls.for_record(client, record, config=config, journaled=False)
 
     @classmethod
-    def for_record(cls, client: Any, record: _PendingSettlement) -> _Settlement:
-        """Also the hook for journal replay: settle a surviving record through the worker."""
-        config = _config_of(client)
-        return cls(
-            record=record,
-            client=client,
-            policy=_retry_policy(config),
-            journal=_journal_for(config),
-            inline=config.commit_retry == "inline",
-            flush_timeout=config.retry_flush_timeout,
-            loop_client=client if isinstance(client, AsyncCyclesClient) else None,
-        )
+    def for_record(
+        cls, client: Any, record: _PendingSettlement, config: CyclesConfig | None = None,
+        **state: Any,
+    ) -> _Settlement:
+        """Also the hook for journal replay: settle a surviving record through the worker
+        (``state`` sets fields, ``config`` saves looking the client's up again)."""
+        config = config or _config_of(client)
+        settings: Dict[str, Any] = {
+            "client": client,
+            "policy": _retry_policy(config),
+            "journal": _journal_for(config) if config.journal_enabled else None,  # no call if off
+            "inline": config.commit_retry == "inline",
+            "flush_timeout": config.retry_flush_timeout,
+            "loop_client": client if isinstance(client, AsyncCyclesClient) else None,
+        }
+        return cls(record=record, **{**settings, **state})
 
     @classmethod
     def for_release(cls, client: Any, reservation_id: str, body: Dict[str, Any]) -> _Settlement:
         """A release, retried in memory only when its first attempt fails transiently (an
         unreleased reservation costs nothing once its TTL passes)."""
         record = _PendingSettlement(reservation_id, "", mode="release")
-        job = cls.for_record(client, record)
-        job.journal = None
-        job.inline = False
-        job.release = body
-        return job
+        return cls.for_record(client, record, journal=None, inline=False, release=body)
 
     @property
     def operation(self) -> str:
@@ -7323,68 +7235,43 @@ class _Settlement:
 
 
 def _report_settlement(job: _Settlement, response: CyclesResponse, step: _SettlementStep) -> None:
+    """One log line per attempt: DEBUG for a first-time commit, ERROR once per kept spend."""
+    what, attempts, disposition = job.operation, job.attempt, step.disposition
     rid = job.record.reservation_id
-    what = job.operation
-    disposition = step.disposition
     if disposition is _Disposition.SUCCESS:
-        log = _log.info if job.attempt > 1 or what == "event" else _log.debug
-        log("%s settled (attempt %d): reservation_id=%s", what, job.attempt, rid)
-    elif disposition is _Disposition.RETRY:
-        _log.warning(
-            "%s attempt %d failed (%s, %s): will retry with the same idempotency key in %d ms:"
-            " reservation_id=%s",
-            what,
-            job.attempt,
-            _describe(response),
-            step.reason,
-            step.delay_ms,
-            rid,
+        level = logging.INFO if attempts > 1 or what == "event" else logging.DEBUG
+        _log.log(level, "%s settled (attempt %d): reservation_id=%s", what, attempts, rid)
+        return
+    level, why = logging.WARNING, f"{_describe(response)}, {step.reason}"
+    if disposition is _Disposition.RETRY:
+        message = (
+            f"{what} attempt {attempts} failed ({why}): will retry with the same idempotency"
+            f" key in {step.delay_ms} ms"
         )
     elif disposition is _Disposition.FALLBACK_EVENT:
-        _log.warning(
-            "commit failed (%s): the reservation expired; recording the spend as an event"
-            " with the same idempotency key: reservation_id=%s",
-            _describe(response),
-            rid,
-        )
-    elif disposition is _Disposition.STOP_DISCARD and what == "release":
-        _log.warning(
-            "release refused (%s, %s); not retried: reservation_id=%s",
-            _describe(response),
-            step.reason,
-            rid,
+        message = (
+            f"commit failed ({_describe(response)}): the reservation expired; recording the"
+            " spend as an event with the same idempotency key"
         )
     elif disposition is _Disposition.STOP_DISCARD:
-        _log.warning(
-            "%s not settled (%s, %s); not retried, nothing released: reservation_id=%s",
-            what,
-            _describe(response),
-            step.reason,
-            rid,
-        )
+        if what == "release":
+            message = f"release refused ({why}); not retried"
+        else:
+            message = f"{what} not settled ({why}); not retried, nothing released"
     elif what == "release":
-        _log.warning(
-            "release not settled after %d attempt(s) (%s, %s); the reservation holds its"
-            " budget until it expires: reservation_id=%s",
-            job.attempt,
-            _describe(response),
-            step.cause or step.reason,
-            rid,
+        message = (
+            f"release not settled after {attempts} attempt(s) ({_describe(response)},"
+            f" {step.cause or step.reason}); the reservation holds its budget until it expires"
         )
     else:
         kept = "kept (journal and memory)" if job.journal else "kept in memory (no journal)"
-        log = _log.warning if job.times_kept else _log.error  # ERROR once per settlement
-        log(
-            "%s not settled after %d attempt(s) (%s, %s%s): the spend is NOT recorded yet;"
-            " %s, retried later by this process: reservation_id=%s",
-            what,
-            job.attempt,
-            _describe(response),
-            step.reason,
-            f": {step.cause}" if step.cause else "",
-            kept,
-            rid,
+        level = logging.WARNING if job.times_kept else logging.ERROR  # ERROR once per settlement
+        cause = f": {step.cause}" if step.cause else ""
+        message = (
+            f"{what} not settled after {attempts} attempt(s) ({why}{cause}): the spend is NOT"
+            f" recorded yet; {kept}, retried later by this process"
         )
+    _log.log(level, "%s: reservation_id=%s", message, rid)
 
 
 # Settlements kept after their retry budget stay the process's: retried after 30 s,
@@ -7395,6 +7282,16 @@ _KEPT_RETRY_MAX_MS = 300_000
 _KEPT_RETRY_ACTIVITY_GAP_S = 2.0
 
 
+def _start_daemon(target: Callable[[], None], name: str) -> threading.Thread | None:
+    """A started daemon thread; None at interpreter shutdown (no new threads then)."""
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    try:
+        thread.start()
+    except RuntimeError:
+        return None
+    return thread
+
+
 class _SettlementQueue:
     """The process's pending settlement retries, ordered by due time.
 
@@ -7403,7 +7300,7 @@ class _SettlementQueue:
     attempt never has it.  ``flush()`` drains the same heap on the caller's thread
     and never starts a thread.  The heap is bounded: ``submit`` answers False when
     it is full and the caller settles inline instead of dropping anything; journal
-    replay takes at most half of it (``replay_room``), so live retries keep room.
+    replay takes at most half of it (``adopt``), so live retries keep room.
     A journal scan (``start_scan``) counts as pending work until it has submitted.
 
     A commit or event kept after its retry budget (``keep``) stays here too, due
@@ -7423,7 +7320,7 @@ class _SettlementQueue:
     def _after_fork(self) -> None:
         """Empty, threadless and unlocked: also a forked child's start (the parent's
         jobs stay the parent's; their journal records stay on disk)."""
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()  # re-entrant
         self._heap: List[Tuple[float, int, _Settlement]] = []
         self._order = itertools.count()
         self._running: List[str] = []  # reservation ids being settled right now
@@ -7434,6 +7331,11 @@ class _SettlementQueue:
         self._settled = 0  # outcomes of the jobs run here, for FlushResult
         self._given_up = 0
         self._lost = 0  # turned away with no journal record, since the last flush
+
+    def _occupied(self) -> int:
+        """Under the lock: what counts against the capacity: retries under their budget,
+        running jobs, and the async clients' retry tasks on their loops."""
+        return len(self._heap) - self.kept + len(self._running) + len(_settlement_tasks)
 
     def submit(self, job: _Settlement) -> bool:
         """Queue ``job``; False when full.  Kept jobs have room of their own (half the
@@ -7449,10 +7351,12 @@ class _SettlementQueue:
             if not self._atexit_registered:  # a loop task too: its loop may end unfinished
                 atexit.register(self._flush_at_exit)
                 self._atexit_registered = True
-            if getattr(job, "loop_client", None) is not None and _retry_on_loop(job):
+            if job.loop_client is not None and _retry_on_loop(job):
                 return True
-            if self._worker is None and not self._start_worker():
-                return False
+            if self._worker is None:
+                self._worker = _start_daemon(self._work, "cycles-lite-settlement")
+                if self._worker is None:  # interpreter shutdown: the caller settles inline
+                    return False
             self._push(job)
             self._cond.notify_all()
         return True
@@ -7472,156 +7376,108 @@ class _SettlementQueue:
         """A job the full settlement queue could not take.  Journaled, it stays on disk for
         ``recover()`` or the next process; without a record it is lost to this process:
         logged at ERROR and counted as given up by the next ``flush()``."""
-        rid = job.record.reservation_id
-        if job.journal is not None and job.journaled and job.operation != "release":
+        what, rid = job.operation, job.record.reservation_id
+        if job.journal is not None and job.journaled and what != "release":
             _log.warning(
                 "settlement queue full: %s left to the journal (recover() or the next process"
-                " settles it): reservation_id=%s",
-                job.operation,
-                rid,
+                " settles it): reservation_id=%s", what, rid
             )
             return
         with self._cond:
             self._lost += 1
-        if job.operation == "release":
-            _log.error(
-                "settlement queue full: release not retried; the reservation holds its budget"
-                " until it expires: reservation_id=%s",
-                rid,
-            )
-        else:
-            _log.error(
-                "settlement queue full and %s not journaled: the %s is LOST, the spend is NOT"
-                " recorded: reservation_id=%s",
-                job.operation,
-                job.operation,
-                rid,
-            )
+        lost = (
+            "release not retried; the reservation holds its budget until it expires"
+            if what == "release"
+            else f"{what} not journaled: the {what} is LOST, the spend is NOT recorded"
+        )
+        _log.error("settlement queue full: %s: reservation_id=%s", lost, rid)
 
-    def take_lost(self) -> int:
-        """How many settlements were turned away unjournaled since the last call."""
+    def wake_kept(self, tried_before: float | None = None) -> None:
+        """Kept jobs last tried before ``tried_before`` (default: a guarded call's
+        ``_KEPT_RETRY_ACTIVITY_GAP_S`` ago) are due now, or at their 429 floor."""
+        if not self.kept:
+            return
         with self._cond:
-            lost, self._lost = self._lost, 0
-            return lost
-
-    def wake_kept(self) -> None:
-        """A guarded call: kept jobs last tried ``_KEPT_RETRY_ACTIVITY_GAP_S`` ago are due."""
-        if self.kept:
-            with self._cond:
-                self._wake(_clock.monotonic() - _KEPT_RETRY_ACTIVITY_GAP_S)
-
-    def _wake(self, tried_before: float) -> None:
-        """Under the lock: kept jobs last tried before ``tried_before`` are due now (or at
-        their 429 floor)."""
-        now = _clock.monotonic()
-        woken = False
-        for index, (due, order, job) in enumerate(self._heap):
-            if job.kept and job.kept_at < tried_before:
+            now = _clock.monotonic()
+            if tried_before is None:
+                tried_before = now - _KEPT_RETRY_ACTIVITY_GAP_S
+            for index, (due, order, job) in enumerate(self._heap):
                 earliest = max(job.not_before, now)
-                if earliest < due:
+                if job.kept and job.kept_at < tried_before and earliest < due:
                     job.due = earliest
                     self._heap[index] = (earliest, order, job)
-                    woken = True
-        if woken:
             heapq.heapify(self._heap)
             self._cond.notify_all()
 
-    def take_kept(self, reservation_ids: set[str] | None = None) -> int:
+    def take_kept(self, reservation_ids: set[str] | None = None) -> None:
         """Take kept jobs (those of ``reservation_ids``, default all) out of the queue, for
-        ``recover()`` to settle from their journal records; how many were taken."""
+        ``recover()`` to settle from their journal records."""
         with self._cond:
-            heap = self._heap
             wanted = reservation_ids
-            taken = [
-                entry for entry in heap
+            kept = [
+                entry for entry in self._heap
                 if entry[2].kept and (wanted is None or entry[2].record.reservation_id in wanted)
             ]
-            if taken:
-                self._heap = [entry for entry in heap if entry not in taken]
-                heapq.heapify(self._heap)
-                self.kept -= len(taken)
-                self._cond.notify_all()
-            return len(taken)
+            self._heap = [entry for entry in self._heap if entry not in kept]
+            heapq.heapify(self._heap)
+            self.kept -= len(kept)
+            self._cond.notify_all()
 
     def take_over(self, reservation_ids: set[str]) -> set[str]:
         """``recover()``: take the kept jobs of ``reservation_ids`` out of the queue and
         mark as in progress the ids nothing else here holds (queued, running, or another
         recover's), so a concurrent recover or replay skips them; those ids, until each
         is ``given_back``."""
-        with self._cond:  # a re-entrant lock: take_kept inside
+        with self._cond:
             self.take_kept(reservation_ids)
             claimed = reservation_ids - self.busy()
             self._recovering |= claimed
             return claimed
-
-    def adopt(self, job: _Settlement) -> bool:
-        """Replay: ``submit`` a journal record's job unless this process already settles it
-        (checked under the same lock as ``take_over`` claims)."""
-        with self._cond:
-            return job.record.reservation_id not in self.busy() and self.submit(job)
 
     def given_back(self, reservation_id: str) -> None:
         """A job ``take_over`` claimed is done, or queued here."""
         with self._cond:
             self._recovering.discard(reservation_id)
 
+    def adopt(self, jobs: List[_Settlement]) -> int:
+        """Replay: ``submit`` journal records' jobs, those this process does not settle
+        already (checked under the same lock as ``take_over`` claims), while the queue is
+        less than half full; how many it took."""
+        with self._cond:
+            busy = self.busy()
+            fresh = [job for job in jobs if job.record.reservation_id not in busy]
+            room = self._capacity // 2 - self._occupied()
+            return sum(1 for job in fresh[: max(0, room)] if self.submit(job))
+
     def pending(self) -> int:
         with self._cond:
             return len(self._heap) + len(self._running)
-
-    def replay_room(self) -> int:
-        """How many replayed records may be queued now: half the capacity, less what waits."""
-        with self._cond:
-            return max(0, self._capacity // 2 - self._occupied())
-
-    def _live_count(self) -> int:
-        """Under the lock: queued retries under their budget, and running jobs."""
-        return len(self._heap) - self.kept + len(self._running)
-
-    def _occupied(self) -> int:
-        """Under the lock: what counts against the capacity: the live jobs here and the
-        async clients' retry tasks on their loops."""
-        return self._live_count() + len(_settlement_tasks)
-
-    def start_scan(self, scan: Callable[[], None]) -> None:
-        """Run ``scan`` on a one-shot daemon thread; ``flush()`` waits for it."""
-        with self._cond:
-            self._scans += 1
-        thread = threading.Thread(
-            target=self._run_scan, args=(scan,), name="cycles-lite-replay", daemon=True
-        )
-        try:
-            thread.start()
-        except RuntimeError:  # interpreter shutdown: a later process replays
-            self._scan_done()
-
-    def _run_scan(self, scan: Callable[[], None]) -> None:
-        try:
-            scan()
-        finally:
-            self._scan_done()
-
-    def _scan_done(self) -> None:
-        with self._cond:
-            self._scans -= 1
-            self._cond.notify_all()
-
-    def _idle(self) -> bool:
-        return not self._heap and not self._running and not self._scans
-
-    def _live(self) -> bool:
-        """Work flush waits for: a retry under its budget, a running job, a scan."""
-        return self._live_count() > 0 or bool(self._scans)
 
     def busy(self) -> set[str]:
         """Reservation ids this process is already settling (queued, kept, running, or
         being recovered)."""
         with self._cond:
-            return (
-                {job.record.reservation_id for _due, _n, job in self._heap}
-                | set(self._running)
-                | self._recovering
-            )
+            queued = {job.record.reservation_id for _due, _n, job in self._heap}
+            return queued | set(self._running) | self._recovering
+
+    def start_scan(self, scan: Callable[[], None]) -> None:
+        """Run ``scan`` on a one-shot daemon thread; ``flush()`` waits for it."""
+
+        def done() -> None:
+            with self._cond:
+                self._scans -= 1
+                self._cond.notify_all()
+
+        def run() -> None:
+            try:
+                scan()
+            finally:
+                done()
+
+        with self._cond:
+            self._scans += 1
+        if _start_daemon(run, "cycles-lite-replay") is None:  # shutdown: a later process replays
+            done()
 
     def flush(self, timeout: float | None, *, retry_kept: bool = True) -> FlushResult:
         """Settle what is pending on this thread, waiting for not-yet-due retries while the
@@ -7633,36 +7489,27 @@ class _SettlementQueue:
         with self._cond:
             settled, given_up = self._settled, self._given_up
         while True:
+            if retry_kept:
+                self.wake_kept(started)  # each kept job: one attempt during this flush
             with self._cond:
-                if retry_kept and self.kept:
-                    self._wake(started)  # each kept job: one attempt during this flush
                 job = self._next_due(bound, live_only=True)
                 if job is None:
                     settled, given_up = self._settled - settled, self._given_up - given_up
                     break
             with _bounded_by(bound):  # an attempt started here ends by flush's own deadline too
                 self._run(job)
-        return FlushResult(settled, self._unsettled(), given_up + self.take_lost())
+        return self.result(settled, given_up)
 
-    def _unsettled(self) -> int:
-        """Settlements this process knows are open: in memory, or in a journal it uses."""
+    def result(self, settled: int, given_up: int) -> FlushResult:
+        """A FlushResult: also counts what is journaled, and what was lost since the last."""
         in_memory = self.busy()
-        names = {_journal_filename(rid) for rid in in_memory}
         with _journals_lock:
             journals = list(_journals.values())
-        on_disk: set[str] = set()
-        for journal in journals:
-            on_disk |= journal.record_names()
-        return len(in_memory) + len(on_disk - names)
-
-    def _start_worker(self) -> bool:
-        worker = threading.Thread(target=self._work, name="cycles-lite-settlement", daemon=True)
-        try:
-            worker.start()
-        except RuntimeError:  # interpreter shutdown: the caller settles inline
-            return False
-        self._worker = worker
-        return True
+        on_disk: set[str] = set().union(*(journal.record_names() for journal in journals))
+        on_disk -= {_journal_filename(rid) for rid in in_memory}
+        with self._cond:
+            lost, self._lost = self._lost, 0
+        return FlushResult(settled, len(in_memory) + len(on_disk), given_up + lost)
 
     def _work(self) -> None:
         while True:
@@ -7687,26 +7534,23 @@ class _SettlementQueue:
         """
         while True:
             now = _clock.monotonic()
-            if self._heap and self._heap[0][0] <= now and (deadline is None or now < deadline):
-                job = heapq.heappop(self._heap)[2]
+            if deadline is not None and now >= deadline:
+                return None
+            heap = self._heap
+            if heap and heap[0][0] <= now:
+                job = heapq.heappop(heap)[2]
                 self.kept -= job.kept
                 self._running.append(job.record.reservation_id)
                 return job
-            if self._idle() or (deadline is not None and now >= deadline):
+            live = len(heap) - self.kept + len(self._running) + self._scans
+            if not live and (live_only or not heap):
                 return None
-            if live_only and not self._live():
-                return None
-            if (
-                deadline is not None
-                and not self._running
-                and not self._scans
-                and self._heap[0][0] > deadline
-            ):
+            if deadline is None:
+                _clock.wait(self._cond, heap[0][0] - now if heap else None)
+            elif self._running or self._scans or heap[0][0] <= deadline:
+                _clock.wait(self._cond, min(deadline, heap[0][0] if heap else deadline) - now)
+            else:
                 return None  # the next retry is due after the deadline: waiting cannot help
-            waits = [self._heap[0][0] - now] if self._heap else []
-            if deadline is not None:
-                waits.append(deadline - now)
-            _clock.wait(self._cond, min(waits) if waits else None)
 
     def _run(self, job: _Settlement) -> None:
         outcome = _Disposition.RETRY  # interrupted (Ctrl-C in flush): back to the heap
@@ -7741,7 +7585,7 @@ class _SettlementQueue:
             if not result:
                 _log.warning(
                     "%d settlement(s) still open at exit; journal records are replayed later",
-                    result.pending,
+                    result.pending
                 )
 
 
@@ -7808,19 +7652,18 @@ async def aflush(timeout: float | None = None) -> FlushResult:
     bound = _flush_bound(timeout)
     _rescue_stranded_settlements()  # onto this loop
     loop = asyncio.get_running_loop()
-    mine = [task for task in list(_settlement_tasks) if task.get_loop() is loop]
-    outcomes: List[_Disposition] = []
+    mine = {task: job for task, job in list(_settlement_tasks.items()) if task.get_loop() is loop}
     if mine:
         left = None if bound is None else max(0.0, bound - _clock.monotonic())
-        done, _running = await asyncio.wait(mine, timeout=left)
-        outcomes = [t.result() for t in done if not t.cancelled() and t.exception() is None]
-    left = None if bound is None else max(0.0, bound - _clock.monotonic())
+        await asyncio.wait(mine, timeout=left)
+    outcomes = [t.result() for t in mine if t.done() and not t.cancelled() and not t.exception()]
     if _settlements.pending():
+        left = None if bound is None else max(0.0, bound - _clock.monotonic())
         drain = functools.partial(contextvars.copy_context().run, _settlements.flush, left)
         result = await loop.run_in_executor(None, drain)
     else:
-        result = FlushResult(0, _settlements._unsettled(), _settlements.take_lost())
-    unjournaled = sum(1 for t in mine if not t.done() and _settlement_tasks[t].journal is None)
+        result = _settlements.result(0, 0)
+    unjournaled = sum(1 for task, job in mine.items() if not task.done() and job.journal is None)
     return FlushResult(
         result.settled + outcomes.count(_Disposition.SUCCESS),
         result.pending + unjournaled,
@@ -7847,9 +7690,8 @@ def _retry_on_loop(job: _Settlement) -> bool:
     the loop shutting down, which would never run a new task.
     """
     asyncio = sys.modules.get("asyncio")
-    if asyncio is None or not isinstance(sys.exc_info()[1], (Exception, type(None))):
-        return False
-    if job.kept:  # out of retries: parked in the worker's queue, retried on activity or flush
+    # A kept job (out of retries) is parked in the worker's queue, retried on activity or flush.
+    if asyncio is None or job.kept or not isinstance(sys.exc_info()[1], (Exception, type(None))):
         return False
     try:
         loop = asyncio.get_running_loop()
@@ -7860,12 +7702,8 @@ def _retry_on_loop(job: _Settlement) -> bool:
         return False
     task = loop.create_task(_settle_on_loop(job))
     _settlement_tasks[task] = job
-    task.add_done_callback(_forget_settlement_task)
+    task.add_done_callback(lambda done: _settlement_tasks.pop(done, None))
     return True
-
-
-def _forget_settlement_task(task: asyncio.Task[_Disposition]) -> None:
-    _settlement_tasks.pop(task, None)
 
 
 _stranded_tasks: List[Any] = []  # their loops never run them again; kept, never destroyed
@@ -7969,7 +7807,6 @@ class RecoverySummary:
         return self.kept + self.not_yet_due
 
 
-_replay_lock = threading.Lock()
 _replayed_journals: set[str] = set()  # identity directories replayed by this process
 # By identity: a client subclass may define ``__eq__`` and so be unhashable.
 _clients_seen: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
@@ -7978,10 +7815,8 @@ _clients_seen: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictiona
 def _claim_replay(journal: _CommitJournal) -> bool:
     """True the first time this process replays ``journal``'s identity directory."""
     directory = journal.directory
-    if directory is None:
-        return False
-    with _replay_lock:
-        if directory in _replayed_journals:
+    with _journals_lock:
+        if directory is None or directory in _replayed_journals:
             return False
         _replayed_journals.add(directory)
         return True
@@ -7997,17 +7832,16 @@ def _replay_on_first_use(client: Any) -> None:
     alike, and the surviving records are settled on the settlement worker.
     Never raises.
     """
-    _settlements.wake_kept()
+    if _settlements.kept:
+        _settlements.wake_kept()
     if not issubclass(type(client), (CyclesClient, AsyncCyclesClient)):
         return  # a test double or a duck: never hand it records other processes left
-    if _clients_seen.get(id(client)) is client:
+    if not client._config.journal_enabled:
         return
-    with _replay_lock:
+    with _journals_lock:
         if _clients_seen.get(id(client)) is client:
             return
         _clients_seen[id(client)] = client
-    if not _config_of(client).journal_enabled:
-        return
     # Only records written before now are adopted: later ones belong to settlements
     # of this process that are still running (the async scan runs concurrently).
     first_use_ms = _wall_clock_ms()
@@ -8015,27 +7849,27 @@ def _replay_on_first_use(client: Any) -> None:
 
 
 def _replay_in_background(client: Any, first_use_ms: int) -> None:
-    """Queue this identity's surviving records, at most ``replay_room()`` of them."""
+    """Queue this identity's surviving records, as many as ``_settlements.adopt`` takes."""
     try:
         journal = _journal_for(_config_of(client))
         if journal is None or not _claim_replay(journal):
             return
-        records, _quarantined = _scan_journal(journal)
-        earlier = [r for r in records if r.recorded_at_ms < first_use_ms]
-        records = _not_queued(earlier)
-        room = _settlements.replay_room()
-        queued = sum(1 for job in _replay_jobs(client, records[:room]) if _settlements.adopt(job))
+        busy = _settlements.busy()
+        records = [
+            record
+            for record in journal.load_pending()
+            if record.recorded_at_ms < first_use_ms and record.reservation_id not in busy
+        ]
+        queued = _settlements.adopt(_replay_jobs(client, records))
         if queued:
             _log.info(
-                "replaying %d journaled settlement(s) in the background from %s",
-                queued,
+                "replaying %d journaled settlement(s) in the background from %s", queued,
                 journal.directory,
             )
         if queued < len(records):
             _log.warning(
                 "replay: %d journaled settlement(s) left journaled for recover() or the next"
-                " process (the settlement queue keeps room for live retries)",
-                len(records) - queued,
+                " process (the settlement queue keeps room for live retries)", len(records) - queued
             )
     except Exception:  # a replay problem must never break a guarded call
         _log.exception("commit journal replay failed")
@@ -8043,36 +7877,17 @@ def _replay_in_background(client: Any, first_use_ms: int) -> None:
 
 def _scan_journal(journal: _CommitJournal) -> Tuple[List[_PendingSettlement], int]:
     """This identity's records for this server, and how many files were quarantined."""
-    directory = journal.directory
-    if directory is None:
-        return [], 0
-    before = _quarantined_names(directory)
-    records = journal.load_pending()
-    return records, len(_quarantined_names(directory) - before)
-
-
-def _quarantined_names(directory: str) -> set[str]:
-    try:
-        return {n for n in os.listdir(directory) if n.endswith(_JOURNAL_QUARANTINE_SUFFIX)}
-    except OSError:
-        return set()
-
-
-def _not_queued(records: List[_PendingSettlement]) -> List[_PendingSettlement]:
-    """The records no settlement of this process is already retrying."""
-    busy = _settlements.busy()
-    return [r for r in records if r.reservation_id not in busy]
+    quarantined: List[str] = []
+    return journal.load_pending(quarantined), len(quarantined)
 
 
 def _replay_jobs(client: Any, records: List[_PendingSettlement]) -> List[_Settlement]:
     """One settlement per record, due no earlier than its persisted 429 floor."""
     now, now_ms = _clock.monotonic(), _wall_clock_ms()
-    jobs = []
-    for record in records:
-        job = _Settlement.for_record(client, record)
-        job.due = now + _replay_delay_ms(record, now_ms) / 1000.0
-        jobs.append(job)
-    return jobs
+    return [
+        _Settlement.for_record(client, record, due=now + _replay_delay_ms(record, now_ms) / 1000)
+        for record in records
+    ]
 
 
 def _recover(client: Any, timeout: float | None) -> RecoverySummary:

@@ -1371,6 +1371,60 @@ class TestTransport(ServerTestCase):
         leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
         self.assertEqual(leaks, [])
 
+    def test_the_deadline_bounds_connecting_across_every_address(self) -> None:
+        # A listener whose one-slot backlog is taken: connecting there hangs (SYN dropped).
+        full = socket.create_server(("127.0.0.1", 0), backlog=0)
+        self.addCleanup(full.close)
+        self.addCleanup(socket.create_connection(full.getsockname()).close)
+        resolve = socket.getaddrinfo
+
+        def three_hanging(host: str, port: Any, *args: Any, **kwargs: Any) -> Any:
+            if host != "cycles.test":
+                return resolve(host, port, *args, **kwargs)
+            return resolve(*full.getsockname(), *args, **kwargs) * 3
+
+        config = CyclesConfig(base_url="http://cycles.test:7878", api_key=API_KEY,
+                              request_timeout=0.4, journal_enabled=False)
+
+        async def from_a_loop() -> CyclesResponse:
+            async with AsyncCyclesClient(config) as client:
+                return await client.get_balances(tenant=TENANT)
+
+        for blocking in (True, False):
+            with self.subTest(blocking=blocking), \
+                    mock.patch.object(socket, "getaddrinfo", three_hanging):
+                started = time.monotonic()
+                if blocking:
+                    with CyclesClient(config) as client:
+                        response = client.get_balances(tenant=TENANT)
+                else:
+                    response = asyncio.run(from_a_loop())
+                self.assertTrue(response.is_transport_error)
+                self.assertIsInstance(response.transport_exception, TimeoutError)
+                self.assertLess(time.monotonic() - started, 0.8)  # not 0.4 s per address
+
+    def test_request_head_host_target_and_no_header_injection(self) -> None:
+        hosts = {
+            "http://[::1]:8080/base": "[::1]:8080",
+            "https://[2001:db8::1]": "[2001:db8::1]",
+            "https://h.example:443": "h.example",
+            "http://h.example:8443": "h.example:8443",
+        }
+        injected = "k\r\nX-Injected: 1"
+        for url, host in hosts.items():
+            with self.subTest(url=url):
+                transport = cl._Transport(CyclesConfig(
+                    base_url=url, api_key=API_KEY, traceparent=lambda: injected))
+                self.addCleanup(transport.close)
+                call = cl._post("commit", {"idempotency_key": injected}, "../a b?c")
+                head = transport.encode(call).partition(b"\r\n\r\n")[0].decode()
+                path = url.partition("//")[2].partition("/")[1:]
+                self.assertTrue(head.startswith(
+                    f"POST {''.join(path)}/v1/reservations/..%2Fa%20b%3Fc/commit HTTP/1.1\r\n"
+                ), head)
+                self.assertIn(f"\r\nHost: {host}\r\n", head)
+                self.assertNotIn("X-Injected", head)  # neither as a key nor as a traceparent
+
     def test_http_proxy_and_https_tunnel(self) -> None:
         with TinyProxy() as proxy:
             client = self.client(proxy=f"http://user:pw@127.0.0.1:{proxy.port}", pool_maxsize=0)
@@ -1541,7 +1595,7 @@ class TunnelProxy(TinyProxy):
             data = b""
             while b"\r\n\r\n" not in data:
                 data += conn.recv(65536)
-            self.heads.append(data.split(b"\r\n", 1)[0].decode())
+            self.heads.append(data.partition(b"\r\n\r\n")[0].decode())
             host, _, port = data.split(b" ")[1].decode().partition(":")
             with socket.create_connection((host, int(port))) as upstream:
                 conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")

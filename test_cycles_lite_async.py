@@ -289,7 +289,25 @@ class TestResponseFraming(unittest.TestCase):
         "eof": b"HTTP/1.0 200 OK\r\n\r\n{\"b\":2}",
         "bad-chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-4\r\nxxxx\r\n",
         "not-http": b"SSH-2.0-OpenSSH\r\n\r\n",
+        "keep-alive": b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n{\"k\":1}",
+        "close": b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 7\r\n\r\n{\"k\":1}",
+        "http10": b"HTTP/1.0 200 OK\r\nContent-Length: 7\r\n\r\n{\"k\":1}",
+        "http10-keep-alive": b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\n"
+                             b"Content-Length: 7\r\n\r\n{\"k\":1}",
+        "no-content": b"HTTP/1.1 204 No Content\r\n\r\n",
+        # RFC 9112 6.3: Transfer-Encoding overrides Content-Length (a smuggling sign: the
+        # connection is not reused); a coding other than a final chunked runs to EOF.
+        "chunked-and-length": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n"
+                              b"Transfer-Encoding: chunked\r\n\r\n7\r\n{\"k\":1}\r\n0\r\n\r\n",
+        "not-chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n"
+                       b"Content-Length: 2\r\n\r\n{\"k\":1}",
+        "two-lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nContent-Length: 20\r\n\r\n"
+                       b"{\"k\":1}{\"smuggled\":1}",
+        "huge-length": b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n",
+        "short-body": b"HTTP/1.1 200 OK\r\nContent-Length: 70\r\n\r\n{\"k\":1}",
+        "short-head": b"HTTP/1.1 200 OK\r\nContent-Len",
     }
+    pooled = -1  # the idle connections the client kept after the last answer
 
     def answer(self, kind: str, blocking: bool = False) -> CyclesResponse:
         if blocking:  # the blocking client reads with the same parser: the same answers
@@ -306,7 +324,9 @@ class TestResponseFraming(unittest.TestCase):
             client = AsyncCyclesClient(CyclesConfig(
                 base_url=f"http://127.0.0.1:{port}", api_key=API_KEY, journal_enabled=False))
             try:
-                return await client.get_balances(tenant=TENANT)
+                response = await client.get_balances(tenant=TENANT)
+                self.pooled = len(client._transport._pool().idle)
+                return response
             finally:
                 await client.aclose()
                 server.close()
@@ -332,6 +352,7 @@ class TestResponseFraming(unittest.TestCase):
         with cl.CyclesClient(CyclesConfig(base_url=url, api_key=API_KEY,
                                           journal_enabled=False)) as client:
             response = client.get_balances(tenant=TENANT)
+            self.pooled = len(client._transport._idle)
         server.join(5)
         return response
 
@@ -349,6 +370,43 @@ class TestResponseFraming(unittest.TestCase):
                 self.assertTrue(bad.is_transport_error)
                 self.assertIn("chunk size", bad.error_message or "")
                 self.assertTrue(self.answer("not-http", blocking).is_transport_error)
+                self.assertTrue(bad.error_message.startswith("not a valid HTTP answer"))
+
+    def test_a_connection_is_kept_only_when_the_answer_allows_it(self) -> None:
+        kept = {"keep-alive": 1, "http10-keep-alive": 1, "no-content": 1,
+                "close": 0, "http10": 0, "chunked-and-length": 0, "not-chunked": 0}
+        for blocking in (False, True):
+            for kind, pooled in kept.items():
+                with self.subTest(blocking=blocking, kind=kind):
+                    response = self.answer(kind, blocking)
+                    self.assertEqual(response.status, 204 if kind == "no-content" else 200)
+                    if kind != "no-content":
+                        self.assertEqual(response.body, {"k": 1})
+                    self.assertEqual(self.pooled, pooled)
+
+    def test_bad_content_length_is_a_malformed_response_not_an_internal_error(self) -> None:
+        for blocking in (False, True):
+            with self.subTest(blocking=blocking):
+                two = self.answer("two-lengths", blocking)
+                self.assertTrue(two.is_transport_error)  # never the first value silently
+                self.assertIn("Content-Length", two.error_message or "")
+                with self.assertLogs("cycles_lite", "DEBUG") as logs:
+                    huge = self.answer("huge-length", blocking)
+                self.assertIsInstance(huge.transport_exception, OSError)
+                self.assertIn("larger than", huge.error_message or "")
+                self.assertNotIn("internal error", "\n".join(logs.output))
+
+    def test_an_answer_cut_short_says_so(self) -> None:
+        for blocking in (False, True):
+            for kind in ("short-body", "short-head"):
+                with self.subTest(blocking=blocking, kind=kind):
+                    cut = self.answer(kind, blocking)
+                    self.assertTrue(cut.is_transport_error)
+                    self.assertTrue(
+                        (cut.error_message or "").startswith(
+                            "the connection closed before a complete answer"
+                        ), cut.error_message)
+                    self.assertEqual(self.pooled, 0)
 
 
 class TestLoops(AsyncServerCase):
@@ -681,7 +739,7 @@ class TestAsyncHttps(unittest.TestCase):
             cls.tmp.cleanup()
             raise unittest.SkipTest("the openssl command line tool is not available")
         cls.cert = files["cert"]
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context = cls.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(files["cert"], files["key"])
         cls.srv = make_server(ssl_context=context).start()
 
@@ -768,6 +826,49 @@ class TestAsyncHttps(unittest.TestCase):
             self.assertTrue(run(scenario))
         self.assertEqual(len(proxy.heads), 1)
         self.assertTrue(proxy.heads[0].startswith(f"CONNECT 127.0.0.1:{self.srv.port} HTTP/1."))
+
+    def test_tunnel_tries_every_proxy_address_names_the_origin_and_keeps_credentials(
+        self,
+    ) -> None:
+        """Through CONNECT, for both clients: every address of the proxy's name is tried
+        (as socket.create_connection does), the TLS handshake names the origin (SNI) and
+        verifies it, and Proxy-Authorization goes to the proxy only, never to the origin."""
+        nothing_listens = socket.create_server(("127.0.0.1", 0))
+        refused_port = nothing_listens.getsockname()[1]
+        nothing_listens.close()
+        resolve = socket.getaddrinfo
+        names: List[str] = []
+        self.context.sni_callback = lambda _sock, name, _context: names.append(name)
+        self.addCleanup(setattr, self.context, "sni_callback", None)
+        for blocking in (True, False):
+            with self.subTest(blocking=blocking), TunnelProxy() as proxy:
+
+                def proxy_addresses(host: str, port: Any, *args: Any, **kwargs: Any) -> Any:
+                    if host != "proxy.test":
+                        return resolve(host, port, *args, **kwargs)
+                    return (resolve("127.0.0.1", refused_port, *args, **kwargs)
+                            + resolve("127.0.0.1", proxy.port, *args, **kwargs))
+
+                config = CyclesConfig(
+                    base_url=f"https://localhost:{self.srv.port}", api_key=API_KEY,
+                    ca_bundle=self.cert, journal_enabled=False,
+                    proxy=f"http://user:pw@proxy.test:{proxy.port}")
+                with mock.patch.object(socket, "getaddrinfo", proxy_addresses):
+                    if blocking:
+                        with cl.CyclesClient(config) as client:
+                            response = client.get_balances(tenant=TENANT)
+                    else:
+                        async def scenario() -> CyclesResponse:
+                            async with AsyncCyclesClient(config) as client:
+                                return await client.get_balances(tenant=TENANT)
+
+                        response = run(scenario)
+                self.assertTrue(response.is_success, response.error_message)
+                (connect,) = proxy.heads
+                self.assertTrue(connect.startswith(f"CONNECT localhost:{self.srv.port} HTTP/1.1"))
+                self.assertIn("\r\nProxy-Authorization: Basic dXNlcjpwdw==", connect)
+                self.assertNotIn("proxy-authorization", self.srv.requests[-1].headers)
+                self.assertEqual(names[-1], "localhost")
 
     def test_a_loop_closed_by_hand_then_aclose_over_https(self) -> None:
         client = self.client()
