@@ -243,8 +243,9 @@ def report(results: List[Dict[str, Any]], seconds: float) -> bool:
 
 
 def record_times(results: List[Dict[str, Any]]) -> None:
-    """Each test's seconds (a class is expected to take the sum of its tests')."""
-    times: Dict[str, float] = {}
+    """Each test's seconds (a class is expected to take the sum of its tests'); the
+    tests this run did not include keep theirs."""
+    times = read_times()
     for result in results:
         times.update(result["tests"])
     with open(TIMES_FILE, "w") as out:
