@@ -206,6 +206,11 @@ class ServerTestCase(unittest.TestCase):
     def last_request(self) -> Any:
         return self.srv.requests[-1]
 
+    def wait_for_late_answers(self, operation: str, fault: Any) -> None:
+        """Until the server has answered every ``operation`` request that reached it (the
+        ``fault`` delays them past the client's deadline): none lands in the next test's log."""
+        self.assertTrue(wait_for(lambda: len(self.srv.requests_for(operation)) >= fault.hits))
+
 
 # ---------------------------------------------------------------------------
 # Models, errors, response
@@ -1337,15 +1342,17 @@ class TestTransport(ServerTestCase):
 
     def test_read_timeout_bounds_a_silent_server(self) -> None:
         client = self.client(read_timeout=0.2)
-        self.srv.inject("balances", "delay", delay_ms=1_000)
+        held = self.srv.inject("balances", "delay", delay_ms=1_000)
         started = time.monotonic()
         response = client.get_balances(tenant=TENANT)
         self.assertTrue(response.is_transport_error)
         self.assertLess(time.monotonic() - started, 0.8)
+        self.wait_for_late_answers("balances", held)
 
     def test_explicit_deadline_through_the_send_seam(self) -> None:
         client = self.client()
-        self.srv.inject("balances", "delay", delay_ms=500)
+        held = self.srv.inject("balances", "delay", delay_ms=500)
+        self.addCleanup(self.wait_for_late_answers, "balances", held)
         balances = cl._Call("balances", "GET", "/v1/balances", query={"tenant": TENANT})
         response = client._call(balances, deadline=cl._clock.monotonic() + 0.1)
         self.assertTrue(response.is_transport_error)
@@ -5069,8 +5076,11 @@ def _dur_records(root: str) -> Dict[str, Dict[str, Any]]:
     """Every ``*.json`` journal file under ``root``: path -> parsed record."""
     records = {}
     for path in _dur_files(root, ".json"):
-        with open(path, encoding="utf-8") as handle:
-            records[path] = json.load(handle)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                records[path] = json.load(handle)
+        except FileNotFoundError:  # settled (removed) since the directory was listed
+            continue
     return records
 
 
