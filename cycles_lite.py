@@ -73,6 +73,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import stat
 import sys
@@ -1246,6 +1247,8 @@ def _shared_dataclass(cls: Any, *, frozen: bool = False) -> Any:
     ``inspect.signature`` the parameters of the generated ``__init__``; the type
     checker sees ``@dataclass`` itself."""
     cls = dataclasses.dataclass(init=False, repr=False, eq=False)(cls)
+    params = cls.__dataclass_params__  # what @dataclass reads when a user subclasses cls
+    params.eq, params.frozen = True, frozen
     fields = dataclasses.fields(cls)
     missing = dataclasses.MISSING
     positional = tuple(f.name for f in fields if f.init)
@@ -1277,7 +1280,7 @@ def _shared_dataclass(cls: Any, *, frozen: bool = False) -> Any:
 
     def __repr__(self: Any) -> str:
         shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields if f.repr)
-        return f"{cls.__qualname__}({shown})"
+        return f"{type(self).__qualname__}({shown})"
 
     def __eq__(self: Any, other: object) -> bool:
         if other.__class__ is not self.__class__:
@@ -4223,15 +4226,19 @@ def cycles(
 
 
 def _sync_guarded(fn: Callable[..., Any], spec: _CyclesSpec, explicit: Any) -> Callable[..., Any]:
+    # A CyclesClient given to @cycles is resolved and checked once, here.
+    fixed = _SyncIO(explicit) if isinstance(explicit, CyclesClient) else None
+
     @functools.wraps(fn)
     def guarded(*args: Any, **kwargs: Any) -> Any:
-        client = _resolve_client(explicit, is_async=False)
-        body = spec.create_body(_config_of(client), args, kwargs)
+        io = fixed or _SyncIO(_resolve_client(explicit, is_async=False))
+        body = spec.create_body(io.config, args, kwargs)
         if spec.dry_run:
-            return _run_sync(_dry_run(_SyncIO(client), body))
-        with _SyncFace(client, body, None) as guard:
+            return _run_sync(_dry_run(io, body))
+        with _SyncFace(io.client, body, None, io) as guard:
             result = fn(*args, **kwargs)
-            _reject_awaitable(result)
+            if inspect.isawaitable(result):
+                _reject_awaitable(result)
             _run_sync(_commit_result(spec, guard, result))
         return result
 
@@ -4256,7 +4263,7 @@ def _async_guarded(fn: Callable[..., Any], spec: _CyclesSpec, explicit: Any) -> 
 async def _commit_result(spec: _CyclesSpec, guard: _Reservation, result: Any) -> None:
     """After the function returned: commit its actual (or, if unknown, settle nothing)."""
     guard._work_done = True
-    actual, estimated = spec.actual_for(result, guard._estimate, guard.reservation_id)
+    actual, estimated = spec.actual_for(result, guard)
     await guard._commit(actual, estimated=estimated)
 
 
@@ -4283,12 +4290,9 @@ def _is_async_callable(fn: Any) -> bool:
 
 def _reject_awaitable(result: Any) -> None:
     """A sync function that returns an awaitable has not done its work yet."""
-    if inspect.isawaitable(result):
-        if inspect.iscoroutine(result):
-            result.close()
-        raise TypeError(
-            "@cycles: a sync function returned an awaitable; decorate the async def itself"
-        )
+    if inspect.iscoroutine(result):
+        result.close()
+    raise TypeError("@cycles: a sync function returned an awaitable; decorate the async def itself")
 
 
 @_dataclass
@@ -4307,6 +4311,9 @@ class _CyclesSpec:
     use_estimate_if_actual_not_provided: bool
     settings_checked: bool = field(default=False, init=False)
     callables: List[Tuple[str, Callable[..., Any]]] = field(default_factory=list, init=False)
+    # Every parameter a constant and the settings valid: the body depends on the config's
+    # subject defaults only, so its last checked form is kept (without its key) with them.
+    constant_body: Tuple[Any, Dict[str, Any]] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         """Check the settings (unit, ttl, grace, overage policy) once; a bad one is still
@@ -4325,6 +4332,20 @@ class _CyclesSpec:
         self.unit, self.settings_checked = unit, True
 
     def create_body(
+        self, config: CyclesConfig, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+    ) -> Dict[str, Any]:
+        """The body of one call, under a fresh idempotency key; a constant body is checked
+        once per set of subject defaults."""
+        defaults = _subject_defaults(config)
+        kept = self.constant_body
+        if kept is not None and kept[0] == defaults:
+            return {"idempotency_key": _new_key(), **kept[1]}
+        body = self._checked_body(config, args, kwargs)
+        if self.settings_checked and not self.callables and not callable(self.estimate):
+            self.constant_body = defaults, {k: v for k, v in body.items() if k != "idempotency_key"}
+        return body
+
+    def _checked_body(
         self, config: CyclesConfig, args: Tuple[Any, ...], kwargs: Dict[str, Any]
     ) -> Dict[str, Any]:
         """Checks in runcycles' order, before any request: the actual first, then the body."""
@@ -4354,10 +4375,10 @@ class _CyclesSpec:
             settings_checked=self.settings_checked,
         )
 
-    def actual_for(self, result: Any, estimate: int, reservation_id: str) -> Tuple[int, bool]:
+    def actual_for(self, result: Any, guard: _Reservation) -> Tuple[int, bool]:
         """(actual, taken from the estimate?); raises when the actual is unknown."""
         if self.actual is None:
-            return estimate, True
+            return guard._estimate, True
         if not callable(self.actual):
             return int(self.actual), False
         try:
@@ -4368,10 +4389,10 @@ class _CyclesSpec:
             _log.error(
                 "actual evaluation failed after the guarded work; committing the estimate:"
                 " reservation_id=%s",
-                reservation_id,
+                guard.reservation_id,
                 exc_info=True,
             )
-            return estimate, True
+            return guard._estimate, True
 
 
 _defaults_lock = threading.Lock()
@@ -4478,11 +4499,16 @@ class _Reservation:
     _is_async: ClassVar[bool] = False  # the face's kind of client
 
     def __init__(
-        self, client: Any, create_body: Dict[str, Any], caller_key: str | None
+        self,
+        client: Any,
+        create_body: Dict[str, Any],
+        caller_key: str | None,
+        io: _SyncIO | None = None,  # a sync face's I/O on ``client``, when one is at hand
     ) -> None:
         self._client = client
-        self._io: _SyncIO | _AsyncIO = (_AsyncIO if self._is_async else _SyncIO)(client)
+        self._io: _SyncIO | _AsyncIO = io or (_AsyncIO if self._is_async else _SyncIO)(client)
         self._create_body = create_body
+        self._estimate: int = create_body["estimate"]["amount"]
         self._caller_key = caller_key
         self._created: ReservationCreateResponse | None = None
         self._context: CyclesContext | None = None
@@ -4554,11 +4580,6 @@ class _Reservation:
     def release_error(self) -> CyclesProtocolError | None:
         return self._release_error
 
-    @property
-    def _estimate(self) -> int:
-        amount: int = self._create_body["estimate"]["amount"]
-        return amount
-
     # -- open --------------------------------------------------------------------
 
     async def _enter(self) -> None:
@@ -4591,9 +4612,7 @@ class _Reservation:
             balances=created.balances,
         )
         self._phase = "open"  # from here on, every way out releases or settles (_leave)
-        self._heartbeat = self._io.start_heartbeat(
-            lambda io: self._keep_alive(io, sent_ms, received_ms)
-        )
+        self._heartbeat = self._start_heartbeat(created, sent_ms, received_ms)
         self._context_token = _current_context.set(self._context)
         self._opened_at = _clock.monotonic()
         _log.debug(
@@ -4621,52 +4640,75 @@ class _Reservation:
 
     # -- heartbeat -----------------------------------------------------------------
 
-    async def _keep_alive(
-        self, io: _ScheduledHeartbeat | _TaskHeartbeat, sent_ms: float, received_ms: float
-    ) -> None:
-        """Keep the lease alive on ``io`` (the heartbeat's own): the spec's schedule from
-        ``_HeartbeatPlan``.  A fresh key for every new beat, the same key for retries of
-        a failed one; every beat asks for ``extend_by_ms = ttl_ms``.  Always sleeps
-        before sending.  An internal error stops it like any other stop (lease lost)."""
+    def _start_heartbeat(
+        self, created: ReservationCreateResponse, sent_ms: float, received_ms: float
+    ) -> _ScheduledHeartbeat | _TaskHeartbeat:
+        """Plan the first beat from the create answer; the beats run from then on (a sync
+        heartbeat's are built only when that beat is due).  A bug in the plan stops the
+        heartbeat; an interrupt here (Ctrl-C) is the caller's."""
+        ttl_ms = int(self._create_body["ttl_ms"])
+        plan = _HeartbeatPlan(ttl_ms, math.ceil(self._io.attempt_s * 1000))
         try:
-            created, context = self._created, self._context
-            assert created is not None and context is not None
-            ttl_ms = int(self._create_body["ttl_ms"])
-            plan = _HeartbeatPlan(ttl_ms, math.ceil(io.attempt_s * 1000))
             beat = plan.after_success(
                 remaining_ttl_ms=created.remaining_ttl_ms,
                 expires_at_ms=created.expires_at_ms,
                 sent_ms=sent_ms,
                 received_ms=received_ms,
             )
+        except Exception:
+            self._heartbeat_failed()
+            beat = _Beat("stop", 0, "internal_error")
+        # The caller's deadline(): a sync heartbeat runs outside the caller's context.
+        beats = functools.partial(self._keep_alive, plan, beat, received_ms, _deadline.get())
+        return self._io.start_heartbeat(beats, received_ms + beat.delay_ms)
+
+    async def _keep_alive(
+        self,
+        plan: _HeartbeatPlan,
+        beat: _Beat,
+        received_ms: float,
+        bound: float | None,
+        io: _ScheduledHeartbeat | _TaskHeartbeat,
+    ) -> None:
+        """Keep the lease alive on ``io`` (the heartbeat's own): the spec's schedule from
+        ``plan``, from ``beat`` on (``delay_ms`` counting from ``received_ms``).  A fresh
+        key for every new beat, the same key for retries of a failed one; every beat asks
+        for ``extend_by_ms = ttl_ms``.  Sleeps until each beat is due; no beat starts
+        after the caller's deadline (``bound``)."""
+        try:
+            context = self._context
+            assert context is not None
+            ttl_ms = int(self._create_body["ttl_ms"])
             body: Dict[str, Any] | None = None
-            bound = _deadline.get()  # the caller's: a sync heartbeat runs outside its context
             while beat.action != "stop":
                 due_ms = received_ms + beat.delay_ms
                 if bound is not None and due_ms >= bound * 1000.0:
                     _log.debug("heartbeat: the deadline comes before the next beat; stopping")
                     return
-                await io.sleep(max(0.0, due_ms - _monotonic_ms()) / 1000.0)
+                await io.sleep(max(0.0, due_ms - _clock.monotonic() * 1000.0) / 1000.0)
                 if io.stopped or self._phase != "open":
                     return  # settled meanwhile
                 if body is None or beat.action == "extend":
                     body = {"idempotency_key": _new_key(), "extend_by_ms": ttl_ms}
-                sent_ms = _monotonic_ms()
+                sent_ms = _clock.monotonic() * 1000.0
                 response = await io.send("extend", body, context.reservation_id)
-                received_ms = _monotonic_ms()
+                received_ms = _clock.monotonic() * 1000.0
                 if io.stopped or self._phase != "open":
                     return  # stopped meanwhile: the late result is dropped
                 beat = self._after_extend(plan, response, sent_ms, received_ms)
         except Exception:
-            context = self._context
-            if context is not None and context.heartbeat_stopped is None:
-                context.heartbeat_stopped = "internal_error"
-            _log.error(
-                "heartbeat stopped by an internal error; the lease will lapse:"
-                " reservation_id=%s",
-                self.reservation_id,
-                exc_info=True,
-            )
+            self._heartbeat_failed()
+
+    def _heartbeat_failed(self) -> None:
+        """An internal error in the heartbeat stops it like any other stop (lease lost)."""
+        context = self._context
+        if context is not None and context.heartbeat_stopped is None:
+            context.heartbeat_stopped = "internal_error"
+        _log.error(
+            "heartbeat stopped by an internal error; the lease will lapse: reservation_id=%s",
+            self.reservation_id,
+            exc_info=True,
+        )
 
     def _after_extend(
         self, plan: _HeartbeatPlan, response: CyclesResponse, sent_ms: float, received_ms: float
@@ -4731,9 +4773,9 @@ class _Reservation:
         self._work_done = True  # asked to commit: the work happened, whatever the arguments
         commit_body = self._commit_body(actual, metrics, metadata, estimated)
         self._phase = "closed"
-        job = _Settlement.new(
-            self._client, self.reservation_id, commit_body, self._event_body(commit_body)
-        )
+        reservation_id = self.reservation_id
+        event_body = self._event_body(reservation_id, commit_body)
+        job = _Settlement.new(self._client, reservation_id, commit_body, event_body)
         outcome = await _settle_new(self._io, job, self._heartbeat)
         if outcome is not _Disposition.SUCCESS and job.last_response is not None:
             self._settlement_error = _protocol_error(
@@ -4756,7 +4798,8 @@ class _Reservation:
         measured = self._checked("metrics", metrics, context.metrics, _commit_metrics)
         extra = self._checked("metadata", metadata, context.commit_metadata, _commit_metadata)
         wire_metrics = measured.model_dump(mode="json", exclude_none=True) if measured else {}
-        wire_metrics.setdefault("latency_ms", self._elapsed_ms())
+        elapsed_ms = int((time.monotonic() - self._opened_at) * 1000)
+        wire_metrics.setdefault("latency_ms", max(0, elapsed_ms))
         body: Dict[str, Any] = {
             "idempotency_key": _derived_key("commit", self._caller_key),
             "actual": {"unit": self._create_body["estimate"]["unit"], "amount": actual},
@@ -4787,14 +4830,14 @@ class _Reservation:
             )
             return None
 
-    def _event_body(self, commit_body: Dict[str, Any]) -> Dict[str, Any]:
+    def _event_body(self, reservation_id: str, commit_body: Dict[str, Any]) -> Dict[str, Any]:
         """POST /v1/events body recording the same spend if the reservation expired first.
 
         Same key (the event namespace is separate), the original subject and action,
         no overage_policy (the default never rejects spend that already happened).
         """
         metadata = dict(commit_body.get("metadata") or {})
-        metadata["recovered_reservation_id"] = self.reservation_id
+        metadata["recovered_reservation_id"] = reservation_id
         metadata["recovery_reason"] = "commit_after_reservation_expired"
         event = {
             "idempotency_key": commit_body["idempotency_key"],
@@ -4806,9 +4849,6 @@ class _Reservation:
         if "metrics" in commit_body:
             event["metrics"] = commit_body["metrics"]
         return event
-
-    def _elapsed_ms(self) -> int:
-        return max(0, int((_clock.monotonic() - self._opened_at) * 1000))
 
     # -- leave -------------------------------------------------------------------------
 
@@ -5107,10 +5147,6 @@ class AsyncStreamReservation(_StreamOptions, _AsyncFace):
 # ---------------------------------------------------------------------------
 
 
-def _monotonic_ms() -> float:
-    return _clock.monotonic() * 1000.0
-
-
 def _describe(response: CyclesResponse) -> str:
     """A log-safe summary of a failed attempt (never a body or a header value)."""
     if response.is_transport_error:
@@ -5130,9 +5166,9 @@ async def _create(
     last attempt's monotonic send and receive times (ms): the heartbeat starts from them.
     """
     for resend in (False, True):
-        sent_ms = _monotonic_ms()
+        sent_ms = _clock.monotonic() * 1000.0
         response = await io.send("create", body)
-        received_ms = _monotonic_ms()
+        received_ms = _clock.monotonic() * 1000.0
         valid = _is_schema_valid("create", response)
         ambiguous = not valid and (
             response.is_transport_error or response.is_server_error or response.is_success
@@ -5172,6 +5208,9 @@ _ttl_check = ReservationCreateRequest._fields["ttl_ms"]
 _grace_check = ReservationCreateRequest._fields["grace_period_ms"]
 _unit_check = Amount._fields["unit"]
 _reason_check = ReleaseRequest._fields["reason"]
+
+
+_subject_defaults = operator.attrgetter(*SUBJECT_FIELDS)
 
 
 def _subject_with_defaults(
@@ -5399,15 +5438,17 @@ async def _settle(io: _SyncIO | _AsyncIO, job: _Settlement, *, retry_inline: boo
 async def _settlement_attempt(io: _SyncIO | _AsyncIO, job: _Settlement) -> _SettlementStep:
     """One commit or event attempt, its outcome, and the journal kept in step with it."""
     job.attempt += 1
-    response = await io.send(*job.request())
+    operation, body, reservation_id = job.request()
+    response = await io.send(operation, body, reservation_id)
     job.last_response = response
     job.kept = False
+    retry_after = response.headers.get("retry-after")
     step = _decide_settlement(
-        job.operation,
+        operation,
         status=response.status,
         error_code=_error_code(response),
-        schema_valid=_is_schema_valid(job.operation, response),
-        retry_after_ms=_parse_retry_after_ms(response.headers.get("retry-after")),
+        schema_valid=_is_schema_valid(operation, response),
+        retry_after_ms=None if retry_after is None else _parse_retry_after_ms(retry_after),
         attempt=job.attempt,
         policy=job.policy,
         now_ms=_wall_clock_ms(),
@@ -5496,8 +5537,9 @@ class _SyncIO:
         self, client: Any, *, detached: bool = False, attempt_s: float | None = None
     ) -> None:
         self.client = client
+        self.config = _config_of(client)
         self.detached = detached
-        self.attempt_s = _config_of(client).attempt_timeout if attempt_s is None else attempt_s
+        self.attempt_s = self.config.attempt_timeout if attempt_s is None else attempt_s
 
     async def send(
         self, operation: str, body: Dict[str, Any], reservation_id: str | None = None
@@ -5528,9 +5570,9 @@ class _SyncIO:
         return work()
 
     def start_heartbeat(
-        self, beats: Callable[[_ScheduledHeartbeat], Coroutine[Any, Any, None]]
+        self, beats: Callable[[_ScheduledHeartbeat], Coroutine[Any, Any, None]], due_ms: float
     ) -> _ScheduledHeartbeat:
-        return _ScheduledHeartbeat(self, beats)
+        return _ScheduledHeartbeat(self, beats, due_ms)
 
     async def stop_heartbeat(self, heartbeat: _ScheduledHeartbeat) -> None:
         heartbeat.stop()
@@ -5600,9 +5642,9 @@ class _AsyncIO:
         return await asyncio.get_running_loop().run_in_executor(None, work)
 
     def start_heartbeat(
-        self, beats: Callable[[_TaskHeartbeat], Coroutine[Any, Any, None]]
+        self, beats: Callable[[_TaskHeartbeat], Coroutine[Any, Any, None]], due_ms: float
     ) -> _TaskHeartbeat:
-        return _TaskHeartbeat(self, beats)
+        return _TaskHeartbeat(self, beats)  # the beats sleep until ``due_ms`` first
 
     async def stop_heartbeat(self, heartbeat: _TaskHeartbeat) -> None:
         await heartbeat.stop()
@@ -5670,7 +5712,7 @@ def _response_of(operation: str, result: Any) -> CyclesResponse:
         flaw = f"{_type_name(result)}, not a CyclesResponse"
     elif isinstance(status, bool) or not isinstance(status, int):
         flaw = f"a CyclesResponse whose status is {_type_name(status)}, not an int"
-    elif not isinstance(headers, AnyMapping):
+    elif not isinstance(headers, (dict, AnyMapping)):  # dict first: no ABC check
         flaw = f"a CyclesResponse whose headers are {_type_name(headers)}, not a mapping"
     elif body is not None and not isinstance(body, dict):
         flaw = f"a CyclesResponse whose body is {_type_name(body)}, not a dict or None"
@@ -5795,49 +5837,52 @@ def _pause(seconds: float) -> Generator[float, None, None]:
     yield seconds
 
 
-class _ScheduledHeartbeat(_SyncIO):
-    """A sync heartbeat: blocking I/O whose sleeps suspend the beats, which run on the
-    process-wide ``_heartbeats`` scheduler.
+class _ScheduledHeartbeat:
+    """A sync heartbeat: the beats' I/O (the reservation's blocking I/O, but its sleeps
+    suspend the beats), run on the process-wide ``_heartbeats`` scheduler.
 
-    On creation it runs the beats up to their first sleep (they always sleep before
-    sending) and hands the heartbeat to the scheduler, which runs each beat when it
-    is due (one extend attempt, bounded by the transport's whole-attempt deadline,
+    Created with its first beat's due time, it costs one heap entry until then: the
+    scheduler builds the beats when that beat is due, runs them up to their next sleep
+    (one extend attempt, bounded by the transport's whole-attempt deadline,
     ``attempt_s``, and the caller's ``deadline()``) and schedules the next.  ``stop()``
     is final (a heartbeat is never restarted): it unschedules the heartbeat and waits
     for a beat in flight until that attempt's deadline, so no extend that keeps to its
     deadline is on the wire when the commit goes out; a result that arrives after
-    ``stop()`` is dropped.
+    ``stop()`` is dropped.  In a forked child the heartbeat is nobody's: the child's
+    scheduler starts empty.
 
     The beats run outside every lock (they log).  The scheduler's lock guards
     ``stopped`` and which beat is running; whoever finds the beats idle closes them.
     """
 
     def __init__(
-        self, io: _SyncIO, beats: Callable[[_ScheduledHeartbeat], Coroutine[Any, Any, None]]
+        self,
+        io: _SyncIO,
+        beats: Callable[[_ScheduledHeartbeat], Coroutine[Any, Any, None]],
+        due_ms: float,
     ) -> None:
-        super().__init__(io.client, attempt_s=io.attempt_s)
+        self.io = io
+        self.attempt_s = io.attempt_s
         self.bound = _deadline.get()  # the beats run outside the caller's context
         self.stopped = False
         self.queued = False  # an entry of it is in the scheduler's heap
         self.deadline = 0.0  # time.monotonic() by which its beat in flight ends
-        self._beats = beats(self)
-        _reset_after_fork(self)
-        _heartbeats.schedule(self, self.beat())
-
-    def _after_fork(self) -> None:
-        """In a forked child: the parent keeps beating (the scheduler resets itself)."""
-        self.stopped = True
+        self._make_beats = beats
+        self._beats: Coroutine[Any, Any, None] | None = None  # built when first due
+        _heartbeats.schedule(self, due_ms / 1000.0 - _clock.monotonic())
 
     async def sleep(self, seconds: float) -> None:
-        await _pause(seconds)
+        if seconds > 0:
+            await _pause(seconds)
 
     async def send(
         self, operation: str, body: Dict[str, Any], reservation_id: str | None = None
     ) -> CyclesResponse:
         """The blocking send; SystemExit from a test double, say, is an internal error."""
+        self.deadline = _clock.monotonic() + self.attempt_s
         try:
             with _bounded_by(self.bound):
-                return await super().send(operation, body, reservation_id)
+                return await self.io.send(operation, body, reservation_id)
         except Exception:
             raise
         except BaseException as exc:
@@ -5849,6 +5894,8 @@ class _ScheduledHeartbeat(_SyncIO):
         """Run the beats up to their next sleep: its seconds, or None once they are done.
         Never raises: whatever goes wrong ends this heartbeat only."""
         try:
+            if self._beats is None:
+                self._beats = self._make_beats(self)
             pause: float = self._beats.send(None)
         except StopIteration:
             return None
@@ -5858,13 +5905,15 @@ class _ScheduledHeartbeat(_SyncIO):
         return pause
 
     def stop(self) -> None:
-        if _heartbeats.unschedule(self):  # else the beat in flight closes them when it ends
+        # Beats never built need no closing; a beat in flight closes them when it ends.
+        if _heartbeats.unschedule(self) and self._beats is not None:
             self.close()
 
     def close(self) -> None:
-        # ValueError in a forked child: the parent's thread was inside the beats.
-        with contextlib.suppress(ValueError):
-            self._beats.close()
+        if self._beats is not None:
+            # ValueError in a forked child: the parent's thread was inside the beats.
+            with contextlib.suppress(ValueError):
+                self._beats.close()
 
 
 # How long a heartbeat thread waits for work before it exits: calls in a steady
@@ -5904,6 +5953,9 @@ class _HeartbeatScheduler:
         self._grants = 0  # leads handed to idle threads, not taken yet
         self._running: Dict[_ScheduledHeartbeat, threading.Thread] = {}
         self._active_at = _clock.monotonic()  # when a heartbeat last came or went
+        # When the leader's wait ends (-inf while it is not waiting): a new beat due
+        # later, or an emptied heap it will see within its idle spell, needs no wake-up.
+        self._wake_at = -math.inf
 
     def schedule(self, heartbeat: _ScheduledHeartbeat, seconds: float | None) -> None:
         if seconds is None:
@@ -5940,7 +5992,7 @@ class _HeartbeatScheduler:
             self._heap = [entry for entry in self._heap if not entry[2].stopped]
             heapq.heapify(self._heap)
             self._stale = 0
-            if not self._heap:
+            if not self._heap and self._wake_at > self._active_at + _HEARTBEAT_IDLE_EXIT_S:
                 self._timing.notify()  # the leader's idle spell starts now
 
     def _push(self, heartbeat: _ScheduledHeartbeat, seconds: float) -> None:
@@ -5950,7 +6002,7 @@ class _HeartbeatScheduler:
         heartbeat.queued = True
         if not self._leader:
             self._appoint_leader()
-        elif self._heap[0] is entry:
+        elif entry[0] < self._wake_at:
             self._timing.notify()
 
     def _appoint_leader(self) -> None:
@@ -6014,14 +6066,21 @@ class _HeartbeatScheduler:
                 idle_s = _clock.monotonic() - self._active_at
                 if idle_s >= _HEARTBEAT_IDLE_EXIT_S:
                     return None
-                _clock.wait(self._timing, _HEARTBEAT_IDLE_EXIT_S - idle_s)
+                self._wait_until(self._active_at + _HEARTBEAT_IDLE_EXIT_S)
                 continue
-            wait = self._heap[0][0] - _clock.monotonic()
-            if wait <= 0:
+            if self._heap[0][0] <= _clock.monotonic():
                 heartbeat = heapq.heappop(self._heap)[2]
                 heartbeat.queued = False
                 return heartbeat
-            _clock.wait(self._timing, wait)
+            self._wait_until(self._heap[0][0])
+
+    def _wait_until(self, moment: float) -> None:
+        """Under the lock, leading: wait for ``moment`` or a notification."""
+        self._wake_at = moment
+        try:
+            _clock.wait(self._timing, moment - _clock.monotonic())
+        finally:
+            self._wake_at = -math.inf
 
     def _skip_stale(self) -> None:
         while self._heap and self._heap[0][2].stopped:

@@ -161,6 +161,37 @@ class TestDeclarations(unittest.TestCase):
                          ("http://localhost:1", "k", 7))
 
 
+class TestRecordsStayDataclasses(unittest.TestCase):
+    """The records made by ``_shared_dataclass`` behave as ``@dataclass`` made them, for
+    a user's subclass too (review of issue 12)."""
+
+    def test_a_users_frozen_subclass_of_a_frozen_record(self) -> None:
+        @dataclasses.dataclass(frozen=True)
+        class TaggedFlush(cl.FlushResult):
+            tag: str = ""
+
+        result = TaggedFlush(1, 2, 3, "nightly")
+        self.assertEqual((result.settled, result.given_up, result.tag), (1, 3, "nightly"))
+        with self.assertRaises(dataclasses.FrozenInstanceError):
+            result.settled = 5  # type: ignore[misc]
+        with self.assertRaisesRegex(TypeError, "non-frozen"):
+            @dataclasses.dataclass
+            class Mutable(cl.EvidenceVerification):  # as @dataclass(frozen=True) refuses it
+                note: str = ""
+
+    def test_a_subclass_repr_names_the_subclass(self) -> None:
+        class NightlyFlush(cl.FlushResult):
+            pass
+
+        class MyResponse(cl.CyclesResponse):
+            pass
+
+        self.assertEqual(repr(NightlyFlush(1, 2, 3)),  # as @dataclass writes it
+                         f"{NightlyFlush.__qualname__}(settled=1, pending=2, given_up=3)")
+        self.assertTrue(repr(MyResponse(status=200)).startswith(
+            f"{MyResponse.__qualname__}(status=200,"))
+
+
 class TestModuleLayout(unittest.TestCase):
     def test_the_docstring_contents_mirror_the_section_banners(self) -> None:
         with open(cl.__file__, encoding="utf-8") as handle:

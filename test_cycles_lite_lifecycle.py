@@ -692,6 +692,21 @@ class TestInterrupts(_ServerCase):
         self.assertEqual(self.ops(), ["create", "release"])
         self.assertEqual(self.last_reservation()["status"], "RELEASED")
 
+    def test_keyboard_interrupt_while_the_sync_heartbeat_starts_is_the_callers(self) -> None:
+        # The beats run up to their first sleep on the caller's thread: Ctrl-C there was
+        # logged as the heartbeat's internal error and lost (the block ran, unbeaten).
+        client = CyclesClient(self.config())
+        self.addCleanup(client.close)
+        ran: List[bool] = []
+        with mock.patch.object(cl._HeartbeatPlan, "after_success", side_effect=KeyboardInterrupt):
+            with self.assertRaises(KeyboardInterrupt):
+                with client.reserve(10):
+                    ran.append(True)
+        self.assertEqual(ran, [])
+        self.assertIs(cl.get_cycles_context(), self.outer_context)
+        self.assertEqual(self.ops(), ["create", "release"])
+        self.assertEqual(self.last_reservation()["status"], "RELEASED")
+
     def test_keyboard_interrupt_in_the_block_releases_and_restores_the_context(self) -> None:
         client = CyclesClient(self.config())
         self.addCleanup(client.close)
