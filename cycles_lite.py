@@ -120,7 +120,7 @@ else:
         return _shared_dataclass(cls, **options)
 
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [  # noqa: RUF022 - grouped as in runcycles
     # Client

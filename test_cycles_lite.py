@@ -225,7 +225,7 @@ class TestModels(unittest.TestCase):
         self.assertEqual(len(cl.__all__), len(set(cl.__all__)))
         for name in cl.__all__:
             self.assertTrue(hasattr(cl, name), name)
-        self.assertEqual(cl.__version__, "0.2.0")
+        self.assertEqual(cl.__version__, "0.3.0")
 
     def test_keyword_construction_and_dump(self) -> None:
         request = ReservationCreateRequest(
@@ -564,7 +564,7 @@ class TestConfig(unittest.TestCase):
             self.assertEqual(getattr(config, name), value, name)
         self.assertEqual(config.attempt_timeout, 7.0)
         self.assertEqual(CyclesConfig("http://h", "k", request_timeout=1.5).attempt_timeout, 1.5)
-        self.assertTrue(config.user_agent.startswith("cycles-lite/0.2.0 (Python "))
+        self.assertTrue(config.user_agent.startswith("cycles-lite/0.3.0 (Python "))
         positional = [f.name for f in dataclasses.fields(CyclesConfig)][:18]
         self.assertEqual(positional[:3], ["base_url", "api_key", "tenant"])
         self.assertEqual(positional[-2:], ["journal_enabled", "journal_dir"])
