@@ -8,6 +8,8 @@ TESTS = $(sort $(basename $(wildcard test_*.py)))
 PYENV_ROOT ?= $(HOME)/.pyenv
 PY_VERSIONS = 3.8 3.9 3.10 3.11 3.12 3.13
 TEST_JOBS ?= 2
+TEST_PROCS ?= 6
+TEST_ALL_PROCS ?= 2
 SHARED ?= ../shared
 CONFORMANCE_VENV ?= .venv-conformance
 
@@ -21,10 +23,13 @@ examples: demo
 	$(PYTHON) examples/async_agent.py
 	$(PYTHON) examples/lambda_handler.py
 
+# Test classes run in TEST_PROCS processes at once (many tests wait on real time, so
+# more processes than cores still pays); the output ends as unittest's does.
 test:
-	$(PYTHON) -W error -m unittest $(TESTS)
+	$(PYTHON) -W error tools/run_tests.py -j $(TEST_PROCS) $(TESTS)
 
-# Every Python 3.8-3.13 found under pyenv (or on PATH as pythonX.Y), two at a time.
+# Every Python 3.8-3.13 found under pyenv (or on PATH as pythonX.Y), TEST_JOBS versions at
+# a time, each in TEST_ALL_PROCS processes.
 test-all:
 	@pythons=""; for v in $(PY_VERSIONS); do \
 	  py=$$(ls -d $(PYENV_ROOT)/versions/$$v.*/bin/python 2>/dev/null | tail -n 1); \
@@ -35,7 +40,7 @@ test-all:
 	logs=$$(mktemp -d); \
 	echo $$pythons | tr ' ' '\n' | xargs -P $(TEST_JOBS) -I{} sh -c \
 	  'v=$$({} -c "import sys; print(\"%d.%d\" % sys.version_info[:2])"); \
-	   if {} -W error -m unittest $(TESTS) > '"$$logs"'/$$v.log 2>&1; then echo "== python $$v: ok ($$(grep "^Ran" '"$$logs"'/$$v.log))"; \
+	   if {} -W error tools/run_tests.py -j $(TEST_ALL_PROCS) $(TESTS) > '"$$logs"'/$$v.log 2>&1; then echo "== python $$v: ok ($$(grep "^Ran" '"$$logs"'/$$v.log))"; \
 	   else echo "== python $$v: FAILED"; tail -n 60 '"$$logs"'/$$v.log; exit 1; fi'; \
 	status=$$?; rm -rf "$$logs"; exit $$status
 

@@ -120,7 +120,7 @@ else:
         return _shared_dataclass(cls, **options)
 
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [  # noqa: RUF022 - grouped as in runcycles
     # Client
@@ -1953,6 +1953,22 @@ if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows
     os.register_at_fork(after_in_child=_run_fork_resets)
 
 
+class _Clock:
+    """The one clock every deadline, retry, heartbeat and settlement wait reads: the
+    real one.  The tests put a clock here that they move forward instead of sleeping."""
+
+    monotonic = staticmethod(time.monotonic)
+    sleep = staticmethod(time.sleep)
+
+    @staticmethod
+    def wait(condition: threading.Condition, timeout: float | None) -> bool:
+        """``condition.wait(timeout)``, its lock held; a caller rechecks the time after."""
+        return condition.wait(timeout)
+
+
+_clock = _Clock()
+
+
 # A deadline (``time.monotonic()`` value) that bounds all Cycles work started under it:
 # every attempt's deadline, inline retries and ``flush``.  None: unbounded.
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
@@ -1974,7 +1990,7 @@ def deadline(seconds: float) -> Iterator[None]:
     """
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds != seconds:
         raise ValueError(f"seconds: must be a number, got {seconds!r}")
-    with _bounded_by(time.monotonic() + max(0.0, seconds)):
+    with _bounded_by(_clock.monotonic() + max(0.0, seconds)):
         yield
 
 
@@ -1987,7 +2003,7 @@ def _effective_deadline(default: float) -> float:
 def _out_of_time(at: float | None = None) -> bool:
     """True when the enclosing ``deadline()`` has passed, or will have by ``at``."""
     bound = _deadline.get()
-    return bound is not None and max(time.monotonic(), at or 0.0) >= bound
+    return bound is not None and max(_clock.monotonic(), at or 0.0) >= bound
 
 
 @contextlib.contextmanager
@@ -2173,7 +2189,7 @@ class _TransportBase:
             if attempt is not None:
                 deadline = attempt.deadline
             else:
-                deadline = time.monotonic() + self.attempt_timeout
+                deadline = _clock.monotonic() + self.attempt_timeout
         bound = _deadline.get()
         return deadline if bound is None or bound >= deadline else bound
 
@@ -2401,7 +2417,7 @@ def _may_resend(reused: bool, exc: BaseException, call: _Call, deadline: float) 
     left, and a request safe to repeat (GET, or a body with an idempotency key)."""
     if not (reused and _is_stale_error(exc) and call.resendable):
         return False
-    if time.monotonic() >= deadline:
+    if _clock.monotonic() >= deadline:
         return False
     _log.debug("stale keep-alive connection (%s); reconnecting once", type(exc).__name__)
     return True
@@ -2473,7 +2489,7 @@ class _Connection:
         self.unread += chunk
 
     def _bounded(self, operation: Callable[[Any], _T], argument: Any) -> _T:
-        left = self.deadline - time.monotonic()
+        left = self.deadline - _clock.monotonic()
         if left <= 0:
             raise _AttemptDeadlineExceeded("attempt deadline exceeded")
         self.sock.settimeout(min(self._op_timeout, left))
@@ -2484,7 +2500,7 @@ class _Connection:
 
             if not isinstance(exc, socket.timeout):
                 raise
-            if time.monotonic() >= self.deadline:
+            if _clock.monotonic() >= self.deadline:
                 raise _AttemptDeadlineExceeded("attempt deadline exceeded") from exc
             raise TimeoutError("timed out") from exc
 
@@ -2518,7 +2534,7 @@ def _connect_within(host: str, port: int, timeout: float, deadline: float) -> so
     failure: OSError | None = None
     addresses = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
     for family, kind, proto, _name, address in addresses:
-        left = deadline - time.monotonic()
+        left = deadline - _clock.monotonic()
         if left <= 0:
             break
         sock = socket.socket(family, kind, proto)
@@ -2736,7 +2752,7 @@ class _LoopPool:
         waiter: asyncio.Future[_AsyncConnection | None] = self.loop.create_future()
         self.waiters.append(waiter)
         try:
-            return await asyncio.wait_for(waiter, max(0.0, deadline - time.monotonic()))
+            return await asyncio.wait_for(waiter, max(0.0, deadline - _clock.monotonic()))
         except BaseException as exc:
             if waiter.done() and not waiter.cancelled():
                 self.release(waiter.result())  # handed a slot just as it gave up: pass it on
@@ -2948,7 +2964,7 @@ class _AsyncTransport(_TransportBase):
 
         watchdog = _Watchdog(conn, deadline, self._read_timeout)
         try:
-            if time.monotonic() >= deadline:  # as the blocking send: nothing goes out late
+            if _clock.monotonic() >= deadline:  # as the blocking send: nothing goes out late
                 raise _AttemptDeadlineExceeded("attempt deadline exceeded before sending")
             conn.writer.write(request)
             if conn.unsent():
@@ -2971,7 +2987,7 @@ class _AsyncTransport(_TransportBase):
         import asyncio
         import socket
 
-        left = deadline - time.monotonic()
+        left = deadline - _clock.monotonic()
         if left <= 0:
             raise _AttemptDeadlineExceeded("attempt deadline exceeded before connecting")
         timeout = min(self._connect_timeout, left)
@@ -3070,7 +3086,7 @@ class _Watchdog:
         return await self.step(self._conn.reader.read, 65536)
 
     async def step(self, operation: Callable[..., Awaitable[_T]], *args: Any) -> _T:
-        left = self._deadline - time.monotonic()
+        left = self._deadline - _clock.monotonic()
         if left <= 0:
             raise _AttemptDeadlineExceeded("attempt deadline exceeded")
         self.stop()
@@ -4631,7 +4647,7 @@ class _Reservation:
         self._phase = "open"  # from here on, every way out releases or settles (_leave)
         self._heartbeat = self._start_heartbeat(created, sent_ms, received_ms)
         self._context_token = _current_context.set(self._context)
-        self._opened_at = time.monotonic()
+        self._opened_at = _clock.monotonic()
         _log.debug(
             "reservation created: reservation_id=%s decision=%s",
             created.reservation_id,
@@ -4702,14 +4718,14 @@ class _Reservation:
                 if bound is not None and due_ms >= bound * 1000.0:
                     _log.debug("heartbeat: the deadline comes before the next beat; stopping")
                     return
-                await io.sleep(max(0.0, due_ms - time.monotonic() * 1000.0) / 1000.0)
+                await io.sleep(max(0.0, due_ms - _clock.monotonic() * 1000.0) / 1000.0)
                 if io.stopped or self._phase != "open":
                     return  # settled meanwhile
                 if body is None or beat.action == "extend":
                     body = {"idempotency_key": _new_key(), "extend_by_ms": ttl_ms}
-                sent_ms = time.monotonic() * 1000.0
+                sent_ms = _clock.monotonic() * 1000.0
                 response = await io.send("extend", body, context.reservation_id)
-                received_ms = time.monotonic() * 1000.0
+                received_ms = _clock.monotonic() * 1000.0
                 if io.stopped or self._phase != "open":
                     return  # stopped meanwhile: the late result is dropped
                 beat = self._after_extend(plan, response, sent_ms, received_ms)
@@ -5183,9 +5199,9 @@ async def _create(
     last attempt's monotonic send and receive times (ms): the heartbeat starts from them.
     """
     for resend in (False, True):
-        sent_ms = time.monotonic() * 1000.0
+        sent_ms = _clock.monotonic() * 1000.0
         response = await io.send("create", body)
-        received_ms = time.monotonic() * 1000.0
+        received_ms = _clock.monotonic() * 1000.0
         created = _success_answer("create", response)
         valid = isinstance(created, ReservationCreateResponse)
         ambiguous = not valid and (
@@ -5378,7 +5394,7 @@ def _hand_over_release(job: _Settlement) -> None:
     """A release to send (again) from the settlement queue, now, with its own key: as a
     retry task on the running loop (handed to the worker thread if the loop ends
     first), or on the worker thread for a job without ``loop_client``."""
-    job.due = time.monotonic()
+    job.due = _clock.monotonic()
     if not _settlements.submit(job):
         _settlements.turn_away(job)
 
@@ -5406,7 +5422,7 @@ async def _settle_new(io: _SyncIO | _AsyncIO, job: _Settlement, heartbeat: Any) 
             " reservation_id=%s",
             job.record.reservation_id,
         )
-        job.due = time.monotonic()
+        job.due = _clock.monotonic()
         if _settlements.submit(job):
             return _Disposition.RETRY
         _settlements.keep(job)
@@ -5414,7 +5430,7 @@ async def _settle_new(io: _SyncIO | _AsyncIO, job: _Settlement, heartbeat: Any) 
     except BaseException as exc:
         if not isinstance(exc, GeneratorExit):  # closed by its owner: not an interruption
             # Interrupted (task cancelled, Ctrl-C): the worker carries on, same key.
-            job.due = time.monotonic()
+            job.due = _clock.monotonic()
             if not _settlements.submit(job):
                 _settlements.turn_away(job)
         raise
@@ -5433,7 +5449,7 @@ async def _settle(io: _SyncIO | _AsyncIO, job: _Settlement, *, retry_inline: boo
     while True:
         if _out_of_time(job.due):  # no attempt starts after the caller's deadline
             return _Disposition.RETRY
-        wait = job.due - time.monotonic()
+        wait = job.due - _clock.monotonic()
         if wait > 0:
             await io.sleep(wait)
         step = await _settlement_attempt(io, job)
@@ -5442,7 +5458,7 @@ async def _settle(io: _SyncIO | _AsyncIO, job: _Settlement, *, retry_inline: boo
             continue
         if step.disposition is not _Disposition.RETRY:
             return step.disposition
-        job.due = time.monotonic() + step.delay_ms / 1000.0
+        job.due = _clock.monotonic() + step.delay_ms / 1000.0
         if not retry_inline:
             return _Disposition.RETRY
 
@@ -5558,7 +5574,7 @@ class _SyncIO:
     ) -> CyclesResponse:
         """One attempt through the public method (never raises but for a client of the
         wrong kind: TypeError)."""
-        token = _attempt.set(_Attempt(time.monotonic() + self.attempt_s, self.detached))
+        token = _attempt.set(_Attempt(_clock.monotonic() + self.attempt_s, self.detached))
         try:
             method = getattr(self.client, _PUBLIC_METHODS[operation])
             result = method(body) if reservation_id is None else method(reservation_id, body)
@@ -5576,7 +5592,7 @@ class _SyncIO:
             _attempt.reset(token)
 
     async def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
+        _clock.sleep(seconds)
 
     async def blocking(self, work: Callable[[], _T]) -> _T:
         return work()
@@ -5614,7 +5630,7 @@ class _AsyncIO:
         import asyncio
 
         try:
-            deadline = time.monotonic() + self.attempt_s
+            deadline = _clock.monotonic() + self.attempt_s
             token = _attempt.set(_Attempt(deadline, False))
             try:
                 method = getattr(self.client, _PUBLIC_METHODS[operation])
@@ -5838,7 +5854,7 @@ class _TaskHeartbeat(_AsyncIO):
             _log.error("heartbeat task failed", exc_info=task.exception())
         in_flight = self.in_flight
         if in_flight is not None and not in_flight.done():
-            left = max(0.0, _effective_deadline(self.deadline) - time.monotonic())
+            left = max(0.0, _effective_deadline(self.deadline) - _clock.monotonic())
             await asyncio.wait({in_flight}, timeout=left)
             in_flight.cancel()  # past its or the caller's deadline: stop waiting
 
@@ -5881,7 +5897,7 @@ class _ScheduledHeartbeat:
         self.deadline = 0.0  # time.monotonic() by which its beat in flight ends
         self._make_beats = beats
         self._beats: Coroutine[Any, Any, None] | None = None  # built when first due
-        _heartbeats.schedule(self, due_ms / 1000.0 - time.monotonic())
+        _heartbeats.schedule(self, due_ms / 1000.0 - _clock.monotonic())
 
     async def sleep(self, seconds: float) -> None:
         if seconds > 0:
@@ -5891,7 +5907,7 @@ class _ScheduledHeartbeat:
         self, operation: str, body: Dict[str, Any], reservation_id: str | None = None
     ) -> CyclesResponse:
         """The blocking send; SystemExit from a test double, say, is an internal error."""
-        self.deadline = time.monotonic() + self.attempt_s
+        self.deadline = _clock.monotonic() + self.attempt_s
         try:
             with _bounded_by(self.bound):
                 return await self.io.send(operation, body, reservation_id)
@@ -5964,7 +5980,7 @@ class _HeartbeatScheduler:
         self._idle = 0  # threads waiting to lead
         self._grants = 0  # leads handed to idle threads, not taken yet
         self._running: Dict[_ScheduledHeartbeat, threading.Thread] = {}
-        self._active_at = time.monotonic()  # when a heartbeat last came or went
+        self._active_at = _clock.monotonic()  # when a heartbeat last came or went
         # When the leader's wait ends (-inf while it is not waiting): a new beat due
         # later, or an emptied heap it will see within its idle spell, needs no wake-up.
         self._wake_at = -math.inf
@@ -5975,7 +5991,7 @@ class _HeartbeatScheduler:
         with self._lock:
             if heartbeat.stopped:
                 return
-            self._active_at = time.monotonic()
+            self._active_at = _clock.monotonic()
             self._push(heartbeat, seconds)
 
     def unschedule(self, heartbeat: _ScheduledHeartbeat) -> bool:
@@ -5985,15 +6001,15 @@ class _HeartbeatScheduler:
         with self._lock:
             if not heartbeat.stopped:
                 heartbeat.stopped = True
-                self._active_at = time.monotonic()
+                self._active_at = _clock.monotonic()
                 if heartbeat.queued:
                     self._drop_later()
             runner = self._running.get(heartbeat)
             while runner is not None and runner is not threading.current_thread():
-                left = _effective_deadline(heartbeat.deadline) - time.monotonic()
+                left = _effective_deadline(heartbeat.deadline) - _clock.monotonic()
                 if left <= 0:
                     break  # a slow test double or the caller's deadline: the result is dropped
-                self._landed.wait(left)
+                _clock.wait(self._landed, left)
                 runner = self._running.get(heartbeat)
             return runner is None
 
@@ -6009,7 +6025,7 @@ class _HeartbeatScheduler:
 
     def _push(self, heartbeat: _ScheduledHeartbeat, seconds: float) -> None:
         """Under the lock: schedule the next beat; someone must be timing it."""
-        entry = (time.monotonic() + seconds, next(self._order), heartbeat)
+        entry = (_clock.monotonic() + seconds, next(self._order), heartbeat)
         heapq.heappush(self._heap, entry)
         heartbeat.queued = True
         if not self._leader:
@@ -6042,7 +6058,7 @@ class _HeartbeatScheduler:
                     self._leader = False
                     if heartbeat is None:
                         return
-                    if self._due_before(time.monotonic() + heartbeat.attempt_s):
+                    if self._due_before(_clock.monotonic() + heartbeat.attempt_s):
                         self._appoint_leader()
                     seconds = self._run(heartbeat)
                     leading = not self._leader  # nobody times the heap: this thread will
@@ -6059,12 +6075,12 @@ class _HeartbeatScheduler:
             return True
         self._idle += 1
         try:
-            until = time.monotonic() + _HEARTBEAT_IDLE_EXIT_S
+            until = _clock.monotonic() + _HEARTBEAT_IDLE_EXIT_S
             while not self._grants:
-                left = until - time.monotonic()
+                left = until - _clock.monotonic()
                 if left <= 0:
                     return False
-                self._handoff.wait(left)
+                _clock.wait(self._handoff, left)
             self._grants -= 1
             return True
         finally:
@@ -6075,12 +6091,12 @@ class _HeartbeatScheduler:
         while True:
             self._skip_stale()
             if not self._heap:
-                idle_s = time.monotonic() - self._active_at
+                idle_s = _clock.monotonic() - self._active_at
                 if idle_s >= _HEARTBEAT_IDLE_EXIT_S:
                     return None
                 self._wait_until(self._active_at + _HEARTBEAT_IDLE_EXIT_S)
                 continue
-            if self._heap[0][0] <= time.monotonic():
+            if self._heap[0][0] <= _clock.monotonic():
                 heartbeat = heapq.heappop(self._heap)[2]
                 heartbeat.queued = False
                 return heartbeat
@@ -6090,7 +6106,7 @@ class _HeartbeatScheduler:
         """Under the lock, leading: wait for ``moment`` or a notification."""
         self._wake_at = moment
         try:
-            self._timing.wait(moment - time.monotonic())
+            _clock.wait(self._timing, moment - _clock.monotonic())
         finally:
             self._wake_at = -math.inf
 
@@ -6106,7 +6122,7 @@ class _HeartbeatScheduler:
 
     def _run(self, heartbeat: _ScheduledHeartbeat) -> float | None:
         """Under the lock, released while the beat runs: its next sleep."""
-        heartbeat.deadline = time.monotonic() + heartbeat.attempt_s
+        heartbeat.deadline = _clock.monotonic() + heartbeat.attempt_s
         self._running[heartbeat] = threading.current_thread()
         self._lock.release()
         try:
@@ -7282,7 +7298,7 @@ class _Settlement:
         """Retries ran out but the record stays: try again after a slow, growing
         interval (sooner on activity or ``flush``), never before a 429's floor."""
         step = self.last_step
-        now = time.monotonic()
+        now = _clock.monotonic()
         floor_ms = step.delay_ms if step is not None and step.cause == "rate_limited" else 0
         self.kept = True
         self.times_kept += 1
@@ -7469,7 +7485,7 @@ class _SettlementQueue:
         if not self.kept:
             return
         with self._cond:
-            now = time.monotonic()
+            now = _clock.monotonic()
             if tried_before is None:
                 tried_before = now - _KEPT_RETRY_ACTIVITY_GAP_S
             for index, (due, order, job) in enumerate(self._heap):
@@ -7556,7 +7572,7 @@ class _SettlementQueue:
         get one attempt each (``retry_kept``), without waiting for them.  See FlushResult."""
         bound = _flush_bound(timeout)  # a bad timeout is refused before anything is done
         _rescue_stranded_settlements()
-        started = time.monotonic()
+        started = _clock.monotonic()
         with self._cond:
             settled, given_up = self._settled, self._given_up
         while True:
@@ -7604,7 +7620,7 @@ class _SettlementQueue:
         kept jobs that are not due yet remain.
         """
         while True:
-            now = time.monotonic()
+            now = _clock.monotonic()
             if deadline is not None and now >= deadline:
                 return None
             heap = self._heap
@@ -7617,9 +7633,9 @@ class _SettlementQueue:
             if not live and (live_only or not heap):
                 return None
             if deadline is None:
-                self._cond.wait(heap[0][0] - now if heap else None)
+                _clock.wait(self._cond, heap[0][0] - now if heap else None)
             elif self._running or self._scans or heap[0][0] <= deadline:
-                self._cond.wait(min(deadline, heap[0][0] if heap else deadline) - now)
+                _clock.wait(self._cond, min(deadline, heap[0][0] if heap else deadline) - now)
             else:
                 return None  # the next retry is due after the deadline: waiting cannot help
 
@@ -7696,7 +7712,7 @@ def _flush_bound(timeout: float | None) -> float | None:
         return _deadline.get()
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout:
         raise ValueError(f"timeout: must be a number of seconds or None, got {timeout!r}")
-    return _effective_deadline(time.monotonic() + max(0.0, timeout))
+    return _effective_deadline(_clock.monotonic() + max(0.0, timeout))
 
 
 def flush(timeout: float | None = None) -> FlushResult:
@@ -7725,11 +7741,11 @@ async def aflush(timeout: float | None = None) -> FlushResult:
     loop = asyncio.get_running_loop()
     mine = {task: job for task, job in list(_settlement_tasks.items()) if task.get_loop() is loop}
     if mine:
-        left = None if bound is None else max(0.0, bound - time.monotonic())
+        left = None if bound is None else max(0.0, bound - _clock.monotonic())
         await asyncio.wait(mine, timeout=left)
     outcomes = [t.result() for t in mine if t.done() and not t.cancelled() and not t.exception()]
     if _settlements.pending():
-        left = None if bound is None else max(0.0, bound - time.monotonic())
+        left = None if bound is None else max(0.0, bound - _clock.monotonic())
         drain = functools.partial(contextvars.copy_context().run, _settlements.flush, left)
         result = await loop.run_in_executor(None, drain)
     else:
@@ -7954,7 +7970,7 @@ def _scan_journal(journal: _CommitJournal) -> Tuple[List[_PendingSettlement], in
 
 def _replay_jobs(client: Any, records: List[_PendingSettlement]) -> List[_Settlement]:
     """One settlement per record, due no earlier than its persisted 429 floor."""
-    now, now_ms = time.monotonic(), _wall_clock_ms()
+    now, now_ms = _clock.monotonic(), _wall_clock_ms()
     return [
         _Settlement.for_record(client, record, due=now + _replay_delay_ms(record, now_ms) / 1000)
         for record in records
@@ -7986,7 +8002,7 @@ async def _recover_steps(
         _log.info("recover: the commit journal is disabled or not writable; nothing to replay")
         return summary
     _claim_replay(journal)  # this is the process's replay of this identity
-    with _bounded_by(None if timeout is None else time.monotonic() + timeout):
+    with _bounded_by(None if timeout is None else _clock.monotonic() + timeout):
         records, summary.quarantined = await io.blocking(functools.partial(_scan_journal, journal))
         summary.found = len(records)
         mine = _settlements.take_over({r.reservation_id for r in records})  # kept ones included
@@ -8014,7 +8030,7 @@ async def _settle_until(
     heap = [(job.due, n, job) for n, job in enumerate(jobs)]
     heapq.heapify(heap)
     try:
-        while heap and (deadline is None or max(heap[0][0], time.monotonic()) < deadline):
+        while heap and (deadline is None or max(heap[0][0], _clock.monotonic()) < deadline):
             job = heap[0][2]  # popped once settled: an interrupted one is handed over too
             outcome = await _settle(io, job, retry_inline=False)
             _due, n, _job = heapq.heappop(heap)

@@ -140,7 +140,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import ssl
     from io import BufferedIOBase
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "FAULT_KINDS",

@@ -86,9 +86,9 @@ class TestAsyncTransport(AsyncServerCase):
         async def scenario() -> List[CyclesResponse]:
             try:
                 started = time.monotonic()
-                late = await client._call(balances_call(), deadline=time.monotonic() + 0.1)
+                late = await client._call(balances_call(), deadline=cl._clock.monotonic() + 0.1)
                 self.assertLess(time.monotonic() - started, 0.4)
-                past = await client._call(balances_call(), deadline=time.monotonic() - 1)
+                past = await client._call(balances_call(), deadline=cl._clock.monotonic() - 1)
                 return [late, past]
             finally:
                 await client.aclose()
@@ -909,7 +909,7 @@ class TestReviewFixes(AsyncServerCase):
     def test_a_detached_retry_after_aclose_keeps_no_connection_open(self) -> None:
         client = self.new_client()
         run(client.aclose)
-        token = cl._attempt.set(cl._Attempt(time.monotonic() + 5, True))
+        token = cl._attempt.set(cl._Attempt(cl._clock.monotonic() + 5, True))
         try:  # a settlement retry on the worker's private loop, outliving the client
             response = cl._run_to_completion(client._call(balances_call()))
         finally:
@@ -991,7 +991,7 @@ class TestReviewFixes(AsyncServerCase):
                 base_url="https://127.0.0.1:9" if proxy else stub, api_key=API_KEY,
                 journal_enabled=False, proxy=stub if proxy else None))
             try:
-                return await client._call(balances_call(), time.monotonic() + within)
+                return await client._call(balances_call(), cl._clock.monotonic() + within)
             finally:
                 await client.aclose()
                 await asyncio.wait_for(done.wait(), 5)
@@ -1030,7 +1030,7 @@ class TestReviewFixes(AsyncServerCase):
         async def scenario() -> CyclesResponse:
             await client.get_balances(tenant=TENANT)  # an idle kept-alive connection
             sent = len(self.srv.requests)
-            response = await client._call(balances_call(), time.monotonic() - 0.01)
+            response = await client._call(balances_call(), cl._clock.monotonic() - 0.01)
             await client.get_balances(tenant=TENANT)  # after it, on the same server thread
             self.assertEqual(len(self.srv.requests), sent + 1)
             await client.aclose()

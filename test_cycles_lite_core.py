@@ -6,6 +6,7 @@ Real HTTP to ``cycles_lite_server``; nothing mocked but ``threading.Thread.start
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import inspect
 import os
@@ -20,7 +21,7 @@ from unittest import mock
 import cycles_lite as cl
 from cycles_lite import CyclesClient, CyclesConfig
 from cycles_lite_server import LocalCyclesServer
-from test_cycles_lite import wait_for as _wait_for
+from test_cycles_lite import VIRTUAL_CLOCK
 
 API_KEY = "core-key"
 TENANT = "acme"
@@ -28,6 +29,10 @@ TENANT = "acme"
 
 class _ServerCase(unittest.TestCase):
     srv: LocalCyclesServer
+
+    def run(self, result: Any = None) -> Any:
+        # A guard entered and never exited keeps its context in this test's copy only.
+        return contextvars.copy_context().run(super().run, result)
 
     @classmethod
     def setUpClass(cls) -> None:
@@ -90,7 +95,8 @@ class TestHeartbeatScheduler(_ServerCase):
         finally:
             for guard in guards:
                 guard.__exit__(None, None, None)
-        self.assertTrue(_wait_for(lambda: cl._heartbeats._threads == 0, 5.0))
+        self.assertTrue(VIRTUAL_CLOCK.advance_until(lambda: cl._heartbeats._threads == 0,
+                                                    within=5.0))
         self.assertNotIn("cycles-lite-heartbeat", [t.name for t in threading.enumerate()])
 
     @unittest.skipUnless(hasattr(os, "fork"), "needs os.fork")

@@ -26,7 +26,7 @@ from unittest import mock
 
 import cycles_lite as cl
 from cycles_lite_server import LocalCyclesServer
-from test_cycles_lite import wait_for as _wait_for
+from test_cycles_lite import VIRTUAL_CLOCK, wait_for as _wait_for
 
 UNIT = "USD_MICROCENTS"
 KEY = "deploy-key"
@@ -557,7 +557,7 @@ class TestDeadline(DeploymentCase):
                 with cl.deadline(bound) if bound else contextlib.nullcontext():
                     with client.reserve(1_000, action_kind="llm.completion", action_name="m",
                                         ttl_ms=3_500) as guard:
-                        time.sleep(1.0)
+                        VIRTUAL_CLOCK.pass_time(1.0, self.srv)
                         guard.commit(2)
                 self.assertTrue(cl.flush(5))
                 self.assertEqual(len(self.srv.requests_for("extend")), beats)
@@ -608,7 +608,7 @@ class TestDeadline(DeploymentCase):
         with cl.deadline(60), cl.deadline(120):  # nested: only shortens
             bound = cl._deadline.get()
             assert bound is not None
-            self.assertLess(bound - time.monotonic(), 61)
+            self.assertLess(bound - cl._clock.monotonic(), 61)
         self.assertIsNone(cl._deadline.get())
         self.assertEqual(cl._effective_deadline(5.0), 5.0)
 
@@ -642,7 +642,7 @@ class TestReleaseRetry(DeploymentCase):
                 with self.assertLogs(LOGGER, "WARNING"):
                     rid = self.release_after_failure(client)
                 self.assertLess(time.monotonic() - started, 1.5)  # the caller is not held
-                self.assertTrue(cl.flush(10))
+                self.assertTrue(VIRTUAL_CLOCK.run(lambda: cl.flush(10), self.srv))
                 self.assertEqual(self.srv.reservation(rid)["status"], "RELEASED")
                 self.assertTrue(_wait_for(lambda: len(self.srv.requests_for("release")) == 2))
                 keys = self.keys("release")

@@ -23,6 +23,7 @@ blocking past its deadline, a malformed response object, a bug in the client).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import select
@@ -37,7 +38,7 @@ from unittest import mock
 import cycles_lite as cl
 from cycles_lite import CyclesClient, CyclesConfig, CyclesResponse, ReservationGuard
 from cycles_lite_server import LocalCyclesServer
-from test_cycles_lite import wait_for as _wait_for
+from test_cycles_lite import VIRTUAL_CLOCK, wait_for as _wait_for
 
 _KEY = "key-heartbeat-acme-0123456789"
 _UNIT = "USD_MICROCENTS"
@@ -58,6 +59,10 @@ def _new_server() -> LocalCyclesServer:
 
 class _ServerCase(unittest.TestCase):
     srv: LocalCyclesServer
+
+    def run(self, result: Any = None) -> Any:
+        # open_guard enters guards it never exits: their context stays in this test's copy.
+        return contextvars.copy_context().run(super().run, result)
 
     @classmethod
     def setUpClass(cls) -> None:
@@ -167,7 +172,8 @@ class TestBeatFailure(_ServerCase):
         self.assertIn("heartbeat stopped by an internal error", record.getMessage())
         self.assertIsInstance(record.exc_info[1].__cause__, SystemExit)
         # The thread that ran the failed beat lives on: the other lease keeps beating.
-        self.assertTrue(_wait_for(lambda: self.extends_of(healthy) >= 2))
+        self.assertTrue(VIRTUAL_CLOCK.advance_until(lambda: self.extends_of(healthy) >= 2,
+                                                    self.srv))
         self.assertIsNone(healthy.context.heartbeat_stopped)
         broken.commit(1)
         healthy.commit(1)
@@ -287,7 +293,7 @@ class TestLazyDeletion(_ServerCase):
         for guard in guards[4:]:
             guard.commit(1)
         self.assertEqual(scheduler._heap, [])
-        self.assertTrue(_wait_for(lambda: scheduler._threads == 0, 5.0))
+        self.assertTrue(VIRTUAL_CLOCK.advance_until(lambda: scheduler._threads == 0, within=5.0))
 
 
 # ---------------------------------------------------------------------------

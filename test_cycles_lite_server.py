@@ -355,7 +355,7 @@ class TestHeadersAndTransport(ServerTest):
     def test_http_date_and_server_headers(self) -> None:
         _, headers, _ = self.http.post("/v1/reservations", self.reserve_body())
         self.assertIn("date", headers)
-        self.assertEqual(headers["server"], "cycles-lite-server/0.2.0")
+        self.assertEqual(headers["server"], "cycles-lite-server/0.3.0")
 
 
 # =============================================================================
