@@ -81,7 +81,7 @@ class TestAsyncTransport(AsyncServerCase):
 
     def test_explicit_deadline_is_honoured(self) -> None:
         client = self.new_client()
-        self.srv.inject("balances", "delay", delay_ms=500)
+        delayed = self.srv.inject("balances", "delay", delay_ms=500)
 
         async def scenario() -> List[CyclesResponse]:
             try:
@@ -97,6 +97,7 @@ class TestAsyncTransport(AsyncServerCase):
         self.assertTrue(late.is_transport_error)
         self.assertIsInstance(late.transport_exception, TimeoutError)
         self.assertIn("deadline", past.error_message or "")
+        self.wait_for_late_answers("balances", delayed)
 
     def test_whole_attempt_deadline_beats_a_trickling_server(self) -> None:
         client = self.new_client(read_timeout=5.0, request_timeout=0.4)
@@ -118,7 +119,7 @@ class TestAsyncTransport(AsyncServerCase):
 
     def test_read_timeout_bounds_a_silent_server(self) -> None:
         client = self.new_client(read_timeout=0.2)
-        self.srv.inject("balances", "delay", delay_ms=1_000)
+        delayed = self.srv.inject("balances", "delay", delay_ms=1_000)
 
         async def scenario() -> None:
             started = time.monotonic()
@@ -129,6 +130,7 @@ class TestAsyncTransport(AsyncServerCase):
             await client.aclose()
 
         run(scenario)
+        self.wait_for_late_answers("balances", delayed)
 
     def test_stale_connection_gets_one_reconnect_and_resend_with_the_same_key(self) -> None:
         # The server closes the idle connection between our check and our send:
