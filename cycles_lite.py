@@ -7412,6 +7412,9 @@ class _SettlementQueue:
         self._order = itertools.count()
         self._running: List[str] = []  # reservation ids being settled right now
         self._recovering: set[str] = set()  # reservation ids a recover() is settling
+        # Ids settled or discarded here lately (bounded): a scan that read their records
+        # before they were removed must not send them again.
+        self._finished: Dict[str, None] = {}
         self._scans = 0  # journal scans still running (they submit what they find)
         self._worker: threading.Thread | None = None
         self.kept = 0  # kept jobs in the heap; read without the lock as a hint
@@ -7510,28 +7513,38 @@ class _SettlementQueue:
             self.kept -= len(kept)
             self._cond.notify_all()
 
-    def take_over(self, reservation_ids: set[str]) -> set[str]:
+    def take_over(self, reservation_ids: set[str]) -> Tuple[set[str], set[str]]:
         """``recover()``: take the kept jobs of ``reservation_ids`` out of the queue and
-        mark as in progress the ids nothing else here holds (queued, running, or another
-        recover's), so a concurrent recover or replay skips them; those ids, until each
-        is ``given_back``."""
+        mark as in progress the ids nothing else here holds (queued, running, another
+        recover's, or finished here since the caller's scan), so a concurrent recover or
+        replay skips them; those ids, until each is ``given_back``, and the finished ones."""
         with self._cond:
             self.take_kept(reservation_ids)
-            claimed = reservation_ids - self.busy()
+            finished = reservation_ids & self._finished.keys()
+            claimed = reservation_ids - self.busy() - finished
             self._recovering |= claimed
-            return claimed
+            return claimed, finished
 
-    def given_back(self, reservation_id: str) -> None:
-        """A job ``take_over`` claimed is done, or queued here."""
+    def given_back(self, reservation_id: str, *, finished: bool = False) -> None:
+        """A job ``take_over`` claimed is queued here, or ``finished`` (settled or
+        discarded), or still unresolved."""
         with self._cond:
             self._recovering.discard(reservation_id)
+            if finished:
+                self._finish(reservation_id)
+
+    def _finish(self, reservation_id: str) -> None:
+        """Under the lock."""
+        self._finished[reservation_id] = None
+        if len(self._finished) > self._capacity:
+            del self._finished[next(iter(self._finished))]
 
     def adopt(self, jobs: List[_Settlement]) -> int:
         """Replay: ``submit`` journal records' jobs, those this process does not settle
         already (checked under the same lock as ``take_over`` claims), while the queue is
         less than half full; how many it took."""
         with self._cond:
-            busy = self.busy()
+            busy = self.busy() | self._finished.keys()
             fresh = [job for job in jobs if job.record.reservation_id not in busy]
             room = self._capacity // 2 - self._occupied()
             return sum(1 for job in fresh[: max(0, room)] if self.submit(job))
@@ -7660,6 +7673,9 @@ class _SettlementQueue:
                     self._settled += 1
                 elif not kept:
                     self._given_up += 1
+                finished = outcome is _Disposition.SUCCESS or outcome is _Disposition.STOP_DISCARD
+                if finished and job.operation != "release":
+                    self._finish(job.record.reservation_id)
                 self._cond.notify_all()
             if kept and not room:
                 self.turn_away(job)
@@ -8004,9 +8020,10 @@ async def _recover_steps(
     _claim_replay(journal)  # this is the process's replay of this identity
     with _bounded_by(None if timeout is None else _clock.monotonic() + timeout):
         records, summary.quarantined = await io.blocking(functools.partial(_scan_journal, journal))
+        mine, finished = _settlements.take_over({r.reservation_id for r in records})
+        records = [r for r in records if r.reservation_id not in finished]  # settled since
         summary.found = len(records)
-        mine = _settlements.take_over({r.reservation_id for r in records})  # kept ones included
-        fresh = [r for r in records if r.reservation_id in mine]
+        fresh = [r for r in records if r.reservation_id in mine]  # kept ones included
         summary.kept = len(records) - len(fresh)
         jobs = _replay_jobs(client, fresh)
         commit_mode = {id(job) for job in jobs if job.record.mode == "commit"}
@@ -8044,7 +8061,8 @@ async def _settle_until(
             else:
                 summary.kept += 1
                 _settlements.keep(job)
-            _settlements.given_back(job.record.reservation_id)
+            finished = outcome is _Disposition.SUCCESS or outcome is _Disposition.STOP_DISCARD
+            _settlements.given_back(job.record.reservation_id, finished=finished)
     finally:
         _hand_over_recovery(heap, summary)
 

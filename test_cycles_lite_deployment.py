@@ -890,3 +890,52 @@ class TestConcurrentRecoversSettleEachRecordOnce(DeploymentCase):
         self.assertEqual(len([r for r in self.srv.requests_for("commit") if r.status == 200]), 3)
         self.assertEqual(self.balance()["spent"], 6)
         self.assertEqual(self.journal_records(), [])
+
+
+class TestRecoverSkipsWhatWasSettledAfterItsScan(DeploymentCase):
+    """Review (issue 12): a ``recover()`` whose scan read a record that another recover of
+    this process then settled and gave back claimed it anyway: it sent the commit again and
+    both summaries counted it as settled."""
+
+    def test_a_record_settled_between_scan_and_claim_is_not_sent_again(self) -> None:
+        client = self.client(retry_max_attempts=0, request_timeout=5.0)  # kept at once
+        self.srv.inject("commit", "status", status=503, times=3)
+        with self.assertLogs(LOGGER, "ERROR"):
+            for actual in (1, 2, 3):
+                self.guarded(client, actual)()
+        self.assertEqual(len(self.journal_records()), 3)
+        self.srv.inject("commit", "delay", delay_ms=300, times=None)
+        real_load = cl._CommitJournal.load_pending
+        scans: List[int] = []
+
+        def second_scan_waits(journal: Any, *args: Any) -> Any:
+            records = real_load(journal, *args)
+            scans.append(len(records))
+            if len(scans) == 2:  # the second recover's scan: the first one settles a record
+                directory = journal.directory
+
+                def one_settled_and_given_back() -> bool:
+                    busy = cl._settlements.busy()
+                    return any(
+                        r.reservation_id not in busy and not os.path.exists(
+                            os.path.join(directory, cl._journal_filename(r.reservation_id)))
+                        for r in records
+                    )
+
+                self.assertTrue(_wait_for(one_settled_and_given_back, 10.0))
+            return records
+
+        summaries: List[cl.RecoverySummary] = []
+        with mock.patch.object(cl._CommitJournal, "load_pending", second_scan_waits):
+            first = threading.Thread(target=lambda: summaries.append(client.recover(10)))
+            first.start()
+            self.assertTrue(_wait_for(lambda: len(scans) == 1, 5.0))
+            summaries.append(client.recover(10))
+            first.join()
+        self.assertEqual(sum(s.settled for s in summaries), 3, summaries)
+        for summary in summaries:
+            self.assertEqual(summary.settled + summary.kept + summary.discarded
+                             + summary.not_yet_due, summary.found, summary)
+        self.assertEqual(len([r for r in self.srv.requests_for("commit") if r.status == 200]), 3)
+        self.assertEqual(self.balance()["spent"], 6)
+        self.assertEqual(self.journal_records(), [])
