@@ -8076,7 +8076,8 @@ def _hand_over_recovery(
             summary.kept += 1
         else:
             summary.not_yet_due += 1
-        _settlements.submit(job)
+        if not _settlements.submit(job):  # full: it stays journaled, and the log says so
+            _settlements.turn_away(job)
         _settlements.given_back(job.record.reservation_id)
 
 

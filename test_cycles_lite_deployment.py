@@ -939,3 +939,38 @@ class TestRecoverSkipsWhatWasSettledAfterItsScan(DeploymentCase):
         self.assertEqual(len([r for r in self.srv.requests_for("commit") if r.status == 200]), 3)
         self.assertEqual(self.balance()["spent"], 6)
         self.assertEqual(self.journal_records(), [])
+
+
+class TestRecoverHandOverToAFullQueueSaysSo(DeploymentCase):
+    """Review (issue 12): ``recover()`` handed its unfinished jobs to the settlement queue
+    without looking at the answer: those a full queue refused vanished from memory with
+    no log line (their records stay journaled)."""
+
+    def test_a_refused_hand_over_is_logged_and_stays_journaled(self) -> None:
+        queue = cl._SettlementQueue(capacity=2)
+        self.addCleanup(setattr, cl, "_settlements", cl._settlements)
+        cl._settlements = queue
+        client = self.client()
+        journal = cl._journal_for(client._config)
+        assert journal is not None
+        now_ms = int(time.time() * 1000)
+        for i in range(3):  # a 429 floor an hour away: recover(0.2) attempts none of them
+            journal.write(cl._PendingSettlement(
+                reservation_id=f"res-floor-{i}", base_url=self.srv.url,
+                commit_body={"idempotency_key": f"floor-{i}", "actual": {"unit": UNIT,
+                                                                           "amount": 1}},
+                recorded_at_ms=now_ms - 1_000, not_before_ms=now_ms + 3_600_000,
+            ))
+        with self.assertLogs(LOGGER, "WARNING") as logs:
+            summary = client.recover(0.2)
+        self.assertEqual((summary.found, summary.not_yet_due), (3, 3), summary)
+        self.assertEqual(queue.pending(), 2)
+        left = [line for line in logs.output if "left to the journal" in line]
+        self.assertEqual(len(left), 1, logs.output)
+        self.assertEqual(len(self.journal_records()), 3)
+        self.assertEqual(self.srv.requests_for("commit"), [])
+        with queue._cond:  # drop the parked jobs (never sent) so the worker exits
+            queue._heap.clear()
+            queue._cond.notify_all()
+        for name in os.listdir(journal.directory or ""):
+            os.unlink(os.path.join(journal.directory or "", name))
