@@ -4372,11 +4372,18 @@ class _CyclesSpec:
         defaults = _subject_defaults(config)
         kept = self.constant_body
         if kept is not None and kept[0] == defaults:
-            return {"idempotency_key": _new_key(), **kept[1]}
+            return _body_copy(kept[1], _new_key())
         body = self._checked_body(config, args, kwargs)
-        if self.settings_checked and not self.callables and not callable(self.estimate):
-            self.constant_body = defaults, {k: v for k, v in body.items() if k != "idempotency_key"}
+        if self._is_constant():
+            self.constant_body = defaults, _body_copy(body, body["idempotency_key"])
         return body
+
+    def _is_constant(self) -> bool:
+        """Every parameter a constant the caller cannot change in place (dimensions and tags
+        are read at each call, as runcycles reads them), and the settings valid."""
+        mutable = self.per_call["dimensions"] is not None or self.per_call["action_tags"] is not None
+        return self.settings_checked and not self.callables and not callable(self.estimate) \
+            and not mutable
 
     def _checked_body(
         self, config: CyclesConfig, args: Tuple[Any, ...], kwargs: Dict[str, Any]
@@ -4426,6 +4433,18 @@ class _CyclesSpec:
                 exc_info=True,
             )
             return guard._estimate, True
+
+
+def _body_copy(body: Dict[str, Any], key: str) -> Dict[str, Any]:
+    """``body`` under ``key``, with inner dicts of its own: a client may edit the body it
+    is given (runcycles builds one per call), and the event fallback sends its subject."""
+    return {
+        **body,
+        "idempotency_key": key,
+        "estimate": dict(body["estimate"]),
+        "subject": dict(body["subject"]),
+        "action": dict(body["action"]),
+    }
 
 
 _defaults_lock = threading.Lock()
