@@ -4850,7 +4850,7 @@ class _Reservation:
         measured = self._checked("metrics", metrics, context.metrics, _commit_metrics)
         extra = self._checked("metadata", metadata, context.commit_metadata, _commit_metadata)
         wire_metrics = measured.model_dump(mode="json", exclude_none=True) if measured else {}
-        elapsed_ms = int((time.monotonic() - self._opened_at) * 1000)
+        elapsed_ms = int((_clock.monotonic() - self._opened_at) * 1000)
         wire_metrics.setdefault("latency_ms", max(0, elapsed_ms))
         body: Dict[str, Any] = {
             "idempotency_key": _derived_key("commit", self._caller_key),
