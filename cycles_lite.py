@@ -4381,9 +4381,14 @@ class _CyclesSpec:
     def _is_constant(self) -> bool:
         """Every parameter a constant the caller cannot change in place (dimensions and tags
         are read at each call, as runcycles reads them), and the settings valid."""
-        mutable = self.per_call["dimensions"] is not None or self.per_call["action_tags"] is not None
-        return self.settings_checked and not self.callables and not callable(self.estimate) \
-            and not mutable
+        per_call = self.per_call
+        in_place = per_call["dimensions"] is not None or per_call["action_tags"] is not None
+        return (
+            self.settings_checked
+            and not self.callables
+            and not callable(self.estimate)
+            and not in_place
+        )
 
     def _checked_body(
         self, config: CyclesConfig, args: Tuple[Any, ...], kwargs: Dict[str, Any]
