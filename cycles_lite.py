@@ -4372,11 +4372,23 @@ class _CyclesSpec:
         defaults = _subject_defaults(config)
         kept = self.constant_body
         if kept is not None and kept[0] == defaults:
-            return {"idempotency_key": _new_key(), **kept[1]}
+            return _body_copy(kept[1], _new_key())
         body = self._checked_body(config, args, kwargs)
-        if self.settings_checked and not self.callables and not callable(self.estimate):
-            self.constant_body = defaults, {k: v for k, v in body.items() if k != "idempotency_key"}
+        if self._is_constant():
+            self.constant_body = defaults, _body_copy(body, body["idempotency_key"])
         return body
+
+    def _is_constant(self) -> bool:
+        """Every parameter a constant the caller cannot change in place (dimensions and tags
+        are read at each call, as runcycles reads them), and the settings valid."""
+        per_call = self.per_call
+        in_place = per_call["dimensions"] is not None or per_call["action_tags"] is not None
+        return (
+            self.settings_checked
+            and not self.callables
+            and not callable(self.estimate)
+            and not in_place
+        )
 
     def _checked_body(
         self, config: CyclesConfig, args: Tuple[Any, ...], kwargs: Dict[str, Any]
@@ -4426,6 +4438,18 @@ class _CyclesSpec:
                 exc_info=True,
             )
             return guard._estimate, True
+
+
+def _body_copy(body: Dict[str, Any], key: str) -> Dict[str, Any]:
+    """``body`` under ``key``, with inner dicts of its own: a client may edit the body it
+    is given (runcycles builds one per call), and the event fallback sends its subject."""
+    return {
+        **body,
+        "idempotency_key": key,
+        "estimate": dict(body["estimate"]),
+        "subject": dict(body["subject"]),
+        "action": dict(body["action"]),
+    }
 
 
 _defaults_lock = threading.Lock()
@@ -4831,7 +4855,7 @@ class _Reservation:
         measured = self._checked("metrics", metrics, context.metrics, _commit_metrics)
         extra = self._checked("metadata", metadata, context.commit_metadata, _commit_metadata)
         wire_metrics = measured.model_dump(mode="json", exclude_none=True) if measured else {}
-        elapsed_ms = int((time.monotonic() - self._opened_at) * 1000)
+        elapsed_ms = int((_clock.monotonic() - self._opened_at) * 1000)
         wire_metrics.setdefault("latency_ms", max(0, elapsed_ms))
         body: Dict[str, Any] = {
             "idempotency_key": _derived_key("commit", self._caller_key),

@@ -117,6 +117,23 @@ class TestHeartbeatScheduler(_ServerCase):
             os.waitpid(pid, 0)
 
 
+class TestOneClock(_ServerCase):
+    """Every time the client measures is read from ``_clock``: the commit's latency too."""
+
+    def test_the_commit_latency_is_measured_on_the_client_clock(self) -> None:
+        client = self.new_client()
+
+        @cl.cycles(estimate=10, actual=5, agent="clock", client=client)
+        def guarded() -> None:
+            VIRTUAL_CLOCK.advance(2.0, self.srv)  # the work takes two seconds
+
+        self.srv.clear_requests()
+        guarded()
+        latency_ms = self.srv.requests_for("commit")[-1].body["metrics"]["latency_ms"]
+        self.assertGreaterEqual(latency_ms, 2000)
+        self.assertLess(latency_ms, 60_000)
+
+
 class TestDeclarations(unittest.TestCase):
     def test_every_model_field_is_declared_with_its_check(self) -> None:
         models = [

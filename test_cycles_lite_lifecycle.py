@@ -894,10 +894,6 @@ class TestRepeatingCursor(unittest.TestCase):
         self.assertIsInstance(failure, cl.CyclesProtocolError)
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 class TestReviewFindings(_ServerCase):
     """Two holes a review found in the lifecycle's bookkeeping."""
 
@@ -947,3 +943,79 @@ class TestReviewFindings(_ServerCase):
         directory = tempfile.mkdtemp(prefix="cycles-lite-life-")
         self.addCleanup(shutil.rmtree, directory, True)
         return directory
+
+
+class TestConstantBodyIsPerCall(_ServerCase):
+    """A constant @cycles body is checked once, but every call still sends a body of its
+    own, as runcycles builds one per call: what a client does to the body it receives,
+    or the caller to a dimensions dict or tags list it passed, shows in later calls
+    exactly as it would there."""
+
+    def tagged_creates(self) -> List[Any]:
+        return [r.body["action"].get("tags") for r in self.srv.requests_for("create")]
+
+    def test_a_client_that_edits_the_create_body_does_not_edit_the_next_call(self) -> None:
+        class TaggingClient(CyclesClient):
+            def create_reservation(self, request: Any) -> CyclesResponse:
+                request["action"].setdefault("tags", []).append("proxied")
+                request["estimate"]["amount"] += 1  # e.g. a margin of its own
+                return super().create_reservation(request)
+
+        client = TaggingClient(self.config())
+        self.addCleanup(client.close)
+
+        @cycles(estimate=10, actual=4, action_kind="llm", client=client)
+        def work() -> None:
+            pass
+
+        for _ in range(3):
+            work()
+        self.assertEqual(self.tagged_creates(), [["proxied"]] * 3)
+        sent = [r.body["estimate"]["amount"] for r in self.srv.requests_for("create")]
+        self.assertEqual(sent, [11, 11, 11])
+        self.assertEqual(self.balance()["spent"], 12)
+
+    def test_an_async_client_that_edits_the_create_body_does_not_edit_the_next_call(
+        self,
+    ) -> None:
+        class TaggingClient(AsyncCyclesClient):
+            async def create_reservation(self, request: Any) -> CyclesResponse:
+                request["action"].setdefault("tags", []).append("proxied")
+                return await super().create_reservation(request)
+
+        async def scenario() -> None:
+            client = TaggingClient(self.config())
+
+            @cycles(estimate=10, actual=4, client=client)
+            async def work() -> None:
+                pass
+
+            try:
+                for _ in range(3):
+                    await work()
+            finally:
+                await client.aclose()
+
+        asyncio.run(scenario())
+        self.assertEqual(self.tagged_creates(), [["proxied"]] * 3)
+
+    def test_dimensions_and_tags_changed_between_calls_are_sent_as_they_are_now(self) -> None:
+        client = CyclesClient(self.config())
+        self.addCleanup(client.close)
+        dimensions, tags = {"run": "1"}, ["a"]
+
+        @cycles(estimate=10, actual=4, dimensions=dimensions, action_tags=tags, client=client)
+        def work() -> None:
+            pass
+
+        work()
+        dimensions["run"] = "2"
+        tags.append("b")
+        work()
+        sent = [r.body for r in self.srv.requests_for("create")]
+        self.assertEqual([b["subject"]["dimensions"] for b in sent], [{"run": "1"}, {"run": "2"}])
+        self.assertEqual([b["action"]["tags"] for b in sent], [["a"], ["a", "b"]])
+
+
+if __name__ == "__main__":
+    unittest.main()
