@@ -5466,10 +5466,10 @@ async def _settle(io: _SyncIO | _AsyncIO, job: _Settlement, *, retry_inline: boo
 
     A job not journaled yet (a new settlement, possibly handed over by an interrupted
     caller) gets its record written before its first attempt leaves the process."""
-    if not job.journaled:
-        if job.journal is not None:
-            await io.blocking(functools.partial(job.journal.write, job.record))
-        job.journaled = True  # not before: an interrupted write is redone by the worker
+    if not job.journaled and job.journal is not None:
+        # Set after the write: an interrupted one is redone by the worker, a failed one
+        # tried again on the next run, and until then a full queue knows it is not on disk.
+        job.journaled = await io.blocking(functools.partial(job.journal.write, job.record))
     while True:
         if _out_of_time(job.due):  # no attempt starts after the caller's deadline
             return _Disposition.RETRY
@@ -7375,7 +7375,8 @@ def _report_settlement(job: _Settlement, response: CyclesResponse, step: _Settle
             f" {step.cause or step.reason}); the reservation holds its budget until it expires"
         )
     else:
-        kept = "kept (journal and memory)" if job.journal else "kept in memory (no journal)"
+        on_disk = job.journal is not None and job.journaled
+        kept = "kept (journal and memory)" if on_disk else "kept in memory (no journal)"
         level = logging.WARNING if job.times_kept else logging.ERROR  # ERROR once per settlement
         cause = f": {step.cause}" if step.cause else ""
         message = (

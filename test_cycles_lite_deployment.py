@@ -974,3 +974,36 @@ class TestRecoverHandOverToAFullQueueSaysSo(DeploymentCase):
             queue._cond.notify_all()
         for name in os.listdir(journal.directory or ""):
             os.unlink(os.path.join(journal.directory or "", name))
+
+
+class TestFullQueueAfterAFailedJournalWriteSaysTheSettlementIsLost(DeploymentCase):
+    """Review (issue 12): a settlement whose journal write failed was marked journaled all
+    the same, so a full queue turning it away logged "left to the journal" (a record that
+    is not on disk) and ``flush()`` did not count it as given up."""
+
+    def test_the_log_and_flush_say_it_is_lost(self) -> None:
+        queue = cl._SettlementQueue(capacity=2)  # room for 1 kept
+        self.addCleanup(setattr, cl, "_settlements", cl._settlements)
+        cl._settlements = queue
+        client = self.client(retry_max_attempts=0)  # kept at once
+        journal = cl._journal_for(client._config)
+        assert journal is not None and journal.directory is not None
+        shutil.rmtree(journal.directory)
+        with open(journal.directory, "w"):  # a file where the directory was: writes fail
+            pass
+        self.addCleanup(os.unlink, journal.directory)
+        self.srv.inject("commit", "status", status=503, times=2)
+        with self.assertLogs(LOGGER, "WARNING") as logs:
+            self.guarded(client, 1)()
+            self.guarded(client, 2)()  # kept too, but the kept half is full
+        output = "\n".join(logs.output)
+        self.assertIn("commit journal write failed", output)
+        self.assertNotIn("left to the journal", output)
+        lost = [line for line in logs.output if "LOST" in line]
+        self.assertEqual(len(lost), 1, output)
+        self.assertTrue(lost[0].startswith("ERROR:"), lost[0])
+        with self.assertLogs(LOGGER, "WARNING"):  # the kept one's record still cannot be written
+            result = cl.flush(5)  # the kept one settles; the other one is counted, not hidden
+        self.assertEqual((result.settled, result.pending, result.given_up), (1, 0, 1))
+        self.assertEqual(self.balance()["spent"], 1)
+        self.srv.clock.advance(120_000)  # the lost commit's reservation expires
