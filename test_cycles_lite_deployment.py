@@ -1007,3 +1007,49 @@ class TestFullQueueAfterAFailedJournalWriteSaysTheSettlementIsLost(DeploymentCas
         self.assertEqual((result.settled, result.pending, result.given_up), (1, 0, 1))
         self.assertEqual(self.balance()["spent"], 1)
         self.srv.clock.advance(120_000)  # the lost commit's reservation expires
+
+
+class TestReplaySkipsWhatRecoverSettledAfterItsScan(DeploymentCase):
+    """Review (issue 12): the first-use replay adopted a record that a ``recover()`` of this
+    process had settled after the replay's scan read it, and sent its commit again."""
+
+    def test_the_replay_does_not_resend_a_record_recover_settled(self) -> None:
+        client = self.client(request_timeout=5.0)
+        created = client.create_reservation({
+            "idempotency_key": cl._new_key(),
+            "subject": {"tenant": "acme", "agent": self.agent},
+            "action": {"kind": "llm.completion", "name": "m"},
+            "estimate": {"unit": UNIT, "amount": 10},
+        })
+        rid = created.body["reservation_id"]
+        journal = cl._journal_for(client._config)
+        assert journal is not None
+        key = "left-by-a-crash-" + rid
+        journal.write(cl._PendingSettlement(
+            rid, self.srv.url, commit_body={"idempotency_key": key,
+                                            "actual": {"unit": UNIT, "amount": 7}},
+            recorded_at_ms=int(time.time() * 1000) - 1_000,
+        ))
+        real_load = cl._CommitJournal.load_pending
+        scans: List[int] = []
+        recovered = threading.Event()
+        self.addCleanup(recovered.set)
+
+        def replay_scan_waits(journal: Any, *args: Any) -> Any:
+            records = real_load(journal, *args)
+            scans.append(len(records))
+            if len(scans) == 1:  # the first-use replay: recover() settles meanwhile
+                recovered.wait(10)
+            return records
+
+        with mock.patch.object(cl._CommitJournal, "load_pending", replay_scan_waits):
+            self.guarded(client, 1)()  # first use: the replay scan starts (and waits)
+            self.assertTrue(_wait_for(lambda: len(scans) == 1, 5.0))
+            summary = client.recover(5)
+            recovered.set()
+            self.assertTrue(cl.flush(10))
+        self.assertEqual((summary.found, summary.settled), (1, 1), summary)
+        self.assertEqual(self.keys("commit").count(key), 1, self.keys("commit"))
+        self.assertEqual(self.srv.reservation(rid)["status"], "COMMITTED")
+        self.assertEqual(self.balance()["spent"], 8)
+        self.assertEqual(self.journal_records(), [])
