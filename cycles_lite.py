@@ -96,7 +96,8 @@ if TYPE_CHECKING:  # pragma: no cover
         Generator, Iterable, Iterator, List, Mapping, Sequence, Tuple, Type, TypeVar, Union,
     )
 
-    from typing_extensions import dataclass_transform
+    if sys.version_info >= (3, 11):  # type checkers on 3.8-3.10 see _Model's **values
+        from typing import dataclass_transform
 
     from dataclasses import dataclass as _dataclass
 
@@ -109,15 +110,19 @@ if TYPE_CHECKING:  # pragma: no cover
     _F = TypeVar("_F", bound=Callable[..., Any])
 else:
 
-    def dataclass_transform(**_: Any) -> Callable[[_T], _T]:
-        """For the type checker only: the models' constructors, from their fields."""
-        return lambda cls: cls
-
     def _dataclass(cls: Any = None, **options: Any) -> Any:
         """``@dataclass`` to the type checker; at run time _shared_dataclass (see there)."""
         if cls is None:
             return lambda cls: _shared_dataclass(cls, **options)
         return _shared_dataclass(cls, **options)
+
+
+if not TYPE_CHECKING or sys.version_info < (3, 11):
+
+    def dataclass_transform(**_: Any) -> Callable[[_T], _T]:
+        """For type checkers only (typing's own from Python 3.11): the models' constructors,
+        from their fields."""
+        return lambda cls: cls
 
 
 __version__ = "0.3.0"
