@@ -103,6 +103,17 @@ class DeploymentCase(unittest.TestCase):
         return cl.cycles(estimate=estimate, actual=actual, action_kind="llm.completion",
                          action_name="m", client=client)(lambda: "done")
 
+    def client_with_three_kept_commits(self) -> cl.CyclesClient:
+        """A client whose three guarded calls' commits (actuals 1, 2, 3) got 503s and were
+        kept at once: three records in the journal."""
+        client = self.client(retry_max_attempts=0, request_timeout=5.0)
+        self.srv.inject("commit", "status", status=503, times=3)
+        with self.assertLogs(LOGGER, "ERROR"):
+            for actual in (1, 2, 3):
+                self.guarded(client, actual)()
+        self.assertEqual(len(self.journal_records()), 3)
+        return client
+
     def balance(self, scope: str | None = None) -> Dict[str, Any]:
         return self.srv.balance(scope or self.scope, UNIT)
 
@@ -869,12 +880,7 @@ class TestConcurrentRecoversSettleEachRecordOnce(DeploymentCase):
     counted the same records as settled."""
 
     def test_the_second_recover_skips_what_the_first_took_over(self) -> None:
-        client = self.client(retry_max_attempts=0, request_timeout=5.0)  # kept at once
-        self.srv.inject("commit", "status", status=503, times=3)
-        with self.assertLogs(LOGGER, "ERROR"):
-            for actual in (1, 2, 3):
-                self.guarded(client, actual)()
-        self.assertEqual(len(self.journal_records()), 3)
+        client = self.client_with_three_kept_commits()
         self.srv.inject("commit", "delay", delay_ms=300, times=None)  # recover takes ~0.9 s
         summaries: List[cl.RecoverySummary] = []
         first = threading.Thread(target=lambda: summaries.append(client.recover(10)))
@@ -898,12 +904,7 @@ class TestRecoverSkipsWhatWasSettledAfterItsScan(DeploymentCase):
     both summaries counted it as settled."""
 
     def test_a_record_settled_between_scan_and_claim_is_not_sent_again(self) -> None:
-        client = self.client(retry_max_attempts=0, request_timeout=5.0)  # kept at once
-        self.srv.inject("commit", "status", status=503, times=3)
-        with self.assertLogs(LOGGER, "ERROR"):
-            for actual in (1, 2, 3):
-                self.guarded(client, actual)()
-        self.assertEqual(len(self.journal_records()), 3)
+        client = self.client_with_three_kept_commits()
         self.srv.inject("commit", "delay", delay_ms=300, times=None)
         real_load = cl._CommitJournal.load_pending
         scans: List[int] = []
