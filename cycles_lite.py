@@ -1689,16 +1689,18 @@ def _valid_trace_id(value: Any) -> bool:
 # None without a check.
 
 
+def _is_number(value: Any) -> bool:
+    """An int or a float, not NaN (a bool is not a number here)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value == value
+
+
 def _number(minimum: float, inclusive: bool) -> _Check:
     """A finite number (of seconds, mostly) above ``minimum``, stored as a float."""
     bound = f"{'>=' if inclusive else '>'} {minimum:g}"
 
     def check(name: str, value: Any, tolerant: bool) -> Any:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            valid = False
-        else:
-            valid = math.isfinite(value) and (value > minimum or (inclusive and value == minimum))
-        if not valid:
+        finite = _is_number(value) and math.isfinite(value)
+        if not (finite and (value > minimum or (inclusive and value == minimum))):
             raise _FieldError(name, f"must be a finite number {bound}, got {value!r}")
         return float(value)
 
@@ -1759,6 +1761,7 @@ _traceparent_setting = _rule(
 _trace_id_setting = _rule(_valid_trace_id, "must be 32 lowercase hex characters, not all zero")
 _positive_seconds = _number(0, inclusive=False)
 _seconds_or_zero = _number(0, inclusive=True)
+_any_seconds = _rule(_is_number, "must be a number, got {value!r}")  # inf included
 _per_mille = _int_check(0, 1000)
 
 
@@ -1993,8 +1996,7 @@ def deadline(seconds: float) -> Iterator[None]:
     (never dropped).  Nested deadlines only shorten; a negative ``seconds`` counts as
     0 (nothing fits: the work is journaled for later).
     """
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds != seconds:
-        raise ValueError(f"seconds: must be a number, got {seconds!r}")
+    _any_seconds("seconds", seconds, False)
     with _bounded_by(_clock.monotonic() + max(0.0, seconds)):
         yield
 
@@ -7756,8 +7758,7 @@ def _flush_bound(timeout: float | None) -> float | None:
     counts as 0), cut to the enclosing ``deadline()``; None: unbounded."""
     if timeout is None:
         return _deadline.get()
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout:
-        raise ValueError(f"timeout: must be a number of seconds or None, got {timeout!r}")
+    _any_seconds("timeout", timeout, False)
     return _effective_deadline(_clock.monotonic() + max(0.0, timeout))
 
 
@@ -8038,10 +8039,8 @@ async def _recover_steps(
 ) -> RecoverySummary:
     """Replay the journal until done or ``timeout``: no attempt starts after the deadline;
     one already running is cut at it."""
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0
-    ):
-        raise ValueError(f"timeout: must be a number >= 0 or None, got {timeout!r}")
+    if timeout is not None and not (_is_number(timeout) and timeout >= 0):
+        raise _FieldError("timeout", f"must be a number >= 0 or None, got {timeout!r}")
     summary = RecoverySummary()
     journal = _journal_for(client._config)
     if journal is None or journal.directory is None:
