@@ -103,6 +103,26 @@ class DeploymentCase(unittest.TestCase):
         return cl.cycles(estimate=estimate, actual=actual, action_kind="llm.completion",
                          action_name="m", client=client)(lambda: "done")
 
+    def queue_with_room_for_one_kept(self) -> cl._SettlementQueue:
+        queue = cl._SettlementQueue(capacity=2)  # room for 1 kept
+        self.addCleanup(setattr, cl, "_settlements", cl._settlements)
+        cl._settlements = queue
+        return queue
+
+    def two_kept_commits_one_turned_away(self, client: cl.CyclesClient) -> str:
+        """Two guarded calls whose commits got 503s, kept at once; the second finds the kept
+        half full and is lost, logged at ERROR and never as "left to the journal"."""
+        self.srv.inject("commit", "status", status=503, times=2)
+        with self.assertLogs(LOGGER, "WARNING") as logs:
+            self.guarded(client, 1)()
+            self.guarded(client, 2)()  # kept too, but the kept half is full
+        output = "\n".join(logs.output)
+        self.assertNotIn("left to the journal", output)
+        lost = [line for line in logs.output if "LOST" in line]
+        self.assertEqual(len(lost), 1, output)
+        self.assertTrue(lost[0].startswith("ERROR:"), lost[0])
+        return output
+
     def client_with_three_kept_commits(self) -> cl.CyclesClient:
         """A client whose three guarded calls' commits (actuals 1, 2, 3) got 503s and were
         kept at once: three records in the journal."""
@@ -837,19 +857,9 @@ class TestFullQueueWithoutJournalSaysTheSettlementIsLost(DeploymentCase):
     logged as "left to the journal" and ``flush()`` reported nothing given up."""
 
     def test_the_log_and_flush_say_it_is_lost(self) -> None:
-        queue = cl._SettlementQueue(capacity=2)  # room for 1 kept
-        self.addCleanup(setattr, cl, "_settlements", cl._settlements)
-        cl._settlements = queue
+        queue = self.queue_with_room_for_one_kept()
         client = self.client(retry_max_attempts=0, journal_enabled=False)  # kept at once
-        self.srv.inject("commit", "status", status=503, times=2)
-        with self.assertLogs(LOGGER, "WARNING") as logs:
-            self.guarded(client, 1)()
-            self.guarded(client, 2)()  # kept too, but the kept half is full
-        output = "\n".join(logs.output)
-        self.assertNotIn("left to the journal", output)
-        lost = [line for line in logs.output if "LOST" in line]
-        self.assertEqual(len(lost), 1, output)
-        self.assertTrue(lost[0].startswith("ERROR:"), lost[0])
+        self.two_kept_commits_one_turned_away(client)
         self.assertEqual(queue.kept, 1)
         result = cl.flush(5)  # the kept one settles; the other one is counted, not hidden
         self.assertEqual((result.settled, result.pending, result.given_up), (1, 0, 1))
@@ -983,9 +993,7 @@ class TestFullQueueAfterAFailedJournalWriteSaysTheSettlementIsLost(DeploymentCas
     is not on disk) and ``flush()`` did not count it as given up."""
 
     def test_the_log_and_flush_say_it_is_lost(self) -> None:
-        queue = cl._SettlementQueue(capacity=2)  # room for 1 kept
-        self.addCleanup(setattr, cl, "_settlements", cl._settlements)
-        cl._settlements = queue
+        self.queue_with_room_for_one_kept()
         client = self.client(retry_max_attempts=0)  # kept at once
         journal = cl._journal_for(client._config)
         assert journal is not None and journal.directory is not None
@@ -993,16 +1001,8 @@ class TestFullQueueAfterAFailedJournalWriteSaysTheSettlementIsLost(DeploymentCas
         with open(journal.directory, "w"):  # a file where the directory was: writes fail
             pass
         self.addCleanup(os.unlink, journal.directory)
-        self.srv.inject("commit", "status", status=503, times=2)
-        with self.assertLogs(LOGGER, "WARNING") as logs:
-            self.guarded(client, 1)()
-            self.guarded(client, 2)()  # kept too, but the kept half is full
-        output = "\n".join(logs.output)
+        output = self.two_kept_commits_one_turned_away(client)
         self.assertIn("commit journal write failed", output)
-        self.assertNotIn("left to the journal", output)
-        lost = [line for line in logs.output if "LOST" in line]
-        self.assertEqual(len(lost), 1, output)
-        self.assertTrue(lost[0].startswith("ERROR:"), lost[0])
         with self.assertLogs(LOGGER, "WARNING"):  # the kept one's record still cannot be written
             result = cl.flush(5)  # the kept one settles; the other one is counted, not hidden
         self.assertEqual((result.settled, result.pending, result.given_up), (1, 0, 1))
